@@ -1,0 +1,13 @@
+//! Pure decisions: no I/O, no clock reads, no randomness. Time and jitter are inputs.
+//!
+//! The async shells (`supervisor`, `api`, `mesh`, `gpu`) feed events in and execute the
+//! commands that come out, so every rule here is unit-tested without root or a runtime.
+
+pub mod backoff;
+pub mod supervisor;
+
+pub use backoff::Backoff;
+pub use supervisor::{
+    Command, Component, ComponentState, ComponentView, CoreView, ErrorRecord, NotifyMsg, Phase,
+    Supervisor,
+};
