@@ -2,5 +2,14 @@
 //!
 //! `core` holds every decision as pure code; the other modules are thin shells around the OS.
 
+pub mod api;
+pub mod cli;
+pub mod config;
 pub mod core;
 pub mod exit;
+pub mod gpu;
+pub mod logging;
+pub mod mesh;
+pub mod state;
+pub mod supervisor;
+pub mod systemd;

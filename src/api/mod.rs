@@ -1,0 +1,15 @@
+//! The local status API: HTTP/1 on a Unix socket in the runtime directory.
+//!
+//! `GET /v1/status` (JSON), `GET /v1/health/live`, `GET /v1/health/ready` (200 or 503).
+
+pub mod client;
+mod server;
+mod status;
+
+pub use server::{ApiError, bind, serve};
+pub use status::{
+    ComponentDoc, ConfigDoc, ErrorDoc, GpuDoc, MeshDoc, ServicesDoc, StatusDoc, status_config,
+};
+
+/// Where the daemon listens unless `[api] socket` says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/clawbernetes/clawnode.sock";

@@ -1,0 +1,146 @@
+//! The server side of the status API, with its own accept loop: one task per connection, and
+//! an accept error is logged and survived rather than ending the loop.
+
+use std::convert::Infallible;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use super::StatusDoc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("another clawnode is already serving {0}")]
+    InUse(PathBuf),
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("group {0:?} for [api] socket_group does not exist")]
+    NoSuchGroup(String),
+}
+
+/// Bind the API socket: 0600, or 0660 owned by `group` when one is given. A stale socket left by
+/// a crash is replaced; a live one means another daemon runs, and that is an error.
+pub async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ApiError> {
+    if let Some(dir) = path.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(|source| io_err("create directory", dir, source))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(ApiError::InUse(path.to_path_buf()));
+        }
+        fs::remove_file(path).map_err(|source| io_err("remove stale socket", path, source))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|source| io_err("bind", path, source))?;
+    let mode = match group {
+        None => 0o600,
+        Some(name) => {
+            let gid = nix::unistd::Group::from_name(name)
+                .ok()
+                .flatten()
+                .ok_or_else(|| ApiError::NoSuchGroup(name.to_string()))?
+                .gid;
+            std::os::unix::fs::chown(path, None, Some(gid.as_raw()))
+                .map_err(|source| io_err("chown", path, source))?;
+            0o660
+        }
+    };
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(|source| io_err("chmod", path, source))?;
+    Ok(listener)
+}
+
+/// Serve until the task is dropped.
+pub async fn serve(listener: UnixListener, status: watch::Receiver<StatusDoc>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // EMFILE and friends pass; spinning on them would burn a core.
+                tracing::warn!(component = "api", %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let status = status.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let status = status.clone();
+                async move { Ok::<_, Infallible>(route(&req, &status.borrow())) }
+            });
+            if let Err(error) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(component = "api", %error, "connection ended with an error");
+            }
+        });
+    }
+}
+
+fn route(req: &Request<Incoming>, status: &StatusDoc) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return json_error(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported");
+    }
+    match req.uri().path() {
+        "/v1/status" => match serde_json::to_vec_pretty(status) {
+            Ok(body) => respond(StatusCode::OK, "application/json", body),
+            Err(error) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
+        },
+        "/v1/health/live" if status.phase == "stopping" => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n".into())
+        }
+        "/v1/health/live" => text(StatusCode::OK, "live\n".into()),
+        "/v1/health/ready" if status.ready => text(StatusCode::OK, "ready\n".into()),
+        "/v1/health/ready" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", status.status),
+        ),
+        _ => json_error(StatusCode::NOT_FOUND, "no such endpoint"),
+    }
+}
+
+fn text(code: StatusCode, body: String) -> Response<Full<Bytes>> {
+    respond(code, "text/plain; charset=utf-8", body.into_bytes())
+}
+
+fn json_error(code: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    respond(code, "application/json", body.into_bytes())
+}
+
+fn respond(code: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = code;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+fn io_err(action: &'static str, path: &Path, source: io::Error) -> ApiError {
+    ApiError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}

@@ -1,0 +1,101 @@
+//! The command line: one file per subcommand. Only this module prints to stdout.
+
+pub mod check_config;
+pub mod docs;
+pub mod run;
+pub mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, ConfigErrors};
+
+/// The Clawbernetes node agent: joins this machine to the mesh, reports its GPUs and
+/// advertises its services.
+#[derive(Debug, Parser)]
+#[command(name = "clawnode", version, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(
+        long,
+        global = true,
+        env = "CLAWBERNETES_CONFIG",
+        value_name = "PATH",
+        default_value = config::DEFAULT_PATH
+    )]
+    pub config: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent in the foreground (what the systemd unit starts).
+    Run,
+    /// Validate the configuration; print a summary, or every error (exit status 78).
+    CheckConfig,
+    /// Show the running daemon's status.
+    Status(status::StatusArgs),
+    /// Print the version.
+    Version,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout.
+    Manpage,
+}
+
+/// Why a subcommand failed; each maps to an exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("invalid configuration:\n{0}")]
+    Config(#[from] ConfigErrors),
+    #[error(transparent)]
+    Runtime(#[from] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Config(_) => crate::exit::CONFIG,
+            CliError::Runtime(_) => crate::exit::FAILURE,
+        }
+    }
+
+    pub fn runtime(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        CliError::Runtime(Box::new(error))
+    }
+}
+
+impl Command {
+    /// The subcommand's name as typed, for error context.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Run => "run",
+            Command::CheckConfig => "check-config",
+            Command::Status(_) => "status",
+            Command::Version => "version",
+            Command::Completions { .. } => "completions",
+            Command::Manpage => "manpage",
+        }
+    }
+}
+
+pub fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
+    match cli.command {
+        Command::Run => run::run(&cli.config),
+        Command::CheckConfig => Ok(check_config::run(&cli.config)),
+        Command::Status(args) => status::run(&cli.config, &args),
+        Command::Version => {
+            println!("clawnode {}", env!("CARGO_PKG_VERSION"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => docs::completions(shell),
+        Command::Manpage => docs::manpage(),
+    }
+}

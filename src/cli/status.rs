@@ -1,0 +1,133 @@
+//! `clawnode status`: asks the running daemon over its Unix socket.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::api::{self, StatusDoc, client};
+use crate::config;
+
+use super::CliError;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print the daemon's status document as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Print nothing on success; exit 0 if the daemon is live/ready, 1 if not.
+    #[arg(long, value_enum, value_name = "WHAT")]
+    pub check: Option<Check>,
+    /// The daemon's API socket (default: [api] socket from the config, else /run/clawbernetes/clawnode.sock).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Check {
+    Live,
+    Ready,
+}
+
+pub fn run(config_path: &Path, args: &StatusArgs) -> Result<ExitCode, CliError> {
+    let socket = args.socket.clone().unwrap_or_else(|| {
+        // An unreadable config (it is 0600 root) should not stop a status query.
+        config::load(config_path)
+            .map(|c| c.api.socket)
+            .unwrap_or_else(|_| PathBuf::from(api::DEFAULT_SOCKET))
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::runtime)?;
+    runtime.block_on(async {
+        if let Some(check) = args.check {
+            return Ok(self::check(&socket, check).await);
+        }
+        let reply = client::get(&socket, "/v1/status", TIMEOUT)
+            .await
+            .map_err(CliError::runtime)?;
+        if args.json {
+            println!("{}", String::from_utf8_lossy(&reply.body).trim_end());
+            return Ok(ExitCode::SUCCESS);
+        }
+        let doc: StatusDoc = serde_json::from_slice(&reply.body).map_err(CliError::runtime)?;
+        print!("{}", human(&doc));
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn check(socket: &Path, check: Check) -> ExitCode {
+    let path = match check {
+        Check::Live => "/v1/health/live",
+        Check::Ready => "/v1/health/ready",
+    };
+    match client::get(socket, path, TIMEOUT).await {
+        Ok(reply) if reply.status == 200 => ExitCode::SUCCESS,
+        Ok(reply) => {
+            eprintln!("{}", String::from_utf8_lossy(&reply.body).trim_end());
+            ExitCode::from(crate::exit::FAILURE)
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::from(crate::exit::FAILURE)
+        }
+    }
+}
+
+fn human(doc: &StatusDoc) -> String {
+    let mut out = format!(
+        "clawnode {} on {} (pid {})\n",
+        doc.version, doc.node, doc.pid
+    );
+    let row = |out: &mut String, label: &str, value: &str| {
+        out.push_str(&format!("{label:<10}{value}\n"));
+    };
+    row(
+        &mut out,
+        "phase:",
+        &format!("{}{}", doc.phase, if doc.ready { " (ready)" } else { "" }),
+    );
+    row(&mut out, "status:", &doc.status);
+    let health = |h: &api::ComponentDoc| match (&h.summary, &h.error) {
+        (_, Some(error)) => format!("{}: {error} (attempt {})", h.state, h.attempts),
+        (Some(summary), None) => format!("{}: {summary}", h.state),
+        (None, None) => h.state.clone(),
+    };
+    row(
+        &mut out,
+        "mesh:",
+        &format!("{} [{} peers]", health(&doc.mesh.health), doc.mesh.peers),
+    );
+    row(&mut out, "gpu:", &health(&doc.gpu.health));
+    let services: Vec<String> = doc
+        .services
+        .configured
+        .iter()
+        .map(|s| format!("{} {}/{}", s.name, s.port, s.protocol))
+        .collect();
+    let services = if services.is_empty() {
+        "none configured".to_string()
+    } else {
+        services.join(", ")
+    };
+    row(
+        &mut out,
+        "services:",
+        &format!("{} ({})", services, health(&doc.services.health)),
+    );
+    if let Some(note) = &doc.config.reload_note {
+        row(&mut out, "config:", note);
+    }
+    for error in doc.last_errors.iter().rev().take(5) {
+        row(
+            &mut out,
+            "error:",
+            &format!("[{}] {}", error.source, error.message),
+        );
+    }
+    out
+}

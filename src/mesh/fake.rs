@@ -1,0 +1,65 @@
+//! A mesh provider for tests of the real binary. Only a `test-fakes` build can select it
+//! (`[network] provider = "fake"`); release builds and packages do not contain it.
+
+use std::time::Duration;
+
+use super::{BoxFuture, MeshError, MeshProvider, MeshStatus, ServiceAd};
+use crate::config::Config;
+
+#[derive(Debug, Default)]
+pub struct FakeMesh {
+    joins: u32,
+    publish_fail: bool,
+    published: Vec<String>,
+}
+
+impl MeshProvider for FakeMesh {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+
+    fn join<'a>(&'a mut self, config: &'a Config) -> BoxFuture<'a, Result<MeshStatus, MeshError>> {
+        Box::pin(async move {
+            let fake = &config.network.fake;
+            self.joins += 1;
+            self.publish_fail = fake.publish_fail;
+            if fake.join_delay > Duration::ZERO {
+                tokio::time::sleep(fake.join_delay).await;
+            }
+            if fake.always_fail || self.joins <= fake.fail_joins {
+                return Err(MeshError::Failed(fake.fail_message.clone()));
+            }
+            Ok(MeshStatus {
+                provider: "fake".into(),
+                interface: Some("fake0".into()),
+                address: Some(fake.address.clone()),
+                peers: 0,
+            })
+        })
+    }
+
+    fn publish<'a>(
+        &'a mut self,
+        services: &'a [ServiceAd],
+    ) -> BoxFuture<'a, Result<(), MeshError>> {
+        Box::pin(async move {
+            if self.joins == 0 {
+                return Err(MeshError::Failed("publish before join".into()));
+            }
+            if self.publish_fail {
+                return Err(MeshError::Failed("fake mesh refused to publish".into()));
+            }
+            self.published = services.iter().map(|s| s.name.clone()).collect();
+            tracing::info!(component = "mesh", services = ?self.published, "fake mesh published services");
+            Ok(())
+        })
+    }
+
+    fn withdraw(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
+        Box::pin(async move {
+            let withdrawn = std::mem::take(&mut self.published);
+            tracing::info!(component = "mesh", services = ?withdrawn, "fake mesh withdrew services");
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,145 @@
+//! The mesh boundary: one trait that both mesh modes implement.
+//!
+//! `wireguard` (self-hosted, issue 3) and `tailscale` (managed, issue 4) will live beside this
+//! file and never import each other; shared needs belong here or in `core`.
+
+#[cfg(feature = "test-fakes")]
+pub mod fake;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, ProviderKind, ServiceMode};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the node looks like on the mesh once joined.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshStatus {
+    pub provider: String,
+    pub interface: Option<String>,
+    pub address: Option<String>,
+    pub peers: usize,
+}
+
+impl MeshStatus {
+    /// "wireguard claw0 10.100.0.5/16": the mesh part of the STATUS= line.
+    pub fn summary(&self) -> String {
+        let mut parts = vec![self.provider.clone()];
+        parts.extend(self.interface.clone());
+        parts.extend(self.address.clone());
+        parts.join(" ")
+    }
+}
+
+/// A service as the mesh advertises it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceAd {
+    pub name: String,
+    pub port: u16,
+    /// "tcp", "http" or "https".
+    pub protocol: String,
+}
+
+impl ServiceAd {
+    pub fn from_config(config: &Config) -> Vec<ServiceAd> {
+        config
+            .services
+            .iter()
+            .map(|(name, spec)| ServiceAd {
+                name: name.to_string(),
+                port: spec.port,
+                protocol: match spec.mode {
+                    ServiceMode::Tcp => "tcp",
+                    ServiceMode::Http { tls: true } => "https",
+                    ServiceMode::Http { tls: false } => "http",
+                }
+                .to_string(),
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error(
+        "the {provider} mesh provider is not in this build of clawnode yet; it lands with issue {issue}"
+    )]
+    NotBuilt { provider: &'static str, issue: u32 },
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A way of putting this node on a mesh and advertising its services there.
+///
+/// Every method is idempotent: the supervisor calls `join` again after any failure and after a
+/// reload that touched the network settings, and `publish` again whenever the mesh comes back.
+pub trait MeshProvider: Send {
+    fn kind(&self) -> &'static str;
+
+    /// Bring the node onto the mesh described by `config`, or confirm that it already is.
+    fn join<'a>(&'a mut self, config: &'a Config) -> BoxFuture<'a, Result<MeshStatus, MeshError>>;
+
+    /// Advertise exactly these services (an empty list advertises none).
+    fn publish<'a>(&'a mut self, services: &'a [ServiceAd])
+    -> BoxFuture<'a, Result<(), MeshError>>;
+
+    /// Withdraw every advertisement this node made, before it stops.
+    fn withdraw(&mut self) -> BoxFuture<'_, Result<(), MeshError>>;
+}
+
+/// The provider that `[network] provider` selects.
+pub fn for_config(config: &Config) -> Box<dyn MeshProvider> {
+    match config.network.provider {
+        ProviderKind::Wireguard => Box::new(NotBuilt {
+            provider: "wireguard",
+            issue: 3,
+        }),
+        ProviderKind::Tailscale => Box::new(NotBuilt {
+            provider: "tailscale",
+            issue: 4,
+        }),
+        #[cfg(feature = "test-fakes")]
+        ProviderKind::Fake => Box::new(fake::FakeMesh::default()),
+    }
+}
+
+/// A provider whose implementation has not landed: every join fails with a clear reason, so the
+/// node stays "joining" with that reason in STATUS instead of pretending to be on a mesh.
+struct NotBuilt {
+    provider: &'static str,
+    issue: u32,
+}
+
+impl NotBuilt {
+    fn error(&self) -> MeshError {
+        MeshError::NotBuilt {
+            provider: self.provider,
+            issue: self.issue,
+        }
+    }
+}
+
+impl MeshProvider for NotBuilt {
+    fn kind(&self) -> &'static str {
+        self.provider
+    }
+
+    fn join<'a>(&'a mut self, _config: &'a Config) -> BoxFuture<'a, Result<MeshStatus, MeshError>> {
+        Box::pin(async move { Err(self.error()) })
+    }
+
+    fn publish<'a>(
+        &'a mut self,
+        _services: &'a [ServiceAd],
+    ) -> BoxFuture<'a, Result<(), MeshError>> {
+        Box::pin(async move { Err(self.error()) })
+    }
+
+    fn withdraw(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
+        // Nothing was ever advertised.
+        Box::pin(async { Ok(()) })
+    }
+}

@@ -1,0 +1,503 @@
+//! The supervisor's async shell: runs the components behind their traits, feeds what happens
+//! into `core::Supervisor`, and carries out the commands that come back.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::api::{self, ComponentDoc, ErrorDoc, GpuDoc, MeshDoc, ServicesDoc, StatusDoc};
+use crate::config::{self, Config};
+use crate::core::{Backoff, Command, Component, ComponentView, Supervisor};
+use crate::gpu::{GpuInventory, GpuProbe};
+use crate::logging::LogHandle;
+use crate::mesh::{self, MeshProvider, MeshStatus, ServiceAd};
+use crate::systemd::{self, Notifier};
+
+/// How long a stop may spend withdrawing advertisements; the rest of the 5 s budget is slack.
+pub const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// The OS-facing parts, each behind its narrow trait so tests can swap them.
+pub struct Components {
+    pub mesh: Box<dyn MeshProvider>,
+    pub gpu: Box<dyn GpuProbe>,
+    pub notifier: Box<dyn Notifier>,
+    pub watchdog_interval: Option<Duration>,
+}
+
+pub struct Daemon {
+    config_path: PathBuf,
+    config: Arc<Config>,
+    core: Supervisor,
+    mesh: Arc<tokio::sync::Mutex<Box<dyn MeshProvider>>>,
+    gpu: Arc<std::sync::Mutex<Box<dyn GpuProbe>>>,
+    notifier: Box<dyn Notifier>,
+    log: Option<LogHandle>,
+    tasks: [Option<JoinHandle<()>>; 3],
+    events_tx: mpsc::Sender<Event>,
+    events_rx: mpsc::Receiver<Event>,
+    status_tx: watch::Sender<StatusDoc>,
+    mesh_status: Option<MeshStatus>,
+    inventory: Option<GpuInventory>,
+    advertised: bool,
+    clock: Clock,
+}
+
+impl Daemon {
+    pub fn new(
+        config_path: PathBuf,
+        config: Config,
+        components: Components,
+        log: Option<LogHandle>,
+    ) -> Self {
+        let (events_tx, events_rx) = mpsc::channel(16);
+        let clock = Clock::now();
+        Self {
+            config_path,
+            config: Arc::new(config),
+            core: Supervisor::new(
+                Backoff::DEFAULT,
+                components.watchdog_interval,
+                clock.instant,
+            ),
+            mesh: Arc::new(tokio::sync::Mutex::new(components.mesh)),
+            gpu: Arc::new(std::sync::Mutex::new(components.gpu)),
+            notifier: components.notifier,
+            log,
+            tasks: Default::default(),
+            events_tx,
+            events_rx,
+            status_tx: watch::Sender::new(StatusDoc::default()),
+            mesh_status: None,
+            inventory: None,
+            advertised: false,
+            clock,
+        }
+    }
+
+    /// What the status API serves; updated after every event.
+    pub fn status(&self) -> watch::Receiver<StatusDoc> {
+        self.status_tx.subscribe()
+    }
+
+    /// Run until stopped; returns the process exit status.
+    pub async fn run(mut self) -> Result<u8, std::io::Error> {
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        self.core.handle_started(Instant::now());
+        loop {
+            while let Some(command) = self.core.poll_command() {
+                match command {
+                    Command::Notify(msgs) => self.notifier.notify(&msgs),
+                    Command::Start {
+                        component,
+                        generation,
+                    } => self.start(component, generation),
+                    Command::Withdraw => {
+                        let error = self.withdraw().await;
+                        self.core.handle_withdrawn(error, Instant::now());
+                    }
+                    Command::Exit(code) => {
+                        self.publish_status();
+                        tracing::info!(code, "clawnode stopped");
+                        return Ok(code);
+                    }
+                }
+            }
+            self.publish_status();
+            let deadline = self.core.poll_timeout();
+            let wake = tokio::select! {
+                event = self.events_rx.recv() => Wake::Event(event),
+                _ = hup.recv() => Wake::Reload,
+                _ = term.recv() => Wake::Stop("SIGTERM"),
+                _ = int.recv() => Wake::Stop("SIGINT"),
+                _ = sleep_until(deadline) => Wake::Timer,
+            };
+            let now = Instant::now();
+            match wake {
+                Wake::Event(Some(event)) => self.handle_event(event, now),
+                // We hold a sender ourselves, so the channel never closes.
+                Wake::Event(None) => {}
+                Wake::Reload => self.reload(now).await,
+                Wake::Stop(signal) => {
+                    tracing::info!(signal, "stopping");
+                    self.core.handle_stop_requested(now);
+                }
+                Wake::Timer => self.core.handle_timeout(now),
+            }
+        }
+    }
+
+    fn start(&mut self, component: Component, generation: u64) {
+        if let Some(previous) = self.tasks[component as usize].take() {
+            previous.abort();
+        }
+        let tx = self.events_tx.clone();
+        let config = Arc::clone(&self.config);
+        let task = match component {
+            Component::Mesh => {
+                let mesh = Arc::clone(&self.mesh);
+                tokio::spawn(async move {
+                    let result = mesh.lock().await.join(&config).await;
+                    let event = match result {
+                        Ok(status) => Event::MeshUp { generation, status },
+                        Err(error) => Event::Failed {
+                            component,
+                            generation,
+                            error: error.to_string(),
+                        },
+                    };
+                    let _ = tx.send(event).await;
+                })
+            }
+            Component::Gpu => {
+                let gpu = Arc::clone(&self.gpu);
+                tokio::spawn(async move {
+                    let inventory = if config.gpu.enabled {
+                        let probe = tokio::task::spawn_blocking(move || {
+                            gpu.lock()
+                                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                                .probe()
+                        });
+                        match probe.await {
+                            Ok(inventory) => inventory,
+                            Err(error) => GpuInventory::unavailable(
+                                "nvml_error",
+                                format!("GPU probe crashed: {error}"),
+                            ),
+                        }
+                    } else {
+                        GpuInventory::unavailable("disabled", "[gpu] enabled = false")
+                    };
+                    let _ = tx
+                        .send(Event::GpuProbed {
+                            generation,
+                            inventory,
+                        })
+                        .await;
+                })
+            }
+            Component::Services => {
+                let mesh = Arc::clone(&self.mesh);
+                tokio::spawn(async move {
+                    let ads = ServiceAd::from_config(&config);
+                    let result = mesh.lock().await.publish(&ads).await;
+                    let event = match result {
+                        Ok(()) => Event::Published {
+                            generation,
+                            names: ads.into_iter().map(|ad| ad.name).collect(),
+                        },
+                        Err(error) => Event::Failed {
+                            component,
+                            generation,
+                            error: error.to_string(),
+                        },
+                    };
+                    let _ = tx.send(event).await;
+                })
+            }
+        };
+        self.tasks[component as usize] = Some(task);
+    }
+
+    fn handle_event(&mut self, event: Event, now: Instant) {
+        match event {
+            Event::MeshUp { generation, status } => {
+                let summary = status.summary();
+                tracing::info!(component = "mesh", mesh = %summary, "joined the mesh");
+                self.mesh_status = Some(status);
+                self.core
+                    .handle_component_up(Component::Mesh, generation, summary, now);
+            }
+            Event::GpuProbed {
+                generation,
+                inventory,
+            } => {
+                let summary = inventory.summary();
+                let missing = inventory.gpus.is_empty() && self.config.gpu.required;
+                let reason = inventory.unavailable.clone();
+                self.inventory = Some(inventory);
+                if missing {
+                    let why = reason
+                        .map(|u| format!("{}: {}", u.reason, u.detail))
+                        .unwrap_or_else(|| "no GPUs".into());
+                    let error = format!(
+                        "GPUs are required ([gpu] required = true) but none were found: {why}"
+                    );
+                    tracing::warn!(component = "gpu", %error, "GPU probe");
+                    self.core.handle_component_failed(
+                        Component::Gpu,
+                        generation,
+                        error,
+                        now,
+                        fastrand::u32(..),
+                    );
+                    return;
+                }
+                if let Some(u) = &self.inventory.as_ref().and_then(|i| i.unavailable.clone()) {
+                    tracing::warn!(component = "gpu", reason = %u.reason, detail = %u.detail, "no GPUs to report");
+                } else {
+                    tracing::info!(component = "gpu", gpus = %summary, "GPU probe done");
+                }
+                self.core
+                    .handle_component_up(Component::Gpu, generation, summary, now);
+            }
+            Event::Published { generation, names } => {
+                let summary = if names.is_empty() {
+                    "no services to advertise".to_string()
+                } else {
+                    format!("advertising {}", names.join(", "))
+                };
+                tracing::info!(component = "services", services = ?names, "services published");
+                self.advertised = true;
+                self.core
+                    .handle_component_up(Component::Services, generation, summary, now);
+            }
+            Event::Failed {
+                component,
+                generation,
+                error,
+            } => {
+                tracing::warn!(component = component.as_str(), %error, "component failed; will retry");
+                if component == Component::Mesh {
+                    self.mesh_status = None;
+                    self.advertised = false;
+                }
+                if component == Component::Services {
+                    self.advertised = false;
+                }
+                self.core.handle_component_failed(
+                    component,
+                    generation,
+                    error,
+                    now,
+                    fastrand::u32(..),
+                );
+            }
+        }
+    }
+
+    /// SIGHUP: re-read and validate the file; apply only what changed, or keep the old config.
+    async fn reload(&mut self, now: Instant) {
+        tracing::info!(config = %self.config_path.display(), "reloading configuration");
+        self.core
+            .handle_reload_requested(systemd::monotonic_usec(), now);
+        let new = match config::load(&self.config_path) {
+            Ok(new) => new,
+            Err(errors) => {
+                for error in &errors.0 {
+                    tracing::error!(component = "config", %error, "reload rejected");
+                }
+                let mut reason = errors
+                    .0
+                    .first()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                if errors.0.len() > 1 {
+                    reason.push_str(&format!(" (and {} more)", errors.0.len() - 1));
+                }
+                self.core.handle_reload_rejected(reason, now);
+                return;
+            }
+        };
+        let old = Arc::clone(&self.config);
+        let changed = changed_components(&old, &new);
+        if new.log != old.log
+            && let Some(log) = &self.log
+        {
+            log.set_level(new.log.level.as_str());
+        }
+        if new.api != old.api
+            || new.node.state_dir != old.node.state_dir
+            || new.node.runtime_dir != old.node.runtime_dir
+        {
+            tracing::warn!(
+                component = "config",
+                "[api] socket and [node] directories change at the next restart"
+            );
+        }
+        if new.network.provider != old.network.provider {
+            // The old provider withdraws what it advertised before the new one takes over.
+            for component in [Component::Mesh, Component::Services] {
+                if let Some(task) = self.tasks[component as usize].take() {
+                    task.abort();
+                }
+            }
+            if let Some(error) = self.withdraw().await {
+                tracing::warn!(component = "mesh", %error, "old provider did not withdraw cleanly");
+            }
+            *self.mesh.lock().await = mesh::for_config(&new);
+            self.mesh_status = None;
+        }
+        tracing::info!(changed = ?changed, "configuration reloaded");
+        self.config = Arc::new(new);
+        self.core.handle_reload_applied(&changed, now);
+    }
+
+    async fn withdraw(&mut self) -> Option<String> {
+        for task in self.tasks.iter_mut().filter_map(Option::take) {
+            task.abort();
+        }
+        let mesh = Arc::clone(&self.mesh);
+        let result = tokio::time::timeout(WITHDRAW_TIMEOUT, async move {
+            mesh.lock().await.withdraw().await
+        })
+        .await;
+        self.advertised = false;
+        match result {
+            Ok(Ok(())) => {
+                tracing::info!(component = "services", "advertisements withdrawn");
+                None
+            }
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(_) => Some(format!(
+                "withdrawing took longer than {} s; gave up",
+                WITHDRAW_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
+    fn publish_status(&self) {
+        let doc = self.status_doc(Instant::now());
+        self.status_tx.send_if_modified(|current| {
+            if *current == doc {
+                return false;
+            }
+            *current = doc;
+            true
+        });
+    }
+
+    fn status_doc(&self, now: Instant) -> StatusDoc {
+        let view = self.core.view(now);
+        let component = |c: Component| -> ComponentDoc {
+            let v: &ComponentView = &view.components[c as usize];
+            ComponentDoc {
+                state: v.state.as_str().into(),
+                summary: v.summary.clone(),
+                error: v.error.clone(),
+                attempts: v.attempts,
+                next_retry_unix_ms: v.retry_in.map(|d| self.clock.unix_ms(now + d)),
+            }
+        };
+        let config = &self.config;
+        let inventory = self.inventory.clone().unwrap_or_default();
+        StatusDoc {
+            node: config.node.name.to_string(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            provider: config.network.provider.to_string(),
+            phase: view.phase.as_str().into(),
+            ready: view.ready,
+            status: view.status.clone(),
+            config: api::status_config(&self.config_path, view.reload_note.clone()),
+            mesh: MeshDoc {
+                health: component(Component::Mesh),
+                interface: self.mesh_status.as_ref().and_then(|m| m.interface.clone()),
+                address: self.mesh_status.as_ref().and_then(|m| m.address.clone()),
+                peers: self.mesh_status.as_ref().map_or(0, |m| m.peers),
+            },
+            gpu: GpuDoc {
+                health: component(Component::Gpu),
+                enabled: config.gpu.enabled,
+                required: config.gpu.required,
+                count: inventory.gpus.len(),
+                driver_version: inventory.driver_version.clone(),
+                unavailable_reason: inventory.unavailable.as_ref().map(|u| u.reason.clone()),
+                devices: inventory.gpus,
+            },
+            services: ServicesDoc {
+                health: component(Component::Services),
+                configured: ServiceAd::from_config(config),
+                advertised: self.advertised,
+            },
+            last_errors: view
+                .last_errors
+                .iter()
+                .map(|e| ErrorDoc {
+                    source: e.source.into(),
+                    message: e.message.clone(),
+                    at_unix_ms: self.clock.unix_ms(e.at),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Which components a new config touches. Everything else keeps running untouched.
+pub fn changed_components(old: &Config, new: &Config) -> Vec<Component> {
+    let mut changed = Vec::new();
+    if old.network != new.network || old.node.name != new.node.name {
+        changed.push(Component::Mesh);
+    }
+    if old.gpu != new.gpu {
+        changed.push(Component::Gpu);
+    }
+    if old.services != new.services {
+        changed.push(Component::Services);
+    }
+    changed
+}
+
+enum Event {
+    MeshUp {
+        generation: u64,
+        status: MeshStatus,
+    },
+    GpuProbed {
+        generation: u64,
+        inventory: GpuInventory,
+    },
+    Published {
+        generation: u64,
+        names: Vec<String>,
+    },
+    Failed {
+        component: Component,
+        generation: u64,
+        error: String,
+    },
+}
+
+enum Wake {
+    Event(Option<Event>),
+    Reload,
+    Stop(&'static str),
+    Timer,
+}
+
+/// Maps the monotonic instants the core works in to wall-clock time for the status API.
+struct Clock {
+    instant: Instant,
+    system: SystemTime,
+}
+
+impl Clock {
+    fn now() -> Self {
+        Self {
+            instant: Instant::now(),
+            system: SystemTime::now(),
+        }
+    }
+
+    fn unix_ms(&self, at: Instant) -> u64 {
+        let wall = if at >= self.instant {
+            self.system + (at - self.instant)
+        } else {
+            self.system - (self.instant - at)
+        };
+        wall.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it, on a fresh Debian machine (run it as root there; it
+# installs what it needs). Safe to re-run: installs are skipped when already present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_needs=()
+command -v gcc >/dev/null || apt_needs+=(gcc libc6-dev)
+command -v curl >/dev/null || apt_needs+=(curl ca-certificates)
+if ((${#apt_needs[@]})); then
+  log "apt-get install ${apt_needs[*]}"
+  as_root apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${apt_needs[@]}"
+fi
+
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+if ! command -v cargo >/dev/null; then
+  # Debian's own cargo is older than edition 2024 needs (1.85).
+  log "installing Rust with rustup"
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy
+  . "$HOME/.cargo/env"
+fi
+if command -v rustup >/dev/null; then
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+fi
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy (release feature set, then with the test fakes)"
+cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --all-targets --locked --features test-fakes -- -D warnings
+
+log "cargo test (unit, property and integration tests against the real binary)"
+cargo test --locked --features test-fakes
+
+log "footprint: exec to READY=1, idle RSS, idle CPU over 60 s (release build)"
+cargo test --locked --release --features test-fakes --test footprint -- --ignored --nocapture
+
+log "all tests passed"

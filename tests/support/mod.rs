@@ -1,0 +1,226 @@
+//! Helpers for driving the real `clawnode` binary: a private directory per test, a config with
+//! the fake mesh provider, and a Unix datagram socket bound as `NOTIFY_SOCKET` that captures
+//! exactly what systemd would receive.
+#![allow(dead_code)]
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_clawnode");
+
+/// A config for the fake mesh with `extra` appended (TOML tables that do not clash).
+pub fn fake_config(dir: &Path, network_fake: &str, extra: &str) -> String {
+    let d = dir.display();
+    format!(
+        r#"
+[node]
+name = "test-node"
+state_dir = "{d}/state"
+runtime_dir = "{d}/run"
+
+[api]
+socket = "{d}/run/clawnode.sock"
+
+[network]
+provider = "fake"
+
+[network.fake]
+address = "10.100.0.5/16"
+{network_fake}
+
+[gpu]
+enabled = true
+nvml_library = "{d}/no-such-dir/libnvidia-ml.so.1"
+
+[services.molt-provider]
+port = 8443
+mode = "tcp"
+{extra}
+"#
+    )
+}
+
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub notify: UnixDatagram,
+    pub child: Option<Child>,
+    pub started: Instant,
+}
+
+impl Node {
+    /// Write `config_text` and start `clawnode run` on it.
+    pub fn start(config_text: impl FnOnce(&Path) -> String, env: &[(&str, &str)]) -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("clawbernetes.toml");
+        std::fs::write(&config, config_text(dir.path())).expect("write config");
+        let notify_path = dir.path().join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path).expect("bind NOTIFY_SOCKET");
+        let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .env_remove("INVOCATION_ID")
+            .env_remove("JOURNAL_STREAM")
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let started = Instant::now();
+        let child = cmd.spawn().expect("spawn clawnode");
+        Node {
+            dir,
+            config,
+            notify,
+            child: Some(child),
+            started,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).expect("kill");
+    }
+
+    /// The next datagram, as its `KEY=value` lines.
+    pub fn recv(&self, timeout: Duration) -> Option<Vec<String>> {
+        self.notify
+            .set_read_timeout(Some(timeout))
+            .expect("timeout");
+        let mut buf = vec![0u8; 8192];
+        let n = self.notify.recv(&mut buf).ok()?;
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        Some(text.lines().map(str::to_string).collect())
+    }
+
+    /// Read datagrams until one has a line starting with `prefix`; returns every datagram read,
+    /// the matching one last. Panics after `timeout`, showing what did arrive.
+    pub fn recv_until(&self, prefix: &str, timeout: Duration) -> Vec<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let Some(datagram) = self.recv(left) else {
+                break;
+            };
+            let hit = datagram.iter().any(|l| l.starts_with(prefix));
+            seen.push(datagram);
+            if hit {
+                return seen;
+            }
+        }
+        panic!(
+            "no {prefix} within {timeout:?}; got {seen:?}\nstderr:\n{}",
+            self.stderr()
+        );
+    }
+
+    /// Every datagram that arrives within `window`.
+    pub fn drain(&self, window: Duration) -> Vec<Vec<String>> {
+        let deadline = Instant::now() + window;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.recv(left) {
+                Some(d) => seen.push(d),
+                None => break,
+            }
+        }
+        seen
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.path("stderr.log")).unwrap_or_default()
+    }
+
+    /// Run another clawnode subcommand against this node's config.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("NOTIFY_SOCKET")
+            .output()
+            .expect("run clawnode")
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        // --socket, because a test may have just made the config file invalid on purpose.
+        let socket = self.path("run/clawnode.sock");
+        let out = self.cli(&["status", "--json", "--socket", socket.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "status --json failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    }
+
+    pub fn rewrite_config(&self, text: &str) {
+        std::fs::write(&self.config, text).expect("rewrite config");
+    }
+
+    /// Wait for the daemon to exit and return its status and how long it took.
+    pub fn wait_exit(&mut self, timeout: Duration) -> (ExitStatus, Duration) {
+        let since = Instant::now();
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return (status, since.elapsed());
+            }
+            if since.elapsed() > timeout {
+                panic!("clawnode did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// True if any line of any datagram starts with `prefix`.
+pub fn has(datagrams: &[Vec<String>], prefix: &str) -> bool {
+    datagrams.iter().flatten().any(|l| l.starts_with(prefix))
+}
+
+/// The value of the last `STATUS=` line.
+pub fn last_status(datagrams: &[Vec<String>]) -> String {
+    datagrams
+        .iter()
+        .flatten()
+        .filter_map(|l| l.strip_prefix("STATUS="))
+        .last()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// CLOCK_MONOTONIC now, in microseconds, to check MONOTONIC_USEC against.
+pub fn monotonic_usec() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
+    ts.tv_sec() as u64 * 1_000_000 + ts.tv_nsec() as u64 / 1000
+}
