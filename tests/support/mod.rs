@@ -214,7 +214,7 @@ pub fn last_status(datagrams: &[Vec<String>]) -> String {
         .iter()
         .flatten()
         .filter_map(|l| l.strip_prefix("STATUS="))
-        .last()
+        .next_back()
         .unwrap_or_default()
         .to_string()
 }

@@ -1,0 +1,160 @@
+//! The node agent's configuration file: loading, validation and error reporting.
+//!
+//! The file is parsed three times over, each layer narrowing what can be wrong:
+//! `toml::de::DeTable` (syntax, with spans), a loose serde layer in `raw` (unknown keys and
+//! types), and `validate` (values and cross-field rules, reporting every problem at once).
+//! Every error carries file, line, column and the dotted key path.
+
+mod error;
+mod locate;
+mod raw;
+mod schema;
+mod types;
+mod validate;
+
+use std::path::Path;
+
+use serde::Deserialize;
+use toml::de::DeTable;
+use zeroize::Zeroize;
+
+pub use error::{ConfigError, ConfigErrors};
+#[cfg(feature = "test-fakes")]
+pub use schema::FakeMeshConfig;
+pub use schema::{
+    ApiConfig, Config, GpuConfig, IdTokenSource, LogConfig, NetworkConfig, NodeConfig, PeerConfig,
+    ServiceMode, ServiceSpec, TailscaleAuth, TailscaleConfig, WireguardConfig,
+};
+pub use types::{
+    DnsLabel, Endpoint, InterfaceName, LogLevel, NodeName, ProviderKind, PublicKey, Secret,
+    ServiceName, Tag, ValueError, WgBackend,
+};
+
+/// Where the daemon looks when neither `--config` nor `CLAWBERNETES_CONFIG` is given.
+pub const DEFAULT_PATH: &str = "/etc/clawbernetes/clawbernetes.toml";
+
+/// Reads and validates the configuration file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(err) => {
+            return Err(single_error(
+                path,
+                1,
+                1,
+                format!("cannot read the configuration file: {err}"),
+            ));
+        }
+    };
+    let mut text = match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(err) => {
+            let valid = &err.as_bytes()[..err.utf8_error().valid_up_to()];
+            let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+            let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            // The prefix is valid UTF-8 by construction.
+            let col = String::from_utf8_lossy(&valid[line_start..])
+                .chars()
+                .count()
+                + 1;
+            let mut bytes = err.into_bytes();
+            bytes.zeroize();
+            return Err(single_error(
+                path,
+                line,
+                col,
+                "expected UTF-8 text, found an invalid byte sequence".to_owned(),
+            ));
+        }
+    };
+    let result = parse(path, &text);
+    // The file may hold an auth key; do not leave a copy in freed memory.
+    text.zeroize();
+    result
+}
+
+/// Validates configuration `text`; `path` is only used in error messages.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let (root, syntax_errors) = DeTable::parse_recoverable(text);
+    let locator = locate::Locator::new(text, Some(&root));
+    if !syntax_errors.is_empty() {
+        let mut errors: Vec<ConfigError> = syntax_errors
+            .iter()
+            .map(|err| toml_error(path, &locator, err))
+            .collect();
+        errors.sort_by_key(|e| (e.line, e.col));
+        errors.dedup();
+        return Err(ConfigErrors(errors));
+    }
+    let raw = match raw::RawConfig::deserialize(toml::de::Deserializer::from(root.clone())) {
+        Ok(raw) => raw,
+        Err(err) => return Err(ConfigErrors(vec![toml_error(path, &locator, &err)])),
+    };
+    validate::Checker::new(path, &locator)
+        .run(raw)
+        .map_err(ConfigErrors)
+}
+
+fn single_error(path: &Path, line: usize, col: usize, message: String) -> ConfigErrors {
+    ConfigErrors(vec![ConfigError {
+        file: path.to_path_buf(),
+        line,
+        col,
+        key: String::new(),
+        message,
+    }])
+}
+
+/// Converts a syntax or serde error, naming the key its span falls in.
+fn toml_error(path: &Path, locator: &locate::Locator<'_>, err: &toml::de::Error) -> ConfigError {
+    let span = err.span().unwrap_or(0..0);
+    let (line, col) = locator.line_col(span.start);
+    let is_duplicate = err.message() == "duplicate key";
+    let key = locator.key_at(&span).unwrap_or_else(|| {
+        let table = locator.table_at(span.start);
+        // The tree keeps only the first definition, so name the repeated key from the text.
+        match locator
+            .text_of(&span)
+            .map(|t| t.trim().trim_matches(['"', '\'']))
+        {
+            Some(repeated) if is_duplicate && !repeated.is_empty() => table.key(repeated),
+            _ => table,
+        }
+    });
+    let message = if is_duplicate {
+        "duplicate key, expected each key and [table] to be defined only once".to_owned()
+    } else {
+        friendly_serde_message(err.message())
+    };
+    ConfigError {
+        file: path.to_path_buf(),
+        line,
+        col,
+        key: key.to_string(),
+        message,
+    }
+}
+
+/// serde speaks Rust (`i64`, "sequence", "map"); users write TOML.
+fn friendly_serde_message(message: &str) -> String {
+    let message = message.trim_end();
+    if let Some(rest) = message.strip_prefix("invalid type: integer `")
+        && let Some((number, _)) = rest.split_once("` as i128")
+    {
+        return format!("integer {number} is out of range, expected a value that fits in 64 bits");
+    }
+    [
+        ("expected i64", "expected an integer"),
+        ("expected a sequence", "expected an array"),
+        ("expected a map", "expected a table"),
+        ("invalid type: sequence", "invalid type: array"),
+        ("invalid type: map", "invalid type: table"),
+        ("unknown field", "unknown key"),
+        ("missing field", "missing key"),
+    ]
+    .iter()
+    .fold(message.to_owned(), |acc, (from, to)| acc.replace(from, to))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,306 @@
+//! The validated configuration: every default filled in, every value checked.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::types::{
+    DnsLabel, Endpoint, InterfaceName, LogLevel, NodeName, ProviderKind, PublicKey, Secret,
+    ServiceName, Tag, WgBackend,
+};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub api: ApiConfig,
+    pub network: NetworkConfig,
+    pub gpu: GpuConfig,
+    /// Merged from `[services.*]` and `[network.tailscale.services]`.
+    pub services: BTreeMap<ServiceName, ServiceSpec>,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeConfig {
+    pub name: NodeName,
+    pub state_dir: PathBuf,
+    pub runtime_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiConfig {
+    pub socket: PathBuf,
+    /// When set the socket is mode 0660 owned by this group, otherwise 0600.
+    pub socket_group: Option<String>,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetworkConfig {
+    pub provider: ProviderKind,
+    pub wireguard: WireguardConfig,
+    pub tailscale: TailscaleConfig,
+    #[cfg(feature = "test-fakes")]
+    pub fake: FakeMeshConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WireguardConfig {
+    pub interface: InterfaceName,
+    pub backend: WgBackend,
+    pub userspace_implementation: PathBuf,
+    pub listen_port: u16,
+    /// `None` when unset or 0.
+    pub fwmark: Option<u32>,
+    pub mesh_cidr: IpNet,
+    /// Always `Some` when the provider is WireGuard.
+    pub address: Option<IpNet>,
+    pub mtu: u16,
+    pub private_key_file: PathBuf,
+    pub peers_dir: PathBuf,
+    pub node_info_port: u16,
+    pub reconcile_interval: Duration,
+    pub peers: Vec<PeerConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerConfig {
+    pub name: String,
+    pub public_key: PublicKey,
+    pub endpoint: Option<Endpoint>,
+    pub allowed_ips: Vec<IpNet>,
+    /// Seconds; `None` when off.
+    pub persistent_keepalive: Option<u16>,
+    pub preshared_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TailscaleConfig {
+    pub socket: PathBuf,
+    /// `None`: the node is expected to be logged in already.
+    pub auth: Option<TailscaleAuth>,
+    pub hostname_prefix: DnsLabel,
+    pub tailnet: Option<String>,
+    pub tags: Vec<Tag>,
+    pub control_url: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TailscaleAuth {
+    Key(Secret),
+    KeyFile(PathBuf),
+    /// The name of the environment variable holding the key.
+    KeyEnv(String),
+    WorkloadIdentity {
+        client_id: String,
+        id_token: IdTokenSource,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum IdTokenSource {
+    File(PathBuf),
+    Audience(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuConfig {
+    pub enabled: bool,
+    /// Fail start-up when no GPU can be probed.
+    pub required: bool,
+    pub nvml_library: Option<PathBuf>,
+    pub poll_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub port: u16,
+    pub mode: ServiceMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceMode {
+    Tcp,
+    Http { tls: bool },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub level: LogLevel,
+}
+
+/// Knobs for the fake mesh provider used by tests.
+#[cfg(feature = "test-fakes")]
+#[derive(Debug, Clone, PartialEq)]
+pub struct FakeMeshConfig {
+    pub join_delay: Duration,
+    /// The first N join attempts fail.
+    pub fail_joins: u32,
+    pub always_fail: bool,
+    pub fail_message: String,
+    pub publish_fail: bool,
+    /// Shown in summaries as the node's mesh address.
+    pub address: String,
+}
+
+impl Config {
+    /// A short human summary for `check-config`. Names the auth method, never a secret.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        self.write_summary(&mut out)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    fn write_summary(&self, out: &mut String) -> std::fmt::Result {
+        let node = &self.node;
+        writeln!(out, "node: {}", node.name)?;
+        writeln!(
+            out,
+            "  state_dir {}, runtime_dir {}",
+            node.state_dir.display(),
+            node.runtime_dir.display()
+        )?;
+
+        let api = &self.api;
+        let access = match &api.socket_group {
+            Some(group) => format!("mode 0660, group {group}"),
+            None => "mode 0600".to_owned(),
+        };
+        let metrics = api
+            .metrics_listen
+            .map_or_else(|| "off".to_owned(), |addr| addr.to_string());
+        writeln!(
+            out,
+            "api: socket {} ({access}), metrics {metrics}",
+            api.socket.display()
+        )?;
+
+        writeln!(out, "network: {}", self.network.provider)?;
+        match self.network.provider {
+            ProviderKind::Wireguard => self.write_wireguard(out)?,
+            ProviderKind::Tailscale => self.write_tailscale(out)?,
+            #[cfg(feature = "test-fakes")]
+            ProviderKind::Fake => {
+                let fake = &self.network.fake;
+                writeln!(
+                    out,
+                    "  address {}, join delay {}, failing joins {}{}",
+                    fake.address,
+                    humantime::format_duration(fake.join_delay),
+                    fake.fail_joins,
+                    if fake.always_fail {
+                        ", always fails"
+                    } else {
+                        ""
+                    }
+                )?;
+            }
+        }
+
+        if self.services.is_empty() {
+            writeln!(out, "services: none")?;
+        } else {
+            writeln!(out, "services:")?;
+            for (name, spec) in &self.services {
+                let mode = match spec.mode {
+                    ServiceMode::Tcp => "tcp",
+                    ServiceMode::Http { tls: true } => "http+tls",
+                    ServiceMode::Http { tls: false } => "http",
+                };
+                writeln!(out, "  {name} {}/{mode}", spec.port)?;
+            }
+        }
+
+        let gpu = &self.gpu;
+        if gpu.enabled {
+            writeln!(
+                out,
+                "gpu: enabled ({}), poll every {}{}",
+                if gpu.required { "required" } else { "optional" },
+                humantime::format_duration(gpu.poll_interval),
+                gpu.nvml_library
+                    .as_ref()
+                    .map(|lib| format!(", nvml {}", lib.display()))
+                    .unwrap_or_default()
+            )?;
+        } else {
+            writeln!(out, "gpu: disabled")?;
+        }
+        write!(out, "log: {}", self.log.level)
+    }
+
+    fn write_wireguard(&self, out: &mut String) -> std::fmt::Result {
+        let wg = &self.network.wireguard;
+        let address = wg
+            .address
+            .map_or_else(|| "none".to_owned(), |a| a.to_string());
+        writeln!(
+            out,
+            "  interface {} (backend {}), address {address} in mesh {}",
+            wg.interface, wg.backend, wg.mesh_cidr
+        )?;
+        writeln!(
+            out,
+            "  listen port {}, mtu {}, node info port {}, reconcile every {}",
+            wg.listen_port,
+            wg.mtu,
+            wg.node_info_port,
+            humantime::format_duration(wg.reconcile_interval)
+        )?;
+        writeln!(
+            out,
+            "  private key {}, peers from {} and {} static peer(s)",
+            wg.private_key_file.display(),
+            wg.peers_dir.display(),
+            wg.peers.len()
+        )
+    }
+
+    fn write_tailscale(&self, out: &mut String) -> std::fmt::Result {
+        let ts = &self.network.tailscale;
+        writeln!(
+            out,
+            "  tailscaled {}, hostname prefix {}",
+            ts.socket.display(),
+            ts.hostname_prefix
+        )?;
+        let tags: Vec<&str> = ts.tags.iter().map(Tag::as_str).collect();
+        writeln!(
+            out,
+            "  tailnet {}, tags {}",
+            ts.tailnet.as_deref().unwrap_or("(default)"),
+            if tags.is_empty() {
+                "none".to_owned()
+            } else {
+                tags.join(", ")
+            }
+        )?;
+        if let Some(url) = &ts.control_url {
+            writeln!(out, "  control server {url}")?;
+        }
+        let auth = match &ts.auth {
+            None => "none (tailscaled must already be logged in)".to_owned(),
+            Some(TailscaleAuth::Key(_)) => "auth key (inline)".to_owned(),
+            Some(TailscaleAuth::KeyFile(path)) => format!("auth key file {}", path.display()),
+            Some(TailscaleAuth::KeyEnv(var)) => format!("auth key from ${var}"),
+            Some(TailscaleAuth::WorkloadIdentity {
+                client_id,
+                id_token,
+            }) => match id_token {
+                IdTokenSource::File(path) => format!(
+                    "workload identity (client {client_id}, id token file {})",
+                    path.display()
+                ),
+                IdTokenSource::Audience(audience) => {
+                    format!("workload identity (client {client_id}, audience {audience})")
+                }
+            },
+        };
+        writeln!(out, "  auth: {auth}")
+    }
+}

@@ -1,0 +1,704 @@
+//! Behaviour of `parse` and `load` on whole documents.
+
+use std::path::Path;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+
+const USERS_BLOCK: &str = r#"
+[network]
+provider = "tailscale"            # "wireguard" | "tailscale"
+
+[network.wireguard]
+listen_port = 51820
+mesh_cidr = "10.100.0.0/16"
+
+[network.tailscale]
+auth_key_env = "TS_AUTHKEY"
+# auth_key_file = "/etc/clawbernetes/ts-authkey"
+hostname_prefix = "clawnode"
+tailnet = "your-org.tailscale.net"
+tags = ["tag:clawbernetes", "tag:gpu-provider"]
+
+[network.tailscale.services]
+gateway = { port = 443, mode = "tcp" }
+molt-provider = { port = 8443, mode = "tcp" }
+"#;
+
+const SHIPPED: &str = include_str!("../../config/clawbernetes.toml");
+
+/// A valid WireGuard baseline; tests append to it. Line 1 is `[node]`.
+const WG_BASE: &str = "[node]\nname = \"gpu-01\"\n[network]\nprovider = \"wireguard\"\n[network.wireguard]\naddress = \"10.100.0.5/16\"\n";
+
+const KEY_A: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+const KEY_B: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+fn ok(text: &str) -> Config {
+    match parse(Path::new("test.toml"), text) {
+        Ok(config) => config,
+        Err(errors) => panic!("expected a valid config, got:\n{errors}"),
+    }
+}
+
+fn errors(text: &str) -> Vec<ConfigError> {
+    match parse(Path::new("test.toml"), text) {
+        Ok(config) => panic!("expected errors, got {config:#?}"),
+        Err(errors) => errors.0,
+    }
+}
+
+/// The one error about `key`, asserting its line.
+fn error_at(text: &str, key: &str, line: usize) -> ConfigError {
+    let all = errors(text);
+    let found: Vec<&ConfigError> = all.iter().filter(|e| e.key == key).collect();
+    assert_eq!(found.len(), 1, "one error for {key} expected in {all:#?}");
+    assert_eq!(found[0].line, line, "line of {}", found[0]);
+    found[0].clone()
+}
+
+#[test]
+fn users_tailscale_block_is_accepted_as_written() {
+    let config = ok(&format!("[node]\nname = \"gpu-01\"\n{USERS_BLOCK}"));
+    assert_eq!(config.network.provider, ProviderKind::Tailscale);
+    let ts = &config.network.tailscale;
+    assert_eq!(ts.auth, Some(TailscaleAuth::KeyEnv("TS_AUTHKEY".into())));
+    assert_eq!(ts.tailnet.as_deref(), Some("your-org.tailscale.net"));
+    let tags: Vec<&str> = ts.tags.iter().map(Tag::as_str).collect();
+    assert_eq!(tags, ["tag:clawbernetes", "tag:gpu-provider"]);
+    assert_eq!(config.network.wireguard.address, None);
+    let services: Vec<(&str, u16)> = config
+        .services
+        .iter()
+        .map(|(name, spec)| (name.as_str(), spec.port))
+        .collect();
+    assert_eq!(services, [("gateway", 443), ("molt-provider", 8443)]);
+    assert!(config.services.values().all(|s| s.mode == ServiceMode::Tcp));
+}
+
+#[test]
+fn shipped_example_config_is_valid() {
+    let config = ok(SHIPPED);
+    assert_eq!(config.network.provider, ProviderKind::Wireguard);
+    assert_eq!(
+        config.network.wireguard.address,
+        Some("10.100.0.5/16".parse().unwrap())
+    );
+    assert_eq!(config.services.len(), 2);
+}
+
+#[test]
+fn shipped_example_commented_blocks_are_valid_when_uncommented() {
+    // Uncomment the example peer and the optional `key = value` lines, except the extra auth
+    // methods (only one may be set) and the duplicate tailscale service example.
+    let is_setting = |body: &str| {
+        let key: String = body
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        (!key.is_empty() && body[key.len()..].starts_with(" = "))
+            || body.starts_with("[[network.wireguard.peers]]")
+            || body.starts_with("[services.")
+    };
+    let skipped = [
+        "auth_key",
+        "client_id",
+        "id_token_file",
+        "audience",
+        "gateway",
+    ];
+    let uncommented: String = SHIPPED
+        .lines()
+        .map(|line| match line.strip_prefix("# ") {
+            Some(body) if is_setting(body) && !skipped.iter().any(|k| body.starts_with(k)) => body,
+            _ => line,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let config = ok(&uncommented);
+    let peer = &config.network.wireguard.peers[0];
+    assert_eq!(peer.name, "gpu-02");
+    assert_eq!(peer.persistent_keepalive, Some(25));
+    assert_eq!(config.services.len(), 3);
+    assert_eq!(config.api.socket_group.as_deref(), Some("clawbernetes"));
+}
+
+#[test]
+fn missing_tables_take_every_default() {
+    let config = ok("[node]\nname = \"gpu-01\"\n[network.wireguard]\naddress = \"10.100.0.5\"\n");
+    assert_eq!(config.node.state_dir, Path::new("/var/lib/clawbernetes"));
+    assert_eq!(config.node.runtime_dir, Path::new("/run/clawbernetes"));
+    assert_eq!(
+        config.api.socket,
+        Path::new("/run/clawbernetes/clawnode.sock")
+    );
+    assert_eq!(config.api.socket_group, None);
+    assert_eq!(config.api.metrics_listen, None);
+    let wg = &config.network.wireguard;
+    assert_eq!(config.network.provider, ProviderKind::Wireguard);
+    assert_eq!(wg.interface.as_str(), "claw0");
+    assert_eq!(wg.backend, WgBackend::Auto);
+    assert_eq!(wg.userspace_implementation, Path::new("wireguard-go"));
+    assert_eq!(
+        (wg.listen_port, wg.node_info_port, wg.mtu),
+        (51820, 51821, 1420)
+    );
+    assert_eq!(wg.fwmark, None);
+    assert_eq!(wg.mesh_cidr.to_string(), "10.100.0.0/16");
+    assert_eq!(wg.address.unwrap().to_string(), "10.100.0.5/16");
+    assert_eq!(
+        wg.private_key_file,
+        Path::new("/var/lib/clawbernetes/wireguard.key")
+    );
+    assert_eq!(wg.peers_dir, Path::new("/etc/clawbernetes/peers.d"));
+    assert_eq!(wg.reconcile_interval, Duration::from_secs(30));
+    let ts = &config.network.tailscale;
+    assert_eq!(ts.socket, Path::new("/var/run/tailscale/tailscaled.sock"));
+    assert_eq!(ts.auth, None);
+    assert_eq!(ts.hostname_prefix.as_str(), "clawnode");
+    assert!(ts.tags.is_empty());
+    assert_eq!(
+        config.gpu,
+        GpuConfig {
+            enabled: true,
+            required: false,
+            nvml_library: None,
+            poll_interval: Duration::from_secs(10),
+        }
+    );
+    assert_eq!(config.log.level, LogLevel::Info);
+    assert!(config.services.is_empty());
+}
+
+#[test]
+fn node_name_defaults_to_the_first_hostname_label_lowercased() {
+    let hostname = nix::unistd::gethostname().unwrap();
+    let label = hostname
+        .to_string_lossy()
+        .split('.')
+        .next()
+        .unwrap()
+        .to_lowercase();
+    let result = parse(Path::new("t.toml"), "[network]\nprovider = \"tailscale\"\n");
+    match label.parse::<NodeName>() {
+        Ok(name) => assert_eq!(result.unwrap().node.name, name),
+        Err(_) => assert_eq!(result.unwrap_err().0[0].key, "node.name"),
+    }
+}
+
+#[test]
+fn derived_paths_follow_state_and_runtime_dirs() {
+    let config = ok(&WG_BASE.replace(
+        "[node]\n",
+        "[node]\nstate_dir = \"/srv/claw\"\nruntime_dir = \"/run/claw\"\n",
+    ));
+    assert_eq!(config.api.socket, Path::new("/run/claw/clawnode.sock"));
+    assert_eq!(
+        config.network.wireguard.private_key_file,
+        Path::new("/srv/claw/wireguard.key")
+    );
+}
+
+#[test]
+fn bare_address_takes_the_mesh_prefix() {
+    let config = ok(&WG_BASE.replace("10.100.0.5/16", "10.100.3.7"));
+    assert_eq!(
+        config.network.wireguard.address.unwrap().to_string(),
+        "10.100.3.7/16"
+    );
+}
+
+#[test]
+fn address_outside_mesh_cidr_is_rejected_with_its_position() {
+    let err = error_at(
+        &WG_BASE.replace("10.100.0.5/16", "10.200.0.5/16"),
+        "network.wireguard.address",
+        6,
+    );
+    assert_eq!(err.col, 11);
+    assert_eq!(
+        err.to_string(),
+        "test.toml:6:11: network.wireguard.address: expected an address inside mesh_cidr 10.100.0.0/16, got 10.200.0.5/16"
+    );
+}
+
+#[test]
+fn network_address_of_the_mesh_is_not_a_node_address() {
+    let err = error_at(
+        &WG_BASE.replace("10.100.0.5/16", "10.100.0.0/16"),
+        "network.wireguard.address",
+        6,
+    );
+    assert!(err.message.contains("network address"), "{err}");
+}
+
+#[test]
+fn address_prefix_wider_than_the_mesh_is_rejected() {
+    let err = error_at(
+        &WG_BASE.replace("10.100.0.5/16", "10.100.0.5/8"),
+        "network.wireguard.address",
+        6,
+    );
+    assert!(err.message.contains("/16 or longer"), "{err}");
+}
+
+#[test]
+fn mesh_cidr_with_host_bits_suggests_the_network() {
+    let err = error_at(
+        &format!("{WG_BASE}mesh_cidr = \"10.100.0.1/16\"\n"),
+        "network.wireguard.mesh_cidr",
+        7,
+    );
+    assert!(
+        err.message.contains("did you mean \"10.100.0.0/16\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn wireguard_provider_requires_an_address() {
+    let err = error_at(
+        "[node]\nname = \"n\"\n[network]\nprovider = \"wireguard\"\n\n[network.wireguard]\nmtu = 1400\n",
+        "network.wireguard.address",
+        6,
+    );
+    assert!(err.message.starts_with("missing"), "{err}");
+    // Without a [network.wireguard] table the provider line is what demands it.
+    error_at(
+        "[node]\nname = \"n\"\n[network]\nprovider = \"wireguard\"\n",
+        "network.wireguard.address",
+        4,
+    );
+}
+
+#[test]
+fn every_semantic_error_is_reported_not_just_the_first() {
+    let text = format!(
+        "{WG_BASE}listen_port = 0\nmtu = 100\nreconcile_interval = \"soon\"\n[log]\nlevel = \"loud\"\n[services.Bad_Name]\nport = 1\nmode = \"tcp\"\n"
+    );
+    let all = errors(&text);
+    let keys: Vec<&str> = all.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "network.wireguard.listen_port",
+            "network.wireguard.mtu",
+            "network.wireguard.reconcile_interval",
+            "log.level",
+            "services.Bad_Name",
+        ]
+    );
+    let lines: Vec<usize> = all.iter().map(|e| e.line).collect();
+    assert_eq!(lines, [7, 8, 9, 11, 12]);
+}
+
+#[test]
+fn two_auth_methods_are_rejected_naming_each_location() {
+    let text = "[node]\nname = \"n\"\n[network]\nprovider = \"tailscale\"\n[network.tailscale]\nauth_key_file = \"/etc/k\"\nauth_key_env = \"TS_AUTHKEY\"\n";
+    let err = error_at(text, "network.tailscale.auth_key_env", 7);
+    assert!(
+        err.message
+            .contains("network.tailscale.auth_key_file (line 6, column 17)")
+            && err
+                .message
+                .contains("network.tailscale.auth_key_env (line 7, column 16)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn no_auth_method_is_allowed() {
+    let config = ok("[node]\nname = \"n\"\n[network]\nprovider = \"tailscale\"\n");
+    assert_eq!(config.network.tailscale.auth, None);
+}
+
+#[test]
+fn workload_identity_needs_client_id_one_token_source_and_tags() {
+    let base = "[node]\nname = \"n\"\n[network]\nprovider = \"tailscale\"\n[network.tailscale]\ntags = [\"tag:gpu\"]\n[network.tailscale.workload_identity]\n";
+    let config = ok(&format!("{base}client_id = \"k1\"\naudience = \"aud\"\n"));
+    assert_eq!(
+        config.network.tailscale.auth,
+        Some(TailscaleAuth::WorkloadIdentity {
+            client_id: "k1".into(),
+            id_token: IdTokenSource::Audience("aud".into()),
+        })
+    );
+    let config = ok(&format!(
+        "{base}client_id = \"k1\"\nid_token_file = \"/run/t\"\n"
+    ));
+    assert!(matches!(
+        config.network.tailscale.auth,
+        Some(TailscaleAuth::WorkloadIdentity {
+            id_token: IdTokenSource::File(_),
+            ..
+        })
+    ));
+
+    let both =
+        format!("{base}client_id = \"k1\"\nid_token_file = \"/run/t\"\naudience = \"aud\"\n");
+    let err = error_at(&both, "network.tailscale.workload_identity.audience", 10);
+    assert!(err.message.contains("exactly one"), "{err}");
+
+    let neither = format!("{base}client_id = \"k1\"\n");
+    let err = error_at(&neither, "network.tailscale.workload_identity", 7);
+    assert!(err.message.contains("found neither"), "{err}");
+
+    error_at(
+        &format!("{base}audience = \"a\"\n"),
+        "network.tailscale.workload_identity.client_id",
+        7,
+    );
+
+    let no_tags = format!("{base}client_id = \"k1\"\naudience = \"aud\"\n")
+        .replace("tags = [\"tag:gpu\"]\n", "");
+    let err = error_at(&no_tags, "network.tailscale.tags", 6);
+    assert!(err.message.contains("at least one tag"), "{err}");
+    let empty_tags =
+        format!("{base}client_id = \"k1\"\naudience = \"aud\"\n").replace("[\"tag:gpu\"]", "[]");
+    error_at(&empty_tags, "network.tailscale.tags", 6);
+}
+
+#[test]
+fn tags_must_have_the_tag_prefix() {
+    let text = "[node]\nname = \"n\"\n[network.tailscale]\ntags = [\"tag:ok\", \"gpu\"]\n[network.wireguard]\naddress = \"10.100.0.5\"\n";
+    let err = error_at(text, "network.tailscale.tags[1]", 4);
+    assert_eq!(err.col, 19);
+    assert!(err.message.contains("\"tag:<name>\""), "{err}");
+}
+
+#[test]
+fn same_service_in_both_tables_merges_when_identical() {
+    let text = format!(
+        "{WG_BASE}[services.gateway]\nport = 443\nmode = \"tcp\"\n[network.tailscale.services]\ngateway = {{ port = 443, mode = \"tcp\" }}\n"
+    );
+    assert_eq!(ok(&text).services.len(), 1);
+}
+
+#[test]
+fn same_service_in_both_tables_with_different_values_is_rejected_at_the_second() {
+    let text = format!(
+        "{WG_BASE}[network.tailscale.services]\nweb = {{ port = 80, mode = \"http\" }}\n[services.web]\nport = 8080\nmode = \"http\"\n"
+    );
+    let err = error_at(&text, "services.web", 9);
+    assert!(
+        err.message
+            .contains("network.tailscale.services.web (line 8)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn http_services_default_to_tls_and_tcp_services_refuse_tls() {
+    let text = format!(
+        "{WG_BASE}[services.a]\nport = 1\nmode = \"http\"\n[services.b]\nport = 2\nmode = \"http\"\ntls = false\n"
+    );
+    let config = ok(&text);
+    let modes: Vec<ServiceMode> = config.services.values().map(|s| s.mode).collect();
+    assert_eq!(
+        modes,
+        [
+            ServiceMode::Http { tls: true },
+            ServiceMode::Http { tls: false }
+        ]
+    );
+    let err = error_at(
+        &format!("{WG_BASE}[services.c]\nport = 1\nmode = \"tcp\"\ntls = true\n"),
+        "services.c.tls",
+        10,
+    );
+    assert!(err.message.contains("only to mode = \"http\""), "{err}");
+}
+
+#[test]
+fn service_ports_must_be_in_range() {
+    for (port, got) in [("0", "got 0"), ("70000", "got 70000"), ("-1", "got -1")] {
+        let err = error_at(
+            &format!("{WG_BASE}[services.a]\nport = {port}\nmode = \"tcp\"\n"),
+            "services.a.port",
+            8,
+        );
+        assert!(err.message.contains(got), "{err}");
+    }
+}
+
+#[test]
+fn peers_are_resolved_with_keepalive_zero_meaning_off() {
+    let text = format!(
+        "{WG_BASE}[[network.wireguard.peers]]\nname = \"a\"\npublic_key = \"{KEY_A}\"\nendpoint = \"[fd00::1]:51820\"\nallowed_ips = [\"10.100.0.6/32\", \"10.100.9.9\"]\npersistent_keepalive = 0\n"
+    );
+    let config = ok(&text);
+    let peer = &config.network.wireguard.peers[0];
+    assert_eq!(peer.public_key.as_str(), KEY_A);
+    assert_eq!(peer.endpoint.as_ref().unwrap().host(), "fd00::1");
+    assert_eq!(peer.persistent_keepalive, None);
+    let ips: Vec<String> = peer.allowed_ips.iter().map(ToString::to_string).collect();
+    assert_eq!(ips, ["10.100.0.6/32", "10.100.9.9/32"]);
+}
+
+#[test]
+fn duplicate_peer_names_and_keys_are_reported_at_the_second_peer() {
+    let peer = |name: &str, key: &str| {
+        format!(
+            "[[network.wireguard.peers]]\nname = \"{name}\"\npublic_key = \"{key}\"\nallowed_ips = [\"10.100.0.6/32\"]\n"
+        )
+    };
+    let text = format!(
+        "{WG_BASE}{}{}{}",
+        peer("a", KEY_A),
+        peer("a", KEY_B),
+        peer("c", KEY_A)
+    );
+    let err = error_at(&text, "network.wireguard.peers[1].name", 12);
+    assert!(err.message.contains("peers[0] already uses"), "{err}");
+    let err = error_at(&text, "network.wireguard.peers[2].public_key", 17);
+    assert!(err.message.contains("peers[0] already uses"), "{err}");
+}
+
+#[test]
+fn peer_without_required_keys_is_reported_at_its_header() {
+    let text = format!("{WG_BASE}[[network.wireguard.peers]]\nendpoint = \"h:1\"\n");
+    let all = errors(&text);
+    let keys: Vec<(&str, usize)> = all.iter().map(|e| (e.key.as_str(), e.line)).collect();
+    assert_eq!(
+        keys,
+        [
+            ("network.wireguard.peers[0].name", 7),
+            ("network.wireguard.peers[0].public_key", 7),
+            ("network.wireguard.peers[0].allowed_ips", 7),
+        ]
+    );
+}
+
+#[test]
+fn durations_use_humantime_with_a_one_second_floor() {
+    let config = ok(&format!(
+        "{WG_BASE}reconcile_interval = \"1m30s\"\n[gpu]\npoll_interval = \"2s\"\n"
+    ));
+    assert_eq!(
+        config.network.wireguard.reconcile_interval,
+        Duration::from_secs(90)
+    );
+    assert_eq!(config.gpu.poll_interval, Duration::from_secs(2));
+    for bad in ["500ms", "10", "fast", "1000y"] {
+        let err = error_at(
+            &format!("{WG_BASE}[gpu]\npoll_interval = \"{bad}\"\n"),
+            "gpu.poll_interval",
+            8,
+        );
+        assert!(err.message.contains("a duration such as"), "{err}");
+    }
+}
+
+#[test]
+fn fwmark_zero_means_unset() {
+    assert_eq!(
+        ok(&format!("{WG_BASE}fwmark = 0\n"))
+            .network
+            .wireguard
+            .fwmark,
+        None
+    );
+    assert_eq!(
+        ok(&format!("{WG_BASE}fwmark = 0x51820\n"))
+            .network
+            .wireguard
+            .fwmark,
+        Some(0x51820)
+    );
+}
+
+#[test]
+fn unknown_keys_name_the_key_and_list_the_expected_ones() {
+    let err = error_at(
+        &format!("{WG_BASE}listen-port = 1\n"),
+        "network.wireguard.listen-port",
+        7,
+    );
+    assert!(
+        err.message
+            .starts_with("unknown key `listen-port`, expected one of `interface`"),
+        "{err}"
+    );
+    let err = error_at("[loggin]\nlevel = \"info\"\n", "loggin", 1);
+    assert!(err.message.contains("`node`, `api`, `network`"), "{err}");
+}
+
+#[test]
+fn type_errors_point_at_the_value() {
+    let err = error_at(
+        &format!("{WG_BASE}mtu = \"big\"\n"),
+        "network.wireguard.mtu",
+        7,
+    );
+    assert_eq!(err.col, 7);
+    assert_eq!(
+        err.message,
+        "invalid type: string \"big\", expected an integer"
+    );
+}
+
+#[test]
+fn every_syntax_error_is_reported() {
+    let all = errors("a = \"open\nb = 1\n[x]\nc = \nd = 1\nd = 2\n");
+    let found: Vec<(usize, &str)> = all.iter().map(|e| (e.line, e.key.as_str())).collect();
+    assert_eq!(found, [(1, "a"), (4, "x.c"), (6, "x.d")]);
+    assert!(all[2].message.starts_with("duplicate key"), "{}", all[2]);
+}
+
+#[cfg(not(feature = "test-fakes"))]
+#[test]
+fn fake_provider_and_table_are_rejected_outside_test_builds() {
+    error_at("[network]\nprovider = \"fake\"\n", "network.provider", 2);
+    let err = error_at("[network.fake]\njoin_delay = \"1s\"\n", "network.fake", 1);
+    assert!(err.message.contains("unknown key `fake`"), "{err}");
+}
+
+#[cfg(feature = "test-fakes")]
+#[test]
+fn fake_provider_is_available_in_test_builds() {
+    let config = ok(
+        "[node]\nname = \"n\"\n[network]\nprovider = \"fake\"\n[network.fake]\njoin_delay = \"2s\"\nfail_joins = 3\n",
+    );
+    assert_eq!(config.network.provider, ProviderKind::Fake);
+    let fake = &config.network.fake;
+    assert_eq!(fake.join_delay, Duration::from_secs(2));
+    assert_eq!(fake.fail_joins, 3);
+    assert_eq!(fake.fail_message, "fake mesh join failed");
+    assert_eq!(fake.address, "10.100.0.5/16");
+    assert!(config.summary().contains("network: fake"));
+}
+
+#[test]
+fn secrets_stay_out_of_debug_summary_and_errors() {
+    let text = "[node]\nname = \"n\"\n[network]\nprovider = \"tailscale\"\n[network.tailscale]\nauth_key = \"tskey-auth-SECRET\"\n";
+    let config = ok(text);
+    let Some(TailscaleAuth::Key(secret)) = &config.network.tailscale.auth else {
+        panic!("expected an inline key");
+    };
+    assert_eq!(secret.expose(), "tskey-auth-SECRET");
+    assert!(!format!("{config:?}").contains("SECRET"));
+    assert!(!format!("{config:#?}").contains("SECRET"));
+    assert!(!config.summary().contains("SECRET"));
+    assert!(config.summary().contains("auth key (inline)"));
+
+    let with_problems = [
+        format!("{text}auth_key_env = \"TS\"\n"),
+        text.replace("tskey-auth-SECRET", "tskey auth SECRET"),
+        text.replace("tskey-auth-SECRET", "tskey-auth-SECRET\\n"),
+        format!(
+            "{text}tags = [\"bad\"]\n[network.tailscale.workload_identity]\nclient_id = \"\"\n"
+        ),
+    ];
+    for text in with_problems {
+        let all = errors(&text);
+        for err in &all {
+            assert!(!err.to_string().contains("SECRET"), "{err}");
+        }
+        assert!(all.iter().any(|e| e.key.starts_with("network.tailscale")));
+    }
+}
+
+#[test]
+fn summary_lists_node_provider_services_gpu_and_auth_kind() {
+    let summary = ok(&format!("[node]\nname = \"gpu-01\"\n{USERS_BLOCK}")).summary();
+    for part in [
+        "node: gpu-01",
+        "network: tailscale",
+        "auth key from $TS_AUTHKEY",
+        "tags tag:clawbernetes, tag:gpu-provider",
+        "  gateway 443/tcp",
+        "  molt-provider 8443/tcp",
+        "gpu: enabled (optional), poll every 10s",
+        "log: info",
+    ] {
+        assert!(summary.contains(part), "{part:?} missing from:\n{summary}");
+    }
+}
+
+#[test]
+fn unreadable_file_is_one_error_at_the_start_without_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("missing.toml");
+    let errors = load(&path).unwrap_err().0;
+    assert_eq!(errors.len(), 1);
+    assert_eq!(
+        (errors[0].line, errors[0].col, errors[0].key.as_str()),
+        (1, 1, "")
+    );
+    let text = errors[0].to_string();
+    assert!(
+        text.starts_with(&format!("{}:1:1: cannot read", path.display())),
+        "{text}"
+    );
+}
+
+#[test]
+fn invalid_utf8_is_reported_at_its_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, b"[log]\nlevel = \"in\xfffo\"\n").unwrap();
+    let errors = load(&path).unwrap_err().0;
+    assert_eq!((errors[0].line, errors[0].col), (2, 12));
+    assert!(errors[0].message.contains("UTF-8"));
+}
+
+#[test]
+fn load_reads_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, SHIPPED).unwrap();
+    assert_eq!(load(&path).unwrap(), ok(SHIPPED));
+}
+
+fn mutate(base: &str, edits: &[(usize, u8, char)]) -> String {
+    let mut chars: Vec<char> = base.chars().collect();
+    for &(pos, op, c) in edits {
+        if chars.is_empty() {
+            chars.push(c);
+            continue;
+        }
+        let pos = pos % chars.len();
+        match op % 3 {
+            0 => chars[pos] = c,
+            1 => chars.insert(pos, c),
+            _ => {
+                chars.remove(pos);
+            }
+        }
+    }
+    chars.into_iter().collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+        let _ = parse(Path::new("fuzz.toml"), &text);
+    }
+
+    #[test]
+    fn toml_like_text_never_panics(text in "([\\[\\]a-z_.=\"' \n0-9{},#-]|tag:|/16|\\\\u){0,120}") {
+        let _ = parse(Path::new("fuzz.toml"), &text);
+    }
+
+    #[test]
+    fn mutated_valid_configs_never_panic(
+        base in prop::sample::select(vec![SHIPPED, USERS_BLOCK]),
+        edits in prop::collection::vec(
+            (any::<usize>(), any::<u8>(), prop::sample::select(vec![
+                '"', '\'', '[', ']', '{', '}', '=', ',', '.', '\n', '#', '0', '9', 'a', '-', '/', ':', '\\', 'é', '\u{0}',
+            ])),
+            1..8,
+        ),
+    ) {
+        let text = mutate(base, &edits);
+        if let Err(errors) = parse(Path::new("fuzz.toml"), &text) {
+            for err in &errors.0 {
+                prop_assert!(err.line >= 1 && err.col >= 1);
+                prop_assert!(err.line <= text.lines().count() + 1, "{err}");
+            }
+        }
+    }
+}

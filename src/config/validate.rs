@@ -1,0 +1,980 @@
+//! Turns the raw file into a [`Config`], collecting every problem instead of stopping at the
+//! first. Each check that fails records an error and yields a placeholder, so later checks
+//! still run; the placeholders never escape because any error fails the whole load.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Display;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::{Range, RangeInclusive};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::error::ConfigError;
+use super::locate::{KeyPath, Locator};
+use super::raw::{
+    RawApi, RawConfig, RawGpu, RawNetwork, RawNode, RawPeer, RawService, RawTailscale,
+    RawWireguard, RawWorkloadIdentity,
+};
+use super::schema::{
+    ApiConfig, Config, GpuConfig, IdTokenSource, LogConfig, NetworkConfig, NodeConfig, PeerConfig,
+    ServiceMode, ServiceSpec, TailscaleAuth, TailscaleConfig, WireguardConfig,
+};
+use super::types::{
+    DnsLabel, InterfaceName, LogLevel, NodeName, ProviderKind, PublicKey, Secret, ServiceName, Tag,
+    ValueError, WgBackend,
+};
+
+/// Collects errors with their positions in one file.
+pub(super) struct Checker<'a> {
+    file: &'a Path,
+    locator: &'a Locator<'a>,
+    errors: Vec<ConfigError>,
+}
+
+impl<'a> Checker<'a> {
+    pub(super) fn new(file: &'a Path, locator: &'a Locator<'a>) -> Self {
+        Self {
+            file,
+            locator,
+            errors: Vec::new(),
+        }
+    }
+
+    /// Validates everything; `Err` holds every problem found, in file order.
+    pub(super) fn run(mut self, mut raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
+        let root = KeyPath::root();
+        // Both service tables are checked together so conflicts between them can be found.
+        let ts_services = std::mem::take(&mut raw.network.tailscale.services);
+        let node = self.node(&root.key("node"), raw.node);
+        let api = self.api(&root.key("api"), raw.api, &node);
+        let network = self.network(&root.key("network"), raw.network, &node);
+        let gpu = self.gpu(&root.key("gpu"), raw.gpu);
+        let services = self.services(raw.services, ts_services);
+        let level = self.keyword::<LogLevel>(&root.key("log").key("level"), raw.log.level);
+        let config = Config {
+            node,
+            api,
+            network,
+            gpu,
+            services,
+            log: LogConfig {
+                level: level.unwrap_or_default(),
+            },
+        };
+        if self.errors.is_empty() {
+            return Ok(config);
+        }
+        let mut errors = self.errors;
+        errors.sort_by_key(|e| (e.line, e.col));
+        Err(errors)
+    }
+
+    fn node(&mut self, path: &KeyPath, raw: RawNode) -> NodeConfig {
+        let name_path = path.key("name");
+        let name = match raw.name {
+            Some(name) => self.value::<NodeName>(&name_path, name),
+            None => self.hostname_default(&name_path),
+        };
+        let state_dir = self.abs_path(&path.key("state_dir"), raw.state_dir);
+        let runtime_dir = self.abs_path(&path.key("runtime_dir"), raw.runtime_dir);
+        NodeConfig {
+            name: name.unwrap_or_else(placeholder_name),
+            state_dir: state_dir.unwrap_or_else(|| PathBuf::from("/var/lib/clawbernetes")),
+            runtime_dir: runtime_dir.unwrap_or_else(|| PathBuf::from("/run/clawbernetes")),
+        }
+    }
+
+    fn hostname_default(&mut self, path: &KeyPath) -> Option<NodeName> {
+        let hostname = match nix::unistd::gethostname() {
+            Ok(hostname) => hostname.to_string_lossy().into_owned(),
+            Err(errno) => {
+                self.error(
+                    path,
+                    format!("cannot read the machine hostname ({errno}) to default node.name; expected node.name to be set"),
+                );
+                return None;
+            }
+        };
+        let label = hostname.split('.').next().unwrap_or("").to_lowercase();
+        match NodeName::try_from(label) {
+            Ok(name) => Some(name),
+            Err(_) => {
+                self.error(
+                    path,
+                    format!(
+                        "the machine hostname {hostname:?} is not a DNS label and node.name is not set; expected node.name = a DNS label (1-63 characters of a-z, 0-9 and '-')"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn api(&mut self, path: &KeyPath, raw: RawApi, node: &NodeConfig) -> ApiConfig {
+        let socket = self
+            .abs_path(&path.key("socket"), raw.socket)
+            .unwrap_or_else(|| node.runtime_dir.join("clawnode.sock"));
+        let socket_group = raw.socket_group.and_then(|group| {
+            let valid = !group.is_empty()
+                && group.len() <= 32
+                && !group.starts_with('-')
+                && group
+                    .trim_end_matches('$')
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            self.check(
+                &path.key("socket_group"),
+                valid.then_some(group.clone()),
+                || {
+                    ValueError::new(
+                        "a group name (1-32 letters, digits, '.', '_' or '-')",
+                        &group,
+                    )
+                },
+            )
+        });
+        let metrics_listen = raw.metrics_listen.and_then(|text| {
+            let addr = text
+                .parse::<SocketAddr>()
+                .ok()
+                .filter(|addr| addr.port() != 0);
+            self.check(&path.key("metrics_listen"), addr, || {
+                ValueError::new(
+                    "an address and port such as \"127.0.0.1:9100\" or \"[::1]:9100\" (port 1-65535)",
+                    &text,
+                )
+            })
+        });
+        ApiConfig {
+            socket,
+            socket_group,
+            metrics_listen,
+        }
+    }
+
+    fn network(&mut self, path: &KeyPath, raw: RawNetwork, node: &NodeConfig) -> NetworkConfig {
+        let provider_path = path.key("provider");
+        // `None` when the value is invalid, so provider-specific requirements are skipped.
+        let provider = match raw.provider {
+            Some(text) => self.keyword::<ProviderKind>(&provider_path, Some(text)),
+            None => Some(ProviderKind::default()),
+        };
+        let wireguard = self.wireguard(&path.key("wireguard"), raw.wireguard, node, provider);
+        let tailscale = self.tailscale(&path.key("tailscale"), raw.tailscale);
+        NetworkConfig {
+            provider: provider.unwrap_or_default(),
+            wireguard,
+            tailscale,
+            #[cfg(feature = "test-fakes")]
+            fake: self.fake(&path.key("fake"), raw.fake),
+        }
+    }
+
+    fn wireguard(
+        &mut self,
+        path: &KeyPath,
+        raw: RawWireguard,
+        node: &NodeConfig,
+        provider: Option<ProviderKind>,
+    ) -> WireguardConfig {
+        let interface =
+            self.value_or::<InterfaceName>(&path.key("interface"), raw.interface, "claw0");
+        let backend = self.keyword::<WgBackend>(&path.key("backend"), raw.backend);
+        let userspace_implementation = self
+            .program_path(
+                &path.key("userspace_implementation"),
+                raw.userspace_implementation,
+            )
+            .unwrap_or_else(|| PathBuf::from("wireguard-go"));
+        let listen_port = self.port(&path.key("listen_port"), raw.listen_port, 51820);
+        let fwmark = self.int_in::<u32>(
+            &path.key("fwmark"),
+            raw.fwmark,
+            0,
+            0..=i64::from(u32::MAX),
+            "a firewall mark 0-4294967295 (0 = none)",
+        );
+        let mesh_cidr = self.mesh_cidr(&path.key("mesh_cidr"), raw.mesh_cidr);
+        let address_path = path.key("address");
+        let address = match raw.address {
+            Some(text) => self.address(&address_path, &text, mesh_cidr),
+            None => {
+                if provider == Some(ProviderKind::Wireguard) {
+                    // Point at [network.wireguard], else at the provider line that demands it.
+                    let at = self.first_span(&[path, &path.parent().key("provider")]);
+                    let cidr = mesh_cidr.unwrap_or_else(default_mesh_cidr);
+                    self.error_at(
+                        &address_path,
+                        at,
+                        format!(
+                            "missing: expected this node's address inside mesh_cidr {cidr} (e.g. address = \"{}\"), required when network.provider = \"wireguard\"",
+                            example_address(cidr)
+                        ),
+                    );
+                }
+                None
+            }
+        };
+        let mtu = self.int_in::<u16>(
+            &path.key("mtu"),
+            raw.mtu,
+            1420,
+            1280..=9000,
+            "an MTU 1280-9000",
+        );
+        let private_key_file = self
+            .abs_path(&path.key("private_key_file"), raw.private_key_file)
+            .unwrap_or_else(|| node.state_dir.join("wireguard.key"));
+        let peers_dir = self
+            .abs_path(&path.key("peers_dir"), raw.peers_dir)
+            .unwrap_or_else(|| PathBuf::from("/etc/clawbernetes/peers.d"));
+        let node_info_port = self.port(&path.key("node_info_port"), raw.node_info_port, 51821);
+        let reconcile_interval = self.duration(
+            &path.key("reconcile_interval"),
+            raw.reconcile_interval,
+            Duration::from_secs(30),
+            Duration::from_secs(1)..=MAX_INTERVAL,
+        );
+        let peers = self.peers(&path.key("peers"), raw.peers);
+        WireguardConfig {
+            interface,
+            backend: backend.unwrap_or_default(),
+            userspace_implementation,
+            listen_port,
+            fwmark: (fwmark != 0).then_some(fwmark),
+            mesh_cidr: mesh_cidr.unwrap_or_else(default_mesh_cidr),
+            address,
+            mtu,
+            private_key_file,
+            peers_dir,
+            node_info_port,
+            reconcile_interval,
+            peers,
+        }
+    }
+
+    fn mesh_cidr(&mut self, path: &KeyPath, raw: Option<String>) -> Option<IpNet> {
+        let Some(text) = raw else {
+            return Some(default_mesh_cidr());
+        };
+        let Ok(net) = text.parse::<IpNet>() else {
+            self.error(
+                path,
+                ValueError::new(
+                    "a network in CIDR notation such as \"10.100.0.0/16\"",
+                    &text,
+                ),
+            );
+            return None;
+        };
+        if net.trunc() != net {
+            self.error(
+                path,
+                ValueError::new(
+                    format_args!(
+                        "a network address with no host bits set (did you mean \"{}\"?)",
+                        net.trunc()
+                    ),
+                    &text,
+                ),
+            );
+            return None;
+        }
+        Some(net)
+    }
+
+    fn address(&mut self, path: &KeyPath, text: &str, mesh: Option<IpNet>) -> Option<IpNet> {
+        let parsed = text.parse::<IpNet>().ok().or_else(|| {
+            let addr = text.parse::<IpAddr>().ok()?;
+            // A bare address takes the mesh's prefix, like wg-quick users expect.
+            let prefix = mesh
+                .filter(|m| m.addr().is_ipv4() == addr.is_ipv4())
+                .map_or(if addr.is_ipv4() { 32 } else { 128 }, |m| m.prefix_len());
+            IpNet::new(addr, prefix).ok()
+        });
+        let Some(address) = parsed else {
+            self.error(
+                path,
+                ValueError::new(
+                    "an address such as \"10.100.0.5/16\" or \"10.100.0.5\"",
+                    text,
+                ),
+            );
+            return None;
+        };
+        // An invalid mesh_cidr was reported already; there is nothing to compare against.
+        let Some(mesh) = mesh else {
+            return Some(address);
+        };
+        let message = if !mesh.contains(&address.addr()) {
+            format!("expected an address inside mesh_cidr {mesh}, got {address}")
+        } else if address.prefix_len() < mesh.prefix_len() {
+            format!(
+                "expected a prefix of /{} or longer so the address stays inside mesh_cidr {mesh}, got {address}",
+                mesh.prefix_len()
+            )
+        } else if address.addr() == mesh.network() || is_own_network_address(address) {
+            format!(
+                "expected a host address inside mesh_cidr {mesh}, got the network address {address}"
+            )
+        } else {
+            return Some(address);
+        };
+        self.error(path, message);
+        None
+    }
+
+    fn peers(&mut self, path: &KeyPath, raw: Vec<RawPeer>) -> Vec<PeerConfig> {
+        let mut peers = Vec::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut keys: HashMap<[u8; 32], usize> = HashMap::new();
+        for (index, raw) in raw.into_iter().enumerate() {
+            let peer_path = path.index(index);
+            let name = self.peer_name(&peer_path, raw.name);
+            if let Some(name) = &name
+                && let Some(first) = names.insert(name.clone(), index)
+            {
+                self.error(
+                    &peer_path.key("name"),
+                    format!("expected a unique peer name, got {name:?} which peers[{first}] already uses"),
+                );
+            }
+            let key_path = peer_path.key("public_key");
+            let public_key = match raw.public_key {
+                Some(text) => self.value::<PublicKey>(&key_path, text),
+                None => {
+                    self.error(
+                        &key_path,
+                        "missing: expected the peer's WireGuard public key (base64, as printed by `wg pubkey`)",
+                    );
+                    None
+                }
+            };
+            if let Some(key) = &public_key
+                && let Some(first) = keys.insert(*key.as_bytes(), index)
+            {
+                self.error(
+                    &key_path,
+                    format!(
+                        "expected a unique public key, got {key} which peers[{first}] already uses"
+                    ),
+                );
+            }
+            let endpoint = raw
+                .endpoint
+                .and_then(|text| self.value(&peer_path.key("endpoint"), text));
+            let allowed_ips = self.allowed_ips(&peer_path.key("allowed_ips"), raw.allowed_ips);
+            let keepalive = self.int_in::<u16>(
+                &peer_path.key("persistent_keepalive"),
+                raw.persistent_keepalive,
+                0,
+                0..=65535,
+                "seconds 1-65535, or 0 for off",
+            );
+            let preshared_key_file =
+                self.abs_path(&peer_path.key("preshared_key_file"), raw.preshared_key_file);
+            let (Some(name), Some(public_key)) = (name, public_key) else {
+                continue;
+            };
+            peers.push(PeerConfig {
+                name,
+                public_key,
+                endpoint,
+                allowed_ips,
+                persistent_keepalive: (keepalive != 0).then_some(keepalive),
+                preshared_key_file,
+            });
+        }
+        peers
+    }
+
+    fn peer_name(&mut self, peer_path: &KeyPath, raw: Option<String>) -> Option<String> {
+        let path = peer_path.key("name");
+        let Some(name) = raw else {
+            self.error(
+                &path,
+                "missing: expected a name for this peer, e.g. name = \"gpu-02\"",
+            );
+            return None;
+        };
+        let valid = (1..=63).contains(&name.len())
+            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        self.check(&path, valid.then_some(name.clone()), || {
+            ValueError::new(
+                "a peer name of 1-63 letters, digits, '.', '_' or '-' starting with a letter or digit",
+                &name,
+            )
+        })
+    }
+
+    fn allowed_ips(&mut self, path: &KeyPath, raw: Option<Vec<String>>) -> Vec<IpNet> {
+        let raw = raw.unwrap_or_default();
+        if raw.is_empty() {
+            self.error(
+                path,
+                "expected at least one network this peer routes, e.g. allowed_ips = [\"10.100.0.7/32\"]",
+            );
+            return Vec::new();
+        }
+        let mut nets = Vec::new();
+        for (index, text) in raw.iter().enumerate() {
+            let parsed = text
+                .parse::<IpNet>()
+                .ok()
+                .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from));
+            let Some(net) = parsed else {
+                self.error(
+                    &path.index(index),
+                    ValueError::new("a network such as \"10.100.0.7/32\"", text),
+                );
+                continue;
+            };
+            if net.trunc() != net {
+                self.error(
+                    &path.index(index),
+                    ValueError::new(
+                        format_args!(
+                            "a network with no host bits set (did you mean \"{}\"?)",
+                            net.trunc()
+                        ),
+                        text,
+                    ),
+                );
+                continue;
+            }
+            nets.push(net);
+        }
+        nets
+    }
+
+    fn tailscale(&mut self, path: &KeyPath, raw: RawTailscale) -> TailscaleConfig {
+        let socket = self
+            .abs_path(&path.key("socket"), raw.socket)
+            .unwrap_or_else(|| PathBuf::from("/var/run/tailscale/tailscaled.sock"));
+
+        let mut methods: Vec<(KeyPath, Option<TailscaleAuth>)> = Vec::new();
+        if let Some(secret) = raw.auth_key {
+            let key_path = path.key("auth_key");
+            let auth = self.value::<Secret>(&key_path, secret.take());
+            methods.push((key_path, auth.map(TailscaleAuth::Key)));
+        }
+        if let Some(file) = raw.auth_key_file {
+            let key_path = path.key("auth_key_file");
+            let auth = self.abs_path(&key_path, Some(file));
+            methods.push((key_path, auth.map(TailscaleAuth::KeyFile)));
+        }
+        if let Some(var) = raw.auth_key_env {
+            let key_path = path.key("auth_key_env");
+            let auth = self.env_var_name(&key_path, var);
+            methods.push((key_path, auth.map(TailscaleAuth::KeyEnv)));
+        }
+        let tags_path = path.key("tags");
+        let tags_given = raw.tags.as_ref().is_some_and(|tags| !tags.is_empty());
+        if let Some(identity) = raw.workload_identity {
+            let key_path = path.key("workload_identity");
+            if !tags_given {
+                let at = self.first_span(&[&tags_path, &key_path]);
+                self.error_at(
+                    &tags_path,
+                    at,
+                    "expected at least one tag when workload_identity is used (the node must own its tags), e.g. tags = [\"tag:clawbernetes\"]",
+                );
+            }
+            let auth = self.workload_identity(&key_path, identity);
+            methods.push((key_path, auth));
+        }
+        if methods.len() > 1 {
+            self.too_many_auth_methods(&methods);
+        }
+        let auth = match methods.len() {
+            1 => methods.pop().and_then(|(_, auth)| auth),
+            _ => None,
+        };
+
+        let hostname_prefix = self.value_or::<DnsLabel>(
+            &path.key("hostname_prefix"),
+            raw.hostname_prefix,
+            "clawnode",
+        );
+        let tailnet = raw.tailnet.and_then(|tailnet| {
+            let valid = !tailnet.is_empty()
+                && !tailnet.chars().any(|c| c.is_whitespace() || c.is_control());
+            self.check(
+                &path.key("tailnet"),
+                valid.then_some(tailnet.clone()),
+                || {
+                    ValueError::new(
+                        "a tailnet name such as \"your-org.tailscale.net\"",
+                        &tailnet,
+                    )
+                },
+            )
+        });
+        let tags = raw
+            .tags
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .filter_map(|(index, tag)| self.value::<Tag>(&tags_path.index(index), tag))
+            .collect();
+        let control_url = raw.control_url.and_then(|url| {
+            let rest = url
+                .strip_prefix("https://")
+                .or_else(|| url.strip_prefix("http://"));
+            let valid = rest.is_some_and(|rest| {
+                !rest.is_empty() && !rest.chars().any(|c| c.is_whitespace() || c.is_control())
+            });
+            self.check(&path.key("control_url"), valid.then_some(url.clone()), || {
+                ValueError::new(
+                    "a URL starting with https:// or http:// (e.g. \"https://controlplane.tailscale.com\")",
+                    &url,
+                )
+            })
+        });
+        TailscaleConfig {
+            socket,
+            auth,
+            hostname_prefix,
+            tailnet,
+            tags,
+            control_url,
+        }
+    }
+
+    fn too_many_auth_methods(&mut self, methods: &[(KeyPath, Option<TailscaleAuth>)]) {
+        let mut placed: Vec<(Range<usize>, &KeyPath)> = methods
+            .iter()
+            .map(|(path, _)| (self.locator.nearest(path), path))
+            .collect();
+        placed.sort_by_key(|(span, _)| span.start);
+        let listed: Vec<String> = placed
+            .iter()
+            .map(|(span, path)| {
+                let (line, col) = self.locator.line_col(span.start);
+                format!("{path} (line {line}, column {col})")
+            })
+            .collect();
+        let (span, second) = placed[1].clone();
+        self.error_at(
+            second,
+            span,
+            format!(
+                "expected at most one Tailscale auth method (auth_key, auth_key_file, auth_key_env or workload_identity), found {}: {}",
+                placed.len(),
+                listed.join(", ")
+            ),
+        );
+    }
+
+    fn workload_identity(
+        &mut self,
+        path: &KeyPath,
+        raw: RawWorkloadIdentity,
+    ) -> Option<TailscaleAuth> {
+        let client_id = match raw.client_id {
+            Some(id) if !id.trim().is_empty() => Some(id),
+            Some(id) => {
+                self.error(
+                    &path.key("client_id"),
+                    ValueError::new("a non-empty OAuth client ID", &id),
+                );
+                None
+            }
+            None => {
+                self.error(
+                    &path.key("client_id"),
+                    "missing: expected the OAuth client ID, e.g. client_id = \"k123abc\"",
+                );
+                None
+            }
+        };
+        let file_path = path.key("id_token_file");
+        let audience_path = path.key("audience");
+        let id_token = match (raw.id_token_file, raw.audience) {
+            (Some(_), Some(_)) => {
+                let at = self.first_span(&[&audience_path]);
+                self.error_at(
+                    &audience_path,
+                    at,
+                    "expected exactly one of id_token_file or audience, found both",
+                );
+                None
+            }
+            (None, None) => {
+                self.error(
+                    path,
+                    "expected exactly one of id_token_file (a file holding the OIDC token) or audience (to request one), found neither",
+                );
+                None
+            }
+            (Some(file), None) => self
+                .abs_path(&file_path, Some(file))
+                .map(IdTokenSource::File),
+            (None, Some(audience)) => {
+                let valid = !audience.trim().is_empty();
+                self.check(&audience_path, valid.then_some(audience.clone()), || {
+                    ValueError::new("a non-empty token audience", &audience)
+                })
+                .map(IdTokenSource::Audience)
+            }
+        };
+        Some(TailscaleAuth::WorkloadIdentity {
+            client_id: client_id?,
+            id_token: id_token?,
+        })
+    }
+
+    fn env_var_name(&mut self, path: &KeyPath, name: String) -> Option<String> {
+        let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        self.check(path, valid.then_some(name.clone()), || {
+            ValueError::new(
+                "an environment variable name ([A-Za-z_][A-Za-z0-9_]*, e.g. \"TS_AUTHKEY\")",
+                &name,
+            )
+        })
+    }
+
+    fn gpu(&mut self, path: &KeyPath, raw: RawGpu) -> GpuConfig {
+        let enabled = raw.enabled.unwrap_or(true);
+        let required = raw.required.unwrap_or(false);
+        if required && !enabled {
+            self.error(
+                &path.key("required"),
+                "expected required = false when enabled = false (a disabled GPU probe cannot be required)",
+            );
+        }
+        let nvml_library = self.program_path(&path.key("nvml_library"), raw.nvml_library);
+        let poll_interval = self.duration(
+            &path.key("poll_interval"),
+            raw.poll_interval,
+            Duration::from_secs(10),
+            Duration::from_secs(1)..=MAX_INTERVAL,
+        );
+        GpuConfig {
+            enabled,
+            required,
+            nvml_library,
+            poll_interval,
+        }
+    }
+
+    /// Merges `[services.*]` and `[network.tailscale.services.*]`; the same name may appear in
+    /// both only with identical settings.
+    fn services(
+        &mut self,
+        plain: BTreeMap<String, RawService>,
+        tailscale: BTreeMap<String, RawService>,
+    ) -> BTreeMap<ServiceName, ServiceSpec> {
+        let plain_path = KeyPath::root().key("services");
+        let ts_path = KeyPath::root()
+            .key("network")
+            .key("tailscale")
+            .key("services");
+        let mut merged: BTreeMap<ServiceName, (ServiceSpec, KeyPath)> = BTreeMap::new();
+        let all = plain
+            .into_iter()
+            .map(|(name, raw)| (plain_path.key(&name), name, raw))
+            .chain(
+                tailscale
+                    .into_iter()
+                    .map(|(name, raw)| (ts_path.key(&name), name, raw)),
+            );
+        for (path, name, raw) in all {
+            let name = self.check(&path, ServiceName::try_from(name.clone()).ok(), || {
+                ValueError::new(
+                    format_args!(
+                        "a service name that is {}",
+                        super::types::DNS_LABEL_EXPECTED
+                    ),
+                    &name,
+                )
+            });
+            let spec = self.service(&path, raw);
+            let (Some(name), Some(spec)) = (name, spec) else {
+                continue;
+            };
+            let Some((existing, existing_path)) = merged.get(&name) else {
+                merged.insert(name, (spec, path));
+                continue;
+            };
+            if *existing == spec {
+                continue;
+            }
+            // Report at whichever declaration comes second in the file.
+            let (first, second) =
+                if self.locator.nearest(existing_path).start <= self.locator.nearest(&path).start {
+                    (existing_path.clone(), path)
+                } else {
+                    (path, existing_path.clone())
+                };
+            let (line, _) = self.locator.line_col(self.locator.nearest(&first).start);
+            self.error(
+                &second,
+                format!(
+                    "expected the same port/mode/tls as {first} (line {line}) or a different service name: {name} is declared twice with different settings"
+                ),
+            );
+        }
+        merged
+            .into_iter()
+            .map(|(name, (spec, _))| (name, spec))
+            .collect()
+    }
+
+    fn service(&mut self, path: &KeyPath, raw: RawService) -> Option<ServiceSpec> {
+        let port = match raw.port {
+            Some(_) => Some(self.port(&path.key("port"), raw.port, 0)).filter(|&p| p != 0),
+            None => {
+                self.error(
+                    &path.key("port"),
+                    "missing: expected the service's port 1-65535, e.g. port = 443",
+                );
+                None
+            }
+        };
+        let mode_path = path.key("mode");
+        let mode = match raw.mode.as_deref() {
+            Some("tcp") => {
+                if raw.tls.is_some() {
+                    self.error(
+                        &path.key("tls"),
+                        "expected no tls key with mode = \"tcp\" (tls applies only to mode = \"http\")",
+                    );
+                }
+                Some(ServiceMode::Tcp)
+            }
+            Some("http") => Some(ServiceMode::Http {
+                tls: raw.tls.unwrap_or(true),
+            }),
+            Some(other) => {
+                self.error(
+                    &mode_path,
+                    ValueError::new("a mode \"tcp\" or \"http\"", other),
+                );
+                None
+            }
+            None => {
+                self.error(
+                    &mode_path,
+                    "missing: expected mode = \"tcp\" or mode = \"http\"",
+                );
+                None
+            }
+        };
+        Some(ServiceSpec {
+            port: port?,
+            mode: mode?,
+        })
+    }
+
+    #[cfg(feature = "test-fakes")]
+    fn fake(&mut self, path: &KeyPath, raw: super::raw::RawFake) -> super::schema::FakeMeshConfig {
+        let join_delay = self.duration(
+            &path.key("join_delay"),
+            raw.join_delay,
+            Duration::ZERO,
+            Duration::ZERO..=Duration::from_secs(3600),
+        );
+        let fail_joins = self.int_in::<u32>(
+            &path.key("fail_joins"),
+            raw.fail_joins,
+            0,
+            0..=i64::from(u32::MAX),
+            "a count 0-4294967295",
+        );
+        let address = raw.address.unwrap_or_else(|| "10.100.0.5/16".to_owned());
+        if address.parse::<IpNet>().is_err() {
+            self.error(
+                &path.key("address"),
+                ValueError::new("an address such as \"10.100.0.5/16\"", &address),
+            );
+        }
+        super::schema::FakeMeshConfig {
+            join_delay,
+            fail_joins,
+            always_fail: raw.always_fail.unwrap_or(false),
+            fail_message: raw
+                .fail_message
+                .unwrap_or_else(|| "fake mesh join failed".to_owned()),
+            publish_fail: raw.publish_fail.unwrap_or(false),
+            address,
+        }
+    }
+
+    // ---- generic checks ----
+
+    /// Records an error positioned at `path` (or its nearest ancestor in the file).
+    fn error(&mut self, path: &KeyPath, message: impl Display) {
+        let at = self.locator.nearest(path);
+        self.error_at(path, at, message);
+    }
+
+    fn error_at(&mut self, path: &KeyPath, at: Range<usize>, message: impl Display) {
+        let (line, col) = self.locator.line_col(at.start);
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            line,
+            col,
+            key: path.to_string(),
+            message: message.to_string(),
+        });
+    }
+
+    /// The span of the first of `paths` present in the file, else the nearest ancestor of the
+    /// first.
+    fn first_span(&self, paths: &[&KeyPath]) -> Range<usize> {
+        paths
+            .iter()
+            .find_map(|path| self.locator.find(path))
+            .or_else(|| paths.first().map(|path| self.locator.nearest(path)))
+            .unwrap_or(0..0)
+    }
+
+    /// Passes `value` through, or records the error `why` builds.
+    fn check<T>(
+        &mut self,
+        path: &KeyPath,
+        value: Option<T>,
+        why: impl FnOnce() -> ValueError,
+    ) -> Option<T> {
+        if value.is_none() {
+            self.error(path, why());
+        }
+        value
+    }
+
+    fn value<T: TryFrom<String, Error = ValueError>>(
+        &mut self,
+        path: &KeyPath,
+        text: String,
+    ) -> Option<T> {
+        T::try_from(text).map_err(|err| self.error(path, err)).ok()
+    }
+
+    fn value_or<T: TryFrom<String, Error = ValueError>>(
+        &mut self,
+        path: &KeyPath,
+        text: Option<String>,
+        default: &str,
+    ) -> T {
+        let default = || T::try_from(default.to_owned()).expect("built-in defaults are valid");
+        match text {
+            Some(text) => self.value(path, text).unwrap_or_else(default),
+            None => default(),
+        }
+    }
+
+    /// A keyword enum; `None` (with an error) when the text is not one of its names.
+    fn keyword<T: std::str::FromStr<Err = ValueError> + Default>(
+        &mut self,
+        path: &KeyPath,
+        text: Option<String>,
+    ) -> Option<T> {
+        let Some(text) = text else {
+            return Some(T::default());
+        };
+        text.parse().map_err(|err| self.error(path, err)).ok()
+    }
+
+    fn port(&mut self, path: &KeyPath, raw: Option<i64>, default: u16) -> u16 {
+        self.int_in(path, raw, default, 1..=65535, "a port number 1-65535")
+    }
+
+    fn int_in<T: TryFrom<i64> + Copy>(
+        &mut self,
+        path: &KeyPath,
+        raw: Option<i64>,
+        default: T,
+        range: RangeInclusive<i64>,
+        expected: &str,
+    ) -> T {
+        let Some(value) = raw else {
+            return default;
+        };
+        match T::try_from(value) {
+            Ok(converted) if range.contains(&value) => converted,
+            _ => {
+                self.error(path, format!("expected {expected}, got {value}"));
+                default
+            }
+        }
+    }
+
+    fn duration(
+        &mut self,
+        path: &KeyPath,
+        raw: Option<String>,
+        default: Duration,
+        range: RangeInclusive<Duration>,
+    ) -> Duration {
+        let Some(text) = raw else {
+            return default;
+        };
+        let expected = format!(
+            "a duration such as \"10s\" or \"1m30s\" between {} and {}",
+            humantime::format_duration(*range.start()),
+            humantime::format_duration(*range.end())
+        );
+        match humantime::parse_duration(&text) {
+            Ok(duration) if range.contains(&duration) => duration,
+            _ => {
+                self.error(path, ValueError::new(expected, &text));
+                default
+            }
+        }
+    }
+
+    /// An absolute path; `None` when absent or invalid.
+    fn abs_path(&mut self, path: &KeyPath, raw: Option<String>) -> Option<PathBuf> {
+        let text = raw?;
+        let valid = text.starts_with('/') && !text.contains('\0');
+        self.check(path, valid.then(|| PathBuf::from(&text)), || {
+            ValueError::new("an absolute path (starting with '/')", &text)
+        })
+    }
+
+    /// A program or library: an absolute path or a bare name looked up by the OS.
+    fn program_path(&mut self, path: &KeyPath, raw: Option<String>) -> Option<PathBuf> {
+        let text = raw?;
+        let valid = !text.is_empty()
+            && !text.contains('\0')
+            && (text.starts_with('/') || !text.contains('/'));
+        self.check(path, valid.then(|| PathBuf::from(&text)), || {
+            ValueError::new("an absolute path or a bare file name", &text)
+        })
+    }
+}
+
+/// Longest accepted poll/reconcile interval; keeps timer arithmetic far from overflow.
+const MAX_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+
+fn default_mesh_cidr() -> IpNet {
+    IpNet::V4(ipnet::Ipv4Net::new_assert(
+        std::net::Ipv4Addr::new(10, 100, 0, 0),
+        16,
+    ))
+}
+
+/// Stands in for a name that failed validation; never returned to callers.
+fn placeholder_name() -> NodeName {
+    NodeName::try_from("invalid".to_owned()).expect("a valid DNS label")
+}
+
+/// An example host address inside `cidr` for messages: the fifth host.
+fn example_address(cidr: IpNet) -> String {
+    let host = cidr.hosts().nth(4).unwrap_or_else(|| cidr.addr());
+    format!("{host}/{}", cidr.prefix_len())
+}
+
+/// Whether `address` is its own subnet's network address, on prefixes where that address is
+/// reserved (not /31, /32, /127, /128).
+fn is_own_network_address(address: IpNet) -> bool {
+    let host_bits = address.max_prefix_len() - address.prefix_len();
+    host_bits > 1 && address.addr() == address.network()
+}
