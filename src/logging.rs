@@ -3,6 +3,8 @@
 //! The level comes from `[log] level` and can be changed by a reload; `RUST_LOG`, when set,
 //! wins over both.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
@@ -38,15 +40,19 @@ pub fn init(level: &str) -> LogHandle {
     let (filter, handle) = reload::Layer::new(filter);
 
     let journald = if under_systemd() {
-        tracing_journald::layer()
-            .ok()
-            .map(|layer| layer.with_syslog_identifier("clawnode".into()))
+        tracing_journald::layer().ok().map(|layer| {
+            // Plain field names, so `journalctl COMPONENT=mesh` works.
+            layer
+                .with_syslog_identifier("clawnode".into())
+                .with_field_prefix(None)
+        })
     } else {
         None
     };
     let stderr = journald.is_none().then(|| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
             .with_target(false)
     });
     // A second init (tests calling twice) is harmless; keep the first subscriber.

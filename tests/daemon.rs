@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -320,4 +321,24 @@ fn secrets_in_the_config_reach_neither_logs_nor_status() {
         "trace logging is on: {log}"
     );
     assert!(!log.contains("SECRETSECRET"));
+}
+
+#[test]
+fn socket_group_opens_the_api_to_that_group_only() {
+    let group = nix::unistd::Group::from_gid(nix::unistd::getgid())
+        .unwrap()
+        .expect("our own group exists");
+    let node = Node::start(
+        |d| {
+            fake_config(d, "", "").replace(
+                "[api]\n",
+                &format!("[api]\nsocket_group = \"{}\"\n", group.name),
+            )
+        },
+        &[],
+    );
+    node.recv_until("READY=1", WAIT);
+    let meta = std::fs::metadata(node.path("run/clawnode.sock")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), group.gid.as_raw());
 }

@@ -53,10 +53,17 @@ pub enum Command {
 /// Why a subcommand failed; each maps to an exit status.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    // Not `#[from]`: that would make the errors a `source` too, and `{:#}` would print them twice.
     #[error("invalid configuration:\n{0}")]
-    Config(#[from] ConfigErrors),
+    Config(ConfigErrors),
     #[error(transparent)]
     Runtime(#[from] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl From<ConfigErrors> for CliError {
+    fn from(errors: ConfigErrors) -> Self {
+        CliError::Config(errors)
+    }
 }
 
 impl CliError {
