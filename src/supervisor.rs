@@ -501,3 +501,148 @@ async fn sleep_until(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::NotifyMsg;
+    use crate::gpu::GpuInfo;
+    use crate::mesh::{BoxFuture, MeshError};
+    use crate::systemd::RecordingNotifier;
+
+    /// Fails its first `fail_first` joins, then joins; counts publishes.
+    struct FlakyMesh {
+        fail_first: u32,
+        joins: u32,
+    }
+
+    impl MeshProvider for FlakyMesh {
+        fn kind(&self) -> &'static str {
+            "flaky"
+        }
+
+        fn join<'a>(
+            &'a mut self,
+            _config: &'a Config,
+        ) -> BoxFuture<'a, Result<MeshStatus, MeshError>> {
+            Box::pin(async move {
+                self.joins += 1;
+                if self.joins <= self.fail_first {
+                    return Err(MeshError::Failed(format!("no route (join {})", self.joins)));
+                }
+                Ok(MeshStatus {
+                    provider: "flaky".into(),
+                    interface: Some("claw0".into()),
+                    address: Some("10.100.0.9/16".into()),
+                    peers: 2,
+                })
+            })
+        }
+
+        fn publish<'a>(
+            &'a mut self,
+            _services: &'a [ServiceAd],
+        ) -> BoxFuture<'a, Result<(), MeshError>> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn withdraw(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    struct TwoGpus;
+
+    impl GpuProbe for TwoGpus {
+        fn probe(&mut self) -> GpuInventory {
+            let gpu = |index| GpuInfo {
+                index,
+                uuid: Some(format!("GPU-{index}")),
+                name: Some("NVIDIA H100 80GB HBM3".into()),
+                memory_total_bytes: Some(85_520_809_984),
+            };
+            GpuInventory {
+                gpus: vec![gpu(0), gpu(1)],
+                driver_version: Some("580.95.05".into()),
+                unavailable: None,
+            }
+        }
+    }
+
+    fn config() -> Config {
+        let text = r#"
+            [node]
+            name = "gpu-01"
+            [network.wireguard]
+            address = "10.100.0.9/16"
+            [services.molt-provider]
+            port = 8443
+            mode = "tcp"
+        "#;
+        config::parse(std::path::Path::new("test.toml"), text).expect("valid")
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_flaky_mesh_is_retried_until_the_node_is_ready_with_its_gpus_counted() {
+        let notifier = RecordingNotifier::default();
+        let sent = Arc::clone(&notifier.sent);
+        let daemon = Daemon::new(
+            "test.toml".into(),
+            config(),
+            Components {
+                mesh: Box::new(FlakyMesh {
+                    fail_first: 3,
+                    joins: 0,
+                }),
+                gpu: Box::new(TwoGpus),
+                notifier: Box::new(notifier),
+                watchdog_interval: None,
+            },
+            None,
+        );
+        let status = daemon.status();
+        let task = tokio::spawn(daemon.run());
+        for _ in 0..1000 {
+            if sent.lock().unwrap().contains(&NotifyMsg::Ready) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        task.abort();
+        let sent = sent.lock().unwrap().clone();
+        let ready_at = sent.iter().position(|m| *m == NotifyMsg::Ready);
+        let ready_at = ready_at.unwrap_or_else(|| panic!("never ready: {sent:?}"));
+        assert_eq!(
+            sent[ready_at + 1],
+            NotifyMsg::Status(
+                "ready: flaky claw0 10.100.0.9/16, 2 GPUs, advertising molt-provider".into()
+            )
+        );
+        assert!(sent[..ready_at].iter().any(
+            |m| matches!(m, NotifyMsg::Status(s) if s.contains("no route (join 3) (attempt 3, retrying)"))
+        ));
+        let doc = status.borrow().clone();
+        assert!(doc.ready);
+        assert_eq!(doc.mesh.peers, 2);
+        assert_eq!(doc.gpu.count, 2);
+        assert_eq!(doc.gpu.driver_version.as_deref(), Some("580.95.05"));
+        assert_eq!(doc.last_errors.len(), 3);
+    }
+
+    #[test]
+    fn only_the_sections_that_changed_are_reapplied() {
+        let old = config();
+        let mut new = old.clone();
+        assert!(changed_components(&old, &new).is_empty());
+        new.gpu.poll_interval = Duration::from_secs(30);
+        assert_eq!(changed_components(&old, &new), vec![Component::Gpu]);
+        new.services.clear();
+        assert_eq!(
+            changed_components(&old, &new),
+            vec![Component::Gpu, Component::Services]
+        );
+        let mut renamed = old.clone();
+        renamed.network.wireguard.mtu = 1380;
+        assert_eq!(changed_components(&old, &renamed), vec![Component::Mesh]);
+    }
+}

@@ -80,7 +80,7 @@ fn footprint_exec_to_ready_idle_rss_and_idle_cpu() {
         "idle CPU over {} s: {cpu:.3} CPU-seconds from utime+stime (clock tick {:.0} ms), {:.6} CPU-seconds from schedstat",
         window.as_secs(),
         1000.0 / hz,
-        (after_ns - before_ns) as f64 / 1e9
+        cpu_ns_delta(&before_ns, &after_ns) as f64 / 1e9
     );
     assert!(
         std::fs::metadata(format!("/proc/{pid}")).is_ok(),
@@ -96,13 +96,27 @@ fn cpu_ticks(pid: i32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
-/// Nanoseconds on CPU, all threads, from /proc/<pid>/schedstat (finer than clock ticks).
-fn cpu_ns(pid: i32) -> u64 {
-    let task_dir = format!("/proc/{pid}/task");
-    std::fs::read_dir(task_dir)
+/// Nanoseconds on CPU per thread, from /proc/<pid>/task/*/schedstat (finer than clock ticks).
+fn cpu_ns(pid: i32) -> std::collections::HashMap<String, u64> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .filter_map(|t| {
+            let t = t.ok()?;
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            let ns = stat.split_whitespace().next()?.parse().ok()?;
+            Some((t.file_name().to_string_lossy().into_owned(), ns))
+        })
+        .collect()
+}
+
+/// CPU time spent between two samples by the threads alive at the second one.
+fn cpu_ns_delta(
+    before: &std::collections::HashMap<String, u64>,
+    after: &std::collections::HashMap<String, u64>,
+) -> u64 {
+    after
+        .iter()
+        .map(|(tid, ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0)))
         .sum()
 }
 

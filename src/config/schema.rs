@@ -110,7 +110,7 @@ pub enum IdTokenSource {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuConfig {
     pub enabled: bool,
-    /// Fail start-up when no GPU can be probed.
+    /// The node is not ready while no GPU can be probed.
     pub required: bool,
     pub nvml_library: Option<PathBuf>,
     pub poll_interval: Duration,
