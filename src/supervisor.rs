@@ -98,6 +98,7 @@ impl Daemon {
                         generation,
                     } => self.start(component, generation),
                     Command::Withdraw => {
+                        self.abort(&Component::ALL);
                         let error = self.withdraw().await;
                         self.core.handle_withdrawn(error, Instant::now());
                     }
@@ -133,9 +134,7 @@ impl Daemon {
     }
 
     fn start(&mut self, component: Component, generation: u64) {
-        if let Some(previous) = self.tasks[component as usize].take() {
-            previous.abort();
-        }
+        self.abort(&[component]);
         let tx = self.events_tx.clone();
         let config = Arc::clone(&self.config);
         let task = match component {
@@ -321,12 +320,9 @@ impl Daemon {
             );
         }
         if new.network.provider != old.network.provider {
-            // The old provider withdraws what it advertised before the new one takes over.
-            for component in [Component::Mesh, Component::Services] {
-                if let Some(task) = self.tasks[component as usize].take() {
-                    task.abort();
-                }
-            }
+            // The old provider withdraws what it advertised before the new one takes over. Its
+            // tasks hold the provider's lock, so they go first; the core restarts them.
+            self.abort(&[Component::Mesh, Component::Services]);
             if let Some(error) = self.withdraw().await {
                 tracing::warn!(component = "mesh", %error, "old provider did not withdraw cleanly");
             }
@@ -338,10 +334,15 @@ impl Daemon {
         self.core.handle_reload_applied(&changed, now);
     }
 
-    async fn withdraw(&mut self) -> Option<String> {
-        for task in self.tasks.iter_mut().filter_map(Option::take) {
-            task.abort();
+    fn abort(&mut self, components: &[Component]) {
+        for &component in components {
+            if let Some(task) = self.tasks[component as usize].take() {
+                task.abort();
+            }
         }
+    }
+
+    async fn withdraw(&mut self) -> Option<String> {
         let mesh = Arc::clone(&self.mesh);
         let result = tokio::time::timeout(WITHDRAW_TIMEOUT, async move {
             mesh.lock().await.withdraw().await

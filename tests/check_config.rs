@@ -8,24 +8,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_clawnode");
 const SHIPPED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/clawbernetes.toml");
 const EX_CONFIG: i32 = 78;
 
-const USERS_BLOCK: &str = r#"[network]
-provider = "tailscale"            # "wireguard" | "tailscale"
-
-[network.wireguard]
-listen_port = 51820
-mesh_cidr = "10.100.0.0/16"
-
-[network.tailscale]
-auth_key_env = "TS_AUTHKEY"
-# auth_key_file = "/etc/clawbernetes/ts-authkey"
-hostname_prefix = "clawnode"
-tailnet = "your-org.tailscale.net"
-tags = ["tag:clawbernetes", "tag:gpu-provider"]
-
-[network.tailscale.services]
-gateway = { port = 443, mode = "tcp" }
-molt-provider = { port = 8443, mode = "tcp" }
-"#;
+/// The block users already have, exactly as they wrote it.
+const USERS_BLOCK: &str = include_str!("fixtures/config/users-block.toml");
 
 /// A malformed config and where its error must be reported.
 struct Case {

@@ -342,3 +342,31 @@ fn socket_group_opens_the_api_to_that_group_only() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     assert_eq!(meta.gid(), group.gid.as_raw());
 }
+
+#[test]
+fn switching_provider_on_reload_withdraws_from_the_old_mesh_first() {
+    let node = ready_node(&[]);
+    let switched = fake_config(node.dir.path(), "", "")
+        .replace("provider = \"fake\"", "provider = \"wireguard\"")
+        .replace(
+            "[gpu]",
+            "[network.wireguard]\naddress = \"10.100.0.5/16\"\n\n[gpu]",
+        );
+    node.rewrite_config(&switched);
+    node.signal(Signal::SIGHUP);
+    let seen = node.recv_until("READY=1", WAIT);
+    assert_eq!(seen[0][0], "RELOADING=1", "{seen:?}");
+    let status = last_status(&seen);
+    assert!(
+        status
+            .starts_with("degraded: mesh failed: the wireguard mesh provider is not in this build"),
+        "{status}"
+    );
+    assert!(node.stderr().contains("fake mesh withdrew services"));
+    let doc = node.status_json();
+    assert_eq!(doc["provider"], "wireguard");
+    assert_eq!(doc["phase"], "degraded");
+    assert_eq!(doc["ready"], false);
+    let ready = node.cli(&["status", "--check", "ready"]);
+    assert_eq!(ready.status.code(), Some(1));
+}

@@ -7,25 +7,7 @@ use proptest::prelude::*;
 
 use super::*;
 
-const USERS_BLOCK: &str = r#"
-[network]
-provider = "tailscale"            # "wireguard" | "tailscale"
-
-[network.wireguard]
-listen_port = 51820
-mesh_cidr = "10.100.0.0/16"
-
-[network.tailscale]
-auth_key_env = "TS_AUTHKEY"
-# auth_key_file = "/etc/clawbernetes/ts-authkey"
-hostname_prefix = "clawnode"
-tailnet = "your-org.tailscale.net"
-tags = ["tag:clawbernetes", "tag:gpu-provider"]
-
-[network.tailscale.services]
-gateway = { port = 443, mode = "tcp" }
-molt-provider = { port = 8443, mode = "tcp" }
-"#;
+const USERS_BLOCK: &str = include_str!("../../tests/fixtures/config/users-block.toml");
 
 const SHIPPED: &str = include_str!("../../config/clawbernetes.toml");
 
