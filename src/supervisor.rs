@@ -345,7 +345,10 @@ impl Daemon {
     async fn withdraw(&mut self) -> Option<String> {
         let mesh = Arc::clone(&self.mesh);
         let result = tokio::time::timeout(WITHDRAW_TIMEOUT, async move {
-            mesh.lock().await.withdraw().await
+            let mut mesh = mesh.lock().await;
+            let withdrawn = mesh.withdraw().await;
+            let left = mesh.leave().await;
+            withdrawn.and(left)
         })
         .await;
         self.advertised = false;
@@ -548,6 +551,10 @@ mod tests {
         }
 
         fn withdraw(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn leave(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
             Box::pin(async { Ok(()) })
         }
     }

@@ -347,11 +347,7 @@ fn socket_group_opens_the_api_to_that_group_only() {
 fn switching_provider_on_reload_withdraws_from_the_old_mesh_first() {
     let node = ready_node(&[]);
     let switched = fake_config(node.dir.path(), "", "")
-        .replace("provider = \"fake\"", "provider = \"wireguard\"")
-        .replace(
-            "[gpu]",
-            "[network.wireguard]\naddress = \"10.100.0.5/16\"\n\n[gpu]",
-        );
+        .replace("provider = \"fake\"", "provider = \"tailscale\"");
     node.rewrite_config(&switched);
     node.signal(Signal::SIGHUP);
     let seen = node.recv_until("READY=1", WAIT);
@@ -364,7 +360,7 @@ fn switching_provider_on_reload_withdraws_from_the_old_mesh_first() {
     );
     assert!(node.stderr().contains("fake mesh withdrew services"));
     let doc = node.status_json();
-    assert_eq!(doc["provider"], "wireguard");
+    assert_eq!(doc["provider"], "tailscale");
     assert_eq!(doc["phase"], "degraded");
     assert_eq!(doc["ready"], false);
     let ready = node.cli(&["status", "--check", "ready"]);

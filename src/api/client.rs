@@ -53,7 +53,7 @@ pub async fn get(socket: &Path, path: &str, timeout: Duration) -> Result<Reply, 
 }
 
 /// hyper's client errors say "client error (Connect)"; the cause underneath is what helps.
-fn source_chain(error: &dyn std::error::Error) -> String {
+pub fn source_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -3,8 +3,9 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::config;
+use crate::config::{self, ProviderKind};
 use crate::gpu::NvmlProbe;
+use crate::mesh::wireguard;
 use crate::supervisor::{Components, Daemon};
 use crate::systemd::SdNotifier;
 use crate::{api, logging, mesh, state};
@@ -12,7 +13,14 @@ use crate::{api, logging, mesh, state};
 use super::CliError;
 
 pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
+    // wireguard-control starts a userspace daemon by itself when its UAPI socket is missing;
+    // clawnode supervises its own, so that fallback must fail instead of double-forking one.
+    // SAFETY: called before any thread exists (the runtime is built below).
+    unsafe { std::env::set_var("WG_USERSPACE_IMPLEMENTATION", "/bin/false") };
     let config = config::load(config_path)?;
+    if config.network.provider == ProviderKind::Wireguard && !wireguard::has_cap_net_admin() {
+        return Err(CliError::runtime(NeedsCapability));
+    }
     let log = logging::init(config.log.level.as_str());
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -51,3 +59,9 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
     })?;
     Ok(ExitCode::from(code))
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the wireguard provider needs CAP_NET_ADMIN to manage its interface: run clawnode as root or through its systemd unit"
+)]
+struct NeedsCapability;

@@ -59,6 +59,7 @@ pub(super) struct RawWireguard {
     pub peers_dir: Option<String>,
     pub node_info_port: Option<i64>,
     pub reconcile_interval: Option<String>,
+    pub keep_interface_on_stop: Option<bool>,
     pub peers: Vec<RawPeer>,
 }
 

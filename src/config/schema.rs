@@ -64,6 +64,8 @@ pub struct WireguardConfig {
     pub peers_dir: PathBuf,
     pub node_info_port: u16,
     pub reconcile_interval: Duration,
+    /// Leave the interface (and the userspace daemon) in place when clawnode stops.
+    pub keep_interface_on_stop: bool,
     pub peers: Vec<PeerConfig>,
 }
 

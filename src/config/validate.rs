@@ -251,6 +251,7 @@ impl<'a> Checker<'a> {
             peers_dir,
             node_info_port,
             reconcile_interval,
+            keep_interface_on_stop: raw.keep_interface_on_stop.unwrap_or(false),
             peers,
         }
     }

@@ -62,4 +62,11 @@ impl MeshProvider for FakeMesh {
             Ok(())
         })
     }
+
+    fn leave(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
+        Box::pin(async move {
+            tracing::info!(component = "mesh", "fake mesh left");
+            Ok(())
+        })
+    }
 }

@@ -5,6 +5,7 @@
 
 #[cfg(feature = "test-fakes")]
 pub mod fake;
+pub mod wireguard;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -88,15 +89,15 @@ pub trait MeshProvider: Send {
 
     /// Withdraw every advertisement this node made, before it stops.
     fn withdraw(&mut self) -> BoxFuture<'_, Result<(), MeshError>>;
+
+    /// Leave the mesh (after `withdraw`): tear down what `join` set up, where the provider owns it.
+    fn leave(&mut self) -> BoxFuture<'_, Result<(), MeshError>>;
 }
 
 /// The provider that `[network] provider` selects.
 pub fn for_config(config: &Config) -> Box<dyn MeshProvider> {
     match config.network.provider {
-        ProviderKind::Wireguard => Box::new(NotBuilt {
-            provider: "wireguard",
-            issue: 3,
-        }),
+        ProviderKind::Wireguard => Box::new(wireguard::WireguardMesh::new()),
         ProviderKind::Tailscale => Box::new(NotBuilt {
             provider: "tailscale",
             issue: 4,
@@ -140,6 +141,10 @@ impl MeshProvider for NotBuilt {
 
     fn withdraw(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
         // Nothing was ever advertised.
+        Box::pin(async { Ok(()) })
+    }
+
+    fn leave(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
         Box::pin(async { Ok(()) })
     }
 }

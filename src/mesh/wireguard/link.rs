@@ -1,0 +1,278 @@
+//! The network-interface side, through rtnetlink: link lookup and creation, MTU, link state,
+//! addresses, routes, the kernel-module probe, and link events for drift repair.
+
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::{Handle, LinkUnspec, LinkWireguard, RouteMessageBuilder};
+
+const EEXIST: i32 = 17;
+const ENODEV: i32 = 19;
+const EINVAL: i32 = 22;
+const EOPNOTSUPP: i32 = 95;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("netlink: {action} {interface}: {source}")]
+    Netlink {
+        action: &'static str,
+        interface: String,
+        source: rtnetlink::Error,
+    },
+    #[error("cannot open a netlink socket: {0}")]
+    Socket(#[from] std::io::Error),
+}
+
+/// What the WireGuard kernel module probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelSupport {
+    Available,
+    /// The kernel has no WireGuard (EOPNOTSUPP: no such link kind).
+    Missing,
+}
+
+/// The state of one link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkState {
+    pub index: u32,
+    pub name: String,
+    pub up: bool,
+    pub mtu: Option<u32>,
+}
+
+/// What `configure` changed, for logs and idempotency tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkChanges {
+    pub mtu: bool,
+    pub up: bool,
+    pub addresses_added: Vec<IpNet>,
+    pub addresses_removed: Vec<IpNet>,
+    pub routes_added: Vec<IpNet>,
+}
+
+impl LinkChanges {
+    pub fn is_empty(&self) -> bool {
+        *self == LinkChanges::default()
+    }
+}
+
+pub struct Link {
+    handle: Handle,
+}
+
+impl Link {
+    /// Open an rtnetlink connection in the caller's network namespace.
+    pub fn connect() -> Result<Self, LinkError> {
+        let (connection, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Option<LinkState>, LinkError> {
+        let request = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        futures::pin_mut!(request);
+        match request.try_next().await {
+            Ok(Some(message)) => Ok(Some(link_state(&message))),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -ENODEV => Ok(None),
+            Err(source) => Err(netlink("look up", name, source)),
+        }
+    }
+
+    /// Probe for the WireGuard kernel module without side effects: asking for a link with an
+    /// impossible MTU fails with EINVAL when the kind exists and EOPNOTSUPP when it does not.
+    pub async fn probe_kernel(&self) -> Result<KernelSupport, LinkError> {
+        let message = LinkWireguard::new("clawprobe0").mtu(u32::MAX).build();
+        match self.handle.link().add(message).execute().await {
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -EOPNOTSUPP => {
+                Ok(KernelSupport::Missing)
+            }
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -EINVAL => {
+                Ok(KernelSupport::Available)
+            }
+            Err(source) => Err(netlink("probe wireguard kind with", "clawprobe0", source)),
+            Ok(()) => {
+                // A kernel that accepted the absurd MTU: undo it, and the module is there.
+                if let Ok(Some(link)) = self.get("clawprobe0").await {
+                    let _ = self.handle.link().del(link.index).execute().await;
+                }
+                Ok(KernelSupport::Available)
+            }
+        }
+    }
+
+    /// Create a kernel WireGuard link (idempotent).
+    pub async fn create_wireguard(&self, name: &str) -> Result<(), LinkError> {
+        let message = LinkWireguard::new(name).build();
+        match self.handle.link().add(message).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -EEXIST => Ok(()),
+            Err(source) => Err(netlink("create", name, source)),
+        }
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), LinkError> {
+        let Some(link) = self.get(name).await? else {
+            return Ok(());
+        };
+        match self.handle.link().del(link.index).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -ENODEV => Ok(()),
+            Err(source) => Err(netlink("delete", name, source)),
+        }
+    }
+
+    /// Make the link match: MTU, up, exactly `addresses` (IPv6 link-local ones are left alone),
+    /// and a route for each of `routes`. Changes nothing that already matches.
+    pub async fn configure(
+        &self,
+        link: &LinkState,
+        mtu: u32,
+        addresses: &[IpNet],
+        routes: &[IpNet],
+    ) -> Result<LinkChanges, LinkError> {
+        let mut changes = LinkChanges::default();
+        let name = link.name.as_str();
+        if link.mtu != Some(mtu) || !link.up {
+            let message = LinkUnspec::new_with_index(link.index).mtu(mtu).up().build();
+            self.handle
+                .link()
+                .set(message)
+                .execute()
+                .await
+                .map_err(|e| netlink("set mtu and up on", name, e))?;
+            changes.mtu = link.mtu != Some(mtu);
+            changes.up = !link.up;
+        }
+
+        let present = self.addresses(link.index, name).await?;
+        for net in addresses {
+            if present.contains(net) {
+                continue;
+            }
+            match self
+                .handle
+                .address()
+                .add(link.index, net.addr(), net.prefix_len())
+                .execute()
+                .await
+            {
+                Ok(()) => changes.addresses_added.push(*net),
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -EEXIST => {}
+                Err(e) => return Err(netlink("add address to", name, e)),
+            }
+        }
+        for net in present.iter().filter(|n| !addresses.contains(n)) {
+            if let IpAddr::V6(v6) = net.addr()
+                && v6.segments()[0] & 0xffc0 == 0xfe80
+            {
+                continue;
+            }
+            self.delete_address(link.index, *net, name).await?;
+            changes.addresses_removed.push(*net);
+        }
+
+        for net in routes {
+            let Ok(builder) = RouteMessageBuilder::<IpAddr>::new()
+                .destination_prefix(net.addr(), net.prefix_len())
+            else {
+                continue;
+            };
+            let route = builder.output_interface(link.index).build();
+            match self.handle.route().add(route).execute().await {
+                Ok(()) => changes.routes_added.push(*net),
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -EEXIST => {}
+                Err(e) => return Err(netlink("add route via", name, e)),
+            }
+        }
+        Ok(changes)
+    }
+
+    async fn addresses(&self, index: u32, name: &str) -> Result<Vec<IpNet>, LinkError> {
+        let mut out = Vec::new();
+        let request = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        futures::pin_mut!(request);
+        while let Some(message) = request
+            .try_next()
+            .await
+            .map_err(|e| netlink("list addresses of", name, e))?
+        {
+            if message.header.index != index {
+                continue;
+            }
+            let addr = message.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            if let Some(ip) = addr
+                && let Ok(net) = IpNet::new(ip, message.header.prefix_len)
+            {
+                out.push(net);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete_address(&self, index: u32, net: IpNet, name: &str) -> Result<(), LinkError> {
+        let request = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(net.addr())
+            .set_prefix_length_filter(net.prefix_len())
+            .execute();
+        futures::pin_mut!(request);
+        while let Some(message) = request
+            .try_next()
+            .await
+            .map_err(|e| netlink("list addresses of", name, e))?
+        {
+            self.handle
+                .address()
+                .del(message)
+                .execute()
+                .await
+                .map_err(|e| netlink("remove address from", name, e))?;
+        }
+        Ok(())
+    }
+}
+
+pub fn link_state(message: &LinkMessage) -> LinkState {
+    let mut state = LinkState {
+        index: message.header.index,
+        name: String::new(),
+        up: message.header.flags.contains(LinkFlags::Up),
+        mtu: None,
+    };
+    for attribute in &message.attributes {
+        match attribute {
+            LinkAttribute::IfName(name) => state.name = name.clone(),
+            LinkAttribute::Mtu(mtu) => state.mtu = Some(*mtu),
+            _ => {}
+        }
+    }
+    state
+}
+
+fn netlink(action: &'static str, interface: &str, source: rtnetlink::Error) -> LinkError {
+    LinkError::Netlink {
+        action,
+        interface: interface.to_string(),
+        source,
+    }
+}

@@ -1,0 +1,332 @@
+//! The self-hosted mesh: clawnode owns a WireGuard interface, its key, addresses, routes and
+//! peers, and keeps them as configured.
+//!
+//! Backends: the kernel module (generic netlink through wireguard-control, links through
+//! rtnetlink) or a userspace daemon clawnode supervises (UAPI through wireguard-control).
+//! Peers are applied as a diff by public key (`core::peer_diff`), so unchanged peers keep
+//! their sessions.
+
+pub mod device;
+pub mod keys;
+pub mod link;
+pub mod userspace;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use wireguard_control::Backend;
+
+use crate::config::{Config, WgBackend, WireguardConfig};
+use crate::core::peer_diff::{self, PeerKey, PeerMap, PeerSpec};
+use crate::services::node_info::{self, SharedInfo};
+
+use super::{BoxFuture, MeshError, MeshProvider, MeshStatus, ServiceAd};
+use device::{DeviceChange, WgControl, WgDevice};
+use link::{KernelSupport, Link};
+
+/// Which backend runs the interface, once chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chosen {
+    Kernel,
+    Userspace,
+}
+
+impl Chosen {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Chosen::Kernel => "kernel",
+            Chosen::Userspace => "userspace",
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct WireguardMesh {
+    link: Option<Link>,
+    chosen: Option<(Chosen, String)>,
+    daemon: Option<userspace::Daemon>,
+    /// The peers clawnode last applied, to tell configured endpoint changes from roaming.
+    applied: PeerMap,
+    info: SharedInfo,
+    server: Option<node_info::Server>,
+    keep_interface: bool,
+}
+
+impl WireguardMesh {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    async fn choose_backend(
+        &mut self,
+        wg: &WireguardConfig,
+        link: &Link,
+    ) -> Result<Chosen, MeshError> {
+        let iface = wg.interface.as_str();
+        if let Some((chosen, for_iface)) = &self.chosen
+            && for_iface == iface
+        {
+            return Ok(*chosen);
+        }
+        let found = userspace::find_program(&wg.userspace_implementation);
+        let (chosen, why) = match wg.backend {
+            WgBackend::Kernel => (Chosen::Kernel, "backend = \"kernel\"".to_string()),
+            WgBackend::Userspace => (Chosen::Userspace, "backend = \"userspace\"".to_string()),
+            WgBackend::Auto => match link.probe_kernel().await.map_err(failed)? {
+                KernelSupport::Available => (
+                    Chosen::Kernel,
+                    "the WireGuard kernel module is available".into(),
+                ),
+                KernelSupport::Missing => match &found {
+                    Some(path) => (
+                        Chosen::Userspace,
+                        format!("no WireGuard kernel module; {} found", path.display()),
+                    ),
+                    None => {
+                        return Err(MeshError::Failed(format!(
+                            "no WireGuard available: the kernel has no wireguard module (load it: modprobe wireguard) and no userspace implementation {:?} was found (install wireguard-go, or set [network.wireguard] userspace_implementation)",
+                            wg.userspace_implementation.display().to_string()
+                        )));
+                    }
+                },
+            },
+        };
+        tracing::info!(component = "mesh", interface = iface, backend = chosen.as_str(), reason = %why, "chose WireGuard backend");
+        self.chosen = Some((chosen, iface.to_string()));
+        Ok(chosen)
+    }
+
+    async fn join_inner(&mut self, config: &Config) -> Result<MeshStatus, MeshError> {
+        let wg = &config.network.wireguard;
+        let iface = wg.interface.as_str().to_string();
+        let Some(address) = wg.address else {
+            return Err(MeshError::Failed(
+                "[network.wireguard] address is not set".into(),
+            ));
+        };
+        if self.link.is_none() {
+            self.link = Some(Link::connect().map_err(failed)?);
+        }
+        let link = self.link.take().expect("set above");
+        let result = self.configure(config, wg, &iface, address, &link).await;
+        self.link = Some(link);
+        result
+    }
+
+    async fn configure(
+        &mut self,
+        config: &Config,
+        wg: &WireguardConfig,
+        iface: &str,
+        address: IpNet,
+        link: &Link,
+    ) -> Result<MeshStatus, MeshError> {
+        self.keep_interface = wg.keep_interface_on_stop;
+        let chosen = self.choose_backend(wg, link).await?;
+        let backend = match chosen {
+            Chosen::Kernel => {
+                link.create_wireguard(iface).await.map_err(failed)?;
+                Backend::Kernel
+            }
+            Chosen::Userspace => {
+                let daemon = self.daemon.get_or_insert_with(|| {
+                    userspace::Daemon::new(iface, &wg.userspace_implementation)
+                });
+                daemon.ensure_running().await.map_err(failed)?;
+                Backend::Userspace
+            }
+        };
+
+        let key = keys::load_or_generate(&wg.private_key_file).map_err(failed)?;
+        let public = key.public();
+        let desired = desired_peers(wg).await?;
+
+        let device = WgControl { backend };
+        let iface_owned = iface.to_string();
+        let applied = self.applied.clone();
+        let (listen_port, fwmark) = (wg.listen_port, wg.fwmark.unwrap_or(0));
+        let desired_for_apply = desired.clone();
+        let (peer_changes, settings_changed) = tokio::task::spawn_blocking(move || {
+            let state = device.read(&iface_owned)?;
+            let diff = peer_diff::diff(&state.peers, &desired_for_apply, &applied);
+            let change = DeviceChange {
+                private_key: (state.public_key != Some(key.public())).then_some(&key),
+                listen_port: (state.listen_port != Some(listen_port)).then_some(listen_port),
+                fwmark: (state.fwmark.unwrap_or(0) != fwmark).then_some(fwmark),
+                peers: &diff,
+            };
+            let settings_changed = change.private_key.is_some()
+                || change.listen_port.is_some()
+                || change.fwmark.is_some();
+            device.apply(&iface_owned, &change)?;
+            Ok::<_, std::io::Error>((diff.len(), settings_changed))
+        })
+        .await
+        .map_err(|e| MeshError::Failed(format!("WireGuard apply task failed: {e}")))?
+        .map_err(|e| MeshError::Failed(format!("configure WireGuard device {iface}: {e}")))?;
+        self.applied = desired.clone();
+
+        let Some(state) = link.get(iface).await.map_err(failed)? else {
+            return Err(MeshError::Failed(format!(
+                "interface {iface} vanished while being configured"
+            )));
+        };
+        let routes = routes_for(wg, &desired);
+        let link_changes = link
+            .configure(&state, u32::from(wg.mtu), &[address], &routes)
+            .await
+            .map_err(failed)?;
+        if peer_changes > 0 || settings_changed || !link_changes.is_empty() {
+            tracing::info!(component = "mesh", interface = iface, peer_changes, settings_changed, link = ?link_changes, "WireGuard interface reconciled");
+        }
+
+        {
+            let mut info = self.info.write().unwrap_or_else(|p| p.into_inner());
+            info.name = config.node.name.to_string();
+            info.public_key = keys::to_base64(&public);
+            info.address = address.to_string();
+        }
+        let listen = SocketAddr::new(address.addr(), wg.node_info_port);
+        let rebind = self
+            .server
+            .as_ref()
+            .is_none_or(|s| s.addr != listen || s.interface != iface);
+        if rebind {
+            self.server = None;
+            let server =
+                node_info::Server::start(iface, listen, wg.mesh_cidr, Arc::clone(&self.info))
+                    .map_err(|e| {
+                        MeshError::Failed(format!("node-info endpoint on {listen}: {e}"))
+                    })?;
+            self.server = Some(server);
+        }
+
+        Ok(MeshStatus {
+            provider: format!("wireguard/{}", chosen.as_str()),
+            interface: Some(iface.to_string()),
+            address: Some(address.to_string()),
+            peers: desired.len(),
+        })
+    }
+}
+
+impl MeshProvider for WireguardMesh {
+    fn kind(&self) -> &'static str {
+        "wireguard"
+    }
+
+    fn join<'a>(&'a mut self, config: &'a Config) -> BoxFuture<'a, Result<MeshStatus, MeshError>> {
+        Box::pin(self.join_inner(config))
+    }
+
+    fn publish<'a>(
+        &'a mut self,
+        services: &'a [ServiceAd],
+    ) -> BoxFuture<'a, Result<(), MeshError>> {
+        Box::pin(async move {
+            let mut info = self.info.write().unwrap_or_else(|p| p.into_inner());
+            info.services = services.to_vec();
+            Ok(())
+        })
+    }
+
+    fn withdraw(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
+        Box::pin(async move {
+            self.info
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .services
+                .clear();
+            Ok(())
+        })
+    }
+
+    fn leave(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
+        Box::pin(async move {
+            self.server = None;
+            if self.keep_interface {
+                tracing::info!(
+                    component = "mesh",
+                    "keeping the WireGuard interface (keep_interface_on_stop = true)"
+                );
+                return Ok(());
+            }
+            let iface = self.chosen.as_ref().map(|(_, i)| i.clone());
+            if let Some(mut daemon) = self.daemon.take() {
+                daemon.stop().await;
+            }
+            if let (Some(link), Some(iface)) = (&self.link, iface) {
+                link.delete(&iface).await.map_err(failed)?;
+                tracing::info!(component = "mesh", interface = %iface, "removed the WireGuard interface");
+            }
+            self.applied.clear();
+            Ok(())
+        })
+    }
+}
+
+/// Peers from `[[network.wireguard.peers]]`, endpoints resolved now (a name that does not
+/// resolve leaves the peer without an endpoint until the next reconcile tries again).
+pub async fn desired_peers(wg: &WireguardConfig) -> Result<PeerMap, MeshError> {
+    let mut peers = BTreeMap::new();
+    for peer in &wg.peers {
+        let key = PeerKey(*peer.public_key.as_bytes());
+        let mut spec = PeerSpec::new(key, peer.allowed_ips.clone());
+        spec.keepalive = peer.persistent_keepalive;
+        if let Some(path) = &peer.preshared_key_file {
+            spec.psk = Some(keys::read_psk(path).map_err(failed)?);
+        }
+        if let Some(endpoint) = &peer.endpoint {
+            match tokio::net::lookup_host((endpoint.host(), endpoint.port())).await {
+                Ok(mut addrs) => spec.endpoint = addrs.next(),
+                Err(error) => {
+                    tracing::warn!(component = "mesh", peer = %peer.name, endpoint = %endpoint, %error, "cannot resolve peer endpoint; will retry");
+                }
+            }
+        }
+        peers.insert(key, spec);
+    }
+    Ok(peers)
+}
+
+/// The mesh CIDR, and every peer network outside it.
+fn routes_for(wg: &WireguardConfig, peers: &PeerMap) -> Vec<IpNet> {
+    let mut routes = vec![wg.mesh_cidr];
+    for net in peers.values().flat_map(|p| &p.allowed_ips) {
+        if !wg.mesh_cidr.contains(net) && !routes.contains(net) {
+            routes.push(*net);
+        }
+    }
+    routes
+}
+
+/// The mesh address of each peer: its first single-host allowed IP inside the mesh CIDR.
+pub fn peer_mesh_addresses(wg: &WireguardConfig) -> Vec<IpAddr> {
+    wg.peers
+        .iter()
+        .filter_map(|p| {
+            p.allowed_ips
+                .iter()
+                .find(|net| net.prefix_len() == net.max_prefix_len() && wg.mesh_cidr.contains(*net))
+                .map(|net| net.addr())
+        })
+        .collect()
+}
+
+/// Does this process hold CAP_NET_ADMIN (bit 12 of the effective set)?
+pub fn has_cap_net_admin() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 12) != 0)
+}
+
+fn failed(error: impl std::fmt::Display) -> MeshError {
+    MeshError::Failed(error.to_string())
+}

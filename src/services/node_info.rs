@@ -1,0 +1,133 @@
+//! The read-only node-info endpoint, `GET /v1/node`, served on the node's mesh address only.
+//!
+//! The socket is bound to the mesh address *and* to the mesh interface (SO_BINDTODEVICE):
+//! Linux accepts packets for a local address on any interface, so the address alone would let
+//! a neighbour on the LAN reach it. A caller is identified by its tunnel source address, which
+//! WireGuard authenticated; callers outside the mesh CIDR are refused.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpSocket;
+use tokio::task::JoinHandle;
+
+use crate::mesh::ServiceAd;
+
+/// What a node tells the mesh about itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub public_key: String,
+    pub address: String,
+    pub services: Vec<ServiceAd>,
+    /// GPU summary: filled in by the GPU probe once it reports models (empty until then).
+    pub gpus: Vec<GpuSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuSummary {
+    pub model: String,
+    pub count: usize,
+    pub memory_total_bytes: Option<u64>,
+}
+
+pub type SharedInfo = Arc<RwLock<NodeInfo>>;
+
+pub struct Server {
+    pub addr: SocketAddr,
+    pub interface: String,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    /// Listen on `addr`, on `interface` only, answering callers from `mesh`.
+    pub fn start(
+        interface: &str,
+        addr: SocketAddr,
+        mesh: IpNet,
+        info: SharedInfo,
+    ) -> std::io::Result<Server> {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind_device(Some(interface.as_bytes()))?;
+        socket.bind(addr)?;
+        let listener = socket.listen(64)?;
+        tracing::info!(component = "services", interface, %addr, "node-info endpoint listening");
+        let task = tokio::spawn(async move {
+            loop {
+                let (stream, peer) = match listener.accept().await {
+                    Ok(conn) => conn,
+                    Err(error) => {
+                        tracing::warn!(component = "services", %error, "node-info accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                if !mesh.contains(&peer.ip()) {
+                    tracing::warn!(component = "services", %peer, "refused a node-info caller outside the mesh");
+                    continue;
+                }
+                let info = Arc::clone(&info);
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let info = Arc::clone(&info);
+                        async move { Ok::<_, Infallible>(route(&req, &info)) }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Server {
+            addr,
+            interface: interface.to_string(),
+            task,
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn route(req: &hyper::Request<hyper::body::Incoming>, info: &SharedInfo) -> Response<Full<Bytes>> {
+    let (code, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/v1/node") => {
+            let info = info.read().unwrap_or_else(|p| p.into_inner()).clone();
+            match serde_json::to_vec(&info) {
+                Ok(body) => (StatusCode::OK, body),
+                Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, b"{}".to_vec()),
+            }
+        }
+        (&Method::GET, _) => (
+            StatusCode::NOT_FOUND,
+            br#"{"error":"no such endpoint"}"#.to_vec(),
+        ),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            br#"{"error":"read-only endpoint"}"#.to_vec(),
+        ),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = code;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
