@@ -355,7 +355,7 @@ fn switching_provider_on_reload_withdraws_from_the_old_mesh_first() {
     let status = last_status(&seen);
     assert!(
         status
-            .starts_with("degraded: mesh failed: the wireguard mesh provider is not in this build"),
+            .starts_with("degraded: mesh failed: the tailscale mesh provider is not in this build"),
         "{status}"
     );
     assert!(node.stderr().contains("fake mesh withdrew services"));
