@@ -14,7 +14,7 @@ use crate::config::{self, Config};
 use crate::core::{Backoff, Command, Component, ComponentView, Supervisor};
 use crate::gpu::{GpuInventory, GpuProbe};
 use crate::logging::LogHandle;
-use crate::mesh::{self, MeshProvider, MeshStatus, ServiceAd};
+use crate::mesh::{self, MeshProvider, MeshStatus, Recheck, ServiceAd};
 use crate::systemd::{self, Notifier};
 
 /// How long a stop may spend withdrawing advertisements; the rest of the 5 s budget is slack.
@@ -23,6 +23,8 @@ pub const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(4);
 /// The OS-facing parts, each behind its narrow trait so tests can swap them.
 pub struct Components {
     pub mesh: Box<dyn MeshProvider>,
+    /// The channel `mesh` was built with (see `mesh::for_config`).
+    pub recheck: (Recheck, mpsc::Receiver<String>),
     pub gpu: Box<dyn GpuProbe>,
     pub notifier: Box<dyn Notifier>,
     pub watchdog_interval: Option<Duration>,
@@ -39,6 +41,8 @@ pub struct Daemon {
     tasks: [Option<JoinHandle<()>>; 3],
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
+    recheck: Recheck,
+    recheck_rx: mpsc::Receiver<String>,
     status_tx: watch::Sender<StatusDoc>,
     mesh_status: Option<MeshStatus>,
     inventory: Option<GpuInventory>,
@@ -54,6 +58,7 @@ impl Daemon {
         log: Option<LogHandle>,
     ) -> Self {
         let (events_tx, events_rx) = mpsc::channel(16);
+        let (recheck, recheck_rx) = components.recheck;
         let clock = Clock::now();
         Self {
             config_path,
@@ -70,6 +75,8 @@ impl Daemon {
             tasks: Default::default(),
             events_tx,
             events_rx,
+            recheck,
+            recheck_rx,
             status_tx: watch::Sender::new(StatusDoc::default()),
             mesh_status: None,
             inventory: None,
@@ -113,6 +120,7 @@ impl Daemon {
             let deadline = self.core.poll_timeout();
             let wake = tokio::select! {
                 event = self.events_rx.recv() => Wake::Event(event),
+                Some(reason) = self.recheck_rx.recv() => Wake::Recheck(reason),
                 _ = hup.recv() => Wake::Reload,
                 _ = term.recv() => Wake::Stop("SIGTERM"),
                 _ = int.recv() => Wake::Stop("SIGINT"),
@@ -129,6 +137,10 @@ impl Daemon {
                     self.core.handle_stop_requested(now);
                 }
                 Wake::Timer => self.core.handle_timeout(now),
+                Wake::Recheck(reason) => {
+                    tracing::debug!(component = "mesh", %reason, "recheck");
+                    self.core.handle_recheck(Component::Mesh, now);
+                }
             }
         }
     }
@@ -326,7 +338,7 @@ impl Daemon {
             if let Some(error) = self.withdraw().await {
                 tracing::warn!(component = "mesh", %error, "old provider did not withdraw cleanly");
             }
-            *self.mesh.lock().await = mesh::for_config(&new);
+            *self.mesh.lock().await = mesh::for_config(&new, self.recheck.clone());
             self.mesh_status = None;
         }
         tracing::info!(changed = ?changed, "configuration reloaded");
@@ -469,6 +481,7 @@ enum Event {
 
 enum Wake {
     Event(Option<Event>),
+    Recheck(String),
     Reload,
     Stop(&'static str),
     Timer,
@@ -603,6 +616,7 @@ mod tests {
                     joins: 0,
                 }),
                 gpu: Box::new(TwoGpus),
+                recheck: Recheck::channel(),
                 notifier: Box::new(notifier),
                 watchdog_interval: None,
             },

@@ -11,6 +11,12 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 apt_needs=()
 command -v gcc >/dev/null || apt_needs+=(gcc libc6-dev)
 command -v curl >/dev/null || apt_needs+=(curl ca-certificates)
+# The mesh tests: network namespaces, veth, userspace WireGuard, ping, pgrep.
+command -v ip >/dev/null || apt_needs+=(iproute2)
+command -v wg >/dev/null || apt_needs+=(wireguard-tools)
+command -v wireguard-go >/dev/null || apt_needs+=(wireguard-go)
+command -v ping >/dev/null || apt_needs+=(iputils-ping)
+command -v pgrep >/dev/null || apt_needs+=(procps)
 if ((${#apt_needs[@]})); then
   log "apt-get install ${apt_needs[*]}"
   as_root apt-get update -q

@@ -2,7 +2,9 @@
 
 pub mod check_config;
 pub mod docs;
+pub mod pubkey;
 pub mod run;
+pub mod services;
 pub mod status;
 
 use std::path::PathBuf;
@@ -39,6 +41,13 @@ pub enum Command {
     CheckConfig,
     /// Show the running daemon's status.
     Status(status::StatusArgs),
+    /// Print this node's WireGuard public key (generates the private key on first use).
+    Pubkey,
+    /// Find the nodes that advertise a service.
+    Services {
+        #[command(subcommand)]
+        command: services::ServicesCommand,
+    },
     /// Print the version.
     Version,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -86,6 +95,8 @@ impl Command {
             Command::Run => "run",
             Command::CheckConfig => "check-config",
             Command::Status(_) => "status",
+            Command::Pubkey => "pubkey",
+            Command::Services { .. } => "services",
             Command::Version => "version",
             Command::Completions { .. } => "completions",
             Command::Manpage => "manpage",
@@ -98,6 +109,8 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Run => run::run(&cli.config),
         Command::CheckConfig => Ok(check_config::run(&cli.config)),
         Command::Status(args) => status::run(&cli.config, &args),
+        Command::Pubkey => pubkey::run(&cli.config),
+        Command::Services { command } => services::run(&cli.config, &command),
         Command::Version => {
             println!("clawnode {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)

@@ -43,8 +43,10 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
             .await
             .map_err(CliError::runtime)?;
         tracing::info!(component = "api", socket = %config.api.socket.display(), "status API listening");
+        let (recheck, recheck_rx) = mesh::Recheck::channel();
         let components = Components {
-            mesh: mesh::for_config(&config),
+            mesh: mesh::for_config(&config, recheck.clone()),
+            recheck: (recheck, recheck_rx),
             gpu: Box::new(NvmlProbe::new(config.gpu.nvml_library.clone())),
             notifier: Box::new(SdNotifier),
             watchdog_interval: SdNotifier::watchdog_interval(),

@@ -4,6 +4,7 @@
 //! commands that come out, so every rule here is unit-tested without root or a runtime.
 
 pub mod backoff;
+pub mod drift;
 pub mod peer_diff;
 pub mod supervisor;
 

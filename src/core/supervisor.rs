@@ -208,16 +208,37 @@ impl Supervisor {
             return;
         }
         let slot = &mut self.slots[component.index()];
+        let was_up = slot.state == ComponentState::Up;
         slot.state = ComponentState::Up;
         slot.summary = Some(one_line(&summary));
         slot.error = None;
         slot.attempts = 0;
         slot.in_flight = false;
         slot.retry_at = None;
-        if component == Component::Mesh {
+        let services_up = self.slots[Component::Services.index()].state == ComponentState::Up;
+        if component == Component::Mesh && !(was_up && services_up) {
             self.start(Component::Services);
         }
         self.update(now);
+    }
+
+    /// Something outside changed a component that is up (an interface was deleted, a daemon
+    /// died) or a periodic check is due: run its bring-up again now. It stays up meanwhile, so
+    /// a check that finds nothing wrong changes nothing systemd sees. A component that is not
+    /// up already has a retry scheduled or running.
+    pub fn handle_recheck(&mut self, component: Component, now: Instant) {
+        let slot = &self.slots[component.index()];
+        if self.phase == Phase::Stopping || slot.state != ComponentState::Up || slot.in_flight {
+            return;
+        }
+        let slot = &mut self.slots[component.index()];
+        slot.generation += 1;
+        slot.in_flight = true;
+        self.commands.push_back(Command::Start {
+            component,
+            generation: slot.generation,
+        });
+        let _ = now;
     }
 
     /// A component failed. `jitter` is a uniformly random `u32` from the shell.
@@ -911,6 +932,41 @@ mod tests {
         idle.start();
         idle.all_up();
         assert_eq!(idle.sup.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_recheck_that_finds_nothing_wrong_changes_nothing_systemd_sees() {
+        let mut h = Harness::new(None);
+        h.start();
+        h.all_up();
+        h.take();
+        let services_gen = h.generations[Component::Services.index()];
+        h.sup.handle_recheck(Component::Mesh, h.now);
+        h.drain();
+        assert_eq!(h.generations[Component::Mesh.index()], 2);
+        assert!(h.sup.is_ready(), "stays ready while the check runs");
+        h.sup.handle_recheck(Component::Mesh, h.now);
+        h.drain();
+        assert_eq!(
+            h.generations[Component::Mesh.index()],
+            2,
+            "one check at a time"
+        );
+        h.up(Component::Mesh, "wireguard claw0 10.100.0.5/16");
+        assert!(h.take().is_empty());
+        assert_eq!(h.generations[Component::Services.index()], services_gen);
+    }
+
+    #[test]
+    fn a_recheck_that_fails_degrades_and_retries_with_backoff() {
+        let mut h = Harness::new(None);
+        h.start();
+        h.all_up();
+        h.sup.handle_recheck(Component::Mesh, h.now);
+        h.drain();
+        h.fail(Component::Mesh, "interface claw0 deleted");
+        assert_eq!(h.sup.phase(), Phase::Degraded);
+        assert!(h.sup.poll_timeout().is_some());
     }
 
     #[test]

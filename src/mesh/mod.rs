@@ -16,6 +16,24 @@ use crate::config::{Config, ProviderKind, ServiceMode};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// How a provider asks the supervisor to run `join` again because something changed outside
+/// clawnode (an interface deleted, a daemon died) or a periodic check is due.
+#[derive(Debug, Clone)]
+pub struct Recheck(tokio::sync::mpsc::Sender<String>);
+
+impl Recheck {
+    /// A channel that holds one pending request: more requests before it is handled add nothing,
+    /// so a burst of events costs one recheck and no memory.
+    pub fn channel() -> (Recheck, tokio::sync::mpsc::Receiver<String>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        (Recheck(tx), rx)
+    }
+
+    pub fn request(&self, reason: impl Into<String>) {
+        let _ = self.0.try_send(reason.into());
+    }
+}
+
 /// What the node looks like on the mesh once joined.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeshStatus {
@@ -95,9 +113,9 @@ pub trait MeshProvider: Send {
 }
 
 /// The provider that `[network] provider` selects.
-pub fn for_config(config: &Config) -> Box<dyn MeshProvider> {
+pub fn for_config(config: &Config, recheck: Recheck) -> Box<dyn MeshProvider> {
     match config.network.provider {
-        ProviderKind::Wireguard => Box::new(wireguard::WireguardMesh::new()),
+        ProviderKind::Wireguard => Box::new(wireguard::WireguardMesh::new(recheck)),
         ProviderKind::Tailscale => Box::new(NotBuilt {
             provider: "tailscale",
             issue: 4,

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+pub mod lab;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_clawnode");
 
 /// A config for the fake mesh with `extra` appended (TOML tables that do not clash).
@@ -56,13 +58,30 @@ pub struct Node {
 impl Node {
     /// Write `config_text` and start `clawnode run` on it.
     pub fn start(config_text: impl FnOnce(&Path) -> String, env: &[(&str, &str)]) -> Node {
+        Node::start_in(None, config_text, env)
+    }
+
+    /// Start `clawnode run` inside network namespace `netns` (through `ip netns exec`, which
+    /// execs, so the child's PID is clawnode's).
+    pub fn start_in(
+        netns: Option<&str>,
+        config_text: impl FnOnce(&Path) -> String,
+        env: &[(&str, &str)],
+    ) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("clawbernetes.toml");
         std::fs::write(&config, config_text(dir.path())).expect("write config");
         let notify_path = dir.path().join("notify.sock");
         let notify = UnixDatagram::bind(&notify_path).expect("bind NOTIFY_SOCKET");
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("run")
             .arg("--config")
             .arg(&config)
@@ -196,7 +215,16 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        // Gracefully first, so a real provider tears down what it set up.
         if let Some(child) = &mut self.child {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(6);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }

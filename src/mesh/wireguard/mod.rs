@@ -9,6 +9,7 @@
 pub mod device;
 pub mod keys;
 pub mod link;
+mod monitor;
 pub mod userspace;
 
 use std::collections::BTreeMap;
@@ -22,7 +23,7 @@ use crate::config::{Config, WgBackend, WireguardConfig};
 use crate::core::peer_diff::{self, PeerKey, PeerMap, PeerSpec};
 use crate::services::node_info::{self, SharedInfo};
 
-use super::{BoxFuture, MeshError, MeshProvider, MeshStatus, ServiceAd};
+use super::{BoxFuture, MeshError, MeshProvider, MeshStatus, Recheck, ServiceAd};
 use device::{DeviceChange, WgControl, WgDevice};
 use link::{KernelSupport, Link};
 
@@ -42,8 +43,9 @@ impl Chosen {
     }
 }
 
-#[derive(Default)]
 pub struct WireguardMesh {
+    recheck: Recheck,
+    monitor: Option<monitor::Monitor>,
     link: Option<Link>,
     chosen: Option<(Chosen, String)>,
     daemon: Option<userspace::Daemon>,
@@ -55,8 +57,18 @@ pub struct WireguardMesh {
 }
 
 impl WireguardMesh {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(recheck: Recheck) -> Self {
+        Self {
+            recheck,
+            monitor: None,
+            link: None,
+            chosen: None,
+            daemon: None,
+            applied: PeerMap::new(),
+            info: SharedInfo::default(),
+            server: None,
+            keep_interface: false,
+        }
     }
 
     async fn choose_backend(
@@ -178,6 +190,29 @@ impl WireguardMesh {
             .configure(&state, u32::from(wg.mtu), &[address], &routes)
             .await
             .map_err(failed)?;
+        let owned = crate::core::drift::OwnedLink {
+            index: state.index,
+            name: iface.to_string(),
+            mtu: u32::from(wg.mtu),
+        };
+        let daemon_exit = self.daemon.as_ref().and_then(userspace::Daemon::exited);
+        let daemon_pid = self.daemon.as_ref().and_then(userspace::Daemon::pid);
+        if self
+            .monitor
+            .as_ref()
+            .is_none_or(|m| !m.watches(&owned, daemon_pid, wg.reconcile_interval))
+        {
+            self.monitor = Some(
+                monitor::Monitor::start(
+                    owned,
+                    daemon_pid,
+                    daemon_exit,
+                    wg.reconcile_interval,
+                    self.recheck.clone(),
+                )
+                .map_err(failed)?,
+            );
+        }
         if peer_changes > 0 || settings_changed || !link_changes.is_empty() {
             tracing::info!(component = "mesh", interface = iface, peer_changes, settings_changed, link = ?link_changes, "WireGuard interface reconciled");
         }
@@ -246,6 +281,7 @@ impl MeshProvider for WireguardMesh {
     fn leave(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
         Box::pin(async move {
             self.server = None;
+            self.monitor = None;
             if self.keep_interface {
                 tracing::info!(
                     component = "mesh",
