@@ -416,6 +416,11 @@ impl Daemon {
                 interface: self.mesh_status.as_ref().and_then(|m| m.interface.clone()),
                 address: self.mesh_status.as_ref().and_then(|m| m.address.clone()),
                 peers: self.mesh_status.as_ref().map_or(0, |m| m.peers),
+                problems: self
+                    .mesh_status
+                    .as_ref()
+                    .map(|m| m.problems.clone())
+                    .unwrap_or_default(),
             },
             gpu: GpuDoc {
                 health: component(Component::Gpu),
@@ -552,6 +557,7 @@ mod tests {
                     interface: Some("claw0".into()),
                     address: Some("10.100.0.9/16".into()),
                     peers: 2,
+                    problems: Vec::new(),
                 })
             })
         }

@@ -67,6 +67,7 @@ fn node_config(
     services: &str,
     dir: &Path,
 ) -> String {
+    std::fs::create_dir_all(dir.join("peers.d")).unwrap();
     let d = dir.display();
     format!(
         r#"
@@ -89,6 +90,7 @@ mesh_cidr = "198.51.100.0/24"
 address = "{ip}/24"
 private_key_file = "{key}"
 node_info_port = 51821
+peers_dir = "{d}/peers.d"
 
 {peers}
 
@@ -375,28 +377,50 @@ fn changing_another_peer_keeps_a_tcp_stream_flowing() {
         (worst, round_trips)
     });
 
-    let dir = nodes[0].dir.path().to_path_buf();
-    let rewrite = |peers: String| {
-        std::fs::write(
-            &nodes[0].config,
-            node_config(&lab, &keys, 0, &peers, "", &dir),
-        )
-        .unwrap();
-        nodes[0].signal(Signal::SIGHUP);
-        nodes[0].recv_until("READY=1", WAIT);
+    // Node 2's peer entry comes and goes as a drop-in file, the way Ansible would manage it.
+    let file = nodes[0].path("peers.d/node-2.toml");
+    let write_peer = |extra: &str| {
+        let block =
+            peer_block(&lab, &keys, 2, extra).replace("[[network.wireguard.peers]]", "[[peers]]");
+        let tmp = nodes[0].path("peers.d/.node-2.tmp");
+        std::fs::write(&tmp, block).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
     };
-    let b = peer_block(&lab, &keys, 1, "");
     std::thread::sleep(Duration::from_secs(1));
-    rewrite(format!("{b}{}", peer_block(&lab, &keys, 2, "")));
-    assert!(lab.ping(0, &mesh_ip(2), 5), "the added peer works");
+    write_peer("");
+    let added = time_to_reach(&lab, 0, &mesh_ip(2), Duration::from_secs(5))
+        .expect("the peer added by file works without a SIGHUP");
+    println!(
+        "peer file added -> reachable: {:.0} ms",
+        added.as_secs_f64() * 1000.0
+    );
     std::thread::sleep(Duration::from_secs(1));
-    rewrite(format!(
-        "{b}{}",
-        peer_block(&lab, &keys, 2, "persistent_keepalive = 5")
-    ));
+    write_peer("persistent_keepalive = 5");
+    nodes[0].signal(Signal::SIGHUP);
+    nodes[0].recv_until("READY=1", WAIT);
     std::thread::sleep(Duration::from_secs(1));
-    rewrite(b.clone());
-    assert!(!lab.ping(0, &mesh_ip(2), 1), "the removed peer is gone");
+    std::fs::remove_file(&file).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        !lab.ping(0, &mesh_ip(2), 1),
+        "the peer whose file was removed is gone"
+    );
+
+    // A malformed peer file is rejected with its position; the other peers keep working.
+    std::fs::write(
+        nodes[0].path("peers.d/broken.toml"),
+        "[[peers]]\nname = \"broken\"\npublic_key = \"not-a-key\"\nallowed_ips = [\"198.51.100.9/32\"]\n",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let doc = nodes[0].status_json();
+    let problems = doc["mesh"]["problems"].to_string();
+    assert!(
+        problems.contains("broken.toml:3:14: peers[0].public_key"),
+        "{problems}"
+    );
+    assert_eq!(doc["ready"], true);
+    assert!(lab.ping(0, &mesh_ip(1), 2), "existing peers keep working");
 
     let (worst, round_trips) = client.join().unwrap();
     println!(

@@ -52,6 +52,8 @@ pub struct MeshDoc {
     pub interface: Option<String>,
     pub address: Option<String>,
     pub peers: usize,
+    /// Problems that did not stop the join, e.g. a rejected peer file with its file:line:col.
+    pub problems: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

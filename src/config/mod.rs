@@ -78,13 +78,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let (root, syntax_errors) = DeTable::parse_recoverable(text);
     let locator = locate::Locator::new(text, Some(&root));
     if !syntax_errors.is_empty() {
-        let mut errors: Vec<ConfigError> = syntax_errors
-            .iter()
-            .map(|err| toml_error(path, &locator, err))
-            .collect();
-        errors.sort_by_key(|e| (e.line, e.col));
-        errors.dedup();
-        return Err(ConfigErrors(errors));
+        return Err(syntax(path, &locator, &syntax_errors));
     }
     let raw = match raw::RawConfig::deserialize(toml::de::Deserializer::from(root.clone())) {
         Ok(raw) => raw,
@@ -93,6 +87,34 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     validate::Checker::new(path, &locator)
         .run(raw)
         .map_err(ConfigErrors)
+}
+
+/// Reads and validates a drop-in peer file from `peers_dir`: `[[peers]]` tables with the keys
+/// of `[[network.wireguard.peers]]`. Errors carry file:line:col like the main file's.
+pub fn load_peers_file(path: &Path) -> Result<Vec<PeerConfig>, ConfigErrors> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| single_error(path, 1, 1, format!("cannot read the peer file: {err}")))?;
+    let (root, syntax_errors) = DeTable::parse_recoverable(&text);
+    let locator = locate::Locator::new(&text, Some(&root));
+    if !syntax_errors.is_empty() {
+        return Err(syntax(path, &locator, &syntax_errors));
+    }
+    let raw = raw::RawPeersFile::deserialize(toml::de::Deserializer::from(root.clone()))
+        .map_err(|err| ConfigErrors(vec![toml_error(path, &locator, &err)]))?;
+    validate::Checker::new(path, &locator)
+        .run_peers(raw.peers)
+        .map_err(ConfigErrors)
+}
+
+/// Every syntax error of a document, in file order.
+fn syntax(path: &Path, locator: &locate::Locator<'_>, errors: &[toml::de::Error]) -> ConfigErrors {
+    let mut errors: Vec<ConfigError> = errors
+        .iter()
+        .map(|err| toml_error(path, locator, err))
+        .collect();
+    errors.sort_by_key(|e| (e.line, e.col));
+    errors.dedup();
+    ConfigErrors(errors)
 }
 
 fn single_error(path: &Path, line: usize, col: usize, message: String) -> ConfigErrors {

@@ -154,3 +154,11 @@ impl Drop for RawSecret {
         self.0.zeroize();
     }
 }
+
+/// A drop-in peer file in `peers_dir`: one or more `[[peers]]` tables.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPeersFile {
+    #[serde(default)]
+    pub peers: Vec<RawPeer>,
+}

@@ -71,6 +71,20 @@ impl<'a> Checker<'a> {
         Err(errors)
     }
 
+    /// Validates a drop-in peer file (`[[peers]]` tables).
+    pub(super) fn run_peers(
+        mut self,
+        raw: Vec<RawPeer>,
+    ) -> Result<Vec<PeerConfig>, Vec<ConfigError>> {
+        let peers = self.peers(&KeyPath::root().key("peers"), raw);
+        if self.errors.is_empty() {
+            return Ok(peers);
+        }
+        let mut errors = self.errors;
+        errors.sort_by_key(|e| (e.line, e.col));
+        Err(errors)
+    }
+
     fn node(&mut self, path: &KeyPath, raw: RawNode) -> NodeConfig {
         let name_path = path.key("name");
         let name = match raw.name {

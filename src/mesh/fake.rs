@@ -34,6 +34,7 @@ impl MeshProvider for FakeMesh {
                 interface: Some("fake0".into()),
                 address: Some(fake.address.clone()),
                 peers: 0,
+                problems: Vec::new(),
             })
         })
     }

@@ -41,6 +41,9 @@ pub struct MeshStatus {
     pub interface: Option<String>,
     pub address: Option<String>,
     pub peers: usize,
+    /// Things the operator should fix that did not stop the join (a rejected peer file).
+    #[serde(default)]
+    pub problems: Vec<String>,
 }
 
 impl MeshStatus {

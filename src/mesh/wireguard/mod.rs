@@ -14,12 +14,13 @@ pub mod userspace;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use ipnet::IpNet;
 use wireguard_control::Backend;
 
-use crate::config::{Config, WgBackend, WireguardConfig};
+use crate::config::{self, Config, PeerConfig, WgBackend, WireguardConfig};
 use crate::core::peer_diff::{self, PeerKey, PeerMap, PeerSpec};
 use crate::services::node_info::{self, SharedInfo};
 
@@ -153,7 +154,8 @@ impl WireguardMesh {
 
         let key = keys::load_or_generate(&wg.private_key_file).map_err(failed)?;
         let public = key.public();
-        let desired = desired_peers(wg).await?;
+        let (peers, problems) = configured_peers(wg);
+        let desired = desired_peers(&peers).await?;
 
         let device = WgControl { backend };
         let iface_owned = iface.to_string();
@@ -200,13 +202,14 @@ impl WireguardMesh {
         if self
             .monitor
             .as_ref()
-            .is_none_or(|m| !m.watches(&owned, daemon_pid, wg.reconcile_interval))
+            .is_none_or(|m| !m.watches(&owned, daemon_pid, &wg.peers_dir, wg.reconcile_interval))
         {
             self.monitor = Some(
                 monitor::Monitor::start(
                     owned,
                     daemon_pid,
                     daemon_exit,
+                    &wg.peers_dir,
                     wg.reconcile_interval,
                     self.recheck.clone(),
                 )
@@ -243,6 +246,7 @@ impl WireguardMesh {
             interface: Some(iface.to_string()),
             address: Some(address.to_string()),
             peers: desired.len(),
+            problems,
         })
     }
 }
@@ -303,11 +307,58 @@ impl MeshProvider for WireguardMesh {
     }
 }
 
-/// Peers from `[[network.wireguard.peers]]`, endpoints resolved now (a name that does not
-/// resolve leaves the peer without an endpoint until the next reconcile tries again).
-pub async fn desired_peers(wg: &WireguardConfig) -> Result<PeerMap, MeshError> {
-    let mut peers = BTreeMap::new();
-    for peer in &wg.peers {
+/// Every configured peer: `[[network.wireguard.peers]]`, then the drop-in files in
+/// `peers_dir` (`*.toml`, in name order). A file that does not validate is skipped whole and
+/// reported; the other peers stay. A public key seen twice keeps its first definition.
+pub fn configured_peers(wg: &WireguardConfig) -> (Vec<PeerConfig>, Vec<String>) {
+    let mut peers = wg.peers.clone();
+    let mut problems = Vec::new();
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(&wg.peers_dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect(),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(error) => {
+            problems.push(format!(
+                "cannot read peers_dir {}: {error}",
+                wg.peers_dir.display()
+            ));
+            Vec::new()
+        }
+    };
+    files.sort();
+    for file in files {
+        match config::load_peers_file(&file) {
+            Ok(more) => {
+                for peer in more {
+                    if peers.iter().any(|p| p.public_key == peer.public_key) {
+                        problems.push(format!(
+                            "{}: peer {:?} repeats a public key already configured; ignored",
+                            file.display(),
+                            peer.name
+                        ));
+                        continue;
+                    }
+                    peers.push(peer);
+                }
+            }
+            Err(errors) => {
+                for error in &errors.0 {
+                    tracing::error!(component = "mesh", %error, "peer file rejected; its peers are not applied");
+                }
+                problems.extend(errors.0.iter().map(|e| format!("peer file rejected: {e}")));
+            }
+        }
+    }
+    (peers, problems)
+}
+
+/// The peers to apply, endpoints resolved now (a name that does not resolve leaves the peer
+/// without an endpoint until the next reconcile tries again).
+pub async fn desired_peers(peers: &[PeerConfig]) -> Result<PeerMap, MeshError> {
+    let mut out = BTreeMap::new();
+    for peer in peers {
         let key = PeerKey(*peer.public_key.as_bytes());
         let mut spec = PeerSpec::new(key, peer.allowed_ips.clone());
         spec.keepalive = peer.persistent_keepalive;
@@ -322,9 +373,9 @@ pub async fn desired_peers(wg: &WireguardConfig) -> Result<PeerMap, MeshError> {
                 }
             }
         }
-        peers.insert(key, spec);
+        out.insert(key, spec);
     }
-    Ok(peers)
+    Ok(out)
 }
 
 /// The mesh CIDR, and every peer network outside it.
@@ -340,7 +391,8 @@ fn routes_for(wg: &WireguardConfig, peers: &PeerMap) -> Vec<IpNet> {
 
 /// The mesh address of each peer: its first single-host allowed IP inside the mesh CIDR.
 pub fn peer_mesh_addresses(wg: &WireguardConfig) -> Vec<IpAddr> {
-    wg.peers
+    configured_peers(wg)
+        .0
         .iter()
         .filter_map(|p| {
             p.allowed_ips

@@ -3,7 +3,10 @@
 //! reconcile as the safety net for changes no event reports (a peer removed with `wg set`).
 //! Event-driven: between events it costs nothing but the periodic timer.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use inotify::{EventStream, Inotify, WatchMask};
 
 use futures::StreamExt;
 use netlink_packet_core::NetlinkPayload;
@@ -19,6 +22,7 @@ use crate::mesh::Recheck;
 pub struct Monitor {
     owned: OwnedLink,
     daemon_pid: Option<u32>,
+    peers_dir: PathBuf,
     interval: Duration,
     task: JoinHandle<()>,
 }
@@ -28,11 +32,13 @@ impl Monitor {
         owned: OwnedLink,
         daemon_pid: Option<u32>,
         daemon_exit: Option<watch::Receiver<bool>>,
+        peers_dir: &Path,
         interval: Duration,
         recheck: Recheck,
     ) -> std::io::Result<Monitor> {
         let (connection, _handle, mut messages) =
             rtnetlink::new_multicast_connection(&[MulticastGroup::Link])?;
+        let mut peer_files = watch_dir(peers_dir);
         let watched = owned.clone();
         let task = tokio::spawn(async move {
             let connection = tokio::spawn(connection);
@@ -40,8 +46,21 @@ impl Monitor {
                 tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut daemon_exit = daemon_exit;
+            // Editors and config managers write a file in several steps; apply once they settle.
+            let mut settle: Option<tokio::time::Instant> = None;
             loop {
                 tokio::select! {
+                    event = next_file_event(&mut peer_files) => {
+                        match event {
+                            Some(()) => settle = Some(tokio::time::Instant::now() + PEER_FILE_SETTLE),
+                            None => peer_files = None,
+                        }
+                    }
+                    _ = sleep_until(settle) => {
+                        settle = None;
+                        tracing::info!(component = "mesh", "peer files changed; reloading peers");
+                        recheck.request("peers_dir changed");
+                    }
                     message = messages.next() => {
                         let Some((message, _)) = message else { break };
                         let event = match message.payload {
@@ -74,20 +93,66 @@ impl Monitor {
         Ok(Monitor {
             owned,
             daemon_pid,
+            peers_dir: peers_dir.to_path_buf(),
             interval,
             task,
         })
     }
 
-    /// Does this monitor already watch exactly this link, daemon and interval?
-    pub fn watches(&self, owned: &OwnedLink, daemon_pid: Option<u32>, interval: Duration) -> bool {
-        self.owned == *owned && self.daemon_pid == daemon_pid && self.interval == interval
+    /// Does this monitor already watch exactly this link, daemon, directory and interval?
+    pub fn watches(
+        &self,
+        owned: &OwnedLink,
+        daemon_pid: Option<u32>,
+        peers_dir: &Path,
+        interval: Duration,
+    ) -> bool {
+        self.owned == *owned
+            && self.daemon_pid == daemon_pid
+            && self.peers_dir == peers_dir
+            && self.interval == interval
     }
 }
 
 impl Drop for Monitor {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// How long the peer directory must be quiet before a change is applied.
+const PEER_FILE_SETTLE: Duration = Duration::from_millis(200);
+
+fn watch_dir(dir: &Path) -> Option<EventStream<Vec<u8>>> {
+    let inotify = Inotify::init().ok()?;
+    let mask = WatchMask::CREATE
+        | WatchMask::CLOSE_WRITE
+        | WatchMask::DELETE
+        | WatchMask::MOVED_TO
+        | WatchMask::MOVED_FROM;
+    if let Err(error) = inotify.watches().add(dir, mask) {
+        // Without the directory there is nothing to watch; the periodic reconcile still runs.
+        tracing::debug!(component = "mesh", dir = %dir.display(), %error, "not watching peers_dir");
+        return None;
+    }
+    inotify.into_event_stream(vec![0u8; 4096]).ok()
+}
+
+/// The next change in the peer directory; `None` when the watch is gone.
+async fn next_file_event(stream: &mut Option<EventStream<Vec<u8>>>) -> Option<()> {
+    let Some(stream) = stream else {
+        return std::future::pending().await;
+    };
+    match stream.next().await {
+        Some(Ok(_)) => Some(()),
+        _ => None,
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
