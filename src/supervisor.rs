@@ -14,7 +14,7 @@ use crate::config::{self, Config};
 use crate::core::{Backoff, Command, Component, ComponentView, Supervisor};
 use crate::gpu::{GpuInventory, GpuProbe};
 use crate::logging::LogHandle;
-use crate::mesh::{self, MeshProvider, MeshStatus, Recheck, ServiceAd};
+use crate::mesh::{self, Hooks, MeshProvider, MeshStatus, ServiceAd};
 use crate::systemd::{self, Notifier};
 
 /// How long a stop may spend withdrawing advertisements; the rest of the 5 s budget is slack.
@@ -23,8 +23,8 @@ pub const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(4);
 /// The OS-facing parts, each behind its narrow trait so tests can swap them.
 pub struct Components {
     pub mesh: Box<dyn MeshProvider>,
-    /// The channel `mesh` was built with (see `mesh::for_config`).
-    pub recheck: (Recheck, mpsc::Receiver<String>),
+    /// The hooks `mesh` was built with (see `mesh::for_config`), and their recheck receiver.
+    pub hooks: (Hooks, mpsc::Receiver<String>),
     pub gpu: Box<dyn GpuProbe>,
     pub notifier: Box<dyn Notifier>,
     pub watchdog_interval: Option<Duration>,
@@ -41,7 +41,7 @@ pub struct Daemon {
     tasks: [Option<JoinHandle<()>>; 3],
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
-    recheck: Recheck,
+    hooks: Hooks,
     recheck_rx: mpsc::Receiver<String>,
     status_tx: watch::Sender<StatusDoc>,
     mesh_status: Option<MeshStatus>,
@@ -58,7 +58,7 @@ impl Daemon {
         log: Option<LogHandle>,
     ) -> Self {
         let (events_tx, events_rx) = mpsc::channel(16);
-        let (recheck, recheck_rx) = components.recheck;
+        let (hooks, recheck_rx) = components.hooks;
         let clock = Clock::now();
         Self {
             config_path,
@@ -75,7 +75,7 @@ impl Daemon {
             tasks: Default::default(),
             events_tx,
             events_rx,
-            recheck,
+            hooks,
             recheck_rx,
             status_tx: watch::Sender::new(StatusDoc::default()),
             mesh_status: None,
@@ -338,7 +338,7 @@ impl Daemon {
             if let Some(error) = self.withdraw().await {
                 tracing::warn!(component = "mesh", %error, "old provider did not withdraw cleanly");
             }
-            *self.mesh.lock().await = mesh::for_config(&new, self.recheck.clone());
+            *self.mesh.lock().await = mesh::for_config(&new, self.hooks.clone());
             self.mesh_status = None;
         }
         tracing::info!(changed = ?changed, "configuration reloaded");
@@ -421,6 +421,7 @@ impl Daemon {
                     .as_ref()
                     .map(|m| m.problems.clone())
                     .unwrap_or_default(),
+                wireguard: None,
             },
             gpu: GpuDoc {
                 health: component(Component::Gpu),
@@ -622,7 +623,7 @@ mod tests {
                     joins: 0,
                 }),
                 gpu: Box::new(TwoGpus),
-                recheck: Recheck::channel(),
+                hooks: Hooks::new(),
                 notifier: Box::new(notifier),
                 watchdog_interval: None,
             },

@@ -295,6 +295,34 @@ fn four_nodes_mesh_ping_discover_repair_and_stop() {
     assert_eq!(doc["ready"], true, "{doc}");
     assert_eq!(doc["mesh"]["interface"], lab.iface(0));
     assert_eq!(doc["mesh"]["peers"], 3);
+    let wg = &doc["mesh"]["wireguard"];
+    assert_eq!(wg["backend"], "userspace", "{doc}");
+    assert_eq!(wg["interface"], lab.iface(0));
+    assert_eq!(wg["public_key"], keys.public[0]);
+    assert_eq!(wg["listen_port"], 51820);
+    assert_eq!(wg["addresses"][0], format!("{}/24", mesh_ip(0)));
+    let peer1 = wg["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "node-1")
+        .expect("node-1 listed");
+    assert_eq!(peer1["public_key"], keys.public[1]);
+    assert_eq!(peer1["endpoint"], format!("{}:51820", lab.underlay(1)));
+    assert_eq!(peer1["allowed_ips"][0], format!("{}/32", mesh_ip(1)));
+    assert!(
+        peer1["last_handshake_unix_ms"].as_u64().is_some(),
+        "{peer1}"
+    );
+    assert!(peer1["rx_bytes"].as_u64().unwrap() > 0);
+    assert!(!doc.to_string().contains("PrivateKey") && !doc.to_string().contains("private"));
+    let socket = nodes[0].path("run/clawnode.sock");
+    let peers = nodes[0].cli(&["peers", "--socket", socket.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&peers.stdout);
+    assert!(
+        text.contains("node-1") && text.contains("handshake"),
+        "{text}"
+    );
 
     // Stop: withdraw, remove the interface, stop wireguard-go.
     let node0 = &mut nodes[0];

@@ -20,6 +20,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use super::StatusDoc;
+use crate::mesh::wireguard::status::{LiveTarget, WgStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -70,8 +71,8 @@ pub async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ApiE
     Ok(listener)
 }
 
-/// Serve until the task is dropped.
-pub async fn serve(listener: UnixListener, status: watch::Receiver<StatusDoc>) {
+/// Serve until the task is dropped. `live` supplies the interface read at request time.
+pub async fn serve(listener: UnixListener, status: watch::Receiver<StatusDoc>, live: LiveTarget) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -83,10 +84,18 @@ pub async fn serve(listener: UnixListener, status: watch::Receiver<StatusDoc>) {
             }
         };
         let status = status.clone();
+        let live = live.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
+            let service = service_fn(move |req: Request<Incoming>| {
                 let status = status.clone();
-                async move { Ok::<_, Infallible>(route(&req, &status.borrow())) }
+                let live = live.clone();
+                async move {
+                    let mut doc = status.borrow().clone();
+                    if req.uri().path() == "/v1/status" {
+                        doc.mesh.wireguard = read_live(live).await;
+                    }
+                    Ok::<_, Infallible>(route(&req, &doc))
+                }
             });
             if let Err(error) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -95,6 +104,17 @@ pub async fn serve(listener: UnixListener, status: watch::Receiver<StatusDoc>) {
                 tracing::debug!(component = "api", %error, "connection ended with an error");
             }
         });
+    }
+}
+
+async fn read_live(live: LiveTarget) -> Option<WgStatus> {
+    match tokio::task::spawn_blocking(move || live.read()).await {
+        Ok(Some(Ok(status))) => Some(status),
+        Ok(Some(Err(error))) => {
+            tracing::debug!(component = "api", %error, "cannot read the WireGuard device");
+            None
+        }
+        _ => None,
     }
 }
 

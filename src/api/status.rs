@@ -54,6 +54,8 @@ pub struct MeshDoc {
     pub peers: usize,
     /// Problems that did not stop the join, e.g. a rejected peer file with its file:line:col.
     pub problems: Vec<String>,
+    /// The WireGuard interface and its peers, read from the device at request time.
+    pub wireguard: Option<crate::mesh::wireguard::status::WgStatus>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

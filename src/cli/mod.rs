@@ -2,6 +2,7 @@
 
 pub mod check_config;
 pub mod docs;
+pub mod peers;
 pub mod pubkey;
 pub mod run;
 pub mod services;
@@ -41,6 +42,15 @@ pub enum Command {
     CheckConfig,
     /// Show the running daemon's status.
     Status(status::StatusArgs),
+    /// List the WireGuard peers with endpoints, allowed IPs, last handshake and traffic.
+    Peers {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The daemon's API socket (default: [api] socket from the config).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
     /// Print this node's WireGuard public key (generates the private key on first use).
     Pubkey,
     /// Find the nodes that advertise a service.
@@ -96,6 +106,7 @@ impl Command {
             Command::CheckConfig => "check-config",
             Command::Status(_) => "status",
             Command::Pubkey => "pubkey",
+            Command::Peers { .. } => "peers",
             Command::Services { .. } => "services",
             Command::Version => "version",
             Command::Completions { .. } => "completions",
@@ -110,6 +121,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::CheckConfig => Ok(check_config::run(&cli.config)),
         Command::Status(args) => status::run(&cli.config, &args),
         Command::Pubkey => pubkey::run(&cli.config),
+        Command::Peers { json, socket } => peers::run(&cli.config, json, socket.as_deref()),
         Command::Services { command } => services::run(&cli.config, &command),
         Command::Version => {
             println!("clawnode {}", env!("CARGO_PKG_VERSION"));

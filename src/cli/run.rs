@@ -43,17 +43,18 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
             .await
             .map_err(CliError::runtime)?;
         tracing::info!(component = "api", socket = %config.api.socket.display(), "status API listening");
-        let (recheck, recheck_rx) = mesh::Recheck::channel();
+        let (hooks, recheck_rx) = mesh::Hooks::new();
+        let live = hooks.live.clone();
         let components = Components {
-            mesh: mesh::for_config(&config, recheck.clone()),
-            recheck: (recheck, recheck_rx),
+            mesh: mesh::for_config(&config, hooks.clone()),
+            hooks: (hooks, recheck_rx),
             gpu: Box::new(NvmlProbe::new(config.gpu.nvml_library.clone())),
             notifier: Box::new(SdNotifier),
             watchdog_interval: SdNotifier::watchdog_interval(),
         };
         let socket = config.api.socket.clone();
         let daemon = Daemon::new(config_path.to_path_buf(), config, components, Some(log));
-        let api_task = tokio::spawn(api::serve(listener, daemon.status()));
+        let api_task = tokio::spawn(api::serve(listener, daemon.status(), live));
         let code = daemon.run().await.map_err(CliError::runtime);
         api_task.abort();
         let _ = std::fs::remove_file(&socket);

@@ -32,13 +32,19 @@ pub enum Check {
     Ready,
 }
 
+/// The daemon's socket: `--socket`, else `[api] socket` from the config, else the default.
+pub fn socket_for(config_path: &Path, socket: Option<&Path>) -> PathBuf {
+    if let Some(socket) = socket {
+        return socket.to_path_buf();
+    }
+    // An unreadable config (it is 0600 root) should not stop a status query.
+    config::load(config_path)
+        .map(|c| c.api.socket)
+        .unwrap_or_else(|_| PathBuf::from(api::DEFAULT_SOCKET))
+}
+
 pub fn run(config_path: &Path, args: &StatusArgs) -> Result<ExitCode, CliError> {
-    let socket = args.socket.clone().unwrap_or_else(|| {
-        // An unreadable config (it is 0600 root) should not stop a status query.
-        config::load(config_path)
-            .map(|c| c.api.socket)
-            .unwrap_or_else(|_| PathBuf::from(api::DEFAULT_SOCKET))
-    });
+    let socket = socket_for(config_path, args.socket.as_deref());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -102,6 +108,23 @@ fn human(doc: &StatusDoc) -> String {
         "mesh:",
         &format!("{} [{} peers]", health(&doc.mesh.health), doc.mesh.peers),
     );
+    if let Some(wg) = &doc.mesh.wireguard {
+        row(
+            &mut out,
+            "wireguard:",
+            &format!(
+                "{} ({}), key {}, port {}, {} peers",
+                wg.interface,
+                wg.backend,
+                wg.public_key.as_deref().unwrap_or("-"),
+                wg.listen_port.map_or("-".into(), |p| p.to_string()),
+                wg.peers.len()
+            ),
+        );
+    }
+    for problem in &doc.mesh.problems {
+        row(&mut out, "problem:", problem);
+    }
     row(&mut out, "gpu:", &health(&doc.gpu.health));
     let services: Vec<String> = doc
         .services

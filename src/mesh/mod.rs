@@ -115,10 +115,29 @@ pub trait MeshProvider: Send {
     fn leave(&mut self) -> BoxFuture<'_, Result<(), MeshError>>;
 }
 
+/// What the rest of clawnode hands a provider: how to ask for a recheck, and where to publish
+/// the interface that the status API reads live.
+#[derive(Clone)]
+pub struct Hooks {
+    pub recheck: Recheck,
+    pub live: wireguard::status::LiveTarget,
+}
+
+impl Hooks {
+    pub fn new() -> (Hooks, tokio::sync::mpsc::Receiver<String>) {
+        let (recheck, rx) = Recheck::channel();
+        let hooks = Hooks {
+            recheck,
+            live: wireguard::status::LiveTarget::default(),
+        };
+        (hooks, rx)
+    }
+}
+
 /// The provider that `[network] provider` selects.
-pub fn for_config(config: &Config, recheck: Recheck) -> Box<dyn MeshProvider> {
+pub fn for_config(config: &Config, hooks: Hooks) -> Box<dyn MeshProvider> {
     match config.network.provider {
-        ProviderKind::Wireguard => Box::new(wireguard::WireguardMesh::new(recheck)),
+        ProviderKind::Wireguard => Box::new(wireguard::WireguardMesh::new(hooks)),
         ProviderKind::Tailscale => Box::new(NotBuilt {
             provider: "tailscale",
             issue: 4,

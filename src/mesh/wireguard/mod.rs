@@ -10,6 +10,7 @@ pub mod device;
 pub mod keys;
 pub mod link;
 mod monitor;
+pub mod status;
 pub mod userspace;
 
 use std::collections::BTreeMap;
@@ -24,7 +25,7 @@ use crate::config::{self, Config, PeerConfig, WgBackend, WireguardConfig};
 use crate::core::peer_diff::{self, PeerKey, PeerMap, PeerSpec};
 use crate::services::node_info::{self, SharedInfo};
 
-use super::{BoxFuture, MeshError, MeshProvider, MeshStatus, Recheck, ServiceAd};
+use super::{BoxFuture, Hooks, MeshError, MeshProvider, MeshStatus, Recheck, ServiceAd};
 use device::{DeviceChange, WgControl, WgDevice};
 use link::{KernelSupport, Link};
 
@@ -46,6 +47,7 @@ impl Chosen {
 
 pub struct WireguardMesh {
     recheck: Recheck,
+    live: status::LiveTarget,
     monitor: Option<monitor::Monitor>,
     link: Option<Link>,
     chosen: Option<(Chosen, String)>,
@@ -58,9 +60,10 @@ pub struct WireguardMesh {
 }
 
 impl WireguardMesh {
-    pub fn new(recheck: Recheck) -> Self {
+    pub fn new(hooks: Hooks) -> Self {
         Self {
-            recheck,
+            recheck: hooks.recheck,
+            live: hooks.live,
             monitor: None,
             link: None,
             chosen: None,
@@ -216,6 +219,16 @@ impl WireguardMesh {
                 .map_err(failed)?,
             );
         }
+        self.live.set(Some(status::Target {
+            interface: iface.to_string(),
+            backend,
+            backend_name: chosen.as_str(),
+            addresses: vec![address.to_string()],
+            names: peers
+                .iter()
+                .map(|p| (PeerKey(*p.public_key.as_bytes()), p.name.clone()))
+                .collect(),
+        }));
         if peer_changes > 0 || settings_changed || !link_changes.is_empty() {
             tracing::info!(component = "mesh", interface = iface, peer_changes, settings_changed, link = ?link_changes, "WireGuard interface reconciled");
         }
@@ -286,6 +299,7 @@ impl MeshProvider for WireguardMesh {
         Box::pin(async move {
             self.server = None;
             self.monitor = None;
+            self.live.set(None);
             if self.keep_interface {
                 tracing::info!(
                     component = "mesh",

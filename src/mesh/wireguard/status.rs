@@ -1,0 +1,101 @@
+//! What `clawnode status` and `clawnode peers` show of the WireGuard interface: read live from
+//! the device when asked, so handshake ages and byte counters are current without any polling.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::UNIX_EPOCH;
+
+use serde::{Deserialize, Serialize};
+use wireguard_control::Backend;
+
+use super::device::{WgControl, WgDevice};
+use super::keys;
+use crate::core::peer_diff::PeerKey;
+
+/// The interface to read, set by the provider once it is configured.
+#[derive(Clone, Default)]
+pub struct LiveTarget(Arc<RwLock<Option<Target>>>);
+
+#[derive(Clone)]
+pub struct Target {
+    pub interface: String,
+    pub backend: Backend,
+    pub backend_name: &'static str,
+    pub addresses: Vec<String>,
+    pub names: BTreeMap<PeerKey, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WgStatus {
+    pub backend: String,
+    pub interface: String,
+    pub public_key: Option<String>,
+    pub listen_port: Option<u16>,
+    pub fwmark: Option<u32>,
+    pub addresses: Vec<String>,
+    pub peers: Vec<PeerStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: Option<String>,
+    pub public_key: String,
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    pub persistent_keepalive: Option<u16>,
+    pub last_handshake_unix_ms: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+impl LiveTarget {
+    pub fn set(&self, target: Option<Target>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = target;
+    }
+
+    /// Read the device now (blocking: call from the blocking pool). `None` when no interface
+    /// is configured.
+    pub fn read(&self) -> Option<std::io::Result<WgStatus>> {
+        let target = self.0.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+        Some(read(&target))
+    }
+}
+
+fn read(target: &Target) -> std::io::Result<WgStatus> {
+    let state = WgControl {
+        backend: target.backend,
+    }
+    .read(&target.interface)?;
+    let peers = state
+        .stats
+        .iter()
+        .map(|s| {
+            let spec = state.peers.get(&s.key);
+            PeerStatus {
+                name: target.names.get(&s.key).cloned(),
+                public_key: keys::to_base64(&s.key),
+                endpoint: s.endpoint.map(|e| e.to_string()),
+                allowed_ips: spec
+                    .map(|p| p.allowed_ips.iter().map(ToString::to_string).collect())
+                    .unwrap_or_default(),
+                persistent_keepalive: spec.and_then(|p| p.keepalive),
+                last_handshake_unix_ms: s
+                    .last_handshake
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .filter(|d| !d.is_zero())
+                    .map(|d| d.as_millis() as u64),
+                rx_bytes: s.rx_bytes,
+                tx_bytes: s.tx_bytes,
+            }
+        })
+        .collect();
+    Ok(WgStatus {
+        backend: target.backend_name.to_string(),
+        interface: target.interface.clone(),
+        public_key: state.public_key.as_ref().map(keys::to_base64),
+        listen_port: state.listen_port,
+        fwmark: state.fwmark,
+        addresses: target.addresses.clone(),
+        peers,
+    })
+}
