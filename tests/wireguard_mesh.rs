@@ -91,6 +91,7 @@ address = "{ip}/24"
 private_key_file = "{key}"
 node_info_port = 51821
 peers_dir = "{d}/peers.d"
+reconcile_interval = "1s"
 
 {peers}
 
@@ -289,6 +290,21 @@ fn four_nodes_mesh_ping_discover_repair_and_stop() {
         killed.as_secs_f64() * 1000.0
     );
     assert_ne!(wireguard_go_pid(&lab.iface(0)), Some(pid));
+
+    // A peer removed behind clawnode's back (`wg set … remove`, which sends no event) comes
+    // back with the periodic reconcile (1 s here, 30 s by default).
+    lab::sh(&format!(
+        "ip netns exec {} wg set {} peer {} remove",
+        lab.ns(0),
+        lab.iface(0),
+        keys.public[1]
+    ));
+    let removed = time_to_reach(&lab, 0, &mesh_ip(1), Duration::from_secs(10))
+        .expect("peer restored by the periodic reconcile");
+    println!(
+        "restore after `wg set peer remove` (reconcile_interval 1s): {:.0} ms",
+        removed.as_secs_f64() * 1000.0
+    );
 
     // The status API shows the real provider's view.
     let doc = nodes[0].status_json();

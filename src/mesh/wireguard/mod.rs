@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ipnet::IpNet;
 use wireguard_control::Backend;
@@ -26,8 +27,16 @@ use crate::core::peer_diff::{self, PeerKey, PeerMap, PeerSpec};
 use crate::services::node_info::{self, SharedInfo};
 
 use super::{BoxFuture, Hooks, MeshError, MeshProvider, MeshStatus, Recheck, ServiceAd};
-use device::{DeviceChange, WgControl, WgDevice};
+use device::{DeviceChange, DeviceState, WgControl, WgDevice};
 use link::{KernelSupport, Link};
+
+struct Trusted {
+    interface: String,
+    daemon_pid: Option<u32>,
+    public_key: PeerKey,
+    listen_port: u16,
+    fwmark: u32,
+}
 
 /// Which backend runs the interface, once chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +63,11 @@ pub struct WireguardMesh {
     daemon: Option<userspace::Daemon>,
     /// The peers clawnode last applied, to tell configured endpoint changes from roaming.
     applied: PeerMap,
+    /// The device as clawnode last left it, when nothing since can have changed it: then a
+    /// config change is diffed against this instead of reading the whole device back.
+    trusted: Option<Trusted>,
+    /// Set by the monitor when the device may have changed behind clawnode's back.
+    needs_read: Arc<AtomicBool>,
     info: SharedInfo,
     server: Option<node_info::Server>,
     keep_interface: bool,
@@ -69,6 +83,8 @@ impl WireguardMesh {
             chosen: None,
             daemon: None,
             applied: PeerMap::new(),
+            trusted: None,
+            needs_read: Arc::new(AtomicBool::new(true)),
             info: SharedInfo::default(),
             server: None,
             keep_interface: false,
@@ -165,8 +181,24 @@ impl WireguardMesh {
         let applied = self.applied.clone();
         let (listen_port, fwmark) = (wg.listen_port, wg.fwmark.unwrap_or(0));
         let desired_for_apply = desired.clone();
+        let daemon_pid = self.daemon.as_ref().and_then(userspace::Daemon::pid);
+        let must_read = self.needs_read.swap(false, Ordering::AcqRel);
+        let known = self
+            .trusted
+            .take()
+            .filter(|t| !must_read && t.interface == iface && t.daemon_pid == daemon_pid)
+            .map(|t| DeviceState {
+                public_key: Some(t.public_key),
+                listen_port: Some(t.listen_port),
+                fwmark: (t.fwmark != 0).then_some(t.fwmark),
+                peers: applied.clone(),
+                stats: Vec::new(),
+            });
         let (peer_changes, settings_changed) = tokio::task::spawn_blocking(move || {
-            let state = device.read(&iface_owned)?;
+            let state = match known {
+                Some(state) => state,
+                None => device.read(&iface_owned)?,
+            };
             let diff = peer_diff::diff(&state.peers, &desired_for_apply, &applied);
             let change = DeviceChange {
                 private_key: (state.public_key != Some(key.public())).then_some(&key),
@@ -184,6 +216,13 @@ impl WireguardMesh {
         .map_err(|e| MeshError::Failed(format!("WireGuard apply task failed: {e}")))?
         .map_err(|e| MeshError::Failed(format!("configure WireGuard device {iface}: {e}")))?;
         self.applied = desired.clone();
+        self.trusted = Some(Trusted {
+            interface: iface.to_string(),
+            daemon_pid,
+            public_key: public,
+            listen_port,
+            fwmark,
+        });
 
         let Some(state) = link.get(iface).await.map_err(failed)? else {
             return Err(MeshError::Failed(format!(
@@ -215,6 +254,7 @@ impl WireguardMesh {
                     &wg.peers_dir,
                     wg.reconcile_interval,
                     self.recheck.clone(),
+                    Arc::clone(&self.needs_read),
                 )
                 .map_err(failed)?,
             );
@@ -316,6 +356,7 @@ impl MeshProvider for WireguardMesh {
                 tracing::info!(component = "mesh", interface = %iface, "removed the WireGuard interface");
             }
             self.applied.clear();
+            self.trusted = None;
             Ok(())
         })
     }

@@ -4,6 +4,8 @@
 //! Event-driven: between events it costs nothing but the periodic timer.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use inotify::{EventStream, Inotify, WatchMask};
@@ -35,6 +37,7 @@ impl Monitor {
         peers_dir: &Path,
         interval: Duration,
         recheck: Recheck,
+        needs_read: Arc<AtomicBool>,
     ) -> std::io::Result<Monitor> {
         let (connection, _handle, mut messages) =
             rtnetlink::new_multicast_connection(&[MulticastGroup::Link])?;
@@ -75,17 +78,23 @@ impl Monitor {
                         };
                         if let Some(reason) = link_drift(&watched, &event) {
                             tracing::warn!(component = "mesh", interface = %watched.name, reason, "interface drifted; repairing");
+                            needs_read.store(true, Ordering::Release);
                             recheck.request(reason);
                         }
                     }
                     changed = wait_exit(&mut daemon_exit) => {
                         if changed {
                             tracing::warn!(component = "mesh", interface = %watched.name, "userspace WireGuard daemon exited; restarting");
+                            needs_read.store(true, Ordering::Release);
                             recheck.request("userspace WireGuard daemon exited");
                         }
                         daemon_exit = None;
                     }
-                    _ = tick.tick() => recheck.request("periodic reconcile"),
+                    _ = tick.tick() => {
+                        // The safety net reads the device: `wg set … remove` sends no event.
+                        needs_read.store(true, Ordering::Release);
+                        recheck.request("periodic reconcile");
+                    }
                 }
             }
             connection.abort();
