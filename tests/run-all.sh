@@ -48,4 +48,7 @@ cargo test --locked --features test-fakes
 log "footprint: exec to READY=1, idle RSS, idle CPU over 60 s (release build)"
 cargo test --locked --release --features test-fakes --test footprint -- --ignored --nocapture
 
+log "benchmark: 10,000 peers against wg syncconf, idle RSS with 0 and 10,000 peers (release, root)"
+cargo test --locked --release --features test-fakes --test bench_peers -- --ignored --nocapture
+
 log "all tests passed"
