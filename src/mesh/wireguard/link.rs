@@ -24,6 +24,10 @@ pub enum LinkError {
     },
     #[error("cannot open a netlink socket: {0}")]
     Socket(#[from] std::io::Error),
+    #[error(
+        "cannot create {0}: this kernel has no WireGuard module (load it with `modprobe wireguard`, or set backend = \"userspace\" or \"auto\")"
+    )]
+    NoKernelModule(String),
 }
 
 /// What the WireGuard kernel module probe found.
@@ -115,6 +119,9 @@ impl Link {
         match self.handle.link().add(message).execute().await {
             Ok(()) => Ok(()),
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -EEXIST => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -EOPNOTSUPP => {
+                Err(LinkError::NoKernelModule(name.to_string()))
+            }
             Err(source) => Err(netlink("create", name, source)),
         }
     }
