@@ -367,7 +367,10 @@ impl Daemon {
         self.advertised = false;
         match result {
             Ok(Ok(())) => {
-                tracing::info!(component = "services", "advertisements withdrawn");
+                tracing::info!(
+                    component = "services",
+                    "withdrew advertisements and left the mesh"
+                );
                 None
             }
             Ok(Err(error)) => Some(error.to_string()),

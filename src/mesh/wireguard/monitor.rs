@@ -22,6 +22,8 @@ use crate::core::drift::{LinkEvent, OwnedLink, link_drift};
 use crate::mesh::Recheck;
 
 pub struct Monitor {
+    /// The netlink connection goes first on drop, so it never forwards into a dropped receiver.
+    connection: JoinHandle<()>,
     owned: OwnedLink,
     daemon_pid: Option<u32>,
     peers_dir: PathBuf,
@@ -43,8 +45,8 @@ impl Monitor {
             rtnetlink::new_multicast_connection(&[MulticastGroup::Link])?;
         let mut peer_files = watch_dir(peers_dir);
         let watched = owned.clone();
+        let connection = tokio::spawn(connection);
         let task = tokio::spawn(async move {
-            let connection = tokio::spawn(connection);
             let mut tick =
                 tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -97,9 +99,9 @@ impl Monitor {
                     }
                 }
             }
-            connection.abort();
         });
         Ok(Monitor {
+            connection,
             owned,
             daemon_pid,
             peers_dir: peers_dir.to_path_buf(),
@@ -125,6 +127,7 @@ impl Monitor {
 
 impl Drop for Monitor {
     fn drop(&mut self) {
+        self.connection.abort();
         self.task.abort();
     }
 }
