@@ -159,3 +159,73 @@ fn without_cap_net_admin_run_fails_with_one_clear_line() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("CAP_NET_ADMIN"), "{stderr}");
 }
+
+#[test]
+fn keep_interface_on_stop_leaves_the_tunnel_up_after_clawnode_exits() {
+    if let Err(why) = lab::available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let lab = Lab::new(1);
+    let mut node = Node::start_in(
+        Some(lab.ns(0)),
+        |d| {
+            config(&lab, d, "userspace", "wireguard-go")
+                .replace("mtu = 1380", "mtu = 1380\nkeep_interface_on_stop = true")
+        },
+        &[],
+    );
+    node.recv_until("READY=1", Duration::from_secs(20));
+    node.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(node.wait_exit(Duration::from_secs(6)).0.code(), Some(0));
+    std::thread::sleep(Duration::from_millis(300));
+    let link = lab.exec(0, &["ip", "-br", "addr", "show", "dev", &lab.iface(0)]);
+    let text = String::from_utf8_lossy(&link.stdout);
+    assert!(
+        link.status.success() && text.contains("198.51.100.1/24"),
+        "{text}"
+    );
+    // Clean up the daemon that was left running on purpose.
+    let _ = Command::new("pkill")
+        .args(["-f", &format!("wireguard-go -f {}$", lab.iface(0))])
+        .output();
+}
+
+#[test]
+fn pubkey_prints_the_public_key_of_the_generated_private_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("state/wireguard.key");
+    let path = dir.path().join("clawbernetes.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[node]\nname = \"x\"\n[network.wireguard]\naddress = \"10.100.0.5/16\"\nprivate_key_file = \"{}\"\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    let run = || {
+        Command::new(support::BIN)
+            .args(["pubkey", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert_eq!(run().stdout, first.stdout, "the key is generated once");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    if let Ok(wg) = Command::new("sh")
+        .arg("-c")
+        .arg(format!("wg pubkey < {}", key.display()))
+        .output()
+        && wg.status.success()
+    {
+        assert_eq!(wg.stdout, first.stdout, "matches wg pubkey");
+    }
+}

@@ -127,7 +127,14 @@ fn services_of(i: usize) -> &'static str {
 fn start_mesh(lab: &Lab, keys: &Keys, n: usize) -> Vec<Node> {
     (0..n)
         .map(|i| {
-            let peers = all_peers(lab, keys, i, n);
+            let mut peers = all_peers(lab, keys, i, n);
+            if i == 0 {
+                // A network behind node 1, outside the mesh CIDR: it needs its own route.
+                peers = peers.replace(
+                    &format!("allowed_ips = [\"{}/32\"]", mesh_ip(1)),
+                    &format!("allowed_ips = [\"{}/32\", \"203.0.113.0/24\"]", mesh_ip(1)),
+                );
+            }
             Node::start_in(
                 Some(lab.ns(i)),
                 |d| node_config(lab, keys, i, &peers, services_of(i), d),
@@ -199,6 +206,28 @@ fn four_nodes_mesh_ping_discover_repair_and_stop() {
             "{status}"
         );
     }
+
+    // Routes: the mesh CIDR, and node 1's network outside it.
+    let routes = String::from_utf8_lossy(&lab.exec(0, &["ip", "route"]).stdout).to_string();
+    assert!(
+        routes.contains(&format!("198.51.100.0/24 dev {}", lab.iface(0))),
+        "{routes}"
+    );
+    assert!(
+        routes.contains(&format!("203.0.113.0/24 dev {}", lab.iface(0))),
+        "{routes}"
+    );
+
+    // Applying the same configuration again changes nothing.
+    let reconciled = |node: &Node| {
+        node.stderr()
+            .matches("WireGuard interface reconciled")
+            .count()
+    };
+    let before = reconciled(&nodes[0]);
+    nodes[0].signal(Signal::SIGHUP);
+    nodes[0].recv_until("READY=1", WAIT);
+    assert_eq!(reconciled(&nodes[0]), before, "{}", nodes[0].stderr());
 
     // Real packets through the tunnels.
     for j in 1..n {

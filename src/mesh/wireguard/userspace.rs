@@ -114,7 +114,9 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
+            // Not killed on drop: with keep_interface_on_stop the daemon must outlive clawnode.
+            // `stop` is the one way it is ended.
+            .kill_on_drop(false)
             .spawn()
             .map_err(|source| DaemonError::Spawn {
                 program: program.clone(),
@@ -162,6 +164,13 @@ impl Daemon {
             reaper,
         });
         Ok(())
+    }
+
+    /// Leave the daemon running after clawnode exits (keep_interface_on_stop).
+    pub fn detach(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.reaper.abort();
+        }
     }
 
     /// Stop the daemon (SIGTERM, SIGKILL after a second) and wait for it. Its tun device goes
