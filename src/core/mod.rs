@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod drift;
 pub mod peer_diff;
+pub mod serve_config;
 pub mod supervisor;
 
 pub use backoff::Backoff;

@@ -5,6 +5,7 @@
 
 #[cfg(feature = "test-fakes")]
 pub mod fake;
+pub mod tailscale;
 pub mod wireguard;
 
 use std::future::Future;
