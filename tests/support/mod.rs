@@ -12,6 +12,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 pub mod lab;
+pub mod tailscaled;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_clawnode");
 

@@ -1,0 +1,453 @@
+//! A stand-in tailscaled: the LocalAPI on a Unix socket, strict where the real one is strict
+//! (see the LocalAPI fact sheet): 403 for a wrong Host or any Origin/Referer, an ETag that is
+//! the SHA-256 of its JSON encoding of the serve config and 412 on mismatch, the three error
+//! body formats, 204 for start and login-interactive, an NDJSON IPN bus with integer states
+//! that a test can cut, `services` only from 1.98, and service approval through `CapMap` that
+//! a test toggles. Status and prefs start from real captures (tests/fixtures/tailscale).
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::broadcast;
+
+const STATUS_FIXTURE: &str =
+    include_str!("../fixtures/tailscale/status-scrubbed-linux-1.102.2.json");
+const PREFS_FIXTURE: &str = include_str!("../fixtures/tailscale/prefs-partial.json");
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// A change another LocalAPI client makes to the serve config.
+pub type ServeEdit = Box<dyn FnOnce(&mut Value) + Send>;
+
+/// What the stand-in holds; tests read and change it through `StandIn::with`.
+pub struct State {
+    pub version: String,
+    /// NoState, NeedsLogin, NeedsMachineAuth, Stopped, Starting, Running.
+    pub backend_state: String,
+    pub have_node_key: bool,
+    pub prefs: Value,
+    pub serve: Value,
+    pub tags: Vec<String>,
+    pub tailnet: String,
+    pub suffix: String,
+    pub ips: Vec<String>,
+    /// Services control has approved this host for (Self.CapMap["service-host"]).
+    pub approved: Vec<String>,
+    /// The state a login ends in: "Running" or "NeedsMachineAuth".
+    pub login_ends_in: String,
+    /// Every call, as "METHOD /path".
+    pub calls: Vec<String>,
+    pub auth_keys: Vec<String>,
+    /// Called between a serve-config GET and the next POST, to play another writer.
+    pub before_next_serve_post: Option<ServeEdit>,
+    bus: broadcast::Sender<Value>,
+}
+
+impl State {
+    fn fresh(version: &str) -> State {
+        let mut prefs: Value = serde_json::from_str(PREFS_FIXTURE).expect("prefs fixture");
+        prefs["AdvertiseServices"] = Value::Null;
+        prefs["AdvertiseTags"] = Value::Null;
+        let (bus, _) = broadcast::channel(128);
+        State {
+            version: version.to_string(),
+            backend_state: "NeedsLogin".into(),
+            have_node_key: false,
+            prefs,
+            serve: Value::Null,
+            tags: Vec::new(),
+            tailnet: "example.com".into(),
+            suffix: "tail1234.ts.net".into(),
+            ips: vec!["100.101.102.103".into(), "fd7a:115c:a1e0::1".into()],
+            approved: Vec::new(),
+            login_ends_in: "Running".into(),
+            calls: Vec::new(),
+            auth_keys: Vec::new(),
+            before_next_serve_post: None,
+            bus,
+        }
+    }
+
+    pub fn serve_etag(&self) -> String {
+        etag(&self.serve)
+    }
+
+    /// Move to `state` and tell every bus watcher.
+    pub fn set_state(&mut self, state: &str) {
+        self.backend_state = state.to_string();
+        let _ = self
+            .bus
+            .send(json!({ "Version": self.version, "State": state_number(state) }));
+    }
+
+    fn status(&self) -> Value {
+        let mut status: Value = serde_json::from_str(STATUS_FIXTURE).expect("status fixture");
+        status["Version"] = json!(self.version);
+        status["BackendState"] = json!(self.backend_state);
+        status["HaveNodeKey"] = json!(self.have_node_key);
+        let running = self.backend_state == "Running";
+        status["TailscaleIPs"] = if running {
+            json!(self.ips)
+        } else {
+            Value::Null
+        };
+        let hostname = self.prefs["Hostname"].as_str().unwrap_or("").to_string();
+        let me = &mut status["Self"];
+        me["HostName"] = json!(hostname);
+        me["DNSName"] = json!(format!("{hostname}.{}.", self.suffix));
+        me["TailscaleIPs"] = json!(self.ips);
+        me["Online"] = json!(running);
+        if self.tags.is_empty() {
+            me.as_object_mut().map(|m| m.remove("Tags"));
+        } else {
+            me["Tags"] = json!(self.tags);
+        }
+        let mapping: serde_json::Map<String, Value> = self
+            .approved
+            .iter()
+            .map(|s| (s.clone(), json!(["100.100.1.1", "fd7a:115c:a1e0::100"])))
+            .collect();
+        if !mapping.is_empty() {
+            me["CapMap"]["service-host"] = json!([mapping]);
+        }
+        status["CurrentTailnet"] = if running {
+            json!({ "Name": self.tailnet, "MagicDNSSuffix": self.suffix, "MagicDNSEnabled": true })
+        } else {
+            Value::Null
+        };
+        status
+    }
+
+    fn at_least(&self, major: u32, minor: u32) -> bool {
+        let mut parts = self
+            .version
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        (a, b) >= (major, minor)
+    }
+}
+
+pub fn etag(serve: &Value) -> String {
+    let encoded = serde_json::to_vec(serve).expect("encode");
+    let digest = Sha256::digest(&encoded);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn state_number(state: &str) -> u8 {
+    match state {
+        "InUseOtherUser" => 1,
+        "NeedsLogin" => 2,
+        "NeedsMachineAuth" => 3,
+        "Stopped" => 4,
+        "Starting" => 5,
+        "Running" => 6,
+        _ => 0,
+    }
+}
+
+pub struct StandIn {
+    pub socket: PathBuf,
+    pub state: Arc<Mutex<State>>,
+    /// Its own runtime, so a test can use it from sync or async code alike.
+    runtime: Option<tokio::runtime::Runtime>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl StandIn {
+    /// Serve on `socket`, pretending to be tailscaled `version`.
+    pub fn start(socket: &Path, version: &str) -> StandIn {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mut standin = StandIn {
+            socket: socket.to_path_buf(),
+            state: Arc::new(Mutex::new(State::fresh(version))),
+            runtime: Some(runtime),
+            server: None,
+        };
+        standin.listen();
+        standin
+    }
+
+    pub fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        f(&mut self.state.lock().unwrap())
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.with(|s| s.calls.clone())
+    }
+
+    /// Like tailscaled going away: the socket disappears and bus watchers are cut off.
+    pub fn stop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+        let (bus, _) = broadcast::channel(128);
+        self.with(|s| s.bus = bus);
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// Like a tailscaled restart that lost its serve state (the login survives).
+    pub fn restart_with_empty_serve_state(&mut self) {
+        self.stop();
+        self.with(|s| {
+            s.serve = Value::Null;
+            s.prefs["AdvertiseServices"] = Value::Null;
+        });
+        self.listen();
+    }
+
+    fn listen(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let Some(runtime) = &self.runtime else {
+            return;
+        };
+        let listener = {
+            let _guard = runtime.enter();
+            tokio::net::UnixListener::bind(&self.socket).expect("bind stand-in socket")
+        };
+        let state = Arc::clone(&self.state);
+        self.server = Some(runtime.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = Arc::clone(&state);
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let state = Arc::clone(&state);
+                        async move { Ok::<_, Infallible>(handle(req, state).await) }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        }));
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Response<Body> {
+    let version = state.lock().unwrap().version.clone();
+    let mut response = route(req, &state).await;
+    response
+        .headers_mut()
+        .insert("Tailscale-Version", version.parse().unwrap());
+    response
+}
+
+async fn route(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Response<Body> {
+    let host_ok = req
+        .headers()
+        .get("Host")
+        .is_none_or(|h| h.as_bytes() == b"local-tailscaled.sock" || h.is_empty());
+    let browser = req.headers().contains_key("Origin") || req.headers().contains_key("Referer");
+    if !host_ok || browser {
+        return text(StatusCode::FORBIDDEN, "invalid localapi request");
+    }
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let if_match = req
+        .headers()
+        .get("If-Match")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    state.lock().unwrap().calls.push(format!("{method} {path}"));
+    if path == "/localapi/v0/watch-ipn-bus" {
+        return watch(&query, state);
+    }
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut s = state.lock().unwrap();
+    match (method, path.as_str()) {
+        (Method::GET, "/localapi/v0/status") => json_response(StatusCode::OK, &s.status()),
+        (Method::GET, "/localapi/v0/prefs") => json_response(StatusCode::OK, &s.prefs),
+        (Method::PATCH, "/localapi/v0/prefs") => {
+            let Ok(Value::Object(masked)) = serde_json::from_slice::<Value>(&body) else {
+                return text(StatusCode::BAD_REQUEST, "invalid JSON body");
+            };
+            if let Some(Value::String(h)) = masked.get("Hostname")
+                && masked.get("HostnameSet") == Some(&json!(true))
+                && (h.is_empty() || h.contains('_') || h.len() > 63)
+            {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    &json!({ "Error": format!("invalid hostname {h:?}") }),
+                );
+            }
+            for (key, value) in &masked {
+                if key.ends_with("Set") {
+                    continue;
+                }
+                if masked.get(&format!("{key}Set")) == Some(&json!(true)) {
+                    s.prefs[key] = value.clone();
+                }
+            }
+            json_response(StatusCode::OK, &s.prefs)
+        }
+        (Method::POST, "/localapi/v0/start") => {
+            let Ok(options) = serde_json::from_slice::<Value>(&body) else {
+                return text(StatusCode::BAD_REQUEST, "invalid JSON body");
+            };
+            if let Some(prefs) = options.get("UpdatePrefs").filter(|p| p.is_object()) {
+                s.prefs = prefs.clone();
+            }
+            if let Some(key) = options
+                .get("AuthKey")
+                .and_then(Value::as_str)
+                .filter(|k| !k.is_empty())
+            {
+                s.auth_keys.push(key.to_string());
+            }
+            s.set_state("Starting");
+            if s.have_node_key {
+                let end = s.login_ends_in.clone();
+                s.set_state(&end);
+            }
+            empty(StatusCode::NO_CONTENT)
+        }
+        (Method::POST, "/localapi/v0/login-interactive") => {
+            s.have_node_key = true;
+            let end = s.login_ends_in.clone();
+            s.set_state(&end);
+            empty(StatusCode::NO_CONTENT)
+        }
+        (Method::GET, "/localapi/v0/serve-config") => {
+            let etag = s.serve_etag();
+            let mut response = json_response(StatusCode::OK, &s.serve);
+            response.headers_mut().insert("Etag", etag.parse().unwrap());
+            response
+        }
+        (Method::POST, "/localapi/v0/serve-config") => {
+            if let Some(change) = s.before_next_serve_post.take() {
+                change(&mut s.serve);
+            }
+            if let Some(tag) = if_match.filter(|t| !t.is_empty())
+                && tag != s.serve_etag()
+            {
+                return text(StatusCode::PRECONDITION_FAILED, "etag mismatch");
+            }
+            match serde_json::from_slice::<Value>(&body) {
+                Ok(config) => {
+                    s.serve = config;
+                    empty(StatusCode::OK)
+                }
+                Err(e) => json_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &json!({ "error": format!("decoding config: {e}") }),
+                ),
+            }
+        }
+        (Method::GET, "/localapi/v0/services") if s.at_least(1, 98) => {
+            let services: serde_json::Map<String, Value> = s
+                .approved
+                .iter()
+                .map(|name| {
+                    (
+                        name.clone(),
+                        json!({ "Name": name, "Addrs": ["100.100.1.1"], "Ports": ["tcp:8443"] }),
+                    )
+                })
+                .collect();
+            json_response(StatusCode::OK, &Value::Object(services))
+        }
+        _ => text(StatusCode::NOT_FOUND, "404 page not found"),
+    }
+}
+
+fn watch(query: &str, state: &Arc<Mutex<State>>) -> Response<Body> {
+    let mask: u64 = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("mask="))
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    let (first, mut rx) = {
+        let s = state.lock().unwrap();
+        let first = (mask & 2 != 0).then(|| {
+            json!({ "Version": s.version, "SessionID": "standin", "State": state_number(&s.backend_state) })
+        });
+        (first, s.bus.subscribe())
+    };
+    let (tx, body_rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(16);
+    tokio::spawn(async move {
+        if let Some(first) = first {
+            let _ = tx.send(Ok(Frame::data(line(&first)))).await;
+        }
+        while let Ok(notify) = rx.recv().await {
+            if tx.send(Ok(Frame::data(line(&notify)))).await.is_err() {
+                break;
+            }
+        }
+    });
+    let stream = tokio_stream_from(body_rx);
+    let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    response
+        .headers_mut()
+        .insert("Content-Type", "application/json".parse().unwrap());
+    response
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Infallible>>,
+) -> impl futures::Stream<Item = Result<Frame<Bytes>, Infallible>> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+fn line(value: &Value) -> Bytes {
+    let mut out = serde_json::to_vec(value).unwrap();
+    out.push(b'\n');
+    Bytes::from(out)
+}
+
+fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
+    let mut response =
+        Response::new(Full::new(Bytes::from(serde_json::to_vec(value).unwrap())).boxed());
+    *response.status_mut() = code;
+    response
+        .headers_mut()
+        .insert("Content-Type", "application/json".parse().unwrap());
+    response
+}
+
+fn text(code: StatusCode, message: &str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(format!("{message}\n"))).boxed());
+    *response.status_mut() = code;
+    response
+        .headers_mut()
+        .insert("Content-Type", "text/plain; charset=utf-8".parse().unwrap());
+    response
+}
+
+fn empty(code: StatusCode) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::new()).boxed());
+    *response.status_mut() = code;
+    response
+}
