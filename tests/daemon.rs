@@ -346,16 +346,21 @@ fn socket_group_opens_the_api_to_that_group_only() {
 #[test]
 fn switching_provider_on_reload_withdraws_from_the_old_mesh_first() {
     let node = ready_node(&[]);
-    let switched = fake_config(node.dir.path(), "", "")
-        .replace("provider = \"fake\"", "provider = \"tailscale\"");
+    // No tailscaled listens on this socket, so the new provider fails to join, visibly.
+    let socket = node.path("no-tailscaled.sock");
+    let switched = fake_config(
+        node.dir.path(),
+        "",
+        &format!("[network.tailscale]\nsocket = \"{}\"\n", socket.display()),
+    )
+    .replace("provider = \"fake\"", "provider = \"tailscale\"");
     node.rewrite_config(&switched);
     node.signal(Signal::SIGHUP);
     let seen = node.recv_until("READY=1", WAIT);
     assert_eq!(seen[0][0], "RELOADING=1", "{seen:?}");
     let status = last_status(&seen);
     assert!(
-        status
-            .starts_with("degraded: mesh failed: the tailscale mesh provider is not in this build"),
+        status.starts_with("degraded: mesh failed: tailscaled is not reachable at "),
         "{status}"
     );
     assert!(node.stderr().contains("fake mesh withdrew services"));

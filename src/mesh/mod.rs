@@ -87,10 +87,6 @@ impl ServiceAd {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
-    #[error(
-        "the {provider} mesh provider is not in this build of clawnode yet; it lands with issue {issue}"
-    )]
-    NotBuilt { provider: &'static str, issue: u32 },
     #[error("{0}")]
     Failed(String),
 }
@@ -139,53 +135,8 @@ impl Hooks {
 pub fn for_config(config: &Config, hooks: Hooks) -> Box<dyn MeshProvider> {
     match config.network.provider {
         ProviderKind::Wireguard => Box::new(wireguard::WireguardMesh::new(hooks)),
-        ProviderKind::Tailscale => Box::new(NotBuilt {
-            provider: "tailscale",
-            issue: 4,
-        }),
+        ProviderKind::Tailscale => Box::new(tailscale::TailscaleMesh::new(hooks)),
         #[cfg(feature = "test-fakes")]
         ProviderKind::Fake => Box::new(fake::FakeMesh::default()),
-    }
-}
-
-/// A provider whose implementation has not landed: every join fails with a clear reason, so the
-/// node stays "joining" with that reason in STATUS instead of pretending to be on a mesh.
-struct NotBuilt {
-    provider: &'static str,
-    issue: u32,
-}
-
-impl NotBuilt {
-    fn error(&self) -> MeshError {
-        MeshError::NotBuilt {
-            provider: self.provider,
-            issue: self.issue,
-        }
-    }
-}
-
-impl MeshProvider for NotBuilt {
-    fn kind(&self) -> &'static str {
-        self.provider
-    }
-
-    fn join<'a>(&'a mut self, _config: &'a Config) -> BoxFuture<'a, Result<MeshStatus, MeshError>> {
-        Box::pin(async move { Err(self.error()) })
-    }
-
-    fn publish<'a>(
-        &'a mut self,
-        _services: &'a [ServiceAd],
-    ) -> BoxFuture<'a, Result<(), MeshError>> {
-        Box::pin(async move { Err(self.error()) })
-    }
-
-    fn withdraw(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
-        // Nothing was ever advertised.
-        Box::pin(async { Ok(()) })
-    }
-
-    fn leave(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
-        Box::pin(async { Ok(()) })
     }
 }

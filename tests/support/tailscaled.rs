@@ -319,6 +319,15 @@ async fn route(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Response<Bo
             };
             if let Some(prefs) = options.get("UpdatePrefs").filter(|p| p.is_object()) {
                 s.prefs = prefs.clone();
+                // Control accepts the requested tags (the auth key allows them, in this play).
+                s.tags = prefs["AdvertiseTags"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|t| t.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
             }
             if let Some(key) = options
                 .get("AuthKey")

@@ -1,7 +1,12 @@
 //! The managed mesh: clawnode drives tailscaled over its LocalAPI socket, never the CLI.
 //!
-//! Built so far: the LocalAPI client (`localapi`) and the pure serve-config edits
-//! (`core::serve_config`). Bring-up, service advertisement, the bus watcher and discovery
-//! through tailscaled are not built yet (issue 4); selecting the provider still reports that.
+//! Built: the LocalAPI client, bring-up (start only when needed, login-interactive, wait for
+//! Running), the tailnet check, Tailscale Services advertisement and drain-then-clear
+//! withdrawal with ETag retries, and a bus watcher that triggers rechecks. Not built yet
+//! (issue 4): workload identity, approval state in status, discovery through `services`,
+//! node-info on the Tailscale address, certificates, `doctor` and `tailscale policy`.
 
 pub mod localapi;
+mod provider;
+
+pub use provider::TailscaleMesh;

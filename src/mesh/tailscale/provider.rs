@@ -1,0 +1,547 @@
+//! The `tailscale` mesh provider: bring-up through `start` only when needed, Tailscale
+//! Services advertised the way `tailscale serve --service` does it, a drain-then-clear
+//! withdrawal, and a bus watcher that asks for a recheck whenever tailscaled changes state or
+//! comes back after a restart.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use hyper::Method;
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+use super::localapi::{LocalApi, LocalApiError, Version};
+use crate::config::{Config, TailscaleAuth};
+use crate::core::backoff::Backoff;
+use crate::core::serve_config::{self, Mode, WantedService};
+use crate::mesh::{BoxFuture, Hooks, MeshError, MeshProvider, MeshStatus, ServiceAd};
+use crate::state;
+
+/// How long a bring-up waits on the bus for Running.
+const LOGIN_WAIT: Duration = Duration::from_secs(60);
+/// Concurrent serve-config writers are rare; a few quick retries settle them.
+const SERVE_RETRIES: u32 = 6;
+const OWNED_FILE: &str = "tailscale-services.json";
+
+pub struct TailscaleMesh {
+    hooks: Hooks,
+    api: Option<LocalApi>,
+    owned: Option<BTreeSet<String>>,
+    state_dir: PathBuf,
+    suffix: String,
+    watcher: Option<tokio::task::JoinHandle<()>>,
+    /// What was last published, re-applied on every join: tailscaled may have restarted and
+    /// lost it, and the check costs two reads when nothing changed.
+    published: Option<Vec<ServiceAd>>,
+}
+
+impl TailscaleMesh {
+    pub fn new(hooks: Hooks) -> Self {
+        Self {
+            hooks,
+            api: None,
+            owned: None,
+            state_dir: PathBuf::new(),
+            suffix: String::new(),
+            watcher: None,
+            published: None,
+        }
+    }
+
+    fn api(&self) -> Result<&LocalApi, MeshError> {
+        self.api
+            .as_ref()
+            .ok_or_else(|| MeshError::Failed("tailscale provider used before join".into()))
+    }
+
+    async fn join_inner(&mut self, config: &Config) -> Result<MeshStatus, MeshError> {
+        let ts = &config.network.tailscale;
+        if self.api.as_ref().is_none_or(|a| a.socket() != ts.socket) {
+            self.api = Some(LocalApi::new(&ts.socket));
+        }
+        self.state_dir = config.node.state_dir.clone();
+        if self.owned.is_none() {
+            self.owned = Some(load_owned(&self.state_dir));
+        }
+        let api = self.api()?.clone();
+        self.ensure_watcher(&api);
+
+        let reply = api
+            .get("/localapi/v0/status?peers=false")
+            .await
+            .map_err(failed)?;
+        let version = reply.version;
+        let status: Value = reply.json("status").map_err(failed)?;
+        if !config.services.is_empty()
+            && let Some(v) = version
+            && v < Version::SERVICES
+        {
+            return Err(MeshError::Failed(format!(
+                "tailscaled {v} is too old for Tailscale Services (1.86 or newer is needed)"
+            )));
+        }
+        let hostname = format!("{}-{}", ts.hostname_prefix, config.node.name);
+        let tags: Vec<String> = ts.tags.iter().map(|t| t.to_string()).collect();
+        let prefs: Value = api
+            .get("/localapi/v0/prefs")
+            .await
+            .map_err(failed)?
+            .json("prefs")
+            .map_err(failed)?;
+        let running = status["BackendState"] == "Running";
+        let tags_match = strings(&prefs["AdvertiseTags"]) == tags;
+        if running && tags_match {
+            if prefs["Hostname"] != json!(hostname) {
+                // A rename does not need `start`, which would tear down the control connection.
+                let body = json!({ "Hostname": hostname, "HostnameSet": true });
+                api.call(
+                    Method::PATCH,
+                    "/localapi/v0/prefs",
+                    Some(body.to_string().into_bytes()),
+                    None,
+                )
+                .await
+                .map_err(failed)?;
+            }
+        } else {
+            self.bring_up(&api, config, &status, prefs, &hostname, &tags)
+                .await?;
+        }
+
+        let status: Value = api
+            .get("/localapi/v0/status?peers=false")
+            .await
+            .map_err(failed)?
+            .json("status")
+            .map_err(failed)?;
+        match status["BackendState"].as_str() {
+            Some("Running") => {}
+            Some("NeedsMachineAuth") => {
+                return Err(MeshError::Failed(
+                    "waiting for admin approval of this device in the Tailscale admin console"
+                        .into(),
+                ));
+            }
+            Some(other) => {
+                return Err(MeshError::Failed(format!(
+                    "tailscaled is {other}, not Running"
+                )));
+            }
+            None => {
+                return Err(MeshError::Failed(
+                    "tailscaled status has no BackendState".into(),
+                ));
+            }
+        }
+        let tailnet = &status["CurrentTailnet"];
+        self.suffix = tailnet["MagicDNSSuffix"].as_str().unwrap_or("").to_string();
+        if let Some(want) = &ts.tailnet {
+            let name = tailnet["Name"].as_str().unwrap_or("");
+            if name != want && self.suffix != *want {
+                return Err(MeshError::Failed(format!(
+                    "this device is in tailnet {name:?} ({}), but the config expects {want:?}; advertising nothing",
+                    self.suffix
+                )));
+            }
+        }
+        if let Some(services) = self.published.clone() {
+            self.publish_inner(&services).await?;
+        }
+        let ipv4 = strings(&status["TailscaleIPs"])
+            .into_iter()
+            .find(|ip| ip.contains('.'));
+        Ok(MeshStatus {
+            provider: "tailscale".into(),
+            interface: None,
+            address: ipv4,
+            peers: 0,
+            problems: Vec::new(),
+        })
+    }
+
+    /// `start` with complete prefs (keeping AdvertiseServices), `login-interactive` for a node
+    /// without a key, then wait on the bus for Running.
+    async fn bring_up(
+        &mut self,
+        api: &LocalApi,
+        config: &Config,
+        status: &Value,
+        mut prefs: Value,
+        hostname: &str,
+        tags: &[String],
+    ) -> Result<(), MeshError> {
+        let ts = &config.network.tailscale;
+        let have_key = status["HaveNodeKey"].as_bool().unwrap_or(false);
+        let auth_key = resolve_auth_key(ts.auth.as_ref())?;
+        if auth_key.is_none() && !have_key {
+            return Err(MeshError::Failed(
+                "tailscaled is not logged in and no auth method is configured (set auth_key_file, auth_key_env, auth_key or workload_identity under [network.tailscale])".into(),
+            ));
+        }
+        let control = ts
+            .control_url
+            .clone()
+            .or_else(|| {
+                prefs["ControlURL"]
+                    .as_str()
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| "https://controlplane.tailscale.com".into());
+        prefs["ControlURL"] = json!(control);
+        prefs["WantRunning"] = json!(true);
+        prefs["Hostname"] = json!(hostname);
+        prefs["AdvertiseTags"] = json!(tags);
+        // Config is ignored on input; AdvertiseServices stays as it is (start replaces prefs
+        // wholesale, and leaving it out would un-advertise every service).
+        if let Some(map) = prefs.as_object_mut() {
+            map.remove("Config");
+        }
+        let mut bus = api.watch_bus(2).await.map_err(failed)?;
+        let options = json!({ "AuthKey": auth_key.as_deref().map_or("", |k| k.as_str()), "UpdatePrefs": prefs });
+        let body = Zeroizing::new(options.to_string().into_bytes());
+        api.call(
+            Method::POST,
+            "/localapi/v0/start",
+            Some(body.to_vec()),
+            None,
+        )
+        .await
+        .map_err(failed)?;
+        if !have_key {
+            api.call(Method::POST, "/localapi/v0/login-interactive", None, None)
+                .await
+                .map_err(failed)?;
+        }
+        tracing::info!(
+            component = "mesh",
+            hostname,
+            "asked tailscaled to log in; waiting for Running"
+        );
+        let wait = async {
+            let mut buffer = Vec::new();
+            while let Some(frame) = bus.frame().await {
+                let Ok(frame) = frame else { break };
+                let Some(data) = frame.data_ref() else {
+                    continue;
+                };
+                buffer.extend_from_slice(data);
+                while let Some(pos) = buffer.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buffer.drain(..=pos).collect();
+                    let Ok(notify) = serde_json::from_slice::<Value>(&line) else {
+                        continue;
+                    };
+                    if let Some(message) = notify["ErrMessage"].as_str() {
+                        return Err(MeshError::Failed(format!("tailscaled: {message}")));
+                    }
+                    match notify["State"].as_u64() {
+                        Some(6) | Some(3) => return Ok(()),
+                        _ => {}
+                    }
+                }
+            }
+            Err(MeshError::Failed(
+                "tailscaled closed the IPN bus during login".into(),
+            ))
+        };
+        tokio::time::timeout(LOGIN_WAIT, wait).await.map_err(|_| {
+            MeshError::Failed(format!(
+                "tailscaled did not reach Running within {} s",
+                LOGIN_WAIT.as_secs()
+            ))
+        })?
+    }
+
+    /// A task that follows the IPN bus and asks for a recheck whenever the state changes or
+    /// the bus comes back after tailscaled went away; it reconnects with capped, jittered
+    /// backoff and never gives up.
+    fn ensure_watcher(&mut self, api: &LocalApi) {
+        if self.watcher.as_ref().is_some_and(|w| !w.is_finished()) {
+            return;
+        }
+        let api = api.clone();
+        let recheck = self.hooks.recheck.clone();
+        self.watcher = Some(tokio::spawn(async move {
+            let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+            let mut failures = 0u32;
+            let mut last_state: Option<u64> = None;
+            loop {
+                match api.watch_bus(2).await {
+                    Ok(mut body) => {
+                        if failures > 0 {
+                            recheck.request("tailscaled is back");
+                        }
+                        let mut buffer = Vec::new();
+                        while let Some(Ok(frame)) = body.frame().await {
+                            let Some(data) = frame.data_ref() else {
+                                continue;
+                            };
+                            buffer.extend_from_slice(data);
+                            while let Some(pos) = buffer.iter().position(|&b| b == b'\n') {
+                                let line: Vec<u8> = buffer.drain(..=pos).collect();
+                                let Ok(notify) = serde_json::from_slice::<Value>(&line) else {
+                                    continue;
+                                };
+                                if let Some(state) = notify["State"].as_u64()
+                                    && last_state.replace(state).is_some_and(|old| old != state)
+                                {
+                                    recheck.request(format!("tailscaled state {state}"));
+                                }
+                            }
+                        }
+                        tracing::warn!(
+                            component = "mesh",
+                            "tailscaled IPN bus closed; reconnecting"
+                        );
+                        failures = 1;
+                    }
+                    Err(error) => {
+                        failures = failures.saturating_add(1);
+                        tracing::debug!(component = "mesh", %error, "IPN bus unavailable");
+                    }
+                }
+                tokio::time::sleep(backoff.delay(failures, fastrand::u32(..))).await;
+            }
+        }));
+    }
+
+    async fn publish_inner(&mut self, services: &[ServiceAd]) -> Result<(), MeshError> {
+        let api = self.api()?.clone();
+        let wanted: Vec<WantedService> = services.iter().map(wanted).collect();
+        let owned = self.owned.clone().unwrap_or_default();
+        if wanted.is_empty() && owned.is_empty() {
+            return Ok(());
+        }
+        if !wanted.is_empty() {
+            let status: Value = api
+                .get("/localapi/v0/status?peers=false")
+                .await
+                .map_err(failed)?
+                .json("status")
+                .map_err(failed)?;
+            if strings(&status["Self"]["Tags"]).is_empty() {
+                return Err(MeshError::Failed(
+                    "service hosts must be tagged nodes: set [network.tailscale] tags (and allow them in the tailnet policy)".into(),
+                ));
+            }
+        }
+        self.edit_advertised(&api, |current| {
+            serve_config::advertise(current, &owned, &wanted)
+        })
+        .await?;
+        let suffix = self.suffix.clone();
+        let new_owned = self
+            .edit_serve(&api, |current| {
+                serve_config::reconcile(current, &owned, &wanted, &suffix)
+            })
+            .await?;
+        if Some(&new_owned) != self.owned.as_ref() {
+            self.save_owned(new_owned)?;
+        }
+        self.published = Some(services.to_vec());
+        Ok(())
+    }
+
+    async fn withdraw_inner(&mut self) -> Result<(), MeshError> {
+        let Some(api) = self.api.clone() else {
+            return Ok(());
+        };
+        let owned = self.owned.clone().unwrap_or_default();
+        if owned.is_empty() {
+            return Ok(());
+        }
+        // Drain first, so control stops sending new flows, then clear the entries.
+        self.edit_advertised(&api, |current| serve_config::drain(current, &owned))
+            .await?;
+        self.edit_serve(&api, |current| {
+            (serve_config::withdraw(current, &owned), BTreeSet::new())
+        })
+        .await?;
+        self.save_owned(BTreeSet::new())?;
+        self.published = None;
+        Ok(())
+    }
+
+    async fn edit_advertised(
+        &self,
+        api: &LocalApi,
+        edit: impl Fn(&[String]) -> Vec<String>,
+    ) -> Result<(), MeshError> {
+        let prefs: Value = api
+            .get("/localapi/v0/prefs")
+            .await
+            .map_err(failed)?
+            .json("prefs")
+            .map_err(failed)?;
+        let current = strings(&prefs["AdvertiseServices"]);
+        let next = edit(&current);
+        if next == current {
+            return Ok(());
+        }
+        let body = json!({ "AdvertiseServices": next, "AdvertiseServicesSet": true });
+        api.call(
+            Method::PATCH,
+            "/localapi/v0/prefs",
+            Some(body.to_string().into_bytes()),
+            None,
+        )
+        .await
+        .map_err(failed)?;
+        Ok(())
+    }
+
+    /// Read-modify-write of the serve config with If-Match, retried when another writer got
+    /// in between (412).
+    async fn edit_serve(
+        &self,
+        api: &LocalApi,
+        edit: impl Fn(&Value) -> (Value, BTreeSet<String>),
+    ) -> Result<BTreeSet<String>, MeshError> {
+        let backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
+        for attempt in 1..=SERVE_RETRIES {
+            let reply = api.get("/localapi/v0/serve-config").await.map_err(failed)?;
+            let current: Value = reply.json("serve-config").map_err(failed)?;
+            let (next, owned) = edit(&current);
+            if next == current || (current.is_null() && next == json!({})) {
+                return Ok(owned);
+            }
+            let etag = reply.etag.unwrap_or_default();
+            let body = serde_json::to_vec(&next).map_err(failed)?;
+            match api
+                .call(
+                    Method::POST,
+                    "/localapi/v0/serve-config",
+                    Some(body),
+                    Some(&etag),
+                )
+                .await
+            {
+                Ok(_) => return Ok(owned),
+                Err(LocalApiError::EtagMismatch { .. }) => {
+                    tracing::info!(
+                        component = "mesh",
+                        attempt,
+                        "serve config changed underneath; retrying"
+                    );
+                    tokio::time::sleep(backoff.delay(attempt, fastrand::u32(..))).await;
+                }
+                Err(error) => return Err(failed(error)),
+            }
+        }
+        Err(MeshError::Failed(format!(
+            "the serve config kept changing underneath; gave up after {SERVE_RETRIES} attempts"
+        )))
+    }
+
+    fn save_owned(&mut self, owned: BTreeSet<String>) -> Result<(), MeshError> {
+        let path = self.state_dir.join(OWNED_FILE);
+        let body = serde_json::to_vec(&owned).map_err(failed)?;
+        state::ensure_private_dir(&self.state_dir).map_err(failed)?;
+        state::write_atomic(&path, &body, 0o600).map_err(failed)?;
+        self.owned = Some(owned);
+        Ok(())
+    }
+}
+
+impl MeshProvider for TailscaleMesh {
+    fn kind(&self) -> &'static str {
+        "tailscale"
+    }
+
+    fn join<'a>(&'a mut self, config: &'a Config) -> BoxFuture<'a, Result<MeshStatus, MeshError>> {
+        Box::pin(self.join_inner(config))
+    }
+
+    fn publish<'a>(
+        &'a mut self,
+        services: &'a [ServiceAd],
+    ) -> BoxFuture<'a, Result<(), MeshError>> {
+        Box::pin(self.publish_inner(services))
+    }
+
+    fn withdraw(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
+        Box::pin(self.withdraw_inner())
+    }
+
+    fn leave(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
+        Box::pin(async move {
+            // The node stays logged in; only clawnode's own watcher stops.
+            if let Some(watcher) = self.watcher.take() {
+                watcher.abort();
+            }
+            Ok(())
+        })
+    }
+}
+
+fn wanted(ad: &ServiceAd) -> WantedService {
+    let mode = match ad.protocol.as_str() {
+        "https" => Mode::Http { tls: true },
+        "http" => Mode::Http { tls: false },
+        _ => Mode::Tcp,
+    };
+    WantedService {
+        label: ad.name.clone(),
+        port: ad.port,
+        mode,
+    }
+}
+
+/// The auth key from the configured method. Workload identity is not built yet.
+fn resolve_auth_key(auth: Option<&TailscaleAuth>) -> Result<Option<Zeroizing<String>>, MeshError> {
+    let Some(auth) = auth else {
+        return Ok(None);
+    };
+    let key = match auth {
+        TailscaleAuth::Key(secret) => Zeroizing::new(secret.expose().to_string()),
+        TailscaleAuth::KeyFile(path) => {
+            let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+                MeshError::Failed(format!("cannot read auth_key_file {}: {e}", path.display()))
+            })?);
+            Zeroizing::new(text.trim().to_string())
+        }
+        TailscaleAuth::KeyEnv(name) => Zeroizing::new(
+            std::env::var(name)
+                .map_err(|_| MeshError::Failed(format!("auth_key_env: ${name} is not set")))?
+                .trim()
+                .to_string(),
+        ),
+        TailscaleAuth::WorkloadIdentity { .. } => {
+            return Err(MeshError::Failed(
+                "workload identity federation is not built yet (issue 4); use auth_key_file or auth_key_env".into(),
+            ));
+        }
+    };
+    if key.is_empty() {
+        return Err(MeshError::Failed(
+            "the configured Tailscale auth key is empty".into(),
+        ));
+    }
+    Ok(Some(key))
+}
+
+fn load_owned(state_dir: &Path) -> BTreeSet<String> {
+    std::fs::read(state_dir.join(OWNED_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// A JSON array of strings, with `null` as empty.
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn failed(error: impl std::fmt::Display) -> MeshError {
+    MeshError::Failed(error.to_string())
+}
