@@ -84,38 +84,21 @@ impl TailscaleMesh {
         }
         let hostname = format!("{}-{}", ts.hostname_prefix, config.node.name);
         let tags: Vec<String> = ts.tags.iter().map(|t| t.to_string()).collect();
-        let prefs: Value = api
-            .get("/localapi/v0/prefs")
-            .await
-            .map_err(failed)?
-            .json("prefs")
-            .map_err(failed)?;
+        let prefs: Value = read(&api, "/localapi/v0/prefs").await?;
         let running = status["BackendState"] == "Running";
         let tags_match = strings(&prefs["AdvertiseTags"]) == tags;
         if running && tags_match {
             if prefs["Hostname"] != json!(hostname) {
                 // A rename does not need `start`, which would tear down the control connection.
                 let body = json!({ "Hostname": hostname, "HostnameSet": true });
-                api.call(
-                    Method::PATCH,
-                    "/localapi/v0/prefs",
-                    Some(body.to_string().into_bytes()),
-                    None,
-                )
-                .await
-                .map_err(failed)?;
+                patch_prefs(&api, &body).await?;
             }
         } else {
             self.bring_up(&api, config, &status, prefs, &hostname, &tags)
                 .await?;
         }
 
-        let status: Value = api
-            .get("/localapi/v0/status?peers=false")
-            .await
-            .map_err(failed)?
-            .json("status")
-            .map_err(failed)?;
+        let status: Value = read(&api, "/localapi/v0/status?peers=false").await?;
         match status["BackendState"].as_str() {
             Some("Running") => {}
             Some("NeedsMachineAuth") => {
@@ -221,18 +204,13 @@ impl TailscaleMesh {
             "asked tailscaled to log in; waiting for Running"
         );
         let wait = async {
-            let mut buffer = Vec::new();
+            let mut lines = Ndjson::default();
             while let Some(frame) = bus.frame().await {
                 let Ok(frame) = frame else { break };
                 let Some(data) = frame.data_ref() else {
                     continue;
                 };
-                buffer.extend_from_slice(data);
-                while let Some(pos) = buffer.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = buffer.drain(..=pos).collect();
-                    let Ok(notify) = serde_json::from_slice::<Value>(&line) else {
-                        continue;
-                    };
+                for notify in lines.push(data) {
                     if let Some(message) = notify["ErrMessage"].as_str() {
                         return Err(MeshError::Failed(format!("tailscaled: {message}")));
                     }
@@ -273,17 +251,12 @@ impl TailscaleMesh {
                         if failures > 0 {
                             recheck.request("tailscaled is back");
                         }
-                        let mut buffer = Vec::new();
+                        let mut lines = Ndjson::default();
                         while let Some(Ok(frame)) = body.frame().await {
                             let Some(data) = frame.data_ref() else {
                                 continue;
                             };
-                            buffer.extend_from_slice(data);
-                            while let Some(pos) = buffer.iter().position(|&b| b == b'\n') {
-                                let line: Vec<u8> = buffer.drain(..=pos).collect();
-                                let Ok(notify) = serde_json::from_slice::<Value>(&line) else {
-                                    continue;
-                                };
+                            for notify in lines.push(data) {
                                 if let Some(state) = notify["State"].as_u64()
                                     && last_state.replace(state).is_some_and(|old| old != state)
                                 {
@@ -315,12 +288,7 @@ impl TailscaleMesh {
             return Ok(());
         }
         if !wanted.is_empty() {
-            let status: Value = api
-                .get("/localapi/v0/status?peers=false")
-                .await
-                .map_err(failed)?
-                .json("status")
-                .map_err(failed)?;
+            let status: Value = read(&api, "/localapi/v0/status?peers=false").await?;
             if strings(&status["Self"]["Tags"]).is_empty() {
                 return Err(MeshError::Failed(
                     "service hosts must be tagged nodes: set [network.tailscale] tags (and allow them in the tailnet policy)".into(),
@@ -369,26 +337,14 @@ impl TailscaleMesh {
         api: &LocalApi,
         edit: impl Fn(&[String]) -> Vec<String>,
     ) -> Result<(), MeshError> {
-        let prefs: Value = api
-            .get("/localapi/v0/prefs")
-            .await
-            .map_err(failed)?
-            .json("prefs")
-            .map_err(failed)?;
+        let prefs: Value = read(api, "/localapi/v0/prefs").await?;
         let current = strings(&prefs["AdvertiseServices"]);
         let next = edit(&current);
         if next == current {
             return Ok(());
         }
         let body = json!({ "AdvertiseServices": next, "AdvertiseServicesSet": true });
-        api.call(
-            Method::PATCH,
-            "/localapi/v0/prefs",
-            Some(body.to_string().into_bytes()),
-            None,
-        )
-        .await
-        .map_err(failed)?;
+        patch_prefs(api, &body).await?;
         Ok(())
     }
 
@@ -529,6 +485,43 @@ fn load_owned(state_dir: &Path) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
+/// GET a LocalAPI path and decode its JSON.
+async fn read(api: &LocalApi, path: &str) -> Result<Value, MeshError> {
+    api.get(path)
+        .await
+        .map_err(failed)?
+        .json(path)
+        .map_err(failed)
+}
+
+/// `PATCH prefs` with a MaskedPrefs body.
+async fn patch_prefs(api: &LocalApi, masked: &Value) -> Result<(), MeshError> {
+    let body = masked.to_string().into_bytes();
+    api.call(Method::PATCH, "/localapi/v0/prefs", Some(body), None)
+        .await
+        .map_err(failed)?;
+    Ok(())
+}
+
+/// Splits the IPN bus's byte stream into its JSON objects, one per line; a line may arrive in
+/// several chunks.
+#[derive(Default)]
+struct Ndjson(Vec<u8>);
+
+impl Ndjson {
+    fn push(&mut self, data: &[u8]) -> Vec<Value> {
+        self.0.extend_from_slice(data);
+        let mut out = Vec::new();
+        while let Some(pos) = self.0.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.0.drain(..=pos).collect();
+            if let Ok(value) = serde_json::from_slice(&line) {
+                out.push(value);
+            }
+        }
+        out
+    }
+}
+
 /// A JSON array of strings, with `null` as empty.
 fn strings(value: &Value) -> Vec<String> {
     value
@@ -544,4 +537,25 @@ fn strings(value: &Value) -> Vec<String> {
 
 fn failed(error: impl std::fmt::Display) -> MeshError {
     MeshError::Failed(error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bus_lines_split_across_chunks_are_joined_and_states_are_integers() {
+        let mut lines = Ndjson::default();
+        assert!(lines.push(b"{\"Version\":\"1.102.2\",\"Sta").is_empty());
+        let got = lines.push(b"te\":6}\n{\"State\":3}\n{\"Eng");
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0]["State"].as_u64(), Some(6));
+        assert_eq!(got[1]["State"].as_u64(), Some(3));
+    }
+
+    #[test]
+    fn nulls_where_lists_are_expected_read_as_empty() {
+        assert!(strings(&Value::Null).is_empty());
+        assert_eq!(strings(&json!(["tag:a", null, 3])), vec!["tag:a"]);
+    }
 }
