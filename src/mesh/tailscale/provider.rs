@@ -554,6 +554,58 @@ mod tests {
     }
 
     #[test]
+    fn the_real_captures_parse_with_their_unknown_fields_and_nulls() {
+        let status: Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/tailscale/status-scrubbed-linux-1.102.2.json"
+        ))
+        .unwrap();
+        assert_eq!(status["BackendState"], "Running");
+        assert!(!strings(&status["TailscaleIPs"]).is_empty());
+        assert!(
+            strings(&status["Self"]["Tags"]).is_empty(),
+            "absent tags read as none"
+        );
+        assert!(
+            status["CurrentTailnet"]["Name"].as_str().is_none(),
+            "absent tailnet"
+        );
+        let old: Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/tailscale/status-trimmed-1.76.6.json"
+        ))
+        .unwrap();
+        assert!(strings(&old["Self"]["Tags"]).is_empty(), "no Self at all");
+        let prefs: Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/tailscale/prefs-partial.json"
+        ))
+        .unwrap();
+        assert!(strings(&prefs["AdvertiseTags"]).is_empty(), "null tags");
+        assert!(
+            strings(&prefs["AdvertiseServices"]).is_empty(),
+            "missing key"
+        );
+        let serve: Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/tailscale/serve-config-node-tcpforward.json"
+        ))
+        .unwrap();
+        let owned = BTreeSet::new();
+        let (with_ours, owned) = serve_config::reconcile(
+            &serve,
+            &owned,
+            &[WantedService {
+                label: "molt-provider".into(),
+                port: 8443,
+                mode: Mode::Tcp,
+            }],
+            "tail1.ts.net",
+        );
+        assert_eq!(
+            serde_json::to_string(&serve_config::withdraw(&with_ours, &owned)).unwrap(),
+            serde_json::to_string(&serve).unwrap(),
+            "the captured node-level entry survives byte for byte"
+        );
+    }
+
+    #[test]
     fn nulls_where_lists_are_expected_read_as_empty() {
         assert!(strings(&Value::Null).is_empty());
         assert_eq!(strings(&json!(["tag:a", null, 3])), vec!["tag:a"]);
