@@ -280,3 +280,31 @@ fn a_1_86_daemon_without_the_services_endpoint_still_advertises() {
     node.recv_until("READY=1", WAIT);
     ts.with(|s| assert_eq!(s.serve["Services"]["svc:molt-provider"], ours()));
 }
+
+fn discover(node: &Node) -> Value {
+    let out = node.cli(&["services", "discover", "molt-provider", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn discovery_lists_the_service_with_its_magicdns_name_vips_and_ports() {
+    for version in ["1.102.2", "1.86.2"] {
+        // 1.102 answers `GET services`; 1.86 has only the CapMap entries.
+        let (ts, node) = start(version, TAGS, "example.com", |_| {});
+        node.recv_until("READY=1", WAIT);
+        ts.with(|s| s.approved = vec!["svc:molt-provider".into()]);
+        let found = discover(&node);
+        let svc = &found["services"][0];
+        assert_eq!(svc["name"], "svc:molt-provider", "{version}: {found}");
+        assert_eq!(svc["dns_name"], "molt-provider.tail1234.ts.net");
+        assert_eq!(svc["addrs"], json!(["100.100.1.1", "fd7a:115c:a1e0::100"]));
+        assert_eq!(svc["ports"], json!(["tcp:8443"]));
+        let used_list = ts.calls().iter().any(|c| c == "GET /localapi/v0/services");
+        assert_eq!(used_list, version == "1.102.2", "{version}");
+    }
+}

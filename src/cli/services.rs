@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
+use crate::config::Config;
 use crate::config::{self, ProviderKind};
+use crate::mesh::tailscale::discover as ts_discover;
+use crate::mesh::tailscale::localapi::LocalApi;
 use crate::mesh::wireguard;
 use crate::services::discover;
 
@@ -25,11 +28,8 @@ pub enum ServicesCommand {
 pub fn run(config_path: &Path, command: &ServicesCommand) -> Result<ExitCode, CliError> {
     let ServicesCommand::Discover { service, json } = command;
     let config = config::load(config_path)?;
-    if config.network.provider != ProviderKind::Wireguard {
-        return Err(CliError::runtime(std::io::Error::other(format!(
-            "discovery over the {} provider is not built yet; it works with provider = \"wireguard\"",
-            config.network.provider
-        ))));
+    if config.network.provider == ProviderKind::Tailscale {
+        return tailscale(&config, service, *json);
     }
     let wg = &config.network.wireguard;
     let targets = wireguard::peer_mesh_addresses(wg);
@@ -53,6 +53,39 @@ pub fn run(config_path: &Path, command: &ServicesCommand) -> Result<ExitCode, Cl
     }
     for u in &found.unreachable {
         eprintln!("unreachable: {} ({})", u.address, u.error);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Tailscale mode: the services tailscaled lists, with their MagicDNS names, VIPs and ports.
+fn tailscale(config: &Config, service: &str, json: bool) -> Result<ExitCode, CliError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::runtime)?;
+    let api = LocalApi::new(&config.network.tailscale.socket);
+    let found = runtime
+        .block_on(ts_discover::find(&api, service))
+        .map_err(CliError::runtime)?;
+    if json {
+        let doc = serde_json::json!({ "services": found });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).map_err(CliError::runtime)?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if found.is_empty() {
+        println!("no Tailscale Service svc:{service} is visible to this node");
+    }
+    for s in &found {
+        println!(
+            "{:<24} {:<40} {:<32} {}",
+            s.name,
+            s.dns_name,
+            s.addrs.join(","),
+            s.ports.join(",")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

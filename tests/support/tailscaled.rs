@@ -121,6 +121,12 @@ impl State {
         if !mapping.is_empty() {
             me["CapMap"]["service-host"] = json!([mapping]);
         }
+        if !self.at_least(1, 98) {
+            // Before `GET services`, the details reach the node only as CapMap entries.
+            for (i, name) in self.approved.iter().enumerate() {
+                me["CapMap"][format!("services/{i}")] = json!([service_details(name)]);
+            }
+        }
         status["CurrentTailnet"] = if running {
             json!({ "Name": self.tailnet, "MagicDNSSuffix": self.suffix, "MagicDNSEnabled": true })
         } else {
@@ -137,6 +143,10 @@ impl State {
         let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
         (a, b) >= (major, minor)
     }
+}
+
+fn service_details(name: &str) -> Value {
+    json!({ "Name": name, "Addrs": ["100.100.1.1", "fd7a:115c:a1e0::100"], "Ports": ["tcp:8443"] })
 }
 
 pub fn etag(serve: &Value) -> String {
@@ -379,12 +389,7 @@ async fn route(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Response<Bo
             let services: serde_json::Map<String, Value> = s
                 .approved
                 .iter()
-                .map(|name| {
-                    (
-                        name.clone(),
-                        json!({ "Name": name, "Addrs": ["100.100.1.1"], "Ports": ["tcp:8443"] }),
-                    )
-                })
+                .map(|name| (name.clone(), service_details(name)))
                 .collect();
             json_response(StatusCode::OK, &Value::Object(services))
         }

@@ -2,10 +2,11 @@
 //!
 //! Built: the LocalAPI client, bring-up (start only when needed, login-interactive, wait for
 //! Running), the tailnet check, Tailscale Services advertisement and drain-then-clear
-//! withdrawal with ETag retries, and a bus watcher that triggers rechecks. Not built yet
-//! (issue 4): workload identity, approval state in status, discovery through `services`,
+//! withdrawal with ETag retries, a bus watcher that triggers rechecks, and discovery. Not built yet
+//! (issue 4): workload identity, approval state in status,
 //! node-info on the Tailscale address, certificates, `doctor` and `tailscale policy`.
 
+pub mod discover;
 pub mod localapi;
 mod provider;
 

@@ -1,0 +1,68 @@
+//! Which Tailscale Services this node can see: `GET services` on tailscaled 1.98 and newer,
+//! else the `services/…` entries of the node's own `CapMap`, which carry the same details.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::localapi::{LocalApi, LocalApiError, Version};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TsService {
+    /// `svc:<label>`.
+    pub name: String,
+    /// `<label>.<MagicDNS suffix>`.
+    pub dns_name: String,
+    pub addrs: Vec<String>,
+    /// As tailscaled lists them: `tcp:8443`, `tcp:8000-8010`, `*`.
+    pub ports: Vec<String>,
+}
+
+/// The services named `svc:<label>` visible to this node.
+pub async fn find(api: &LocalApi, label: &str) -> Result<Vec<TsService>, LocalApiError> {
+    let reply = api.get("/localapi/v0/status?peers=false").await?;
+    let status: Value = reply.json("status")?;
+    let suffix = status["CurrentTailnet"]["MagicDNSSuffix"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let details: Vec<Value> = if reply.version.is_some_and(|v| v >= Version::SERVICES_LIST) {
+        let services: Value = api.get("/localapi/v0/services").await?.json("services")?;
+        services
+            .as_object()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    } else {
+        status["Self"]["CapMap"]
+            .as_object()
+            .map(|caps| {
+                caps.iter()
+                    .filter(|(k, _)| k.starts_with("services/"))
+                    .flat_map(|(_, v)| v.as_array().cloned().unwrap_or_default())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let wanted = format!("svc:{label}");
+    Ok(details
+        .iter()
+        .filter(|d| d["Name"].as_str() == Some(wanted.as_str()))
+        .map(|d| TsService {
+            name: wanted.clone(),
+            dns_name: format!("{label}.{}", suffix.trim_matches('.')),
+            addrs: list(&d["Addrs"]),
+            ports: list(&d["Ports"]),
+        })
+        .collect())
+}
+
+fn list(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
