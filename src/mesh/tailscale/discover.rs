@@ -5,6 +5,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::localapi::{LocalApi, LocalApiError, Version};
+use super::strings;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TsService {
@@ -49,20 +50,8 @@ pub async fn find(api: &LocalApi, label: &str) -> Result<Vec<TsService>, LocalAp
         .map(|d| TsService {
             name: wanted.clone(),
             dns_name: format!("{label}.{}", suffix.trim_matches('.')),
-            addrs: list(&d["Addrs"]),
-            ports: list(&d["Ports"]),
+            addrs: strings(&d["Addrs"]),
+            ports: strings(&d["Ports"]),
         })
         .collect())
-}
-
-fn list(value: &Value) -> Vec<String> {
-    value
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
 }

@@ -11,3 +11,18 @@ pub mod localapi;
 mod provider;
 
 pub use provider::TailscaleMesh;
+
+use serde_json::Value;
+
+/// A JSON array of strings, with `null` as empty.
+pub(crate) fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}

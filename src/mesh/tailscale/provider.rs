@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use super::localapi::{LocalApi, LocalApiError, Version};
+use super::strings;
 use crate::config::{Config, TailscaleAuth};
 use crate::core::backoff::Backoff;
 use crate::core::serve_config::{self, Mode, WantedService};
@@ -520,19 +521,6 @@ impl Ndjson {
         }
         out
     }
-}
-
-/// A JSON array of strings, with `null` as empty.
-fn strings(value: &Value) -> Vec<String> {
-    value
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn failed(error: impl std::fmt::Display) -> MeshError {
