@@ -229,3 +229,28 @@ fn pubkey_prints_the_public_key_of_the_generated_private_key() {
         assert_eq!(wg.stdout, first.stdout, "matches wg pubkey");
     }
 }
+
+#[test]
+fn changing_the_address_on_reload_replaces_the_old_one() {
+    if let Err(why) = lab::available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let lab = Lab::new(1);
+    let node = Node::start_in(
+        Some(lab.ns(0)),
+        |d| config(&lab, d, "userspace", "wireguard-go"),
+        &[],
+    );
+    node.recv_until("READY=1", Duration::from_secs(20));
+    let text = std::fs::read_to_string(&node.config)
+        .unwrap()
+        .replace("198.51.100.1/24", "198.51.100.2/24");
+    node.rewrite_config(&text);
+    node.signal(nix::sys::signal::Signal::SIGHUP);
+    node.recv_until("READY=1", Duration::from_secs(20));
+    let out = lab.exec(0, &["ip", "-br", "addr", "show", "dev", &lab.iface(0)]);
+    let addrs = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(addrs.contains("198.51.100.2/24"), "{addrs}");
+    assert!(!addrs.contains("198.51.100.1/24"), "{addrs}");
+}

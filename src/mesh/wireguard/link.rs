@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::{Handle, LinkUnspec, LinkWireguard, RouteMessageBuilder};
 
@@ -161,8 +161,29 @@ impl Link {
         }
 
         let present = self.addresses(link.index, name).await?;
+        // Stale addresses go first: deleting a primary address also deletes the secondaries
+        // in its subnet, so a new address added before it would vanish with it.
+        for (net, message) in present
+            .iter()
+            .filter(|(n, _)| !addresses.contains(n))
+            .cloned()
+        {
+            if let IpAddr::V6(v6) = net.addr()
+                && v6.segments()[0] & 0xffc0 == 0xfe80
+            {
+                continue;
+            }
+            self.handle
+                .address()
+                .del(message)
+                .execute()
+                .await
+                .map_err(|e| netlink("remove address from", name, e))?;
+            changes.addresses_removed.push(net);
+        }
+
         for net in addresses {
-            if present.contains(net) {
+            if present.iter().any(|(p, _)| p == net) {
                 continue;
             }
             match self
@@ -177,16 +198,6 @@ impl Link {
                 Err(e) => return Err(netlink("add address to", name, e)),
             }
         }
-        for net in present.iter().filter(|n| !addresses.contains(n)) {
-            if let IpAddr::V6(v6) = net.addr()
-                && v6.segments()[0] & 0xffc0 == 0xfe80
-            {
-                continue;
-            }
-            self.delete_address(link.index, *net, name).await?;
-            changes.addresses_removed.push(*net);
-        }
-
         for net in routes {
             let Ok(builder) = RouteMessageBuilder::<IpAddr>::new()
                 .destination_prefix(net.addr(), net.prefix_len())
@@ -203,7 +214,12 @@ impl Link {
         Ok(changes)
     }
 
-    async fn addresses(&self, index: u32, name: &str) -> Result<Vec<IpNet>, LinkError> {
+    /// The link's addresses, each with the message that deletes it.
+    async fn addresses(
+        &self,
+        index: u32,
+        name: &str,
+    ) -> Result<Vec<(IpNet, AddressMessage)>, LinkError> {
         let mut out = Vec::new();
         let request = self
             .handle
@@ -227,35 +243,10 @@ impl Link {
             if let Some(ip) = addr
                 && let Ok(net) = IpNet::new(ip, message.header.prefix_len)
             {
-                out.push(net);
+                out.push((net, message));
             }
         }
         Ok(out)
-    }
-
-    async fn delete_address(&self, index: u32, net: IpNet, name: &str) -> Result<(), LinkError> {
-        let request = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .set_address_filter(net.addr())
-            .set_prefix_length_filter(net.prefix_len())
-            .execute();
-        futures::pin_mut!(request);
-        while let Some(message) = request
-            .try_next()
-            .await
-            .map_err(|e| netlink("list addresses of", name, e))?
-        {
-            self.handle
-                .address()
-                .del(message)
-                .execute()
-                .await
-                .map_err(|e| netlink("remove address from", name, e))?;
-        }
-        Ok(())
     }
 }
 
