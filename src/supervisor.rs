@@ -426,6 +426,7 @@ impl Daemon {
                     .map(|m| m.problems.clone())
                     .unwrap_or_default(),
                 wireguard: None,
+                tailscale: None,
             },
             gpu: GpuDoc {
                 health: component(Component::Gpu),

@@ -20,6 +20,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use super::StatusDoc;
+use crate::mesh::Live;
 use crate::mesh::wireguard::status::{LiveTarget, WgStatus};
 
 #[derive(Debug, thiserror::Error)]
@@ -71,8 +72,8 @@ pub async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ApiE
     Ok(listener)
 }
 
-/// Serve until the task is dropped. `live` supplies the interface read at request time.
-pub async fn serve(listener: UnixListener, status: watch::Receiver<StatusDoc>, live: LiveTarget) {
+/// Serve until the task is dropped. `live` supplies what the mesh shows at request time.
+pub async fn serve(listener: UnixListener, status: watch::Receiver<StatusDoc>, live: Live) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -92,7 +93,8 @@ pub async fn serve(listener: UnixListener, status: watch::Receiver<StatusDoc>, l
                 async move {
                     let mut doc = status.borrow().clone();
                     if req.uri().path() == "/v1/status" {
-                        doc.mesh.wireguard = read_live(live).await;
+                        doc.mesh.wireguard = read_live(live.wireguard).await;
+                        doc.mesh.tailscale = live.tailscale.read().await;
                     }
                     Ok::<_, Infallible>(route(&req, &doc))
                 }

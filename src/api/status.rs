@@ -56,6 +56,8 @@ pub struct MeshDoc {
     pub problems: Vec<String>,
     /// The WireGuard interface and its peers, read from the device at request time.
     pub wireguard: Option<crate::mesh::wireguard::status::WgStatus>,
+    /// Identity, tailnet and per-service approval, read from tailscaled at request time.
+    pub tailscale: Option<crate::mesh::tailscale::status::TsStatus>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::mesh::tailscale::status::TsStatus;
+
 use clap::{Args, ValueEnum};
 
 use crate::api::{self, StatusDoc, client};
@@ -122,6 +124,9 @@ fn human(doc: &StatusDoc) -> String {
             ),
         );
     }
+    if let Some(ts) = &doc.mesh.tailscale {
+        tailscale_rows(&mut out, ts, row);
+    }
     for problem in &doc.mesh.problems {
         row(&mut out, "problem:", problem);
     }
@@ -153,4 +158,63 @@ fn human(doc: &StatusDoc) -> String {
         );
     }
     out
+}
+
+fn tailscale_rows(out: &mut String, ts: &TsStatus, row: impl Fn(&mut String, &str, &str)) {
+    if let Some(error) = &ts.error {
+        row(
+            out,
+            "tailscale:",
+            &format!("cannot read tailscaled: {error}"),
+        );
+        return;
+    }
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    row(
+        out,
+        "tailscale:",
+        &format!(
+            "{} {} ({}), tailscaled {}",
+            ts.backend_state,
+            or_dash(&ts.dns_name),
+            if ts.online { "online" } else { "offline" },
+            or_dash(&ts.daemon_version)
+        ),
+    );
+    row(out, "ips:", &ts.ips.join(" "));
+    row(
+        out,
+        "tailnet:",
+        &format!(
+            "{} (MagicDNS {})",
+            or_dash(&ts.tailnet),
+            or_dash(&ts.magic_dns_suffix)
+        ),
+    );
+    let tags = if ts.tags.is_empty() {
+        "none (untagged)".to_string()
+    } else {
+        ts.tags.join(", ")
+    };
+    row(out, "tags:", &tags);
+    if let Some(owner) = &ts.owner {
+        row(
+            out,
+            "owner:",
+            &format!("{} ({})", owner.login_name, owner.display_name),
+        );
+    }
+    for svc in &ts.services {
+        let mut line = format!("{} port {}: {}", svc.name, svc.port, svc.state);
+        if !svc.vips.is_empty() {
+            line.push_str(&format!(", VIPs {}", svc.vips.join(" ")));
+        }
+        if let Some(reason) = &svc.reason {
+            line.push_str(&format!(" ({reason})"));
+        }
+        if let Some(cert) = &svc.cert {
+            line.push_str(&format!("; cert {} {}", cert.domain, cert.state));
+        }
+        row(out, "service:", &line);
+    }
 }

@@ -86,6 +86,7 @@ pub(super) struct RawTailscale {
     pub tailnet: Option<String>,
     pub tags: Option<Vec<String>>,
     pub control_url: Option<String>,
+    pub node_info_port: Option<i64>,
     pub services: BTreeMap<String, RawService>,
 }
 
@@ -103,6 +104,7 @@ pub(super) struct RawService {
     pub port: Option<i64>,
     pub mode: Option<String>,
     pub tls: Option<bool>,
+    pub tls_cert: Option<bool>,
 }
 
 #[derive(Default, Deserialize)]

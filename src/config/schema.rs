@@ -89,6 +89,8 @@ pub struct TailscaleConfig {
     pub tailnet: Option<String>,
     pub tags: Vec<Tag>,
     pub control_url: Option<String>,
+    /// Where `GET /v1/node` listens on the node's Tailscale IPv4.
+    pub node_info_port: u16,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -122,6 +124,8 @@ pub struct GpuConfig {
 pub struct ServiceSpec {
     pub port: u16,
     pub mode: ServiceMode,
+    /// Fetch a TLS certificate for the service's MagicDNS name (tailscale provider only).
+    pub tls_cert: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -51,7 +51,7 @@ impl<'a> Checker<'a> {
         let api = self.api(&root.key("api"), raw.api, &node);
         let network = self.network(&root.key("network"), raw.network, &node);
         let gpu = self.gpu(&root.key("gpu"), raw.gpu);
-        let services = self.services(raw.services, ts_services);
+        let services = self.services(raw.services, ts_services, network.provider);
         let level = self.keyword::<LogLevel>(&root.key("log").key("level"), raw.log.level);
         let config = Config {
             node,
@@ -551,6 +551,7 @@ impl<'a> Checker<'a> {
                 )
             })
         });
+        let node_info_port = self.port(&path.key("node_info_port"), raw.node_info_port, 51821);
         TailscaleConfig {
             socket,
             auth,
@@ -558,6 +559,7 @@ impl<'a> Checker<'a> {
             tailnet,
             tags,
             control_url,
+            node_info_port,
         }
     }
 
@@ -685,6 +687,7 @@ impl<'a> Checker<'a> {
         &mut self,
         plain: BTreeMap<String, RawService>,
         tailscale: BTreeMap<String, RawService>,
+        provider: ProviderKind,
     ) -> BTreeMap<ServiceName, ServiceSpec> {
         let plain_path = KeyPath::root().key("services");
         let ts_path = KeyPath::root()
@@ -710,7 +713,7 @@ impl<'a> Checker<'a> {
                     &name,
                 )
             });
-            let spec = self.service(&path, raw);
+            let spec = self.service(&path, raw, provider);
             let (Some(name), Some(spec)) = (name, spec) else {
                 continue;
             };
@@ -732,7 +735,7 @@ impl<'a> Checker<'a> {
             self.error(
                 &second,
                 format!(
-                    "expected the same port/mode/tls as {first} (line {line}) or a different service name: {name} is declared twice with different settings"
+                    "expected the same port/mode/tls/tls_cert as {first} (line {line}) or a different service name: {name} is declared twice with different settings"
                 ),
             );
         }
@@ -742,7 +745,18 @@ impl<'a> Checker<'a> {
             .collect()
     }
 
-    fn service(&mut self, path: &KeyPath, raw: RawService) -> Option<ServiceSpec> {
+    fn service(
+        &mut self,
+        path: &KeyPath,
+        raw: RawService,
+        provider: ProviderKind,
+    ) -> Option<ServiceSpec> {
+        if raw.tls_cert == Some(true) && provider != ProviderKind::Tailscale {
+            self.error(
+                &path.key("tls_cert"),
+                "expected no tls_cert unless network.provider = \"tailscale\" (certificates come from tailscaled)",
+            );
+        }
         let port = match raw.port {
             Some(_) => Some(self.port(&path.key("port"), raw.port, 0)).filter(|&p| p != 0),
             None => {
@@ -785,6 +799,7 @@ impl<'a> Checker<'a> {
         Some(ServiceSpec {
             port: port?,
             mode: mode?,
+            tls_cert: raw.tls_cert.unwrap_or(false),
         })
     }
 

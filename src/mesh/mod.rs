@@ -117,7 +117,14 @@ pub trait MeshProvider: Send {
 #[derive(Clone)]
 pub struct Hooks {
     pub recheck: Recheck,
-    pub live: wireguard::status::LiveTarget,
+    pub live: Live,
+}
+
+/// What the status API reads at request time, filled in by whichever provider runs.
+#[derive(Clone, Default)]
+pub struct Live {
+    pub wireguard: wireguard::status::LiveTarget,
+    pub tailscale: tailscale::status::LiveTailscale,
 }
 
 impl Hooks {
@@ -125,7 +132,7 @@ impl Hooks {
         let (recheck, rx) = Recheck::channel();
         let hooks = Hooks {
             recheck,
-            live: wireguard::status::LiveTarget::default(),
+            live: Live::default(),
         };
         (hooks, rx)
     }

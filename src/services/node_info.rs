@@ -3,10 +3,11 @@
 //! The socket is bound to the mesh address *and* to the mesh interface (SO_BINDTODEVICE):
 //! Linux accepts packets for a local address on any interface, so the address alone would let
 //! a neighbour on the LAN reach it. A caller is identified by its tunnel source address, which
-//! WireGuard authenticated; callers outside the mesh CIDR are refused.
+//! the tunnel authenticated: with WireGuard it must lie in the mesh CIDR, with Tailscale
+//! tailscaled's `whois` must know it as a tailnet node.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -22,6 +23,7 @@ use tokio::net::TcpSocket;
 use tokio::task::JoinHandle;
 
 use crate::mesh::ServiceAd;
+use crate::mesh::tailscale::localapi::LocalApi;
 
 /// What a node tells the mesh about itself.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +45,40 @@ pub struct GpuSummary {
 
 pub type SharedInfo = Arc<RwLock<NodeInfo>>;
 
+/// Who may read the endpoint.
+#[derive(Clone)]
+pub enum Callers {
+    /// Sources inside the WireGuard mesh CIDR.
+    Cidr(IpNet),
+    /// Sources that tailscaled's `whois` knows as tailnet nodes.
+    Tailnet(LocalApi),
+}
+
+impl Callers {
+    async fn allows(&self, peer: SocketAddr) -> bool {
+        match self {
+            Callers::Cidr(mesh) => mesh.contains(&peer.ip()),
+            Callers::Tailnet(api) => api
+                .get(&format!("/localapi/v0/whois?addr={peer}"))
+                .await
+                .is_ok(),
+        }
+    }
+}
+
+/// The interface that holds `addr`, for SO_BINDTODEVICE; `None` when no interface has it
+/// (tailscaled in userspace-networking mode has no address of its own on the host).
+pub fn interface_with(addr: IpAddr) -> Option<String> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+        let sock = ifa.address?;
+        let found = match addr {
+            IpAddr::V4(v4) => sock.as_sockaddr_in().map(|s| s.ip()) == Some(v4),
+            IpAddr::V6(v6) => sock.as_sockaddr_in6().map(|s| s.ip()) == Some(v6),
+        };
+        found.then_some(ifa.interface_name)
+    })
+}
+
 pub struct Server {
     pub addr: SocketAddr,
     pub interface: String,
@@ -50,11 +86,11 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listen on `addr`, on `interface` only, answering callers from `mesh`.
+    /// Listen on `addr`, on `interface` only, answering `callers`.
     pub fn start(
         interface: &str,
         addr: SocketAddr,
-        mesh: IpNet,
+        callers: Callers,
         info: SharedInfo,
     ) -> std::io::Result<Server> {
         let socket = if addr.is_ipv4() {
@@ -77,12 +113,13 @@ impl Server {
                         continue;
                     }
                 };
-                if !mesh.contains(&peer.ip()) {
-                    tracing::warn!(component = "services", %peer, "refused a node-info caller outside the mesh");
-                    continue;
-                }
                 let info = Arc::clone(&info);
+                let callers = callers.clone();
                 tokio::spawn(async move {
+                    if !callers.allows(peer).await {
+                        tracing::warn!(component = "services", %peer, "refused a node-info caller outside the mesh");
+                        return;
+                    }
                     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let info = Arc::clone(&info);
                         async move { Ok::<_, Infallible>(route(&req, &info)) }

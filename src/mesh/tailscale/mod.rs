@@ -6,9 +6,11 @@
 //! (issue 4): workload identity, approval state in status,
 //! node-info on the Tailscale address, certificates, `doctor` and `tailscale policy`.
 
+pub mod authkey;
 pub mod discover;
 pub mod localapi;
 mod provider;
+pub mod status;
 
 pub use provider::TailscaleMesh;
 

@@ -3,8 +3,10 @@
 //! withdrawal, and a bus watcher that asks for a recheck whenever tailscaled changes state or
 //! comes back after a restart.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
@@ -13,11 +15,12 @@ use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use super::localapi::{LocalApi, LocalApiError, Version};
-use super::strings;
-use crate::config::{Config, TailscaleAuth};
+use super::{authkey, status, strings};
+use crate::config::Config;
 use crate::core::backoff::Backoff;
 use crate::core::serve_config::{self, Mode, WantedService};
 use crate::mesh::{BoxFuture, Hooks, MeshError, MeshProvider, MeshStatus, ServiceAd};
+use crate::services::node_info::{self, SharedInfo};
 use crate::state;
 
 /// How long a bring-up waits on the bus for Running.
@@ -36,6 +39,8 @@ pub struct TailscaleMesh {
     /// What was last published, re-applied on every join: tailscaled may have restarted and
     /// lost it, and the check costs two reads when nothing changed.
     published: Option<Vec<ServiceAd>>,
+    info: SharedInfo,
+    server: Option<node_info::Server>,
 }
 
 impl TailscaleMesh {
@@ -48,6 +53,8 @@ impl TailscaleMesh {
             suffix: String::new(),
             watcher: None,
             published: None,
+            info: SharedInfo::default(),
+            server: None,
         }
     }
 
@@ -130,18 +137,35 @@ impl TailscaleMesh {
                 )));
             }
         }
+        self.hooks.live.tailscale.set(Some(status::Target {
+            api: api.clone(),
+            services: self.published.clone().unwrap_or_default(),
+            publish_error: None,
+            certs: BTreeMap::new(),
+        }));
         if let Some(services) = self.published.clone() {
-            self.publish_inner(&services).await?;
+            self.publish_recorded(&services).await?;
         }
         let ipv4 = strings(&status["TailscaleIPs"])
             .into_iter()
-            .find(|ip| ip.contains('.'));
+            .find_map(|ip| ip.parse::<Ipv4Addr>().ok());
+        let mut problems = self.awaiting_approval(&status);
+        let interface = match ipv4 {
+            Some(ip) => {
+                let result = self.serve_node_info(config, &status, ip, &api);
+                result.unwrap_or_else(|problem| {
+                    problems.push(problem);
+                    None
+                })
+            }
+            None => None,
+        };
         Ok(MeshStatus {
             provider: "tailscale".into(),
-            interface: None,
-            address: ipv4,
+            interface,
+            address: ipv4.map(|ip| ip.to_string()),
             peers: 0,
-            problems: Vec::new(),
+            problems,
         })
     }
 
@@ -158,12 +182,6 @@ impl TailscaleMesh {
     ) -> Result<(), MeshError> {
         let ts = &config.network.tailscale;
         let have_key = status["HaveNodeKey"].as_bool().unwrap_or(false);
-        let auth_key = resolve_auth_key(ts.auth.as_ref())?;
-        if auth_key.is_none() && !have_key {
-            return Err(MeshError::Failed(
-                "tailscaled is not logged in and no auth method is configured (set auth_key_file, auth_key_env, auth_key or workload_identity under [network.tailscale])".into(),
-            ));
-        }
         let control = ts
             .control_url
             .clone()
@@ -173,7 +191,22 @@ impl TailscaleMesh {
                     .filter(|s| !s.is_empty())
                     .map(str::to_string)
             })
-            .unwrap_or_else(|| "https://controlplane.tailscale.com".into());
+            .unwrap_or_else(|| authkey::DEFAULT_CONTROL_URL.into());
+        if ts.auth.is_none() && !have_key {
+            return Err(MeshError::Failed(
+                "tailscaled is not logged in and no auth method is configured (set auth_key_file, auth_key_env, auth_key or workload_identity under [network.tailscale])".into(),
+            ));
+        }
+        // A node that holds a valid key restarts without a new one: minting or reusing a key
+        // there would re-register it. NeedsLogin with a key means that key expired.
+        let needs_auth = !have_key || status["BackendState"] == "NeedsLogin";
+        let auth_key = if needs_auth {
+            authkey::resolve(ts.auth.as_ref(), Some(&control), tags)
+                .await
+                .map_err(failed)?
+        } else {
+            None
+        };
         prefs["ControlURL"] = json!(control);
         prefs["WantRunning"] = json!(true);
         prefs["Hostname"] = json!(hostname);
@@ -182,6 +215,23 @@ impl TailscaleMesh {
         // wholesale, and leaving it out would un-advertise every service).
         if let Some(map) = prefs.as_object_mut() {
             map.remove("Config");
+        }
+        // tailscaled answers 200 with {"Error"} when it would refuse these prefs.
+        let verdict: Value = api
+            .call(
+                Method::POST,
+                "/localapi/v0/check-prefs",
+                Some(prefs.to_string().into_bytes()),
+                None,
+            )
+            .await
+            .map_err(failed)?
+            .json("check-prefs")
+            .map_err(failed)?;
+        if let Some(error) = verdict["Error"].as_str().filter(|e| !e.is_empty()) {
+            return Err(MeshError::Failed(format!(
+                "tailscaled refuses the prefs clawnode would set: {error}"
+            )));
         }
         let mut bus = api.watch_bus(2).await.map_err(failed)?;
         let options = json!({ "AuthKey": auth_key.as_deref().map_or("", |k| k.as_str()), "UpdatePrefs": prefs });
@@ -214,6 +264,11 @@ impl TailscaleMesh {
                 for notify in lines.push(data) {
                     if let Some(message) = notify["ErrMessage"].as_str() {
                         return Err(MeshError::Failed(format!("tailscaled: {message}")));
+                    }
+                    if let Some(url) = notify["BrowseToURL"].as_str().filter(|u| !u.is_empty()) {
+                        return Err(MeshError::Failed(format!(
+                            "tailscaled wants an interactive login at {url}: the auth key was missing or rejected"
+                        )));
                     }
                     match notify["State"].as_u64() {
                         Some(6) | Some(3) => return Ok(()),
@@ -263,6 +318,10 @@ impl TailscaleMesh {
                                 {
                                     recheck.request(format!("tailscaled state {state}"));
                                 }
+                                // Approval, tags and addresses change with the self node.
+                                if !notify["SelfChange"].is_null() {
+                                    recheck.request("self node changed");
+                                }
                             }
                         }
                         tracing::warn!(
@@ -309,8 +368,85 @@ impl TailscaleMesh {
         if Some(&new_owned) != self.owned.as_ref() {
             self.save_owned(new_owned)?;
         }
+        if self.published.is_none() && !wanted.is_empty() {
+            // The next join reads approval and reports what control has not approved yet.
+            self.hooks.recheck.request("services published");
+        }
         self.published = Some(services.to_vec());
         Ok(())
+    }
+
+    /// `GET /v1/node` on the Tailscale IPv4, bound to the interface that holds it; returns
+    /// that interface, or the problem that kept the endpoint down (it does not stop the join).
+    fn serve_node_info(
+        &mut self,
+        config: &Config,
+        status: &Value,
+        ip: Ipv4Addr,
+        api: &LocalApi,
+    ) -> Result<Option<String>, String> {
+        {
+            let mut info = self.info.write().unwrap_or_else(|p| p.into_inner());
+            info.name = config.node.name.to_string();
+            info.public_key = status["Self"]["PublicKey"].as_str().unwrap_or("").into();
+            info.address = ip.to_string();
+        }
+        let Some(iface) = node_info::interface_with(IpAddr::V4(ip)) else {
+            self.server = None;
+            return Err(format!(
+                "node-info endpoint not served: no interface holds {ip} (tailscaled in userspace-networking mode?)"
+            ));
+        };
+        let listen = SocketAddr::new(IpAddr::V4(ip), config.network.tailscale.node_info_port);
+        let current = self
+            .server
+            .as_ref()
+            .is_some_and(|s| s.addr == listen && s.interface == iface);
+        if !current {
+            self.server = None;
+            let server = node_info::Server::start(
+                &iface,
+                listen,
+                node_info::Callers::Tailnet(api.clone()),
+                Arc::clone(&self.info),
+            )
+            .map_err(|e| format!("node-info endpoint on {listen}: {e}"))?;
+            self.server = Some(server);
+        }
+        Ok(Some(iface))
+    }
+
+    /// Publish and record the outcome for the status API.
+    async fn publish_recorded(&mut self, services: &[ServiceAd]) -> Result<(), MeshError> {
+        let result = self.publish_inner(services).await;
+        if result.is_ok() {
+            self.info
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .services = services.to_vec();
+        }
+        let error = result.as_ref().err().map(ToString::to_string);
+        self.hooks.live.tailscale.update(|t| {
+            t.services = services.to_vec();
+            t.publish_error = error;
+        });
+        result
+    }
+
+    /// A problem line per published service that control has not approved yet.
+    fn awaiting_approval(&self, status: &Value) -> Vec<String> {
+        let approved = status::approved_services(status);
+        self.published
+            .iter()
+            .flatten()
+            .filter(|ad| !approved.contains_key(&format!("svc:{}", ad.name)))
+            .map(|ad| {
+                format!(
+                    "svc:{} is advertised and awaiting approval by the tailnet (autoApprovers.services or an admin)",
+                    ad.name
+                )
+            })
+            .collect()
     }
 
     async fn withdraw_inner(&mut self) -> Result<(), MeshError> {
@@ -415,7 +551,7 @@ impl MeshProvider for TailscaleMesh {
         &'a mut self,
         services: &'a [ServiceAd],
     ) -> BoxFuture<'a, Result<(), MeshError>> {
-        Box::pin(self.publish_inner(services))
+        Box::pin(self.publish_recorded(services))
     }
 
     fn withdraw(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
@@ -428,6 +564,7 @@ impl MeshProvider for TailscaleMesh {
             if let Some(watcher) = self.watcher.take() {
                 watcher.abort();
             }
+            self.server = None;
             Ok(())
         })
     }
@@ -444,39 +581,6 @@ fn wanted(ad: &ServiceAd) -> WantedService {
         port: ad.port,
         mode,
     }
-}
-
-/// The auth key from the configured method. Workload identity is not built yet.
-fn resolve_auth_key(auth: Option<&TailscaleAuth>) -> Result<Option<Zeroizing<String>>, MeshError> {
-    let Some(auth) = auth else {
-        return Ok(None);
-    };
-    let key = match auth {
-        TailscaleAuth::Key(secret) => Zeroizing::new(secret.expose().to_string()),
-        TailscaleAuth::KeyFile(path) => {
-            let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
-                MeshError::Failed(format!("cannot read auth_key_file {}: {e}", path.display()))
-            })?);
-            Zeroizing::new(text.trim().to_string())
-        }
-        TailscaleAuth::KeyEnv(name) => Zeroizing::new(
-            std::env::var(name)
-                .map_err(|_| MeshError::Failed(format!("auth_key_env: ${name} is not set")))?
-                .trim()
-                .to_string(),
-        ),
-        TailscaleAuth::WorkloadIdentity { .. } => {
-            return Err(MeshError::Failed(
-                "workload identity federation is not built yet (issue 4); use auth_key_file or auth_key_env".into(),
-            ));
-        }
-    };
-    if key.is_empty() {
-        return Err(MeshError::Failed(
-            "the configured Tailscale auth key is empty".into(),
-        ));
-    }
-    Ok(Some(key))
 }
 
 fn load_owned(state_dir: &Path) -> BTreeSet<String> {
@@ -524,7 +628,14 @@ impl Ndjson {
 }
 
 fn failed(error: impl std::fmt::Display) -> MeshError {
-    MeshError::Failed(error.to_string())
+    let text = error.to_string();
+    if text.contains("config file is locked") {
+        // Retrying cannot help, and overriding the operator's file would be wrong.
+        return MeshError::Failed(format!(
+            "tailscaled runs with --config, which locks its settings; clawnode will not fight the config file: set hostname, tags and services there, or run tailscaled without --config ({text})"
+        ));
+    }
+    MeshError::Failed(text)
 }
 
 #[cfg(test)]

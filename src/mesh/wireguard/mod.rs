@@ -77,7 +77,7 @@ impl WireguardMesh {
     pub fn new(hooks: Hooks) -> Self {
         Self {
             recheck: hooks.recheck,
-            live: hooks.live,
+            live: hooks.live.wireguard,
             monitor: None,
             link: None,
             chosen: None,
@@ -286,11 +286,13 @@ impl WireguardMesh {
             .is_none_or(|s| s.addr != listen || s.interface != iface);
         if rebind {
             self.server = None;
-            let server =
-                node_info::Server::start(iface, listen, wg.mesh_cidr, Arc::clone(&self.info))
-                    .map_err(|e| {
-                        MeshError::Failed(format!("node-info endpoint on {listen}: {e}"))
-                    })?;
+            let server = node_info::Server::start(
+                iface,
+                listen,
+                node_info::Callers::Cidr(wg.mesh_cidr),
+                Arc::clone(&self.info),
+            )
+            .map_err(|e| MeshError::Failed(format!("node-info endpoint on {listen}: {e}")))?;
             self.server = Some(server);
         }
 

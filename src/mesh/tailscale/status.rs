@@ -1,0 +1,326 @@
+//! What `/v1/status` and `clawnode status` show of the Tailscale side: identity, addresses,
+//! tailnet, tags and, per configured service, whether control approved this host for it. Read
+//! live from tailscaled when asked, so approval shows up without clawnode polling.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::localapi::LocalApi;
+use super::strings;
+use crate::mesh::ServiceAd;
+
+/// The daemon to read and what clawnode asked of it, set by the provider once it has joined.
+#[derive(Clone, Default)]
+pub struct LiveTailscale(Arc<RwLock<Option<Target>>>);
+
+#[derive(Clone)]
+pub struct Target {
+    pub api: LocalApi,
+    pub services: Vec<ServiceAd>,
+    /// Why the last publish failed, shown against every service.
+    pub publish_error: Option<String>,
+    /// Certificate state by service label.
+    pub certs: BTreeMap<String, CertDoc>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TsStatus {
+    pub backend_state: String,
+    pub daemon_version: Option<String>,
+    /// Connected to the control plane.
+    pub online: bool,
+    pub hostname: Option<String>,
+    /// MagicDNS name without the trailing dot.
+    pub dns_name: Option<String>,
+    pub ips: Vec<String>,
+    pub tailnet: Option<String>,
+    pub magic_dns_suffix: Option<String>,
+    pub tags: Vec<String>,
+    /// Who owns this device: its own profile for a tagged node.
+    pub owner: Option<Owner>,
+    pub services: Vec<TsServiceState>,
+    /// Set when the live read failed; the other fields are then empty.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub login_name: String,
+    pub display_name: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TsServiceState {
+    /// `svc:<label>`.
+    pub name: String,
+    pub port: u16,
+    /// approved | awaiting approval | not advertised | failed
+    pub state: String,
+    /// In `AdvertiseServices` and in the serve config.
+    pub advertised: bool,
+    pub approved: bool,
+    /// The service's VIPs, once approved.
+    pub vips: Vec<String>,
+    pub reason: Option<String>,
+    pub cert: Option<CertDoc>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertDoc {
+    pub domain: String,
+    /// waiting for the domain | issued | failed
+    pub state: String,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub fetched_unix_ms: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// Bounded so a hung tailscaled cannot hang `clawnode status`.
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl LiveTailscale {
+    pub fn set(&self, target: Option<Target>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = target;
+    }
+
+    /// Change the target in place; nothing happens when none is set.
+    pub fn update(&self, f: impl FnOnce(&mut Target)) {
+        if let Some(target) = self.0.write().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            f(target);
+        }
+    }
+
+    /// Read tailscaled now. `None` when the provider has not joined.
+    pub async fn read(&self) -> Option<TsStatus> {
+        let target = self.0.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let read = async {
+            let reply = target.api.get("/localapi/v0/status?peers=false").await?;
+            let version = reply.version.map(|v| v.to_string());
+            let status: Value = reply.json("status")?;
+            let prefs: Value = target.api.get("/localapi/v0/prefs").await?.json("prefs")?;
+            let serve: Value = target
+                .api
+                .get("/localapi/v0/serve-config")
+                .await?
+                .json("serve-config")?;
+            let whois = match strings(&status["TailscaleIPs"]).first() {
+                Some(ip) => target
+                    .api
+                    .get(&format!("/localapi/v0/whois?addr={ip}"))
+                    .await
+                    .and_then(|r| r.json::<Value>("whois"))
+                    .ok(),
+                None => None,
+            };
+            Ok::<_, super::localapi::LocalApiError>((version, status, prefs, serve, whois))
+        };
+        Some(match tokio::time::timeout(READ_TIMEOUT, read).await {
+            Ok(Ok((version, status, prefs, serve, whois))) => {
+                let mut doc = build(&status, &prefs, &serve, whois.as_ref(), &target);
+                doc.daemon_version = version.or(doc.daemon_version);
+                doc
+            }
+            Ok(Err(error)) => TsStatus {
+                error: Some(error.to_string()),
+                ..TsStatus::default()
+            },
+            Err(_) => TsStatus {
+                error: Some(format!(
+                    "tailscaled did not answer within {} s",
+                    READ_TIMEOUT.as_secs()
+                )),
+                ..TsStatus::default()
+            },
+        })
+    }
+}
+
+/// `Self.CapMap["service-host"]`: the services control approved this host for, with their
+/// VIPs. Several objects are merged in order.
+pub fn approved_services(status: &Value) -> BTreeMap<String, Vec<String>> {
+    let mut out = BTreeMap::new();
+    let Some(entries) = status["Self"]["CapMap"]["service-host"].as_array() else {
+        return out;
+    };
+    for entry in entries {
+        let Some(map) = entry.as_object() else {
+            continue;
+        };
+        for (name, vips) in map {
+            out.insert(name.clone(), strings(vips));
+        }
+    }
+    out
+}
+
+/// The status document from what tailscaled said.
+pub fn build(
+    status: &Value,
+    prefs: &Value,
+    serve: &Value,
+    whois: Option<&Value>,
+    target: &Target,
+) -> TsStatus {
+    let me = &status["Self"];
+    let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_string);
+    let approved = approved_services(status);
+    let advertised = strings(&prefs["AdvertiseServices"]);
+    let services = target
+        .services
+        .iter()
+        .map(|ad| {
+            let name = format!("svc:{}", ad.name);
+            let in_prefs = advertised.contains(&name);
+            let in_serve = !serve["Services"][&name].is_null();
+            let vips = approved.get(&name).cloned();
+            let (state, reason) = match (&target.publish_error, in_prefs && in_serve, &vips) {
+                (Some(error), _, _) => ("failed", Some(error.clone())),
+                (None, false, _) => ("not advertised", None),
+                (None, true, Some(_)) => ("approved", None),
+                (None, true, None) => (
+                    "awaiting approval",
+                    Some(
+                        "an admin must approve it, or the tailnet policy must list this node's tag in autoApprovers.services (see `clawnode tailscale policy`)"
+                            .to_string(),
+                    ),
+                ),
+            };
+            TsServiceState {
+                name,
+                port: ad.port,
+                state: state.to_string(),
+                advertised: in_prefs && in_serve,
+                approved: vips.is_some(),
+                vips: vips.unwrap_or_default(),
+                reason,
+                cert: target.certs.get(&ad.name).cloned(),
+            }
+        })
+        .collect();
+    let owner = whois.map(|w| Owner {
+        login_name: w["UserProfile"]["LoginName"].as_str().unwrap_or("").into(),
+        display_name: w["UserProfile"]["DisplayName"]
+            .as_str()
+            .unwrap_or("")
+            .into(),
+    });
+    TsStatus {
+        backend_state: status["BackendState"].as_str().unwrap_or("").into(),
+        daemon_version: text(&status["Version"]),
+        online: me["Online"].as_bool().unwrap_or(false),
+        hostname: text(&me["HostName"]),
+        dns_name: text(&me["DNSName"]).map(|n| n.trim_end_matches('.').to_string()),
+        ips: strings(&status["TailscaleIPs"]),
+        tailnet: text(&status["CurrentTailnet"]["Name"]),
+        magic_dns_suffix: text(&status["CurrentTailnet"]["MagicDNSSuffix"])
+            .or_else(|| text(&status["MagicDNSSuffix"])),
+        tags: strings(&me["Tags"]),
+        owner,
+        services,
+        error: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::path::Path;
+
+    fn target(services: &[(&str, u16)]) -> Target {
+        Target {
+            api: LocalApi::new(Path::new("/nonexistent")),
+            services: services
+                .iter()
+                .map(|(n, p)| ServiceAd {
+                    name: n.to_string(),
+                    port: *p,
+                    protocol: "tcp".into(),
+                })
+                .collect(),
+            publish_error: None,
+            certs: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_service_is_approved_only_once_control_lists_it_under_service_host() {
+        let mut status: Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/tailscale/status-scrubbed-linux-1.102.2.json"
+        ))
+        .unwrap();
+        let prefs = json!({ "AdvertiseServices": ["svc:molt-provider", "svc:gateway"] });
+        let serve = json!({ "Services": {
+            "svc:molt-provider": { "TCP": { "8443": { "TCPForward": "127.0.0.1:8443" } } },
+            "svc:gateway": { "TCP": { "443": { "TCPForward": "127.0.0.1:443" } } }
+        } });
+        let t = target(&[("molt-provider", 8443), ("gateway", 443), ("other", 1)]);
+        let doc = build(&status, &prefs, &serve, None, &t);
+        let states: Vec<&str> = doc.services.iter().map(|s| s.state.as_str()).collect();
+        assert_eq!(
+            states,
+            ["awaiting approval", "awaiting approval", "not advertised"]
+        );
+        status["Self"]["CapMap"]["service-host"] = json!([
+            { "svc:molt-provider": ["100.100.1.1", "fd7a:115c:a1e0::100"] },
+            { "svc:gateway": ["100.100.1.2"] }
+        ]);
+        let doc = build(&status, &prefs, &serve, None, &t);
+        assert_eq!(doc.services[0].state, "approved");
+        assert_eq!(doc.services[0].vips, ["100.100.1.1", "fd7a:115c:a1e0::100"]);
+        assert_eq!(
+            doc.services[1].state, "approved",
+            "the second object merges"
+        );
+        assert!(doc.services[1].reason.is_none());
+    }
+
+    #[test]
+    fn a_failed_publish_shows_its_reason_on_every_service() {
+        let mut t = target(&[("molt-provider", 8443)]);
+        t.publish_error = Some("service hosts must be tagged nodes".into());
+        let doc = build(&json!({}), &json!({}), &Value::Null, None, &t);
+        assert_eq!(doc.services[0].state, "failed");
+        assert_eq!(
+            doc.services[0].reason.as_deref(),
+            Some("service hosts must be tagged nodes")
+        );
+    }
+
+    #[test]
+    fn identity_comes_from_self_the_tailnet_and_whois() {
+        let status = json!({
+            "BackendState": "Running",
+            "Version": "1.102.2-tabc",
+            "TailscaleIPs": ["100.101.102.103", "fd7a:115c:a1e0::1"],
+            "Self": { "HostName": "clawnode-gpu-01", "DNSName": "clawnode-gpu-01.tail1234.ts.net.",
+                      "Online": true, "Tags": ["tag:gpu"], "CapMap": null, "Unknown": 1 },
+            "CurrentTailnet": { "Name": "example.com", "MagicDNSSuffix": "tail1234.ts.net" }
+        });
+        let whois = json!({ "UserProfile": { "LoginName": "clawnode-gpu-01.tail1234.ts.net", "DisplayName": "clawnode-gpu-01" } });
+        let doc = build(
+            &status,
+            &json!({}),
+            &Value::Null,
+            Some(&whois),
+            &target(&[]),
+        );
+        assert_eq!(
+            doc.dns_name.as_deref(),
+            Some("clawnode-gpu-01.tail1234.ts.net")
+        );
+        assert_eq!(doc.tailnet.as_deref(), Some("example.com"));
+        assert_eq!(doc.tags, ["tag:gpu"]);
+        assert!(doc.online);
+        assert_eq!(
+            doc.owner.unwrap().login_name,
+            "clawnode-gpu-01.tail1234.ts.net"
+        );
+        assert!(approved_services(&status).is_empty(), "null CapMap");
+    }
+}
