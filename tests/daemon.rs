@@ -255,7 +255,7 @@ fn status_json_returns_the_documented_document() {
 
     let human = node.cli(&["status"]);
     let text = String::from_utf8_lossy(&human.stdout);
-    assert!(text.contains("phase:    ready (ready)"), "{text}");
+    assert!(text.contains("phase:     ready (ready)"), "{text}");
     assert!(text.contains("molt-provider 8443/tcp"), "{text}");
 }
 

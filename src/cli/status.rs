@@ -92,7 +92,7 @@ fn human(doc: &StatusDoc) -> String {
         doc.version, doc.node, doc.pid
     );
     let row = |out: &mut String, label: &str, value: &str| {
-        out.push_str(&format!("{label:<10}{value}\n"));
+        out.push_str(&format!("{label:<11}{value}\n"));
     };
     row(
         &mut out,

@@ -3,7 +3,10 @@
 //! the SHA-256 of its JSON encoding of the serve config and 412 on mismatch, the three error
 //! body formats, 204 for start and login-interactive, an NDJSON IPN bus with integer states
 //! that a test can cut, `services` only from 1.98, and service approval through `CapMap` that
-//! a test toggles. Status and prefs start from real captures (tests/fixtures/tailscale).
+//! a test toggles (announced as `SelfChange` from 1.98). It also answers `check-prefs`,
+//! `whois` (404 for strangers), `cert/<domain>` (only for `CertDomains`, key PEM first) and
+//! can play a tailscaled locked by `--config`. Status and prefs start from real captures
+//! (tests/fixtures/tailscale).
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -51,6 +54,16 @@ pub struct State {
     pub auth_keys: Vec<String>,
     /// Called between a serve-config GET and the next POST, to play another writer.
     pub before_next_serve_post: Option<ServeEdit>,
+    /// Other tailnet nodes `whois` knows: (IP, login name).
+    pub peers: Vec<(String, String)>,
+    /// HTTPS certificates enabled for the tailnet (CertDomains non-null).
+    pub https: bool,
+    /// Bumped per issuance, so a renewed cert differs from the last one.
+    pub cert_serial: u32,
+    /// Every `cert/` query string.
+    pub cert_queries: Vec<String>,
+    /// tailscaled started with --config: start, PATCH prefs and serve-config POST fail.
+    pub config_locked: bool,
     bus: broadcast::Sender<Value>,
 }
 
@@ -75,12 +88,45 @@ impl State {
             calls: Vec::new(),
             auth_keys: Vec::new(),
             before_next_serve_post: None,
+            peers: Vec::new(),
+            https: false,
+            cert_serial: 0,
+            cert_queries: Vec::new(),
+            config_locked: false,
             bus,
         }
     }
 
     pub fn serve_etag(&self) -> String {
         etag(&self.serve)
+    }
+
+    /// Control approves (or stops approving) this host for these services.
+    pub fn set_approved(&mut self, services: &[&str]) {
+        self.approved = services.iter().map(|s| s.to_string()).collect();
+        if self.at_least(1, 98) {
+            let me = self.status()["Self"].clone();
+            let _ = self
+                .bus
+                .send(json!({ "Version": self.version, "SelfChange": me }));
+        }
+    }
+
+    fn fqdn(&self) -> String {
+        let hostname = self.prefs["Hostname"].as_str().unwrap_or("");
+        format!("{hostname}.{}", self.suffix)
+    }
+
+    fn cert_domains(&self) -> Vec<String> {
+        let mut domains = vec![self.fqdn()];
+        for name in &self.approved {
+            domains.push(format!(
+                "{}.{}",
+                name.trim_start_matches("svc:"),
+                self.suffix
+            ));
+        }
+        domains
     }
 
     /// Move to `state` and tell every bus watcher.
@@ -127,6 +173,14 @@ impl State {
                 me["CapMap"][format!("services/{i}")] = json!([service_details(name)]);
             }
         }
+        if self.https {
+            status["Self"]["CapMap"]["https"] = Value::Null;
+            status["CertDomains"] = json!(self.cert_domains());
+        } else {
+            status["CertDomains"] = Value::Null;
+        }
+        status["Self"]["PublicKey"] =
+            json!("nodekey:5c8f0a1ddc7f0e9e4d4f6e3a9ef1c8b1a7c0b5f4d3e2a1908f7e6d5c4b3a2910");
         status["CurrentTailnet"] = if running {
             json!({ "Name": self.tailnet, "MagicDNSSuffix": self.suffix, "MagicDNSEnabled": true })
         } else {
@@ -267,16 +321,34 @@ async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Response<Bo
         .headers_mut()
         .insert("Tailscale-Version", version.parse().unwrap());
     response
+        .headers_mut()
+        .insert("Tailscale-Cap", "145".parse().unwrap());
+    response
 }
 
+fn is_base64(text: &[u8]) -> bool {
+    text.len() % 4 == 0
+        && text
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
+}
+
+const LOCKED: &str = "can't reconfigure tailscaled when using a config file; config file is locked";
+
 async fn route(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Response<Body> {
-    let host_ok = req
-        .headers()
-        .get("Host")
-        .is_none_or(|h| h.as_bytes() == b"local-tailscaled.sock" || h.is_empty());
+    // Go's server answers 400 to an HTTP/1.1 request without Host before any handler runs.
+    let Some(host) = req.headers().get("Host") else {
+        return text(StatusCode::BAD_REQUEST, "400 Bad Request: missing required Host header");
+    };
+    let host_ok = host.as_bytes() == b"local-tailscaled.sock" || host.is_empty();
     let browser = req.headers().contains_key("Origin") || req.headers().contains_key("Referer");
     if !host_ok || browser {
         return text(StatusCode::FORBIDDEN, "invalid localapi request");
+    }
+    if let Some(reason) = req.headers().get("X-Tailscale-Reason")
+        && !is_base64(reason.as_bytes())
+    {
+        return text(StatusCode::BAD_REQUEST, "invalid reason header");
     }
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -300,6 +372,96 @@ async fn route(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Response<Bo
     match (method, path.as_str()) {
         (Method::GET, "/localapi/v0/status") => json_response(StatusCode::OK, &s.status()),
         (Method::GET, "/localapi/v0/prefs") => json_response(StatusCode::OK, &s.prefs),
+        (Method::PATCH, "/localapi/v0/prefs") if s.config_locked => {
+            json_response(StatusCode::BAD_REQUEST, &json!({ "Error": LOCKED }))
+        }
+        (Method::POST, "/localapi/v0/start") if s.config_locked => {
+            text(StatusCode::INTERNAL_SERVER_ERROR, LOCKED)
+        }
+        (Method::POST, "/localapi/v0/serve-config") if s.config_locked => json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({ "error": format!("updating config: {LOCKED}") }),
+        ),
+        (Method::POST, "/localapi/v0/check-prefs") => {
+            let Ok(prefs) = serde_json::from_slice::<Value>(&body) else {
+                return text(StatusCode::BAD_REQUEST, "invalid JSON body");
+            };
+            let hostname = prefs["Hostname"].as_str().unwrap_or("");
+            let verdict = if hostname.contains('_') || hostname.len() > 63 {
+                json!({ "Error": format!("invalid hostname {hostname:?}") })
+            } else {
+                json!({})
+            };
+            json_response(StatusCode::OK, &verdict)
+        }
+        (Method::GET, "/localapi/v0/whois") => {
+            let Some(addr) = query.split('&').find_map(|kv| kv.strip_prefix("addr=")) else {
+                return text(StatusCode::BAD_REQUEST, "missing 'addr' parameter");
+            };
+            let ip = addr
+                .parse::<std::net::SocketAddr>()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_else(|_| addr.to_string());
+            if ip.parse::<std::net::IpAddr>().is_err() {
+                return text(StatusCode::BAD_REQUEST, "invalid 'addr' parameter");
+            }
+            let login = if s.ips.contains(&ip) {
+                Some(s.fqdn())
+            } else {
+                s.peers.iter().find(|(p, _)| *p == ip).map(|(_, l)| l.clone())
+            };
+            match login {
+                Some(login) => json_response(
+                    StatusCode::OK,
+                    &json!({
+                        "Node": { "ID": 7, "StableID": "nSTANDIN", "Name": format!("{login}."), "Addresses": [format!("{ip}/32")] },
+                        "UserProfile": { "ID": 7, "LoginName": login, "DisplayName": login.split('.').next().unwrap_or("") },
+                        "CapMap": null
+                    }),
+                ),
+                None => text(StatusCode::NOT_FOUND, "no match for IP:port"),
+            }
+        }
+        (Method::GET, p) if p.starts_with("/localapi/v0/cert/") => {
+            let domain = p
+                .trim_start_matches("/localapi/v0/cert/")
+                .trim_end_matches('.')
+                .to_string();
+            s.cert_queries.push(query.clone());
+            let kind = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("type="))
+                .unwrap_or("");
+            if !matches!(kind, "" | "cert" | "crt" | "key" | "pair") {
+                return text(StatusCode::BAD_REQUEST, "invalid type");
+            }
+            if !s.https {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "your Tailscale account does not support getting TLS certs",
+                );
+            }
+            let domains = s.cert_domains();
+            if !domains.contains(&domain) {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("invalid domain {domain:?}; must be one of {domains:?}"),
+                );
+            }
+            let serial = s.cert_serial;
+            let key = format!(
+                "-----BEGIN EC PRIVATE KEY-----\nKEY{serial}{domain}\n-----END EC PRIVATE KEY-----\n"
+            );
+            let chain = format!(
+                "-----BEGIN CERTIFICATE-----\nLEAF{serial}{domain}\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\nINTERMEDIATE\n-----END CERTIFICATE-----\n"
+            );
+            let body = match kind {
+                "key" => key,
+                "pair" => format!("{key}{chain}"),
+                _ => chain,
+            };
+            text_raw(StatusCode::OK, body)
+        }
         (Method::PATCH, "/localapi/v0/prefs") => {
             let Ok(Value::Object(masked)) = serde_json::from_slice::<Value>(&body) else {
                 return text(StatusCode::BAD_REQUEST, "invalid JSON body");
@@ -453,6 +615,15 @@ fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
 
 fn text(code: StatusCode, message: &str) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from(format!("{message}\n"))).boxed());
+    *response.status_mut() = code;
+    response
+        .headers_mut()
+        .insert("Content-Type", "text/plain; charset=utf-8".parse().unwrap());
+    response
+}
+
+fn text_raw(code: StatusCode, body: String) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
     *response.status_mut() = code;
     response
         .headers_mut()

@@ -120,6 +120,12 @@ impl LocalApi {
         }
     }
 
+    /// The same client with a longer or shorter per-call deadline.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     pub fn socket(&self) -> &Path {
         &self.socket
     }

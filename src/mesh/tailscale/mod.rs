@@ -7,6 +7,7 @@
 //! node-info on the Tailscale address, certificates, `doctor` and `tailscale policy`.
 
 pub mod authkey;
+pub mod certs;
 pub mod discover;
 pub mod localapi;
 mod provider;

@@ -3,7 +3,7 @@
 //! withdrawal, and a bus watcher that asks for a recheck whenever tailscaled changes state or
 //! comes back after a restart.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use super::localapi::{LocalApi, LocalApiError, Version};
+use super::certs::{self, CertKeeper};
 use super::{authkey, status, strings};
 use crate::config::Config;
 use crate::core::backoff::Backoff;
@@ -41,6 +42,7 @@ pub struct TailscaleMesh {
     published: Option<Vec<ServiceAd>>,
     info: SharedInfo,
     server: Option<node_info::Server>,
+    certs: Option<CertKeeper>,
 }
 
 impl TailscaleMesh {
@@ -55,6 +57,7 @@ impl TailscaleMesh {
             published: None,
             info: SharedInfo::default(),
             server: None,
+            certs: None,
         }
     }
 
@@ -68,6 +71,7 @@ impl TailscaleMesh {
         let ts = &config.network.tailscale;
         if self.api.as_ref().is_none_or(|a| a.socket() != ts.socket) {
             self.api = Some(LocalApi::new(&ts.socket));
+            self.certs = None;
         }
         self.state_dir = config.node.state_dir.clone();
         if self.owned.is_none() {
@@ -137,12 +141,19 @@ impl TailscaleMesh {
                 )));
             }
         }
-        self.hooks.live.tailscale.set(Some(status::Target {
-            api: api.clone(),
-            services: self.published.clone().unwrap_or_default(),
-            publish_error: None,
-            certs: BTreeMap::new(),
-        }));
+        self.hooks.live.tailscale.attach(api.clone());
+        let keeper = self
+            .certs
+            .get_or_insert_with(|| CertKeeper::start(api.clone(), self.hooks.live.tailscale.clone()));
+        keeper.want(certs::Wanted {
+            labels: config
+                .services
+                .iter()
+                .filter(|(_, spec)| spec.tls_cert)
+                .map(|(name, _)| name.to_string())
+                .collect(),
+            dir: config.node.state_dir.join("certs"),
+        });
         if let Some(services) = self.published.clone() {
             self.publish_recorded(&services).await?;
         }
@@ -565,6 +576,7 @@ impl MeshProvider for TailscaleMesh {
                 watcher.abort();
             }
             self.server = None;
+            self.certs = None;
             Ok(())
         })
     }

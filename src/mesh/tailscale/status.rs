@@ -88,6 +88,22 @@ impl LiveTailscale {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = target;
     }
 
+    /// Point at `api`, keeping what is already known (certificates, the last publish).
+    pub fn attach(&self, api: LocalApi) {
+        let mut slot = self.0.write().unwrap_or_else(|p| p.into_inner());
+        match slot.as_mut() {
+            Some(target) => target.api = api,
+            None => {
+                *slot = Some(Target {
+                    api,
+                    services: Vec::new(),
+                    publish_error: None,
+                    certs: BTreeMap::new(),
+                });
+            }
+        }
+    }
+
     /// Change the target in place; nothing happens when none is set.
     pub fn update(&self, f: impl FnOnce(&mut Target)) {
         if let Some(target) = self.0.write().unwrap_or_else(|p| p.into_inner()).as_mut() {
