@@ -618,3 +618,65 @@ fn a_missing_host_header_is_refused_by_the_stand_in_as_by_tailscaled() {
     stream.read_to_string(&mut reply).unwrap();
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
 }
+
+#[test]
+fn node_info_is_served_on_the_tailscale_address_to_tailnet_callers_only() {
+    use support::lab::{self, Lab};
+    if let Err(why) = lab::available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    // Node 0 plays this machine, its veth the tailnet interface; node 1 plays two callers,
+    // one that tailscaled's whois knows (a tailnet peer) and one it does not. TEST-NET-2 only.
+    let lab = Lab::new(2);
+    let dev = |i: usize| format!("u{}{i}", lab.tag);
+    lab::sh(&format!(
+        "ip -n {} addr add 198.51.100.7/24 dev {} && ip -n {} addr add 198.51.100.8/24 dev {} && ip -n {} addr add 198.51.100.9/24 dev {}",
+        lab.ns(0), dev(0), lab.ns(1), dev(1), lab.ns(1), dev(1)
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let ts = StandIn::start(&dir.path().join("tailscaled.sock"), "1.102.2");
+    ts.with(|s| {
+        s.ips = vec!["198.51.100.7".into()];
+        s.peers = vec![("198.51.100.8".into(), "buyer@example.com".into())];
+    });
+    let socket = dir.path().join("tailscaled.sock");
+    let node = Node::start_in(
+        Some(lab.ns(0)),
+        |d| {
+            std::os::unix::fs::symlink(&socket, d.join("tailscaled.sock")).unwrap();
+            config(d, TAGS, "example.com")
+        },
+        &[],
+    );
+    node.recv_until("READY=1", WAIT);
+    let doc = node.status_json();
+    assert_eq!(doc["mesh"]["interface"], dev(0), "{doc}");
+    let get = |from: &str| {
+        lab.exec(
+            1,
+            &[
+                "curl", "-sS", "--max-time", "3", "--interface", from,
+                "http://198.51.100.7:51821/v1/node",
+            ],
+        )
+    };
+    let known = get("198.51.100.8");
+    assert!(
+        known.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&known.stderr),
+        node.stderr()
+    );
+    let info: Value = serde_json::from_slice(&known.stdout).unwrap();
+    assert_eq!(info["name"], "gpu-01");
+    assert_eq!(info["address"], "198.51.100.7");
+    assert!(info["public_key"].as_str().unwrap().starts_with("nodekey:"));
+    assert_eq!(info["services"][0]["name"], "molt-provider");
+    let stranger = get("198.51.100.9");
+    assert!(
+        !stranger.status.success() && stranger.stdout.is_empty(),
+        "a caller whois does not know gets nothing"
+    );
+    assert!(node.stderr().contains("refused a node-info caller"));
+}
