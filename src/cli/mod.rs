@@ -2,11 +2,13 @@
 
 pub mod check_config;
 pub mod docs;
+pub mod doctor;
 pub mod peers;
 pub mod pubkey;
 pub mod run;
 pub mod services;
 pub mod status;
+pub mod tailscale;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +60,17 @@ pub enum Command {
         #[command(subcommand)]
         command: services::ServicesCommand,
     },
+    /// Check this host before the first start and print each problem with its fix.
+    Doctor {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tailscale helpers.
+    Tailscale {
+        #[command(subcommand)]
+        command: tailscale::TailscaleCommand,
+    },
     /// Print the version.
     Version,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -108,6 +121,8 @@ impl Command {
             Command::Pubkey => "pubkey",
             Command::Peers { .. } => "peers",
             Command::Services { .. } => "services",
+            Command::Doctor { .. } => "doctor",
+            Command::Tailscale { .. } => "tailscale",
             Command::Version => "version",
             Command::Completions { .. } => "completions",
             Command::Manpage => "manpage",
@@ -123,6 +138,8 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Pubkey => pubkey::run(&cli.config),
         Command::Peers { json, socket } => peers::run(&cli.config, json, socket.as_deref()),
         Command::Services { command } => services::run(&cli.config, &command),
+        Command::Doctor { json } => doctor::run(&cli.config, json),
+        Command::Tailscale { command } => tailscale::run(&cli.config, &command),
         Command::Version => {
             println!("clawnode {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)

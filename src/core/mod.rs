@@ -4,8 +4,10 @@
 //! commands that come out, so every rule here is unit-tested without root or a runtime.
 
 pub mod backoff;
+pub mod doctor;
 pub mod drift;
 pub mod peer_diff;
+pub mod policy;
 pub mod serve_config;
 pub mod supervisor;
 

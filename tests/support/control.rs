@@ -95,7 +95,10 @@ pub fn form(body: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-async fn handle(req: Request<hyper::body::Incoming>, log: Arc<Mutex<Vec<Seen>>>) -> Response<Full<Bytes>> {
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    log: Arc<Mutex<Vec<Seen>>>,
+) -> Response<Full<Bytes>> {
     let header = |name: &str| {
         req.headers()
             .get(name)
@@ -130,7 +133,10 @@ async fn handle(req: Request<hyper::body::Incoming>, log: Arc<Mutex<Vec<Seen>>>)
                     json!({ "access_token": ACCESS_TOKEN, "token_type": "Bearer", "expires_in": 3600 }),
                 )
             } else {
-                (StatusCode::BAD_REQUEST, json!({ "message": "invalid token exchange" }))
+                (
+                    StatusCode::BAD_REQUEST,
+                    json!({ "message": "invalid token exchange" }),
+                )
             }
         }
         ("POST", "/api/v2/oauth/token") if form_ok => {
@@ -146,7 +152,10 @@ async fn handle(req: Request<hyper::body::Incoming>, log: Arc<Mutex<Vec<Seen>>>)
                     json!({ "access_token": ACCESS_TOKEN, "token_type": "Bearer" }),
                 )
             } else {
-                (StatusCode::UNAUTHORIZED, json!({ "message": "invalid client" }))
+                (
+                    StatusCode::UNAUTHORIZED,
+                    json!({ "message": "invalid client" }),
+                )
             }
         }
         ("POST", "/api/v2/tailnet/-/keys") => {
@@ -156,11 +165,17 @@ async fn handle(req: Request<hyper::body::Incoming>, log: Arc<Mutex<Vec<Seen>>>)
             );
             let bearer = format!("Bearer {ACCESS_TOKEN}");
             if authorization != basic && authorization != bearer {
-                (StatusCode::UNAUTHORIZED, json!({ "message": "bad credentials" }))
+                (
+                    StatusCode::UNAUTHORIZED,
+                    json!({ "message": "bad credentials" }),
+                )
             } else if serde_json::from_str::<Value>(&body).is_err() {
                 (StatusCode::BAD_REQUEST, json!({ "message": "bad body" }))
             } else {
-                (StatusCode::OK, json!({ "id": "kMINTED", "key": MINTED_KEY }))
+                (
+                    StatusCode::OK,
+                    json!({ "id": "kMINTED", "key": MINTED_KEY }),
+                )
             }
         }
         _ => (StatusCode::NOT_FOUND, json!({ "message": "not found" })),

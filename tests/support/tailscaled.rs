@@ -178,6 +178,9 @@ impl State {
             status["CertDomains"] = json!(self.cert_domains());
         } else {
             status["CertDomains"] = Value::Null;
+            if let Some(caps) = status["Self"]["CapMap"].as_object_mut() {
+                caps.remove("https");
+            }
         }
         status["Self"]["PublicKey"] =
             json!("nodekey:5c8f0a1ddc7f0e9e4d4f6e3a9ef1c8b1a7c0b5f4d3e2a1908f7e6d5c4b3a2910");
@@ -338,7 +341,10 @@ const LOCKED: &str = "can't reconfigure tailscaled when using a config file; con
 async fn route(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Response<Body> {
     // Go's server answers 400 to an HTTP/1.1 request without Host before any handler runs.
     let Some(host) = req.headers().get("Host") else {
-        return text(StatusCode::BAD_REQUEST, "400 Bad Request: missing required Host header");
+        return text(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: missing required Host header",
+        );
     };
     let host_ok = host.as_bytes() == b"local-tailscaled.sock" || host.is_empty();
     let browser = req.headers().contains_key("Origin") || req.headers().contains_key("Referer");
@@ -408,7 +414,10 @@ async fn route(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Response<Bo
             let login = if s.ips.contains(&ip) {
                 Some(s.fqdn())
             } else {
-                s.peers.iter().find(|(p, _)| *p == ip).map(|(_, l)| l.clone())
+                s.peers
+                    .iter()
+                    .find(|(p, _)| *p == ip)
+                    .map(|(_, l)| l.clone())
             };
             match login {
                 Some(login) => json_response(

@@ -14,8 +14,8 @@ use hyper::Method;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use super::localapi::{LocalApi, LocalApiError, Version};
 use super::certs::{self, CertKeeper};
+use super::localapi::{LocalApi, LocalApiError, Version};
 use super::{authkey, status, strings};
 use crate::config::Config;
 use crate::core::backoff::Backoff;
@@ -142,9 +142,9 @@ impl TailscaleMesh {
             }
         }
         self.hooks.live.tailscale.attach(api.clone());
-        let keeper = self
-            .certs
-            .get_or_insert_with(|| CertKeeper::start(api.clone(), self.hooks.live.tailscale.clone()));
+        let keeper = self.certs.get_or_insert_with(|| {
+            CertKeeper::start(api.clone(), self.hooks.live.tailscale.clone())
+        });
         keeper.want(certs::Wanted {
             labels: config
                 .services

@@ -1,0 +1,158 @@
+//! `clawnode doctor`: the preflight before a first start. It gathers facts (tailscaled's
+//! answers, the WireGuard setup on this host, NVML) and prints each verdict with its fix; the
+//! verdicts themselves are `core::doctor`'s.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::ExitCode;
+
+use hyper::Method;
+use serde_json::Value;
+
+use crate::config::{self, Config, ProviderKind};
+use crate::core::doctor::{self, Check, TailscaleFacts, WireguardFacts};
+use crate::gpu::{GpuProbe, NvmlProbe};
+use crate::mesh::tailscale::authkey;
+use crate::mesh::tailscale::localapi::{LocalApi, Version};
+use crate::mesh::wireguard::{self, link::KernelSupport, link::Link, userspace};
+
+use super::CliError;
+
+pub fn run(config_path: &Path, json: bool) -> Result<ExitCode, CliError> {
+    let config = config::load(config_path)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::runtime)?;
+    let mut checks = vec![Check::pass(
+        "configuration",
+        format!("{} is valid", config_path.display()),
+    )];
+    checks.extend(match config.network.provider {
+        ProviderKind::Tailscale => {
+            let facts = runtime.block_on(tailscale_facts(&config));
+            doctor::tailscale_checks(&config, &facts)
+        }
+        ProviderKind::Wireguard => {
+            let facts = runtime.block_on(wireguard_facts(&config));
+            doctor::wireguard_checks(&config, &facts)
+        }
+        #[cfg(feature = "test-fakes")]
+        ProviderKind::Fake => Vec::new(),
+    });
+    let inventory = if config.gpu.enabled {
+        NvmlProbe::new(config.gpu.nvml_library.clone()).probe()
+    } else {
+        crate::gpu::GpuInventory::default()
+    };
+    checks.push(doctor::gpu_check(&config, &inventory));
+    if json {
+        let doc = serde_json::json!({ "ok": doctor::all_passed(&checks), "checks": checks });
+        println!("{doc:#}");
+    } else {
+        print!("{}", doctor::render(&checks));
+    }
+    Ok(if doctor::all_passed(&checks) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn tailscale_facts(config: &Config) -> TailscaleFacts {
+    let ts = &config.network.tailscale;
+    let api = LocalApi::new(&ts.socket);
+    let reply = api.get("/localapi/v0/status?peers=false").await;
+    let (status, version) = match reply {
+        Ok(reply) => (
+            reply.json::<Value>("status").map_err(|e| e.to_string()),
+            reply.version,
+        ),
+        Err(error) => (Err(error.to_string()), None),
+    };
+    // check-prefs with the current prefs changes nothing but needs write permission.
+    let write = match api.get("/localapi/v0/prefs").await {
+        Ok(prefs) => api
+            .call(
+                Method::POST,
+                "/localapi/v0/check-prefs",
+                Some(prefs.body.to_vec()),
+                None,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Err(error) => Err(error.to_string()),
+    };
+    let logged_in = status
+        .as_ref()
+        .is_ok_and(|s| s["BackendState"] == "Running");
+    // Resolving mints a key for OAuth clients and workload identity; only do it when a login
+    // is actually ahead.
+    let auth = match (&ts.auth, logged_in) {
+        (None, _) => None,
+        (Some(_), true) => Some(Ok(())),
+        (Some(auth), false) => {
+            let tags: Vec<String> = ts.tags.iter().map(ToString::to_string).collect();
+            Some(
+                authkey::resolve(Some(auth), ts.control_url.as_deref(), &tags)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            )
+        }
+    };
+    TailscaleFacts {
+        status,
+        version: version.map(|v| v.to_string()),
+        services_capable: version.is_some_and(|v| v >= Version::SERVICES),
+        write,
+        auth,
+    }
+}
+
+async fn wireguard_facts(config: &Config) -> WireguardFacts {
+    let wg = &config.network.wireguard;
+    let cap_net_admin = wireguard::has_cap_net_admin();
+    let kernel_module = if cap_net_admin {
+        match Link::connect() {
+            Ok(link) => match link.probe_kernel().await {
+                Ok(KernelSupport::Available) => Some(true),
+                Ok(KernelSupport::Missing) => Some(false),
+                Err(_) => None,
+            },
+            Err(_) => None,
+        }
+    } else if Path::new("/sys/module/wireguard").exists() {
+        Some(true)
+    } else {
+        None
+    };
+    let port = std::net::UdpSocket::bind(("0.0.0.0", wg.listen_port))
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+    let key_file = match std::fs::metadata(&wg.private_key_file) {
+        Ok(meta) if meta.permissions().mode() & 0o077 != 0 => Err(format!(
+            "{} is readable by others (mode {:o})",
+            wg.private_key_file.display(),
+            meta.permissions().mode() & 0o777
+        )),
+        Ok(_) => std::fs::File::open(&wg.private_key_file)
+            .map(|_| ())
+            .map_err(|e| format!("{}: {e}", wg.private_key_file.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("{}: {e}", wg.private_key_file.display())),
+    };
+    WireguardFacts {
+        kernel_module,
+        userspace_found: userspace::find_program(&wg.userspace_implementation)
+            .map(|p| p.display().to_string()),
+        tun_device: Path::new("/dev/net/tun").exists(),
+        cap_net_admin,
+        port,
+        interface_exists: Path::new("/sys/class/net")
+            .join(wg.interface.as_str())
+            .exists(),
+        key_file,
+    }
+}

@@ -1,0 +1,250 @@
+//! `clawnode doctor` and `clawnode tailscale policy` against the stand-in tailscaled and this
+//! host's real WireGuard setup.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::{Value, json};
+use support::BIN;
+use support::tailscaled::StandIn;
+
+fn ts_config(d: &Path, tags: &str, tailnet: &str, services: &str) -> String {
+    let d = d.display();
+    format!(
+        r#"
+[node]
+name = "gpu-01"
+state_dir = "{d}/state"
+runtime_dir = "{d}/run"
+
+[network]
+provider = "tailscale"
+
+[network.tailscale]
+socket = "{d}/tailscaled.sock"
+tailnet = "{tailnet}"
+tags = [{tags}]
+
+{services}
+
+[gpu]
+enabled = false
+"#
+    )
+}
+
+fn doctor(dir: &Path, config: &str) -> (Output, String) {
+    let path = dir.join("clawbernetes.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(BIN)
+        .args(["doctor", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    (out, text)
+}
+
+fn running(ts: &StandIn, tags: &[&str]) {
+    ts.with(|s| {
+        s.backend_state = "Running".into();
+        s.have_node_key = true;
+        s.prefs["Hostname"] = json!("clawnode-gpu-01");
+        s.tags = tags.iter().map(|t| t.to_string()).collect();
+        s.prefs["AdvertiseTags"] = json!(tags);
+    });
+}
+
+const TAGS: &str = r#""tag:clawbernetes""#;
+const TLS_SERVICE: &str =
+    "[services.molt-provider]\nport = 8443\nmode = \"http\"\ntls = true\ntls_cert = true";
+
+#[test]
+fn doctor_passes_on_a_ready_tailscale_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let ts = StandIn::start(&dir.path().join("tailscaled.sock"), "1.102.2");
+    running(&ts, &["tag:clawbernetes"]);
+    ts.with(|s| s.https = true);
+    let (out, text) = doctor(
+        dir.path(),
+        &ts_config(dir.path(), TAGS, "example.com", TLS_SERVICE),
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    for line in [
+        "[ ok ] configuration:",
+        "[ ok ] tailscaled reachable: version 1.102.2 at",
+        "[ ok ] LocalAPI write access:",
+        "[ ok ] logged in: tailscaled is Running",
+        "[ ok ] tailnet: example.com (tail1234.ts.net) as configured",
+        "[ ok ] node tagged: tag:clawbernetes",
+        "[ ok ] HTTPS certificates: enabled in the tailnet",
+        "[ ok ] GPUs: probing disabled",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+    assert!(
+        ts.calls().iter().all(|c| !c.ends_with("/start")
+            && !c.ends_with("/serve-config")
+            && !c.starts_with("PATCH")),
+        "doctor changes nothing: {:?}",
+        ts.calls()
+    );
+}
+
+#[test]
+fn doctor_names_each_tailscale_problem_with_its_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let ts = StandIn::start(&dir.path().join("tailscaled.sock"), "1.102.2");
+    running(&ts, &[]);
+    let (out, text) = doctor(
+        dir.path(),
+        &ts_config(dir.path(), "", "other-org.ts.net", TLS_SERVICE),
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for line in [
+        "[FAIL] tailnet: this device is in \"example.com\" (tail1234.ts.net), the config expects \"other-org.ts.net\"",
+        "[FAIL] node tagged: no tags configured",
+        "fix: set [network.tailscale] tags",
+        "[FAIL] HTTPS certificates: a service wants TLS but the tailnet has HTTPS certificates off",
+        "fix: enable them in the admin console: DNS > HTTPS Certificates",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+}
+
+#[test]
+fn doctor_reports_an_unreachable_or_old_tailscaled_and_a_missing_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, text) = doctor(
+        dir.path(),
+        &ts_config(dir.path(), TAGS, "example.com", TLS_SERVICE),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text.contains("[FAIL] tailscaled reachable:"), "{text}");
+    assert!(text.contains("fix: install and start tailscaled"), "{text}");
+
+    let _ts = StandIn::start(&dir.path().join("tailscaled.sock"), "1.80.3");
+    let (out, text) = doctor(
+        dir.path(),
+        &ts_config(dir.path(), TAGS, "example.com", TLS_SERVICE),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text.contains("is too old for Tailscale Services"), "{text}");
+    assert!(
+        text.contains(
+            "[FAIL] logged in: tailscaled is NeedsLogin and no auth method is configured"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("[warn] tailnet: cannot tell before login"),
+        "{text}"
+    );
+}
+
+#[test]
+fn doctor_checks_the_wireguard_backend_capability_and_port() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root for CAP_NET_ADMIN");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let holder = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let config = |port: u16| {
+        format!(
+            r#"
+[node]
+name = "gpu-01"
+state_dir = "{d}/state"
+runtime_dir = "{d}/run"
+[network]
+provider = "wireguard"
+[network.wireguard]
+interface = "cdoc{pid}"
+mesh_cidr = "198.51.100.0/24"
+address = "198.51.100.5/24"
+listen_port = {port}
+[gpu]
+enabled = false
+"#,
+            d = dir.path().display(),
+            pid = std::process::id() % 100000
+        )
+    };
+    let (out, text) = doctor(dir.path(), &config(port));
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!("[FAIL] listen port: UDP {port}:")),
+        "{text}"
+    );
+    assert!(text.contains("[ ok ] CAP_NET_ADMIN: held"), "{text}");
+    drop(holder);
+    let (_, text) = doctor(dir.path(), &config(port));
+    assert!(
+        text.contains(&format!("[ ok ] listen port: UDP {port} is free")),
+        "{text}"
+    );
+    let wireguard_line = text.lines().find(|l| l.contains("WireGuard:")).unwrap();
+    let kernel = std::path::Path::new("/sys/module/wireguard").exists();
+    let userspace = Command::new("sh")
+        .args(["-c", "command -v wireguard-go"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if kernel {
+        assert!(wireguard_line.contains("kernel module available"), "{text}");
+    } else if userspace {
+        assert!(
+            wireguard_line.contains("[ ok ] WireGuard: userspace implementation"),
+            "{text}"
+        );
+    } else {
+        assert!(wireguard_line.starts_with("[FAIL]"), "{text}");
+    }
+}
+
+#[test]
+fn tailscale_policy_prints_a_fragment_an_admin_can_paste() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("clawbernetes.toml");
+    std::fs::write(
+        &path,
+        ts_config(
+            dir.path(),
+            r#""tag:clawbernetes", "tag:gpu-provider""#,
+            "example.com",
+            "[services.molt-provider]\nport = 8443\nmode = \"tcp\"",
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "tailscale",
+            "policy",
+            "--buyers",
+            "group:buyers",
+            "--config",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let policy: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        policy,
+        json!({
+            "tagOwners": {
+                "tag:clawbernetes": ["autogroup:admin"],
+                "tag:gpu-provider": ["autogroup:admin"]
+            },
+            "autoApprovers": { "services": {
+                "svc:molt-provider": ["tag:clawbernetes", "tag:gpu-provider"]
+            } },
+            "grants": [
+                { "src": ["group:buyers"], "dst": ["svc:molt-provider"], "ip": ["tcp:8443"] }
+            ]
+        })
+    );
+}
