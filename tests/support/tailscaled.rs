@@ -13,6 +13,7 @@ use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
@@ -329,13 +330,6 @@ async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Response<Bo
     response
 }
 
-fn is_base64(text: &[u8]) -> bool {
-    text.len() % 4 == 0
-        && text
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
-}
-
 const LOCKED: &str = "can't reconfigure tailscaled when using a config file; config file is locked";
 
 async fn route(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Response<Body> {
@@ -352,7 +346,9 @@ async fn route(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Response<Bo
         return text(StatusCode::FORBIDDEN, "invalid localapi request");
     }
     if let Some(reason) = req.headers().get("X-Tailscale-Reason")
-        && !is_base64(reason.as_bytes())
+        && base64::engine::general_purpose::STANDARD
+            .decode(reason.as_bytes())
+            .is_err()
     {
         return text(StatusCode::BAD_REQUEST, "invalid reason header");
     }

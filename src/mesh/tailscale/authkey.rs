@@ -93,12 +93,18 @@ pub struct KeyAttrs {
     pub preauthorized: bool,
 }
 
+/// A client id or secret with its `?attrs` taken apart.
+#[derive(Debug)]
+pub struct Attributed<'a> {
+    pub value: &'a str,
+    pub attrs: KeyAttrs,
+    /// The allowed attributes beyond the two key ones, as given.
+    pub extra: Vec<(String, String)>,
+}
+
 /// Split `value?attrs` into the value and its attributes. `extra` names the attributes beyond
 /// the two key ones that this form allows (the client secret's `baseURL`).
-pub fn split_attrs<'a>(
-    value: &'a str,
-    extra: &[&str],
-) -> Result<(&'a str, KeyAttrs, Vec<(String, String)>), AuthKeyError> {
+pub fn split_attrs<'a>(value: &'a str, extra: &[&str]) -> Result<Attributed<'a>, AuthKeyError> {
     let (base, query) = value.split_once('?').unwrap_or((value, ""));
     let mut attrs = KeyAttrs {
         ephemeral: true,
@@ -123,7 +129,11 @@ pub fn split_attrs<'a>(
             }
         }
     }
-    Ok((base, attrs, rest))
+    Ok(Attributed {
+        value: base,
+        attrs,
+        extra: rest,
+    })
 }
 
 /// The key-creation body both flows send: a single-use key with the node's tags.
@@ -149,7 +159,11 @@ async fn workload_identity(
             "workload identity needs [network.tailscale] tags".into(),
         ));
     }
-    let (client_id, attrs, _) = split_attrs(client_id, &[])?;
+    let Attributed {
+        value: client_id,
+        attrs,
+        ..
+    } = split_attrs(client_id, &[])?;
     let control = control.trim_end_matches('/');
     let url = format!("{control}/api/v2/oauth/token-exchange");
     let form = Zeroizing::new(
@@ -176,7 +190,11 @@ async fn oauth_client_secret(secret: &str, tags: &[String]) -> Result<Secret, Au
             "an OAuth client secret needs [network.tailscale] tags".into(),
         ));
     }
-    let (secret, attrs, rest) = split_attrs(secret, &["baseURL"])?;
+    let Attributed {
+        value: secret,
+        attrs,
+        extra: rest,
+    } = split_attrs(secret, &["baseURL"])?;
     let base = rest
         .iter()
         .find(|(k, _)| k == "baseURL")
@@ -410,19 +428,18 @@ mod tests {
 
     #[test]
     fn client_id_attributes_default_to_an_ephemeral_key_that_needs_approval() {
-        let (id, attrs, _) = split_attrs("kCLIENT123", &[]).unwrap();
-        assert_eq!(id, "kCLIENT123");
+        let split = split_attrs("kCLIENT123", &[]).unwrap();
+        assert_eq!(split.value, "kCLIENT123");
         assert_eq!(
-            attrs,
+            split.attrs,
             KeyAttrs {
                 ephemeral: true,
                 preauthorized: false
             }
         );
-        let (id, attrs, _) =
-            split_attrs("kCLIENT123?ephemeral=false&preauthorized=true", &[]).unwrap();
-        assert_eq!(id, "kCLIENT123");
-        assert!(!attrs.ephemeral && attrs.preauthorized);
+        let split = split_attrs("kCLIENT123?ephemeral=false&preauthorized=true", &[]).unwrap();
+        assert_eq!(split.value, "kCLIENT123");
+        assert!(!split.attrs.ephemeral && split.attrs.preauthorized);
     }
 
     #[test]
@@ -435,8 +452,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("not true or false"), "{error}");
-        let (_, _, rest) = split_attrs("tskey-client-x?baseURL=http://h", &["baseURL"]).unwrap();
-        assert_eq!(rest, [("baseURL".to_string(), "http://h".to_string())]);
+        let split = split_attrs("tskey-client-x?baseURL=http://h", &["baseURL"]).unwrap();
+        assert_eq!(
+            split.extra,
+            [("baseURL".to_string(), "http://h".to_string())]
+        );
     }
 
     #[test]
