@@ -512,3 +512,24 @@ fn auth_key_never_appears_in_output() {
     assert!(!stderr.contains("SECRET"), "{stderr}");
     assert!(!String::from_utf8_lossy(&output.stdout).contains("SECRET"));
 }
+
+#[test]
+fn output_piped_into_a_closed_reader_ends_quietly_without_a_panic() {
+    // `clawnode manpage | head -1`: the reader goes away while clawnode still writes.
+    let mut child = Command::new(BIN)
+        .arg("manpage")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    use std::os::unix::process::ExitStatusExt;
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{:?}",
+        out.status
+    );
+}

@@ -1,10 +1,9 @@
 //! The managed mesh: clawnode drives tailscaled over its LocalAPI socket, never the CLI.
 //!
-//! Built: the LocalAPI client, bring-up (start only when needed, login-interactive, wait for
-//! Running), the tailnet check, Tailscale Services advertisement and drain-then-clear
-//! withdrawal with ETag retries, a bus watcher that triggers rechecks, and discovery. Not built yet
-//! (issue 4): workload identity, approval state in status,
-//! node-info on the Tailscale address, certificates, `doctor` and `tailscale policy`.
+//! `localapi` is the client; `provider` brings the node up and advertises its services;
+//! `authkey` mints keys from OAuth clients and workload identity; `status` reads identity and
+//! approval live for the status API; `certs` keeps `tls_cert` certificates; `discover` finds
+//! services for `clawnode services discover`.
 
 pub mod authkey;
 pub mod certs;
