@@ -73,6 +73,16 @@ const MALFORMED: &[Case] = &[
         "[network.wireguard]\nfwmark = 99999999999999999999\n",
         2, 10, "network.wireguard.fwmark", "out of range",
     ),
+    case(
+        "tailscale_hostname_longer_than_a_dns_label",
+        "[node]\nname = \"gpu-node-with-a-really-long-name-for-the-rack-0001\"\n[network]\nprovider = \"tailscale\"\n[network.tailscale]\nhostname_prefix = \"clawbernetes-provider\"\n",
+        6, 19, "network.tailscale.hostname_prefix", "would be 72 characters, and a DNS label has at most 63",
+    ),
+    case(
+        "tls_cert_outside_tailscale",
+        "[network.wireguard]\naddress = \"10.100.0.5/16\"\n[services.web]\nport = 8080\nmode = \"http\"\ntls_cert = true\n",
+        6, 12, "services.web.tls_cert", "expected no tls_cert unless network.provider = \"tailscale\"",
+    ),
     // Unknown keys at several levels.
     case(
         "unknown_top_level_table",

@@ -177,6 +177,17 @@ impl<'a> Checker<'a> {
         };
         let wireguard = self.wireguard(&path.key("wireguard"), raw.wireguard, node, provider);
         let tailscale = self.tailscale(&path.key("tailscale"), raw.tailscale);
+        let hostname_len = tailscale.hostname_prefix.as_str().len() + 1 + node.name.as_str().len();
+        if provider == Some(ProviderKind::Tailscale) && hostname_len > 63 {
+            self.error(
+                &path.key("tailscale").key("hostname_prefix"),
+                format!(
+                    "expected a shorter prefix: the Tailscale hostname \"{}-{}\" would be {hostname_len} characters, and a DNS label has at most 63",
+                    tailscale.hostname_prefix.as_str(),
+                    node.name.as_str()
+                ),
+            );
+        }
         NetworkConfig {
             provider: provider.unwrap_or_default(),
             wireguard,
