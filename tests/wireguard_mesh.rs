@@ -432,7 +432,8 @@ fn changing_another_peer_keeps_a_tcp_stream_flowing() {
     });
     let server_ip = mesh_ip(1);
     let client = lab::in_netns(lab.netns_file(lab.ns(0)), move || {
-        let mut conn = TcpStream::connect(format!("{server_ip}:7001")).unwrap();
+        let addr: std::net::SocketAddr = format!("{server_ip}:7001").parse().unwrap();
+        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
         conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let stop = Instant::now() + Duration::from_secs(8);
         let mut last = Instant::now();
