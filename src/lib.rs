@@ -10,6 +10,7 @@ pub mod exit;
 pub mod gpu;
 pub mod logging;
 pub mod mesh;
+pub mod metrics;
 pub mod services;
 pub mod state;
 pub mod supervisor;

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use crate::api::{self, ComponentDoc, ErrorDoc, GpuDoc, MeshDoc, ServicesDoc, StatusDoc};
 use crate::config::{self, Config};
 use crate::core::{Backoff, Command, Component, ComponentView, Supervisor};
-use crate::gpu::{GpuInventory, GpuProbe};
+use crate::gpu::{GpuInventory, GpuProbe, Monitor, Report};
 use crate::logging::LogHandle;
 use crate::mesh::{self, Hooks, MeshProvider, MeshStatus, ServiceAd};
 use crate::systemd::{self, Notifier};
@@ -35,7 +35,9 @@ pub struct Daemon {
     config: Arc<Config>,
     core: Supervisor,
     mesh: Arc<tokio::sync::Mutex<Box<dyn MeshProvider>>>,
-    gpu: Arc<std::sync::Mutex<Box<dyn GpuProbe>>>,
+    gpu: Monitor,
+    /// The generation of the last GPU probe, so layout changes update the right slot.
+    gpu_generation: u64,
     notifier: Box<dyn Notifier>,
     log: Option<LogHandle>,
     tasks: [Option<JoinHandle<()>>; 3],
@@ -59,6 +61,24 @@ impl Daemon {
     ) -> Self {
         let (events_tx, events_rx) = mpsc::channel(16);
         let (hooks, recheck_rx) = components.hooks;
+        let reports = events_tx.clone();
+        let gpu = Monitor::spawn(
+            components.gpu,
+            hooks.gpus.clone(),
+            Box::new(move |report| {
+                let event = match report {
+                    Report::Probed {
+                        generation,
+                        inventory,
+                    } => Event::GpuProbed {
+                        generation,
+                        inventory,
+                    },
+                    Report::Changed { inventory } => Event::GpuChanged { inventory },
+                };
+                let _ = reports.blocking_send(event);
+            }),
+        );
         let clock = Clock::now();
         Self {
             config_path,
@@ -69,7 +89,8 @@ impl Daemon {
                 clock.instant,
             ),
             mesh: Arc::new(tokio::sync::Mutex::new(components.mesh)),
-            gpu: Arc::new(std::sync::Mutex::new(components.gpu)),
+            gpu,
+            gpu_generation: 0,
             notifier: components.notifier,
             log,
             tasks: Default::default(),
@@ -166,31 +187,9 @@ impl Daemon {
                 })
             }
             Component::Gpu => {
-                let gpu = Arc::clone(&self.gpu);
-                tokio::spawn(async move {
-                    let inventory = if config.gpu.enabled {
-                        let probe = tokio::task::spawn_blocking(move || {
-                            gpu.lock()
-                                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                                .probe()
-                        });
-                        match probe.await {
-                            Ok(inventory) => inventory,
-                            Err(error) => GpuInventory::unavailable(
-                                "nvml_error",
-                                format!("GPU probe crashed: {error}"),
-                            ),
-                        }
-                    } else {
-                        GpuInventory::unavailable("disabled", "[gpu] enabled = false")
-                    };
-                    let _ = tx
-                        .send(Event::GpuProbed {
-                            generation,
-                            inventory,
-                        })
-                        .await;
-                })
+                // The monitor thread answers with a GpuProbed event; no task to hold.
+                self.gpu.probe(generation, config.gpu.clone());
+                return;
             }
             Component::Services => {
                 let mesh = Arc::clone(&self.mesh);
@@ -225,10 +224,21 @@ impl Daemon {
                 self.core
                     .handle_component_up(Component::Mesh, generation, summary, now);
             }
+            Event::GpuChanged { inventory } => {
+                let summary = inventory.summary();
+                self.inventory = Some(inventory);
+                self.core.handle_component_up(
+                    Component::Gpu,
+                    self.gpu_generation,
+                    summary,
+                    now,
+                );
+            }
             Event::GpuProbed {
                 generation,
                 inventory,
             } => {
+                self.gpu_generation = generation;
                 let summary = inventory.summary();
                 let missing = inventory.gpus.is_empty() && self.config.gpu.required;
                 let reason = inventory.unavailable.clone();
@@ -435,7 +445,9 @@ impl Daemon {
                 count: inventory.gpus.len(),
                 driver_version: inventory.driver_version.clone(),
                 unavailable_reason: inventory.unavailable.as_ref().map(|u| u.reason.clone()),
+                cuda_driver_version: inventory.cuda_driver_version.clone(),
                 devices: inventory.gpus,
+                xid_errors: Vec::new(),
             },
             services: ServicesDoc {
                 health: component(Component::Services),
@@ -474,6 +486,10 @@ enum Event {
     MeshUp {
         generation: u64,
         status: MeshStatus,
+    },
+    /// The set of GPUs or the MIG layout changed between probes.
+    GpuChanged {
+        inventory: GpuInventory,
     },
     GpuProbed {
         generation: u64,

@@ -1,12 +1,13 @@
 //! The local status API: HTTP/1 on a Unix socket in the runtime directory.
 //!
-//! `GET /v1/status` (JSON), `GET /v1/health/live`, `GET /v1/health/ready` (200 or 503).
+//! `GET /v1/status` (JSON), `GET /v1/health/live`, `GET /v1/health/ready` (200 or 503),
+//! `GET /metrics` (Prometheus text; also on `[api] metrics_listen` over TCP).
 
 pub mod client;
 mod server;
 mod status;
 
-pub use server::{ApiError, bind, serve};
+pub use server::{ApiError, Sources, bind, serve, serve_metrics};
 pub use status::{
     ComponentDoc, ConfigDoc, ErrorDoc, GpuDoc, MeshDoc, ServicesDoc, StatusDoc, status_config,
 };

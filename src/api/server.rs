@@ -16,7 +16,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use super::StatusDoc;
@@ -72,8 +72,16 @@ pub async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ApiE
     Ok(listener)
 }
 
-/// Serve until the task is dropped. `live` supplies what the mesh shows at request time.
-pub async fn serve(listener: UnixListener, status: watch::Receiver<StatusDoc>, live: Live) {
+/// What the API serves from: the supervisor's document, and what is read at request time.
+#[derive(Clone)]
+pub struct Sources {
+    pub status: watch::Receiver<StatusDoc>,
+    pub live: Live,
+    pub gpus: crate::gpu::Shared,
+}
+
+/// Serve the status API until the task is dropped.
+pub async fn serve(listener: UnixListener, sources: Sources) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -84,28 +92,80 @@ pub async fn serve(listener: UnixListener, status: watch::Receiver<StatusDoc>, l
                 continue;
             }
         };
-        let status = status.clone();
-        let live = live.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let status = status.clone();
-                let live = live.clone();
-                async move {
-                    let mut doc = status.borrow().clone();
-                    if req.uri().path() == "/v1/status" {
-                        doc.mesh.wireguard = read_live(live.wireguard).await;
-                        doc.mesh.tailscale = live.tailscale.read().await;
-                    }
-                    Ok::<_, Infallible>(route(&req, &doc))
-                }
-            });
-            if let Err(error) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(component = "api", %error, "connection ended with an error");
+        tokio::spawn(connection(TokioIo::new(stream), sources.clone(), false));
+    }
+}
+
+/// Serve only `/metrics` on a TCP listener (`[api] metrics_listen`).
+pub async fn serve_metrics(listener: TcpListener, sources: Sources) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                tracing::warn!(component = "api", %error, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-        });
+        };
+        tokio::spawn(connection(TokioIo::new(stream), sources.clone(), true));
+    }
+}
+
+async fn connection<S>(io: TokioIo<S>, sources: Sources, metrics_only: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<Incoming>| {
+        let sources = sources.clone();
+        async move {
+            let path = req.uri().path().to_string();
+            let mut doc = sources.status.borrow().clone();
+            let response = match path.as_str() {
+                "/metrics" if req.method() == Method::GET || req.method() == Method::HEAD => {
+                    let wireguard = read_live(sources.live.wireguard.clone()).await;
+                    metrics(&doc, wireguard.as_ref(), &sources.gpus)
+                }
+                _ if metrics_only => json_error(StatusCode::NOT_FOUND, "only /metrics is served here"),
+                "/v1/status" => {
+                    doc.mesh.wireguard = read_live(sources.live.wireguard.clone()).await;
+                    doc.mesh.tailscale = sources.live.tailscale.read().await;
+                    let snapshot = sources.gpus.read().unwrap_or_else(|p| p.into_inner());
+                    doc.gpu.xid_errors = snapshot
+                        .xids
+                        .counts
+                        .iter()
+                        .map(|(&(gpu, xid), c)| super::status::XidDoc {
+                            gpu,
+                            xid,
+                            count: c.count,
+                            last_seen_unix_ms: c.last_seen_unix_ms,
+                        })
+                        .collect();
+                    drop(snapshot);
+                    route(&req, &doc)
+                }
+                _ => route(&req, &doc),
+            };
+            Ok::<_, Infallible>(response)
+        }
+    });
+    if let Err(error) = http1::Builder::new().serve_connection(io, service).await {
+        tracing::debug!(component = "api", %error, "connection ended with an error");
+    }
+}
+
+fn metrics(
+    doc: &StatusDoc,
+    wireguard: Option<&WgStatus>,
+    gpus: &crate::gpu::Shared,
+) -> Response<Full<Bytes>> {
+    let snapshot = gpus.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    match crate::metrics::render(doc, wireguard, &snapshot, &doc.node, now) {
+        Ok(body) => respond(StatusCode::OK, crate::metrics::CONTENT_TYPE, body.into_bytes()),
+        Err(error) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
     }
 }
 

@@ -69,7 +69,18 @@ pub struct GpuDoc {
     pub count: usize,
     pub driver_version: Option<String>,
     pub unavailable_reason: Option<String>,
+    pub cuda_driver_version: Option<String>,
     pub devices: Vec<GpuInfo>,
+    /// Critical XID errors per GPU and code, read at request time.
+    pub xid_errors: Vec<XidDoc>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XidDoc {
+    pub gpu: u32,
+    pub xid: u64,
+    pub count: u64,
+    pub last_seen_unix_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,6 +3,7 @@
 pub mod check_config;
 pub mod docs;
 pub mod doctor;
+pub mod gpus;
 pub mod peers;
 pub mod pubkey;
 pub mod run;
@@ -59,6 +60,15 @@ pub enum Command {
     Services {
         #[command(subcommand)]
         command: services::ServicesCommand,
+    },
+    /// Probe the GPUs through NVML now (no daemon needed): inventory and one sample.
+    Gpus {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The NVML library to load (default: [gpu] nvml_library, else libnvidia-ml.so.1).
+        #[arg(long, value_name = "PATH")]
+        nvml_library: Option<PathBuf>,
     },
     /// Check this host before the first start and print each problem with its fix.
     Doctor {
@@ -122,6 +132,7 @@ impl Command {
             Command::Peers { .. } => "peers",
             Command::Services { .. } => "services",
             Command::Doctor { .. } => "doctor",
+            Command::Gpus { .. } => "gpus",
             Command::Tailscale { .. } => "tailscale",
             Command::Version => "version",
             Command::Completions { .. } => "completions",
@@ -139,6 +150,9 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Peers { json, socket } => peers::run(&cli.config, json, socket.as_deref()),
         Command::Services { command } => services::run(&cli.config, &command),
         Command::Doctor { json } => doctor::run(&cli.config, json),
+        Command::Gpus { json, nvml_library } => {
+            gpus::run(&cli.config, json, nvml_library.as_deref())
+        }
         Command::Tailscale { command } => tailscale::run(&cli.config, &command),
         Command::Version => {
             println!("clawnode {}", env!("CARGO_PKG_VERSION"));

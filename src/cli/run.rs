@@ -45,6 +45,15 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
         tracing::info!(component = "api", socket = %config.api.socket.display(), "status API listening");
         let (hooks, recheck_rx) = mesh::Hooks::new();
         let live = hooks.live.clone();
+        let gpus = hooks.gpus.clone();
+        let metrics_listener = match config.api.metrics_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| CliError::runtime(MetricsBind(addr, e)))?,
+            ),
+            None => None,
+        };
         let components = Components {
             mesh: mesh::for_config(&config, hooks.clone()),
             hooks: (hooks, recheck_rx),
@@ -54,9 +63,21 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
         };
         let socket = config.api.socket.clone();
         let daemon = Daemon::new(config_path.to_path_buf(), config, components, Some(log));
-        let api_task = tokio::spawn(api::serve(listener, daemon.status(), live));
+        let sources = api::Sources {
+            status: daemon.status(),
+            live,
+            gpus,
+        };
+        let metrics_task = metrics_listener.map(|l| {
+            tracing::info!(component = "api", listen = %config_metrics(&l), "metrics listening");
+            tokio::spawn(api::serve_metrics(l, sources.clone()))
+        });
+        let api_task = tokio::spawn(api::serve(listener, sources));
         let code = daemon.run().await.map_err(CliError::runtime);
         api_task.abort();
+        if let Some(task) = metrics_task {
+            task.abort();
+        }
         let _ = std::fs::remove_file(&socket);
         code
     })?;
@@ -68,3 +89,13 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
     "the wireguard provider needs CAP_NET_ADMIN to manage its interface: run clawnode as root or through its systemd unit"
 )]
 struct NeedsCapability;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on [api] metrics_listen {0}: {1}")]
+struct MetricsBind(std::net::SocketAddr, std::io::Error);
+
+fn config_metrics(listener: &tokio::net::TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string())
+}

@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod doctor;
 pub mod drift;
+pub mod gpu;
 pub mod peer_diff;
 pub mod policy;
 pub mod serve_config;

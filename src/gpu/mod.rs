@@ -1,40 +1,125 @@
-//! The GPU boundary: one trait, the NVML implementation, and the inventory types.
+//! The GPU boundary: one trait, the NVML implementation, the monitor thread that samples and
+//! listens for XID events, and the inventory and metric types.
 //!
-//! Having no GPU, no driver or no NVML is a normal state that is reported, not an error.
+//! Having no GPU, no driver or no NVML is a normal state that is reported, not an error. Every
+//! field NVML may not support is an `Option`: absent, never a sentinel number.
 
+pub mod monitor;
 mod nvml;
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use monitor::{Monitor, Report, Shared, Snapshot};
 pub use nvml::NvmlProbe;
 
-/// Probes the local GPUs. Blocking: the supervisor runs it on the blocking pool.
+/// Probes the local GPUs. Blocking: only the monitor thread calls it.
 pub trait GpuProbe: Send {
+    /// The static inventory (initialises the library on first use).
     fn probe(&mut self) -> GpuInventory;
+
+    /// The dynamic readings of every GPU the last `probe` found.
+    fn sample(&mut self) -> Vec<GpuMetrics> {
+        Vec::new()
+    }
+
+    /// Wait up to `timeout` for critical XID events; returns at once when one arrives.
+    fn wait_xid(&mut self, timeout: Duration) -> Vec<XidEvent> {
+        std::thread::sleep(timeout);
+        Vec::new()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuInventory {
     pub gpus: Vec<GpuInfo>,
     pub driver_version: Option<String>,
+    /// e.g. "13.0".
+    pub cuda_driver_version: Option<String>,
     /// Why there are no GPUs to report, when there are none.
     pub unavailable: Option<Unavailable>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuInfo {
     pub index: u32,
     pub uuid: Option<String>,
     pub name: Option<String>,
+    pub brand: Option<String>,
+    pub pci_bus_id: Option<String>,
+    pub serial: Option<String>,
+    pub vbios_version: Option<String>,
     pub memory_total_bytes: Option<u64>,
+    /// "9.0".
+    pub compute_capability: Option<String>,
+    pub persistence_mode: Option<bool>,
+    pub power_limit_milliwatts: Option<u32>,
+    pub ecc_enabled: Option<bool>,
+    pub ecc_enabled_pending: Option<bool>,
+    pub mig_enabled: Option<bool>,
+    pub mig_enabled_pending: Option<bool>,
+    pub mig_devices: Vec<MigDevice>,
+    /// The GPU fell off the bus: NVML answers "GPU is lost" for it.
+    #[serde(default)]
+    pub lost: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigDevice {
+    pub index: u32,
+    pub uuid: Option<String>,
+    /// "1g.10gb".
+    pub profile: Option<String>,
+    pub memory_total_bytes: Option<u64>,
+    pub gpu_instance_id: Option<u32>,
+    pub compute_instance_id: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Unavailable {
     /// Machine-readable: `nvml_unavailable`, `driver_not_loaded`, `no_permission`, `no_devices`,
-    /// `nvml_error`.
+    /// `nvml_error`, `disabled`.
     pub reason: String,
     pub detail: String,
+}
+
+/// One GPU's readings at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuMetrics {
+    pub index: u32,
+    pub lost: bool,
+    pub gpu_utilization_percent: Option<u32>,
+    pub memory_utilization_percent: Option<u32>,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_free_bytes: Option<u64>,
+    pub memory_reserved_bytes: Option<u64>,
+    pub temperature_celsius: Option<u32>,
+    pub power_milliwatts: Option<u32>,
+    pub energy_millijoules: Option<u64>,
+    pub sm_clock_mhz: Option<u32>,
+    pub memory_clock_mhz: Option<u32>,
+    /// NVML's clocks-event (throttle) reason bitmask; 0 means not throttled.
+    pub throttle_reasons: Option<u64>,
+    pub pcie_link_gen: Option<u32>,
+    pub pcie_link_width: Option<u32>,
+    pub ecc_corrected_volatile: Option<u64>,
+    pub ecc_uncorrected_volatile: Option<u64>,
+    pub ecc_corrected_aggregate: Option<u64>,
+    pub ecc_uncorrected_aggregate: Option<u64>,
+    pub retired_pages_single_bit: Option<u64>,
+    pub retired_pages_double_bit: Option<u64>,
+    pub remapped_rows_correctable: Option<u32>,
+    pub remapped_rows_uncorrectable: Option<u32>,
+    pub remapped_rows_pending: Option<bool>,
+    pub remapped_rows_failure: Option<bool>,
+}
+
+/// A critical XID error NVML reported for a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XidEvent {
+    pub index: u32,
+    pub code: u64,
 }
 
 impl GpuInventory {
@@ -52,8 +137,10 @@ impl GpuInventory {
     pub fn summary(&self) -> String {
         let n = self.gpus.len();
         let noun = if n == 1 { "GPU" } else { "GPUs" };
+        let lost = self.gpus.iter().filter(|g| g.lost).count();
         match &self.unavailable {
             Some(u) if n == 0 => format!("0 GPUs ({})", u.reason),
+            _ if lost > 0 => format!("{n} {noun} ({lost} lost)"),
             _ => format!("{n} {noun}"),
         }
     }
@@ -64,18 +151,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn summary_names_the_reason_when_there_are_no_gpus() {
+    fn summary_names_the_reason_when_there_are_no_gpus_and_counts_lost_ones() {
         let none = GpuInventory::unavailable("nvml_unavailable", "libnvidia-ml.so.1 missing");
         assert_eq!(none.summary(), "0 GPUs (nvml_unavailable)");
-        let one = GpuInventory {
-            gpus: vec![GpuInfo {
-                index: 0,
-                uuid: None,
-                name: None,
-                memory_total_bytes: None,
-            }],
+        let mut inv = GpuInventory {
+            gpus: vec![GpuInfo::default()],
             ..GpuInventory::default()
         };
-        assert_eq!(one.summary(), "1 GPU");
+        assert_eq!(inv.summary(), "1 GPU");
+        inv.gpus.push(GpuInfo {
+            index: 1,
+            lost: true,
+            ..GpuInfo::default()
+        });
+        assert_eq!(inv.summary(), "2 GPUs (1 lost)");
+    }
+
+    #[test]
+    fn fields_nvml_does_not_support_are_absent_not_sentinels() {
+        let json = serde_json::to_value(GpuMetrics::default()).unwrap();
+        assert!(json["temperature_celsius"].is_null());
+        assert!(json["energy_millijoules"].is_null());
     }
 }

@@ -118,6 +118,8 @@ pub trait MeshProvider: Send {
 pub struct Hooks {
     pub recheck: Recheck,
     pub live: Live,
+    /// The GPU monitor's latest snapshot, for the node-info endpoint.
+    pub gpus: crate::gpu::Shared,
 }
 
 /// What the status API reads at request time, filled in by whichever provider runs.
@@ -133,6 +135,7 @@ impl Hooks {
         let hooks = Hooks {
             recheck,
             live: Live::default(),
+            gpus: crate::gpu::Shared::default(),
         };
         (hooks, rx)
     }

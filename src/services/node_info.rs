@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpSocket;
 use tokio::task::JoinHandle;
 
+use crate::core::gpu::{self, GpuSummary};
 use crate::mesh::ServiceAd;
 use crate::mesh::tailscale::localapi::LocalApi;
 
@@ -32,15 +33,8 @@ pub struct NodeInfo {
     pub public_key: String,
     pub address: String,
     pub services: Vec<ServiceAd>,
-    /// GPU summary: filled in by the GPU probe once it reports models (empty until then).
+    /// One entry per GPU model, with free memory from the last sample: filled in per request.
     pub gpus: Vec<GpuSummary>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GpuSummary {
-    pub model: String,
-    pub count: usize,
-    pub memory_total_bytes: Option<u64>,
 }
 
 pub type SharedInfo = Arc<RwLock<NodeInfo>>;
@@ -92,6 +86,7 @@ impl Server {
         addr: SocketAddr,
         callers: Callers,
         info: SharedInfo,
+        gpus: crate::gpu::Shared,
     ) -> std::io::Result<Server> {
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()?
@@ -114,6 +109,7 @@ impl Server {
                     }
                 };
                 let info = Arc::clone(&info);
+                let gpus = Arc::clone(&gpus);
                 let callers = callers.clone();
                 tokio::spawn(async move {
                     if !callers.allows(peer).await {
@@ -122,7 +118,8 @@ impl Server {
                     }
                     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let info = Arc::clone(&info);
-                        async move { Ok::<_, Infallible>(route(&req, &info)) }
+                        let gpus = Arc::clone(&gpus);
+                        async move { Ok::<_, Infallible>(route(&req, &info, &gpus)) }
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -144,10 +141,16 @@ impl Drop for Server {
     }
 }
 
-fn route(req: &hyper::Request<hyper::body::Incoming>, info: &SharedInfo) -> Response<Full<Bytes>> {
+fn route(
+    req: &hyper::Request<hyper::body::Incoming>,
+    info: &SharedInfo,
+    gpus: &crate::gpu::Shared,
+) -> Response<Full<Bytes>> {
     let (code, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/node") => {
-            let info = info.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let mut info = info.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let snapshot = gpus.read().unwrap_or_else(|p| p.into_inner());
+            info.gpus = gpu::summarize(&snapshot.inventory, &snapshot.metrics);
             match serde_json::to_vec(&info) {
                 Ok(body) => (StatusCode::OK, body),
                 Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, b"{}".to_vec()),

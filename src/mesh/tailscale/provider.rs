@@ -420,6 +420,7 @@ impl TailscaleMesh {
                 listen,
                 node_info::Callers::Tailnet(api.clone()),
                 Arc::clone(&self.info),
+                self.hooks.gpus.clone(),
             )
             .map_err(|e| format!("node-info endpoint on {listen}: {e}"))?;
             self.server = Some(server);

@@ -57,6 +57,7 @@ impl Chosen {
 pub struct WireguardMesh {
     recheck: Recheck,
     live: status::LiveTarget,
+    gpus: crate::gpu::Shared,
     monitor: Option<monitor::Monitor>,
     link: Option<Link>,
     chosen: Option<(Chosen, String)>,
@@ -78,6 +79,7 @@ impl WireguardMesh {
         Self {
             recheck: hooks.recheck,
             live: hooks.live.wireguard,
+            gpus: hooks.gpus,
             monitor: None,
             link: None,
             chosen: None,
@@ -291,6 +293,7 @@ impl WireguardMesh {
                 listen,
                 node_info::Callers::Cidr(wg.mesh_cidr),
                 Arc::clone(&self.info),
+                self.gpus.clone(),
             )
             .map_err(|e| MeshError::Failed(format!("node-info endpoint on {listen}: {e}")))?;
             self.server = Some(server);

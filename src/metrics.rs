@@ -1,0 +1,355 @@
+//! `/metrics`: the Prometheus text exposition of the GPUs (DCGM exporter's names and labels,
+//! so existing dashboards work) and of the agent itself (`clawnode_*`).
+//!
+//! A fresh registry per scrape: the families are rebuilt from the latest snapshot, so a GPU
+//! that disappears also disappears from the output instead of keeping a stale value.
+
+use prometheus::core::Collector;
+use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::api::StatusDoc;
+use crate::gpu::{GpuInfo, Snapshot};
+use crate::mesh::wireguard::status::WgStatus;
+
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// DCGM's label set for a GPU.
+const GPU_LABELS: [&str; 6] = ["gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname"];
+
+pub fn render(
+    status: &StatusDoc,
+    wireguard: Option<&WgStatus>,
+    gpus: &Snapshot,
+    hostname: &str,
+    now_unix_ms: u64,
+) -> Result<String, prometheus::Error> {
+    let registry = Registry::new();
+    let mut families = Families::new(&registry);
+    gpu_series(&mut families, gpus, hostname)?;
+    agent_series(&mut families, status, wireguard, gpus, now_unix_ms)?;
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&registry.gather(), &mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Registers families on first use, so only series with a value are exposed.
+struct Families<'a> {
+    registry: &'a Registry,
+    gauges: Vec<(String, GaugeVec)>,
+    counters: Vec<(String, IntCounterVec)>,
+    int_gauges: Vec<(String, IntGaugeVec)>,
+}
+
+impl<'a> Families<'a> {
+    fn new(registry: &'a Registry) -> Self {
+        Self {
+            registry,
+            gauges: Vec::new(),
+            counters: Vec::new(),
+            int_gauges: Vec::new(),
+        }
+    }
+
+    fn gauge(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        values: &[&str],
+        value: f64,
+    ) -> Result<(), prometheus::Error> {
+        let family = match self.gauges.iter().find(|(n, _)| n == name) {
+            Some((_, f)) => f.clone(),
+            None => {
+                let f = GaugeVec::new(Opts::new(name, help), labels)?;
+                self.register(f.clone())?;
+                self.gauges.push((name.to_string(), f.clone()));
+                f
+            }
+        };
+        family.get_metric_with_label_values(values)?.set(value);
+        Ok(())
+    }
+
+    fn int_gauge(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        values: &[&str],
+        value: i64,
+    ) -> Result<(), prometheus::Error> {
+        let family = match self.int_gauges.iter().find(|(n, _)| n == name) {
+            Some((_, f)) => f.clone(),
+            None => {
+                let f = IntGaugeVec::new(Opts::new(name, help), labels)?;
+                self.register(f.clone())?;
+                self.int_gauges.push((name.to_string(), f.clone()));
+                f
+            }
+        };
+        family.get_metric_with_label_values(values)?.set(value);
+        Ok(())
+    }
+
+    fn counter(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        values: &[&str],
+        value: u64,
+    ) -> Result<(), prometheus::Error> {
+        let family = match self.counters.iter().find(|(n, _)| n == name) {
+            Some((_, f)) => f.clone(),
+            None => {
+                let f = IntCounterVec::new(Opts::new(name, help), labels)?;
+                self.register(f.clone())?;
+                self.counters.push((name.to_string(), f.clone()));
+                f
+            }
+        };
+        family.get_metric_with_label_values(values)?.inc_by(value);
+        Ok(())
+    }
+
+    fn register(&self, collector: impl Collector + 'static) -> Result<(), prometheus::Error> {
+        self.registry.register(Box::new(collector))
+    }
+}
+
+fn gpu_labels(gpu: &GpuInfo, hostname: &str) -> [String; 6] {
+    [
+        gpu.index.to_string(),
+        gpu.uuid.clone().unwrap_or_default(),
+        gpu.pci_bus_id.clone().unwrap_or_default(),
+        format!("nvidia{}", gpu.index),
+        gpu.name.clone().unwrap_or_default(),
+        hostname.to_string(),
+    ]
+}
+
+fn gpu_series(f: &mut Families, snap: &Snapshot, hostname: &str) -> Result<(), prometheus::Error> {
+    for gpu in &snap.inventory.gpus {
+        let owned = gpu_labels(gpu, hostname);
+        let labels: Vec<&str> = owned.iter().map(String::as_str).collect();
+        f.int_gauge(
+            "clawnode_gpu_lost",
+            "1 when the GPU has fallen off the bus.",
+            &GPU_LABELS,
+            &labels,
+            i64::from(gpu.lost),
+        )?;
+        let Some(m) = snap
+            .metrics
+            .iter()
+            .find(|m| m.index == gpu.index && !m.lost)
+        else {
+            continue;
+        };
+        let mib = |b: Option<u64>| b.map(|b| (b / (1024 * 1024)) as f64);
+        let gauges: [(&str, &str, Option<f64>); 16] = [
+            ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", m.gpu_utilization_percent.map(f64::from)),
+            ("DCGM_FI_DEV_MEM_COPY_UTIL", "Memory utilization (in %).", m.memory_utilization_percent.map(f64::from)),
+            ("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", mib(m.memory_used_bytes)),
+            ("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).", mib(m.memory_free_bytes)),
+            ("DCGM_FI_DEV_FB_RESERVED", "Framebuffer memory reserved (in MiB).", mib(m.memory_reserved_bytes)),
+            ("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", m.temperature_celsius.map(f64::from)),
+            ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", m.power_milliwatts.map(|p| f64::from(p) / 1000.0)),
+            ("DCGM_FI_DEV_SM_CLOCK", "SM clock frequency (in MHz).", m.sm_clock_mhz.map(f64::from)),
+            ("DCGM_FI_DEV_MEM_CLOCK", "Memory clock frequency (in MHz).", m.memory_clock_mhz.map(f64::from)),
+            ("DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", "Current clock throttle reasons (bitmask).", m.throttle_reasons.map(|r| r as f64)),
+            ("DCGM_FI_DEV_PCIE_LINK_GEN", "Current PCIe link generation.", m.pcie_link_gen.map(f64::from)),
+            ("DCGM_FI_DEV_PCIE_LINK_WIDTH", "Current PCIe link width.", m.pcie_link_width.map(f64::from)),
+            ("DCGM_FI_DEV_ROW_REMAP_PENDING", "Row remapping pending (1 or 0).", m.remapped_rows_pending.map(|b| f64::from(u8::from(b)))),
+            ("DCGM_FI_DEV_ROW_REMAP_FAILURE", "Row remapping failed (1 or 0).", m.remapped_rows_failure.map(|b| f64::from(u8::from(b)))),
+            ("DCGM_FI_DEV_XID_ERRORS", "Value of the last XID error encountered.", snap.xids.last(gpu.index).map(|c| c as f64)),
+            ("DCGM_FI_DEV_POWER_MGMT_LIMIT", "Power management limit (in W).", gpu.power_limit_milliwatts.map(|p| f64::from(p) / 1000.0)),
+        ];
+        for (name, help, value) in gauges {
+            if let Some(value) = value {
+                f.gauge(name, help, &GPU_LABELS, &labels, value)?;
+            }
+        }
+        let counters: [(&str, &str, Option<u64>); 9] = [
+            ("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "Total energy consumption since boot (in mJ).", m.energy_millijoules),
+            ("DCGM_FI_DEV_ECC_SBE_VOL_TOTAL", "Total number of single-bit volatile ECC errors.", m.ecc_corrected_volatile),
+            ("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "Total number of double-bit volatile ECC errors.", m.ecc_uncorrected_volatile),
+            ("DCGM_FI_DEV_ECC_SBE_AGG_TOTAL", "Total number of single-bit persistent ECC errors.", m.ecc_corrected_aggregate),
+            ("DCGM_FI_DEV_ECC_DBE_AGG_TOTAL", "Total number of double-bit persistent ECC errors.", m.ecc_uncorrected_aggregate),
+            ("DCGM_FI_DEV_RETIRED_SBE", "Total number of retired pages due to single-bit errors.", m.retired_pages_single_bit),
+            ("DCGM_FI_DEV_RETIRED_DBE", "Total number of retired pages due to double-bit errors.", m.retired_pages_double_bit),
+            ("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", "Number of remapped rows for correctable errors.", m.remapped_rows_correctable.map(u64::from)),
+            ("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", "Number of remapped rows for uncorrectable errors.", m.remapped_rows_uncorrectable.map(u64::from)),
+        ];
+        for (name, help, value) in counters {
+            if let Some(value) = value {
+                f.counter(name, help, &GPU_LABELS, &labels, value)?;
+            }
+        }
+    }
+    let xid_labels: Vec<&str> = GPU_LABELS.iter().copied().chain(["xid"]).collect();
+    for (&(index, code), count) in &snap.xids.counts {
+        let Some(gpu) = snap.inventory.gpus.iter().find(|g| g.index == index) else {
+            continue;
+        };
+        let mut owned = gpu_labels(gpu, hostname).to_vec();
+        owned.push(code.to_string());
+        let labels: Vec<&str> = owned.iter().map(String::as_str).collect();
+        f.counter(
+            "clawnode_gpu_xid_errors_total",
+            "Critical XID errors reported by NVML, per GPU and XID code.",
+            &xid_labels,
+            &labels,
+            count.count,
+        )?;
+        f.gauge(
+            "clawnode_gpu_xid_last_seen_timestamp_seconds",
+            "When this XID code was last seen on this GPU (Unix time).",
+            &xid_labels,
+            &labels,
+            count.last_seen_unix_ms as f64 / 1000.0,
+        )?;
+    }
+    Ok(())
+}
+
+fn agent_series(
+    f: &mut Families,
+    status: &StatusDoc,
+    wireguard: Option<&WgStatus>,
+    gpus: &Snapshot,
+    now_unix_ms: u64,
+) -> Result<(), prometheus::Error> {
+    f.int_gauge(
+        "clawnode_ready",
+        "1 when the node is ready (mesh joined, GPUs probed, services published).",
+        &[],
+        &[],
+        i64::from(status.ready),
+    )?;
+    for phase in ["starting", "joining", "ready", "degraded", "stopping"] {
+        f.int_gauge(
+            "clawnode_phase",
+            "1 for the supervisor's current phase.",
+            &["phase"],
+            &[phase],
+            i64::from(status.phase == phase),
+        )?;
+    }
+    f.int_gauge(
+        "clawnode_mesh_peers",
+        "Peers configured on the mesh.",
+        &[],
+        &[],
+        status.mesh.peers as i64,
+    )?;
+    f.int_gauge(
+        "clawnode_services_advertised",
+        "Services the mesh currently advertises for this node.",
+        &[],
+        &[],
+        if status.services.advertised {
+            status.services.configured.len() as i64
+        } else {
+            0
+        },
+    )?;
+    f.int_gauge(
+        "clawnode_gpus",
+        "GPUs found by the last probe.",
+        &[],
+        &[],
+        gpus.inventory.gpus.len() as i64,
+    )?;
+    f.counter(
+        "clawnode_gpu_probe_errors_total",
+        "GPU samples that failed because the GPU was lost or NVML refused.",
+        &[],
+        &[],
+        gpus.probe_errors,
+    )?;
+    for peer in wireguard.map(|w| w.peers.as_slice()).unwrap_or_default() {
+        let name = peer.name.clone().unwrap_or_else(|| peer.public_key.clone());
+        let labels = [name.as_str()];
+        if let Some(at) = peer.last_handshake_unix_ms {
+            f.gauge(
+                "clawnode_wireguard_peer_last_handshake_age_seconds",
+                "Seconds since the last WireGuard handshake with the peer.",
+                &["peer"],
+                &labels,
+                now_unix_ms.saturating_sub(at) as f64 / 1000.0,
+            )?;
+        }
+        f.counter(
+            "clawnode_wireguard_peer_receive_bytes_total",
+            "Bytes received from the peer.",
+            &["peer"],
+            &labels,
+            peer.rx_bytes,
+        )?;
+        f.counter(
+            "clawnode_wireguard_peer_transmit_bytes_total",
+            "Bytes sent to the peer.",
+            &["peer"],
+            &labels,
+            peer.tx_bytes,
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::{GpuInventory, GpuMetrics, XidEvent};
+
+    fn snapshot() -> Snapshot {
+        let gpu = |index: u32| GpuInfo {
+            index,
+            uuid: Some(format!("GPU-{index}")),
+            name: Some("NVIDIA H100 80GB HBM3".into()),
+            pci_bus_id: Some(format!("00000000:1{index}:00.0")),
+            ..GpuInfo::default()
+        };
+        let mut snap = Snapshot {
+            inventory: GpuInventory {
+                gpus: vec![gpu(0), gpu(1)],
+                ..GpuInventory::default()
+            },
+            metrics: vec![
+                GpuMetrics {
+                    index: 0,
+                    temperature_celsius: Some(41),
+                    energy_millijoules: Some(123456),
+                    ..GpuMetrics::default()
+                },
+                GpuMetrics {
+                    index: 1,
+                    lost: true,
+                    ..GpuMetrics::default()
+                },
+            ],
+            ..Snapshot::default()
+        };
+        snap.xids.handle_xid(XidEvent { index: 0, code: 79 }, 5000);
+        snap
+    }
+
+    #[test]
+    fn gpu_series_use_dcgm_names_and_labels_and_skip_what_nvml_did_not_answer() {
+        let text = render(&StatusDoc::default(), None, &snapshot(), "gpu-01", 0).unwrap();
+        assert!(text.contains("# TYPE DCGM_FI_DEV_GPU_TEMP gauge"), "{text}");
+        assert!(text.contains(
+            "DCGM_FI_DEV_GPU_TEMP{Hostname=\"gpu-01\",UUID=\"GPU-0\",device=\"nvidia0\",gpu=\"0\",modelName=\"NVIDIA H100 80GB HBM3\",pci_bus_id=\"00000000:10:00.0\"} 41"
+        ), "{text}");
+        assert!(text.contains("# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter"));
+        assert!(!text.contains("DCGM_FI_DEV_GPU_UTIL"), "unanswered: absent");
+        assert!(!text.contains("UUID=\"GPU-1\",device=\"nvidia1\",gpu=\"1\",modelName=\"NVIDIA H100 80GB HBM3\",pci_bus_id=\"00000000:11:00.0\"} 41"));
+        assert!(text.contains("clawnode_gpu_lost{Hostname=\"gpu-01\",UUID=\"GPU-1\""));
+        assert!(text.contains("xid=\"79\"} 1"), "{text}");
+        assert!(text.contains("DCGM_FI_DEV_XID_ERRORS{"), "{text}");
+        assert!(text.contains("clawnode_ready 0"));
+        assert!(text.contains("clawnode_gpus 2"));
+    }
+}
