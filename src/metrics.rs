@@ -13,8 +13,24 @@ use crate::mesh::wireguard::status::WgStatus;
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// DCGM's label set for a GPU.
-const GPU_LABELS: [&str; 6] = ["gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname"];
+/// DCGM's label set for a GPU, kept as DCGM spells it (camelCase and all) for dashboards.
+const GPU_LABELS: [&str; 6] = [
+    "gpu",
+    "UUID",
+    "pci_bus_id",
+    "device",
+    "modelName",
+    "Hostname",
+];
+/// The same labels for clawnode's own series, in Prometheus's snake_case.
+const OWN_LABELS: [&str; 6] = [
+    "gpu",
+    "uuid",
+    "pci_bus_id",
+    "device",
+    "model_name",
+    "hostname",
+];
 
 pub fn render(
     status: &StatusDoc,
@@ -136,7 +152,7 @@ fn gpu_series(f: &mut Families, snap: &Snapshot, hostname: &str) -> Result<(), p
         f.int_gauge(
             "clawnode_gpu_lost",
             "1 when the GPU has fallen off the bus.",
-            &GPU_LABELS,
+            &OWN_LABELS,
             &labels,
             i64::from(gpu.lost),
         )?;
@@ -149,22 +165,86 @@ fn gpu_series(f: &mut Families, snap: &Snapshot, hostname: &str) -> Result<(), p
         };
         let mib = |b: Option<u64>| b.map(|b| (b / (1024 * 1024)) as f64);
         let gauges: [(&str, &str, Option<f64>); 16] = [
-            ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", m.gpu_utilization_percent.map(f64::from)),
-            ("DCGM_FI_DEV_MEM_COPY_UTIL", "Memory utilization (in %).", m.memory_utilization_percent.map(f64::from)),
-            ("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", mib(m.memory_used_bytes)),
-            ("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).", mib(m.memory_free_bytes)),
-            ("DCGM_FI_DEV_FB_RESERVED", "Framebuffer memory reserved (in MiB).", mib(m.memory_reserved_bytes)),
-            ("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", m.temperature_celsius.map(f64::from)),
-            ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", m.power_milliwatts.map(|p| f64::from(p) / 1000.0)),
-            ("DCGM_FI_DEV_SM_CLOCK", "SM clock frequency (in MHz).", m.sm_clock_mhz.map(f64::from)),
-            ("DCGM_FI_DEV_MEM_CLOCK", "Memory clock frequency (in MHz).", m.memory_clock_mhz.map(f64::from)),
-            ("DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", "Current clock throttle reasons (bitmask).", m.throttle_reasons.map(|r| r as f64)),
-            ("DCGM_FI_DEV_PCIE_LINK_GEN", "Current PCIe link generation.", m.pcie_link_gen.map(f64::from)),
-            ("DCGM_FI_DEV_PCIE_LINK_WIDTH", "Current PCIe link width.", m.pcie_link_width.map(f64::from)),
-            ("DCGM_FI_DEV_ROW_REMAP_PENDING", "Row remapping pending (1 or 0).", m.remapped_rows_pending.map(|b| f64::from(u8::from(b)))),
-            ("DCGM_FI_DEV_ROW_REMAP_FAILURE", "Row remapping failed (1 or 0).", m.remapped_rows_failure.map(|b| f64::from(u8::from(b)))),
-            ("DCGM_FI_DEV_XID_ERRORS", "Value of the last XID error encountered.", snap.xids.last(gpu.index).map(|c| c as f64)),
-            ("DCGM_FI_DEV_POWER_MGMT_LIMIT", "Power management limit (in W).", gpu.power_limit_milliwatts.map(|p| f64::from(p) / 1000.0)),
+            (
+                "DCGM_FI_DEV_GPU_UTIL",
+                "GPU utilization (in %).",
+                m.gpu_utilization_percent.map(f64::from),
+            ),
+            (
+                "DCGM_FI_DEV_MEM_COPY_UTIL",
+                "Memory utilization (in %).",
+                m.memory_utilization_percent.map(f64::from),
+            ),
+            (
+                "DCGM_FI_DEV_FB_USED",
+                "Framebuffer memory used (in MiB).",
+                mib(m.memory_used_bytes),
+            ),
+            (
+                "DCGM_FI_DEV_FB_FREE",
+                "Framebuffer memory free (in MiB).",
+                mib(m.memory_free_bytes),
+            ),
+            (
+                "DCGM_FI_DEV_FB_RESERVED",
+                "Framebuffer memory reserved (in MiB).",
+                mib(m.memory_reserved_bytes),
+            ),
+            (
+                "DCGM_FI_DEV_GPU_TEMP",
+                "GPU temperature (in C).",
+                m.temperature_celsius.map(f64::from),
+            ),
+            (
+                "DCGM_FI_DEV_POWER_USAGE",
+                "Power draw (in W).",
+                m.power_milliwatts.map(|p| f64::from(p) / 1000.0),
+            ),
+            (
+                "DCGM_FI_DEV_SM_CLOCK",
+                "SM clock frequency (in MHz).",
+                m.sm_clock_mhz.map(f64::from),
+            ),
+            (
+                "DCGM_FI_DEV_MEM_CLOCK",
+                "Memory clock frequency (in MHz).",
+                m.memory_clock_mhz.map(f64::from),
+            ),
+            (
+                "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS",
+                "Current clock throttle reasons (bitmask).",
+                m.throttle_reasons.map(|r| r as f64),
+            ),
+            (
+                "DCGM_FI_DEV_PCIE_LINK_GEN",
+                "Current PCIe link generation.",
+                m.pcie_link_gen.map(f64::from),
+            ),
+            (
+                "DCGM_FI_DEV_PCIE_LINK_WIDTH",
+                "Current PCIe link width.",
+                m.pcie_link_width.map(f64::from),
+            ),
+            (
+                "DCGM_FI_DEV_ROW_REMAP_PENDING",
+                "Row remapping pending (1 or 0).",
+                m.remapped_rows_pending.map(|b| f64::from(u8::from(b))),
+            ),
+            (
+                "DCGM_FI_DEV_ROW_REMAP_FAILURE",
+                "Row remapping failed (1 or 0).",
+                m.remapped_rows_failure.map(|b| f64::from(u8::from(b))),
+            ),
+            (
+                "DCGM_FI_DEV_XID_ERRORS",
+                "Value of the last XID error encountered.",
+                snap.xids.last(gpu.index).map(|c| c as f64),
+            ),
+            (
+                "DCGM_FI_DEV_POWER_MGMT_LIMIT",
+                "Power management limit (in W).",
+                gpu.power_limit_milliwatts.map(|p| f64::from(p) / 1000.0),
+            ),
         ];
         for (name, help, value) in gauges {
             if let Some(value) = value {
@@ -172,15 +252,51 @@ fn gpu_series(f: &mut Families, snap: &Snapshot, hostname: &str) -> Result<(), p
             }
         }
         let counters: [(&str, &str, Option<u64>); 9] = [
-            ("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "Total energy consumption since boot (in mJ).", m.energy_millijoules),
-            ("DCGM_FI_DEV_ECC_SBE_VOL_TOTAL", "Total number of single-bit volatile ECC errors.", m.ecc_corrected_volatile),
-            ("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "Total number of double-bit volatile ECC errors.", m.ecc_uncorrected_volatile),
-            ("DCGM_FI_DEV_ECC_SBE_AGG_TOTAL", "Total number of single-bit persistent ECC errors.", m.ecc_corrected_aggregate),
-            ("DCGM_FI_DEV_ECC_DBE_AGG_TOTAL", "Total number of double-bit persistent ECC errors.", m.ecc_uncorrected_aggregate),
-            ("DCGM_FI_DEV_RETIRED_SBE", "Total number of retired pages due to single-bit errors.", m.retired_pages_single_bit),
-            ("DCGM_FI_DEV_RETIRED_DBE", "Total number of retired pages due to double-bit errors.", m.retired_pages_double_bit),
-            ("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", "Number of remapped rows for correctable errors.", m.remapped_rows_correctable.map(u64::from)),
-            ("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", "Number of remapped rows for uncorrectable errors.", m.remapped_rows_uncorrectable.map(u64::from)),
+            (
+                "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+                "Total energy consumption since boot (in mJ).",
+                m.energy_millijoules,
+            ),
+            (
+                "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL",
+                "Total number of single-bit volatile ECC errors.",
+                m.ecc_corrected_volatile,
+            ),
+            (
+                "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
+                "Total number of double-bit volatile ECC errors.",
+                m.ecc_uncorrected_volatile,
+            ),
+            (
+                "DCGM_FI_DEV_ECC_SBE_AGG_TOTAL",
+                "Total number of single-bit persistent ECC errors.",
+                m.ecc_corrected_aggregate,
+            ),
+            (
+                "DCGM_FI_DEV_ECC_DBE_AGG_TOTAL",
+                "Total number of double-bit persistent ECC errors.",
+                m.ecc_uncorrected_aggregate,
+            ),
+            (
+                "DCGM_FI_DEV_RETIRED_SBE",
+                "Total number of retired pages due to single-bit errors.",
+                m.retired_pages_single_bit,
+            ),
+            (
+                "DCGM_FI_DEV_RETIRED_DBE",
+                "Total number of retired pages due to double-bit errors.",
+                m.retired_pages_double_bit,
+            ),
+            (
+                "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
+                "Number of remapped rows for correctable errors.",
+                m.remapped_rows_correctable.map(u64::from),
+            ),
+            (
+                "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
+                "Number of remapped rows for uncorrectable errors.",
+                m.remapped_rows_uncorrectable.map(u64::from),
+            ),
         ];
         for (name, help, value) in counters {
             if let Some(value) = value {
@@ -188,7 +304,7 @@ fn gpu_series(f: &mut Families, snap: &Snapshot, hostname: &str) -> Result<(), p
             }
         }
     }
-    let xid_labels: Vec<&str> = GPU_LABELS.iter().copied().chain(["xid"]).collect();
+    let xid_labels: Vec<&str> = OWN_LABELS.iter().copied().chain(["xid"]).collect();
     for (&(index, code), count) in &snap.xids.counts {
         let Some(gpu) = snap.inventory.gpus.iter().find(|g| g.index == index) else {
             continue;
@@ -346,7 +462,10 @@ mod tests {
         assert!(text.contains("# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter"));
         assert!(!text.contains("DCGM_FI_DEV_GPU_UTIL"), "unanswered: absent");
         assert!(!text.contains("UUID=\"GPU-1\",device=\"nvidia1\",gpu=\"1\",modelName=\"NVIDIA H100 80GB HBM3\",pci_bus_id=\"00000000:11:00.0\"} 41"));
-        assert!(text.contains("clawnode_gpu_lost{Hostname=\"gpu-01\",UUID=\"GPU-1\""));
+        assert!(
+            text.contains("clawnode_gpu_lost{device=\"nvidia1\",gpu=\"1\",hostname=\"gpu-01\""),
+            "{text}"
+        );
         assert!(text.contains("xid=\"79\"} 1"), "{text}");
         assert!(text.contains("DCGM_FI_DEV_XID_ERRORS{"), "{text}");
         assert!(text.contains("clawnode_ready 0"));

@@ -227,12 +227,8 @@ impl Daemon {
             Event::GpuChanged { inventory } => {
                 let summary = inventory.summary();
                 self.inventory = Some(inventory);
-                self.core.handle_component_up(
-                    Component::Gpu,
-                    self.gpu_generation,
-                    summary,
-                    now,
-                );
+                self.core
+                    .handle_component_up(Component::Gpu, self.gpu_generation, summary, now);
             }
             Event::GpuProbed {
                 generation,
@@ -619,11 +615,12 @@ mod tests {
                 uuid: Some(format!("GPU-{index}")),
                 name: Some("NVIDIA H100 80GB HBM3".into()),
                 memory_total_bytes: Some(85_520_809_984),
+                ..GpuInfo::default()
             };
             GpuInventory {
                 gpus: vec![gpu(0), gpu(1)],
                 driver_version: Some("580.95.05".into()),
-                unavailable: None,
+                ..GpuInventory::default()
             }
         }
     }

@@ -125,7 +125,9 @@ where
                     let wireguard = read_live(sources.live.wireguard.clone()).await;
                     metrics(&doc, wireguard.as_ref(), &sources.gpus)
                 }
-                _ if metrics_only => json_error(StatusCode::NOT_FOUND, "only /metrics is served here"),
+                _ if metrics_only => {
+                    json_error(StatusCode::NOT_FOUND, "only /metrics is served here")
+                }
                 "/v1/status" => {
                     doc.mesh.wireguard = read_live(sources.live.wireguard.clone()).await;
                     doc.mesh.tailscale = sources.live.tailscale.read().await;
@@ -164,7 +166,11 @@ fn metrics(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     match crate::metrics::render(doc, wireguard, &snapshot, &doc.node, now) {
-        Ok(body) => respond(StatusCode::OK, crate::metrics::CONTENT_TYPE, body.into_bytes()),
+        Ok(body) => respond(
+            StatusCode::OK,
+            crate::metrics::CONTENT_TYPE,
+            body.into_bytes(),
+        ),
         Err(error) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
     }
 }

@@ -35,7 +35,11 @@ pub fn run(config_path: &Path, json: bool, library: Option<&Path>) -> Result<Exi
 
 fn table(inventory: &GpuInventory, metrics: &[GpuMetrics]) -> String {
     let dash = || "-".to_string();
-    if let Some(u) = inventory.unavailable.as_ref().filter(|_| inventory.gpus.is_empty()) {
+    if let Some(u) = inventory
+        .unavailable
+        .as_ref()
+        .filter(|_| inventory.gpus.is_empty())
+    {
         return format!("no GPUs: {} ({})\n", u.reason, u.detail);
     }
     let mut out = format!(
@@ -52,7 +56,10 @@ fn table(inventory: &GpuInventory, metrics: &[GpuMetrics]) -> String {
         let mib = |b: Option<u64>| b.map_or_else(dash, |b| (b / (1024 * 1024)).to_string());
         let num = |v: Option<u32>| v.map_or_else(dash, |v| v.to_string());
         if gpu.lost {
-            out.push_str(&format!("{:<4}lost: the GPU has fallen off the bus\n", gpu.index));
+            out.push_str(&format!(
+                "{:<4}lost: the GPU has fallen off the bus\n",
+                gpu.index
+            ));
             continue;
         }
         let pci = gpu.pci_bus_id.clone().unwrap_or_else(dash);

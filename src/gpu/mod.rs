@@ -44,20 +44,34 @@ pub struct GpuInventory {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuInfo {
     pub index: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub brand: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_bus_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vbios_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_total_bytes: Option<u64>,
     /// "9.0".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compute_capability: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistence_mode: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub power_limit_milliwatts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ecc_enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ecc_enabled_pending: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mig_enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mig_enabled_pending: Option<bool>,
     pub mig_devices: Vec<MigDevice>,
     /// The GPU fell off the bus: NVML answers "GPU is lost" for it.
@@ -68,11 +82,16 @@ pub struct GpuInfo {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigDevice {
     pub index: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
     /// "1g.10gb".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_total_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_instance_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compute_instance_id: Option<u32>,
 }
 
@@ -89,29 +108,52 @@ pub struct Unavailable {
 pub struct GpuMetrics {
     pub index: u32,
     pub lost: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_utilization_percent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_utilization_percent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_used_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_free_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_reserved_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature_celsius: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub power_milliwatts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub energy_millijoules: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sm_clock_mhz: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_clock_mhz: Option<u32>,
     /// NVML's clocks-event (throttle) reason bitmask; 0 means not throttled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub throttle_reasons: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pcie_link_gen: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pcie_link_width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ecc_corrected_volatile: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ecc_uncorrected_volatile: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ecc_corrected_aggregate: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ecc_uncorrected_aggregate: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retired_pages_single_bit: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retired_pages_double_bit: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remapped_rows_correctable: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remapped_rows_uncorrectable: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remapped_rows_pending: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remapped_rows_failure: Option<bool>,
 }
 
@@ -170,7 +212,9 @@ mod tests {
     #[test]
     fn fields_nvml_does_not_support_are_absent_not_sentinels() {
         let json = serde_json::to_value(GpuMetrics::default()).unwrap();
-        assert!(json["temperature_celsius"].is_null());
-        assert!(json["energy_millijoules"].is_null());
+        assert!(json.get("temperature_celsius").is_none(), "{json}");
+        assert!(json.get("energy_millijoules").is_none());
+        let back: GpuMetrics = serde_json::from_value(json).unwrap();
+        assert_eq!(back, GpuMetrics::default());
     }
 }

@@ -152,7 +152,12 @@ fn run(
             .saturating_duration_since(Instant::now())
             .min(EVENT_SLICE);
         for event in probe.wait_xid(wait) {
-            tracing::warn!(component = "gpu", gpu = event.index, xid = event.code, "XID error");
+            tracing::warn!(
+                component = "gpu",
+                gpu = event.index,
+                xid = event.code,
+                "XID error"
+            );
             shared
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
@@ -286,6 +291,10 @@ mod tests {
         };
         assert_eq!(inventory.unavailable.unwrap().reason, "disabled");
         std::thread::sleep(Duration::from_millis(200));
-        assert_eq!(*samples.lock().unwrap(), 0, "nothing sampled while disabled");
+        assert_eq!(
+            *samples.lock().unwrap(),
+            0,
+            "nothing sampled while disabled"
+        );
     }
 }

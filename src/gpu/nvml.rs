@@ -362,7 +362,15 @@ fn remapped_rows(nvml: &Nvml, device: &Device<'_>) -> Option<(u32, u32, bool, bo
     let f = nvml.lib().nvmlDeviceGetRemappedRows.as_ref().ok()?;
     let (mut corr, mut unc, mut pending, mut failure) = (0u32, 0u32, 0u32, 0u32);
     // SAFETY: a live device handle and four valid out pointers.
-    let rc = unsafe { f(device.handle(), &mut corr, &mut unc, &mut pending, &mut failure) };
+    let rc = unsafe {
+        f(
+            device.handle(),
+            &mut corr,
+            &mut unc,
+            &mut pending,
+            &mut failure,
+        )
+    };
     (rc == nvmlReturn_enum_NVML_SUCCESS).then_some((corr, unc, pending != 0, failure != 0))
 }
 

@@ -13,6 +13,7 @@ use nix::unistd::Pid;
 
 pub mod control;
 pub mod lab;
+pub mod nvml;
 pub mod tailscaled;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_clawnode");
