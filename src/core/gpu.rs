@@ -11,7 +11,9 @@ use crate::gpu::{GpuInventory, GpuMetrics, XidEvent};
 /// Changes only when the set of GPU UUIDs or the MIG layout changes: utilisation, clocks and
 /// even a driver update leave it alone, so buyers are not told about noise.
 pub fn layout_hash(inventory: &GpuInventory) -> u64 {
-    let mut layout: Vec<(Option<&str>, Vec<(Option<&str>, Option<&str>)>)> = inventory
+    /// A MIG instance as the layout sees it: (UUID, profile).
+    type Mig<'a> = (Option<&'a str>, Option<&'a str>);
+    let mut layout: Vec<(Option<&str>, Vec<Mig>)> = inventory
         .gpus
         .iter()
         .map(|g| {
