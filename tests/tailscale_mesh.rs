@@ -661,13 +661,20 @@ fn node_info_is_served_on_the_tailscale_address_to_tailnet_callers_only() {
         s.peers = vec![("198.51.100.8".into(), "buyer@example.com".into())];
     });
     let socket = dir.path().join("tailscaled.sock");
+    // Two stand-in GPUs, one split into MIG instances: buyers read them from node info.
+    let fake = support::nvml::FakeNvml::new(dir.path(), "gpus = 2\nmig = 0:3g.40gb,3g.40gb\n");
+    let lib = support::nvml::library();
+    let fake_env = fake.env();
     let node = Node::start_in(
         Some(lab.ns(0)),
         |d| {
             std::os::unix::fs::symlink(&socket, d.join("tailscaled.sock")).unwrap();
-            config(d, TAGS, "example.com")
+            config(d, TAGS, "example.com").replace(
+                "[gpu]\nenabled = false",
+                &format!("[gpu]\nenabled = true\nnvml_library = \"{}\"", lib.display()),
+            )
         },
-        &[],
+        &[(fake_env[0].0, fake_env[0].1.as_str())],
     );
     node.recv_until("READY=1", WAIT);
     let doc = node.status_json();
@@ -698,6 +705,16 @@ fn node_info_is_served_on_the_tailscale_address_to_tailnet_callers_only() {
     assert_eq!(info["address"], "198.51.100.7");
     assert!(info["public_key"].as_str().unwrap().starts_with("nodekey:"));
     assert_eq!(info["services"][0]["name"], "molt-provider");
+    let gpus = &info["gpus"][0];
+    assert_eq!(gpus["model"], "NVIDIA H100 80GB HBM3", "{info}");
+    assert_eq!(gpus["count"], 2);
+    assert_eq!(gpus["memory_total_bytes"], 85520809984u64);
+    assert_eq!(gpus["driver_version"], "580.95.05");
+    assert_eq!(gpus["cuda_driver_version"], "13.0");
+    assert_eq!(gpus["mig"]["3g.40gb"], 2);
+    // Free memory from the last sample: total - reserved - used, summed over both GPUs.
+    let free = 2 * (85520809984u64 - 536870912) - (1u64 << 30) - (2u64 << 30);
+    assert_eq!(gpus["memory_free_bytes"], free);
     let stranger = get("198.51.100.9");
     assert!(
         !stranger.status.success() && stranger.stdout.is_empty(),
