@@ -53,4 +53,7 @@ cargo test --locked --release --features test-fakes --test footprint -- --ignore
 log "benchmark: 10,000 peers against wg syncconf, idle RSS with 0 and 10,000 peers (release, root)"
 cargo test --locked --release --features test-fakes --test bench_peers -- --ignored --nocapture
 
+log "benchmark: /metrics with 8 stand-in GPUs, idle RSS with 8 and 0 GPUs (release)"
+cargo test --locked --release --features test-fakes --test bench_gpu -- --ignored --nocapture
+
 log "all tests passed"
