@@ -86,6 +86,12 @@ fn metrics_scrape_with_8_gpus_and_rss_against_0_gpus() {
     let with_8 = rss_kb(&node);
     let dir0 = tempfile::tempdir().unwrap();
     let (zero, _fake0) = start(dir0.path(), 0);
+    // The same scrapes, so both daemons have run the same code and only the GPUs differ.
+    let socket0 = zero.path("run/clawnode.sock");
+    for _ in 0..SCRAPES + 20 {
+        round_trip(&socket0, "/metrics");
+        round_trip(&socket0, "/v1/health/live");
+    }
     std::thread::sleep(Duration::from_secs(2));
     let with_0 = rss_kb(&zero);
     println!(

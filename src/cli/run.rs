@@ -32,8 +32,14 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
     state::ensure_private_dir(&config.node.state_dir).map_err(CliError::runtime)?;
     std::fs::create_dir_all(&config.node.runtime_dir).map_err(CliError::runtime)?;
 
-    // One thread is plenty for an agent that mostly waits; blocking work (NVML) goes to the
-    // blocking pool, whose threads exit when idle.
+    // One malloc arena: glibc gives every thread that allocates its own, and the GPU monitor
+    // and blocking-pool threads would each keep one resident for a few allocations.
+    // SAFETY: called before any other thread exists; it only sets an allocator limit.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+    // One thread is plenty for an agent that mostly waits; NVML runs on the GPU monitor's own
+    // thread, other blocking work on the blocking pool, whose threads exit when idle.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
