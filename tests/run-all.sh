@@ -17,6 +17,8 @@ command -v wg >/dev/null || apt_needs+=(wireguard-tools)
 command -v wireguard-go >/dev/null || apt_needs+=(wireguard-go)
 command -v ping >/dev/null || apt_needs+=(iputils-ping)
 command -v pgrep >/dev/null || apt_needs+=(procps)
+# systemd-analyze checks the unit's exposure score offline.
+command -v systemd-analyze >/dev/null || apt_needs+=(systemd)
 # promtool checks the /metrics exposition (Debian ships it in the prometheus package).
 command -v promtool >/dev/null || apt_needs+=(prometheus)
 if ((${#apt_needs[@]})); then
