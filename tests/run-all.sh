@@ -58,4 +58,11 @@ cargo test --locked --release --features test-fakes --test bench_peers -- --igno
 log "benchmark: /metrics with 8 stand-in GPUs, idle RSS with 8 and 0 GPUs (release)"
 cargo test --locked --release --features test-fakes --test bench_gpu -- --ignored --nocapture
 
+if [[ $(id -u) -eq 0 ]]; then
+  log "packages and the VM test"
+  tests/packages.sh
+else
+  log "packages and the VM test skipped: they need root"
+fi
+
 log "all tests passed"

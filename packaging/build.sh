@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Build the release binary and both packages, reproducibly: the timestamps come from the last
+# commit (SOURCE_DATE_EPOCH), the build is --locked, and the man page and completions are
+# generated from the binary itself. Installs cargo-deb and cargo-generate-rpm when missing.
+# Usage: packaging/build.sh            -> target/debian/*.deb, target/generate-rpm/*.rpm
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '==> %s\n' "$*"; }
+
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
+command -v cargo-deb >/dev/null || cargo install --locked cargo-deb@3.8.0
+command -v cargo-generate-rpm >/dev/null || cargo install --locked cargo-generate-rpm@0.21.1
+
+log "release binary"
+cargo build --locked --release
+log "man page and completions"
+packaging/gen-docs.sh target/release/clawnode target/package-docs
+touch -d "@$SOURCE_DATE_EPOCH" target/package-docs/man/* target/package-docs/completions/*
+
+log "deb"
+cargo deb --no-build --locked
+log "rpm"
+cargo generate-rpm
+
+deb=$(ls -t target/debian/clawnode_*.deb | head -1)
+rpm=$(ls -t target/generate-rpm/clawnode-*.rpm | head -1)
+log "built $deb ($(stat -c %s "$deb") bytes) and $rpm ($(stat -c %s "$rpm") bytes)"

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Build the deb and rpm (packaging/build.sh), check them (lintian; rpm -qpl, --scripts,
+# --requires, and an install into a scratch root), then run the VM test with the .deb.
+# Part of tests/run-all.sh; needs root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { printf '==> %s\n' "$*"; }
+
+need=()
+command -v lintian >/dev/null || need+=(lintian)
+command -v rpm >/dev/null || need+=(rpm)
+if ((${#need[@]})); then
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
+packaging/build.sh
+deb=$(ls -t target/debian/clawnode_*.deb | head -1)
+rpm=$(ls -t target/generate-rpm/clawnode-*.rpm | head -1)
+
+log "lintian $deb"
+# Errors fail the build; warnings are printed for the record.
+lintian --no-tag-display-limit "$deb" | tee target/lintian.txt || true
+if grep -q '^E:' target/lintian.txt; then
+  echo "lintian reported errors" >&2
+  exit 1
+fi
+echo "lintian: $(grep -c '^E:' target/lintian.txt) errors, $(grep -c '^W:' target/lintian.txt) warnings"
+
+log "rpm $rpm"
+rpm -qpl "$rpm"
+rpm -qp --scripts "$rpm"
+rpm -qp --requires "$rpm"
+rpm -qp --configfiles "$rpm" | grep -qx /etc/clawbernetes/clawbernetes.toml
+scratch=$(mktemp -d)
+rpm --root "$scratch" --initdb
+rpm --root "$scratch" -i --nodeps --noscripts "$rpm"
+test -x "$scratch/usr/bin/clawnode"
+test "$(stat -c %a "$scratch/etc/clawbernetes/clawbernetes.toml")" = 600
+test -f "$scratch/usr/lib/systemd/system/clawnode.service"
+rm -rf "$scratch"
+echo "rpm: installs into a scratch root with the binary, the unit and the 0600 config"
+
+log "VM test (Debian bookworm under QEMU/TCG, kernel WireGuard, systemd)"
+tests/vm/run.sh "$deb"

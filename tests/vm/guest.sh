@@ -1,0 +1,128 @@
+#!/bin/bash
+# Runs inside the guest (see run.sh): installs the .deb and drives clawnode through systemctl.
+# Two nodes on kernel WireGuard: A is clawnode.service in the root namespace, B is a second
+# clawnode in namespace nsb, joined by a veth (192.0.2.0/24); the mesh is 198.51.100.0/24.
+# Every check prints PASS or FAIL; the exit status is the number of failures.
+set -u
+fails=0
+pass() { echo "PASS $1"; }
+fail() { echo "FAIL $1${2:+: $2}"; fails=$((fails + 1)); }
+check() { local name=$1; shift; if "$@" >/dev/null 2>&1; then pass "$name"; else fail "$name"; fi; }
+status_text() { systemctl show -p StatusText --value clawnode; }
+wait_for() { local i; for i in $(seq 1 "$1"); do shift 0; if eval "$2"; then return 0; fi; sleep 1; done; return 1; }
+t0=$(date +%s)
+
+echo "--- install"
+if dpkg -i /mnt/payload/debs/clawnode_*.deb; then pass dpkg_install; else fail dpkg_install; fi
+check unit_enabled systemctl is-enabled clawnode
+# The shipped config starts a WireGuard node at once; active only comes with READY=1.
+check started_active_through_ready wait_for 30 '[ "$(systemctl is-active clawnode)" = active ]'
+st=$(status_text)
+echo "StatusText: $st"
+[[ $st == ready:* ]] && pass status_text_ready || fail status_text_ready "$st"
+check kernel_wireguard_device bash -c 'ip -d link show claw0 | grep -qw wireguard'
+check no_wireguard_go_process bash -c '! pgrep -x wireguard-go'
+mode=$(stat -c %a /etc/clawbernetes/clawbernetes.toml)
+[[ $mode == 600 ]] && pass config_mode_0600 || fail config_mode_0600 "$mode"
+check key_mode_0600 bash -c '[ "$(stat -c %a /var/lib/clawbernetes/wireguard.key)" = 600 ]'
+
+echo "--- two nodes"
+ip netns add nsb
+ip link add veth-a type veth peer name veth-b netns nsb
+ip addr add 192.0.2.1/24 dev veth-a && ip link set veth-a up
+ip -n nsb addr add 192.0.2.2/24 dev veth-b && ip -n nsb link set veth-b up && ip -n nsb link set lo up
+mkdir -p /root/b/state /root/b/run /root/b/peers.d
+cat > /root/b/b.toml <<CONF
+[node]
+name = "node-b"
+state_dir = "/root/b/state"
+runtime_dir = "/root/b/run"
+[network.wireguard]
+interface = "clawb"
+mesh_cidr = "198.51.100.0/24"
+address = "198.51.100.2/24"
+peers_dir = "/root/b/peers.d"
+[gpu]
+enabled = false
+CONF
+pub_a=$(clawnode pubkey --config /etc/clawbernetes/clawbernetes.toml)
+pub_b=$(clawnode pubkey --config /root/b/b.toml)
+write_a() {
+  cat > /etc/clawbernetes/clawbernetes.toml <<CONF
+[node]
+name = "node-a"
+[network.wireguard]
+mesh_cidr = "198.51.100.0/24"
+address = "198.51.100.1/24"
+[[network.wireguard.peers]]
+name = "node-b"
+public_key = "$pub_b"
+endpoint = "192.0.2.2:51820"
+allowed_ips = ["198.51.100.2/32"]
+$1
+[gpu]
+enabled = false
+CONF
+}
+write_a ""
+cat >> /root/b/b.toml <<CONF
+[[network.wireguard.peers]]
+name = "node-a"
+public_key = "$pub_a"
+endpoint = "192.0.2.1:51820"
+allowed_ips = ["198.51.100.1/32"]
+CONF
+# B's [[peers]] table must come after its other tables; the heredoc above appended it last.
+systemctl reload clawnode
+check reload_applied wait_for 20 'ip addr show claw0 | grep -q 198.51.100.1/24'
+ip netns exec nsb clawnode run --config /root/b/b.toml >/root/b/log 2>&1 &
+check tunnel_ping_a_to_b wait_for 30 'ping -c1 -W1 198.51.100.2'
+check tunnel_ping_b_to_a ip netns exec nsb ping -c2 -W2 198.51.100.1
+check b_is_kernel_too bash -c 'ip -n nsb -d link show clawb | grep -qw wireguard'
+
+echo "--- reload with a broken config, then a fixed one"
+cp /etc/clawbernetes/clawbernetes.toml /root/a-good.toml
+sed -i 's/^mesh_cidr = .*/mesh_cidr = "not-a-cidr"/' /etc/clawbernetes/clawbernetes.toml
+systemctl reload clawnode
+sleep 3
+check broken_reload_keeps_active bash -c '[ "$(systemctl is-active clawnode)" = active ]'
+st=$(status_text)
+echo "StatusText: $st"
+[[ $st == *"reload rejected"*"mesh_cidr"* ]] && pass broken_reload_named_in_status || fail broken_reload_named_in_status "$st"
+check tunnel_survives_broken_reload ping -c1 -W2 198.51.100.2
+write_a 'persistent_keepalive = 7'
+systemctl reload clawnode
+check fixed_reload_applies wait_for 20 'wg show claw0 persistent-keepalive | grep -q "	7$"'
+
+echo "--- journal"
+check journal_has_structured_fields bash -c "journalctl -u clawnode -o json | grep -q '\"COMPONENT\":\"mesh\"'"
+
+echo "--- security"
+systemd-analyze security clawnode.service | tail -1
+score=$(systemd-analyze security clawnode.service | sed -n 's/.*Overall exposure level for clawnode.service: \([0-9.]*\).*/\1/p')
+echo "SECURITY-EXPOSURE=$score"
+awk -v s="$score" 'BEGIN { exit !(s <= 2.0) }' && pass exposure_at_most_2_0 || fail exposure_at_most_2_0 "$score"
+
+echo "--- SIGKILL, restart"
+pid=$(systemctl show -p MainPID --value clawnode)
+systemctl kill -s SIGKILL clawnode
+check restarted_after_sigkill wait_for 30 '[ "$(systemctl show -p MainPID --value clawnode)" != "$pid" ] && [ "$(systemctl show -p MainPID --value clawnode)" != 0 ] && [ "$(systemctl is-active clawnode)" = active ]'
+check tunnel_back_after_restart wait_for 30 'ping -c1 -W1 198.51.100.2'
+
+echo "--- stop"
+systemctl stop clawnode
+check stop_removes_interface bash -c '! ip link show claw0'
+pkill -TERM -f 'clawnode run --config /root/b/b.toml'
+
+echo "--- remove, purge"
+dpkg -r clawnode >/dev/null
+check remove_keeps_state test -f /var/lib/clawbernetes/wireguard.key
+check remove_keeps_config test -f /etc/clawbernetes/clawbernetes.toml
+check remove_drops_binary bash -c '! test -e /usr/bin/clawnode'
+dpkg -P clawnode >/dev/null
+check purge_deletes_state bash -c '! test -e /var/lib/clawbernetes'
+check purge_deletes_config bash -c '! test -e /etc/clawbernetes/clawbernetes.toml'
+check purge_removes_unit bash -c '! systemctl cat clawnode'
+
+echo "guest checks took $(( $(date +%s) - t0 )) s; failures: $fails"
+exit "$fails"

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The VM test: a Debian bookworm guest booted with QEMU under TCG (KVM does not work on these
+# machines), the freshly built .deb installed with dpkg, and two clawnode nodes on kernel
+# WireGuard (the systemd service in the guest's root namespace, a second clawnode in a
+# network namespace) driven through systemctl. See ../../../shared/notes/vm-e2e.md for the
+# recipe this follows. The root image is cached under $VM_CACHE keyed on everything that
+# builds it, so a warm run skips mmdebstrap.
+# Usage: tests/vm/run.sh path/to/clawnode.deb      (root; prints the guest's results)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+deb=$(realpath "${1:?path to the clawnode .deb}")
+cache=${VM_CACHE:-/var/cache/clawnode-vm}
+out=$(mktemp -d /tmp/clawnode-vm.XXXXXX)
+trap 'rm -rf "$out"' EXIT
+
+log() { printf '==> [vm] %s\n' "$*"; }
+started=$(date +%s)
+
+for tool in qemu-system-x86_64 mmdebstrap mkfs.ext4; do
+  command -v "$tool" >/dev/null || {
+    log "installing qemu-system-x86 and mmdebstrap"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends qemu-system-x86 mmdebstrap e2fsprogs
+    break
+  }
+done
+
+pkgs=systemd,systemd-sysv,udev,iproute2,wireguard-tools,kmod,dbus,ca-certificates,iputils-ping,procps,linux-image-cloud-amd64
+key=$( (cat "$here/image.sh"; echo "$pkgs") | sha256sum | cut -c1-16)
+image=$cache/$key
+if [[ ! -f $image/root.img ]]; then
+  log "building the root image (cold: mmdebstrap, about a minute)"
+  rm -rf "$cache" && mkdir -p "$image"
+  "$here/image.sh" "$image" "$pkgs"
+else
+  log "root image cached: $image"
+fi
+
+payload=$out/payload
+mkdir -p "$payload/debs"
+cp "$deb" "$payload/debs/"
+cp "$here/guest.sh" "$payload/run.sh"
+mkfs.ext4 -q -L E2EPAYLOAD -d "$payload" -E root_owner=0:0 "$out/payload.img" 64M
+
+log "booting (TCG)"
+booted=$(date +%s)
+set +e
+timeout -k 10 900 qemu-system-x86_64 -accel tcg,thread=multi -smp 2 -m 1536 \
+  -nodefaults -no-reboot -display none -vga none \
+  -kernel "$image/vmlinuz" \
+  -append "root=/dev/nvme0n1 rootfstype=ext4 rw console=ttyS0 panic=-1 fsck.mode=skip e2e.run=1" \
+  -drive if=none,id=root,file="$image/root.img",format=raw,snapshot=on -device nvme,drive=root,serial=e2eroot \
+  -drive if=virtio,file="$out/payload.img",format=raw,readonly=on \
+  -serial file:"$out/console.log" -serial file:"$out/results.log"
+qemu_rc=$?
+set -e
+tr -d '\r' < "$out/results.log" | sed 's/^/    /'
+rc=$(tr -d '\r' < "$out/results.log" | sed -n 's/^E2E-EXIT-CODE=\([0-9]*\).*/\1/p' | tail -1)
+now=$(date +%s)
+log "guest ran $((now - booted)) s; whole VM test $((now - started)) s (qemu exit $qemu_rc)"
+if [[ -z $rc ]]; then
+  log "no result line: the guest hung or panicked; console tail:"
+  tr -d '\r' < "$out/console.log" | tail -40
+  exit 1
+fi
+exit "$rc"
