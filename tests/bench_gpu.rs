@@ -18,7 +18,11 @@ const SCRAPES: usize = 200;
 fn round_trip(socket: &Path, path: &str) -> (Duration, usize) {
     let started = Instant::now();
     let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut reply = Vec::new();
     stream.read_to_end(&mut reply).unwrap();
     (started.elapsed(), reply.len())
@@ -45,7 +49,10 @@ fn start(dir: &Path, gpus: u32) -> (Node, FakeNvml) {
     let node = Node::start(
         |d| {
             fake_config(d, "", "").replace(
-                &format!("nvml_library = \"{}/no-such-dir/libnvidia-ml.so.1\"", d.display()),
+                &format!(
+                    "nvml_library = \"{}/no-such-dir/libnvidia-ml.so.1\"",
+                    d.display()
+                ),
                 &format!("nvml_library = \"{}\"", library().display()),
             )
         },

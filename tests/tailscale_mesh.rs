@@ -671,7 +671,10 @@ fn node_info_is_served_on_the_tailscale_address_to_tailnet_callers_only() {
             std::os::unix::fs::symlink(&socket, d.join("tailscaled.sock")).unwrap();
             config(d, TAGS, "example.com").replace(
                 "[gpu]\nenabled = false",
-                &format!("[gpu]\nenabled = true\nnvml_library = \"{}\"", lib.display()),
+                &format!(
+                    "[gpu]\nenabled = true\nnvml_library = \"{}\"",
+                    lib.display()
+                ),
             )
         },
         &[(fake_env[0].0, fake_env[0].1.as_str())],

@@ -26,10 +26,18 @@ fn the_unit_scores_at_most_2_0_in_systemd_analyze_security() {
     let text = String::from_utf8_lossy(&out.stdout);
     let score: f64 = text
         .lines()
-        .find_map(|l| l.split("Overall exposure level for clawnode.service: ").nth(1))
+        .find_map(|l| {
+            l.split("Overall exposure level for clawnode.service: ")
+                .nth(1)
+        })
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no score in:\n{text}{}", String::from_utf8_lossy(&out.stderr)));
+        .unwrap_or_else(|| {
+            panic!(
+                "no score in:\n{text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
     println!("systemd-analyze security exposure: {score}");
     assert!(score <= 2.0, "exposure {score} > 2.0:\n{text}");
 }

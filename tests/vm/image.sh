@@ -7,12 +7,16 @@ out=${1:?out dir}
 pkgs=${2:?packages}
 root=$out/rootfs
 
-# The machine's own mirrors, not a hard-coded host.
-mirror=$(grep -hoE 'https?://[^ ]+/debian/?$' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null | head -1)
-mirror=${mirror:-$(sed -n 's/^URIs: *\(.*\/debian\/\?\)$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1)}
-security=$(sed -n 's/^URIs: *\(.*debian-security\/\?\)$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1)
+# The machine's own mirrors, not a hard-coded host: deb822 .sources first, then one-line lists.
+sources() { cat /etc/apt/sources.list.d/*.sources 2>/dev/null || true; }
+lists() { cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null || true; }
+mirror=$(sources | sed -n 's|^URIs: *\(.*/debian/\?\)$|\1|p' | head -1)
+security=$(sources | sed -n 's|^URIs: *\(.*/debian-security/\?\)$|\1|p' | head -1)
+[[ -n $mirror ]] || mirror=$(lists | sed -n 's|^deb \(http[^ ]*/debian/\?\) .*|\1|p' | head -1)
+[[ -n $security ]] || security=$(lists | sed -n 's|^deb \(http[^ ]*/debian-security/\?\) .*|\1|p' | head -1)
 mirror=${mirror:-http://deb.debian.org/debian}
 security=${security:-http://deb.debian.org/debian-security}
+echo "mirrors: $mirror $security"
 
 mmdebstrap --variant=minbase --include="$pkgs" bookworm "$root" \
   "deb $mirror bookworm main" \
