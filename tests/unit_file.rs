@@ -56,7 +56,7 @@ fn the_unit_keeps_readiness_reload_and_config_error_semantics() {
         "WatchdogSec=30",
         "StateDirectory=clawbernetes",
         "StateDirectoryMode=0700",
-        "RuntimeDirectory=clawbernetes",
+        "RuntimeDirectory=clawbernetes wireguard",
         "ConfigurationDirectory=clawbernetes",
         "UMask=0077",
         "CapabilityBoundingSet=CAP_NET_ADMIN",
