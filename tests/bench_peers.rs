@@ -2,6 +2,11 @@
 //! backend (userspace wireguard-go, UAPI), in the same run, and the daemon's idle RSS with 0
 //! and 10,000 peers. Prints figures and ratios; asserts only correctness (no timing limits).
 //! Run as root: `cargo test --release --features test-fakes --test bench_peers -- --ignored --nocapture`
+//!
+//! With `CLAWNODE_BENCH_BACKEND=kernel` the same reconcile runs against kernel WireGuard
+//! devices in the caller's own namespace (the VM test runs it that way, where the module
+//! exists); the daemon RSS part is skipped there, and the devices are left in place for the
+//! throwaway VM to discard.
 #![cfg(feature = "test-fakes")]
 
 mod support;
@@ -20,10 +25,27 @@ use wireguard_control::{Backend, Key};
 
 const PEERS: usize = 10_000;
 
-struct Daemon(Child, String);
+/// A WireGuard device for the bench: a wireguard-go daemon, or a kernel link.
+struct Daemon(Option<Child>, String);
+
+fn kernel_mode() -> bool {
+    std::env::var("CLAWNODE_BENCH_BACKEND").as_deref() == Ok("kernel")
+}
 
 impl Daemon {
     fn start(ns: &str, iface: &str) -> Daemon {
+        if kernel_mode() {
+            let out = Command::new("ip")
+                .args(["link", "add", iface, "type", "wireguard"])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return Daemon(None, iface.to_string());
+        }
         let child = Command::new("ip")
             .args(["netns", "exec", ns, "wireguard-go", "-f", iface])
             .stdout(Stdio::null())
@@ -50,14 +72,19 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-        Daemon(child, iface.to_string())
+        Daemon(Some(child), iface.to_string())
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        // Kernel devices are left for the VM's power-off: removing a device removes each of
+        // its 10,000 peers behind an RCU grace period, which takes many minutes under TCG.
+        let Some(child) = self.0.as_mut() else {
+            return;
+        };
+        let _ = child.kill();
+        let _ = child.wait();
         let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.1));
     }
 }
@@ -113,14 +140,33 @@ fn ms(d: Duration) -> f64 {
 #[test]
 #[ignore = "benchmark; run by tests/run-all.sh with --release"]
 fn reconcile_10k_peers_against_wg_syncconf() {
-    if let Err(why) = lab::available() {
+    let kernel = kernel_mode();
+    if !kernel && let Err(why) = lab::available() {
         eprintln!("skipped: {why}");
         return;
     }
-    let lab = Lab::new(1);
+    // Kernel devices live in the caller's namespace, where netlink and `wg` look for them.
+    let lab = (!kernel).then(|| Lab::new(1));
+    let tag = lab.as_ref().map_or_else(
+        || format!("{:x}", std::process::id() % 0xfff),
+        |l| l.tag.clone(),
+    );
+    let ns = lab.as_ref().map_or("", |l| l.ns(0)).to_string();
     let device = WgControl {
-        backend: Backend::Userspace,
+        backend: if kernel {
+            Backend::Kernel
+        } else {
+            Backend::Userspace
+        },
     };
+    println!(
+        "backend: {}",
+        if kernel {
+            "kernel (netlink)"
+        } else {
+            "userspace (wireguard-go, UAPI)"
+        }
+    );
     let mut desired = PeerMap::new();
     for i in 0..PEERS {
         let (spec, _) = peer(i);
@@ -135,15 +181,12 @@ fn reconcile_10k_peers_against_wg_syncconf() {
     let mut theirs_runs = Vec::new();
     let mut daemons = Vec::new();
     for round in 0..3 {
-        let (a, b) = (
-            format!("cwb{}a{round}", lab.tag),
-            format!("cwb{}b{round}", lab.tag),
-        );
+        let (a, b) = (format!("cwb{tag}a{round}"), format!("cwb{tag}b{round}"));
         // Each daemon of the round needs its own port: they share the namespace.
         let (port_a, port_b) = (51910 + 2 * round as u16, 51911 + 2 * round as u16);
         let conf = wg_conf(&private_b64, port_b, &desired);
-        let da = Daemon::start(lab.ns(0), &a);
-        let db = Daemon::start(lab.ns(0), &b);
+        let da = Daemon::start(&ns, &a);
+        let db = Daemon::start(&ns, &b);
         let ours = || {
             let start = Instant::now();
             let state = device.read(&a).unwrap();
@@ -244,6 +287,9 @@ fn reconcile_10k_peers_against_wg_syncconf() {
     );
 
     drop(daemons);
+    let Some(lab) = lab else {
+        return;
+    };
     // 3. The daemon's idle RSS with 0 and with 10,000 peers (userspace backend).
     for count in [0usize, PEERS] {
         let iface = format!("cwb{}{}", lab.tag, if count == 0 { "z" } else { "k" });

@@ -42,4 +42,6 @@ rm -rf "$scratch"
 echo "rpm: installs into a scratch root with the binary, the unit and the 0600 config"
 
 log "VM test (Debian bookworm under QEMU/TCG, kernel WireGuard, systemd)"
-tests/vm/run.sh "$deb"
+bench=$(cargo test --locked --release --features test-fakes --test bench_peers --no-run --message-format=json 2>/dev/null \
+  | sed -n 's/.*"executable":"\([^"]*bench_peers[^"]*\)".*/\1/p' | tail -1)
+tests/vm/run.sh "$deb" "$bench"

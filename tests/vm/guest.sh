@@ -31,12 +31,12 @@ ip netns add nsb
 ip link add veth-a type veth peer name veth-b netns nsb
 ip addr add 192.0.2.1/24 dev veth-a && ip link set veth-a up
 ip -n nsb addr add 192.0.2.2/24 dev veth-b && ip -n nsb link set veth-b up && ip -n nsb link set lo up
-mkdir -p /root/b/state /root/b/run /root/b/peers.d
+mkdir -p /root/b/state /run/nodeb /root/b/peers.d
 cat > /root/b/b.toml <<CONF
 [node]
 name = "node-b"
 state_dir = "/root/b/state"
-runtime_dir = "/root/b/run"
+runtime_dir = "/run/nodeb"
 [network.wireguard]
 interface = "clawb"
 mesh_cidr = "198.51.100.0/24"
@@ -103,6 +103,35 @@ score=$(systemd-analyze security clawnode.service | sed -n 's/.*Overall exposure
 echo "SECURITY-EXPOSURE=$score"
 awk -v s="$score" 'BEGIN { exit !(s <= 2.0) }' && pass exposure_at_most_2_0 || fail exposure_at_most_2_0 "$score"
 
+echo "--- what the sandbox lets through (devices, another daemon's socket)"
+# Fake NVIDIA nodes: with no driver, an allowed open fails with ENXIO/ENODEV, a denied one
+# with EPERM from the device cgroup. A loop block device stands in for everything else.
+mknod /dev/nvidiactl c 195 255; mknod /dev/nvidia0 c 195 0; mknod /dev/claw-denied b 7 0
+modprobe tun 2>/dev/null || true
+mkdir -p /etc/systemd/system/clawnode.service.d
+cat > /etc/systemd/system/clawnode.service.d/probe.conf <<'CONF'
+[Service]
+ExecStartPre=-/bin/sh -c 'for d in /dev/nvidiactl /dev/nvidia0 /dev/net/tun /dev/claw-denied; do (exec 3<>"$d") 2>&1 | sed "s|^|probe $d: |"; done; /usr/bin/clawnode status --socket /run/nodeb/clawnode.sock --check ready && echo "probe socket: connected"'
+CONF
+systemctl daemon-reload
+systemctl restart clawnode
+probe=$(journalctl -u clawnode -b --no-pager -o cat | grep '^probe ' || true)
+echo "$probe"
+nv=$(echo "$probe" | grep '/dev/nvidia')
+if grep -q nvidia-frontend /proc/devices; then
+  [[ -n $nv && $nv != *"not permitted"* ]] && pass nvidia_nodes_pass_the_device_filter || fail nvidia_nodes_pass_the_device_filter "$nv"
+else
+  # DeviceAllow=char-nvidia-frontend resolves through /proc/devices, which lists the class only
+  # while the NVIDIA driver is loaded; the guest has none, so the allowance cannot be shown here.
+  echo "SKIP nvidia_nodes_pass_the_device_filter: no NVIDIA driver in the guest ($nv)"
+fi
+echo "$probe" | grep -q '/dev/net/tun' && fail tun_opens "$(echo "$probe" | grep tun)" || pass tun_opens
+echo "$probe" | grep -q 'claw-denied: .*not permitted' && pass other_devices_denied || fail other_devices_denied
+echo "$probe" | grep -q 'probe socket: connected' && pass unix_socket_of_another_daemon_reachable || fail unix_socket_of_another_daemon_reachable
+rm -rf /etc/systemd/system/clawnode.service.d /dev/nvidiactl /dev/nvidia0 /dev/claw-denied
+systemctl daemon-reload
+systemctl restart clawnode
+
 echo "--- SIGKILL, restart"
 pid=$(systemctl show -p MainPID --value clawnode)
 systemctl kill -s SIGKILL clawnode
@@ -113,6 +142,15 @@ echo "--- stop"
 systemctl stop clawnode
 check stop_removes_interface bash -c '! ip link show claw0'
 pkill -TERM -f 'clawnode run --config /root/b/b.toml'
+
+if [[ -x /mnt/payload/bench/bench_peers ]]; then
+  echo "--- 10,000 peers: clawnode's reconcile against wg syncconf on kernel WireGuard (TCG)"
+  if (cd /tmp && CLAWNODE_BENCH_BACKEND=kernel /mnt/payload/bench/bench_peers --ignored --nocapture --test-threads 1 reconcile_10k 2>&1 | grep -E '^(backend|reconcile|change|peers|test result)'); then
+    pass kernel_bench_ran
+  else
+    fail kernel_bench_ran
+  fi
+fi
 
 echo "--- remove, purge"
 dpkg -r clawnode >/dev/null

@@ -5,7 +5,9 @@
 # network namespace) driven through systemctl. See ../../../shared/notes/vm-e2e.md for the
 # recipe this follows. The root image is cached under $VM_CACHE keyed on everything that
 # builds it, so a warm run skips mmdebstrap.
-# Usage: tests/vm/run.sh path/to/clawnode.deb      (root; prints the guest's results)
+# Usage: tests/vm/run.sh path/to/clawnode.deb [path/to/bench_peers test binary]
+#        (root; prints the guest's results; with the bench binary the guest also runs the
+#        10,000-peer reconcile against kernel WireGuard next to `wg syncconf`)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 deb=$(realpath "${1:?path to the clawnode .deb}")
@@ -40,6 +42,10 @@ payload=$out/payload
 mkdir -p "$payload/debs"
 cp "$deb" "$payload/debs/"
 cp "$here/guest.sh" "$payload/run.sh"
+if [[ -n ${2:-} ]]; then
+  mkdir -p "$payload/bench"
+  cp "$2" "$payload/bench/bench_peers"
+fi
 mkfs.ext4 -q -L E2EPAYLOAD -d "$payload" -E root_owner=0:0 "$out/payload.img" 64M
 
 log "booting (TCG)"
