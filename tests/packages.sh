@@ -17,6 +17,10 @@ fi
 packaging/build.sh
 deb=$(ls -t target/debian/clawnode_*.deb | head -1)
 rpm=$(ls -t target/generate-rpm/clawnode-*.rpm | head -1)
+# The same package at a higher Debian revision, for the VM's upgrade check.
+rm -rf target/debian/upgrade
+cargo deb --no-build --locked --deb-version "$(dpkg-deb -f "$deb" Version | sed 's/-\([0-9]*\)$//')-99" --output target/debian/upgrade/
+upgrade=$(ls target/debian/upgrade/clawnode_*.deb)
 
 log "lintian $deb"
 # Errors fail the build; warnings are printed for the record.
@@ -44,4 +48,4 @@ echo "rpm: installs into a scratch root with the binary, the unit and the 0600 c
 log "VM test (Debian bookworm under QEMU/TCG, kernel WireGuard, systemd)"
 bench=$(cargo test --locked --release --features test-fakes --test bench_peers --no-run --message-format=json 2>/dev/null \
   | sed -n 's/.*"executable":"\([^"]*bench_peers[^"]*\)".*/\1/p' | tail -1)
-tests/vm/run.sh "$deb" "$bench"
+tests/vm/run.sh "$deb" "$bench" "$upgrade"

@@ -138,6 +138,17 @@ systemctl kill -s SIGKILL clawnode
 check restarted_after_sigkill wait_for 30 '[ "$(systemctl show -p MainPID --value clawnode)" != "$pid" ] && [ "$(systemctl show -p MainPID --value clawnode)" != 0 ] && [ "$(systemctl is-active clawnode)" = active ]'
 check tunnel_back_after_restart wait_for 30 'ping -c1 -W1 198.51.100.2'
 
+if ls /mnt/payload/upgrade/clawnode_*.deb >/dev/null 2>&1; then
+  echo "--- upgrade"
+  pid=$(systemctl show -p MainPID --value clawnode)
+  sum=$(sha256sum < /etc/clawbernetes/clawbernetes.toml)
+  dpkg -i --force-confold /mnt/payload/upgrade/clawnode_*.deb >/dev/null
+  check upgrade_restarts_the_service wait_for 30 '[ "$(systemctl show -p MainPID --value clawnode)" != "$pid" ] && [ "$(systemctl is-active clawnode)" = active ]'
+  [[ $(sha256sum < /etc/clawbernetes/clawbernetes.toml) == "$sum" ]] && pass upgrade_keeps_the_edited_config || fail upgrade_keeps_the_edited_config
+  echo "version after upgrade: $(dpkg-query -W -f='${Version}' clawnode)"
+  check upgrade_tunnel_up wait_for 30 'ping -c1 -W1 198.51.100.2'
+fi
+
 echo "--- stop"
 systemctl stop clawnode
 check stop_removes_interface bash -c '! ip link show claw0'

@@ -5,9 +5,10 @@
 # network namespace) driven through systemctl. See ../../../shared/notes/vm-e2e.md for the
 # recipe this follows. The root image is cached under $VM_CACHE keyed on everything that
 # builds it, so a warm run skips mmdebstrap.
-# Usage: tests/vm/run.sh path/to/clawnode.deb [path/to/bench_peers test binary]
+# Usage: tests/vm/run.sh path/to/clawnode.deb [path/to/bench_peers test binary] [upgrade .deb]
 #        (root; prints the guest's results; with the bench binary the guest also runs the
-#        10,000-peer reconcile against kernel WireGuard next to `wg syncconf`)
+#        10,000-peer reconcile against kernel WireGuard next to `wg syncconf`; with a second
+#        .deb of a higher version it also checks the upgrade path)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 deb=$(realpath "${1:?path to the clawnode .deb}")
@@ -45,6 +46,10 @@ cp "$here/guest.sh" "$payload/run.sh"
 if [[ -n ${2:-} ]]; then
   mkdir -p "$payload/bench"
   cp "$2" "$payload/bench/bench_peers"
+fi
+if [[ -n ${3:-} ]]; then
+  mkdir -p "$payload/upgrade"
+  cp "$3" "$payload/upgrade/"
 fi
 mkfs.ext4 -q -L E2EPAYLOAD -d "$payload" -E root_owner=0:0 "$out/payload.img" 64M
 
