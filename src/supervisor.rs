@@ -224,19 +224,23 @@ impl Daemon {
                 self.core
                     .handle_component_up(Component::Mesh, generation, summary, now);
             }
-            Event::GpuChanged { inventory } => {
-                let summary = inventory.summary();
-                self.inventory = Some(inventory);
-                self.core
-                    .handle_component_up(Component::Gpu, self.gpu_generation, summary, now);
-            }
+            // A layout change goes through the same checks as a probe: with `required`, losing
+            // every GPU makes the node unready.
+            Event::GpuChanged { inventory } => self.handle_event(
+                Event::GpuProbed {
+                    generation: self.gpu_generation,
+                    inventory,
+                },
+                now,
+            ),
             Event::GpuProbed {
                 generation,
                 inventory,
             } => {
                 self.gpu_generation = generation;
                 let summary = inventory.summary();
-                let missing = inventory.gpus.is_empty() && self.config.gpu.required;
+                let usable = inventory.gpus.iter().any(|g| !g.lost);
+                let missing = !usable && self.config.gpu.required;
                 let reason = inventory.unavailable.clone();
                 self.inventory = Some(inventory);
                 if missing {
@@ -335,7 +339,7 @@ impl Daemon {
         {
             tracing::warn!(
                 component = "config",
-                "[api] socket and [node] directories change at the next restart"
+                "[api] socket and metrics_listen and [node] directories change at the next restart"
             );
         }
         if new.network.provider != old.network.provider {

@@ -367,3 +367,22 @@ fn metrics_listen_serves_only_metrics_over_tcp() {
         "status stays on the socket"
     );
 }
+
+#[test]
+fn losing_every_required_gpu_makes_the_node_unready() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeNvml::new(dir.path(), "gpus = 2\n");
+    let env = fake.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let node = Node::start(
+        |d| gpu_config(d, "").replace("enabled = true", "enabled = true\nrequired = true"),
+        &env,
+    );
+    node.recv_until("READY=1", WAIT);
+    fake.write("gpus = 2\nlost = 0,1\n");
+    wait_until("the node to become unready", &node, || {
+        node.status_json()["ready"] == false
+    });
+    let status = node.status_json()["status"].as_str().unwrap().to_string();
+    assert!(status.contains("GPUs are required"), "{status}");
+}

@@ -84,24 +84,11 @@ async fn tailscale_facts(config: &Config) -> TailscaleFacts {
             .map_err(|e| e.to_string()),
         Err(error) => Err(error.to_string()),
     };
-    let logged_in = status
+    // Checked without minting: doctor changes nothing, and a minted key would be wasted.
+    let auth = ts
+        .auth
         .as_ref()
-        .is_ok_and(|s| s["BackendState"] == "Running");
-    // Resolving mints a key for OAuth clients and workload identity; only do it when a login
-    // is actually ahead.
-    let auth = match (&ts.auth, logged_in) {
-        (None, _) => None,
-        (Some(_), true) => Some(Ok(())),
-        (Some(auth), false) => {
-            let tags: Vec<String> = ts.tags.iter().map(ToString::to_string).collect();
-            Some(
-                authkey::resolve(Some(auth), ts.control_url.as_deref(), &tags)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-            )
-        }
-    };
+        .map(|auth| authkey::check(auth).map_err(|e| e.to_string()));
     TailscaleFacts {
         status,
         version: version.map(|v| v.to_string()),

@@ -167,7 +167,12 @@ pub fn tailscale_checks(config: &Config, facts: &TailscaleFacts) -> Vec<Check> {
                 "no tags configured, and Tailscale Services need a tagged host",
                 "set [network.tailscale] tags, e.g. [\"tag:clawbernetes\"], and see `clawnode tailscale policy`",
             )
-        } else if state == "Running" && tags != wanted {
+        } else if state == "Running" && {
+            let (mut have, mut want) = (tags.clone(), wanted.clone());
+            have.sort();
+            want.sort();
+            have != want
+        } {
             Check::warn(
                 "node tagged",
                 format!(

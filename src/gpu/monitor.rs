@@ -139,8 +139,8 @@ fn run(
                 snap.probe_errors += metrics.iter().filter(|m| m.lost).count() as u64;
                 snap.metrics = metrics;
                 snap.sampled_unix_ms = Some(unix_ms());
-                snap.inventory = inventory.clone();
             }
+            store_inventory(&shared, &inventory);
             if changed != layout {
                 layout = changed;
                 tracing::info!(component = "gpu", gpus = %inventory.summary(), "GPU layout changed");

@@ -68,8 +68,8 @@ impl NvmlProbe {
         Nvml::builder().lib_path(&path).init()
     }
 
-    /// Init is retried on every probe the supervisor asks for (start and reload), so a driver
-    /// installed later is found by `systemctl reload`; the monitor does not poll without GPUs.
+    /// Init is retried on every probe the supervisor asks for (start, and a reload that
+    /// changes `[gpu]`); the monitor does not poll without GPUs.
     fn ensure_init(&mut self) -> Result<&Nvml, GpuInventory> {
         if self.nvml.is_none() {
             match self.init() {
@@ -280,7 +280,8 @@ fn info(index: u32, device: &Device<'_>) -> GpuInfo {
 fn mig_devices(device: &Device<'_>) -> Vec<MigDevice> {
     let max = device.mig_device_count().unwrap_or(0);
     (0..max)
-        .map_while(|k| device.mig_device_by_index(k).ok().map(|mig| (k, mig)))
+        // Slots can be empty (NOT_FOUND) after an instance is destroyed; later ones still count.
+        .filter_map(|k| device.mig_device_by_index(k).ok().map(|mig| (k, mig)))
         .map(|(k, mig)| {
             let name = mig.name().ok();
             MigDevice {

@@ -111,7 +111,7 @@ modprobe tun 2>/dev/null || true
 mkdir -p /etc/systemd/system/clawnode.service.d
 cat > /etc/systemd/system/clawnode.service.d/probe.conf <<'CONF'
 [Service]
-ExecStartPre=-/bin/sh -c 'for d in /dev/nvidiactl /dev/nvidia0 /dev/net/tun /dev/claw-denied; do (exec 3<>"$d") 2>&1 | sed "s|^|probe $d: |"; done; /usr/bin/clawnode status --socket /run/nodeb/clawnode.sock --check ready && echo "probe socket: connected"'
+ExecStartPre=-/bin/sh -c 'for d in /dev/nvidiactl /dev/nvidia0 /dev/net/tun /dev/claw-denied; do if (exec 3<>"$d") 2>/tmp/err; then echo "probe $d: opened"; else sed "s|^|probe $d: |" /tmp/err; fi; done; /usr/bin/clawnode status --socket /run/nodeb/clawnode.sock --check ready && echo "probe socket: connected"'
 CONF
 systemctl daemon-reload
 systemctl restart clawnode
@@ -125,7 +125,7 @@ else
   # while the NVIDIA driver is loaded; the guest has none, so the allowance cannot be shown here.
   echo "SKIP nvidia_nodes_pass_the_device_filter: no NVIDIA driver in the guest ($nv)"
 fi
-echo "$probe" | grep -q '/dev/net/tun' && fail tun_opens "$(echo "$probe" | grep tun)" || pass tun_opens
+echo "$probe" | grep -q '^probe /dev/net/tun: opened$' && pass tun_opens || fail tun_opens "$(echo "$probe" | grep tun)"
 echo "$probe" | grep -q 'claw-denied: .*not permitted' && pass other_devices_denied || fail other_devices_denied
 echo "$probe" | grep -q 'probe socket: connected' && pass unix_socket_of_another_daemon_reachable || fail unix_socket_of_another_daemon_reachable
 rm -rf /etc/systemd/system/clawnode.service.d /dev/nvidiactl /dev/nvidia0 /dev/claw-denied
@@ -142,7 +142,9 @@ if ls /mnt/payload/upgrade/clawnode_*.deb >/dev/null 2>&1; then
   echo "--- upgrade"
   pid=$(systemctl show -p MainPID --value clawnode)
   sum=$(sha256sum < /etc/clawbernetes/clawbernetes.toml)
-  dpkg -i --force-confold /mnt/payload/upgrade/clawnode_*.deb >/dev/null
+  # No --force-conf*: dpkg must keep the edited conffile on its own (the package's copy did
+  # not change), and noninteractive makes a prompt fail instead of hang.
+  DEBIAN_FRONTEND=noninteractive dpkg -i /mnt/payload/upgrade/clawnode_*.deb >/dev/null </dev/null
   check upgrade_restarts_the_service wait_for 30 '[ "$(systemctl show -p MainPID --value clawnode)" != "$pid" ] && [ "$(systemctl is-active clawnode)" = active ]'
   [[ $(sha256sum < /etc/clawbernetes/clawbernetes.toml) == "$sum" ]] && pass upgrade_keeps_the_edited_config || fail upgrade_keeps_the_edited_config
   echo "version after upgrade: $(dpkg-query -W -f='${Version}' clawnode)"

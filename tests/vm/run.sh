@@ -2,9 +2,8 @@
 # The VM test: a Debian bookworm guest booted with QEMU under TCG (KVM does not work on these
 # machines), the freshly built .deb installed with dpkg, and two clawnode nodes on kernel
 # WireGuard (the systemd service in the guest's root namespace, a second clawnode in a
-# network namespace) driven through systemctl. See ../../../shared/notes/vm-e2e.md for the
-# recipe this follows. The root image is cached under $VM_CACHE keyed on everything that
-# builds it, so a warm run skips mmdebstrap.
+# network namespace) driven through systemctl. The root image is cached under $VM_CACHE
+# keyed on everything that builds it, so a warm run skips mmdebstrap.
 # Usage: tests/vm/run.sh path/to/clawnode.deb [path/to/bench_peers test binary] [upgrade .deb]
 #        (root; prints the guest's results; with the bench binary the guest also runs the
 #        10,000-peer reconcile against kernel WireGuard next to `wg syncconf`; with a second
@@ -33,7 +32,9 @@ key=$( (cat "$here/image.sh"; echo "$pkgs") | sha256sum | cut -c1-16)
 image=$cache/$key
 if [[ ! -f $image/root.img ]]; then
   log "building the root image (cold: mmdebstrap, about a minute)"
-  rm -rf "$cache" && mkdir -p "$image"
+  # Only images this script built go: VM_CACHE may point at a shared directory.
+  find "$cache" -mindepth 1 -maxdepth 1 -type d -name '[0-9a-f]*' ! -name "$key" -exec rm -rf {} + 2>/dev/null || true
+  mkdir -p "$image"
   "$here/image.sh" "$image" "$pkgs"
 else
   log "root image cached: $image"

@@ -86,6 +86,40 @@ pub async fn resolve(
     Ok(Some(key))
 }
 
+/// Whether the configured method can produce a key, without minting one: files readable,
+/// variables set, attributes valid. For `doctor`, which must change nothing.
+pub fn check(auth: &TailscaleAuth) -> Result<(), AuthKeyError> {
+    let key = match auth {
+        TailscaleAuth::Key(secret) => Zeroizing::new(secret.expose().trim().to_string()),
+        TailscaleAuth::KeyFile(path) => read_secret("auth_key_file", path)?,
+        TailscaleAuth::KeyEnv(name) => Zeroizing::new(
+            std::env::var(name)
+                .map_err(|_| AuthKeyError::Config(format!("auth_key_env: ${name} is not set")))?
+                .trim()
+                .to_string(),
+        ),
+        TailscaleAuth::WorkloadIdentity {
+            client_id,
+            id_token,
+        } => {
+            split_attrs(client_id, &[])?;
+            if let IdTokenSource::File(path) = id_token {
+                read_secret("id_token_file", path)?;
+            }
+            return Ok(());
+        }
+    };
+    if key.is_empty() {
+        return Err(AuthKeyError::Config(
+            "the configured Tailscale auth key is empty".into(),
+        ));
+    }
+    if key.starts_with("tskey-client-") {
+        split_attrs(&key, &["baseURL"])?;
+    }
+    Ok(())
+}
+
 /// What a minted key may do, from `?ephemeral=…&preauthorized=…` on a client id or secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyAttrs {
@@ -205,6 +239,7 @@ async fn oauth_client_secret(secret: &str, tags: &[String]) -> Result<Secret, Au
     let form = Zeroizing::new(
         form_urlencoded::Serializer::new(String::new())
             .append_pair("grant_type", "client_credentials")
+            // The API ignores the id for client-secret grants; the CLI sends a placeholder too.
             .append_pair("client_id", "some-client-id")
             .append_pair("client_secret", secret)
             .finish(),
@@ -355,6 +390,13 @@ async fn send(
     headers: &[(&str, &str)],
 ) -> Result<Bytes, AuthKeyError> {
     const TIMEOUT: Duration = Duration::from_secs(30);
+    if !secure_enough(url) {
+        return Err(exchange(
+            step,
+            url,
+            "refusing to send credentials over plain HTTP to a non-loopback host (use https://)",
+        ));
+    }
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
         .map_err(|e| exchange(step, url, &format!("no TLS roots: {e}")))?
@@ -397,6 +439,20 @@ async fn send(
     tokio::time::timeout(TIMEOUT, exchange_call)
         .await
         .map_err(|_| exchange(step, url, "no answer within 30 s"))?
+}
+
+/// Plain HTTP only to loopback (a self-hosted control server under test) and to the GCP
+/// metadata server, which speaks nothing else; secrets go nowhere else unencrypted.
+fn secure_enough(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return true;
+    };
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    matches!(
+        host,
+        "127.0.0.1" | "localhost" | "[::1]" | "metadata.google.internal"
+    )
 }
 
 /// The status and the API's own message, never the raw body (it could echo a secret).
@@ -473,6 +529,19 @@ mod tests {
         assert_eq!(create["ephemeral"], false);
         assert_eq!(create["preauthorized"], true);
         assert_eq!(create["tags"], json!(["tag:gpu"]));
+    }
+
+    #[test]
+    fn credentials_go_over_plain_http_only_to_loopback_and_the_metadata_server() {
+        assert!(secure_enough("https://controlplane.tailscale.com/api"));
+        assert!(secure_enough("http://127.0.0.1:8080/api/v2/oauth/token"));
+        assert!(secure_enough(
+            "http://metadata.google.internal/computeMetadata/v1/x?a=b"
+        ));
+        assert!(!secure_enough(
+            "http://headscale.example.net/api/v2/oauth/token"
+        ));
+        assert!(!secure_enough("http://10.0.0.1:80/x"));
     }
 
     #[test]

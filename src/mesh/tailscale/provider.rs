@@ -43,6 +43,8 @@ pub struct TailscaleMesh {
     info: SharedInfo,
     server: Option<node_info::Server>,
     certs: Option<CertKeeper>,
+    /// A key resolved for a login that has not completed yet.
+    pending_key: Option<Zeroizing<String>>,
 }
 
 impl TailscaleMesh {
@@ -58,6 +60,7 @@ impl TailscaleMesh {
             info: SharedInfo::default(),
             server: None,
             certs: None,
+            pending_key: None,
         }
     }
 
@@ -211,13 +214,6 @@ impl TailscaleMesh {
         // A node that holds a valid key restarts without a new one: minting or reusing a key
         // there would re-register it. NeedsLogin with a key means that key expired.
         let needs_auth = !have_key || status["BackendState"] == "NeedsLogin";
-        let auth_key = if needs_auth {
-            authkey::resolve(ts.auth.as_ref(), Some(&control), tags)
-                .await
-                .map_err(failed)?
-        } else {
-            None
-        };
         prefs["ControlURL"] = json!(control);
         prefs["WantRunning"] = json!(true);
         prefs["Hostname"] = json!(hostname);
@@ -244,6 +240,17 @@ impl TailscaleMesh {
                 "tailscaled refuses the prefs clawnode would set: {error}"
             )));
         }
+        // Only now a key: a refusal above must not cost a minted key per retry.
+        // A key minted for an attempt that failed later (start refused, no Running in time) is
+        // kept for the next attempt: it was not used, and minting costs a key each time.
+        let auth_key = match (needs_auth, self.pending_key.take()) {
+            (false, _) => None,
+            (true, Some(kept)) => Some(kept),
+            (true, None) => authkey::resolve(ts.auth.as_ref(), Some(&control), tags)
+                .await
+                .map_err(failed)?,
+        };
+        self.pending_key = auth_key.clone();
         let mut bus = api.watch_bus(2).await.map_err(failed)?;
         let options = json!({ "AuthKey": auth_key.as_deref().map_or("", |k| k.as_str()), "UpdatePrefs": prefs });
         let body = Zeroizing::new(options.to_string().into_bytes());
@@ -276,10 +283,14 @@ impl TailscaleMesh {
                     if let Some(message) = notify["ErrMessage"].as_str() {
                         return Err(MeshError::Failed(format!("tailscaled: {message}")));
                     }
-                    if let Some(url) = notify["BrowseToURL"].as_str().filter(|u| !u.is_empty()) {
-                        return Err(MeshError::Failed(format!(
-                            "tailscaled wants an interactive login at {url}: the auth key was missing or rejected"
-                        )));
+                    if notify["BrowseToURL"]
+                        .as_str()
+                        .is_some_and(|u| !u.is_empty())
+                    {
+                        // The URL itself stays out: whoever opens it can claim the node.
+                        return Err(MeshError::Failed(
+                            "tailscaled wants an interactive login: the auth key was missing or rejected (`tailscale status` shows the login URL to root)".into(),
+                        ));
                     }
                     match notify["State"].as_u64() {
                         Some(6) | Some(3) => return Ok(()),
@@ -296,7 +307,9 @@ impl TailscaleMesh {
                 "tailscaled did not reach Running within {} s",
                 LOGIN_WAIT.as_secs()
             ))
-        })?
+        })??;
+        self.pending_key = None;
+        Ok(())
     }
 
     /// A task that follows the IPN bus and asks for a recheck whenever the state changes or
