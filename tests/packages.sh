@@ -17,10 +17,13 @@ fi
 packaging/build.sh
 deb=$(ls -t target/debian/clawnode_*.deb | head -1)
 rpm=$(ls -t target/generate-rpm/clawnode-*.rpm | head -1)
-# The same package at a higher Debian revision, for the VM's upgrade check.
-rm -rf target/debian/upgrade
-cargo deb --no-build --locked --deb-version "$(dpkg-deb -f "$deb" Version | sed 's/-\([0-9]*\)$//')-99" --output target/debian/upgrade/
-upgrade=$(ls target/debian/upgrade/clawnode_*.deb)
+# The same package at a higher Debian revision, for the VM's upgrade check. cargo-deb clears
+# target/debian on each run, so the first package is kept aside.
+rm -rf target/vm-debs && mkdir -p target/vm-debs
+cp "$deb" target/vm-debs/
+deb=target/vm-debs/$(basename "$deb")
+cargo deb --no-build --locked --deb-version "$(dpkg-deb -f "$deb" Version | sed 's/-\([0-9]*\)$//')-99" --output target/vm-debs/upgrade/
+upgrade=$(ls target/vm-debs/upgrade/clawnode_*.deb)
 
 log "lintian $deb"
 # Errors fail the build; warnings are printed for the record.
