@@ -53,14 +53,9 @@ pub async fn resolve(
         return Ok(None);
     };
     let key = match auth {
-        TailscaleAuth::Key(secret) => Zeroizing::new(secret.expose().trim().to_string()),
-        TailscaleAuth::KeyFile(path) => read_secret("auth_key_file", path)?,
-        TailscaleAuth::KeyEnv(name) => Zeroizing::new(
-            std::env::var(name)
-                .map_err(|_| AuthKeyError::Config(format!("auth_key_env: ${name} is not set")))?
-                .trim()
-                .to_string(),
-        ),
+        TailscaleAuth::Key(_) | TailscaleAuth::KeyFile(_) | TailscaleAuth::KeyEnv(_) => {
+            plain_key(auth)?
+        }
         TailscaleAuth::WorkloadIdentity {
             client_id,
             id_token,
@@ -90,14 +85,9 @@ pub async fn resolve(
 /// variables set, attributes valid. For `doctor`, which must change nothing.
 pub fn check(auth: &TailscaleAuth) -> Result<(), AuthKeyError> {
     let key = match auth {
-        TailscaleAuth::Key(secret) => Zeroizing::new(secret.expose().trim().to_string()),
-        TailscaleAuth::KeyFile(path) => read_secret("auth_key_file", path)?,
-        TailscaleAuth::KeyEnv(name) => Zeroizing::new(
-            std::env::var(name)
-                .map_err(|_| AuthKeyError::Config(format!("auth_key_env: ${name} is not set")))?
-                .trim()
-                .to_string(),
-        ),
+        TailscaleAuth::Key(_) | TailscaleAuth::KeyFile(_) | TailscaleAuth::KeyEnv(_) => {
+            plain_key(auth)?
+        }
         TailscaleAuth::WorkloadIdentity {
             client_id,
             id_token,
@@ -346,6 +336,21 @@ async fn ambient_id_token(audience: &str) -> Result<Secret, AuthKeyError> {
             "workload_identity audience: no ID token source found (GitHub Actions variables unset; GCP metadata: {error}); on AWS or elsewhere write the token to a file and set id_token_file"
         ))),
     }
+}
+
+/// The key from `auth_key`, `auth_key_file` or `auth_key_env`, trimmed; empty for other methods.
+fn plain_key(auth: &TailscaleAuth) -> Result<Secret, AuthKeyError> {
+    Ok(match auth {
+        TailscaleAuth::Key(secret) => Zeroizing::new(secret.expose().trim().to_string()),
+        TailscaleAuth::KeyFile(path) => read_secret("auth_key_file", path)?,
+        TailscaleAuth::KeyEnv(name) => Zeroizing::new(
+            std::env::var(name)
+                .map_err(|_| AuthKeyError::Config(format!("auth_key_env: ${name} is not set")))?
+                .trim()
+                .to_string(),
+        ),
+        TailscaleAuth::WorkloadIdentity { .. } => Zeroizing::new(String::new()),
+    })
 }
 
 fn read_secret(what: &'static str, path: &Path) -> Result<Secret, AuthKeyError> {
