@@ -7,7 +7,7 @@ mod support;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use support::nvml::{FakeNvml, library};
@@ -54,18 +54,6 @@ fn get(socket: &Path, path: &str) -> (String, String) {
 
 fn metrics(node: &Node) -> String {
     get(&node.path("run/clawnode.sock"), "/metrics").1
-}
-
-fn wait_until(what: &str, node: &Node, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\n{}",
-            node.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The sample line of `name` for GPU `gpu`, if any.
@@ -160,7 +148,7 @@ fn metrics_use_dcgm_names_omit_unsupported_fields_and_pass_promtool() {
     let (node, _fake) = start("gpus = 2\nnot_supported = temperature\n", "");
     let seen = node.recv_until("READY=1", WAIT);
     assert!(last_status(&seen).contains("2 GPUs"), "{seen:?}");
-    wait_until("a sample", &node, || {
+    support::wait_until(WAIT, "a sample", &node, || {
         series(&metrics(&node), "DCGM_FI_DEV_FB_FREE", 1).is_some()
     });
     let (head, text) = get(&node.path("run/clawnode.sock"), "/metrics");
@@ -248,7 +236,7 @@ fn an_xid_event_increments_its_counter_exactly_once() {
     };
     assert!(count(&metrics(&node)).is_none());
     fake.append("xid = 1:79");
-    wait_until("the XID", &node, || count(&metrics(&node)).is_some());
+    support::wait_until(WAIT, "the XID", &node, || count(&metrics(&node)).is_some());
     assert_eq!(count(&metrics(&node)).as_deref(), Some("1"));
     std::thread::sleep(Duration::from_millis(1500));
     let text = metrics(&node);
@@ -263,7 +251,7 @@ fn an_xid_event_increments_its_counter_exactly_once() {
         "GPU 0 had none"
     );
     fake.append("xid = 1:79");
-    wait_until("the repeat", &node, || {
+    support::wait_until(WAIT, "the repeat", &node, || {
         count(&metrics(&node)).as_deref() == Some("2")
     });
     let doc = node.status_json();
@@ -277,11 +265,11 @@ fn an_xid_event_increments_its_counter_exactly_once() {
 fn a_gpu_lost_mid_run_is_reported_and_the_others_still_are() {
     let (node, fake) = start("gpus = 3\n", "");
     node.recv_until("READY=1", WAIT);
-    wait_until("a sample", &node, || {
+    support::wait_until(WAIT, "a sample", &node, || {
         series(&metrics(&node), "DCGM_FI_DEV_GPU_TEMP", 2).is_some()
     });
     fake.write("gpus = 3\nlost = 1\n");
-    wait_until("the lost GPU", &node, || {
+    support::wait_until(WAIT, "the lost GPU", &node, || {
         series(&metrics(&node), "clawnode_gpu_lost", 1).is_some_and(|l| l.ends_with(" 1"))
     });
     let text = metrics(&node);
@@ -296,7 +284,7 @@ fn a_gpu_lost_mid_run_is_reported_and_the_others_still_are() {
             .ends_with(" 32")
     );
     assert!(series(&text, "DCGM_FI_DEV_GPU_TEMP", 1).is_none());
-    wait_until("the status line", &node, || {
+    support::wait_until(WAIT, "the status line", &node, || {
         node.status_json()["status"]
             .as_str()
             .is_some_and(|s| s.contains("3 GPUs (1 lost)"))
@@ -316,7 +304,7 @@ fn a_new_mig_layout_is_picked_up_without_a_restart() {
         serde_json::json!([])
     );
     fake.write("gpus = 1\nmig = 0:3g.40gb,3g.40gb\n");
-    wait_until("the MIG layout", &node, || {
+    support::wait_until(WAIT, "the MIG layout", &node, || {
         node.status_json()["gpu"]["devices"][0]["mig_devices"]
             .as_array()
             .is_some_and(|m| m.len() == 2)
@@ -380,7 +368,7 @@ fn losing_every_required_gpu_makes_the_node_unready() {
     );
     node.recv_until("READY=1", WAIT);
     fake.write("gpus = 2\nlost = 0,1\n");
-    wait_until("the node to become unready", &node, || {
+    support::wait_until(WAIT, "the node to become unready", &node, || {
         node.status_json()["ready"] == false
     });
     let status = node.status_json()["status"].as_str().unwrap().to_string();

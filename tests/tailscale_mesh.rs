@@ -323,23 +323,11 @@ fn discovery_lists_the_service_with_its_magicdns_name_vips_and_ports() {
     }
 }
 
-fn wait_for(what: &str, node: &Node, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\n{}",
-            node.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn status_shows_identity_and_a_service_turns_from_awaiting_approval_to_approved() {
     let (ts, node) = start("1.102.2", TAGS, "example.com", |_| {});
     node.recv_until("READY=1", WAIT);
-    wait_for("the awaiting-approval problem", &node, || {
+    support::wait_until(WAIT, "the awaiting-approval problem", &node, || {
         node.status_json()["mesh"]["problems"]
             .to_string()
             .contains("svc:molt-provider is advertised and awaiting approval")
@@ -367,7 +355,7 @@ fn status_shows_identity_and_a_service_turns_from_awaiting_approval_to_approved(
 
     // Control approves: the stand-in announces SelfChange on the bus.
     ts.with(|s| s.set_approved(&["svc:molt-provider"]));
-    wait_for("approval", &node, || {
+    support::wait_until(WAIT, "approval", &node, || {
         !node.status_json()["mesh"]["problems"]
             .to_string()
             .contains("awaiting approval")
@@ -548,12 +536,14 @@ fn tls_cert_is_written_once_the_service_name_is_a_cert_domain() {
     );
     node.recv_until("READY=1", WAIT);
     let cert = || node.status_json()["mesh"]["tailscale"]["services"][0]["cert"].clone();
-    wait_for("waiting for the domain", &node, || {
+    support::wait_until(WAIT, "waiting for the domain", &node, || {
         cert()["state"] == "waiting for the domain"
     });
     assert_eq!(cert()["domain"], "molt-provider.tail1234.ts.net");
     ts.with(|s| s.set_approved(&["svc:molt-provider"]));
-    wait_for("the certificate", &node, || cert()["state"] == "issued");
+    support::wait_until(WAIT, "the certificate", &node, || {
+        cert()["state"] == "issued"
+    });
     let doc = cert();
     let crt = std::path::PathBuf::from(doc["cert_file"].as_str().unwrap());
     let key = std::path::PathBuf::from(doc["key_file"].as_str().unwrap());
@@ -600,7 +590,7 @@ fn tls_cert_without_https_in_the_tailnet_says_how_to_enable_it() {
         },
     );
     node.recv_until("READY=1", WAIT);
-    wait_for("the cert failure", &node, || {
+    support::wait_until(WAIT, "the cert failure", &node, || {
         node.status_json()["mesh"]["tailscale"]["services"][0]["cert"]["error"]
             .as_str()
             .is_some_and(|e| e.contains("HTTPS certificates are not enabled"))

@@ -235,6 +235,19 @@ impl Drop for Node {
 }
 
 /// True if any line of any datagram starts with `prefix`.
+/// Poll `done` until it holds; fails after `timeout` with `what` and the node's log.
+pub fn wait_until(timeout: Duration, what: &str, node: &Node, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            node.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn has(datagrams: &[Vec<String>], prefix: &str) -> bool {
     datagrams.iter().flatten().any(|l| l.starts_with(prefix))
 }
