@@ -61,6 +61,15 @@ cargo test --locked --release --features test-fakes --test bench_gpu -- --ignore
 if [[ $(id -u) -eq 0 ]]; then
   log "packages and the VM test"
   tests/packages.sh
+  # The VM has no GPU; on a host with the NVIDIA driver the same .deb is also booted under a
+  # real systemd with the host's GPU (the unit's device allowances, NVML in the sandbox).
+  if grep -qE '^[0-9]+ nvidia(ctl|-frontend)?$' /proc/devices; then
+    log "the packaged unit on this host's NVIDIA GPU (tests/gpu-host)"
+    [[ -s target/gpu-host-rootfs.tar.xz ]] || tests/gpu-host/rootfs.sh target/gpu-host-rootfs.tar.xz
+    tests/gpu-host/run.sh target/gpu-host-rootfs.tar.xz "$(ls target/vm-debs/clawnode_*.deb)" target/gpu-host
+  else
+    log "tests/gpu-host skipped: no NVIDIA driver on this host"
+  fi
 else
   log "packages and the VM test skipped: they need root"
 fi

@@ -97,8 +97,8 @@ pub struct MigDevice {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Unavailable {
-    /// Machine-readable: `nvml_unavailable`, `driver_not_loaded`, `no_permission`, `no_devices`,
-    /// `nvml_error`, `disabled`.
+    /// Machine-readable: `nvml_unavailable`, `driver_not_loaded`, `no_permission`,
+    /// `device_access_denied`, `no_devices`, `nvml_error`, `disabled`.
     pub reason: String,
     pub detail: String,
 }

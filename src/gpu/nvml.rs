@@ -121,6 +121,12 @@ impl NvmlProbe {
                 handles.push((handle as usize, index));
             }
         }
+        tracing::info!(
+            component = "gpu",
+            gpus = handles.len(),
+            of = self.count,
+            "watching for XID errors"
+        );
         self.events = Some(Events {
             set,
             handles,
@@ -387,12 +393,62 @@ fn unavailable(error: &NvmlError) -> GpuInventory {
         NvmlError::LibraryNotFound => "nvml_unavailable",
         _ => "nvml_error",
     };
-    GpuInventory::unavailable(reason, error.to_string())
+    if reason == "nvml_unavailable" {
+        return GpuInventory::unavailable(reason, error.to_string());
+    }
+    let control = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(CONTROL_NODE)
+        .err();
+    match device_denied(control.as_ref()) {
+        Some(detail) => GpuInventory::unavailable("device_access_denied", detail),
+        None => GpuInventory::unavailable(reason, error.to_string()),
+    }
+}
+
+const CONTROL_NODE: &str = "/dev/nvidiactl";
+
+/// NVML reports a device cgroup denial as an opaque "internal driver error" (seen on an H100
+/// under `DevicePolicy=closed`); opening the control node ourselves names the cause. The device
+/// cgroup answers EPERM; EACCES is plain file permissions.
+fn device_denied(open_error: Option<&std::io::Error>) -> Option<String> {
+    match open_error?.raw_os_error()? {
+        libc::EPERM => Some(format!(
+            "cannot open {CONTROL_NODE} (operation not permitted): a device policy keeps the \
+             NVIDIA devices out; the unit needs DeviceAllow=char-nvidiactl rw and \
+             DeviceAllow=char-nvidia rw (char-nvidia-frontend on older drivers), and a \
+             container needs the devices passed in"
+        )),
+        libc::EACCES => Some(format!(
+            "cannot open {CONTROL_NODE} (permission denied): run clawnode as root or as a \
+             member of the group that owns the NVIDIA device nodes"
+        )),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_denied_control_node_names_the_device_policy() {
+        let denied = std::io::Error::from_raw_os_error(libc::EPERM);
+        let detail = device_denied(Some(&denied)).expect("a diagnosis");
+        assert!(detail.contains("/dev/nvidiactl"), "{detail}");
+        assert!(detail.contains("DeviceAllow=char-nvidiactl"), "{detail}");
+    }
+
+    #[test]
+    fn only_a_policy_denial_blames_the_device_policy() {
+        let missing = std::io::Error::from_raw_os_error(libc::ENOENT);
+        assert_eq!(device_denied(Some(&missing)), None);
+        let unix_permissions = std::io::Error::from_raw_os_error(libc::EACCES);
+        let detail = device_denied(Some(&unix_permissions)).expect("a diagnosis");
+        assert!(!detail.contains("DeviceAllow"), "{detail}");
+        assert_eq!(device_denied(None), None);
+    }
 
     #[test]
     fn a_host_without_nvml_reports_zero_gpus_with_a_reason() {

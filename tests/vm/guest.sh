@@ -118,11 +118,11 @@ systemctl restart clawnode
 probe=$(journalctl -u clawnode -b --no-pager -o cat | grep '^probe ' || true)
 echo "$probe"
 nv=$(echo "$probe" | grep '/dev/nvidia')
-if grep -q nvidia-frontend /proc/devices; then
+if grep -qE '^195 nvidia' /proc/devices; then
   [[ -n $nv && $nv != *"not permitted"* ]] && pass nvidia_nodes_pass_the_device_filter || fail nvidia_nodes_pass_the_device_filter "$nv"
 else
-  # DeviceAllow=char-nvidia-frontend resolves through /proc/devices, which lists the class only
-  # while the NVIDIA driver is loaded; the guest has none, so the allowance cannot be shown here.
+  # DeviceAllow=char-nvidia… resolves through /proc/devices, which lists the classes only while
+  # the NVIDIA driver is loaded; the guest has none. tests/gpu-host proves it on a real GPU.
   echo "SKIP nvidia_nodes_pass_the_device_filter: no NVIDIA driver in the guest ($nv)"
 fi
 echo "$probe" | grep -q '^probe /dev/net/tun: opened$' && pass tun_opens || fail tun_opens "$(echo "$probe" | grep tun)"
