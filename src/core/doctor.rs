@@ -83,6 +83,10 @@ pub fn tailscale_checks(config: &Config, facts: &TailscaleFacts) -> Vec<Check> {
                 format!("{socket}: {error}"),
                 "install and start tailscaled (systemctl enable --now tailscaled), or set [network.tailscale] socket",
             ));
+            // The auth method does not depend on tailscaled: report it now, not after the fix.
+            if let Some(auth) = &facts.auth {
+                checks.push(auth_method_check(auth));
+            }
             return checks;
         }
     };
@@ -227,6 +231,17 @@ pub struct WireguardFacts {
     /// The configured interface already exists (clawnode's own, holding the port).
     pub interface_exists: bool,
     pub key_file: Result<(), String>,
+}
+
+fn auth_method_check(auth: &Result<(), String>) -> Check {
+    match auth {
+        Ok(()) => Check::pass("auth method", "the configured auth method yields a key"),
+        Err(error) => Check::fail(
+            "auth method",
+            error.clone(),
+            "fix auth_key_file / auth_key_env / workload_identity under [network.tailscale]",
+        ),
+    }
 }
 
 pub fn wireguard_checks(config: &Config, facts: &WireguardFacts) -> Vec<Check> {

@@ -4,10 +4,12 @@
 # WireGuard (the systemd service in the guest's root namespace, a second clawnode in a
 # network namespace) driven through systemctl. The root image is cached under $VM_CACHE
 # keyed on everything that builds it, so a warm run skips mmdebstrap.
-# Usage: tests/vm/run.sh path/to/clawnode.deb [path/to/bench_peers test binary] [upgrade .deb]
+# Usage: tests/vm/run.sh path/to/clawnode.deb [bench_peers test binary] [upgrade .deb]
+#                        [tailscaled-standin]
 #        (root; prints the guest's results; with the bench binary the guest also runs the
 #        10,000-peer reconcile against kernel WireGuard next to `wg syncconf`; with a second
-#        .deb of a higher version it also checks the upgrade path)
+#        .deb of a higher version it also checks the upgrade path; with the stand-in
+#        tailscaled it runs the unit on the tailscale provider with a LoadCredential= key)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 deb=$(realpath "${1:?path to the clawnode .deb}")
@@ -51,6 +53,11 @@ fi
 if [[ -n ${3:-} ]]; then
   mkdir -p "$payload/upgrade"
   cp "$3" "$payload/upgrade/"
+fi
+if [[ -n ${4:-} ]]; then
+  mkdir -p "$payload/standin"
+  # Debug build, stripped: only the guest's 64 MB payload image cares about its size.
+  objcopy --strip-debug "$4" "$payload/standin/tailscaled-standin"
 fi
 mkfs.ext4 -q -L E2EPAYLOAD -d "$payload" -E root_owner=0:0 "$out/payload.img" 64M
 

@@ -1,0 +1,38 @@
+//! The stand-in tailscaled (tests/support/tailscaled.rs) as a program, for the VM test: it
+//! serves the LocalAPI on <socket> and keeps <record> current with every call and every auth
+//! key it was given, so the guest can check what the sandboxed unit sent. Build:
+//! `cargo build --features test-fakes --example tailscaled-standin`
+//! Usage: tailscaled-standin <socket> <record>
+
+#[path = "../support/tailscaled.rs"]
+mod tailscaled;
+
+use std::path::Path;
+use std::time::Duration;
+
+const VERSION: &str = "1.102.2";
+
+fn main() {
+    let mut args = std::env::args_os().skip(1);
+    let (Some(socket), Some(record)) = (args.next(), args.next()) else {
+        eprintln!("usage: tailscaled-standin <socket> <record>");
+        std::process::exit(2);
+    };
+    let standin = tailscaled::StandIn::start(Path::new(&socket), VERSION);
+    let mut written = None;
+    loop {
+        let text = standin.with(|s| {
+            let calls = s.calls.iter().map(|c| format!("call {c}\n"));
+            let keys = s.auth_keys.iter().map(|k| format!("authkey {k}\n"));
+            let state = format!("state {}\n", s.backend_state);
+            calls.chain(keys).chain([state]).collect::<String>()
+        });
+        if written.as_ref() != Some(&text) {
+            let partial = Path::new(&record).with_extension("partial");
+            std::fs::write(&partial, &text).expect("write the record");
+            std::fs::rename(&partial, &record).expect("publish the record");
+            written = Some(text);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
