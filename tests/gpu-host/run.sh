@@ -66,6 +66,9 @@ rc=$?
 set -e
 echo "container exited: $rc"
 umount "$r/out" 2>/dev/null || true
+# Only when nothing is mounted there any more: a leftover bind would take <out> with it.
+mountpoint -q "$r/out" || rm -rf "$r"
+rmdir /sys/fs/cgroup/clawnode-gpu-host 2>/dev/null || true
 cat "$out/guest.log" 2>/dev/null || { echo "no guest.log"; tail -50 "$out/systemd.log"; exit 1; }
 fails=$(sed -n 's/^EXIT=//p' "$out/guest.log")
 exit "${fails:-1}"
