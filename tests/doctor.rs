@@ -144,6 +144,13 @@ fn doctor_reports_an_unreachable_or_old_tailscaled_and_a_missing_login() {
         "{text}"
     );
     assert!(!text.contains("secretpart"), "{text}");
+    // A LoadCredential= path exists only inside the running unit: a warning, not a failure.
+    let credential = Path::new("/run/credentials/clawnode.service/ts-authkey");
+    let (_, text) = doctor(dir.path(), &with_key(credential));
+    assert!(
+        text.contains("[warn] auth method: /run/credentials/clawnode.service/ts-authkey is a systemd credential"),
+        "{text}"
+    );
 
     let _ts = StandIn::start(&dir.path().join("tailscaled.sock"), "1.80.3");
     let (out, text) = doctor(

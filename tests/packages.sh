@@ -51,5 +51,7 @@ echo "rpm: installs into a scratch root with the binary, the unit and the 0600 c
 log "VM test (Debian bookworm under QEMU/TCG, kernel WireGuard, systemd)"
 bench=$(cargo test --locked --release --features test-fakes --test bench_peers --no-run --message-format=json 2>/dev/null \
   | sed -n 's/.*"executable":"\([^"]*bench_peers[^"]*\)".*/\1/p' | tail -1)
-cargo build --locked --features test-fakes --example tailscaled-standin
-tests/vm/run.sh "$deb" "$bench" "$upgrade" target/debug/examples/tailscaled-standin
+# test-fakes only so that the library built for the tests is reused.
+standin=$(cargo build --locked --features test-fakes --example tailscaled-standin --message-format=json 2>/dev/null \
+  | sed -n 's/.*"executable":"\([^"]*tailscaled-standin\)".*/\1/p' | tail -1)
+tests/vm/run.sh "$deb" "$bench" "$upgrade" "$standin"

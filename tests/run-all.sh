@@ -65,8 +65,10 @@ if [[ $(id -u) -eq 0 ]]; then
   # real systemd with the host's GPU (the unit's device allowances, NVML in the sandbox).
   if grep -qE '^[0-9]+ nvidia(ctl|-frontend)?$' /proc/devices; then
     log "the packaged unit on this host's NVIDIA GPU (tests/gpu-host)"
-    [[ -s target/gpu-host-rootfs.tar.xz ]] || tests/gpu-host/rootfs.sh target/gpu-host-rootfs.tar.xz
-    tests/gpu-host/run.sh target/gpu-host-rootfs.tar.xz "$(ls target/vm-debs/clawnode_*.deb)" target/gpu-host
+    # Keyed on the script that builds it, like the VM image.
+    rootfs=target/gpu-host-rootfs-$(sha256sum tests/gpu-host/rootfs.sh | cut -c1-16).tar.xz
+    [[ -s $rootfs ]] || tests/gpu-host/rootfs.sh "$rootfs"
+    tests/gpu-host/run.sh "$rootfs" "$(ls target/vm-debs/clawnode_*.deb)" target/gpu-host
   else
     log "tests/gpu-host skipped: no NVIDIA driver on this host"
   fi

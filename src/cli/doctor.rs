@@ -10,7 +10,8 @@ use hyper::Method;
 use serde_json::Value;
 
 use crate::config::{self, Config, ProviderKind};
-use crate::core::doctor::{self, Check, TailscaleFacts, WireguardFacts};
+use crate::config::{IdTokenSource, TailscaleAuth};
+use crate::core::doctor::{self, AuthFact, Check, TailscaleFacts, WireguardFacts};
 use crate::gpu::{GpuProbe, NvmlProbe};
 use crate::mesh::tailscale::authkey;
 use crate::mesh::tailscale::localapi::{LocalApi, Version};
@@ -85,10 +86,15 @@ async fn tailscale_facts(config: &Config) -> TailscaleFacts {
         Err(error) => Err(error.to_string()),
     };
     // Checked without minting: doctor changes nothing, and a minted key would be wasted.
-    let auth = ts
-        .auth
-        .as_ref()
-        .map(|auth| authkey::check(auth).map_err(|e| e.to_string()));
+    let auth = ts.auth.as_ref().map(|auth| {
+        if let Some(path) = unit_credential(auth) {
+            return AuthFact::UnitCredential(path.display().to_string());
+        }
+        match authkey::check(auth) {
+            Ok(()) => AuthFact::Works,
+            Err(error) => AuthFact::Fails(error.to_string()),
+        }
+    });
     TailscaleFacts {
         status,
         version: version.map(|v| v.to_string()),
@@ -96,6 +102,20 @@ async fn tailscale_facts(config: &Config) -> TailscaleFacts {
         write,
         auth,
     }
+}
+
+/// A secret file under systemd's credentials directory that is absent here: doctor runs from a
+/// shell, outside the unit, where `/run/credentials/clawnode.service/` does not exist.
+fn unit_credential(auth: &TailscaleAuth) -> Option<&Path> {
+    let path = match auth {
+        TailscaleAuth::KeyFile(path) => path,
+        TailscaleAuth::WorkloadIdentity {
+            id_token: IdTokenSource::File(path),
+            ..
+        } => path,
+        _ => return None,
+    };
+    (path.starts_with("/run/credentials") && !path.exists()).then_some(path.as_path())
 }
 
 async fn wireguard_facts(config: &Config) -> WireguardFacts {

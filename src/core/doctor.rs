@@ -68,7 +68,16 @@ pub struct TailscaleFacts {
     /// The outcome of a harmless write (`check-prefs` with the current prefs).
     pub write: Result<(), String>,
     /// Whether the configured auth method yields a key, without showing it.
-    pub auth: Option<Result<(), String>>,
+    pub auth: Option<AuthFact>,
+}
+
+/// What doctor learnt about the configured auth method.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthFact {
+    Works,
+    Fails(String),
+    /// A systemd credential (`/run/credentials/<unit>/…`): only the running unit can read it.
+    UnitCredential(String),
 }
 
 pub fn tailscale_checks(config: &Config, facts: &TailscaleFacts) -> Vec<Check> {
@@ -119,14 +128,19 @@ pub fn tailscale_checks(config: &Config, facts: &TailscaleFacts) -> Vec<Check> {
             "the device waits for admin approval",
             "approve it in the Tailscale admin console (Machines), or use a pre-authorized key",
         ),
-        (_, Some(Ok(()))) => Check::pass(
+        (_, Some(AuthFact::Works)) => Check::pass(
             "logged in",
             format!("tailscaled is {state}; clawnode will log in with the configured auth method"),
         ),
-        (_, Some(Err(error))) => Check::fail(
+        (_, Some(AuthFact::Fails(error))) => Check::fail(
             "logged in",
             format!("tailscaled is {state} and the auth method fails: {error}"),
             "fix auth_key_file / auth_key_env / workload_identity under [network.tailscale]",
+        ),
+        (_, Some(AuthFact::UnitCredential(path))) => Check::warn(
+            "logged in",
+            format!("tailscaled is {state}; the key is the systemd credential {path}, which only the running unit can read"),
+            CREDENTIAL_FIX,
         ),
         (_, None) => Check::fail(
             "logged in",
@@ -233,13 +247,21 @@ pub struct WireguardFacts {
     pub key_file: Result<(), String>,
 }
 
-fn auth_method_check(auth: &Result<(), String>) -> Check {
+const CREDENTIAL_FIX: &str =
+    "check the file that LoadCredential= names in the unit (systemctl cat clawnode)";
+
+fn auth_method_check(auth: &AuthFact) -> Check {
     match auth {
-        Ok(()) => Check::pass("auth method", "the configured auth method yields a key"),
-        Err(error) => Check::fail(
+        AuthFact::Works => Check::pass("auth method", "the configured auth method yields a key"),
+        AuthFact::Fails(error) => Check::fail(
             "auth method",
             error.clone(),
             "fix auth_key_file / auth_key_env / workload_identity under [network.tailscale]",
+        ),
+        AuthFact::UnitCredential(path) => Check::warn(
+            "auth method",
+            format!("{path} is a systemd credential: only the running unit can read it"),
+            CREDENTIAL_FIX,
         ),
     }
 }

@@ -121,12 +121,20 @@ impl NvmlProbe {
                 handles.push((handle as usize, index));
             }
         }
-        tracing::info!(
-            component = "gpu",
-            gpus = handles.len(),
-            of = self.count,
-            "watching for XID errors"
-        );
+        if handles.is_empty() {
+            tracing::warn!(
+                component = "gpu",
+                gpus = self.count,
+                "no GPU delivers XID events; XID errors will not be counted"
+            );
+        } else {
+            tracing::info!(
+                component = "gpu",
+                gpus = handles.len(),
+                of = self.count,
+                "watching for XID errors"
+            );
+        }
         self.events = Some(Events {
             set,
             handles,
@@ -393,7 +401,8 @@ fn unavailable(error: &NvmlError) -> GpuInventory {
         NvmlError::LibraryNotFound => "nvml_unavailable",
         _ => "nvml_error",
     };
-    if reason == "nvml_unavailable" {
+    // Only NVML's opaque errors are worth a second look; its own named causes stand.
+    if reason != "nvml_error" {
         return GpuInventory::unavailable(reason, error.to_string());
     }
     let control = std::fs::OpenOptions::new()
@@ -416,9 +425,10 @@ fn device_denied(open_error: Option<&std::io::Error>) -> Option<String> {
     match open_error?.raw_os_error()? {
         libc::EPERM => Some(format!(
             "cannot open {CONTROL_NODE} (operation not permitted): a device policy keeps the \
-             NVIDIA devices out; the unit needs DeviceAllow=char-nvidiactl rw and \
-             DeviceAllow=char-nvidia rw (char-nvidia-frontend on older drivers), and a \
-             container needs the devices passed in"
+             NVIDIA devices out; restart the unit if the driver was loaded after it started \
+             (DeviceAllow= classes are resolved at start), else it needs \
+             DeviceAllow=char-nvidiactl rw and DeviceAllow=char-nvidia rw \
+             (char-nvidia-frontend on older drivers); a container needs the devices passed in"
         )),
         libc::EACCES => Some(format!(
             "cannot open {CONTROL_NODE} (permission denied): run clawnode as root or as a \

@@ -51,7 +51,7 @@ restart_with ""
 systemctl show -p DeviceAllow -p DevicePolicy clawnode
 if wait_for 60 '[ "$(systemctl is-active clawnode)" = active ]'; then pass ready_with_required_gpu; else fail ready_with_required_gpu "$(systemctl is-active clawnode)"; fi
 st=$(status_text); echo "StatusText: $st"
-[[ $st == ready:*GPU* && $st != *"0 GPUs"* ]] && pass status_counts_the_gpu || fail status_counts_the_gpu "$st"
+[[ $st =~ ^ready:.*[^0-9]([1-9][0-9]*)\ GPUs?([^a-z]|$) ]] && pass status_counts_the_gpu || fail status_counts_the_gpu "$st"
 clawnode status --json > /out/status.json 2>&1
 grep -q '"name": *"NVIDIA' /out/status.json && pass status_json_has_gpu_model || fail status_json_has_gpu_model
 metrics > /out/metrics.txt 2>&1
@@ -60,8 +60,10 @@ grep -q '^DCGM_FI_DEV_FB_USED{' /out/metrics.txt && pass metrics_memory_used || 
 grep -E '^(DCGM_FI_DEV_(GPU_TEMP|POWER_USAGE|FB_FREE|GPU_UTIL)|clawnode_gpus|clawnode_gpu_lost)' /out/metrics.txt
 grep -q '"cuda_driver_version": *"[0-9]' /out/status.json && pass cuda_version_under_the_sandbox || fail cuda_version_under_the_sandbox
 journalctl -u clawnode -o cat --no-pager | grep -iE 'gpu|nvml|xid' | tail -5
-journalctl -u clawnode -o json --no-pager | grep -q '"MESSAGE":"watching for XID errors".*' && pass xid_events_registered || fail xid_events_registered
-journalctl -u clawnode -o json --no-pager | grep 'watching for XID' | grep -o '"GPUS":"[0-9]*"\|"OF":"[0-9]*"' | tr '\n' ' '; echo
+xid=$(journalctl -u clawnode -o json --no-pager | grep '"MESSAGE":"watching for XID errors"' | tail -1)
+xid_gpus=$(echo "$xid" | sed -n 's/.*"GPUS":"\([0-9]*\)".*/\1/p')
+xid_of=$(echo "$xid" | sed -n 's/.*"OF":"\([0-9]*\)".*/\1/p')
+[[ -n $xid_gpus && $xid_gpus -gt 0 && $xid_gpus == "$xid_of" ]] && pass xid_events_registered_for_every_gpu || fail xid_events_registered_for_every_gpu "${xid_gpus:-?} of ${xid_of:-?}"
 # One /metrics scrape on the real GPU against a 404 on the same listener (same run, same path).
 scrape() { local t0=$EPOCHREALTIME; exec 3<>/dev/tcp/127.0.0.1/9401; printf 'GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' "$1" >&3; cat <&3 >/dev/null; exec 3<&-; echo "$t0 $EPOCHREALTIME" | awk '{printf "%.6f\n", $2 - $1}'; }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
@@ -82,6 +84,7 @@ clawnode status --json | grep -m1 '"detail"\|cannot open' || true
 echo "--- back to the shipped unit, then stop"
 restart_with ""
 wait_for 60 '[ "$(systemctl is-active clawnode)" = active ]' && pass ready_again || fail ready_again
+ip link show claw0 >/dev/null 2>&1 && pass interface_up_before_stop || fail interface_up_before_stop
 systemctl stop clawnode
 wait_for 10 '! ip link show claw0 >/dev/null 2>&1' && pass stop_removes_interface || fail stop_removes_interface
 echo "failures: $fails"

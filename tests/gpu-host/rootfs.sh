@@ -11,4 +11,5 @@ mmdebstrap --variant=minbase --include=systemd,systemd-sysv,iproute2,wireguard-t
   --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
   bookworm "$root" "deb http://deb.debian.org/debian bookworm main"
 rm -rf "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/*
-tar -C "$root" -cf - . | xz -T0 -6 > "$out"
+tar -C "$root" -cf - . | xz -T0 -6 > "$out.partial"
+mv "$out.partial" "$out"
