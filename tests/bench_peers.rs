@@ -39,11 +39,7 @@ impl Daemon {
                 .args(["link", "add", iface, "type", "wireguard"])
                 .output()
                 .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            support::succeeded(&out);
             return Daemon(None, iface.to_string());
         }
         let child = Command::new("ip")

@@ -82,11 +82,7 @@ fn gpus_lists_the_inventory_with_mig_and_leaves_unsupported_fields_out() {
         .env("FAKE_NVML_CONFIG", &fake.config)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::succeeded(&out);
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     let inv = &doc["inventory"];
     assert_eq!(inv["driver_version"], "580.95.05");

@@ -49,9 +49,17 @@ rm -rf "$scratch"
 echo "rpm: installs into a scratch root with the binary, the unit and the 0600 config"
 
 log "VM test (Debian bookworm under QEMU/TCG, kernel WireGuard, systemd)"
-bench=$(cargo test --locked --release --features test-fakes --test bench_peers --no-run --message-format=json 2>/dev/null \
-  | sed -n 's/.*"executable":"\([^"]*bench_peers[^"]*\)".*/\1/p' | tail -1)
+# The path of the executable named $1 that `cargo <rest>` builds; fails loudly without one,
+# so that the guest never skips a part silently.
+executable() {
+  local name=$1 path
+  shift
+  path=$(cargo "$@" --message-format=json 2>/dev/null \
+    | sed -n "s/.*\"executable\":\"\\([^\"]*$name[^\"]*\\)\".*/\\1/p" | tail -1)
+  [[ -x $path ]] || { echo "no $name executable from cargo $*" >&2; return 1; }
+  echo "$path"
+}
+bench=$(executable bench_peers test --locked --release --features test-fakes --test bench_peers --no-run)
 # test-fakes only so that the library built for the tests is reused.
-standin=$(cargo build --locked --features test-fakes --example tailscaled-standin --message-format=json 2>/dev/null \
-  | sed -n 's/.*"executable":"\([^"]*tailscaled-standin\)".*/\1/p' | tail -1)
+standin=$(executable tailscaled-standin build --locked --features test-fakes --example tailscaled-standin)
 tests/vm/run.sh "$deb" "$bench" "$upgrade" "$standin"

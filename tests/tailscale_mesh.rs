@@ -297,11 +297,7 @@ fn a_1_86_daemon_without_the_services_endpoint_still_advertises() {
 
 fn discover(node: &Node) -> Value {
     let out = node.cli(&["services", "discover", "molt-provider", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::succeeded(&out);
     serde_json::from_slice(&out.stdout).unwrap()
 }
 

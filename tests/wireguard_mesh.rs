@@ -250,11 +250,7 @@ fn four_nodes_mesh_ping_discover_repair_and_stop() {
         .arg(&nodes[0].config)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::succeeded(&out);
     let found: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let names: Vec<&str> = found["providers"]
         .as_array()

@@ -185,12 +185,7 @@ pub fn tailscale_checks(config: &Config, facts: &TailscaleFacts) -> Vec<Check> {
                 "no tags configured, and Tailscale Services need a tagged host",
                 "set [network.tailscale] tags, e.g. [\"tag:clawbernetes\"], and see `clawnode tailscale policy`",
             )
-        } else if state == "Running" && {
-            let (mut have, mut want) = (tags.clone(), wanted.clone());
-            have.sort();
-            want.sort();
-            have != want
-        } {
+        } else if state == "Running" && !same_set(&tags, &wanted) {
             Check::warn(
                 "node tagged",
                 format!(
@@ -245,6 +240,14 @@ pub struct WireguardFacts {
     /// The configured interface already exists (clawnode's own, holding the port).
     pub interface_exists: bool,
     pub key_file: Result<(), String>,
+}
+
+/// Tag order does not matter to tailscaled.
+fn same_set(a: &[String], b: &[String]) -> bool {
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    a.sort();
+    b.sort();
+    a == b
 }
 
 const CREDENTIAL_FIX: &str =

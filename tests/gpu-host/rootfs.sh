@@ -4,6 +4,13 @@
 # Usage: tests/gpu-host/rootfs.sh <out.tar.xz>
 set -euo pipefail
 out=${1:?out.tar.xz}
+need=()
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v xz >/dev/null || need+=(xz-utils)
+if ((${#need[@]})); then
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 mmdebstrap --variant=minbase --include=systemd,systemd-sysv,iproute2,wireguard-tools,wireguard-go,procps \

@@ -248,6 +248,15 @@ pub fn wait_until(timeout: Duration, what: &str, node: &Node, mut done: impl FnM
     }
 }
 
+/// Fails the test with the command's stderr unless it exited 0.
+pub fn succeeded(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn has(datagrams: &[Vec<String>], prefix: &str) -> bool {
     datagrams.iter().flatten().any(|l| l.starts_with(prefix))
 }

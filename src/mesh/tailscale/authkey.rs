@@ -70,11 +70,6 @@ pub async fn resolve(
                 .map(Some);
         }
     };
-    if key.is_empty() {
-        return Err(AuthKeyError::Config(
-            "the configured Tailscale auth key is empty".into(),
-        ));
-    }
     if key.starts_with("tskey-client-") {
         return oauth_client_secret(&key, tags).await.map(Some);
     }
@@ -99,11 +94,6 @@ pub fn check(auth: &TailscaleAuth) -> Result<(), AuthKeyError> {
             return Ok(());
         }
     };
-    if key.is_empty() {
-        return Err(AuthKeyError::Config(
-            "the configured Tailscale auth key is empty".into(),
-        ));
-    }
     if key.starts_with("tskey-client-") {
         split_attrs(&key, &["baseURL"])?;
     }
@@ -338,9 +328,10 @@ async fn ambient_id_token(audience: &str) -> Result<Secret, AuthKeyError> {
     }
 }
 
-/// The key from `auth_key`, `auth_key_file` or `auth_key_env`, trimmed; empty for other methods.
+/// The key from `auth_key`, `auth_key_file` or `auth_key_env`, trimmed and never empty.
+/// Workload identity has no plain key (an error; callers dispatch on it first).
 fn plain_key(auth: &TailscaleAuth) -> Result<Secret, AuthKeyError> {
-    Ok(match auth {
+    let key = match auth {
         TailscaleAuth::Key(secret) => Zeroizing::new(secret.expose().trim().to_string()),
         TailscaleAuth::KeyFile(path) => read_secret("auth_key_file", path)?,
         TailscaleAuth::KeyEnv(name) => Zeroizing::new(
@@ -350,7 +341,13 @@ fn plain_key(auth: &TailscaleAuth) -> Result<Secret, AuthKeyError> {
                 .to_string(),
         ),
         TailscaleAuth::WorkloadIdentity { .. } => Zeroizing::new(String::new()),
-    })
+    };
+    if key.is_empty() {
+        return Err(AuthKeyError::Config(
+            "the configured Tailscale auth key is empty".into(),
+        ));
+    }
+    Ok(key)
 }
 
 fn read_secret(what: &'static str, path: &Path) -> Result<Secret, AuthKeyError> {
