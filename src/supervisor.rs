@@ -14,7 +14,8 @@ use crate::config::{self, Config};
 use crate::core::{Backoff, Command, Component, ComponentView, Supervisor};
 use crate::gpu::{GpuInventory, GpuProbe, Monitor, Report};
 use crate::logging::LogHandle;
-use crate::mesh::{self, Hooks, MeshProvider, MeshStatus, ServiceAd};
+use crate::mesh::{self, Hooks, Joined, MeshProvider, MeshStatus, ServiceAd};
+use crate::services::node_info::NodeInfoEndpoint;
 use crate::systemd::{self, Notifier};
 
 /// How long a stop may spend withdrawing advertisements; the rest of the 5 s budget is slack.
@@ -44,6 +45,7 @@ pub struct Daemon {
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
     hooks: Hooks,
+    node_info: NodeInfoEndpoint,
     recheck_rx: mpsc::Receiver<String>,
     status_tx: watch::Sender<StatusDoc>,
     mesh_status: Option<MeshStatus>,
@@ -62,9 +64,11 @@ impl Daemon {
         let (events_tx, events_rx) = mpsc::channel(16);
         let (hooks, recheck_rx) = components.hooks;
         let reports = events_tx.clone();
+        let gpus = crate::gpu::Shared::default();
+        let node_info = NodeInfoEndpoint::new(gpus.clone());
         let gpu = Monitor::spawn(
             components.gpu,
-            hooks.gpus.clone(),
+            gpus,
             Box::new(move |report| {
                 let event = match report {
                     Report::Probed {
@@ -97,6 +101,7 @@ impl Daemon {
             events_tx,
             events_rx,
             hooks,
+            node_info,
             recheck_rx,
             status_tx: watch::Sender::new(StatusDoc::default()),
             mesh_status: None,
@@ -104,6 +109,11 @@ impl Daemon {
             advertised: false,
             clock,
         }
+    }
+
+    /// The GPU monitor's latest snapshot, read by the status API at request time.
+    pub fn gpus(&self) -> crate::gpu::Shared {
+        self.gpu.shared()
     }
 
     /// What the status API serves; updated after every event.
@@ -176,7 +186,7 @@ impl Daemon {
                 tokio::spawn(async move {
                     let result = mesh.lock().await.join(&config).await;
                     let event = match result {
-                        Ok(status) => Event::MeshUp { generation, status },
+                        Ok(joined) => Event::MeshUp { generation, joined },
                         Err(error) => Event::Failed {
                             component,
                             generation,
@@ -197,10 +207,7 @@ impl Daemon {
                     let ads = ServiceAd::from_config(&config);
                     let result = mesh.lock().await.publish(&ads).await;
                     let event = match result {
-                        Ok(()) => Event::Published {
-                            generation,
-                            names: ads.into_iter().map(|ad| ad.name).collect(),
-                        },
+                        Ok(()) => Event::Published { generation, ads },
                         Err(error) => Event::Failed {
                             component,
                             generation,
@@ -216,8 +223,33 @@ impl Daemon {
 
     fn handle_event(&mut self, event: Event, now: Instant) {
         match event {
-            Event::MeshUp { generation, status } => {
+            Event::MeshUp { generation, joined } => {
                 release_freed_memory();
+                let Joined {
+                    mut status,
+                    node_info,
+                } = joined;
+                if let Err(error) = self
+                    .node_info
+                    .place(&self.config.node.name.to_string(), node_info.as_ref())
+                {
+                    let spot = node_info.as_ref().map(|s| s.listen.to_string());
+                    let problem = format!(
+                        "node-info endpoint on {}: {error}",
+                        spot.unwrap_or_default()
+                    );
+                    if node_info.as_ref().is_some_and(|s| s.essential) {
+                        return self.handle_event(
+                            Event::Failed {
+                                component: Component::Mesh,
+                                generation,
+                                error: problem,
+                            },
+                            now,
+                        );
+                    }
+                    status.problems.push(problem);
+                }
                 let summary = status.summary();
                 tracing::info!(component = "mesh", mesh = %summary, "joined the mesh");
                 self.mesh_status = Some(status);
@@ -268,7 +300,9 @@ impl Daemon {
                 self.core
                     .handle_component_up(Component::Gpu, generation, summary, now);
             }
-            Event::Published { generation, names } => {
+            Event::Published { generation, ads } => {
+                self.node_info.set_services(&ads);
+                let names: Vec<String> = ads.into_iter().map(|ad| ad.name).collect();
                 let summary = if names.is_empty() {
                     "no services to advertise".to_string()
                 } else {
@@ -374,6 +408,7 @@ impl Daemon {
             withdrawn.and(left)
         })
         .await;
+        self.node_info.stop();
         self.advertised = false;
         match result {
             Ok(Ok(())) => {
@@ -435,8 +470,7 @@ impl Daemon {
                     .as_ref()
                     .map(|m| m.problems.clone())
                     .unwrap_or_default(),
-                wireguard: None,
-                tailscale: None,
+                live: None,
             },
             gpu: GpuDoc {
                 health: component(Component::Gpu),
@@ -485,7 +519,7 @@ pub fn changed_components(old: &Config, new: &Config) -> Vec<Component> {
 enum Event {
     MeshUp {
         generation: u64,
-        status: MeshStatus,
+        joined: Joined,
     },
     /// The set of GPUs or the MIG layout changed between probes.
     GpuChanged {
@@ -497,7 +531,7 @@ enum Event {
     },
     Published {
         generation: u64,
-        names: Vec<String>,
+        ads: Vec<ServiceAd>,
     },
     Failed {
         component: Component,
@@ -571,25 +605,24 @@ mod tests {
     }
 
     impl MeshProvider for FlakyMesh {
-        fn kind(&self) -> &'static str {
-            "flaky"
-        }
-
-        fn join<'a>(
-            &'a mut self,
-            _config: &'a Config,
-        ) -> BoxFuture<'a, Result<MeshStatus, MeshError>> {
+        fn join<'a>(&'a mut self, _config: &'a Config) -> BoxFuture<'a, Result<Joined, MeshError>> {
             Box::pin(async move {
                 self.joins += 1;
                 if self.joins <= self.fail_first {
-                    return Err(MeshError::Failed(format!("no route (join {})", self.joins)));
+                    return Err(MeshError::transient(format!(
+                        "no route (join {})",
+                        self.joins
+                    )));
                 }
-                Ok(MeshStatus {
-                    provider: "flaky".into(),
-                    interface: Some("claw0".into()),
-                    address: Some("10.100.0.9/16".into()),
-                    peers: 2,
-                    problems: Vec::new(),
+                Ok(Joined {
+                    status: MeshStatus {
+                        provider: "flaky".into(),
+                        interface: Some("claw0".into()),
+                        address: Some("10.100.0.9/16".into()),
+                        peers: 2,
+                        problems: Vec::new(),
+                    },
+                    node_info: None,
                 })
             })
         }

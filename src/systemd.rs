@@ -72,3 +72,15 @@ pub fn monotonic_usec() -> u64 {
         Err(_) => 0,
     }
 }
+
+/// Does this process hold CAP_NET_ADMIN (bit 12 of the effective set)?
+pub fn has_cap_net_admin() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 12) != 0)
+}

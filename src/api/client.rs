@@ -8,6 +8,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyperlocal::{UnixClientExt, UnixConnector};
 
+use crate::http::source_chain;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach clawnode at {socket}: {reason} (is the daemon running?)")]
@@ -50,16 +52,4 @@ pub async fn get(socket: &Path, path: &str, timeout: Duration) -> Result<Reply, 
             socket: socket.display().to_string(),
             seconds: timeout.as_secs(),
         })?
-}
-
-/// hyper's client errors say "client error (Connect)"; the cause underneath is what helps.
-pub fn source_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

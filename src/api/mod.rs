@@ -4,6 +4,7 @@
 //! `GET /metrics` (Prometheus text; also on `[api] metrics_listen` over TCP).
 
 pub mod client;
+pub mod metrics;
 mod server;
 mod status;
 

@@ -1,12 +1,11 @@
-//! The server side of the status API, with its own accept loop: one task per connection, and
-//! an accept error is logged and survived rather than ending the loop.
+//! The server side of the status API: the document the supervisor publishes, plus what is read
+//! at request time (the mesh's live view, GPU readings and XID counts).
 
 use std::convert::Infallible;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -20,8 +19,7 @@ use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use super::StatusDoc;
-use crate::mesh::Live;
-use crate::mesh::wireguard::status::{LiveTarget, WgStatus};
+use crate::mesh::{Live, LiveStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -82,33 +80,18 @@ pub struct Sources {
 
 /// Serve the status API until the task is dropped.
 pub async fn serve(listener: UnixListener, sources: Sources) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                // EMFILE and friends pass; spinning on them would burn a core.
-                tracing::warn!(component = "api", %error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        tokio::spawn(connection(TokioIo::new(stream), sources.clone(), false));
-    }
+    crate::http::accept_loop("api", listener, move |stream, _| {
+        connection(TokioIo::new(stream), sources.clone(), false)
+    })
+    .await;
 }
 
 /// Serve only `/metrics` on a TCP listener (`[api] metrics_listen`).
 pub async fn serve_metrics(listener: TcpListener, sources: Sources) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                tracing::warn!(component = "api", %error, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        tokio::spawn(connection(TokioIo::new(stream), sources.clone(), true));
-    }
+    crate::http::accept_loop("api", listener, move |stream, _| {
+        connection(TokioIo::new(stream), sources.clone(), true)
+    })
+    .await;
 }
 
 async fn connection<S>(io: TokioIo<S>, sources: Sources, metrics_only: bool)
@@ -122,15 +105,14 @@ where
             let mut doc = sources.status.borrow().clone();
             let response = match path.as_str() {
                 "/metrics" if req.method() == Method::GET || req.method() == Method::HEAD => {
-                    let wireguard = read_live(sources.live.wireguard.clone()).await;
-                    metrics(&doc, wireguard.as_ref(), &sources.gpus)
+                    let live = sources.live.read().await;
+                    metrics(&doc, live.as_ref(), &sources.gpus)
                 }
                 _ if metrics_only => {
                     json_error(StatusCode::NOT_FOUND, "only /metrics is served here")
                 }
                 "/v1/status" => {
-                    doc.mesh.wireguard = read_live(sources.live.wireguard.clone()).await;
-                    doc.mesh.tailscale = sources.live.tailscale.read().await;
+                    doc.mesh.live = sources.live.read().await;
                     let snapshot = sources.gpus.read().unwrap_or_else(|p| p.into_inner());
                     doc.gpu.xid_errors = snapshot
                         .xids
@@ -158,31 +140,21 @@ where
 
 fn metrics(
     doc: &StatusDoc,
-    wireguard: Option<&WgStatus>,
+    live: Option<&LiveStatus>,
     gpus: &crate::gpu::Shared,
 ) -> Response<Full<Bytes>> {
     let snapshot = gpus.read().unwrap_or_else(|p| p.into_inner()).clone();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    match crate::metrics::render(doc, wireguard, &snapshot, &doc.node, now) {
+    let peers = live.map(LiveStatus::tunnel_peers).unwrap_or_default();
+    match super::metrics::render(doc, peers, &snapshot, &doc.node, now) {
         Ok(body) => respond(
             StatusCode::OK,
-            crate::metrics::CONTENT_TYPE,
+            super::metrics::CONTENT_TYPE,
             body.into_bytes(),
         ),
         Err(error) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
-    }
-}
-
-async fn read_live(live: LiveTarget) -> Option<WgStatus> {
-    match tokio::task::spawn_blocking(move || live.read()).await {
-        Ok(Some(Ok(status))) => Some(status),
-        Ok(Some(Err(error))) => {
-            tracing::debug!(component = "api", %error, "cannot read the WireGuard device");
-            None
-        }
-        _ => None,
     }
 }
 

@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::gpu::GpuInfo;
-use crate::mesh::ServiceAd;
+use crate::core::model::{GpuInfo, ServiceAd};
+use crate::mesh::LiveStatus;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusDoc {
@@ -54,10 +54,10 @@ pub struct MeshDoc {
     pub peers: usize,
     /// Problems that did not stop the join, e.g. a rejected peer file with its file:line:col.
     pub problems: Vec<String>,
-    /// The WireGuard interface and its peers, read from the device at request time.
-    pub wireguard: Option<crate::mesh::wireguard::status::WgStatus>,
-    /// Identity, tailnet and per-service approval, read from tailscaled at request time.
-    pub tailscale: Option<crate::mesh::tailscale::status::TsStatus>,
+    /// The provider's live view, read at request time: `wireguard` (the interface and its
+    /// peers) or `tailscale` (identity, tailnet, per-service approval).
+    #[serde(flatten)]
+    pub live: Option<LiveStatus>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

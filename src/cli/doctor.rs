@@ -15,7 +15,7 @@ use crate::core::doctor::{self, AuthFact, Check, TailscaleFacts, WireguardFacts}
 use crate::gpu::{GpuProbe, NvmlProbe};
 use crate::mesh::tailscale::authkey;
 use crate::mesh::tailscale::localapi::{LocalApi, Version};
-use crate::mesh::wireguard::{self, link::KernelSupport, link::Link, userspace};
+use crate::mesh::wireguard::{link::KernelSupport, link::Link, userspace};
 
 use super::CliError;
 
@@ -120,7 +120,7 @@ fn unit_credential(auth: &TailscaleAuth) -> Option<&Path> {
 
 async fn wireguard_facts(config: &Config) -> WireguardFacts {
     let wg = &config.network.wireguard;
-    let cap_net_admin = wireguard::has_cap_net_admin();
+    let cap_net_admin = crate::systemd::has_cap_net_admin();
     let kernel_module = if cap_net_admin {
         match Link::connect() {
             Ok(link) => match link.probe_kernel().await {

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::api::{StatusDoc, client};
+use crate::mesh::LiveStatus;
 
 use super::CliError;
 use super::status::socket_for;
@@ -20,7 +21,7 @@ pub fn run(config_path: &Path, json: bool, socket: Option<&Path>) -> Result<Exit
         .block_on(client::get(&socket, "/v1/status", Duration::from_secs(5)))
         .map_err(CliError::runtime)?;
     let doc: StatusDoc = serde_json::from_slice(&reply.body).map_err(CliError::runtime)?;
-    let Some(wg) = doc.mesh.wireguard else {
+    let Some(LiveStatus::Wireguard(wg)) = doc.mesh.live else {
         return Err(CliError::runtime(std::io::Error::other(format!(
             "no WireGuard interface is up (provider {}, mesh {})",
             doc.provider, doc.mesh.health.state

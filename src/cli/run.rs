@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use crate::config::{self, ProviderKind};
 use crate::gpu::NvmlProbe;
-use crate::mesh::wireguard;
 use crate::supervisor::{Components, Daemon};
 use crate::systemd::SdNotifier;
 use crate::{api, logging, mesh, state};
@@ -18,7 +17,7 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
     // SAFETY: called before any thread exists (the runtime is built below).
     unsafe { std::env::set_var("WG_USERSPACE_IMPLEMENTATION", "/bin/false") };
     let config = config::load(config_path)?;
-    if config.network.provider == ProviderKind::Wireguard && !wireguard::has_cap_net_admin() {
+    if config.network.provider == ProviderKind::Wireguard && !crate::systemd::has_cap_net_admin() {
         return Err(CliError::runtime(NeedsCapability));
     }
     let log = logging::init(config.log.level.as_str());
@@ -51,7 +50,6 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
         tracing::info!(component = "api", socket = %config.api.socket.display(), "status API listening");
         let (hooks, recheck_rx) = mesh::Hooks::new();
         let live = hooks.live.clone();
-        let gpus = hooks.gpus.clone();
         let metrics_listener = match config.api.metrics_listen {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -72,7 +70,7 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
         let sources = api::Sources {
             status: daemon.status(),
             live,
-            gpus,
+            gpus: daemon.gpus(),
         };
         let metrics_task = metrics_listener.map(|l| {
             tracing::info!(component = "api", listen = %config_metrics(&l), "metrics listening");

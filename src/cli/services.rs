@@ -9,7 +9,6 @@ use crate::config::Config;
 use crate::config::{self, ProviderKind};
 use crate::mesh::tailscale::discover as ts_discover;
 use crate::mesh::tailscale::localapi::LocalApi;
-use crate::mesh::wireguard;
 use crate::services::discover;
 
 use super::CliError;
@@ -32,7 +31,7 @@ pub fn run(config_path: &Path, command: &ServicesCommand) -> Result<ExitCode, Cl
         return tailscale(&config, service, *json);
     }
     let wg = &config.network.wireguard;
-    let targets = wireguard::peer_mesh_addresses(wg);
+    let targets = crate::config::peers::peer_mesh_addresses(wg);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

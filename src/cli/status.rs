@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::mesh::LiveStatus;
 use crate::mesh::tailscale::status::TsStatus;
 
 use clap::{Args, ValueEnum};
@@ -110,7 +111,7 @@ fn human(doc: &StatusDoc) -> String {
         "mesh:",
         &format!("{} [{} peers]", health(&doc.mesh.health), doc.mesh.peers),
     );
-    if let Some(wg) = &doc.mesh.wireguard {
+    if let Some(LiveStatus::Wireguard(wg)) = &doc.mesh.live {
         row(
             &mut out,
             "wireguard:",
@@ -124,7 +125,7 @@ fn human(doc: &StatusDoc) -> String {
             ),
         );
     }
-    if let Some(ts) = &doc.mesh.tailscale {
+    if let Some(LiveStatus::Tailscale(ts)) = &doc.mesh.live {
         tailscale_rows(&mut out, ts, row);
     }
     for problem in &doc.mesh.problems {

@@ -7,6 +7,7 @@
 
 mod error;
 mod locate;
+pub mod peers;
 mod raw;
 mod schema;
 mod types;

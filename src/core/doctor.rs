@@ -357,7 +357,7 @@ pub fn render(checks: &[Check]) -> String {
 }
 
 /// The GPU check: NVML missing is fine unless the config requires a GPU.
-pub fn gpu_check(config: &Config, inventory: &crate::gpu::GpuInventory) -> Check {
+pub fn gpu_check(config: &Config, inventory: &super::model::GpuInventory) -> Check {
     if !config.gpu.enabled {
         return Check::pass("GPUs", "probing disabled ([gpu] enabled = false)");
     }

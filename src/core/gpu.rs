@@ -6,7 +6,7 @@ use std::hash::{Hash, Hasher};
 
 use serde::{Deserialize, Serialize};
 
-use crate::gpu::{GpuInventory, GpuMetrics, XidEvent};
+use super::model::{GpuInventory, GpuMetrics, XidEvent};
 
 /// Changes only when the set of GPU UUIDs or the MIG layout changes: utilisation, clocks and
 /// even a driver update leave it alone, so buyers are not told about noise.
@@ -119,7 +119,7 @@ pub fn summarize(inventory: &GpuInventory, metrics: &[GpuMetrics]) -> Vec<GpuSum
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::{GpuInfo, MigDevice};
+    use crate::core::model::{GpuInfo, MigDevice};
 
     fn gpu(index: u32, uuid: &str) -> GpuInfo {
         GpuInfo {

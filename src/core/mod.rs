@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod doctor;
 pub mod drift;
 pub mod gpu;
+pub mod model;
 pub mod peer_diff;
 pub mod policy;
 pub mod serve_config;
@@ -15,5 +16,5 @@ pub mod supervisor;
 pub use backoff::Backoff;
 pub use supervisor::{
     Command, Component, ComponentState, ComponentView, CoreView, ErrorRecord, NotifyMsg, Phase,
-    Supervisor,
+    Retry, Supervisor,
 };

@@ -43,6 +43,15 @@ impl fmt::Display for Component {
     }
 }
 
+/// Whether trying again can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Soon, with backoff: a daemon restarting, a busy device, a network hiccup.
+    Transient,
+    /// Not until someone changes something; rechecked slowly, and at every reload.
+    NeedsOperator,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Starting,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{BoxFuture, MeshError, MeshProvider, MeshStatus, ServiceAd};
+use super::{BoxFuture, Joined, MeshError, MeshProvider, MeshStatus, ServiceAd};
 use crate::config::Config;
 
 #[derive(Debug, Default)]
@@ -14,11 +14,7 @@ pub struct FakeMesh {
 }
 
 impl MeshProvider for FakeMesh {
-    fn kind(&self) -> &'static str {
-        "fake"
-    }
-
-    fn join<'a>(&'a mut self, config: &'a Config) -> BoxFuture<'a, Result<MeshStatus, MeshError>> {
+    fn join<'a>(&'a mut self, config: &'a Config) -> BoxFuture<'a, Result<Joined, MeshError>> {
         Box::pin(async move {
             let fake = &config.network.fake;
             self.joins += 1;
@@ -27,14 +23,17 @@ impl MeshProvider for FakeMesh {
                 tokio::time::sleep(fake.join_delay).await;
             }
             if fake.always_fail || self.joins <= fake.fail_joins {
-                return Err(MeshError::Failed(fake.fail_message.clone()));
+                return Err(MeshError::transient(fake.fail_message.clone()));
             }
-            Ok(MeshStatus {
-                provider: "fake".into(),
-                interface: Some("fake0".into()),
-                address: Some(fake.address.clone()),
-                peers: 0,
-                problems: Vec::new(),
+            Ok(Joined {
+                status: MeshStatus {
+                    provider: "fake".into(),
+                    interface: Some("fake0".into()),
+                    address: Some(fake.address.clone()),
+                    peers: 0,
+                    problems: Vec::new(),
+                },
+                node_info: None,
             })
         })
     }
@@ -45,10 +44,10 @@ impl MeshProvider for FakeMesh {
     ) -> BoxFuture<'a, Result<(), MeshError>> {
         Box::pin(async move {
             if self.joins == 0 {
-                return Err(MeshError::Failed("publish before join".into()));
+                return Err(MeshError::transient("publish before join"));
             }
             if self.publish_fail {
-                return Err(MeshError::Failed("fake mesh refused to publish".into()));
+                return Err(MeshError::transient("fake mesh refused to publish"));
             }
             self.published = services.iter().map(|s| s.name.clone()).collect();
             tracing::info!(component = "mesh", services = ?self.published, "fake mesh published services");

@@ -1,7 +1,9 @@
 //! The mesh boundary: one trait that both mesh modes implement.
 //!
-//! `wireguard` (self-hosted, issue 3) and `tailscale` (managed, issue 4) will live beside this
-//! file and never import each other; shared needs belong here or in `core`.
+//! `wireguard` (self-hosted) and `tailscale` (managed) live beside this file and never import
+//! each other nor `services`; shared needs belong here, in `core` or in `http`. A provider says
+//! where the node-info endpoint should listen and who may call it; the shell's `services`
+//! component runs it.
 
 #[cfg(feature = "test-fakes")]
 pub mod fake;
@@ -9,11 +11,16 @@ pub mod tailscale;
 pub mod wireguard;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::{Arc, RwLock};
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, ProviderKind, ServiceMode};
+use crate::config::{Config, ProviderKind};
+pub use crate::core::Retry;
+pub use crate::core::model::{MeshStatus, ServiceAd};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -35,60 +42,100 @@ impl Recheck {
     }
 }
 
-/// What the node looks like on the mesh once joined.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MeshStatus {
-    pub provider: String,
-    pub interface: Option<String>,
-    pub address: Option<String>,
-    pub peers: usize,
-    /// Things the operator should fix that did not stop the join (a rejected peer file).
-    #[serde(default)]
-    pub problems: Vec<String>,
+/// Why a mesh operation failed, and whether trying again can help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct MeshError {
+    retry: Retry,
+    message: String,
 }
 
-impl MeshStatus {
-    /// "wireguard claw0 10.100.0.5/16": the mesh part of the STATUS= line.
-    pub fn summary(&self) -> String {
-        let mut parts = vec![self.provider.clone()];
-        parts.extend(self.interface.clone());
-        parts.extend(self.address.clone());
-        parts.join(" ")
+impl MeshError {
+    /// Worth retrying soon: a daemon restarting, a busy device, a network hiccup.
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            retry: Retry::Transient,
+            message: message.into(),
+        }
+    }
+
+    /// Retrying the same thing fails the same way until someone changes something: a wrong
+    /// tailnet, a tag the policy does not permit, a file clawnode must not overwrite.
+    pub fn needs_operator(message: impl Into<String>) -> Self {
+        Self {
+            retry: Retry::NeedsOperator,
+            message: message.into(),
+        }
+    }
+
+    pub fn retry(&self) -> Retry {
+        self.retry
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
     }
 }
 
-/// A service as the mesh advertises it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceAd {
-    pub name: String,
-    pub port: u16,
-    /// "tcp", "http" or "https".
-    pub protocol: String,
-}
-
-impl ServiceAd {
-    pub fn from_config(config: &Config) -> Vec<ServiceAd> {
-        config
-            .services
-            .iter()
-            .map(|(name, spec)| ServiceAd {
-                name: name.to_string(),
-                port: spec.port,
-                protocol: match spec.mode {
-                    ServiceMode::Tcp => "tcp",
-                    ServiceMode::Http { tls: true } => "https",
-                    ServiceMode::Http { tls: false } => "http",
-                }
-                .to_string(),
-            })
-            .collect()
+impl From<std::io::Error> for MeshError {
+    fn from(error: std::io::Error) -> Self {
+        MeshError::transient(error.to_string())
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum MeshError {
-    #[error("{0}")]
-    Failed(String),
+/// What a successful `join` hands back: how the node looks on the mesh, and where the shell
+/// should serve node-info (`None`: nowhere, for now).
+#[derive(Debug, Clone)]
+pub struct Joined {
+    pub status: MeshStatus,
+    pub node_info: Option<NodeInfoSpot>,
+}
+
+/// Where and for whom the node-info endpoint listens, as the provider that owns the mesh
+/// interface decides it.
+#[derive(Debug, Clone)]
+pub struct NodeInfoSpot {
+    /// The socket is bound to this interface (SO_BINDTODEVICE) as well as to `listen`.
+    pub interface: String,
+    pub listen: SocketAddr,
+    /// This node's key on the mesh, as peers know it.
+    pub public_key: String,
+    pub callers: Callers,
+    /// WireGuard peers learn the node's services only here, so without the endpoint the join
+    /// has failed; on a tailnet it is extra, and a failure to listen is only a problem.
+    pub essential: bool,
+}
+
+/// Who may read the node-info endpoint. Checked before a request is read.
+#[derive(Clone)]
+pub enum Callers {
+    /// Sources inside this network (the WireGuard mesh CIDR, which the tunnel authenticated).
+    Within(IpNet),
+    /// Sources the mesh itself vouches for (tailscaled's `whois`).
+    Vouched(Arc<dyn Voucher>),
+}
+
+impl std::fmt::Debug for Callers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Callers::Within(net) => write!(f, "Within({net})"),
+            Callers::Vouched(_) => f.write_str("Vouched"),
+        }
+    }
+}
+
+impl Callers {
+    pub async fn allows(&self, peer: SocketAddr) -> bool {
+        match self {
+            Callers::Within(net) => net.contains(&peer.ip()),
+            Callers::Vouched(voucher) => voucher.vouches_for(peer).await,
+        }
+    }
+}
+
+/// A mesh that can say whether a source address belongs to one of its nodes.
+pub trait Voucher: Send + Sync {
+    fn vouches_for(&self, peer: SocketAddr) -> BoxFuture<'_, bool>;
 }
 
 /// A way of putting this node on a mesh and advertising its services there.
@@ -96,10 +143,8 @@ pub enum MeshError {
 /// Every method is idempotent: the supervisor calls `join` again after any failure and after a
 /// reload that touched the network settings, and `publish` again whenever the mesh comes back.
 pub trait MeshProvider: Send {
-    fn kind(&self) -> &'static str;
-
     /// Bring the node onto the mesh described by `config`, or confirm that it already is.
-    fn join<'a>(&'a mut self, config: &'a Config) -> BoxFuture<'a, Result<MeshStatus, MeshError>>;
+    fn join<'a>(&'a mut self, config: &'a Config) -> BoxFuture<'a, Result<Joined, MeshError>>;
 
     /// Advertise exactly these services (an empty list advertises none).
     fn publish<'a>(&'a mut self, services: &'a [ServiceAd])
@@ -112,21 +157,12 @@ pub trait MeshProvider: Send {
     fn leave(&mut self) -> BoxFuture<'_, Result<(), MeshError>>;
 }
 
-/// What the rest of clawnode hands a provider: how to ask for a recheck, and where to publish
-/// the interface that the status API reads live.
+/// What the rest of clawnode hands a provider: how to ask for a recheck, and where to register
+/// the live view that the status API reads.
 #[derive(Clone)]
 pub struct Hooks {
     pub recheck: Recheck,
     pub live: Live,
-    /// The GPU monitor's latest snapshot, for the node-info endpoint.
-    pub gpus: crate::gpu::Shared,
-}
-
-/// What the status API reads at request time, filled in by whichever provider runs.
-#[derive(Clone, Default)]
-pub struct Live {
-    pub wireguard: wireguard::status::LiveTarget,
-    pub tailscale: tailscale::status::LiveTailscale,
 }
 
 impl Hooks {
@@ -135,10 +171,76 @@ impl Hooks {
         let hooks = Hooks {
             recheck,
             live: Live::default(),
-            gpus: crate::gpu::Shared::default(),
         };
         (hooks, rx)
     }
+}
+
+/// The mesh as it is right now, read at request time from whichever provider runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LiveStatus {
+    /// The WireGuard interface and its peers, read from the device.
+    Wireguard(wireguard::status::WgStatus),
+    /// Identity, tailnet and per-service approval, read from tailscaled.
+    Tailscale(tailscale::status::TsStatus),
+}
+
+impl LiveStatus {
+    /// The tunnel peers clawnode manages itself (none on a tailnet).
+    pub fn tunnel_peers(&self) -> &[TunnelPeer] {
+        match self {
+            LiveStatus::Wireguard(wg) => &wg.peers,
+            LiveStatus::Tailscale(_) => &[],
+        }
+    }
+}
+
+/// One tunnel peer as the device reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelPeer {
+    pub name: Option<String>,
+    pub public_key: String,
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    pub persistent_keepalive: Option<u16>,
+    pub last_handshake_unix_ms: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// A provider's live view: read on demand, never polled.
+pub trait LiveSource: Send + Sync {
+    /// `None` when there is nothing to read (not joined, or the device is gone).
+    fn read(&self) -> BoxFuture<'_, Option<LiveStatus>>;
+}
+
+/// Where the running provider registers its live view; the status API reads through it.
+#[derive(Clone, Default)]
+pub struct Live(Arc<RwLock<Option<Arc<dyn LiveSource>>>>);
+
+impl Live {
+    pub fn set(&self, source: Option<Arc<dyn LiveSource>>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = source;
+    }
+
+    pub async fn read(&self) -> Option<LiveStatus> {
+        let source = self.0.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+        source.read().await
+    }
+}
+
+/// The interface that holds `addr`, for SO_BINDTODEVICE; `None` when no interface has it
+/// (tailscaled in userspace-networking mode has no address of its own on the host).
+pub fn interface_with(addr: std::net::IpAddr) -> Option<String> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+        let sock = ifa.address?;
+        let found = match addr {
+            std::net::IpAddr::V4(v4) => sock.as_sockaddr_in().map(|s| s.ip()) == Some(v4),
+            std::net::IpAddr::V6(v6) => sock.as_sockaddr_in6().map(|s| s.ip()) == Some(v6),
+        };
+        found.then_some(ifa.interface_name)
+    })
 }
 
 /// The provider that `[network] provider` selects.

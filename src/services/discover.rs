@@ -12,7 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 
 use super::node_info::NodeInfo;
-use crate::api::client::source_chain;
+use crate::http::source_chain;
 
 /// At most this many peers are asked at once, so a 1,000-node mesh is not hit all together.
 pub const CONCURRENCY: usize = 32;

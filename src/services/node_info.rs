@@ -1,13 +1,16 @@
 //! The read-only node-info endpoint, `GET /v1/node`, served on the node's mesh address only.
 //!
+//! The shell owns it: the mesh provider says where it should listen and who may call
+//! (`mesh::NodeInfoSpot`), and this component binds there, rebinds when the spot moves, and
+//! fills in the node's services and a GPU summary at request time.
+//!
 //! The socket is bound to the mesh address *and* to the mesh interface (SO_BINDTODEVICE):
 //! Linux accepts packets for a local address on any interface, so the address alone would let
 //! a neighbour on the LAN reach it. A caller is identified by its tunnel source address, which
-//! the tunnel authenticated: with WireGuard it must lie in the mesh CIDR, with Tailscale
-//! tailscaled's `whois` must know it as a tailnet node.
+//! the tunnel authenticated.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -17,14 +20,13 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpSocket;
 use tokio::task::JoinHandle;
 
 use crate::core::gpu::{self, GpuSummary};
-use crate::mesh::ServiceAd;
-use crate::mesh::tailscale::localapi::LocalApi;
+use crate::core::model::ServiceAd;
+use crate::mesh::{Callers, NodeInfoSpot};
 
 /// What a node tells the mesh about itself.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,55 +39,81 @@ pub struct NodeInfo {
     pub gpus: Vec<GpuSummary>,
 }
 
-pub type SharedInfo = Arc<RwLock<NodeInfo>>;
-
-/// Who may read the endpoint.
-#[derive(Clone)]
-pub enum Callers {
-    /// Sources inside the WireGuard mesh CIDR.
-    Cidr(IpNet),
-    /// Sources that tailscaled's `whois` knows as tailnet nodes.
-    Tailnet(LocalApi),
+/// The endpoint as a component: where it listens, and what it says.
+pub struct NodeInfoEndpoint {
+    info: Arc<RwLock<NodeInfo>>,
+    gpus: crate::gpu::Shared,
+    server: Option<Server>,
 }
 
-impl Callers {
-    async fn allows(&self, peer: SocketAddr) -> bool {
-        match self {
-            Callers::Cidr(mesh) => mesh.contains(&peer.ip()),
-            Callers::Tailnet(api) => api
-                .get(&format!("/localapi/v0/whois?addr={peer}"))
-                .await
-                .is_ok(),
+impl NodeInfoEndpoint {
+    pub fn new(gpus: crate::gpu::Shared) -> Self {
+        Self {
+            info: Arc::default(),
+            gpus,
+            server: None,
         }
+    }
+
+    /// Serve as `name` at `spot`; `None` stops serving. The socket is rebound only when the
+    /// interface or address moved, so a rejoin that changed nothing keeps connections alive.
+    pub fn place(&mut self, name: &str, spot: Option<&NodeInfoSpot>) -> std::io::Result<()> {
+        let Some(spot) = spot else {
+            self.server = None;
+            return Ok(());
+        };
+        {
+            let mut info = self.info.write().unwrap_or_else(|p| p.into_inner());
+            info.name = name.to_string();
+            info.public_key = spot.public_key.clone();
+            info.address = spot.listen.ip().to_string();
+        }
+        let current = self
+            .server
+            .as_ref()
+            .is_some_and(|s| s.addr == spot.listen && s.interface == spot.interface);
+        if current {
+            return Ok(());
+        }
+        self.server = None;
+        self.server = Some(Server::start(
+            &spot.interface,
+            spot.listen,
+            spot.callers.clone(),
+            Arc::clone(&self.info),
+            self.gpus.clone(),
+        )?);
+        Ok(())
+    }
+
+    /// The services the mesh provider now advertises.
+    pub fn set_services(&self, services: &[ServiceAd]) {
+        self.info
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .services = services.to_vec();
+    }
+
+    /// Withdraw: list no services and stop listening.
+    pub fn stop(&mut self) {
+        self.set_services(&[]);
+        self.server = None;
     }
 }
 
-/// The interface that holds `addr`, for SO_BINDTODEVICE; `None` when no interface has it
-/// (tailscaled in userspace-networking mode has no address of its own on the host).
-pub fn interface_with(addr: IpAddr) -> Option<String> {
-    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
-        let sock = ifa.address?;
-        let found = match addr {
-            IpAddr::V4(v4) => sock.as_sockaddr_in().map(|s| s.ip()) == Some(v4),
-            IpAddr::V6(v6) => sock.as_sockaddr_in6().map(|s| s.ip()) == Some(v6),
-        };
-        found.then_some(ifa.interface_name)
-    })
-}
-
-pub struct Server {
-    pub addr: SocketAddr,
-    pub interface: String,
+struct Server {
+    addr: SocketAddr,
+    interface: String,
     task: JoinHandle<()>,
 }
 
 impl Server {
     /// Listen on `addr`, on `interface` only, answering `callers`.
-    pub fn start(
+    fn start(
         interface: &str,
         addr: SocketAddr,
         callers: Callers,
-        info: SharedInfo,
+        info: Arc<RwLock<NodeInfo>>,
         gpus: crate::gpu::Shared,
     ) -> std::io::Result<Server> {
         let socket = if addr.is_ipv4() {
@@ -98,20 +126,14 @@ impl Server {
         socket.bind(addr)?;
         let listener = socket.listen(64)?;
         tracing::info!(component = "services", interface, %addr, "node-info endpoint listening");
-        let task = tokio::spawn(async move {
-            loop {
-                let (stream, peer) = match listener.accept().await {
-                    Ok(conn) => conn,
-                    Err(error) => {
-                        tracing::warn!(component = "services", %error, "node-info accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
+        let task = tokio::spawn(crate::http::accept_loop(
+            "services",
+            listener,
+            move |stream, peer: SocketAddr| {
                 let info = Arc::clone(&info);
                 let gpus = Arc::clone(&gpus);
                 let callers = callers.clone();
-                tokio::spawn(async move {
+                async move {
                     if !callers.allows(peer).await {
                         tracing::warn!(component = "services", %peer, "refused a node-info caller outside the mesh");
                         return;
@@ -124,9 +146,9 @@ impl Server {
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
-                });
-            }
-        });
+                }
+            },
+        ));
         Ok(Server {
             addr,
             interface: interface.to_string(),
@@ -143,7 +165,7 @@ impl Drop for Server {
 
 fn route(
     req: &hyper::Request<hyper::body::Incoming>,
-    info: &SharedInfo,
+    info: &RwLock<NodeInfo>,
     gpus: &crate::gpu::Shared,
 ) -> Response<Full<Bytes>> {
     let (code, body) = match (req.method(), req.uri().path()) {

@@ -13,8 +13,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
@@ -399,13 +397,7 @@ async fn send(
             "refusing to send credentials over plain HTTP to a non-loopback host (use https://)",
         ));
     }
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
-        .map_err(|e| exchange(step, url, &format!("no TLS roots: {e}")))?
-        .https_or_http()
-        .enable_http1()
-        .build();
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+    let client = crate::http::https_client().map_err(|e| exchange(step, url, &e.to_string()))?;
     let mut request = Request::builder()
         .method(method)
         .uri(url)
@@ -425,7 +417,7 @@ async fn send(
         let response = client
             .request(request)
             .await
-            .map_err(|e| exchange(step, url, &crate::api::client::source_chain(&e)))?;
+            .map_err(|e| exchange(step, url, &crate::http::source_chain(&e)))?;
         let status = response.status();
         let body = response
             .into_body()

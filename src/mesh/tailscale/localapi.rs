@@ -13,7 +13,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyperlocal::{UnixClientExt, UnixConnector};
 
-use crate::api::client::source_chain;
+use crate::http::source_chain;
 
 /// The only Host tailscaled accepts (besides none); hyperlocal would otherwise send the
 /// hex-encoded socket path, which tailscaled answers with 403.

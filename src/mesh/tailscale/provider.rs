@@ -20,8 +20,10 @@ use super::{authkey, status, strings};
 use crate::config::Config;
 use crate::core::backoff::Backoff;
 use crate::core::serve_config::{self, Mode, WantedService};
-use crate::mesh::{BoxFuture, Hooks, MeshError, MeshProvider, MeshStatus, ServiceAd};
-use crate::services::node_info::{self, SharedInfo};
+use crate::mesh::{
+    BoxFuture, Callers, Hooks, Joined, MeshError, MeshProvider, MeshStatus, NodeInfoSpot,
+    ServiceAd, Voucher,
+};
 use crate::state;
 
 /// How long a bring-up waits on the bus for Running.
@@ -32,6 +34,7 @@ const OWNED_FILE: &str = "tailscale-services.json";
 
 pub struct TailscaleMesh {
     hooks: Hooks,
+    live: status::LiveTailscale,
     api: Option<LocalApi>,
     owned: Option<BTreeSet<String>>,
     state_dir: PathBuf,
@@ -40,8 +43,6 @@ pub struct TailscaleMesh {
     /// What was last published, re-applied on every join: tailscaled may have restarted and
     /// lost it, and the check costs two reads when nothing changed.
     published: Option<Vec<ServiceAd>>,
-    info: SharedInfo,
-    server: Option<node_info::Server>,
     certs: Option<CertKeeper>,
     /// A key resolved for a login that has not completed yet.
     pending_key: Option<Zeroizing<String>>,
@@ -51,14 +52,13 @@ impl TailscaleMesh {
     pub fn new(hooks: Hooks) -> Self {
         Self {
             hooks,
+            live: status::LiveTailscale::default(),
             api: None,
             owned: None,
             state_dir: PathBuf::new(),
             suffix: String::new(),
             watcher: None,
             published: None,
-            info: SharedInfo::default(),
-            server: None,
             certs: None,
             pending_key: None,
         }
@@ -67,10 +67,10 @@ impl TailscaleMesh {
     fn api(&self) -> Result<&LocalApi, MeshError> {
         self.api
             .as_ref()
-            .ok_or_else(|| MeshError::Failed("tailscale provider used before join".into()))
+            .ok_or_else(|| MeshError::transient("tailscale provider used before join"))
     }
 
-    async fn join_inner(&mut self, config: &Config) -> Result<MeshStatus, MeshError> {
+    async fn join_inner(&mut self, config: &Config) -> Result<Joined, MeshError> {
         let ts = &config.network.tailscale;
         if self.api.as_ref().is_none_or(|a| a.socket() != ts.socket) {
             self.api = Some(LocalApi::new(&ts.socket));
@@ -93,7 +93,7 @@ impl TailscaleMesh {
             && let Some(v) = version
             && v < Version::SERVICES
         {
-            return Err(MeshError::Failed(format!(
+            return Err(MeshError::transient(format!(
                 "tailscaled {v} is too old for Tailscale Services (1.86 or newer is needed)"
             )));
         }
@@ -117,19 +117,18 @@ impl TailscaleMesh {
         match status["BackendState"].as_str() {
             Some("Running") => {}
             Some("NeedsMachineAuth") => {
-                return Err(MeshError::Failed(
-                    "waiting for admin approval of this device in the Tailscale admin console"
-                        .into(),
+                return Err(MeshError::transient(
+                    "waiting for admin approval of this device in the Tailscale admin console",
                 ));
             }
             Some(other) => {
-                return Err(MeshError::Failed(format!(
+                return Err(MeshError::transient(format!(
                     "tailscaled is {other}, not Running"
                 )));
             }
             None => {
-                return Err(MeshError::Failed(
-                    "tailscaled status has no BackendState".into(),
+                return Err(MeshError::transient(
+                    "tailscaled status has no BackendState",
                 ));
             }
         }
@@ -138,16 +137,17 @@ impl TailscaleMesh {
         if let Some(want) = &ts.tailnet {
             let name = tailnet["Name"].as_str().unwrap_or("");
             if name != want && self.suffix != *want {
-                return Err(MeshError::Failed(format!(
+                return Err(MeshError::transient(format!(
                     "this device is in tailnet {name:?} ({}), but the config expects {want:?}; advertising nothing",
                     self.suffix
                 )));
             }
         }
-        self.hooks.live.tailscale.attach(api.clone());
-        let keeper = self.certs.get_or_insert_with(|| {
-            CertKeeper::start(api.clone(), self.hooks.live.tailscale.clone())
-        });
+        self.live.attach(api.clone());
+        self.hooks.live.set(Some(Arc::new(self.live.clone())));
+        let keeper = self
+            .certs
+            .get_or_insert_with(|| CertKeeper::start(api.clone(), self.live.clone()));
         keeper.want(certs::Wanted {
             labels: config
                 .services
@@ -164,22 +164,20 @@ impl TailscaleMesh {
             .into_iter()
             .find_map(|ip| ip.parse::<Ipv4Addr>().ok());
         let mut problems = self.awaiting_approval(&status);
-        let interface = match ipv4 {
-            Some(ip) => {
-                let result = self.serve_node_info(config, &status, ip, &api);
-                result.unwrap_or_else(|problem| {
-                    problems.push(problem);
-                    None
-                })
-            }
-            None => None,
-        };
-        Ok(MeshStatus {
-            provider: "tailscale".into(),
-            interface,
-            address: ipv4.map(|ip| ip.to_string()),
-            peers: 0,
-            problems,
+        let node_info = ipv4.and_then(|ip| {
+            node_info_spot(config, &status, ip, &api)
+                .map_err(|problem| problems.push(problem))
+                .ok()
+        });
+        Ok(Joined {
+            status: MeshStatus {
+                provider: "tailscale".into(),
+                interface: node_info.as_ref().map(|spot| spot.interface.clone()),
+                address: ipv4.map(|ip| ip.to_string()),
+                peers: 0,
+                problems,
+            },
+            node_info,
         })
     }
 
@@ -207,8 +205,8 @@ impl TailscaleMesh {
             })
             .unwrap_or_else(|| authkey::DEFAULT_CONTROL_URL.into());
         if ts.auth.is_none() && !have_key {
-            return Err(MeshError::Failed(
-                "tailscaled is not logged in and no auth method is configured (set auth_key_file, auth_key_env, auth_key or workload_identity under [network.tailscale])".into(),
+            return Err(MeshError::transient(
+                "tailscaled is not logged in and no auth method is configured (set auth_key_file, auth_key_env, auth_key or workload_identity under [network.tailscale])",
             ));
         }
         // A node that holds a valid key restarts without a new one: minting or reusing a key
@@ -236,7 +234,7 @@ impl TailscaleMesh {
             .json("check-prefs")
             .map_err(failed)?;
         if let Some(error) = verdict["Error"].as_str().filter(|e| !e.is_empty()) {
-            return Err(MeshError::Failed(format!(
+            return Err(MeshError::transient(format!(
                 "tailscaled refuses the prefs clawnode would set: {error}"
             )));
         }
@@ -281,15 +279,15 @@ impl TailscaleMesh {
                 };
                 for notify in lines.push(data) {
                     if let Some(message) = notify["ErrMessage"].as_str() {
-                        return Err(MeshError::Failed(format!("tailscaled: {message}")));
+                        return Err(MeshError::transient(format!("tailscaled: {message}")));
                     }
                     if notify["BrowseToURL"]
                         .as_str()
                         .is_some_and(|u| !u.is_empty())
                     {
                         // The URL itself stays out: whoever opens it can claim the node.
-                        return Err(MeshError::Failed(
-                            "tailscaled wants an interactive login: the auth key was missing or rejected (`tailscale status` shows the login URL to root)".into(),
+                        return Err(MeshError::transient(
+                            "tailscaled wants an interactive login: the auth key was missing or rejected (`tailscale status` shows the login URL to root)",
                         ));
                     }
                     match notify["State"].as_u64() {
@@ -298,12 +296,12 @@ impl TailscaleMesh {
                     }
                 }
             }
-            Err(MeshError::Failed(
-                "tailscaled closed the IPN bus during login".into(),
+            Err(MeshError::transient(
+                "tailscaled closed the IPN bus during login",
             ))
         };
         tokio::time::timeout(LOGIN_WAIT, wait).await.map_err(|_| {
-            MeshError::Failed(format!(
+            MeshError::transient(format!(
                 "tailscaled did not reach Running within {} s",
                 LOGIN_WAIT.as_secs()
             ))
@@ -374,8 +372,8 @@ impl TailscaleMesh {
         if !wanted.is_empty() {
             let status: Value = read(&api, "/localapi/v0/status?peers=false").await?;
             if strings(&status["Self"]["Tags"]).is_empty() {
-                return Err(MeshError::Failed(
-                    "service hosts must be tagged nodes: set [network.tailscale] tags (and allow them in the tailnet policy)".into(),
+                return Err(MeshError::transient(
+                    "service hosts must be tagged nodes: set [network.tailscale] tags (and allow them in the tailnet policy)",
                 ));
             }
         }
@@ -400,58 +398,11 @@ impl TailscaleMesh {
         Ok(())
     }
 
-    /// `GET /v1/node` on the Tailscale IPv4, bound to the interface that holds it; returns
-    /// that interface, or the problem that kept the endpoint down (it does not stop the join).
-    fn serve_node_info(
-        &mut self,
-        config: &Config,
-        status: &Value,
-        ip: Ipv4Addr,
-        api: &LocalApi,
-    ) -> Result<Option<String>, String> {
-        {
-            let mut info = self.info.write().unwrap_or_else(|p| p.into_inner());
-            info.name = config.node.name.to_string();
-            info.public_key = status["Self"]["PublicKey"].as_str().unwrap_or("").into();
-            info.address = ip.to_string();
-        }
-        let Some(iface) = node_info::interface_with(IpAddr::V4(ip)) else {
-            self.server = None;
-            return Err(format!(
-                "node-info endpoint not served: no interface holds {ip} (tailscaled in userspace-networking mode?)"
-            ));
-        };
-        let listen = SocketAddr::new(IpAddr::V4(ip), config.network.tailscale.node_info_port);
-        let current = self
-            .server
-            .as_ref()
-            .is_some_and(|s| s.addr == listen && s.interface == iface);
-        if !current {
-            self.server = None;
-            let server = node_info::Server::start(
-                &iface,
-                listen,
-                node_info::Callers::Tailnet(api.clone()),
-                Arc::clone(&self.info),
-                self.hooks.gpus.clone(),
-            )
-            .map_err(|e| format!("node-info endpoint on {listen}: {e}"))?;
-            self.server = Some(server);
-        }
-        Ok(Some(iface))
-    }
-
     /// Publish and record the outcome for the status API.
     async fn publish_recorded(&mut self, services: &[ServiceAd]) -> Result<(), MeshError> {
         let result = self.publish_inner(services).await;
-        if result.is_ok() {
-            self.info
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .services = services.to_vec();
-        }
         let error = result.as_ref().err().map(ToString::to_string);
-        self.hooks.live.tailscale.update(|t| {
+        self.live.update(|t| {
             t.services = services.to_vec();
             t.publish_error = error;
         });
@@ -548,7 +499,7 @@ impl TailscaleMesh {
                 Err(error) => return Err(failed(error)),
             }
         }
-        Err(MeshError::Failed(format!(
+        Err(MeshError::transient(format!(
             "the serve config kept changing underneath; gave up after {SERVE_RETRIES} attempts"
         )))
     }
@@ -564,11 +515,7 @@ impl TailscaleMesh {
 }
 
 impl MeshProvider for TailscaleMesh {
-    fn kind(&self) -> &'static str {
-        "tailscale"
-    }
-
-    fn join<'a>(&'a mut self, config: &'a Config) -> BoxFuture<'a, Result<MeshStatus, MeshError>> {
+    fn join<'a>(&'a mut self, config: &'a Config) -> BoxFuture<'a, Result<Joined, MeshError>> {
         Box::pin(self.join_inner(config))
     }
 
@@ -589,9 +536,45 @@ impl MeshProvider for TailscaleMesh {
             if let Some(watcher) = self.watcher.take() {
                 watcher.abort();
             }
-            self.server = None;
             self.certs = None;
+            self.hooks.live.set(None);
             Ok(())
+        })
+    }
+}
+
+/// `GET /v1/node` on the Tailscale IPv4, bound to the interface that holds it, for tailnet
+/// nodes only; or the problem that keeps it from being served (it does not stop the join).
+fn node_info_spot(
+    config: &Config,
+    status: &Value,
+    ip: Ipv4Addr,
+    api: &LocalApi,
+) -> Result<NodeInfoSpot, String> {
+    let Some(interface) = crate::mesh::interface_with(IpAddr::V4(ip)) else {
+        return Err(format!(
+            "node-info endpoint not served: no interface holds {ip} (tailscaled in userspace-networking mode?)"
+        ));
+    };
+    Ok(NodeInfoSpot {
+        interface,
+        listen: SocketAddr::new(IpAddr::V4(ip), config.network.tailscale.node_info_port),
+        public_key: status["Self"]["PublicKey"].as_str().unwrap_or("").into(),
+        callers: Callers::Vouched(Arc::new(Whois(api.clone()))),
+        essential: false,
+    })
+}
+
+/// tailscaled knows every tailnet node by its address.
+struct Whois(LocalApi);
+
+impl Voucher for Whois {
+    fn vouches_for(&self, peer: SocketAddr) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            self.0
+                .get(&format!("/localapi/v0/whois?addr={peer}"))
+                .await
+                .is_ok()
         })
     }
 }
@@ -657,11 +640,11 @@ fn failed(error: impl std::fmt::Display) -> MeshError {
     let text = error.to_string();
     if text.contains("config file is locked") {
         // Retrying cannot help, and overriding the operator's file would be wrong.
-        return MeshError::Failed(format!(
+        return MeshError::transient(format!(
             "tailscaled runs with --config, which locks its settings; clawnode will not fight the config file: set hostname, tags and services there, or run tailscaled without --config ({text})"
         ));
     }
-    MeshError::Failed(text)
+    MeshError::transient(text)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::localapi::LocalApi;
 use super::strings;
-use crate::mesh::ServiceAd;
+use crate::mesh::{BoxFuture, LiveSource, LiveStatus, ServiceAd};
 
 /// The daemon to read and what clawnode asked of it, set by the provider once it has joined.
 #[derive(Clone, Default)]
@@ -153,6 +153,12 @@ impl LiveTailscale {
                 ..TsStatus::default()
             },
         })
+    }
+}
+
+impl LiveSource for LiveTailscale {
+    fn read(&self) -> BoxFuture<'_, Option<LiveStatus>> {
+        Box::pin(async move { LiveTailscale::read(self).await.map(LiveStatus::Tailscale) })
     }
 }
 

@@ -14,8 +14,7 @@ pub mod status;
 pub mod userspace;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -24,9 +23,11 @@ use wireguard_control::Backend;
 
 use crate::config::{self, Config, PeerConfig, WgBackend, WireguardConfig};
 use crate::core::peer_diff::{self, PeerKey, PeerMap, PeerSpec};
-use crate::services::node_info::{self, SharedInfo};
 
-use super::{BoxFuture, Hooks, MeshError, MeshProvider, MeshStatus, Recheck, ServiceAd};
+use super::{
+    BoxFuture, Callers, Hooks, Joined, MeshError, MeshProvider, MeshStatus, NodeInfoSpot, Recheck,
+    ServiceAd,
+};
 use device::{DeviceChange, DeviceState, WgControl, WgDevice};
 use link::{KernelSupport, Link};
 
@@ -56,8 +57,8 @@ impl Chosen {
 
 pub struct WireguardMesh {
     recheck: Recheck,
+    hooks_live: super::Live,
     live: status::LiveTarget,
-    gpus: crate::gpu::Shared,
     monitor: Option<monitor::Monitor>,
     link: Option<Link>,
     chosen: Option<(Chosen, String)>,
@@ -69,8 +70,6 @@ pub struct WireguardMesh {
     trusted: Option<Trusted>,
     /// Set by the monitor when the device may have changed behind clawnode's back.
     needs_read: Arc<AtomicBool>,
-    info: SharedInfo,
-    server: Option<node_info::Server>,
     keep_interface: bool,
 }
 
@@ -78,8 +77,8 @@ impl WireguardMesh {
     pub fn new(hooks: Hooks) -> Self {
         Self {
             recheck: hooks.recheck,
-            live: hooks.live.wireguard,
-            gpus: hooks.gpus,
+            hooks_live: hooks.live,
+            live: status::LiveTarget::default(),
             monitor: None,
             link: None,
             chosen: None,
@@ -87,8 +86,6 @@ impl WireguardMesh {
             applied: PeerMap::new(),
             trusted: None,
             needs_read: Arc::new(AtomicBool::new(true)),
-            info: SharedInfo::default(),
-            server: None,
             keep_interface: false,
         }
     }
@@ -119,7 +116,7 @@ impl WireguardMesh {
                         format!("no WireGuard kernel module; {} found", path.display()),
                     ),
                     None => {
-                        return Err(MeshError::Failed(format!(
+                        return Err(MeshError::transient(format!(
                             "no WireGuard available: the kernel has no wireguard module (load it: modprobe wireguard) and no userspace implementation {:?} was found (install wireguard-go, or set [network.wireguard] userspace_implementation)",
                             wg.userspace_implementation.display().to_string()
                         )));
@@ -132,31 +129,30 @@ impl WireguardMesh {
         Ok(chosen)
     }
 
-    async fn join_inner(&mut self, config: &Config) -> Result<MeshStatus, MeshError> {
+    async fn join_inner(&mut self, config: &Config) -> Result<Joined, MeshError> {
         let wg = &config.network.wireguard;
         let iface = wg.interface.as_str().to_string();
         let Some(address) = wg.address else {
-            return Err(MeshError::Failed(
-                "[network.wireguard] address is not set".into(),
+            return Err(MeshError::transient(
+                "[network.wireguard] address is not set",
             ));
         };
         if self.link.is_none() {
             self.link = Some(Link::connect().map_err(failed)?);
         }
         let link = self.link.take().expect("set above");
-        let result = self.configure(config, wg, &iface, address, &link).await;
+        let result = self.configure(wg, &iface, address, &link).await;
         self.link = Some(link);
         result
     }
 
     async fn configure(
         &mut self,
-        config: &Config,
         wg: &WireguardConfig,
         iface: &str,
         address: IpNet,
         link: &Link,
-    ) -> Result<MeshStatus, MeshError> {
+    ) -> Result<Joined, MeshError> {
         self.keep_interface = wg.keep_interface_on_stop;
         let chosen = self.choose_backend(wg, link).await?;
         let backend = match chosen {
@@ -175,7 +171,7 @@ impl WireguardMesh {
 
         let key = keys::load_or_generate(&wg.private_key_file).map_err(failed)?;
         let public = key.public();
-        let (peers, problems) = configured_peers(wg);
+        let (peers, problems) = config::peers::configured_peers(wg);
         let desired = desired_peers(&peers).await?;
 
         let device = WgControl { backend };
@@ -215,8 +211,8 @@ impl WireguardMesh {
             Ok::<_, std::io::Error>((diff.len(), settings_changed))
         })
         .await
-        .map_err(|e| MeshError::Failed(format!("WireGuard apply task failed: {e}")))?
-        .map_err(|e| MeshError::Failed(format!("configure WireGuard device {iface}: {e}")))?;
+        .map_err(|e| MeshError::transient(format!("WireGuard apply task failed: {e}")))?
+        .map_err(|e| MeshError::transient(format!("configure WireGuard device {iface}: {e}")))?;
         self.applied = desired.clone();
         self.trusted = Some(Trusted {
             interface: iface.to_string(),
@@ -227,7 +223,7 @@ impl WireguardMesh {
         });
 
         let Some(state) = link.get(iface).await.map_err(failed)? else {
-            return Err(MeshError::Failed(format!(
+            return Err(MeshError::transient(format!(
                 "interface {iface} vanished while being configured"
             )));
         };
@@ -261,6 +257,7 @@ impl WireguardMesh {
                 .map_err(failed)?,
             );
         }
+        self.hooks_live.set(Some(Arc::new(self.live.clone())));
         self.live.set(Some(status::Target {
             interface: iface.to_string(),
             backend,
@@ -275,76 +272,49 @@ impl WireguardMesh {
             tracing::info!(component = "mesh", interface = iface, peer_changes, settings_changed, link = ?link_changes, "WireGuard interface reconciled");
         }
 
-        {
-            let mut info = self.info.write().unwrap_or_else(|p| p.into_inner());
-            info.name = config.node.name.to_string();
-            info.public_key = keys::to_base64(&public);
-            info.address = address.to_string();
-        }
-        let listen = SocketAddr::new(address.addr(), wg.node_info_port);
-        let rebind = self
-            .server
-            .as_ref()
-            .is_none_or(|s| s.addr != listen || s.interface != iface);
-        if rebind {
-            self.server = None;
-            let server = node_info::Server::start(
-                iface,
-                listen,
-                node_info::Callers::Cidr(wg.mesh_cidr),
-                Arc::clone(&self.info),
-                self.gpus.clone(),
-            )
-            .map_err(|e| MeshError::Failed(format!("node-info endpoint on {listen}: {e}")))?;
-            self.server = Some(server);
-        }
-
-        Ok(MeshStatus {
+        let status = MeshStatus {
             provider: format!("wireguard/{}", chosen.as_str()),
             interface: Some(iface.to_string()),
             address: Some(address.to_string()),
             peers: desired.len(),
             problems,
+        };
+        let node_info = NodeInfoSpot {
+            interface: iface.to_string(),
+            listen: SocketAddr::new(address.addr(), wg.node_info_port),
+            public_key: keys::to_base64(&public),
+            callers: Callers::Within(wg.mesh_cidr),
+            essential: true,
+        };
+        Ok(Joined {
+            status,
+            node_info: Some(node_info),
         })
     }
 }
 
 impl MeshProvider for WireguardMesh {
-    fn kind(&self) -> &'static str {
-        "wireguard"
-    }
-
-    fn join<'a>(&'a mut self, config: &'a Config) -> BoxFuture<'a, Result<MeshStatus, MeshError>> {
+    fn join<'a>(&'a mut self, config: &'a Config) -> BoxFuture<'a, Result<Joined, MeshError>> {
         Box::pin(self.join_inner(config))
     }
 
     fn publish<'a>(
         &'a mut self,
-        services: &'a [ServiceAd],
+        _services: &'a [ServiceAd],
     ) -> BoxFuture<'a, Result<(), MeshError>> {
-        Box::pin(async move {
-            let mut info = self.info.write().unwrap_or_else(|p| p.into_inner());
-            info.services = services.to_vec();
-            Ok(())
-        })
+        // Peers read this node's services from its node-info endpoint, which the shell runs.
+        Box::pin(async { Ok(()) })
     }
 
     fn withdraw(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
-        Box::pin(async move {
-            self.info
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .services
-                .clear();
-            Ok(())
-        })
+        Box::pin(async { Ok(()) })
     }
 
     fn leave(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
         Box::pin(async move {
-            self.server = None;
             self.monitor = None;
             self.live.set(None);
+            self.hooks_live.set(None);
             if self.keep_interface {
                 tracing::info!(
                     component = "mesh",
@@ -365,53 +335,6 @@ impl MeshProvider for WireguardMesh {
             Ok(())
         })
     }
-}
-
-/// Every configured peer: `[[network.wireguard.peers]]`, then the drop-in files in
-/// `peers_dir` (`*.toml`, in name order). A file that does not validate is skipped whole and
-/// reported; the other peers stay. A public key seen twice keeps its first definition.
-pub fn configured_peers(wg: &WireguardConfig) -> (Vec<PeerConfig>, Vec<String>) {
-    let mut peers = wg.peers.clone();
-    let mut problems = Vec::new();
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(&wg.peers_dir) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-            .collect(),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(error) => {
-            problems.push(format!(
-                "cannot read peers_dir {}: {error}",
-                wg.peers_dir.display()
-            ));
-            Vec::new()
-        }
-    };
-    files.sort();
-    for file in files {
-        match config::load_peers_file(&file) {
-            Ok(more) => {
-                for peer in more {
-                    if peers.iter().any(|p| p.public_key == peer.public_key) {
-                        problems.push(format!(
-                            "{}: peer {:?} repeats a public key already configured; ignored",
-                            file.display(),
-                            peer.name
-                        ));
-                        continue;
-                    }
-                    peers.push(peer);
-                }
-            }
-            Err(errors) => {
-                for error in &errors.0 {
-                    tracing::error!(component = "mesh", %error, "peer file rejected; its peers are not applied");
-                }
-                problems.extend(errors.0.iter().map(|e| format!("peer file rejected: {e}")));
-            }
-        }
-    }
-    (peers, problems)
 }
 
 /// The peers to apply, endpoints resolved now (a name that does not resolve leaves the peer
@@ -449,32 +372,6 @@ fn routes_for(wg: &WireguardConfig, peers: &PeerMap) -> Vec<IpNet> {
     routes
 }
 
-/// The mesh address of each peer: its first single-host allowed IP inside the mesh CIDR.
-pub fn peer_mesh_addresses(wg: &WireguardConfig) -> Vec<IpAddr> {
-    configured_peers(wg)
-        .0
-        .iter()
-        .filter_map(|p| {
-            p.allowed_ips
-                .iter()
-                .find(|net| net.prefix_len() == net.max_prefix_len() && wg.mesh_cidr.contains(*net))
-                .map(|net| net.addr())
-        })
-        .collect()
-}
-
-/// Does this process hold CAP_NET_ADMIN (bit 12 of the effective set)?
-pub fn has_cap_net_admin() -> bool {
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|caps| caps & (1 << 12) != 0)
-}
-
 fn failed(error: impl std::fmt::Display) -> MeshError {
-    MeshError::Failed(error.to_string())
+    MeshError::transient(error.to_string())
 }

@@ -11,6 +11,7 @@ use wireguard_control::Backend;
 use super::device::{WgControl, WgDevice};
 use super::keys;
 use crate::core::peer_diff::PeerKey;
+use crate::mesh::{BoxFuture, LiveSource, LiveStatus, TunnelPeer};
 
 /// The interface to read, set by the provider once it is configured.
 #[derive(Clone, Default)]
@@ -33,19 +34,7 @@ pub struct WgStatus {
     pub listen_port: Option<u16>,
     pub fwmark: Option<u32>,
     pub addresses: Vec<String>,
-    pub peers: Vec<PeerStatus>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PeerStatus {
-    pub name: Option<String>,
-    pub public_key: String,
-    pub endpoint: Option<String>,
-    pub allowed_ips: Vec<String>,
-    pub persistent_keepalive: Option<u16>,
-    pub last_handshake_unix_ms: Option<u64>,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
+    pub peers: Vec<TunnelPeer>,
 }
 
 impl LiveTarget {
@@ -61,6 +50,22 @@ impl LiveTarget {
     }
 }
 
+impl LiveSource for LiveTarget {
+    fn read(&self) -> BoxFuture<'_, Option<LiveStatus>> {
+        let live = self.clone();
+        Box::pin(async move {
+            match tokio::task::spawn_blocking(move || LiveTarget::read(&live)).await {
+                Ok(Some(Ok(status))) => Some(LiveStatus::Wireguard(status)),
+                Ok(Some(Err(error))) => {
+                    tracing::debug!(component = "mesh", %error, "cannot read the WireGuard device");
+                    None
+                }
+                _ => None,
+            }
+        })
+    }
+}
+
 fn read(target: &Target) -> std::io::Result<WgStatus> {
     let state = WgControl {
         backend: target.backend,
@@ -71,7 +76,7 @@ fn read(target: &Target) -> std::io::Result<WgStatus> {
         .iter()
         .map(|s| {
             let spec = state.peers.get(&s.key);
-            PeerStatus {
+            TunnelPeer {
                 name: target.names.get(&s.key).cloned(),
                 public_key: keys::to_base64(&s.key),
                 endpoint: s.endpoint.map(|e| e.to_string()),

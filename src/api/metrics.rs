@@ -7,9 +7,9 @@
 use prometheus::core::Collector;
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use crate::api::StatusDoc;
+use super::StatusDoc;
 use crate::gpu::{GpuInfo, Snapshot};
-use crate::mesh::wireguard::status::WgStatus;
+use crate::mesh::TunnelPeer;
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -34,7 +34,7 @@ const OWN_LABELS: [&str; 6] = [
 
 pub fn render(
     status: &StatusDoc,
-    wireguard: Option<&WgStatus>,
+    peers: &[TunnelPeer],
     gpus: &Snapshot,
     hostname: &str,
     now_unix_ms: u64,
@@ -42,7 +42,7 @@ pub fn render(
     let registry = Registry::new();
     let mut families = Families::new(&registry);
     gpu_series(&mut families, gpus, hostname)?;
-    agent_series(&mut families, status, wireguard, gpus, now_unix_ms)?;
+    agent_series(&mut families, status, peers, gpus, now_unix_ms)?;
     let mut out = Vec::new();
     TextEncoder::new().encode(&registry.gather(), &mut out)?;
     Ok(String::from_utf8_lossy(&out).into_owned())
@@ -333,7 +333,7 @@ fn gpu_series(f: &mut Families, snap: &Snapshot, hostname: &str) -> Result<(), p
 fn agent_series(
     f: &mut Families,
     status: &StatusDoc,
-    wireguard: Option<&WgStatus>,
+    peers: &[TunnelPeer],
     gpus: &Snapshot,
     now_unix_ms: u64,
 ) -> Result<(), prometheus::Error> {
@@ -385,7 +385,7 @@ fn agent_series(
         &[],
         gpus.probe_errors,
     )?;
-    for peer in wireguard.map(|w| w.peers.as_slice()).unwrap_or_default() {
+    for peer in peers {
         let name = peer.name.clone().unwrap_or_else(|| peer.public_key.clone());
         let labels = [name.as_str()];
         if let Some(at) = peer.last_handshake_unix_ms {
@@ -454,7 +454,7 @@ mod tests {
 
     #[test]
     fn gpu_series_use_dcgm_names_and_labels_and_skip_what_nvml_did_not_answer() {
-        let text = render(&StatusDoc::default(), None, &snapshot(), "gpu-01", 0).unwrap();
+        let text = render(&StatusDoc::default(), &[], &snapshot(), "gpu-01", 0).unwrap();
         assert!(text.contains("# TYPE DCGM_FI_DEV_GPU_TEMP gauge"), "{text}");
         assert!(text.contains(
             "DCGM_FI_DEV_GPU_TEMP{Hostname=\"gpu-01\",UUID=\"GPU-0\",device=\"nvidia0\",gpu=\"0\",modelName=\"NVIDIA H100 80GB HBM3\",pci_bus_id=\"00000000:10:00.0\"} 41"
