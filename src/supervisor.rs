@@ -11,10 +11,10 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, ComponentDoc, ErrorDoc, GpuDoc, MeshDoc, ServicesDoc, StatusDoc};
 use crate::config::{self, Config};
-use crate::core::{Backoff, Command, Component, ComponentView, Supervisor};
+use crate::core::{Backoff, Command, Component, ComponentView, ReloadPlan, Retry, Supervisor};
 use crate::gpu::{GpuInventory, GpuProbe, Monitor, Report};
 use crate::logging::LogHandle;
-use crate::mesh::{self, Hooks, Joined, MeshProvider, MeshStatus, ServiceAd};
+use crate::mesh::{self, Hooks, Joined, MeshError, MeshProvider, ServiceAd};
 use crate::services::node_info::NodeInfoEndpoint;
 use crate::systemd::{self, Notifier};
 
@@ -37,8 +37,6 @@ pub struct Daemon {
     core: Supervisor,
     mesh: Arc<tokio::sync::Mutex<Box<dyn MeshProvider>>>,
     gpu: Monitor,
-    /// The generation of the last GPU probe, so layout changes update the right slot.
-    gpu_generation: u64,
     notifier: Box<dyn Notifier>,
     log: Option<LogHandle>,
     tasks: [Option<JoinHandle<()>>; 3],
@@ -48,9 +46,6 @@ pub struct Daemon {
     node_info: NodeInfoEndpoint,
     recheck_rx: mpsc::Receiver<String>,
     status_tx: watch::Sender<StatusDoc>,
-    mesh_status: Option<MeshStatus>,
-    inventory: Option<GpuInventory>,
-    advertised: bool,
     clock: Clock,
 }
 
@@ -84,17 +79,18 @@ impl Daemon {
             }),
         );
         let clock = Clock::now();
+        let gpu_required = config.gpu.required;
         Self {
             config_path,
             config: Arc::new(config),
             core: Supervisor::new(
                 Backoff::DEFAULT,
                 components.watchdog_interval,
+                gpu_required,
                 clock.instant,
             ),
             mesh: Arc::new(tokio::sync::Mutex::new(components.mesh)),
             gpu,
-            gpu_generation: 0,
             notifier: components.notifier,
             log,
             tasks: Default::default(),
@@ -104,9 +100,6 @@ impl Daemon {
             node_info,
             recheck_rx,
             status_tx: watch::Sender::new(StatusDoc::default()),
-            mesh_status: None,
-            inventory: None,
-            advertised: false,
             clock,
         }
     }
@@ -190,7 +183,7 @@ impl Daemon {
                         Err(error) => Event::Failed {
                             component,
                             generation,
-                            error: error.to_string(),
+                            error,
                         },
                     };
                     let _ = tx.send(event).await;
@@ -211,7 +204,7 @@ impl Daemon {
                         Err(error) => Event::Failed {
                             component,
                             generation,
-                            error: error.to_string(),
+                            error,
                         },
                     };
                     let _ = tx.send(event).await;
@@ -229,111 +222,81 @@ impl Daemon {
                     mut status,
                     node_info,
                 } = joined;
-                if let Err(error) = self
-                    .node_info
-                    .place(&self.config.node.name.to_string(), node_info.as_ref())
-                {
-                    let spot = node_info.as_ref().map(|s| s.listen.to_string());
+                let name = self.config.node.name.to_string();
+                if let Err(error) = self.node_info.place(&name, node_info.as_ref()) {
+                    let listen = node_info.as_ref().map(|s| s.listen.to_string());
                     let problem = format!(
                         "node-info endpoint on {}: {error}",
-                        spot.unwrap_or_default()
+                        listen.unwrap_or_default()
                     );
                     if node_info.as_ref().is_some_and(|s| s.essential) {
                         return self.handle_event(
                             Event::Failed {
                                 component: Component::Mesh,
                                 generation,
-                                error: problem,
+                                error: MeshError::transient(problem),
                             },
                             now,
                         );
                     }
                     status.problems.push(problem);
                 }
-                let summary = status.summary();
-                tracing::info!(component = "mesh", mesh = %summary, "joined the mesh");
-                self.mesh_status = Some(status);
-                self.core
-                    .handle_component_up(Component::Mesh, generation, summary, now);
+                tracing::info!(component = "mesh", mesh = %status.summary(), "joined the mesh");
+                self.core.handle_mesh_up(generation, status, now);
             }
-            // A layout change goes through the same checks as a probe: with `required`, losing
-            // every GPU makes the node unready.
-            Event::GpuChanged { inventory } => self.handle_event(
-                Event::GpuProbed {
-                    generation: self.gpu_generation,
-                    inventory,
-                },
-                now,
-            ),
+            Event::GpuChanged { inventory } => {
+                log_inventory(&inventory);
+                self.core
+                    .handle_gpus_changed(inventory, now, fastrand::u32(..));
+                self.log_gpu_verdict();
+            }
             Event::GpuProbed {
                 generation,
                 inventory,
             } => {
-                self.gpu_generation = generation;
-                let summary = inventory.summary();
-                let usable = inventory.gpus.iter().any(|g| !g.lost);
-                let missing = !usable && self.config.gpu.required;
-                let reason = inventory.unavailable.clone();
-                self.inventory = Some(inventory);
-                if missing {
-                    let why = reason
-                        .map(|u| format!("{}: {}", u.reason, u.detail))
-                        .unwrap_or_else(|| "no GPUs".into());
-                    let error = format!(
-                        "GPUs are required ([gpu] required = true) but none were found: {why}"
-                    );
-                    tracing::warn!(component = "gpu", %error, "GPU probe");
-                    self.core.handle_component_failed(
-                        Component::Gpu,
-                        generation,
-                        error,
-                        now,
-                        fastrand::u32(..),
-                    );
-                    return;
-                }
-                if let Some(u) = &self.inventory.as_ref().and_then(|i| i.unavailable.clone()) {
-                    tracing::warn!(component = "gpu", reason = %u.reason, detail = %u.detail, "no GPUs to report");
-                } else {
-                    tracing::info!(component = "gpu", gpus = %summary, "GPU probe done");
-                }
+                log_inventory(&inventory);
                 self.core
-                    .handle_component_up(Component::Gpu, generation, summary, now);
+                    .handle_gpu_probed(generation, inventory, now, fastrand::u32(..));
+                self.log_gpu_verdict();
             }
             Event::Published { generation, ads } => {
                 self.node_info.set_services(&ads);
-                let names: Vec<String> = ads.into_iter().map(|ad| ad.name).collect();
-                let summary = if names.is_empty() {
-                    "no services to advertise".to_string()
-                } else {
-                    format!("advertising {}", names.join(", "))
-                };
+                let names: Vec<&str> = ads.iter().map(|ad| ad.name.as_str()).collect();
                 tracing::info!(component = "services", services = ?names, "services published");
-                self.advertised = true;
-                self.core
-                    .handle_component_up(Component::Services, generation, summary, now);
+                self.core.handle_published(generation, &ads, now);
             }
             Event::Failed {
                 component,
                 generation,
                 error,
             } => {
-                tracing::warn!(component = component.as_str(), %error, "component failed; will retry");
-                if component == Component::Mesh {
-                    self.mesh_status = None;
-                    self.advertised = false;
-                }
-                if component == Component::Services {
-                    self.advertised = false;
+                let retry = error.retry();
+                match retry {
+                    Retry::Transient => {
+                        tracing::warn!(component = component.as_str(), %error, "component failed; will retry")
+                    }
+                    Retry::NeedsOperator => {
+                        tracing::error!(component = component.as_str(), %error, "component failed; waiting for the operator")
+                    }
                 }
                 self.core.handle_component_failed(
                     component,
                     generation,
-                    error,
+                    error.message().to_string(),
+                    retry,
                     now,
                     fastrand::u32(..),
                 );
             }
+        }
+    }
+
+    /// The core's verdict on the GPUs, for the journal.
+    fn log_gpu_verdict(&self) {
+        let view = self.core.view(Instant::now());
+        let gpu = &view.components[Component::Gpu as usize];
+        if let Some(error) = &gpu.error {
+            tracing::warn!(component = "gpu", %error, "GPU probe");
         }
     }
 
@@ -360,23 +323,17 @@ impl Daemon {
                 return;
             }
         };
-        let old = Arc::clone(&self.config);
-        let changed = changed_components(&old, &new);
-        if new.log != old.log
-            && let Some(log) = &self.log
-        {
-            log.set_level(new.log.level.as_str());
+        let plan = ReloadPlan::new(&self.config, &new);
+        if let (Some(level), Some(log)) = (&plan.log_level, &self.log) {
+            log.set_level(level);
         }
-        if new.api != old.api
-            || new.node.state_dir != old.node.state_dir
-            || new.node.runtime_dir != old.node.runtime_dir
-        {
+        if plan.needs_restart {
             tracing::warn!(
                 component = "config",
                 "[api] socket and metrics_listen and [node] directories change at the next restart"
             );
         }
-        if new.network.provider != old.network.provider {
+        if plan.replace_provider {
             // The old provider withdraws what it advertised before the new one takes over. Its
             // tasks hold the provider's lock, so they go first; the core restarts them.
             self.abort(&[Component::Mesh, Component::Services]);
@@ -384,11 +341,10 @@ impl Daemon {
                 tracing::warn!(component = "mesh", %error, "old provider did not withdraw cleanly");
             }
             *self.mesh.lock().await = mesh::for_config(&new, self.hooks.clone());
-            self.mesh_status = None;
         }
-        tracing::info!(changed = ?changed, "configuration reloaded");
+        tracing::info!(changed = ?plan.changed, "configuration reloaded");
         self.config = Arc::new(new);
-        self.core.handle_reload_applied(&changed, now);
+        self.core.handle_reload_applied(&plan, now);
     }
 
     fn abort(&mut self, components: &[Component]) {
@@ -409,7 +365,6 @@ impl Daemon {
         })
         .await;
         self.node_info.stop();
-        self.advertised = false;
         match result {
             Ok(Ok(())) => {
                 tracing::info!(
@@ -445,12 +400,14 @@ impl Daemon {
                 state: v.state.as_str().into(),
                 summary: v.summary.clone(),
                 error: v.error.clone(),
+                waiting_for_operator: v.waiting_for_operator,
                 attempts: v.attempts,
                 next_retry_unix_ms: v.retry_in.map(|d| self.clock.unix_ms(now + d)),
             }
         };
         let config = &self.config;
-        let inventory = self.inventory.clone().unwrap_or_default();
+        let inventory = view.inventory.clone().unwrap_or_default();
+        let mesh = view.mesh.clone().unwrap_or_default();
         StatusDoc {
             node: config.node.name.to_string(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -462,14 +419,10 @@ impl Daemon {
             config: api::status_config(&self.config_path, view.reload_note.clone()),
             mesh: MeshDoc {
                 health: component(Component::Mesh),
-                interface: self.mesh_status.as_ref().and_then(|m| m.interface.clone()),
-                address: self.mesh_status.as_ref().and_then(|m| m.address.clone()),
-                peers: self.mesh_status.as_ref().map_or(0, |m| m.peers),
-                problems: self
-                    .mesh_status
-                    .as_ref()
-                    .map(|m| m.problems.clone())
-                    .unwrap_or_default(),
+                interface: mesh.interface,
+                address: mesh.address,
+                peers: mesh.peers,
+                problems: mesh.problems,
                 live: None,
             },
             gpu: GpuDoc {
@@ -486,7 +439,7 @@ impl Daemon {
             services: ServicesDoc {
                 health: component(Component::Services),
                 configured: ServiceAd::from_config(config),
-                advertised: self.advertised,
+                advertised: view.advertised,
             },
             last_errors: view
                 .last_errors
@@ -499,21 +452,6 @@ impl Daemon {
                 .collect(),
         }
     }
-}
-
-/// Which components a new config touches. Everything else keeps running untouched.
-pub fn changed_components(old: &Config, new: &Config) -> Vec<Component> {
-    let mut changed = Vec::new();
-    if old.network != new.network || old.node.name != new.node.name {
-        changed.push(Component::Mesh);
-    }
-    if old.gpu != new.gpu {
-        changed.push(Component::Gpu);
-    }
-    if old.services != new.services {
-        changed.push(Component::Services);
-    }
-    changed
 }
 
 enum Event {
@@ -536,7 +474,7 @@ enum Event {
     Failed {
         component: Component,
         generation: u64,
-        error: String,
+        error: MeshError,
     },
 }
 
@@ -573,6 +511,15 @@ impl Clock {
     }
 }
 
+fn log_inventory(inventory: &GpuInventory) {
+    match &inventory.unavailable {
+        Some(u) => {
+            tracing::warn!(component = "gpu", reason = %u.reason, detail = %u.detail, "no GPUs to report")
+        }
+        None => tracing::info!(component = "gpu", gpus = %inventory.summary(), "GPU probe done"),
+    }
+}
+
 /// A join parses peer files and reads the device back; with thousands of peers that is tens
 /// of megabytes, freed again at once. glibc keeps freed memory in its arenas, so without this
 /// the idle RSS would stay at the peak of the last join.
@@ -595,7 +542,7 @@ mod tests {
     use super::*;
     use crate::core::NotifyMsg;
     use crate::gpu::GpuInfo;
-    use crate::mesh::{BoxFuture, MeshError};
+    use crate::mesh::{BoxFuture, MeshError, MeshStatus};
     use crate::systemd::RecordingNotifier;
 
     /// Fails its first `fail_first` joins, then joins; counts publishes.
@@ -721,22 +668,5 @@ mod tests {
         assert_eq!(doc.gpu.count, 2);
         assert_eq!(doc.gpu.driver_version.as_deref(), Some("580.95.05"));
         assert_eq!(doc.last_errors.len(), 3);
-    }
-
-    #[test]
-    fn only_the_sections_that_changed_are_reapplied() {
-        let old = config();
-        let mut new = old.clone();
-        assert!(changed_components(&old, &new).is_empty());
-        new.gpu.poll_interval = Duration::from_secs(30);
-        assert_eq!(changed_components(&old, &new), vec![Component::Gpu]);
-        new.services.clear();
-        assert_eq!(
-            changed_components(&old, &new),
-            vec![Component::Gpu, Component::Services]
-        );
-        let mut renamed = old.clone();
-        renamed.network.wireguard.mtu = 1380;
-        assert_eq!(changed_components(&old, &renamed), vec![Component::Mesh]);
     }
 }

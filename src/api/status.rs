@@ -39,6 +39,10 @@ pub struct ComponentDoc {
     pub state: String,
     pub summary: Option<String>,
     pub error: Option<String>,
+    /// The failure needs the operator (a wrong tailnet, a tag the policy does not permit):
+    /// retrying alone cannot fix it, so it is rechecked slowly and at every reload.
+    #[serde(default)]
+    pub waiting_for_operator: bool,
     /// Consecutive failures so far.
     pub attempts: u32,
     /// When the next retry runs (Unix time in milliseconds), if one is scheduled.

@@ -102,6 +102,7 @@ fn human(doc: &StatusDoc) -> String {
     );
     row(&mut out, "status:", &doc.status);
     let health = |h: &api::ComponentDoc| match (&h.summary, &h.error) {
+        (_, Some(error)) if h.waiting_for_operator => format!("waiting for operator: {error}"),
         (_, Some(error)) => format!("{}: {error} (attempt {})", h.state, h.attempts),
         (Some(summary), None) => format!("{}: {summary}", h.state),
         (None, None) => h.state.clone(),

@@ -20,6 +20,12 @@ impl Backoff {
         cap: Duration::from_secs(30),
     };
 
+    /// For failures only an operator can fix: about a minute, then doubling up to 15 minutes.
+    pub const OPERATOR: Backoff = Backoff {
+        initial: Duration::from_secs(60),
+        cap: Duration::from_secs(15 * 60),
+    };
+
     pub fn new(initial: Duration, cap: Duration) -> Self {
         let initial = initial.max(Duration::from_millis(1));
         Self {

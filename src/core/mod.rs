@@ -16,5 +16,5 @@ pub mod supervisor;
 pub use backoff::Backoff;
 pub use supervisor::{
     Command, Component, ComponentState, ComponentView, CoreView, ErrorRecord, NotifyMsg, Phase,
-    Retry, Supervisor,
+    ReloadPlan, Retry, Supervisor,
 };

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, ServiceMode};
 
 /// What the node looks like on the mesh once joined.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeshStatus {
     pub provider: String,
     pub interface: Option<String>,

@@ -9,6 +9,8 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use super::backoff::Backoff;
+use super::model::{GpuInventory, MeshStatus, ServiceAd};
+use crate::config::Config;
 
 /// The parts of the node whose health decides readiness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -97,6 +99,10 @@ impl ComponentState {
     }
 }
 
+/// How often a failure that needs the operator is looked at again: slowly, because trying
+/// the same thing sooner fails the same way and only adds load on the daemon or control plane.
+pub const OPERATOR_RECHECK: Backoff = Backoff::OPERATOR;
+
 /// One sd_notify assignment. The shell turns each into a `KEY=value` line of a single datagram.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NotifyMsg {
@@ -138,6 +144,12 @@ pub struct CoreView {
     pub components: Vec<ComponentView>,
     pub last_errors: Vec<ErrorRecord>,
     pub reload_note: Option<String>,
+    /// How the node looks on the mesh, while the mesh is up.
+    pub mesh: Option<MeshStatus>,
+    /// The last GPU inventory a probe or a layout change reported.
+    pub inventory: Option<GpuInventory>,
+    /// True while the mesh provider holds the advertisement.
+    pub advertised: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,13 +158,57 @@ pub struct ComponentView {
     pub state: ComponentState,
     pub summary: Option<String>,
     pub error: Option<String>,
+    /// Set on a failure that retrying cannot fix until someone changes something.
+    pub waiting_for_operator: bool,
     pub attempts: u32,
     pub retry_in: Option<Duration>,
+}
+
+/// What a reload changes, decided from the old and the new configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReloadPlan {
+    /// Components whose settings changed and must be re-applied; the others are not touched.
+    pub changed: Vec<Component>,
+    /// `[network] provider` changed: the old provider withdraws and leaves before the new one
+    /// takes over.
+    pub replace_provider: bool,
+    /// The new log level, when it changed.
+    pub log_level: Option<String>,
+    /// Settings that only take effect at the next restart changed (`[api]`, `[node]`
+    /// directories).
+    pub needs_restart: bool,
+    /// `[gpu] required` in the new configuration.
+    pub gpu_required: bool,
+}
+
+impl ReloadPlan {
+    pub fn new(old: &Config, new: &Config) -> Self {
+        let mut changed = Vec::new();
+        if old.network != new.network || old.node.name != new.node.name {
+            changed.push(Component::Mesh);
+        }
+        if old.gpu != new.gpu {
+            changed.push(Component::Gpu);
+        }
+        if old.services != new.services {
+            changed.push(Component::Services);
+        }
+        ReloadPlan {
+            changed,
+            replace_provider: old.network.provider != new.network.provider,
+            log_level: (new.log != old.log).then(|| new.log.level.as_str().to_string()),
+            needs_restart: new.api != old.api
+                || new.node.state_dir != old.node.state_dir
+                || new.node.runtime_dir != old.node.runtime_dir,
+            gpu_required: new.gpu.required,
+        }
+    }
 }
 
 pub struct Supervisor {
     phase: Phase,
     slots: [Slot; 3],
+    generations: [u64; 3],
     backoff: Backoff,
     watchdog: Option<Watchdog>,
     ever_ready: bool,
@@ -161,6 +217,10 @@ pub struct Supervisor {
     last_status: Option<String>,
     errors: VecDeque<ErrorRecord>,
     commands: VecDeque<Command>,
+    gpu_required: bool,
+    mesh: Option<MeshStatus>,
+    inventory: Option<GpuInventory>,
+    advertised: bool,
 }
 
 /// How many errors the status API keeps; older ones are dropped so memory stays flat.
@@ -169,10 +229,17 @@ pub const MAX_ERRORS: usize = 16;
 const MAX_ERROR_CHARS: usize = 200;
 
 impl Supervisor {
-    pub fn new(backoff: Backoff, watchdog_interval: Option<Duration>, now: Instant) -> Self {
+    /// `gpu_required` is `[gpu] required`: without a usable GPU the node is not ready.
+    pub fn new(
+        backoff: Backoff,
+        watchdog_interval: Option<Duration>,
+        gpu_required: bool,
+        now: Instant,
+    ) -> Self {
         Self {
             phase: Phase::Starting,
             slots: Default::default(),
+            generations: [0; 3],
             backoff,
             watchdog: watchdog_interval.map(|interval| Watchdog {
                 interval,
@@ -184,6 +251,10 @@ impl Supervisor {
             last_status: None,
             errors: VecDeque::new(),
             commands: VecDeque::new(),
+            gpu_required,
+            mesh: None,
+            inventory: None,
+            advertised: false,
         }
     }
 
@@ -206,47 +277,86 @@ impl Supervisor {
         self.update(now);
     }
 
-    pub fn handle_component_up(
-        &mut self,
-        component: Component,
-        generation: u64,
-        summary: String,
-        now: Instant,
-    ) {
-        if self.phase == Phase::Stopping || !self.current(component, generation) {
+    /// The mesh provider joined (or confirmed the join).
+    pub fn handle_mesh_up(&mut self, generation: u64, status: MeshStatus, now: Instant) {
+        if !self.accepts(Component::Mesh, generation) {
             return;
         }
-        let slot = &mut self.slots[component.index()];
-        let was_up = slot.state == ComponentState::Up;
-        slot.state = ComponentState::Up;
-        slot.summary = Some(one_line(&summary));
-        slot.error = None;
-        slot.attempts = 0;
-        slot.in_flight = false;
-        slot.retry_at = None;
-        let services_up = self.slots[Component::Services.index()].state == ComponentState::Up;
-        if component == Component::Mesh && !(was_up && services_up) {
-            self.start(Component::Services);
-        }
-        self.update(now);
+        let summary = status.summary();
+        self.mesh = Some(status);
+        self.component_up(Component::Mesh, summary, now);
     }
 
-    /// Something outside changed a component that is up (an interface was deleted, a daemon
-    /// died) or a periodic check is due: run its bring-up again now. It stays up meanwhile, so
-    /// a check that finds nothing wrong changes nothing systemd sees. A component that is not
-    /// up already has a retry scheduled or running.
-    pub fn handle_recheck(&mut self, component: Component, now: Instant) {
-        let slot = &self.slots[component.index()];
-        if self.phase == Phase::Stopping || slot.state != ComponentState::Up || slot.in_flight {
+    /// A GPU probe finished. With `[gpu] required`, no usable GPU is a failure; otherwise zero
+    /// GPUs is a normal state. `jitter` is a uniformly random `u32` from the shell.
+    pub fn handle_gpu_probed(
+        &mut self,
+        generation: u64,
+        inventory: GpuInventory,
+        now: Instant,
+        jitter: u32,
+    ) {
+        if !self.accepts(Component::Gpu, generation) {
             return;
         }
-        let slot = &mut self.slots[component.index()];
-        slot.generation += 1;
-        slot.in_flight = true;
-        self.commands.push_back(Command::Start {
-            component,
-            generation: slot.generation,
-        });
+        self.judge_gpus(inventory, now, jitter);
+    }
+
+    /// The set of GPUs or the MIG layout changed between probes. It goes through the same
+    /// rules as a probe, unless a probe is running, whose result decides instead.
+    pub fn handle_gpus_changed(&mut self, inventory: GpuInventory, now: Instant, jitter: u32) {
+        if self.phase == Phase::Stopping {
+            return;
+        }
+        if self.slots[Component::Gpu.index()].awaiting_result() {
+            self.inventory = Some(inventory);
+            return;
+        }
+        self.judge_gpus(inventory, now, jitter);
+    }
+
+    /// The provider now advertises exactly `services`.
+    pub fn handle_published(&mut self, generation: u64, services: &[ServiceAd], now: Instant) {
+        if !self.accepts(Component::Services, generation) {
+            return;
+        }
+        let summary = if services.is_empty() {
+            "no services to advertise".to_string()
+        } else {
+            let names: Vec<&str> = services.iter().map(|ad| ad.name.as_str()).collect();
+            format!("advertising {}", names.join(", "))
+        };
+        self.advertised = true;
+        self.component_up(Component::Services, summary, now);
+    }
+
+    /// Something outside changed a component (an interface was deleted, a daemon died or came
+    /// back, the tailnet approved the node) or a periodic check is due: run its bring-up again
+    /// now. A component that is up stays up meanwhile, so a check that finds nothing wrong
+    /// changes nothing systemd sees. A component waiting for the operator is looked at again,
+    /// since an outside change is what it waits for; one failing transiently already has a
+    /// retry scheduled.
+    pub fn handle_recheck(&mut self, component: Component, now: Instant) {
+        if self.phase == Phase::Stopping {
+            return;
+        }
+        let index = component.index();
+        match &mut self.slots[index] {
+            Slot::Up { rechecking, .. } if !*rechecking => {
+                *rechecking = true;
+                self.generations[index] += 1;
+                self.commands.push_back(Command::Start {
+                    component,
+                    generation: self.generations[index],
+                });
+            }
+            Slot::Failed {
+                retry: Retry::NeedsOperator,
+                next: Next::At(_),
+                ..
+            } => self.start(component),
+            Slot::Up { .. } | Slot::Pending { .. } | Slot::Failed { .. } => {}
+        }
         let _ = now;
     }
 
@@ -256,25 +366,14 @@ impl Supervisor {
         component: Component,
         generation: u64,
         error: String,
+        retry: Retry,
         now: Instant,
         jitter: u32,
     ) {
-        if self.phase == Phase::Stopping || !self.current(component, generation) {
+        if !self.accepts(component, generation) {
             return;
         }
-        let error = one_line(&error);
-        let slot = &mut self.slots[component.index()];
-        slot.state = ComponentState::Failed;
-        slot.attempts = slot.attempts.saturating_add(1);
-        slot.in_flight = false;
-        slot.retry_at = Some(now + self.backoff.delay(slot.attempts, jitter));
-        slot.error = Some(error.clone());
-        self.record_error(component.as_str(), error, now);
-        if component == Component::Mesh {
-            // Nothing is published while the node is off the mesh; republish once it is back.
-            self.reset(Component::Services);
-        }
-        self.update(now);
+        self.fail(component, error, retry, now, jitter);
     }
 
     /// Fire due retries and the watchdog.
@@ -290,8 +389,10 @@ impl Supervisor {
             return;
         }
         for component in Component::ALL {
-            let slot = &self.slots[component.index()];
-            if slot.retry_at.is_some_and(|at| now >= at) {
+            if self.slots[component.index()]
+                .retry_at()
+                .is_some_and(|at| now >= at)
+            {
                 self.start(component);
             }
         }
@@ -299,7 +400,7 @@ impl Supervisor {
 
     /// The earliest instant at which `handle_timeout` has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let retries = self.slots.iter().filter_map(|s| s.retry_at);
+        let retries = self.slots.iter().filter_map(Slot::retry_at);
         let retries = if self.phase == Phase::Stopping {
             None
         } else {
@@ -342,27 +443,40 @@ impl Supervisor {
         self.finish_reload(now);
     }
 
-    /// The new configuration was valid and is in effect; `changed` lists the components whose
-    /// settings changed and must be re-applied. The others are not touched.
-    pub fn handle_reload_applied(&mut self, changed: &[Component], now: Instant) {
+    /// The new configuration is valid and in effect (the shell has carried out what `plan`
+    /// says about the provider and the log level). The components in `plan.changed` are
+    /// re-applied, and so is every component waiting for the operator: a reload is how the
+    /// operator says "try again". The others are not touched.
+    pub fn handle_reload_applied(&mut self, plan: &ReloadPlan, now: Instant) {
         if self.phase == Phase::Stopping {
             return;
         }
         self.reload_note = None;
+        self.gpu_required = plan.gpu_required;
+        if plan.replace_provider {
+            self.mesh = None;
+            self.advertised = false;
+        }
         let notified = matches!(self.reload, Reload::Loading { notified: true });
-        for &component in changed {
+        let mut restart = plan.changed.clone();
+        for component in Component::ALL {
+            if self.slots[component.index()].waiting_for_operator() && !restart.contains(&component)
+            {
+                restart.push(component);
+            }
+        }
+        restart.sort();
+        for &component in &restart {
             match component {
-                Component::Services
-                    if self.slots[Component::Mesh.index()].state != ComponentState::Up =>
-                {
+                Component::Services if !self.slots[Component::Mesh.index()].is_up() => {
                     // Publishing waits for the mesh and happens when it comes up.
                 }
-                _ => self.start(component),
+                Component::Mesh | Component::Gpu | Component::Services => self.start(component),
             }
         }
         self.reload = Reload::Settling {
             notified,
-            components: changed.to_vec(),
+            components: restart,
         };
         self.update(now);
     }
@@ -386,6 +500,7 @@ impl Supervisor {
     /// Withdrawal finished (or gave up); the process exits 0 either way, because a stop
     /// requested by the operator is not a failure.
     pub fn handle_withdrawn(&mut self, error: Option<String>, now: Instant) {
+        self.advertised = false;
         if let Some(error) = error {
             self.record_error("withdraw", one_line(&error), now);
         }
@@ -403,20 +518,13 @@ impl Supervisor {
             status: self.status_text(),
             components: Component::ALL
                 .iter()
-                .map(|&component| {
-                    let slot = &self.slots[component.index()];
-                    ComponentView {
-                        component,
-                        state: slot.state,
-                        summary: slot.summary.clone(),
-                        error: slot.error.clone(),
-                        attempts: slot.attempts,
-                        retry_in: slot.retry_at.map(|at| at.saturating_duration_since(now)),
-                    }
-                })
+                .map(|&component| self.slots[component.index()].view(component, now))
                 .collect(),
             last_errors: self.errors.iter().cloned().collect(),
             reload_note: self.reload_note.clone(),
+            mesh: self.mesh.clone(),
+            inventory: self.inventory.clone(),
+            advertised: self.advertised,
         }
     }
 
@@ -428,24 +536,21 @@ impl Supervisor {
         let mesh = &self.slots[Component::Mesh.index()];
         let gpu = &self.slots[Component::Gpu.index()];
         let services = &self.slots[Component::Services.index()];
-        let mesh_part = match mesh.state {
-            ComponentState::Up => mesh.summary.clone().unwrap_or_else(|| "mesh up".into()),
-            ComponentState::Pending => "joining mesh".into(),
-            ComponentState::Failed => failed_part("mesh", mesh),
+        let mesh_part = match mesh {
+            Slot::Up { summary, .. } => summary.clone(),
+            Slot::Pending { .. } => "joining mesh".into(),
+            Slot::Failed { .. } => failed_part("mesh", mesh),
         };
-        let gpu_part = match gpu.state {
-            ComponentState::Up => gpu.summary.clone().unwrap_or_else(|| "GPUs probed".into()),
-            ComponentState::Pending => "probing GPUs".into(),
-            ComponentState::Failed => failed_part("GPUs", gpu),
+        let gpu_part = match gpu {
+            Slot::Up { summary, .. } => summary.clone(),
+            Slot::Pending { .. } => "probing GPUs".into(),
+            Slot::Failed { .. } => failed_part("GPUs", gpu),
         };
-        let services_part = match (services.state, mesh.state) {
-            (ComponentState::Up, _) => services
-                .summary
-                .clone()
-                .unwrap_or_else(|| "services published".into()),
-            (ComponentState::Failed, _) => failed_part("services", services),
-            (ComponentState::Pending, ComponentState::Up) => "publishing services".into(),
-            (ComponentState::Pending, _) => "services wait for the mesh".into(),
+        let services_part = match services {
+            Slot::Up { summary, .. } => summary.clone(),
+            Slot::Failed { .. } => failed_part("services", services),
+            Slot::Pending { .. } if mesh.is_up() => "publishing services".into(),
+            Slot::Pending { .. } => "services wait for the mesh".into(),
         };
         let mut text = format!("{}: {mesh_part}, {gpu_part}, {services_part}", self.phase);
         if let Some(note) = &self.reload_note {
@@ -455,34 +560,100 @@ impl Supervisor {
         text
     }
 
-    fn current(&self, component: Component, generation: u64) -> bool {
-        self.slots[component.index()].generation == generation
+    /// Is this result for the attempt now running, and does anyone still want it?
+    fn accepts(&self, component: Component, generation: u64) -> bool {
+        self.phase != Phase::Stopping && self.generations[component.index()] == generation
+    }
+
+    fn judge_gpus(&mut self, inventory: GpuInventory, now: Instant, jitter: u32) {
+        let usable = inventory.gpus.iter().any(|g| !g.lost);
+        let summary = inventory.summary();
+        let why = inventory
+            .unavailable
+            .as_ref()
+            .map(|u| format!("{}: {}", u.reason, u.detail));
+        self.inventory = Some(inventory);
+        if !usable && self.gpu_required {
+            let why = why.unwrap_or_else(|| "no GPUs".into());
+            let error =
+                format!("GPUs are required ([gpu] required = true) but none were found: {why}");
+            self.fail(Component::Gpu, error, Retry::Transient, now, jitter);
+            return;
+        }
+        self.component_up(Component::Gpu, summary, now);
+    }
+
+    fn component_up(&mut self, component: Component, summary: String, now: Instant) {
+        let was_up = self.slots[component.index()].is_up();
+        self.slots[component.index()] = Slot::Up {
+            summary: one_line(&summary),
+            rechecking: false,
+        };
+        let services_up = self.slots[Component::Services.index()].is_up();
+        if component == Component::Mesh && !(was_up && services_up) {
+            self.start(Component::Services);
+        }
+        self.update(now);
+    }
+
+    fn fail(
+        &mut self,
+        component: Component,
+        error: String,
+        retry: Retry,
+        now: Instant,
+        jitter: u32,
+    ) {
+        let error = one_line(&error);
+        let index = component.index();
+        let attempts = match &self.slots[index] {
+            Slot::Failed { attempts, .. } => attempts.saturating_add(1),
+            Slot::Pending { .. } | Slot::Up { .. } => 1,
+        };
+        let delay = match retry {
+            Retry::Transient => self.backoff.delay(attempts, jitter),
+            Retry::NeedsOperator => OPERATOR_RECHECK.delay(attempts, jitter),
+        };
+        self.slots[index] = Slot::Failed {
+            error: error.clone(),
+            retry,
+            attempts,
+            next: Next::At(now + delay),
+        };
+        self.record_error(component.as_str(), error, now);
+        match component {
+            Component::Mesh => {
+                // Nothing is published while the node is off the mesh; republish once it is back.
+                self.mesh = None;
+                self.advertised = false;
+                self.reset(Component::Services);
+            }
+            Component::Services => self.advertised = false,
+            Component::Gpu => {}
+        }
+        self.update(now);
     }
 
     fn start(&mut self, component: Component) {
-        let slot = &mut self.slots[component.index()];
-        slot.generation += 1;
-        slot.in_flight = true;
-        slot.retry_at = None;
-        if slot.state != ComponentState::Failed {
-            slot.state = ComponentState::Pending;
+        let index = component.index();
+        self.generations[index] += 1;
+        let slot = &mut self.slots[index];
+        match slot {
+            // A retry keeps the failure on show until it succeeds.
+            Slot::Failed { next, .. } => *next = Next::Running,
+            Slot::Pending { .. } | Slot::Up { .. } => *slot = Slot::Pending { started: true },
         }
         self.commands.push_back(Command::Start {
             component,
-            generation: slot.generation,
+            generation: self.generations[index],
         });
     }
 
     /// Back to Pending with no work in flight; a late result of the old generation is ignored.
     fn reset(&mut self, component: Component) {
-        let slot = &mut self.slots[component.index()];
-        slot.generation += 1;
-        slot.state = ComponentState::Pending;
-        slot.summary = None;
-        slot.error = None;
-        slot.attempts = 0;
-        slot.in_flight = false;
-        slot.retry_at = None;
+        let index = component.index();
+        self.generations[index] += 1;
+        self.slots[index] = Slot::Pending { started: false };
     }
 
     fn record_error(&mut self, source: &'static str, message: String, now: Instant) {
@@ -503,24 +674,21 @@ impl Supervisor {
         if self.phase == Phase::Starting {
             return Phase::Starting;
         }
-        let states = self.slots.iter().map(|s| s.state);
-        if states.clone().all(|s| s == ComponentState::Up) {
+        if self.slots.iter().all(Slot::is_up) {
             return Phase::Ready;
         }
-        if self.ever_ready && states.clone().any(|s| s == ComponentState::Failed) {
+        if self.ever_ready && self.slots.iter().any(Slot::is_failed) {
             return Phase::Degraded;
         }
         Phase::Joining
     }
 
     fn reload_settled(&self, components: &[Component]) -> bool {
-        let mesh_failed = self.slots[Component::Mesh.index()].state == ComponentState::Failed;
-        components.iter().all(|&c| {
-            let slot = &self.slots[c.index()];
-            match slot.state {
-                ComponentState::Pending => c == Component::Services && mesh_failed,
-                ComponentState::Up | ComponentState::Failed => !slot.in_flight,
-            }
+        let mesh_failed = self.slots[Component::Mesh.index()].is_failed();
+        components.iter().all(|&c| match &self.slots[c.index()] {
+            Slot::Pending { .. } => c == Component::Services && mesh_failed,
+            Slot::Up { rechecking, .. } => !rechecking,
+            Slot::Failed { next, .. } => *next != Next::Running,
         })
     }
 
@@ -581,15 +749,93 @@ impl Supervisor {
     }
 }
 
-#[derive(Debug, Default)]
-struct Slot {
-    state: ComponentState,
-    summary: Option<String>,
-    error: Option<String>,
-    attempts: u32,
-    generation: u64,
-    in_flight: bool,
-    retry_at: Option<Instant>,
+/// One component's health. Each state carries only what makes sense in it, so "up with a
+/// retry scheduled" cannot be represented.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Slot {
+    /// Not up yet, never failed since it was last reset; `started` while a bring-up runs.
+    Pending { started: bool },
+    /// Up; `rechecking` while a recheck runs (it stays up meanwhile).
+    Up { summary: String, rechecking: bool },
+    /// Failed `attempts` times in a row; the failure stays on show while a retry runs.
+    Failed {
+        error: String,
+        retry: Retry,
+        attempts: u32,
+        next: Next,
+    },
+}
+
+/// What happens next to a failed component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// A retry is scheduled for then.
+    At(Instant),
+    /// A retry is running.
+    Running,
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Slot::Pending { started: false }
+    }
+}
+
+impl Slot {
+    fn is_up(&self) -> bool {
+        matches!(self, Slot::Up { .. })
+    }
+
+    fn is_failed(&self) -> bool {
+        matches!(self, Slot::Failed { .. })
+    }
+
+    fn waiting_for_operator(&self) -> bool {
+        matches!(
+            self,
+            Slot::Failed {
+                retry: Retry::NeedsOperator,
+                ..
+            }
+        )
+    }
+
+    /// A bring-up runs whose result has not come back.
+    fn awaiting_result(&self) -> bool {
+        match self {
+            Slot::Pending { started } => *started,
+            Slot::Up { rechecking, .. } => *rechecking,
+            Slot::Failed { next, .. } => *next == Next::Running,
+        }
+    }
+
+    fn retry_at(&self) -> Option<Instant> {
+        match self {
+            Slot::Failed {
+                next: Next::At(at), ..
+            } => Some(*at),
+            Slot::Failed { .. } | Slot::Pending { .. } | Slot::Up { .. } => None,
+        }
+    }
+
+    fn view(&self, component: Component, now: Instant) -> ComponentView {
+        let (state, summary, error, attempts) = match self {
+            Slot::Pending { .. } => (ComponentState::Pending, None, None, 0),
+            Slot::Up { summary, .. } => (ComponentState::Up, Some(summary.clone()), None, 0),
+            Slot::Failed {
+                error, attempts, ..
+            } => (ComponentState::Failed, None, Some(error.clone()), *attempts),
+        };
+        ComponentView {
+            component,
+            state,
+            summary,
+            error,
+            waiting_for_operator: self.waiting_for_operator(),
+            attempts,
+            retry_in: self.retry_at().map(|at| at.saturating_duration_since(now)),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -613,11 +859,19 @@ enum Reload {
 }
 
 fn failed_part(what: &str, slot: &Slot) -> String {
-    let error = slot.error.as_deref().unwrap_or("failed");
-    format!(
-        "{what} failed: {error} (attempt {}, retrying)",
-        slot.attempts
-    )
+    let Slot::Failed {
+        error,
+        retry,
+        attempts,
+        ..
+    } = slot
+    else {
+        return format!("{what} failed");
+    };
+    match retry {
+        Retry::Transient => format!("{what} failed: {error} (attempt {attempts}, retrying)"),
+        Retry::NeedsOperator => format!("{what} waiting for operator: {error}"),
+    }
 }
 
 /// STATUS= is line-based, so anything multi-line is folded, and long text is cut.
@@ -638,6 +892,7 @@ fn one_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::model::{GpuInfo, Unavailable};
     use proptest::prelude::*;
 
     /// Drives the core like the shell does and remembers what it was told.
@@ -650,11 +905,59 @@ mod tests {
         exit: Option<u8>,
     }
 
+    /// "wireguard claw0 10.100.0.5/16" back into the mesh status it summarises.
+    fn mesh_status(summary: &str) -> MeshStatus {
+        let mut words = summary.split(' ').map(str::to_string);
+        MeshStatus {
+            provider: words.next().unwrap_or_default(),
+            interface: words.next(),
+            address: words.next(),
+            peers: 0,
+            problems: Vec::new(),
+        }
+    }
+
+    /// `usable` working GPUs and `lost` ones that fell off the bus.
+    fn inventory(usable: u32, lost: u32) -> GpuInventory {
+        let gpu = |index, lost| GpuInfo {
+            index,
+            uuid: Some(format!("GPU-{index}")),
+            lost,
+            ..GpuInfo::default()
+        };
+        GpuInventory {
+            gpus: (0..usable)
+                .map(|i| gpu(i, false))
+                .chain((usable..usable + lost).map(|i| gpu(i, true)))
+                .collect(),
+            unavailable: (usable + lost == 0).then(|| Unavailable {
+                reason: "nvml_unavailable".into(),
+                detail: "libnvidia-ml.so.1 missing".into(),
+            }),
+            ..GpuInventory::default()
+        }
+    }
+
+    fn ads(names: &[&str]) -> Vec<ServiceAd> {
+        names
+            .iter()
+            .map(|name| ServiceAd {
+                name: (*name).into(),
+                port: 8443,
+                protocol: "tcp".into(),
+            })
+            .collect()
+    }
+
     impl Harness {
         fn new(watchdog: Option<Duration>) -> Self {
+            Self::with_gpus_required(watchdog, false)
+        }
+
+        fn with_gpus_required(watchdog: Option<Duration>, required: bool) -> Self {
             let now = Instant::now();
             Self {
-                sup: Supervisor::new(Backoff::DEFAULT, watchdog, now),
+                sup: Supervisor::new(Backoff::DEFAULT, watchdog, required, now),
                 now,
                 generations: [0; 3],
                 notified: Vec::new(),
@@ -682,16 +985,41 @@ mod tests {
             self.drain();
         }
 
-        fn up(&mut self, c: Component, summary: &str) {
-            let g = self.generations[c.index()];
-            self.sup.handle_component_up(c, g, summary.into(), self.now);
+        fn mesh_up(&mut self, summary: &str) {
+            let g = self.generations[Component::Mesh.index()];
+            self.sup.handle_mesh_up(g, mesh_status(summary), self.now);
             self.drain();
         }
 
+        fn gpus_probed(&mut self, inventory: GpuInventory) {
+            let g = self.generations[Component::Gpu.index()];
+            self.sup.handle_gpu_probed(g, inventory, self.now, 1 << 31);
+            self.drain();
+        }
+
+        fn published(&mut self, names: &[&str]) {
+            let g = self.generations[Component::Services.index()];
+            self.sup.handle_published(g, &ads(names), self.now);
+            self.drain();
+        }
+
+        /// Any component up, with a stand-in result.
+        fn up(&mut self, c: Component) {
+            match c {
+                Component::Mesh => self.mesh_up("wireguard claw0 10.100.0.5/16"),
+                Component::Gpu => self.gpus_probed(inventory(2, 0)),
+                Component::Services => self.published(&["molt-provider"]),
+            }
+        }
+
         fn fail(&mut self, c: Component, error: &str) {
+            self.fail_with(c, error, Retry::Transient);
+        }
+
+        fn fail_with(&mut self, c: Component, error: &str, retry: Retry) {
             let g = self.generations[c.index()];
             self.sup
-                .handle_component_failed(c, g, error.into(), self.now, 1 << 31);
+                .handle_component_failed(c, g, error.into(), retry, self.now, 1 << 31);
             self.drain();
         }
 
@@ -702,9 +1030,15 @@ mod tests {
         }
 
         fn all_up(&mut self) {
-            self.up(Component::Mesh, "wireguard claw0 10.100.0.5/16");
-            self.up(Component::Gpu, "2 GPUs");
-            self.up(Component::Services, "advertising molt-provider");
+            self.mesh_up("wireguard claw0 10.100.0.5/16");
+            self.gpus_probed(inventory(2, 0));
+            self.published(&["molt-provider"]);
+        }
+
+        fn reload(&mut self, plan: &ReloadPlan) {
+            self.sup.handle_reload_requested(1, self.now);
+            self.sup.handle_reload_applied(plan, self.now);
+            self.drain();
         }
 
         fn take(&mut self) -> Vec<NotifyMsg> {
@@ -745,8 +1079,8 @@ mod tests {
     fn node_is_not_ready_until_services_are_published() {
         let mut h = Harness::new(None);
         h.start();
-        h.up(Component::Mesh, "wireguard claw0 10.100.0.5/16");
-        h.up(Component::Gpu, "0 GPUs (nvml_unavailable)");
+        h.mesh_up("wireguard claw0 10.100.0.5/16");
+        h.gpus_probed(inventory(0, 0));
         assert!(!h.sup.is_ready());
         assert_eq!(h.readies(), 0);
         assert!(h.sup.status_text().contains("publishing services"));
@@ -757,7 +1091,7 @@ mod tests {
         let mut h = Harness::new(None);
         h.start();
         assert_eq!(h.generations[Component::Services.index()], 0);
-        h.up(Component::Mesh, "mesh");
+        h.mesh_up("mesh");
         assert_eq!(h.generations[Component::Services.index()], 1);
     }
 
@@ -789,8 +1123,7 @@ mod tests {
         h.fail(Component::Mesh, "timeout");
         h.advance(Duration::from_secs(60));
         assert_ne!(old, h.generations[Component::Mesh.index()]);
-        h.sup
-            .handle_component_up(Component::Mesh, old, "stale".into(), h.now);
+        h.sup.handle_mesh_up(old, mesh_status("stale"), h.now);
         h.drain();
         assert_eq!(
             h.sup.view(h.now).components[0].state,
@@ -811,9 +1144,9 @@ mod tests {
             matches!(&msgs[..], [NotifyMsg::Status(s)] if s.starts_with("degraded: mesh failed: interface deleted"))
         );
         h.advance(Duration::from_secs(60));
-        h.up(Component::Mesh, "wireguard claw0 10.100.0.5/16");
+        h.mesh_up("wireguard claw0 10.100.0.5/16");
         assert!(!h.sup.is_ready(), "services must be republished first");
-        h.up(Component::Services, "advertising molt-provider");
+        h.published(&["molt-provider"]);
         assert!(h.sup.is_ready());
         assert_eq!(h.readies(), 0);
     }
@@ -827,7 +1160,7 @@ mod tests {
         let gens = h.generations;
         h.sup.handle_reload_requested(123_456, h.now);
         h.drain();
-        h.sup.handle_reload_applied(&[], h.now);
+        h.sup.handle_reload_applied(&ReloadPlan::default(), h.now);
         h.drain();
         assert_eq!(h.generations, gens, "nothing changed, nothing restarts");
         assert_eq!(
@@ -849,16 +1182,17 @@ mod tests {
         h.start();
         h.all_up();
         h.take();
-        h.sup.handle_reload_requested(1, h.now);
-        h.sup.handle_reload_applied(&[Component::Mesh], h.now);
-        h.drain();
+        h.reload(&ReloadPlan {
+            changed: vec![Component::Mesh],
+            ..ReloadPlan::default()
+        });
         assert_eq!(
             h.generations[Component::Gpu.index()],
             1,
             "GPU probe untouched"
         );
         assert_eq!(h.readies(), 0);
-        h.up(Component::Mesh, "wireguard claw1 10.100.0.6/16");
+        h.mesh_up("wireguard claw1 10.100.0.6/16");
         assert_eq!(h.readies(), 1);
         assert!(h.sup.status_text().contains("claw1"));
     }
@@ -894,9 +1228,10 @@ mod tests {
     fn reload_before_the_first_ready_does_not_claim_readiness() {
         let mut h = Harness::new(None);
         h.start();
-        h.sup.handle_reload_requested(1, h.now);
-        h.sup.handle_reload_applied(&[Component::Gpu], h.now);
-        h.drain();
+        h.reload(&ReloadPlan {
+            changed: vec![Component::Gpu],
+            ..ReloadPlan::default()
+        });
         assert_eq!(h.readies(), 0);
         assert!(
             !h.notified
@@ -961,7 +1296,7 @@ mod tests {
             2,
             "one check at a time"
         );
-        h.up(Component::Mesh, "wireguard claw0 10.100.0.5/16");
+        h.mesh_up("wireguard claw0 10.100.0.5/16");
         assert!(h.take().is_empty());
         assert_eq!(h.generations[Component::Services.index()], services_gen);
     }
@@ -990,23 +1325,205 @@ mod tests {
         assert!(h.sup.status_text().contains("line one line two"));
     }
 
+    #[test]
+    fn a_failure_that_needs_the_operator_says_so_and_is_rechecked_slowly() {
+        let mut h = Harness::new(None);
+        h.start();
+        h.fail_with(
+            Component::Mesh,
+            "this device is in tailnet \"other.example\", but the config expects \"corp.example\"",
+            Retry::NeedsOperator,
+        );
+        let text = h.sup.status_text();
+        assert!(
+            text.contains("mesh waiting for operator: this device is in tailnet"),
+            "{text}"
+        );
+        assert!(!text.contains("attempt"), "{text}");
+        let view = h.sup.view(h.now);
+        assert!(view.components[0].waiting_for_operator);
+        for _ in 0..20 {
+            let wake = h.sup.poll_timeout().expect("a recheck is scheduled");
+            assert!(wake - h.now >= Backoff::OPERATOR.base_delay(1) / 2);
+            assert!(wake - h.now <= Backoff::OPERATOR.cap());
+            h.now = wake;
+            h.sup.handle_timeout(h.now);
+            h.drain();
+            h.fail_with(
+                Component::Mesh,
+                "still the wrong tailnet",
+                Retry::NeedsOperator,
+            );
+        }
+        assert_eq!(h.generations[Component::Mesh.index()], 21);
+    }
+
+    #[test]
+    fn a_transient_failure_is_retried_on_its_own_schedule_not_on_outside_events() {
+        let mut h = Harness::new(None);
+        h.start();
+        h.fail(Component::Mesh, "EBUSY");
+        let generation = h.generations[Component::Mesh.index()];
+        h.sup.handle_recheck(Component::Mesh, h.now);
+        h.drain();
+        assert_eq!(h.generations[Component::Mesh.index()], generation);
+    }
+
+    #[test]
+    fn an_outside_change_or_a_reload_rechecks_what_waits_for_the_operator_at_once() {
+        let mut h = Harness::new(None);
+        h.start();
+        h.fail_with(Component::Mesh, "tag not permitted", Retry::NeedsOperator);
+        let generation = h.generations[Component::Mesh.index()];
+        h.sup.handle_recheck(Component::Mesh, h.now);
+        h.drain();
+        assert_eq!(h.generations[Component::Mesh.index()], generation + 1);
+        h.sup.handle_recheck(Component::Mesh, h.now);
+        h.drain();
+        assert_eq!(
+            h.generations[Component::Mesh.index()],
+            generation + 1,
+            "one check at a time"
+        );
+        h.fail_with(Component::Mesh, "tag not permitted", Retry::NeedsOperator);
+        h.reload(&ReloadPlan::default());
+        assert_eq!(h.generations[Component::Mesh.index()], generation + 2);
+        h.mesh_up("tailscale tailscale0 100.64.0.7");
+        assert!(!h.sup.view(h.now).components[0].waiting_for_operator);
+    }
+
+    #[test]
+    fn without_a_usable_gpu_a_node_that_requires_gpus_is_not_ready_until_one_is_back() {
+        let mut h = Harness::with_gpus_required(None, true);
+        h.start();
+        h.mesh_up("wireguard claw0 10.100.0.5/16");
+        h.published(&["molt-provider"]);
+        h.gpus_probed(inventory(0, 0));
+        assert!(!h.sup.is_ready());
+        assert!(
+            h.sup.status_text().contains(
+                "GPUs are required ([gpu] required = true) but none were found: nvml_unavailable"
+            ),
+            "{}",
+            h.sup.status_text()
+        );
+        h.sup.handle_gpus_changed(inventory(1, 0), h.now, 0);
+        h.drain();
+        assert!(h.sup.is_ready());
+        h.sup.handle_gpus_changed(inventory(0, 1), h.now, 0);
+        h.drain();
+        assert_eq!(h.sup.phase(), Phase::Degraded);
+        assert!(
+            h.sup.status_text().contains("1 GPU (1 lost)")
+                || h.sup.status_text().contains("no GPUs")
+        );
+        assert_eq!(h.sup.view(h.now).inventory, Some(inventory(0, 1)));
+    }
+
+    #[test]
+    fn zero_gpus_is_a_normal_state_unless_gpus_are_required() {
+        let mut h = Harness::new(None);
+        h.start();
+        h.all_up();
+        h.sup.handle_gpus_changed(inventory(0, 2), h.now, 0);
+        h.drain();
+        assert!(h.sup.is_ready());
+        assert!(h.sup.status_text().contains("2 GPUs (2 lost)"));
+    }
+
+    #[test]
+    fn a_layout_change_while_a_probe_runs_waits_for_the_probe() {
+        let mut h = Harness::with_gpus_required(None, true);
+        h.start();
+        h.sup.handle_gpus_changed(inventory(0, 0), h.now, 0);
+        h.drain();
+        assert_eq!(
+            h.sup.view(h.now).components[1].state,
+            ComponentState::Pending,
+            "the running probe decides"
+        );
+        h.gpus_probed(inventory(1, 0));
+        assert_eq!(h.sup.view(h.now).components[1].state, ComponentState::Up);
+    }
+
+    #[test]
+    fn the_core_keeps_the_mesh_status_until_the_mesh_fails_and_advertised_until_withdrawn() {
+        let mut h = Harness::new(None);
+        h.start();
+        h.all_up();
+        let view = h.sup.view(h.now);
+        assert_eq!(
+            view.mesh.map(|m| m.summary()).as_deref(),
+            Some("wireguard claw0 10.100.0.5/16")
+        );
+        assert!(view.advertised);
+        h.fail(Component::Mesh, "interface deleted");
+        let view = h.sup.view(h.now);
+        assert!(view.mesh.is_none());
+        assert!(!view.advertised);
+        h.advance(Duration::from_secs(60));
+        h.all_up();
+        h.sup.handle_stop_requested(h.now);
+        h.sup.handle_withdrawn(None, h.now);
+        assert!(!h.sup.view(h.now).advertised);
+    }
+
+    fn config() -> Config {
+        let text = r#"
+            [node]
+            name = "gpu-01"
+            [network.wireguard]
+            address = "10.100.0.9/16"
+            [services.molt-provider]
+            port = 8443
+            mode = "tcp"
+        "#;
+        crate::config::parse(std::path::Path::new("test.toml"), text).expect("valid")
+    }
+
+    #[test]
+    fn only_the_sections_that_changed_are_reapplied() {
+        let old = config();
+        let mut new = old.clone();
+        assert_eq!(ReloadPlan::new(&old, &new).changed, vec![]);
+        new.gpu.poll_interval = Duration::from_secs(30);
+        assert_eq!(ReloadPlan::new(&old, &new).changed, vec![Component::Gpu]);
+        new.services.clear();
+        assert_eq!(
+            ReloadPlan::new(&old, &new).changed,
+            vec![Component::Gpu, Component::Services]
+        );
+        let mut renamed = old.clone();
+        renamed.network.wireguard.mtu = 1380;
+        let plan = ReloadPlan::new(&old, &renamed);
+        assert_eq!(plan.changed, vec![Component::Mesh]);
+        assert!(!plan.replace_provider && !plan.needs_restart && plan.log_level.is_none());
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Up(usize),
-        Fail(usize),
+        Fail(usize, bool),
         Stale(usize),
         Advance(u64),
-        ReloadOk(Vec<usize>),
+        Gpus(u32, u32),
+        GpusChanged(u32, u32),
+        Recheck(usize),
+        ReloadOk(Vec<usize>, bool),
         ReloadBad,
     }
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             (0usize..3).prop_map(Op::Up),
-            (0usize..3).prop_map(Op::Fail),
+            (0usize..3, any::<bool>()).prop_map(|(i, op)| Op::Fail(i, op)),
             (0usize..3).prop_map(Op::Stale),
             (0u64..40_000).prop_map(Op::Advance),
-            proptest::collection::vec(0usize..3, 0..3).prop_map(Op::ReloadOk),
+            (0u32..3, 0u32..2).prop_map(|(u, l)| Op::Gpus(u, l)),
+            (0u32..3, 0u32..2).prop_map(|(u, l)| Op::GpusChanged(u, l)),
+            (0usize..3).prop_map(Op::Recheck),
+            (proptest::collection::vec(0usize..3, 0..3), any::<bool>())
+                .prop_map(|(c, r)| Op::ReloadOk(c, r)),
             Just(Op::ReloadBad),
         ]
     }
@@ -1014,26 +1531,47 @@ mod tests {
     proptest! {
         #[test]
         fn readiness_tracks_components_and_ready_is_sent_once_per_start_or_reload(
+            required in any::<bool>(),
             ops in proptest::collection::vec(op(), 1..80)
         ) {
-            let mut h = Harness::new(Some(Duration::from_secs(10)));
+            let mut h = Harness::with_gpus_required(Some(Duration::from_secs(10)), required);
             h.start();
+            let mut required = required;
             let mut reloads = 0usize;
             for op in ops {
                 match op {
-                    Op::Up(i) => h.up(Component::ALL[i], "up"),
-                    Op::Fail(i) => h.fail(Component::ALL[i], "boom"),
+                    Op::Up(i) => h.up(Component::ALL[i]),
+                    Op::Fail(i, operator) => {
+                        let retry = if operator { Retry::NeedsOperator } else { Retry::Transient };
+                        h.fail_with(Component::ALL[i], "boom", retry);
+                    }
                     Op::Stale(i) => {
-                        let c = Component::ALL[i];
-                        h.sup.handle_component_up(c, h.generations[i].wrapping_sub(1), "stale".into(), h.now);
+                        let g = h.generations[i].wrapping_sub(1);
+                        match Component::ALL[i] {
+                            Component::Mesh => h.sup.handle_mesh_up(g, mesh_status("stale"), h.now),
+                            Component::Gpu => h.sup.handle_gpu_probed(g, inventory(1, 0), h.now, 0),
+                            Component::Services => h.sup.handle_published(g, &ads(&["stale"]), h.now),
+                        }
                         h.drain();
                     }
                     Op::Advance(ms) => h.advance(Duration::from_millis(ms)),
-                    Op::ReloadOk(idx) => {
-                        let changed: Vec<Component> = idx.into_iter().map(|i| Component::ALL[i]).collect();
-                        h.sup.handle_reload_requested(1, h.now);
-                        h.sup.handle_reload_applied(&changed, h.now);
+                    Op::Gpus(usable, lost) => h.gpus_probed(inventory(usable, lost)),
+                    Op::GpusChanged(usable, lost) => {
+                        h.sup.handle_gpus_changed(inventory(usable, lost), h.now, 7);
                         h.drain();
+                    }
+                    Op::Recheck(i) => {
+                        h.sup.handle_recheck(Component::ALL[i], h.now);
+                        h.drain();
+                    }
+                    Op::ReloadOk(idx, now_required) => {
+                        let mut changed: Vec<Component> = idx.into_iter().map(|i| Component::ALL[i]).collect();
+                        // `[gpu] required` is part of `[gpu]`, so changing it re-probes.
+                        if now_required != required && !changed.contains(&Component::Gpu) {
+                            changed.push(Component::Gpu);
+                        }
+                        required = now_required;
+                        h.reload(&ReloadPlan { changed, gpu_required: required, ..ReloadPlan::default() });
                         reloads += 1;
                     }
                     Op::ReloadBad => {
@@ -1048,14 +1586,90 @@ mod tests {
                 if matches!(h.sup.reload, Reload::Idle) {
                     prop_assert_eq!(h.sup.is_ready(), all_up);
                 }
+                // The GPUs-required rule: a node that requires GPUs has its GPU part up only
+                // on an inventory with a usable GPU, once that inventory has been judged.
+                let gpu_slot = &h.sup.slots[Component::Gpu.index()];
+                if required && gpu_slot.is_up() && !gpu_slot.awaiting_result() {
+                    let usable = view.inventory.as_ref().is_some_and(|i| i.gpus.iter().any(|g| !g.lost));
+                    prop_assert!(usable, "GPU up without a usable GPU: {:?}", view.inventory);
+                }
                 prop_assert!(view.last_errors.len() <= MAX_ERRORS);
                 prop_assert!(!view.status.contains('\n'));
+                for c in &view.components {
+                    if c.waiting_for_operator {
+                        prop_assert!(view.status.contains("waiting for operator"));
+                    }
+                }
                 if let Some(wake) = h.sup.poll_timeout() {
-                    prop_assert!(wake <= h.now + Backoff::DEFAULT.cap().max(Duration::from_secs(10)));
+                    prop_assert!(wake <= h.now + Backoff::OPERATOR.cap().max(Duration::from_secs(10)));
                 }
                 let reloadings = h.notified.iter().filter(|m| matches!(m, NotifyMsg::Reloading { .. })).count();
                 prop_assert!(h.readies() <= 1 + reloadings);
                 prop_assert!(reloadings <= reloads);
+            }
+        }
+
+        #[test]
+        fn a_required_gpu_rule_holds_whatever_the_order_of_probes_and_changes(
+            events in proptest::collection::vec((any::<bool>(), 0u32..3, 0u32..2), 1..40)
+        ) {
+            let mut h = Harness::with_gpus_required(None, true);
+            h.start();
+            h.mesh_up("wireguard claw0 10.100.0.5/16");
+            h.published(&["molt-provider"]);
+            for (probe, usable, lost) in events {
+                if probe {
+                    h.sup.handle_gpu_probed(h.generations[Component::Gpu.index()], inventory(usable, lost), h.now, 0);
+                } else {
+                    h.sup.handle_gpus_changed(inventory(usable, lost), h.now, 0);
+                }
+                h.drain();
+                let awaiting = h.sup.slots[Component::Gpu.index()].awaiting_result();
+                if !awaiting {
+                    prop_assert_eq!(h.sup.is_ready(), usable > 0, "usable {} lost {}", usable, lost);
+                }
+                h.advance(Duration::from_secs(31));
+            }
+        }
+
+        #[test]
+        fn a_reload_restarts_exactly_what_changed_and_what_waits_for_the_operator(
+            mesh_changes in any::<bool>(),
+            gpu_changes in any::<bool>(),
+            services_change in any::<bool>(),
+            provider_changes in any::<bool>(),
+            operator_blocked in any::<bool>(),
+        ) {
+            let old = config();
+            let mut new = old.clone();
+            if mesh_changes { new.network.wireguard.mtu = 1380; }
+            if gpu_changes { new.gpu.poll_interval = Duration::from_secs(31); }
+            if services_change { new.services.clear(); }
+            if provider_changes { new.network.provider = crate::config::ProviderKind::Tailscale; }
+            let plan = ReloadPlan::new(&old, &new);
+            prop_assert_eq!(plan.replace_provider, provider_changes);
+            prop_assert_eq!(plan.changed.contains(&Component::Mesh), mesh_changes || provider_changes);
+            prop_assert_eq!(plan.changed.contains(&Component::Gpu), gpu_changes);
+            prop_assert_eq!(plan.changed.contains(&Component::Services), services_change);
+
+            let mut h = Harness::new(None);
+            h.start();
+            h.all_up();
+            if operator_blocked {
+                h.sup.handle_recheck(Component::Gpu, h.now);
+                h.drain();
+                h.fail_with(Component::Gpu, "needs a driver reload", Retry::NeedsOperator);
+            }
+            let before = h.generations;
+            h.reload(&plan);
+            for c in Component::ALL {
+                let restarted = h.generations[c.index()] != before[c.index()];
+                let mut expected = plan.changed.contains(&c) || (c == Component::Gpu && operator_blocked);
+                if c == Component::Services && plan.changed.contains(&Component::Mesh) {
+                    // Services republish when the rejoined mesh comes up, not before.
+                    expected = false;
+                }
+                prop_assert_eq!(restarted, expected, "{:?}", c);
             }
         }
     }
