@@ -19,11 +19,6 @@ fn main() -> ExitCode {
     }
     match cli::dispatch(cli) {
         Ok(code) => code,
-        Err(error) => {
-            let code = error.exit_code();
-            let report = anyhow::Error::new(error).context(format!("clawnode {name}"));
-            eprintln!("error: {report:#}");
-            ExitCode::from(code)
-        }
+        Err(error) => cli::report(name, error),
     }
 }

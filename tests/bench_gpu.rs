@@ -2,6 +2,9 @@
 //! same-run reference (a `/v1/health/live` round trip on the same socket), and the daemon's
 //! idle RSS with 8 GPUs against 0. Figures only, no thresholds. Run:
 //! `cargo test --release --features test-fakes --test bench_gpu -- --ignored --nocapture`
+
+// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
+#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
 #![cfg(feature = "test-fakes")]
 
 mod support;

@@ -7,6 +7,9 @@
 //! devices in the caller's own namespace (the VM test runs it that way, where the module
 //! exists); the daemon RSS part is skipped there, and the devices are left in place for the
 //! throwaway VM to discard.
+
+// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
+#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
 #![cfg(feature = "test-fakes")]
 
 mod support;

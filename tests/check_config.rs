@@ -1,6 +1,9 @@
 //! `clawnode check-config` against the real binary: valid files pass with exit 0, and every
 //! malformed file exits 78 with `file:line:col: key: reason` and no panic.
 
+// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
+#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

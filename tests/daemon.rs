@@ -1,4 +1,7 @@
 //! The real `clawnode run` binary, driven with the fake mesh provider, as systemd sees it.
+
+// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
+#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
 #![cfg(feature = "test-fakes")]
 
 mod support;

@@ -1,6 +1,9 @@
 //! `clawnode doctor` and `clawnode tailscale policy` against the stand-in tailscaled and this
 //! host's real WireGuard setup.
 
+// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
+#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
+
 mod support;
 
 use std::path::Path;

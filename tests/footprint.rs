@@ -1,6 +1,9 @@
 //! Measurements the README reports: exec → READY=1 with the fake provider, idle RSS, idle CPU.
 //! Figures only, no thresholds (these machines are noisy). Run:
 //! `cargo test --release --features test-fakes --test footprint -- --ignored --nocapture`
+
+// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
+#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
 #![cfg(feature = "test-fakes")]
 
 mod support;

@@ -1,6 +1,9 @@
 //! Under systemd, logs go to journald's native socket with structured fields. The real daemon
 //! runs in a private mount namespace where /run/systemd/journal is a directory of ours, holding
 //! a datagram socket this test reads. Needs root (unshare); skipped otherwise.
+
+// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
+#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
 #![cfg(feature = "test-fakes")]
 
 mod support;

@@ -1,5 +1,8 @@
 //! The LocalAPI client against the strict stand-in tailscaled.
 
+// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
+#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
+
 mod support;
 
 use std::time::Duration;

@@ -1,5 +1,8 @@
 //! Backend choice and the kernel path's probe, against this machine's real kernel. Root only.
 
+// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
+#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
+
 mod support;
 
 use std::os::unix::fs::PermissionsExt;

@@ -6,6 +6,9 @@
 //! (TEST-NET-2), node i at 198.51.100.(i+1). Node 1 and 2 advertise molt-provider, node 3
 //! only gateway, node 0 nothing.
 
+// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
+#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
+
 mod support;
 
 use std::io::{Read, Write};

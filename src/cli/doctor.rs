@@ -113,7 +113,12 @@ fn unit_credential(auth: &TailscaleAuth) -> Option<&Path> {
             id_token: IdTokenSource::File(path),
             ..
         } => path,
-        _ => return None,
+        TailscaleAuth::Key(_)
+        | TailscaleAuth::KeyEnv(_)
+        | TailscaleAuth::WorkloadIdentity {
+            id_token: IdTokenSource::Audience(_),
+            ..
+        } => return None,
     };
     (path.starts_with("/run/credentials") && !path.exists()).then_some(path.as_path())
 }

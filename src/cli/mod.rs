@@ -1,5 +1,7 @@
 //! The command line: one file per subcommand. Only this module prints to stdout.
 
+#![allow(clippy::print_stdout, clippy::print_stderr)] // the one room that prints
+
 pub mod check_config;
 pub mod docs;
 pub mod doctor;
@@ -139,6 +141,14 @@ impl Command {
             Command::Manpage => "manpage",
         }
     }
+}
+
+/// Print a failed command's error with its causes, and map it to the exit status.
+pub fn report(command: &str, error: CliError) -> ExitCode {
+    let code = error.exit_code();
+    let report = anyhow::Error::new(error).context(format!("clawnode {command}"));
+    eprintln!("error: {report:#}");
+    ExitCode::from(code)
 }
 
 pub fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {

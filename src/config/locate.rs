@@ -198,7 +198,11 @@ fn visit_value<'i>(value: &DeValue<'i>, path: &mut KeyPath, f: &mut Visit<'_, 'i
                 path.0.pop();
             }
         }
-        _ => {}
+        DeValue::String(_)
+        | DeValue::Integer(_)
+        | DeValue::Float(_)
+        | DeValue::Boolean(_)
+        | DeValue::Datetime(_) => {}
     }
 }
 

@@ -1,7 +1,10 @@
 //! Pure decisions: no I/O, no clock reads, no randomness. Time and jitter are inputs.
+//! `clippy::disallowed_methods` (clippy.toml) is denied here, so those rules are checked.
 //!
 //! The async shells (`supervisor`, `api`, `mesh`, `gpu`) feed events in and execute the
 //! commands that come out, so every rule here is unit-tested without root or a runtime.
+
+#![deny(clippy::disallowed_methods)]
 
 pub mod backoff;
 pub mod doctor;

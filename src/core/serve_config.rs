@@ -61,7 +61,9 @@ pub fn reconcile(
 ) -> (Value, BTreeSet<String>) {
     let mut config = match current {
         Value::Object(map) => map.clone(),
-        _ => Map::new(),
+        Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) | Value::Array(_) => {
+            Map::new()
+        }
     };
     let wanted_names: BTreeSet<String> = wanted.iter().map(WantedService::name).collect();
     let mut services = match config.get("Services") {

@@ -4,6 +4,9 @@
 //! `cargo build --features test-fakes --example tailscaled-standin`
 //! Usage: tailscaled-standin <socket> <record>
 
+// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
+#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
+
 #[path = "../support/tailscaled.rs"]
 mod tailscaled;
 
