@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::api::{self, ComponentDoc, ErrorDoc, GpuDoc, MeshDoc, ServicesDoc, StatusDoc};
-use crate::config::{self, Config};
+use crate::config::{self, Config, ProviderKind};
 use crate::core::{Backoff, Command, Component, ComponentView, ReloadPlan, Retry, Supervisor};
 use crate::gpu::{GpuInventory, GpuProbe, Monitor, Report};
 use crate::logging::LogHandle;
@@ -18,13 +18,24 @@ use crate::mesh::{self, Hooks, Joined, MeshError, MeshProvider, ServiceAd};
 use crate::services::node_info::NodeInfoEndpoint;
 use crate::systemd::{self, Notifier};
 
+/// The provider that `[network] provider` selects. The shell picks it, so the mesh boundary
+/// itself never names the providers that implement it.
+pub fn mesh_provider(config: &Config, hooks: Hooks) -> Box<dyn MeshProvider> {
+    match config.network.provider {
+        ProviderKind::Wireguard => Box::new(mesh::wireguard::WireguardMesh::new(hooks)),
+        ProviderKind::Tailscale => Box::new(mesh::tailscale::TailscaleMesh::new(hooks)),
+        #[cfg(feature = "test-fakes")]
+        ProviderKind::Fake => Box::new(mesh::fake::FakeMesh::default()),
+    }
+}
+
 /// How long a stop may spend withdrawing advertisements; the rest of the 5 s budget is slack.
 pub const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// The OS-facing parts, each behind its narrow trait so tests can swap them.
 pub struct Components {
     pub mesh: Box<dyn MeshProvider>,
-    /// The hooks `mesh` was built with (see `mesh::for_config`), and their recheck receiver.
+    /// The hooks `mesh` was built with (see `mesh_provider`), and their recheck receiver.
     pub hooks: (Hooks, mpsc::Receiver<String>),
     pub gpu: Box<dyn GpuProbe>,
     pub notifier: Box<dyn Notifier>,
@@ -340,7 +351,7 @@ impl Daemon {
             if let Some(error) = self.withdraw().await {
                 tracing::warn!(component = "mesh", %error, "old provider did not withdraw cleanly");
             }
-            *self.mesh.lock().await = mesh::for_config(&new, self.hooks.clone());
+            *self.mesh.lock().await = mesh_provider(&new, self.hooks.clone());
         }
         tracing::info!(changed = ?plan.changed, "configuration reloaded");
         self.config = Arc::new(new);

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use crate::config::{self, ProviderKind};
 use crate::gpu::NvmlProbe;
-use crate::supervisor::{Components, Daemon};
+use crate::supervisor::{Components, Daemon, mesh_provider};
 use crate::systemd::SdNotifier;
 use crate::{api, logging, mesh, state};
 
@@ -59,7 +59,7 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
             None => None,
         };
         let components = Components {
-            mesh: mesh::for_config(&config, hooks.clone()),
+            mesh: mesh_provider(&config, hooks.clone()),
             hooks: (hooks, recheck_rx),
             gpu: Box::new(NvmlProbe::new(config.gpu.nvml_library.clone())),
             notifier: Box::new(SdNotifier),

@@ -18,7 +18,7 @@ use std::sync::{Arc, RwLock};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, ProviderKind};
+use crate::config::Config;
 pub use crate::core::Retry;
 pub use crate::core::model::{MeshStatus, ServiceAd};
 
@@ -241,14 +241,4 @@ pub fn interface_with(addr: std::net::IpAddr) -> Option<String> {
         };
         found.then_some(ifa.interface_name)
     })
-}
-
-/// The provider that `[network] provider` selects.
-pub fn for_config(config: &Config, hooks: Hooks) -> Box<dyn MeshProvider> {
-    match config.network.provider {
-        ProviderKind::Wireguard => Box::new(wireguard::WireguardMesh::new(hooks)),
-        ProviderKind::Tailscale => Box::new(tailscale::TailscaleMesh::new(hooks)),
-        #[cfg(feature = "test-fakes")]
-        ProviderKind::Fake => Box::new(fake::FakeMesh::default()),
-    }
 }
