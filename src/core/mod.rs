@@ -15,6 +15,7 @@ pub mod peer_diff;
 pub mod policy;
 pub mod serve_config;
 pub mod supervisor;
+pub mod tailscale_plan;
 
 pub use backoff::Backoff;
 pub use supervisor::{

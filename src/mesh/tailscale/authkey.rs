@@ -35,6 +35,8 @@ pub enum AuthKeyError {
     Exchange {
         step: &'static str,
         url: String,
+        /// The control plane's HTTP status, when it answered.
+        status: Option<u16>,
         reason: String,
     },
 }
@@ -426,7 +428,8 @@ async fn send(
             .map_err(|e| exchange(step, url, &e.to_string()))?
             .to_bytes();
         if !status.is_success() {
-            return Err(exchange(step, url, &describe_error(status, &body)));
+            let reason = describe_error(status, &body);
+            return Err(refused(step, url, Some(status.as_u16()), &reason));
         }
         Ok(body)
     };
@@ -463,11 +466,16 @@ fn describe_error(status: hyper::StatusCode, body: &[u8]) -> String {
 }
 
 fn exchange(step: &'static str, url: &str, reason: &str) -> AuthKeyError {
+    refused(step, url, None, reason)
+}
+
+fn refused(step: &'static str, url: &str, status: Option<u16>, reason: &str) -> AuthKeyError {
     // Query strings can carry secrets; the URL is shown without one.
     let url = url.split('?').next().unwrap_or(url).to_string();
     AuthKeyError::Exchange {
         step,
         url,
+        status,
         reason: reason.to_string(),
     }
 }

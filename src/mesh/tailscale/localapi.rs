@@ -134,6 +134,28 @@ impl LocalApi {
         self.call(Method::GET, path, None, None).await
     }
 
+    /// GET a path and decode its JSON.
+    pub async fn read<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<T, LocalApiError> {
+        self.get(path).await?.json(path)
+    }
+
+    /// POST or PATCH `body` as JSON.
+    pub async fn send_json(
+        &self,
+        method: Method,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<Reply, LocalApiError> {
+        let body = serde_json::to_vec(body).map_err(|e| LocalApiError::Decode {
+            call: format!("{method} {path}"),
+            reason: e.to_string(),
+        })?;
+        self.call(method, path, Some(body), None).await
+    }
+
     /// A call with an optional JSON body and optional `If-Match`.
     pub async fn call(
         &self,

@@ -1,16 +1,23 @@
 //! The managed mesh: clawnode drives tailscaled over its LocalAPI socket, never the CLI.
 //!
-//! `localapi` is the client; `provider` brings the node up and advertises its services;
+//! `localapi` is the client and `types` the replies it decodes; `provider` joins, using
+//! `login` to bring the node up (as `core::tailscale_plan` decides), `advertise` for services
+//! and `watcher` to follow the IPN bus; `errors` says which failures need an operator.
 //! `authkey` mints keys from OAuth clients and workload identity; `status` reads identity and
 //! approval live for the status API; `certs` keeps `tls_cert` certificates; `discover` finds
 //! services for `clawnode services discover`.
 
+mod advertise;
 pub mod authkey;
 pub mod certs;
 pub mod discover;
+mod errors;
 pub mod localapi;
+mod login;
 mod provider;
 pub mod status;
+pub mod types;
+mod watcher;
 
 pub use provider::TailscaleMesh;
 

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::localapi::LocalApi;
-use super::strings;
+use super::types::{Prefs, Status};
 use crate::mesh::{BoxFuture, LiveSource, LiveStatus, ServiceAd};
 
 /// The daemon to read and what clawnode asked of it, set by the provider once it has joined.
@@ -117,14 +117,14 @@ impl LiveTailscale {
         let read = async {
             let reply = target.api.get("/localapi/v0/status?peers=false").await?;
             let version = reply.version.map(|v| v.to_string());
-            let status: Value = reply.json("status")?;
-            let prefs: Value = target.api.get("/localapi/v0/prefs").await?.json("prefs")?;
+            let status: Status = reply.json("status")?;
+            let prefs: Prefs = target.api.get("/localapi/v0/prefs").await?.json("prefs")?;
             let serve: Value = target
                 .api
                 .get("/localapi/v0/serve-config")
                 .await?
                 .json("serve-config")?;
-            let whois = match strings(&status["TailscaleIPs"]).first() {
+            let whois = match status.tailscale_ips.first() {
                 Some(ip) => target
                     .api
                     .get(&format!("/localapi/v0/whois?addr={ip}"))
@@ -162,36 +162,18 @@ impl LiveSource for LiveTailscale {
     }
 }
 
-/// `Self.CapMap["service-host"]`: the services control approved this host for, with their
-/// VIPs. Several objects are merged in order.
-pub fn approved_services(status: &Value) -> BTreeMap<String, Vec<String>> {
-    let mut out = BTreeMap::new();
-    let Some(entries) = status["Self"]["CapMap"]["service-host"].as_array() else {
-        return out;
-    };
-    for entry in entries {
-        let Some(map) = entry.as_object() else {
-            continue;
-        };
-        for (name, vips) in map {
-            out.insert(name.clone(), strings(vips));
-        }
-    }
-    out
-}
-
 /// The status document from what tailscaled said.
 pub fn build(
-    status: &Value,
-    prefs: &Value,
+    status: &Status,
+    prefs: &Prefs,
     serve: &Value,
     whois: Option<&Value>,
     target: &Target,
 ) -> TsStatus {
-    let me = &status["Self"];
-    let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_string);
-    let approved = approved_services(status);
-    let advertised = strings(&prefs["AdvertiseServices"]);
+    let me = &status.self_node;
+    let text = |v: Option<&str>| v.filter(|s| !s.is_empty()).map(str::to_string);
+    let approved = status.approved_services();
+    let advertised = prefs.services();
     let services = target
         .services
         .iter()
@@ -232,16 +214,19 @@ pub fn build(
             .into(),
     });
     TsStatus {
-        backend_state: status["BackendState"].as_str().unwrap_or("").into(),
-        daemon_version: text(&status["Version"]),
-        online: me["Online"].as_bool().unwrap_or(false),
-        hostname: text(&me["HostName"]),
-        dns_name: text(&me["DNSName"]).map(|n| n.trim_end_matches('.').to_string()),
-        ips: strings(&status["TailscaleIPs"]),
-        tailnet: text(&status["CurrentTailnet"]["Name"]),
-        magic_dns_suffix: text(&status["CurrentTailnet"]["MagicDNSSuffix"])
-            .or_else(|| text(&status["MagicDNSSuffix"])),
-        tags: strings(&me["Tags"]),
+        backend_state: status
+            .backend_state
+            .map(|s| s.name().to_string())
+            .unwrap_or_default(),
+        daemon_version: text(status.version.as_deref()),
+        online: me.online,
+        hostname: text(me.host_name.as_deref()),
+        dns_name: text(me.dns_name.as_deref()).map(|n| n.trim_end_matches('.').to_string()),
+        ips: status.tailscale_ips.clone(),
+        tailnet: text(status.tailnet_name()),
+        magic_dns_suffix: text(status.tailnet_suffix())
+            .or_else(|| text(status.magic_dns_suffix.as_deref())),
+        tags: me.tags.clone(),
         owner,
         services,
         error: None,
@@ -270,29 +255,37 @@ mod tests {
         }
     }
 
+    fn status(value: &Value) -> Status {
+        serde_json::from_value(value.clone()).expect("status parses")
+    }
+
+    fn prefs(value: Value) -> Prefs {
+        serde_json::from_value(value).expect("prefs parse")
+    }
+
     #[test]
     fn a_service_is_approved_only_once_control_lists_it_under_service_host() {
-        let mut status: Value = serde_json::from_str(include_str!(
+        let mut captured: Value = serde_json::from_str(include_str!(
             "../../../tests/fixtures/tailscale/status-scrubbed-linux-1.102.2.json"
         ))
         .unwrap();
-        let prefs = json!({ "AdvertiseServices": ["svc:molt-provider", "svc:gateway"] });
+        let prefs = prefs(json!({ "AdvertiseServices": ["svc:molt-provider", "svc:gateway"] }));
         let serve = json!({ "Services": {
             "svc:molt-provider": { "TCP": { "8443": { "TCPForward": "127.0.0.1:8443" } } },
             "svc:gateway": { "TCP": { "443": { "TCPForward": "127.0.0.1:443" } } }
         } });
         let t = target(&[("molt-provider", 8443), ("gateway", 443), ("other", 1)]);
-        let doc = build(&status, &prefs, &serve, None, &t);
+        let doc = build(&status(&captured), &prefs, &serve, None, &t);
         let states: Vec<&str> = doc.services.iter().map(|s| s.state.as_str()).collect();
         assert_eq!(
             states,
             ["awaiting approval", "awaiting approval", "not advertised"]
         );
-        status["Self"]["CapMap"]["service-host"] = json!([
+        captured["Self"]["CapMap"]["service-host"] = json!([
             { "svc:molt-provider": ["100.100.1.1", "fd7a:115c:a1e0::100"] },
             { "svc:gateway": ["100.100.1.2"] }
         ]);
-        let doc = build(&status, &prefs, &serve, None, &t);
+        let doc = build(&status(&captured), &prefs, &serve, None, &t);
         assert_eq!(doc.services[0].state, "approved");
         assert_eq!(doc.services[0].vips, ["100.100.1.1", "fd7a:115c:a1e0::100"]);
         assert_eq!(
@@ -306,7 +299,13 @@ mod tests {
     fn a_failed_publish_shows_its_reason_on_every_service() {
         let mut t = target(&[("molt-provider", 8443)]);
         t.publish_error = Some("service hosts must be tagged nodes".into());
-        let doc = build(&json!({}), &json!({}), &Value::Null, None, &t);
+        let doc = build(
+            &status(&json!({})),
+            &prefs(json!({})),
+            &Value::Null,
+            None,
+            &t,
+        );
         assert_eq!(doc.services[0].state, "failed");
         assert_eq!(
             doc.services[0].reason.as_deref(),
@@ -316,18 +315,18 @@ mod tests {
 
     #[test]
     fn identity_comes_from_self_the_tailnet_and_whois() {
-        let status = json!({
+        let reported = status(&json!({
             "BackendState": "Running",
             "Version": "1.102.2-tabc",
             "TailscaleIPs": ["100.101.102.103", "fd7a:115c:a1e0::1"],
             "Self": { "HostName": "clawnode-gpu-01", "DNSName": "clawnode-gpu-01.tail1234.ts.net.",
                       "Online": true, "Tags": ["tag:gpu"], "CapMap": null, "Unknown": 1 },
             "CurrentTailnet": { "Name": "example.com", "MagicDNSSuffix": "tail1234.ts.net" }
-        });
+        }));
         let whois = json!({ "UserProfile": { "LoginName": "clawnode-gpu-01.tail1234.ts.net", "DisplayName": "clawnode-gpu-01" } });
         let doc = build(
-            &status,
-            &json!({}),
+            &reported,
+            &prefs(json!({})),
             &Value::Null,
             Some(&whois),
             &target(&[]),
@@ -343,6 +342,8 @@ mod tests {
             doc.owner.unwrap().login_name,
             "clawnode-gpu-01.tail1234.ts.net"
         );
-        assert!(approved_services(&status).is_empty(), "null CapMap");
+        assert_eq!(doc.backend_state, "Running");
+        assert_eq!(doc.daemon_version.as_deref(), Some("1.102.2-tabc"));
+        assert!(reported.approved_services().is_empty(), "null CapMap");
     }
 }
