@@ -256,7 +256,7 @@ fn outcome(version: &str, tags: &str, tailnet: &str, prepare: impl FnOnce(&Stand
 fn an_untagged_node_is_told_service_hosts_must_be_tagged() {
     let status = outcome("1.102.2", "", "example.com", |_| {});
     assert!(
-        status.contains("services failed: service hosts must be tagged nodes"),
+        status.contains("services waiting for operator: service hosts must be tagged nodes"),
         "{status}"
     );
 }
@@ -265,10 +265,69 @@ fn an_untagged_node_is_told_service_hosts_must_be_tagged() {
 fn a_node_in_another_tailnet_advertises_nothing_and_says_why() {
     let status = outcome("1.102.2", TAGS, "other-org.ts.net", |_| {});
     assert!(
-        status.contains("mesh failed: this device is in tailnet \"example.com\""),
+        status.contains("mesh waiting for operator: this device is in tailnet \"example.com\""),
         "{status}"
     );
     assert!(status.contains("advertising nothing"), "{status}");
+}
+
+#[test]
+fn a_node_in_the_wrong_tailnet_waits_for_the_operator_instead_of_retrying_in_a_loop() {
+    let (ts, node) = start("1.102.2", TAGS, "other-org.ts.net", |_| {});
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while !last_status(&seen).contains("waiting for operator") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let datagram = node
+            .recv(left)
+            .unwrap_or_else(|| panic!("no 'waiting for operator' in {seen:?}"));
+        seen.push(datagram);
+    }
+    let status = last_status(&seen);
+    assert!(
+        status.contains("mesh waiting for operator: this device is in tailnet \"example.com\""),
+        "{status}"
+    );
+    assert!(!status.contains("attempt"), "{status}");
+    // A recheck that the bring-up's own state changes asked for may still be on its way.
+    std::thread::sleep(Duration::from_secs(1));
+    // Every join reads the prefs once; nothing else does while the mesh is down.
+    let joins = |ts: &StandIn| {
+        ts.calls()
+            .iter()
+            .filter(|c| c.as_str() == "GET /localapi/v0/prefs")
+            .count()
+    };
+    let before = joins(&ts);
+    // The transient schedule (0.5 s doubling, x[0.5, 1.5)) would rejoin three or more times here.
+    let window = node.drain(Duration::from_secs(8));
+    assert_eq!(
+        joins(&ts),
+        before,
+        "rejoined while waiting for the operator"
+    );
+    assert!(!has(&window, "READY=1"));
+    let starts = ts
+        .calls()
+        .iter()
+        .filter(|c| c.as_str() == "POST /localapi/v0/start")
+        .count();
+    assert_eq!(starts, 1, "one bring-up: {:?}", ts.calls());
+    let doc = node.status_json();
+    assert_eq!(doc["mesh"]["state"], "failed");
+    assert_eq!(doc["mesh"]["waiting_for_operator"], true);
+    assert!(
+        doc["status"]
+            .as_str()
+            .unwrap()
+            .contains("mesh waiting for operator: this device is in tailnet"),
+        "{doc}"
+    );
+    let human = String::from_utf8(node.cli(&["status"]).stdout).unwrap();
+    assert!(
+        human.contains("waiting for operator: this device is in tailnet"),
+        "{human}"
+    );
 }
 
 #[test]
