@@ -231,7 +231,7 @@ impl Daemon {
                 } = joined;
                 if let Err(error) = self
                     .node_info
-                    .place(&self.config.node.name.to_string(), node_info.as_ref())
+                    .place(self.config.node.name.as_ref(), node_info.as_ref())
                 {
                     let spot = node_info.as_ref().map(|s| s.listen.to_string());
                     let problem = format!(
