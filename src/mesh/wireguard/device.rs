@@ -14,7 +14,7 @@ use crate::core::peer_diff::{PeerDiff, PeerKey, PeerMap, PeerSpec, Psk};
 use super::keys::PrivateKey;
 
 /// What a device holds, as read back from it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceState {
     pub public_key: Option<PeerKey>,
     pub listen_port: Option<u16>,
@@ -167,4 +167,305 @@ fn name(iface: &str) -> io::Result<InterfaceName> {
     iface
         .parse()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{iface}: {e}")))
+}
+
+#[cfg(any(test, feature = "test-fakes"))]
+pub use mem::{MemDevice, SentChange};
+
+/// An in-memory device for tests that need no root: it applies changes the way the kernel
+/// does with what `WgControl` sends, and counts reads and applies.
+#[cfg(any(test, feature = "test-fakes"))]
+mod mem {
+    use std::io;
+    use std::sync::{Mutex, MutexGuard, PoisonError};
+
+    use ipnet::IpNet;
+
+    use super::{DeviceChange, DeviceState, PeerStats, WgDevice};
+    use crate::core::peer_diff::{PeerDiff, PeerKey, PeerMap, PeerSpec, Psk};
+
+    /// A change as the device received it; the private key only as sent or not.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct SentChange {
+        pub private_key: bool,
+        pub listen_port: Option<u16>,
+        pub fwmark: Option<u32>,
+        pub peers: PeerDiff,
+    }
+
+    pub struct MemDevice {
+        interface: String,
+        inner: Mutex<Inner>,
+    }
+
+    #[derive(Default)]
+    struct Inner {
+        /// `stats` stays empty here; reads make them up from the peers.
+        state: DeviceState,
+        reads: usize,
+        applies: usize,
+        last: Option<SentChange>,
+        fail_next_apply: Option<i32>,
+    }
+
+    impl MemDevice {
+        /// An empty device named `interface`, as a fresh link or daemon has.
+        pub fn new(interface: &str) -> Self {
+            Self {
+                interface: interface.to_string(),
+                inner: Mutex::default(),
+            }
+        }
+
+        pub fn reads(&self) -> usize {
+            self.lock().reads
+        }
+
+        /// Calls to `apply`, failed ones included.
+        pub fn applies(&self) -> usize {
+            self.lock().applies
+        }
+
+        /// What the device holds now; not counted as a read.
+        pub fn state(&self) -> DeviceState {
+            snapshot(&self.lock().state)
+        }
+
+        /// The last change `apply` accepted.
+        pub fn last_change(&self) -> Option<SentChange> {
+            self.lock().last.clone()
+        }
+
+        /// Change the device as `wg set` or a restarted daemon would, unseen by clawnode.
+        pub fn change_behind_our_back(&self, edit: impl FnOnce(&mut DeviceState)) {
+            edit(&mut self.lock().state);
+        }
+
+        /// Make the next `apply` fail with this errno and change nothing.
+        pub fn fail_next_apply(&self, errno: i32) {
+            self.lock().fail_next_apply = Some(errno);
+        }
+
+        fn lock(&self) -> MutexGuard<'_, Inner> {
+            self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+
+        fn check(&self, iface: &str) -> io::Result<()> {
+            if iface == self.interface {
+                return Ok(());
+            }
+            Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{iface}: no such WireGuard device"),
+            ))
+        }
+    }
+
+    impl WgDevice for MemDevice {
+        fn read(&self, iface: &str) -> io::Result<DeviceState> {
+            self.check(iface)?;
+            let mut inner = self.lock();
+            inner.reads += 1;
+            Ok(snapshot(&inner.state))
+        }
+
+        fn apply(&self, iface: &str, change: &DeviceChange<'_>) -> io::Result<()> {
+            self.check(iface)?;
+            let mut inner = self.lock();
+            inner.applies += 1;
+            if let Some(errno) = inner.fail_next_apply.take() {
+                return Err(io::Error::from_raw_os_error(errno));
+            }
+            apply_to(&mut inner.state, change);
+            inner.last = Some(SentChange {
+                private_key: change.private_key.is_some(),
+                listen_port: change.listen_port,
+                fwmark: change.fwmark,
+                peers: change.peers.clone(),
+            });
+            Ok(())
+        }
+    }
+
+    fn snapshot(state: &DeviceState) -> DeviceState {
+        let stats = state
+            .peers
+            .values()
+            .map(|p| PeerStats {
+                key: p.key,
+                endpoint: p.endpoint,
+                last_handshake: None,
+                rx_bytes: 0,
+                tx_bytes: 0,
+            })
+            .collect();
+        DeviceState {
+            stats,
+            ..state.clone()
+        }
+    }
+
+    /// In the order `WgControl` sends them: settings, removals, new peers, updates.
+    fn apply_to(state: &mut DeviceState, change: &DeviceChange<'_>) {
+        if let Some(private) = change.private_key {
+            state.public_key = Some(private.public());
+        }
+        if let Some(port) = change.listen_port {
+            state.listen_port = Some(port);
+        }
+        if let Some(mark) = change.fwmark {
+            state.fwmark = (mark != 0).then_some(mark);
+        }
+        for key in &change.peers.remove {
+            state.peers.remove(key);
+        }
+        // A new peer is sent with replace-allowed-ips and only the fields it has; for a peer the
+        // device already holds (added behind our back), that is an update.
+        for spec in &change.peers.add {
+            let peer = peer_entry(&mut state.peers, spec.key);
+            if spec.endpoint.is_some() {
+                peer.endpoint = spec.endpoint;
+            }
+            if let Some(keepalive) = spec.keepalive {
+                peer.keepalive = (keepalive != 0).then_some(keepalive);
+            }
+            if let Some(psk) = &spec.psk {
+                peer.psk = nonzero(psk);
+            }
+            replace_allowed_ips(&mut state.peers, spec.key, &spec.allowed_ips);
+        }
+        for update in &change.peers.update {
+            let spec = &update.spec;
+            let peer = peer_entry(&mut state.peers, spec.key);
+            if update.endpoint && spec.endpoint.is_some() {
+                peer.endpoint = spec.endpoint;
+            }
+            if update.keepalive {
+                peer.keepalive = spec.keepalive.filter(|&k| k != 0);
+            }
+            if update.psk {
+                peer.psk = spec.psk.as_ref().and_then(nonzero);
+            }
+            if update.allowed_ips {
+                replace_allowed_ips(&mut state.peers, spec.key, &spec.allowed_ips);
+            }
+        }
+    }
+
+    /// Setting a peer the device does not hold creates it, as WireGuard does.
+    fn peer_entry(peers: &mut PeerMap, key: PeerKey) -> &mut PeerSpec {
+        peers
+            .entry(key)
+            .or_insert_with(|| PeerSpec::new(key, Vec::new()))
+    }
+
+    /// An all-zero preshared key is how WireGuard says "none".
+    fn nonzero(psk: &Psk) -> Option<Psk> {
+        (psk.0 != [0; 32]).then(|| psk.clone())
+    }
+
+    /// A network routes to one peer per device: giving it to this peer takes it from any other.
+    fn replace_allowed_ips(peers: &mut PeerMap, key: PeerKey, nets: &[IpNet]) {
+        let nets: Vec<IpNet> = nets.iter().map(IpNet::trunc).collect();
+        for (other, spec) in peers.iter_mut() {
+            if *other != key {
+                spec.allowed_ips.retain(|net| !nets.contains(net));
+            }
+        }
+        if let Some(peer) = peers.get_mut(&key) {
+            peer.allowed_ips = nets;
+            peer.allowed_ips.sort();
+            peer.allowed_ips.dedup();
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::core::peer_diff::PeerUpdate;
+
+        fn key(n: u8) -> PeerKey {
+            PeerKey([n; 32])
+        }
+
+        fn net(text: &str) -> IpNet {
+            text.parse().unwrap()
+        }
+
+        fn apply(device: &MemDevice, diff: PeerDiff) {
+            let change = DeviceChange {
+                private_key: None,
+                listen_port: None,
+                fwmark: None,
+                peers: &diff,
+            };
+            device.apply("wg0", &change).unwrap();
+        }
+
+        #[test]
+        fn a_network_given_to_one_peer_is_taken_from_the_other() {
+            let device = MemDevice::new("wg0");
+            let a = PeerSpec::new(key(1), vec![net("10.0.0.0/24"), net("10.1.0.0/24")]);
+            apply(
+                &device,
+                PeerDiff {
+                    add: vec![a],
+                    ..PeerDiff::default()
+                },
+            );
+            let b = PeerSpec::new(key(2), vec![net("10.1.0.0/24")]);
+            apply(
+                &device,
+                PeerDiff {
+                    add: vec![b],
+                    ..PeerDiff::default()
+                },
+            );
+            let peers = device.state().peers;
+            assert_eq!(peers[&key(1)].allowed_ips, vec![net("10.0.0.0/24")]);
+            assert_eq!(peers[&key(2)].allowed_ips, vec![net("10.1.0.0/24")]);
+        }
+
+        #[test]
+        fn an_update_sends_only_its_flagged_fields_and_a_zero_keepalive_turns_it_off() {
+            let device = MemDevice::new("wg0");
+            let mut a = PeerSpec::new(key(1), vec![net("10.0.0.0/24")]);
+            a.endpoint = Some("192.0.2.1:51820".parse().unwrap());
+            a.keepalive = Some(25);
+            apply(
+                &device,
+                PeerDiff {
+                    add: vec![a.clone()],
+                    ..PeerDiff::default()
+                },
+            );
+            let mut changed = a.clone();
+            changed.endpoint = Some("192.0.2.9:51820".parse().unwrap());
+            changed.keepalive = None;
+            apply(
+                &device,
+                PeerDiff {
+                    update: vec![PeerUpdate {
+                        spec: changed,
+                        endpoint: false,
+                        allowed_ips: false,
+                        keepalive: true,
+                        psk: false,
+                    }],
+                    ..PeerDiff::default()
+                },
+            );
+            let peer = &device.state().peers[&key(1)];
+            assert_eq!(peer.endpoint, a.endpoint);
+            assert_eq!(peer.keepalive, None);
+        }
+
+        #[test]
+        fn another_interface_name_is_not_this_device() {
+            let device = MemDevice::new("wg0");
+            let error = device.read("wg1").unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::NotFound);
+            assert_eq!(device.reads(), 0);
+        }
+    }
 }

@@ -34,6 +34,11 @@ impl PrivateKey {
         out
     }
 
+    /// A key from its 32 raw bytes (as `wg genkey` writes them, before base64).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
     pub fn public(&self) -> PeerKey {
         let mut private = Key(self.0);
         let public = private.get_public();

@@ -7,9 +7,11 @@
 //! their sessions.
 
 pub mod device;
+pub mod errors;
 pub mod keys;
 pub mod link;
 mod monitor;
+pub mod reconcile;
 pub mod status;
 pub mod userspace;
 
@@ -22,22 +24,19 @@ use ipnet::IpNet;
 use wireguard_control::Backend;
 
 use crate::config::{self, Config, PeerConfig, WgBackend, WireguardConfig};
-use crate::core::peer_diff::{self, PeerKey, PeerMap, PeerSpec};
+use crate::core::peer_diff::{PeerKey, PeerMap, PeerSpec};
 
 use super::{
     BoxFuture, Callers, Hooks, Joined, MeshError, MeshProvider, MeshStatus, NodeInfoSpot, Recheck,
     ServiceAd,
 };
-use device::{DeviceChange, DeviceState, WgControl, WgDevice};
+use device::{WgControl, WgDevice};
+use errors::WgError;
 use link::{KernelSupport, Link};
+use reconcile::{DeviceSync, Synced, Wanted};
 
-struct Trusted {
-    interface: String,
-    daemon_pid: Option<u32>,
-    public_key: PeerKey,
-    listen_port: u16,
-    fwmark: u32,
-}
+/// Makes the device handle for a chosen backend; tests hand in a fake.
+pub type DeviceFactory = Box<dyn Fn(Backend) -> Arc<dyn WgDevice> + Send + Sync>;
 
 /// Which backend runs the interface, once chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,18 +62,25 @@ pub struct WireguardMesh {
     link: Option<Link>,
     chosen: Option<(Chosen, String)>,
     daemon: Option<userspace::Daemon>,
-    /// The peers clawnode last applied, to tell configured endpoint changes from roaming.
-    applied: PeerMap,
-    /// The device as clawnode last left it, when nothing since can have changed it: then a
-    /// config change is diffed against this instead of reading the whole device back.
-    trusted: Option<Trusted>,
+    device: DeviceFactory,
+    /// What clawnode applied to the device, so a config change need not read it back.
+    sync: DeviceSync,
     /// Set by the monitor when the device may have changed behind clawnode's back.
     needs_read: Arc<AtomicBool>,
     keep_interface: bool,
 }
 
 impl WireguardMesh {
+    /// The mesh on the real device (wireguard-control).
     pub fn new(hooks: Hooks) -> Self {
+        Self::with_device(hooks, |backend| Arc::new(WgControl { backend }))
+    }
+
+    /// The mesh on whatever device `device` makes for the chosen backend.
+    pub fn with_device(
+        hooks: Hooks,
+        device: impl Fn(Backend) -> Arc<dyn WgDevice> + Send + Sync + 'static,
+    ) -> Self {
         Self {
             recheck: hooks.recheck,
             hooks_live: hooks.live,
@@ -83,8 +89,8 @@ impl WireguardMesh {
             link: None,
             chosen: None,
             daemon: None,
-            applied: PeerMap::new(),
-            trusted: None,
+            device: Box::new(device),
+            sync: DeviceSync::default(),
             needs_read: Arc::new(AtomicBool::new(true)),
             keep_interface: false,
         }
@@ -105,7 +111,7 @@ impl WireguardMesh {
         let (chosen, why) = match wg.backend {
             WgBackend::Kernel => (Chosen::Kernel, "backend = \"kernel\"".to_string()),
             WgBackend::Userspace => (Chosen::Userspace, "backend = \"userspace\"".to_string()),
-            WgBackend::Auto => match link.probe_kernel().await.map_err(failed)? {
+            WgBackend::Auto => match link.probe_kernel().await? {
                 KernelSupport::Available => (
                     Chosen::Kernel,
                     "the WireGuard kernel module is available".into(),
@@ -116,10 +122,10 @@ impl WireguardMesh {
                         format!("no WireGuard kernel module; {} found", path.display()),
                     ),
                     None => {
-                        return Err(MeshError::transient(format!(
-                            "no WireGuard available: the kernel has no wireguard module (load it: modprobe wireguard) and no userspace implementation {:?} was found (install wireguard-go, or set [network.wireguard] userspace_implementation)",
-                            wg.userspace_implementation.display().to_string()
-                        )));
+                        return Err(WgError::NoWireguard {
+                            program: wg.userspace_implementation.display().to_string(),
+                        }
+                        .into());
                     }
                 },
             },
@@ -133,14 +139,12 @@ impl WireguardMesh {
         let wg = &config.network.wireguard;
         let iface = wg.interface.as_str().to_string();
         let Some(address) = wg.address else {
-            return Err(MeshError::transient(
-                "[network.wireguard] address is not set",
-            ));
+            return Err(WgError::NoAddress.into());
         };
-        if self.link.is_none() {
-            self.link = Some(Link::connect().map_err(failed)?);
-        }
-        let link = self.link.take().expect("set above");
+        let link = match self.link.take() {
+            Some(link) => link,
+            None => Link::connect()?,
+        };
         let result = self.configure(wg, &iface, address, &link).await;
         self.link = Some(link);
         result
@@ -157,81 +161,56 @@ impl WireguardMesh {
         let chosen = self.choose_backend(wg, link).await?;
         let backend = match chosen {
             Chosen::Kernel => {
-                link.create_wireguard(iface).await.map_err(failed)?;
+                link.create_wireguard(iface).await?;
                 Backend::Kernel
             }
             Chosen::Userspace => {
                 let daemon = self.daemon.get_or_insert_with(|| {
                     userspace::Daemon::new(iface, &wg.userspace_implementation)
                 });
-                daemon.ensure_running().await.map_err(failed)?;
+                daemon.ensure_running().await?;
                 Backend::Userspace
             }
         };
 
-        let key = keys::load_or_generate(&wg.private_key_file).map_err(failed)?;
+        let key = keys::load_or_generate(&wg.private_key_file)?;
         let public = key.public();
         let (peers, problems) = config::peers::configured_peers(wg);
-        let desired = desired_peers(&peers).await?;
-
-        let device = WgControl { backend };
-        let iface_owned = iface.to_string();
-        let applied = self.applied.clone();
-        let (listen_port, fwmark) = (wg.listen_port, wg.fwmark.unwrap_or(0));
-        let desired_for_apply = desired.clone();
-        let daemon_pid = self.daemon.as_ref().and_then(userspace::Daemon::pid);
+        let want = Wanted {
+            interface: iface.to_string(),
+            key,
+            listen_port: wg.listen_port,
+            fwmark: wg.fwmark.unwrap_or(0),
+            peers: desired_peers(&peers).await?,
+            daemon_pid: self.daemon.as_ref().and_then(userspace::Daemon::pid),
+        };
+        let device = (self.device)(backend);
+        let device_for_sync = Arc::clone(&device);
         let must_read = self.needs_read.swap(false, Ordering::AcqRel);
-        let known = self
-            .trusted
-            .take()
-            .filter(|t| !must_read && t.interface == iface && t.daemon_pid == daemon_pid)
-            .map(|t| DeviceState {
-                public_key: Some(t.public_key),
-                listen_port: Some(t.listen_port),
-                fwmark: (t.fwmark != 0).then_some(t.fwmark),
-                peers: applied.clone(),
-                stats: Vec::new(),
-            });
-        let (peer_changes, settings_changed) = tokio::task::spawn_blocking(move || {
-            let state = match known {
-                Some(state) => state,
-                None => device.read(&iface_owned)?,
-            };
-            let diff = peer_diff::diff(&state.peers, &desired_for_apply, &applied);
-            let change = DeviceChange {
-                private_key: (state.public_key != Some(key.public())).then_some(&key),
-                listen_port: (state.listen_port != Some(listen_port)).then_some(listen_port),
-                fwmark: (state.fwmark.unwrap_or(0) != fwmark).then_some(fwmark),
-                peers: &diff,
-            };
-            let settings_changed = change.private_key.is_some()
-                || change.listen_port.is_some()
-                || change.fwmark.is_some();
-            device.apply(&iface_owned, &change)?;
-            Ok::<_, std::io::Error>((diff.len(), settings_changed))
+        // The sync travels to the blocking pool and back; if the task dies it stays at the
+        // default, which trusts nothing and so reads the device next time.
+        let mut sync = std::mem::take(&mut self.sync);
+        let (sync, synced) = tokio::task::spawn_blocking(move || {
+            let synced = sync.sync(device_for_sync.as_ref(), want, must_read);
+            (sync, synced)
         })
         .await
-        .map_err(|e| MeshError::transient(format!("WireGuard apply task failed: {e}")))?
-        .map_err(|e| MeshError::transient(format!("configure WireGuard device {iface}: {e}")))?;
-        self.applied = desired.clone();
-        self.trusted = Some(Trusted {
+        .map_err(|e| WgError::ApplyTask(e.to_string()))?;
+        self.sync = sync;
+        let synced = synced.map_err(|source| WgError::Device {
             interface: iface.to_string(),
-            daemon_pid,
-            public_key: public,
-            listen_port,
-            fwmark,
-        });
+            source,
+        })?;
+        let desired = self.sync.applied();
 
-        let Some(state) = link.get(iface).await.map_err(failed)? else {
-            return Err(MeshError::transient(format!(
-                "interface {iface} vanished while being configured"
-            )));
+        let Some(state) = link.get(iface).await? else {
+            return Err(WgError::Vanished(iface.to_string()).into());
         };
-        let routes = routes_for(wg, &desired);
+        let routes = routes_for(wg, desired);
+        let peer_count = desired.len();
         let link_changes = link
             .configure(&state, u32::from(wg.mtu), &[address], &routes)
-            .await
-            .map_err(failed)?;
+            .await?;
         let owned = crate::core::drift::OwnedLink {
             index: state.index,
             name: iface.to_string(),
@@ -244,23 +223,20 @@ impl WireguardMesh {
             .as_ref()
             .is_none_or(|m| !m.watches(&owned, daemon_pid, &wg.peers_dir, wg.reconcile_interval))
         {
-            self.monitor = Some(
-                monitor::Monitor::start(
-                    owned,
-                    daemon_pid,
-                    daemon_exit,
-                    &wg.peers_dir,
-                    wg.reconcile_interval,
-                    self.recheck.clone(),
-                    Arc::clone(&self.needs_read),
-                )
-                .map_err(failed)?,
-            );
+            self.monitor = Some(monitor::Monitor::start(
+                owned,
+                daemon_pid,
+                daemon_exit,
+                &wg.peers_dir,
+                wg.reconcile_interval,
+                self.recheck.clone(),
+                Arc::clone(&self.needs_read),
+            )?);
         }
         self.hooks_live.set(Some(Arc::new(self.live.clone())));
         self.live.set(Some(status::Target {
             interface: iface.to_string(),
-            backend,
+            device,
             backend_name: chosen.as_str(),
             addresses: vec![address.to_string()],
             names: peers
@@ -268,15 +244,20 @@ impl WireguardMesh {
                 .map(|p| (PeerKey(*p.public_key.as_bytes()), p.name.clone()))
                 .collect(),
         }));
+        let Synced {
+            peer_changes,
+            settings_changed,
+            read,
+        } = synced;
         if peer_changes > 0 || settings_changed || !link_changes.is_empty() {
-            tracing::info!(component = "mesh", interface = iface, peer_changes, settings_changed, link = ?link_changes, "WireGuard interface reconciled");
+            tracing::info!(component = "mesh", interface = iface, peer_changes, settings_changed, read_device = read, link = ?link_changes, "WireGuard interface reconciled");
         }
 
         let status = MeshStatus {
             provider: format!("wireguard/{}", chosen.as_str()),
             interface: Some(iface.to_string()),
             address: Some(address.to_string()),
-            peers: desired.len(),
+            peers: peer_count,
             problems,
         };
         let node_info = NodeInfoSpot {
@@ -327,11 +308,10 @@ impl MeshProvider for WireguardMesh {
                 daemon.stop().await;
             }
             if let (Some(link), Some(iface)) = (&self.link, iface) {
-                link.delete(&iface).await.map_err(failed)?;
+                link.delete(&iface).await?;
                 tracing::info!(component = "mesh", interface = %iface, "removed the WireGuard interface");
             }
-            self.applied.clear();
-            self.trusted = None;
+            self.sync = DeviceSync::default();
             Ok(())
         })
     }
@@ -346,7 +326,7 @@ pub async fn desired_peers(peers: &[PeerConfig]) -> Result<PeerMap, MeshError> {
         let mut spec = PeerSpec::new(key, peer.allowed_ips.clone());
         spec.keepalive = peer.persistent_keepalive;
         if let Some(path) = &peer.preshared_key_file {
-            spec.psk = Some(keys::read_psk(path).map_err(failed)?);
+            spec.psk = Some(keys::read_psk(path)?);
         }
         if let Some(endpoint) = &peer.endpoint {
             match tokio::net::lookup_host((endpoint.host(), endpoint.port())).await {
@@ -370,8 +350,4 @@ fn routes_for(wg: &WireguardConfig, peers: &PeerMap) -> Vec<IpNet> {
         }
     }
     routes
-}
-
-fn failed(error: impl std::fmt::Display) -> MeshError {
-    MeshError::transient(error.to_string())
 }

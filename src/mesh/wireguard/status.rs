@@ -6,9 +6,8 @@ use std::sync::{Arc, RwLock};
 use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
-use wireguard_control::Backend;
 
-use super::device::{WgControl, WgDevice};
+use super::device::WgDevice;
 use super::keys;
 use crate::core::peer_diff::PeerKey;
 use crate::mesh::{BoxFuture, LiveSource, LiveStatus, TunnelPeer};
@@ -20,7 +19,7 @@ pub struct LiveTarget(Arc<RwLock<Option<Target>>>);
 #[derive(Clone)]
 pub struct Target {
     pub interface: String,
-    pub backend: Backend,
+    pub device: Arc<dyn WgDevice>,
     pub backend_name: &'static str,
     pub addresses: Vec<String>,
     pub names: BTreeMap<PeerKey, String>,
@@ -67,10 +66,7 @@ impl LiveSource for LiveTarget {
 }
 
 fn read(target: &Target) -> std::io::Result<WgStatus> {
-    let state = WgControl {
-        backend: target.backend,
-    }
-    .read(&target.interface)?;
+    let state = target.device.read(&target.interface)?;
     let peers = state
         .stats
         .iter()
@@ -103,4 +99,43 @@ fn read(target: &Target) -> std::io::Result<WgStatus> {
         addresses: target.addresses.clone(),
         peers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::peer_diff::PeerSpec;
+    use crate::mesh::wireguard::device::MemDevice;
+
+    #[test]
+    fn the_live_view_shows_the_peers_the_device_holds_under_their_configured_names() {
+        let device = Arc::new(MemDevice::new("wg0"));
+        let key = PeerKey([7; 32]);
+        device.change_behind_our_back(|state| {
+            state.listen_port = Some(51820);
+            let mut spec = PeerSpec::new(key, vec!["10.100.0.7/32".parse().unwrap()]);
+            spec.keepalive = Some(25);
+            state.peers.insert(key, spec);
+        });
+        let live = LiveTarget::default();
+        assert!(live.read().is_none(), "nothing configured yet");
+        live.set(Some(Target {
+            interface: "wg0".into(),
+            device: device.clone(),
+            backend_name: "userspace",
+            addresses: vec!["10.100.0.1/24".into()],
+            names: BTreeMap::from([(key, "node-7".to_string())]),
+        }));
+
+        let status = live.read().unwrap().unwrap();
+
+        assert_eq!(status.listen_port, Some(51820));
+        assert_eq!(status.peers.len(), 1);
+        let peer = &status.peers[0];
+        assert_eq!(peer.name.as_deref(), Some("node-7"));
+        assert_eq!(peer.allowed_ips, vec!["10.100.0.7/32".to_string()]);
+        assert_eq!(peer.persistent_keepalive, Some(25));
+        assert_eq!(peer.last_handshake_unix_ms, None);
+        assert_eq!(device.reads(), 1);
+    }
 }
