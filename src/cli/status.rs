@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::mesh::LiveStatus;
-use crate::mesh::tailscale::status::TsStatus;
+use crate::mesh::live::TsStatus;
 
 use clap::{Args, ValueEnum};
 

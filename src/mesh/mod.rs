@@ -7,6 +7,7 @@
 
 #[cfg(feature = "test-fakes")]
 pub mod fake;
+pub mod live;
 pub mod tailscale;
 pub mod wireguard;
 
@@ -16,11 +17,11 @@ use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 pub use crate::core::Retry;
 pub use crate::core::model::{MeshStatus, ServiceAd};
+pub use live::{LiveStatus, TunnelPeer};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -174,39 +175,6 @@ impl Hooks {
         };
         (hooks, rx)
     }
-}
-
-/// The mesh as it is right now, read at request time from whichever provider runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LiveStatus {
-    /// The WireGuard interface and its peers, read from the device.
-    Wireguard(wireguard::status::WgStatus),
-    /// Identity, tailnet and per-service approval, read from tailscaled.
-    Tailscale(tailscale::status::TsStatus),
-}
-
-impl LiveStatus {
-    /// The tunnel peers clawnode manages itself (none on a tailnet).
-    pub fn tunnel_peers(&self) -> &[TunnelPeer] {
-        match self {
-            LiveStatus::Wireguard(wg) => &wg.peers,
-            LiveStatus::Tailscale(_) => &[],
-        }
-    }
-}
-
-/// One tunnel peer as the device reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TunnelPeer {
-    pub name: Option<String>,
-    pub public_key: String,
-    pub endpoint: Option<String>,
-    pub allowed_ips: Vec<String>,
-    pub persistent_keepalive: Option<u16>,
-    pub last_handshake_unix_ms: Option<u64>,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
 }
 
 /// A provider's live view: read on demand, never polled.

@@ -182,9 +182,12 @@ async fn refresh(
 /// Fetch and write one pair; `Ok(true)` when the files changed.
 async fn fetch(api: &LocalApi, dir: &Path, domain: &str) -> Result<bool, String> {
     let path = format!("/localapi/v0/cert/{domain}?type=pair&min_validity={MIN_VALIDITY}");
-    let reply = api.get(&path).await.map_err(|e| match e {
-        LocalApiError::RateLimited { .. } => format!("{e} (Let's Encrypt rate limit)"),
-        other => other.to_string(),
+    let reply = api.get(&path).await.map_err(|e| {
+        if matches!(e, LocalApiError::RateLimited { .. }) {
+            format!("{e} (Let's Encrypt rate limit)")
+        } else {
+            e.to_string()
+        }
     })?;
     let body = Zeroizing::new(reply.body.to_vec());
     let (key, chain) = split_pair(&body)

@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::localapi::LocalApi;
 use super::types::{Prefs, Status};
+pub use crate::mesh::live::{CertDoc, Owner, TsServiceState, TsStatus};
 use crate::mesh::{BoxFuture, LiveSource, LiveStatus, ServiceAd};
 
 /// The daemon to read and what clawnode asked of it, set by the provider once it has joined.
@@ -25,59 +25,6 @@ pub struct Target {
     pub publish_error: Option<String>,
     /// Certificate state by service label.
     pub certs: BTreeMap<String, CertDoc>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TsStatus {
-    pub backend_state: String,
-    pub daemon_version: Option<String>,
-    /// Connected to the control plane.
-    pub online: bool,
-    pub hostname: Option<String>,
-    /// MagicDNS name without the trailing dot.
-    pub dns_name: Option<String>,
-    pub ips: Vec<String>,
-    pub tailnet: Option<String>,
-    pub magic_dns_suffix: Option<String>,
-    pub tags: Vec<String>,
-    /// Who owns this device: its own profile for a tagged node.
-    pub owner: Option<Owner>,
-    pub services: Vec<TsServiceState>,
-    /// Set when the live read failed; the other fields are then empty.
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Owner {
-    pub login_name: String,
-    pub display_name: String,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TsServiceState {
-    /// `svc:<label>`.
-    pub name: String,
-    pub port: u16,
-    /// approved | awaiting approval | not advertised | failed
-    pub state: String,
-    /// In `AdvertiseServices` and in the serve config.
-    pub advertised: bool,
-    pub approved: bool,
-    /// The service's VIPs, once approved.
-    pub vips: Vec<String>,
-    pub reason: Option<String>,
-    pub cert: Option<CertDoc>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CertDoc {
-    pub domain: String,
-    /// waiting for the domain | issued | failed
-    pub state: String,
-    pub cert_file: Option<String>,
-    pub key_file: Option<String>,
-    pub fetched_unix_ms: Option<u64>,
-    pub error: Option<String>,
 }
 
 /// Bounded so a hung tailscaled cannot hang `clawnode status`.

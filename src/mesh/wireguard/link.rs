@@ -236,9 +236,11 @@ impl Link {
             if message.header.index != index {
                 continue;
             }
-            let addr = message.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(ip) => Some(*ip),
-                _ => None,
+            let addr = message.attributes.iter().find_map(|a| {
+                let AddressAttribute::Address(ip) = a else {
+                    return None;
+                };
+                Some(*ip)
             });
             if let Some(ip) = addr
                 && let Ok(net) = IpNet::new(ip, message.header.prefix_len)
@@ -258,10 +260,10 @@ pub fn link_state(message: &LinkMessage) -> LinkState {
         mtu: None,
     };
     for attribute in &message.attributes {
-        match attribute {
-            LinkAttribute::IfName(name) => state.name = name.clone(),
-            LinkAttribute::Mtu(mtu) => state.mtu = Some(*mtu),
-            _ => {}
+        if let LinkAttribute::IfName(name) = attribute {
+            state.name = name.clone();
+        } else if let LinkAttribute::Mtu(mtu) = attribute {
+            state.mtu = Some(*mtu);
         }
     }
     state

@@ -68,6 +68,8 @@ impl Monitor {
                     }
                     message = messages.next() => {
                         let Some((message, _)) = message else { break };
+                        // A non-exhaustive netlink enum: every other message is not a link event.
+                        #[allow(clippy::wildcard_enum_match_arm)]
                         let event = match message.payload {
                             NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
                                 let state = link_state(&link);

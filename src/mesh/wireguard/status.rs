@@ -5,11 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::UNIX_EPOCH;
 
-use serde::{Deserialize, Serialize};
-
 use super::device::WgDevice;
 use super::keys;
 use crate::core::peer_diff::PeerKey;
+pub use crate::mesh::live::WgStatus;
 use crate::mesh::{BoxFuture, LiveSource, LiveStatus, TunnelPeer};
 
 /// The interface to read, set by the provider once it is configured.
@@ -23,17 +22,6 @@ pub struct Target {
     pub backend_name: &'static str,
     pub addresses: Vec<String>,
     pub names: BTreeMap<PeerKey, String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WgStatus {
-    pub backend: String,
-    pub interface: String,
-    pub public_key: Option<String>,
-    pub listen_port: Option<u16>,
-    pub fwmark: Option<u32>,
-    pub addresses: Vec<String>,
-    pub peers: Vec<TunnelPeer>,
 }
 
 impl LiveTarget {

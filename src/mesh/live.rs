@@ -1,0 +1,102 @@
+//! The mesh's live view as the status API shows it, one document shape per provider. The
+//! providers fill these in at request time; the API and the CLI only read them, so neither
+//! needs to know the provider modules.
+
+use serde::{Deserialize, Serialize};
+
+/// The mesh as it is right now, read at request time from whichever provider runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LiveStatus {
+    /// The WireGuard interface and its peers, read from the device.
+    Wireguard(WgStatus),
+    /// Identity, tailnet and per-service approval, read from tailscaled.
+    Tailscale(TsStatus),
+}
+
+impl LiveStatus {
+    /// The tunnel peers clawnode manages itself (none on a tailnet).
+    pub fn tunnel_peers(&self) -> &[TunnelPeer] {
+        match self {
+            LiveStatus::Wireguard(wg) => &wg.peers,
+            LiveStatus::Tailscale(_) => &[],
+        }
+    }
+}
+
+/// One tunnel peer as the device reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelPeer {
+    pub name: Option<String>,
+    pub public_key: String,
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    pub persistent_keepalive: Option<u16>,
+    pub last_handshake_unix_ms: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WgStatus {
+    pub backend: String,
+    pub interface: String,
+    pub public_key: Option<String>,
+    pub listen_port: Option<u16>,
+    pub fwmark: Option<u32>,
+    pub addresses: Vec<String>,
+    pub peers: Vec<TunnelPeer>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TsStatus {
+    pub backend_state: String,
+    pub daemon_version: Option<String>,
+    /// Connected to the control plane.
+    pub online: bool,
+    pub hostname: Option<String>,
+    /// MagicDNS name without the trailing dot.
+    pub dns_name: Option<String>,
+    pub ips: Vec<String>,
+    pub tailnet: Option<String>,
+    pub magic_dns_suffix: Option<String>,
+    pub tags: Vec<String>,
+    /// Who owns this device: its own profile for a tagged node.
+    pub owner: Option<Owner>,
+    pub services: Vec<TsServiceState>,
+    /// Set when the live read failed; the other fields are then empty.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub login_name: String,
+    pub display_name: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TsServiceState {
+    /// `svc:<label>`.
+    pub name: String,
+    pub port: u16,
+    /// approved | awaiting approval | not advertised | failed
+    pub state: String,
+    /// In `AdvertiseServices` and in the serve config.
+    pub advertised: bool,
+    pub approved: bool,
+    /// The service's VIPs, once approved.
+    pub vips: Vec<String>,
+    pub reason: Option<String>,
+    pub cert: Option<CertDoc>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertDoc {
+    pub domain: String,
+    /// waiting for the domain | issued | failed
+    pub state: String,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub fetched_unix_ms: Option<u64>,
+    pub error: Option<String>,
+}
