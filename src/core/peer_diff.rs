@@ -63,13 +63,6 @@ impl PeerSpec {
             psk: None,
         }
     }
-
-    /// Sort and deduplicate the allowed IPs (a device returns them in its own order).
-    pub fn normalized(mut self) -> Self {
-        self.allowed_ips.sort();
-        self.allowed_ips.dedup();
-        self
-    }
 }
 
 pub type PeerMap = BTreeMap<PeerKey, PeerSpec>;

@@ -166,13 +166,6 @@ impl Daemon {
         Ok(())
     }
 
-    /// Leave the daemon running after clawnode exits (keep_interface_on_stop).
-    pub fn detach(&mut self) {
-        if let Some(running) = self.running.take() {
-            running.reaper.abort();
-        }
-    }
-
     /// Stop the daemon (SIGTERM, SIGKILL after a second) and wait for it. Its tun device goes
     /// with it.
     pub async fn stop(&mut self) {
