@@ -281,8 +281,7 @@ impl Daemon {
                 generation,
                 error,
             } => {
-                let retry = error.retry();
-                match retry {
+                match error.retry() {
                     Retry::Transient => {
                         tracing::warn!(component = component.as_str(), %error, "component failed; will retry")
                     }
@@ -293,8 +292,7 @@ impl Daemon {
                 self.core.handle_component_failed(
                     component,
                     generation,
-                    error.message().to_string(),
-                    retry,
+                    error,
                     now,
                     fastrand::u32(..),
                 );

@@ -19,6 +19,6 @@ pub mod tailscale_plan;
 
 pub use backoff::Backoff;
 pub use supervisor::{
-    Command, Component, ComponentState, ComponentView, CoreView, ErrorRecord, NotifyMsg, Phase,
-    ReloadPlan, Retry, Supervisor,
+    Command, Component, ComponentState, ComponentView, CoreView, ErrorRecord, Failure, NotifyMsg,
+    Phase, ReloadPlan, Retry, Supervisor,
 };

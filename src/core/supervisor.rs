@@ -54,6 +54,50 @@ pub enum Retry {
     NeedsOperator,
 }
 
+/// Why something failed, and whether trying again can help. The mesh boundary calls it
+/// `MeshError`; the pure Tailscale plan refuses with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    retry: Retry,
+    message: String,
+}
+
+impl Failure {
+    /// Worth retrying soon: a daemon restarting, a busy device, a network hiccup.
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            retry: Retry::Transient,
+            message: message.into(),
+        }
+    }
+
+    /// Retrying the same thing fails the same way until someone changes something: a wrong
+    /// tailnet, a tag the policy does not permit, a file clawnode must not overwrite.
+    pub fn needs_operator(message: impl Into<String>) -> Self {
+        Self {
+            retry: Retry::NeedsOperator,
+            message: message.into(),
+        }
+    }
+
+    pub fn retry(&self) -> Retry {
+        self.retry
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+/// An I/O error says nothing about its cause's permanence; callers that know better classify
+/// it themselves before it gets here.
+impl From<std::io::Error> for Failure {
+    fn from(error: std::io::Error) -> Self {
+        Failure::transient(error.to_string())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Starting,
@@ -365,15 +409,15 @@ impl Supervisor {
         &mut self,
         component: Component,
         generation: u64,
-        error: String,
-        retry: Retry,
+        failure: Failure,
         now: Instant,
         jitter: u32,
     ) {
         if !self.accepts(component, generation) {
             return;
         }
-        self.fail(component, error, retry, now, jitter);
+        let Failure { retry, message } = failure;
+        self.fail(component, message, retry, now, jitter);
     }
 
     /// Fire due retries and the watchdog.
@@ -1020,8 +1064,12 @@ mod tests {
 
         fn fail_with(&mut self, c: Component, error: &str, retry: Retry) {
             let g = self.generations[c.index()];
+            let failure = match retry {
+                Retry::Transient => Failure::transient(error),
+                Retry::NeedsOperator => Failure::needs_operator(error),
+            };
             self.sup
-                .handle_component_failed(c, g, error.into(), retry, self.now, 1 << 31);
+                .handle_component_failed(c, g, failure, self.now, 1 << 31);
             self.drain();
         }
 

@@ -7,7 +7,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
-use super::Retry;
+use super::{Failure, Retry};
 
 /// tailscaled's `ipn.State`: a name in `status`'s `BackendState`, a number in the bus's `State`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,29 +112,6 @@ impl<'de> Deserialize<'de> for IpnState {
     }
 }
 
-/// Why clawnode cannot go on, and whether trying again can help.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub retry: Retry,
-    pub message: String,
-}
-
-impl Refusal {
-    pub fn transient(message: impl Into<String>) -> Self {
-        Self {
-            retry: Retry::Transient,
-            message: message.into(),
-        }
-    }
-
-    pub fn needs_operator(message: impl Into<String>) -> Self {
-        Self {
-            retry: Retry::NeedsOperator,
-            message: message.into(),
-        }
-    }
-}
-
 /// What tailscaled reports before bring-up.
 #[derive(Debug, Clone, Copy)]
 pub struct Current<'a> {
@@ -169,7 +146,7 @@ pub enum Plan {
         login_interactive: bool,
     },
     /// Nothing clawnode can do until someone changes something.
-    Refuse(Refusal),
+    Refuse(Failure),
 }
 
 /// What to ask of tailscaled.
@@ -182,7 +159,7 @@ pub fn plan(current: &Current<'_>, wanted: &Wanted<'_>) -> Plan {
         return Plan::Rename;
     }
     if !wanted.has_auth && !current.have_node_key {
-        return Plan::Refuse(Refusal::needs_operator(
+        return Plan::Refuse(Failure::needs_operator(
             "tailscaled is not logged in and no auth method is configured (set auth_key_file, auth_key_env, auth_key or workload_identity under [network.tailscale])",
         ));
     }
@@ -206,14 +183,14 @@ pub fn check_joined(
     state: Option<IpnState>,
     tailnet: Tailnet<'_>,
     wanted_tailnet: Option<&str>,
-) -> Result<(), Refusal> {
+) -> Result<(), Failure> {
     let Some(state) = state else {
-        return Err(Refusal::transient("tailscaled status has no BackendState"));
+        return Err(Failure::transient("tailscaled status has no BackendState"));
     };
     match state {
         IpnState::Running => {}
         IpnState::NeedsMachineAuth => {
-            return Err(Refusal::needs_operator(
+            return Err(Failure::needs_operator(
                 "waiting for admin approval of this device in the Tailscale admin console",
             ));
         }
@@ -223,7 +200,7 @@ pub fn check_joined(
         | IpnState::Stopped
         | IpnState::Starting
         | IpnState::Unknown => {
-            return Err(Refusal::transient(format!(
+            return Err(Failure::transient(format!(
                 "tailscaled is {state}, not Running"
             )));
         }
@@ -234,7 +211,7 @@ pub fn check_joined(
     let name = tailnet.name.unwrap_or("");
     let suffix = tailnet.magic_dns_suffix.unwrap_or("");
     if name != want && suffix != want {
-        return Err(Refusal::needs_operator(format!(
+        return Err(Failure::needs_operator(format!(
             "this device is in tailnet {name:?} ({suffix}), but the config expects {want:?}; advertising nothing"
         )));
     }
@@ -373,8 +350,8 @@ mod tests {
         let Plan::Refuse(refusal) = plan(&now, &want) else {
             panic!("expected a refusal");
         };
-        assert_eq!(refusal.retry, Retry::NeedsOperator);
-        assert!(refusal.message.contains("no auth method is configured"));
+        assert_eq!(refusal.retry(), Retry::NeedsOperator);
+        assert!(refusal.message().contains("no auth method is configured"));
     }
 
     #[test]
@@ -408,31 +385,31 @@ mod tests {
             Ok(())
         );
         let wrong = check_joined(running, tailnet, Some("other.org")).unwrap_err();
-        assert_eq!(wrong.retry, Retry::NeedsOperator);
+        assert_eq!(wrong.retry(), Retry::NeedsOperator);
         assert_eq!(
-            wrong.message,
+            wrong.message(),
             "this device is in tailnet \"example.com\" (tail1234.ts.net), but the config expects \"other.org\"; advertising nothing"
         );
         let none = check_joined(running, Tailnet::default(), Some("other.org")).unwrap_err();
-        assert_eq!(none.retry, Retry::NeedsOperator, "no netmap, no tailnet");
+        assert_eq!(none.retry(), Retry::NeedsOperator, "no netmap, no tailnet");
     }
 
     #[test]
     fn a_device_awaiting_approval_needs_the_operator_and_other_states_pass() {
         let approval =
             check_joined(Some(IpnState::NeedsMachineAuth), Tailnet::default(), None).unwrap_err();
-        assert_eq!(approval.retry, Retry::NeedsOperator);
+        assert_eq!(approval.retry(), Retry::NeedsOperator);
         assert_eq!(
-            approval.message,
+            approval.message(),
             "waiting for admin approval of this device in the Tailscale admin console"
         );
         let starting =
             check_joined(Some(IpnState::Starting), Tailnet::default(), None).unwrap_err();
-        assert_eq!(starting.retry, Retry::Transient);
-        assert_eq!(starting.message, "tailscaled is Starting, not Running");
+        assert_eq!(starting.retry(), Retry::Transient);
+        assert_eq!(starting.message(), "tailscaled is Starting, not Running");
         let absent = check_joined(None, Tailnet::default(), None).unwrap_err();
-        assert_eq!(absent.retry, Retry::Transient);
-        assert_eq!(absent.message, "tailscaled status has no BackendState");
+        assert_eq!(absent.retry(), Retry::Transient);
+        assert_eq!(absent.message(), "tailscaled status has no BackendState");
     }
 
     #[test]

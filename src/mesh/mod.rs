@@ -43,46 +43,9 @@ impl Recheck {
     }
 }
 
-/// Why a mesh operation failed, and whether trying again can help.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct MeshError {
-    retry: Retry,
-    message: String,
-}
-
-impl MeshError {
-    /// Worth retrying soon: a daemon restarting, a busy device, a network hiccup.
-    pub fn transient(message: impl Into<String>) -> Self {
-        Self {
-            retry: Retry::Transient,
-            message: message.into(),
-        }
-    }
-
-    /// Retrying the same thing fails the same way until someone changes something: a wrong
-    /// tailnet, a tag the policy does not permit, a file clawnode must not overwrite.
-    pub fn needs_operator(message: impl Into<String>) -> Self {
-        Self {
-            retry: Retry::NeedsOperator,
-            message: message.into(),
-        }
-    }
-
-    pub fn retry(&self) -> Retry {
-        self.retry
-    }
-
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-}
-
-impl From<std::io::Error> for MeshError {
-    fn from(error: std::io::Error) -> Self {
-        MeshError::transient(error.to_string())
-    }
-}
+/// Why a mesh operation failed, and whether trying again can help (transient, or waiting for
+/// the operator). The providers convert their typed errors into it with `From`.
+pub type MeshError = crate::core::Failure;
 
 /// What a successful `join` hands back: how the node looks on the mesh, and where the shell
 /// should serve node-info (`None`: nowhere, for now).

@@ -2,18 +2,7 @@
 
 use super::authkey::AuthKeyError;
 use super::localapi::LocalApiError;
-use crate::core::Retry;
-use crate::core::tailscale_plan::Refusal;
 use crate::mesh::MeshError;
-
-impl From<Refusal> for MeshError {
-    fn from(refusal: Refusal) -> Self {
-        match refusal.retry {
-            Retry::Transient => MeshError::transient(refusal.message),
-            Retry::NeedsOperator => MeshError::needs_operator(refusal.message),
-        }
-    }
-}
 
 impl From<LocalApiError> for MeshError {
     fn from(error: LocalApiError) -> Self {
@@ -66,6 +55,7 @@ impl From<AuthKeyError> for MeshError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::Retry;
 
     fn status(status: u16, message: &str) -> LocalApiError {
         LocalApiError::Status {
@@ -166,12 +156,5 @@ mod tests {
             reason: "connection refused".into(),
         };
         assert_eq!(MeshError::from(unreachable).retry(), Retry::Transient);
-    }
-
-    #[test]
-    fn a_refusal_keeps_its_class_and_text() {
-        let error = MeshError::from(Refusal::needs_operator("wrong tailnet"));
-        assert_eq!(error.retry(), Retry::NeedsOperator);
-        assert_eq!(error.message(), "wrong tailnet");
     }
 }

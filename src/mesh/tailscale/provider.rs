@@ -124,7 +124,7 @@ impl TailscaleMesh {
                 };
                 login::bring_up(&api, ts, prefs, login, &mut self.pending_key).await?;
             }
-            Plan::Refuse(refusal) => return Err(refusal.into()),
+            Plan::Refuse(refusal) => return Err(refusal),
         }
 
         let status: Status = api.read("/localapi/v0/status?peers=false").await?;

@@ -6,10 +6,7 @@
 //! (TEST-NET-2), node i at 198.51.100.(i+1). Node 1 and 2 advertise molt-provider, node 3
 //! only gateway, node 0 nothing.
 
-// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
-#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
-
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -17,9 +14,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::support::lab::{self, Lab};
+use crate::support::{Node, has};
 use nix::sys::signal::Signal;
-use support::lab::{self, Lab};
-use support::{Node, has};
 
 const WAIT: Duration = Duration::from_secs(20);
 

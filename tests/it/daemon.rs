@@ -1,16 +1,14 @@
 //! The real `clawnode run` binary, driven with the fake mesh provider, as systemd sees it.
 
-// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
-#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
 #![cfg(feature = "test-fakes")]
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::Duration;
 
+use crate::support::{Node, fake_config, has, last_status};
 use nix::sys::signal::Signal;
-use support::{Node, fake_config, has, last_status};
 
 const WAIT: Duration = Duration::from_secs(10);
 

@@ -1,17 +1,12 @@
 //! `clawnode doctor` and `clawnode tailscale policy` against the stand-in tailscaled and this
 //! host's real WireGuard setup.
 
-// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
-#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
-
-mod support;
-
 use std::path::Path;
 use std::process::{Command, Output};
 
+use crate::support::BIN;
+use crate::support::tailscaled::StandIn;
 use serde_json::{Value, json};
-use support::BIN;
-use support::tailscaled::StandIn;
 
 fn ts_config(d: &Path, tags: &str, tailnet: &str, services: &str) -> String {
     let d = d.display();

@@ -21,8 +21,8 @@
 //! Each failure lists every violation as `path:line: what`. The last tests run the checker on
 //! small inline sources, so it can be seen to catch what it claims to.
 //!
-//! Run with `cargo test --test architecture`; the room graph itself with
-//! `cargo test --test architecture -- --ignored --nocapture`.
+//! Run with `cargo test --test it architecture::`; the room graph itself with
+//! `cargo test --test it architecture:: -- --ignored --nocapture`.
 
 // Test code: the token matches below only care about one or two kinds each.
 #![allow(clippy::print_stdout, clippy::wildcard_enum_match_arm)]
@@ -1315,7 +1315,7 @@ fn the_checker_fails_on_violations() {
 }
 
 /// Not a rule: prints the room graph with a count of references per edge
-/// (`cargo test --test architecture -- --ignored --nocapture`).
+/// (`cargo test --test it architecture:: -- --ignored --nocapture`).
 #[test]
 #[ignore = "prints the room graph; run by hand"]
 fn print_the_room_graph() {

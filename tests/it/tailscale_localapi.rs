@@ -1,12 +1,8 @@
 //! The LocalAPI client against the strict stand-in tailscaled.
 
-// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
-#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
-
-mod support;
-
 use std::time::Duration;
 
+use crate::support::tailscaled::{StandIn, etag};
 use bytes::Bytes;
 use clawnode::mesh::tailscale::localapi::{LocalApi, LocalApiError, Version};
 use http_body_util::{BodyExt, Full};
@@ -14,7 +10,6 @@ use hyper::Method;
 use hyper_util::client::legacy::Client;
 use hyperlocal::{UnixClientExt, UnixConnector};
 use serde_json::{Value, json};
-use support::tailscaled::{StandIn, etag};
 
 fn standin(version: &str) -> (tempfile::TempDir, StandIn) {
     let dir = tempfile::tempdir().unwrap();

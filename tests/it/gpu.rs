@@ -2,19 +2,16 @@
 //! (tests/nvml): `clawnode gpus`, the daemon's status, `/metrics` (checked by promtool when it
 //! is installed), XID events, a GPU lost mid-run, MIG layout changes.
 
-// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
-#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
-
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::nvml::{FakeNvml, library};
+use crate::support::{BIN, Node, fake_config, last_status};
 use serde_json::Value;
-use support::nvml::{FakeNvml, library};
-use support::{BIN, Node, fake_config, last_status};
 
 const WAIT: Duration = Duration::from_secs(10);
 

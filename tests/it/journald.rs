@@ -2,17 +2,13 @@
 //! runs in a private mount namespace where /run/systemd/journal is a directory of ours, holding
 //! a datagram socket this test reads. Needs root (unshare); skipped otherwise.
 
-// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
-#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
 #![cfg(feature = "test-fakes")]
-
-mod support;
 
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{BIN, fake_config};
+use crate::support::{BIN, fake_config};
 
 #[test]
 fn logs_reach_journald_with_structured_fields_when_run_by_systemd() {

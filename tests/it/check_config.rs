@@ -1,9 +1,6 @@
 //! `clawnode check-config` against the real binary: valid files pass with exit 0, and every
 //! malformed file exits 78 with `file:line:col: key: reason` and no panic.
 
-// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
-#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -12,7 +9,7 @@ const SHIPPED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/clawbernetes.
 const EX_CONFIG: i32 = 78;
 
 /// The block users already have, exactly as they wrote it.
-const USERS_BLOCK: &str = include_str!("fixtures/config/users-block.toml");
+const USERS_BLOCK: &str = include_str!("../fixtures/config/users-block.toml");
 
 /// A malformed config and where its error must be reported.
 struct Case {

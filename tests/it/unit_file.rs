@@ -2,9 +2,6 @@
 //! `systemd-analyze security --offline=true` must stay at or under 2.0, and the directives
 //! other parts of clawnode rely on must be there.
 
-// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
-#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
-
 use std::path::Path;
 use std::process::Command;
 

@@ -1,16 +1,13 @@
 //! Backend choice and the kernel path's probe, against this machine's real kernel. Root only.
 
-// Test code: a failed unwrap is a failed test, and benchmarks print their figures.
-#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
-
-mod support;
+use crate::support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
-use support::lab::{self, Lab};
-use support::{Node, last_status};
+use crate::support::lab::{self, Lab};
+use crate::support::{Node, last_status};
 
 fn config(lab: &Lab, d: &std::path::Path, backend: &str, implementation: &str) -> String {
     format!(
