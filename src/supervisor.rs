@@ -302,9 +302,7 @@ impl Daemon {
 
     /// The core's verdict on the GPUs, for the journal.
     fn log_gpu_verdict(&self) {
-        let view = self.core.view(Instant::now());
-        let gpu = &view.components[Component::Gpu as usize];
-        if let Some(error) = &gpu.error {
+        if let Some(error) = self.core.error(Component::Gpu) {
             tracing::warn!(component = "gpu", %error, "GPU probe");
         }
     }

@@ -551,6 +551,14 @@ impl Supervisor {
         self.commands.push_back(Command::Exit(0));
     }
 
+    /// The error a failed component shows, if it is failed.
+    pub fn error(&self, component: Component) -> Option<&str> {
+        match &self.slots[component.index()] {
+            Slot::Failed { error, .. } => Some(error),
+            Slot::Pending { .. } | Slot::Up { .. } => None,
+        }
+    }
+
     pub fn poll_command(&mut self) -> Option<Command> {
         self.commands.pop_front()
     }
