@@ -616,26 +616,13 @@ mod tests {
         }
     }
 
-    fn config() -> Config {
-        let text = r#"
-            [node]
-            name = "gpu-01"
-            [network.wireguard]
-            address = "10.100.0.9/16"
-            [services.molt-provider]
-            port = 8443
-            mode = "tcp"
-        "#;
-        config::parse(std::path::Path::new("test.toml"), text).expect("valid")
-    }
-
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn a_flaky_mesh_is_retried_until_the_node_is_ready_with_its_gpus_counted() {
         let notifier = RecordingNotifier::default();
         let sent = Arc::clone(&notifier.sent);
         let daemon = Daemon::new(
             "test.toml".into(),
-            config(),
+            config::example(),
             Components {
                 mesh: Box::new(FlakyMesh {
                     fail_first: 3,

@@ -181,3 +181,18 @@ fn friendly_serde_message(message: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+
+/// A small valid WireGuard config with one service, for unit tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn example() -> Config {
+    let text = r#"
+        [node]
+        name = "gpu-01"
+        [network.wireguard]
+        address = "10.100.0.9/16"
+        [services.molt-provider]
+        port = 8443
+        mode = "tcp"
+    "#;
+    parse(Path::new("test.toml"), text).expect("valid")
+}

@@ -1528,16 +1528,7 @@ mod tests {
     }
 
     fn config() -> Config {
-        let text = r#"
-            [node]
-            name = "gpu-01"
-            [network.wireguard]
-            address = "10.100.0.9/16"
-            [services.molt-provider]
-            port = 8443
-            mode = "tcp"
-        "#;
-        crate::config::parse(std::path::Path::new("test.toml"), text).expect("valid")
+        crate::config::example()
     }
 
     #[test]
