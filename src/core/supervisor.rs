@@ -253,6 +253,9 @@ pub struct Supervisor {
     phase: Phase,
     slots: [Slot; 3],
     generations: [u64; 3],
+    /// A recheck asked for while an attempt was running: that attempt may have looked before
+    /// the change, so one more runs when it comes back up.
+    recheck_pending: [bool; 3],
     backoff: Backoff,
     watchdog: Option<Watchdog>,
     ever_ready: bool,
@@ -284,6 +287,7 @@ impl Supervisor {
             phase: Phase::Starting,
             slots: Default::default(),
             generations: [0; 3],
+            recheck_pending: [false; 3],
             backoff,
             watchdog: watchdog_interval.map(|interval| Watchdog {
                 interval,
@@ -385,21 +389,22 @@ impl Supervisor {
             return;
         }
         let index = component.index();
-        match &mut self.slots[index] {
-            Slot::Up { rechecking, .. } if !*rechecking => {
-                *rechecking = true;
-                self.generations[index] += 1;
-                self.commands.push_back(Command::Start {
-                    component,
-                    generation: self.generations[index],
-                });
-            }
+        let slot = &self.slots[index];
+        if slot.awaiting_result() {
+            self.recheck_pending[index] = true;
+            return;
+        }
+        match slot {
+            Slot::Up { .. } => self.recheck(component),
             Slot::Failed {
                 retry: Retry::NeedsOperator,
-                next: Next::At(_),
                 ..
             } => self.start(component),
-            Slot::Up { .. } | Slot::Pending { .. } | Slot::Failed { .. } => {}
+            Slot::Failed {
+                retry: Retry::Transient,
+                ..
+            }
+            | Slot::Pending { .. } => {}
         }
         let _ = now;
     }
@@ -511,9 +516,16 @@ impl Supervisor {
         }
         restart.sort();
         for &component in &restart {
+            let up = self.slots[component.index()].is_up();
             match component {
+                // The old provider has left: the new one starts from nothing.
+                Component::Mesh if plan.replace_provider => self.start(component),
                 Component::Services if !self.slots[Component::Mesh.index()].is_up() => {
                     // Publishing waits for the mesh and happens when it comes up.
+                }
+                // Re-applied while it stays up, so the node stays ready unless that fails.
+                Component::Mesh | Component::Gpu | Component::Services if up => {
+                    self.recheck(component)
                 }
                 Component::Mesh | Component::Gpu | Component::Services => self.start(component),
             }
@@ -636,11 +648,15 @@ impl Supervisor {
     }
 
     fn component_up(&mut self, component: Component, summary: String, now: Instant) {
-        let was_up = self.slots[component.index()].is_up();
-        self.slots[component.index()] = Slot::Up {
+        let index = component.index();
+        let was_up = self.slots[index].is_up();
+        self.slots[index] = Slot::Up {
             summary: one_line(&summary),
             rechecking: false,
         };
+        if std::mem::take(&mut self.recheck_pending[index]) {
+            self.recheck(component);
+        }
         let services_up = self.slots[Component::Services.index()].is_up();
         if component == Component::Mesh && !(was_up && services_up) {
             self.start(Component::Services);
@@ -662,6 +678,8 @@ impl Supervisor {
             Slot::Failed { attempts, .. } => attempts.saturating_add(1),
             Slot::Pending { .. } | Slot::Up { .. } => 1,
         };
+        // A failure has its own schedule; an outside change seen meanwhile does not hurry it.
+        self.recheck_pending[index] = false;
         let delay = match retry {
             Retry::Transient => self.backoff.delay(attempts, jitter),
             Retry::NeedsOperator => OPERATOR_RECHECK.delay(attempts, jitter),
@@ -686,8 +704,23 @@ impl Supervisor {
         self.update(now);
     }
 
+    /// Run the bring-up again while the component stays up.
+    fn recheck(&mut self, component: Component) {
+        let index = component.index();
+        self.recheck_pending[index] = false;
+        self.generations[index] += 1;
+        if let Slot::Up { rechecking, .. } = &mut self.slots[index] {
+            *rechecking = true;
+        }
+        self.commands.push_back(Command::Start {
+            component,
+            generation: self.generations[index],
+        });
+    }
+
     fn start(&mut self, component: Component) {
         let index = component.index();
+        self.recheck_pending[index] = false;
         self.generations[index] += 1;
         let slot = &mut self.slots[index];
         match slot {
@@ -704,6 +737,7 @@ impl Supervisor {
     /// Back to Pending with no work in flight; a late result of the old generation is ignored.
     fn reset(&mut self, component: Component) {
         let index = component.index();
+        self.recheck_pending[index] = false;
         self.generations[index] += 1;
         self.slots[index] = Slot::Pending { started: false };
     }
@@ -1360,6 +1394,93 @@ mod tests {
     }
 
     #[test]
+    fn a_change_seen_while_a_join_runs_is_looked_at_again_when_the_join_is_done() {
+        let mut h = Harness::new(None);
+        h.start();
+        h.all_up();
+        h.sup.handle_recheck(Component::Mesh, h.now);
+        h.drain();
+        let running = h.generations[Component::Mesh.index()];
+        // A peers.d edit lands while that reconcile runs: it may have read the old file.
+        h.sup.handle_recheck(Component::Mesh, h.now);
+        h.drain();
+        assert_eq!(h.generations[Component::Mesh.index()], running);
+        h.mesh_up("wireguard claw0 10.100.0.5/16");
+        assert_eq!(
+            h.generations[Component::Mesh.index()],
+            running + 1,
+            "the pending recheck runs as soon as the reconcile is done"
+        );
+        assert!(h.sup.is_ready());
+        h.mesh_up("wireguard claw0 10.100.0.5/16");
+        assert_eq!(
+            h.generations[Component::Mesh.index()],
+            running + 1,
+            "and once"
+        );
+    }
+
+    #[test]
+    fn a_change_seen_during_a_failing_join_does_not_hurry_its_backoff() {
+        let mut h = Harness::new(None);
+        h.start();
+        h.sup.handle_recheck(Component::Mesh, h.now);
+        h.drain();
+        h.fail(Component::Mesh, "EBUSY");
+        let wake = h.sup.poll_timeout().expect("a retry is scheduled");
+        assert!(wake > h.now, "retried on its schedule, not at once");
+        h.advance(wake - h.now);
+        h.mesh_up("wireguard claw0 10.100.0.5/16");
+        assert_eq!(
+            h.generations[Component::Mesh.index()],
+            2,
+            "no extra recheck"
+        );
+    }
+
+    #[test]
+    fn a_reload_that_touches_the_network_keeps_the_node_ready_while_it_rejoins() {
+        let mut h = Harness::new(None);
+        h.start();
+        h.all_up();
+        h.take();
+        h.reload(&ReloadPlan {
+            changed: vec![Component::Mesh, Component::Services],
+            ..ReloadPlan::default()
+        });
+        assert!(h.sup.is_ready(), "{}", h.sup.status_text());
+        assert_eq!(
+            h.readies(),
+            0,
+            "READY=1 answers the reload once it has settled"
+        );
+        h.mesh_up("wireguard claw1 10.100.0.5/16");
+        h.published(&["molt-provider"]);
+        assert!(h.sup.is_ready());
+        assert_eq!(h.readies(), 1);
+        assert!(h.sup.status_text().contains("claw1"));
+    }
+
+    #[test]
+    fn a_reload_that_switches_provider_rejoins_from_scratch_and_republishes() {
+        let mut h = Harness::new(None);
+        h.start();
+        h.all_up();
+        let services = h.generations[Component::Services.index()];
+        h.reload(&ReloadPlan {
+            changed: vec![Component::Mesh],
+            replace_provider: true,
+            ..ReloadPlan::default()
+        });
+        assert!(!h.sup.is_ready(), "the old provider has left the mesh");
+        assert!(h.sup.view(h.now).mesh.is_none());
+        h.mesh_up("tailscale tailscale0 100.64.0.7");
+        assert_eq!(h.generations[Component::Services.index()], services + 1);
+        h.published(&["molt-provider"]);
+        assert!(h.sup.is_ready());
+    }
+
+    #[test]
     fn a_recheck_that_fails_degrades_and_retries_with_backoff() {
         let mut h = Harness::new(None);
         h.start();
@@ -1715,8 +1836,8 @@ mod tests {
             for c in Component::ALL {
                 let restarted = h.generations[c.index()] != before[c.index()];
                 let mut expected = plan.changed.contains(&c) || (c == Component::Gpu && operator_blocked);
-                if c == Component::Services && plan.changed.contains(&Component::Mesh) {
-                    // Services republish when the rejoined mesh comes up, not before.
+                if c == Component::Services && plan.replace_provider {
+                    // Services republish when the new provider's mesh comes up, not before.
                     expected = false;
                 }
                 prop_assert_eq!(restarted, expected, "{:?}", c);

@@ -5,7 +5,7 @@
 use crate::support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::support::{Node, fake_config, has, last_status};
 use nix::sys::signal::Signal;
@@ -93,6 +93,33 @@ fn good_reload_sends_reloading_with_monotonic_usec_then_ready_and_applies_the_ch
     let doc = node.status_json();
     assert_eq!(doc["services"]["configured"].as_array().unwrap().len(), 2);
     assert_eq!(doc["ready"], true);
+}
+
+#[test]
+fn a_reload_that_touches_the_network_keeps_the_node_ready_while_it_rejoins() {
+    let node = ready_node(&[]);
+    // The rejoin this reload causes takes 1.5 s; readiness must hold all through it.
+    node.rewrite_config(&fake_config(node.dir.path(), "join_delay = \"1500ms\"", ""));
+    node.signal(Signal::SIGHUP);
+    node.recv_until("RELOADING=1", WAIT);
+    let until = Instant::now() + Duration::from_millis(1200);
+    let mut checks = 0;
+    while Instant::now() < until {
+        let ready = node.cli(&["status", "--check", "ready"]);
+        assert!(
+            ready.status.success(),
+            "not ready during the rejoin: {}",
+            String::from_utf8_lossy(&ready.stdout)
+        );
+        checks += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(checks >= 5, "{checks} checks");
+    let seen = node.recv_until("READY=1", WAIT);
+    assert!(
+        last_status(&seen).starts_with("ready: fake fake0"),
+        "{seen:?}"
+    );
 }
 
 #[test]
