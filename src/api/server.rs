@@ -6,17 +6,18 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use super::StatusDoc;
 use crate::mesh::{Live, LiveStatus};
@@ -70,12 +71,28 @@ pub async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ApiE
     Ok(listener)
 }
 
+/// At most this many `/metrics` scrapes run at once, over the socket and `metrics_listen`
+/// together: each reads the WireGuard device and renders every GPU series. More get a 503.
+pub const MAX_CONCURRENT_SCRAPES: usize = 2;
+
 /// What the API serves from: the supervisor's document, and what is read at request time.
 #[derive(Clone)]
 pub struct Sources {
-    pub status: watch::Receiver<StatusDoc>,
-    pub live: Live,
-    pub gpus: crate::gpu::Shared,
+    status: watch::Receiver<StatusDoc>,
+    live: Live,
+    gpus: crate::gpu::Shared,
+    scrapes: Arc<Semaphore>,
+}
+
+impl Sources {
+    pub fn new(status: watch::Receiver<StatusDoc>, live: Live, gpus: crate::gpu::Shared) -> Self {
+        Self {
+            status,
+            live,
+            gpus,
+            scrapes: Arc::new(Semaphore::new(MAX_CONCURRENT_SCRAPES)),
+        }
+    }
 }
 
 /// Serve the status API until the task is dropped.
@@ -105,8 +122,21 @@ where
             let mut doc = sources.status.borrow().clone();
             let response = match path.as_str() {
                 "/metrics" if req.method() == Method::GET || req.method() == Method::HEAD => {
-                    let live = sources.live.read().await;
-                    metrics(&doc, live.as_ref(), &sources.gpus)
+                    match sources.scrapes.try_acquire() {
+                        Ok(_scraping) => {
+                            let live = sources.live.read().await;
+                            metrics(&doc, live.as_ref(), &sources.gpus)
+                        }
+                        Err(_) => {
+                            let mut busy = json_error(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "too many concurrent scrapes; retry shortly",
+                            );
+                            busy.headers_mut()
+                                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                            busy
+                        }
+                    }
                 }
                 _ if metrics_only => {
                     json_error(StatusCode::NOT_FOUND, "only /metrics is served here")
@@ -202,5 +232,70 @@ fn io_err(action: &'static str, path: &Path, source: io::Error) -> ApiError {
         action,
         path: path.to_path_buf(),
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::mesh::{BoxFuture, LiveSource, LiveStatus};
+
+    /// A live view that answers only once released, so scrapes pile up behind it.
+    struct Held(Arc<Semaphore>);
+
+    impl LiveSource for Held {
+        fn read(&self) -> BoxFuture<'_, Option<LiveStatus>> {
+            Box::pin(async move {
+                let _released = self.0.acquire().await;
+                None
+            })
+        }
+    }
+
+    async fn scrape(addr: std::net::SocketAddr) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await.unwrap();
+        reply
+    }
+
+    #[tokio::test]
+    async fn scrapes_beyond_the_limit_are_turned_away_instead_of_piling_up() {
+        let release = Arc::new(Semaphore::new(0));
+        let live = Live::default();
+        live.set(Some(Arc::new(Held(Arc::clone(&release)))));
+        let (_status_tx, status) = watch::channel(StatusDoc::default());
+        let sources = Sources::new(status, live, crate::gpu::Shared::default());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_metrics(listener, sources.clone()));
+        let held: Vec<_> = (0..MAX_CONCURRENT_SCRAPES)
+            .map(|_| tokio::spawn(scrape(addr)))
+            .collect();
+        while sources.scrapes.available_permits() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let turned_away = tokio::time::timeout(Duration::from_secs(10), scrape(addr))
+            .await
+            .expect("the scrape over the limit is answered, not queued");
+        assert!(turned_away.starts_with("HTTP/1.1 503"), "{turned_away}");
+        assert!(
+            turned_away.to_ascii_lowercase().contains("retry-after: 1"),
+            "{turned_away}"
+        );
+        release.add_permits(1);
+        for scrape in held {
+            let reply = scrape.await.unwrap();
+            assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        }
+        server.abort();
     }
 }

@@ -51,11 +51,18 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
         let (hooks, recheck_rx) = mesh::Hooks::new();
         let live = hooks.live.clone();
         let metrics_listener = match config.api.metrics_listen {
-            Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| CliError::runtime(MetricsBind(addr, e)))?,
-            ),
+            Some(addr) => {
+                if !addr.ip().is_loopback() {
+                    // /metrics has no authentication: anyone who can reach this address reads
+                    // the node's GPUs, peers and errors.
+                    tracing::warn!(component = "api", listen = %addr, "metrics_listen is reachable beyond loopback and /metrics has no authentication; restrict it with a firewall or listen on 127.0.0.1");
+                }
+                Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| CliError::runtime(MetricsBind(addr, e)))?,
+                )
+            }
             None => None,
         };
         let components = Components {
@@ -67,11 +74,7 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
         };
         let socket = config.api.socket.clone();
         let daemon = Daemon::new(config_path.to_path_buf(), config, components, Some(log));
-        let sources = api::Sources {
-            status: daemon.status(),
-            live,
-            gpus: daemon.gpus(),
-        };
+        let sources = api::Sources::new(daemon.status(), live, daemon.gpus());
         let metrics_task = metrics_listener.map(|l| {
             tracing::info!(component = "api", listen = %config_metrics(&l), "metrics listening");
             tokio::spawn(api::serve_metrics(l, sources.clone()))

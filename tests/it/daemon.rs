@@ -123,6 +123,31 @@ fn a_reload_that_touches_the_network_keeps_the_node_ready_while_it_rejoins() {
 }
 
 #[test]
+fn metrics_listen_beyond_loopback_is_warned_about_at_start() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let node = Node::start(
+        |d| {
+            let socket = format!("socket = \"{}/run/clawnode.sock\"", d.display());
+            fake_config(d, "", "").replace(
+                &socket,
+                &format!("{socket}\nmetrics_listen = \"0.0.0.0:{port}\""),
+            )
+        },
+        &[],
+    );
+    node.recv_until("READY=1", WAIT);
+    let stderr = node.stderr();
+    assert!(
+        stderr.contains("metrics_listen is reachable beyond loopback"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn bad_reload_keeps_the_old_config_running_and_status_says_why() {
     let node = ready_node(&[]);
     node.rewrite_config(&fake_config(

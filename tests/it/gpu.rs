@@ -345,6 +345,10 @@ fn metrics_listen_serves_only_metrics_over_tcp() {
     };
     let reply = fetch("/metrics");
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(
+        !node.stderr().contains("beyond loopback"),
+        "loopback is not warned about"
+    );
     assert!(reply.contains("clawnode_ready 1"));
     assert!(
         fetch("/v1/status").starts_with("HTTP/1.1 404"),
