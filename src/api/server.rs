@@ -12,14 +12,13 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
 
 use super::StatusDoc;
+use crate::http::{Limits, Slot};
 use crate::mesh::{Live, LiveStatus};
 
 #[derive(Debug, thiserror::Error)]
@@ -97,21 +96,23 @@ impl Sources {
 
 /// Serve the status API until the task is dropped.
 pub async fn serve(listener: UnixListener, sources: Sources) {
-    crate::http::accept_loop("api", listener, move |stream, _| {
-        connection(TokioIo::new(stream), sources.clone(), false)
+    let limits = Limits::LOCAL;
+    crate::http::accept_loop("api", listener, limits, move |stream, _, slot| {
+        connection(stream, sources.clone(), false, limits, slot)
     })
     .await;
 }
 
 /// Serve only `/metrics` on a TCP listener (`[api] metrics_listen`).
 pub async fn serve_metrics(listener: TcpListener, sources: Sources) {
-    crate::http::accept_loop("api", listener, move |stream, _| {
-        connection(TokioIo::new(stream), sources.clone(), true)
+    let limits = Limits::PEERS;
+    crate::http::accept_loop("api", listener, limits, move |stream, _, slot| {
+        connection(stream, sources.clone(), true, limits, slot)
     })
     .await;
 }
 
-async fn connection<S>(io: TokioIo<S>, sources: Sources, metrics_only: bool)
+async fn connection<S>(io: S, sources: Sources, metrics_only: bool, limits: Limits, _slot: Slot)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -163,9 +164,7 @@ where
             Ok::<_, Infallible>(response)
         }
     });
-    if let Err(error) = http1::Builder::new().serve_connection(io, service).await {
-        tracing::debug!(component = "api", %error, "connection ended with an error");
-    }
+    crate::http::serve_one("api", io, service, limits).await;
 }
 
 fn metrics(

@@ -16,16 +16,15 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpSocket;
 use tokio::task::JoinHandle;
 
 use crate::core::gpu::{self, GpuSummary};
 use crate::core::model::ServiceAd;
+use crate::http::Limits;
 use crate::mesh::{Callers, NodeInfoSpot};
 
 /// What a node tells the mesh about itself.
@@ -126,15 +125,20 @@ impl Server {
         socket.bind(addr)?;
         let listener = socket.listen(64)?;
         tracing::info!(component = "services", interface, %addr, "node-info endpoint listening");
+        let limits = Limits::PEERS;
         let task = tokio::spawn(crate::http::accept_loop(
             "services",
             listener,
-            move |stream, peer: SocketAddr| {
+            limits,
+            move |stream, peer: SocketAddr, slot| {
                 let info = Arc::clone(&info);
                 let gpus = Arc::clone(&gpus);
                 let callers = callers.clone();
                 async move {
-                    if !callers.allows(peer).await {
+                    let _slot = slot;
+                    // Only now, within the connection caps, may a caller cost a `whois`.
+                    let allowed = tokio::time::timeout(limits.deadline, callers.allows(peer)).await;
+                    if !allowed.unwrap_or(false) {
                         tracing::warn!(component = "services", %peer, "refused a node-info caller outside the mesh");
                         return;
                     }
@@ -143,9 +147,7 @@ impl Server {
                         let gpus = Arc::clone(&gpus);
                         async move { Ok::<_, Infallible>(route(&req, &info, &gpus)) }
                     });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    crate::http::serve_one("services", stream, service, limits).await;
                 }
             },
         ));

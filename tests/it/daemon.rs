@@ -123,6 +123,64 @@ fn a_reload_that_touches_the_network_keeps_the_node_ready_while_it_rejoins() {
 }
 
 #[test]
+fn idle_and_surplus_connections_to_metrics_listen_are_closed_and_scrapes_still_work() {
+    use std::io::{Read, Write};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let node = Node::start(
+        |d| {
+            let socket = format!("socket = \"{}/run/clawnode.sock\"", d.display());
+            fake_config(d, "", "").replace(
+                &socket,
+                &format!("{socket}\nmetrics_listen = \"127.0.0.1:{port}\""),
+            )
+        },
+        &[],
+    );
+    node.recv_until("READY=1", WAIT);
+    let connect = || {
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        stream
+    };
+    // Eight idle connections fill this source's share; a ninth is closed at once.
+    let idle: Vec<_> = (0..8).map(|_| connect()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut ninth = connect();
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        ninth.read(&mut buf).unwrap_or(0),
+        0,
+        "a ninth idle connection"
+    );
+    // The idle ones are hung up on at the header timeout (5 s), which frees their slots.
+    let started = Instant::now();
+    for mut stream in idle {
+        let n = stream.read(&mut buf).unwrap_or(0);
+        assert!(
+            n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"),
+            "an idle connection got {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let mut scrape = connect();
+    write!(
+        scrape,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    scrape.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+}
+
+#[test]
 fn metrics_listen_beyond_loopback_is_warned_about_at_start() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
