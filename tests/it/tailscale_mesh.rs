@@ -573,6 +573,88 @@ fn a_rejected_workload_identity_is_reported_without_secrets() {
 }
 
 #[test]
+fn workload_identity_secrets_never_follow_tailscaleds_control_url_pref() {
+    use support::control::Control;
+    // tailscaled's operator (not root) can point ControlURL anywhere; the config names none.
+    let rogue = Control::start();
+    let rogue_url = rogue.url();
+    let (ts, node) = start_with(
+        "1.102.2",
+        |ts| ts.with(|s| s.prefs["ControlURL"] = json!(rogue_url)),
+        |d| {
+            let text = config_with(d, "", TAGS, "example.com", "");
+            std::fs::write(d.join("id-token"), "eyJ.ROGUE-BAIT-ID-TOKEN.sig\n").unwrap();
+            format!(
+                "{text}\n[network.tailscale.workload_identity]\nclient_id = \"kCLIENT123\"\nid_token_file = \"{}/id-token\"\n",
+                d.display()
+            )
+        },
+    );
+    let seen = node.drain(Duration::from_millis(2500));
+    assert!(
+        rogue.seen().is_empty(),
+        "the rogue control server got {:?}",
+        rogue.seen()
+    );
+    assert!(!has(&seen, "READY=1"), "{seen:?}");
+    let status = last_status(&seen);
+    assert!(
+        status.contains("ControlURL") && status.contains("control_url"),
+        "{status}"
+    );
+    ts.with(|s| assert!(s.auth_keys.is_empty(), "no key handed to tailscaled"));
+    assert!(!node.stderr().contains("ROGUE-BAIT"));
+}
+
+#[test]
+fn a_service_is_recorded_as_ours_before_it_is_advertised_so_stop_withdraws_it() {
+    use std::sync::{Arc, Mutex};
+    let node_dir: Arc<Mutex<Option<std::path::PathBuf>>> = Arc::default();
+    let recorded: Arc<Mutex<Option<String>>> = Arc::default();
+    let (dir, seen) = (Arc::clone(&node_dir), Arc::clone(&recorded));
+    let (ts, mut node) = start_with(
+        "1.102.2",
+        move |ts| {
+            ts.with(|s| {
+                s.fail_next_prefs_patch = Some(Box::new(move || {
+                    let file = dir
+                        .lock()
+                        .unwrap()
+                        .as_ref()
+                        .map(|d| d.join("state/tailscale-services.json"));
+                    *seen.lock().unwrap() = Some(
+                        file.and_then(|f| std::fs::read_to_string(f).ok())
+                            .unwrap_or_default(),
+                    );
+                }))
+            })
+        },
+        move |d| {
+            *node_dir.lock().unwrap() = Some(d.to_path_buf());
+            config(d, TAGS, "example.com")
+        },
+    );
+    node.recv_until("READY=1", WAIT);
+    let at_failure = recorded
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("the PATCH failed once");
+    assert_eq!(
+        serde_json::from_str::<Value>(&at_failure).ok(),
+        Some(json!(["svc:molt-provider"])),
+        "recorded before AdvertiseServices was touched: {at_failure:?}"
+    );
+    ts.with(|s| assert_eq!(s.prefs["AdvertiseServices"], json!(["svc:molt-provider"])));
+    node.signal(Signal::SIGTERM);
+    assert_eq!(node.wait_exit(Duration::from_secs(6)).0.code(), Some(0));
+    ts.with(|s| {
+        assert_eq!(s.prefs["AdvertiseServices"], json!([]));
+        assert!(s.serve["Services"]["svc:molt-provider"].is_null());
+    });
+}
+
+#[test]
 fn tls_cert_is_written_once_the_service_name_is_a_cert_domain() {
     let (ts, node) = start_with(
         "1.102.2",

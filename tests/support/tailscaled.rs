@@ -65,6 +65,9 @@ pub struct State {
     pub cert_queries: Vec<String>,
     /// tailscaled started with --config: start, PATCH prefs and serve-config POST fail.
     pub config_locked: bool,
+    /// One-shot: the next PATCH prefs runs this (a test looks at what clawnode has recorded
+    /// by then), then fails with 500 and changes nothing.
+    pub fail_next_prefs_patch: Option<Box<dyn FnOnce() + Send>>,
     bus: broadcast::Sender<Value>,
 }
 
@@ -94,6 +97,7 @@ impl State {
             cert_serial: 0,
             cert_queries: Vec::new(),
             config_locked: false,
+            fail_next_prefs_patch: None,
             bus,
         }
     }
@@ -384,6 +388,15 @@ async fn route(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Response<Bo
             StatusCode::INTERNAL_SERVER_ERROR,
             &json!({ "error": format!("updating config: {LOCKED}") }),
         ),
+        (Method::PATCH, "/localapi/v0/prefs") if s.fail_next_prefs_patch.is_some() => {
+            if let Some(look) = s.fail_next_prefs_patch.take() {
+                look();
+            }
+            json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &json!({ "error": "injected failure: prefs not saved" }),
+            )
+        }
         (Method::POST, "/localapi/v0/check-prefs") => {
             let Ok(prefs) = serde_json::from_slice::<Value>(&body) else {
                 return text(StatusCode::BAD_REQUEST, "invalid JSON body");

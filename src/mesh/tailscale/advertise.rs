@@ -37,6 +37,16 @@ impl TailscaleMesh {
                 ));
             }
         }
+        // Recorded first, old and new together: a crash or failure from here on leaves
+        // nothing advertised that clawnode does not know it owns, so a later stop withdraws it.
+        let claimed: BTreeSet<String> = owned
+            .iter()
+            .cloned()
+            .chain(wanted.iter().map(WantedService::name))
+            .collect();
+        if Some(&claimed) != self.owned.as_ref() {
+            self.save_owned(claimed)?;
+        }
         edit_advertised(&api, |current| {
             serve_config::advertise(current, &owned, &wanted)
         })

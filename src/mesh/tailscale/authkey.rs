@@ -439,16 +439,29 @@ async fn send(
 }
 
 /// Plain HTTP only to loopback (a self-hosted control server under test) and to the GCP
-/// metadata server, which speaks nothing else; secrets go nowhere else unencrypted.
+/// metadata server, which speaks nothing else; secrets go nowhere else unencrypted. The URL is
+/// parsed as the HTTP client will parse it: the scheme compared without regard to case, and a
+/// URL with user info (`http://127.0.0.1@elsewhere/`) refused outright, whatever its scheme.
 fn secure_enough(url: &str) -> bool {
-    let Some(rest) = url.strip_prefix("http://") else {
-        return true;
+    let Ok(uri) = url.parse::<hyper::Uri>() else {
+        return false;
     };
-    let host = rest.split(['/', '?']).next().unwrap_or("");
-    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return false;
+    };
+    if authority.as_str().contains('@') {
+        return false;
+    }
+    if scheme.eq_ignore_ascii_case("https") {
+        return true;
+    }
+    if !scheme.eq_ignore_ascii_case("http") {
+        return false;
+    }
+    let host = authority.host().to_ascii_lowercase();
     matches!(
-        host,
-        "127.0.0.1" | "localhost" | "[::1]" | "metadata.google.internal"
+        host.as_str(),
+        "127.0.0.1" | "localhost" | "[::1]" | "::1" | "metadata.google.internal"
     )
 }
 
@@ -544,6 +557,41 @@ mod tests {
             "http://headscale.example.net/api/v2/oauth/token"
         ));
         assert!(!secure_enough("http://10.0.0.1:80/x"));
+    }
+
+    #[test]
+    fn a_loopback_user_info_does_not_let_credentials_reach_another_host_over_plain_http() {
+        assert!(!secure_enough(
+            "http://127.0.0.1:1@evil.example/api/v2/oauth/token"
+        ));
+        assert!(!secure_enough("http://localhost@evil.example/x"));
+        assert!(!secure_enough(
+            "http://metadata.google.internal@evil.example/x"
+        ));
+    }
+
+    #[test]
+    fn credentials_never_go_to_a_url_with_user_info_even_over_https() {
+        assert!(!secure_enough(
+            "https://user:pass@controlplane.tailscale.com/api"
+        ));
+    }
+
+    #[test]
+    fn an_upper_case_http_scheme_is_still_plain_http() {
+        assert!(!secure_enough("HTTP://evil.example/api/v2/oauth/token"));
+        assert!(!secure_enough("Http://evil.example/x"));
+        assert!(secure_enough("HTTP://127.0.0.1:8080/x"));
+        assert!(secure_enough("HTTPS://controlplane.tailscale.com/x"));
+    }
+
+    #[test]
+    fn only_http_and_https_urls_carry_credentials() {
+        assert!(!secure_enough("ftp://controlplane.tailscale.com/x"));
+        assert!(!secure_enough("controlplane.tailscale.com/x"));
+        assert!(!secure_enough("not a url"));
+        assert!(secure_enough("http://[::1]:8080/x"));
+        assert!(secure_enough("http://LOCALHOST:8080/x"));
     }
 
     #[test]

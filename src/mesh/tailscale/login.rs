@@ -40,12 +40,12 @@ pub async fn bring_up(
     login: Login<'_>,
     pending_key: &mut Option<Secret>,
 ) -> Result<(), MeshError> {
-    let control = ts
-        .control_url
-        .clone()
-        .or_else(|| prefs.control_url.clone().filter(|s| !s.is_empty()))
-        .unwrap_or_else(|| authkey::DEFAULT_CONTROL_URL.into());
-    prefs.control_url = Some(control.clone());
+    let (control, trusted) = control_urls(ts.control_url.as_deref(), prefs.control_url.as_deref());
+    let sends_key = login.needs_auth && (pending_key.is_some() || ts.auth.is_some());
+    if sends_key {
+        key_may_go_to(&control, &trusted)?;
+    }
+    prefs.control_url = Some(control);
     prefs.want_running = Some(true);
     prefs.hostname = Some(login.hostname.to_string());
     prefs.advertise_tags = Some(login.tags.to_vec());
@@ -59,7 +59,7 @@ pub async fn bring_up(
     let auth_key = match (login.needs_auth, pending_key.take()) {
         (false, _) => None,
         (true, Some(kept)) => Some(kept),
-        (true, None) => authkey::resolve(ts.auth.as_ref(), Some(&control), login.tags).await?,
+        (true, None) => authkey::resolve(ts.auth.as_ref(), Some(&trusted), login.tags).await?,
     };
     pending_key.clone_from(&auth_key);
     // Open before `start`, so that no state change is missed.
@@ -98,6 +98,45 @@ pub async fn bring_up(
         })??;
     *pending_key = None;
     Ok(())
+}
+
+/// Where tailscaled logs in, and where clawnode may send secrets.
+///
+/// tailscaled logs in where the config says, else where its own `ControlURL` pref points (as
+/// `tailscale up` keeps it), else at the default. Secrets (workload identity ID tokens, OAuth
+/// access tokens, minted keys) go only to the configured URL or the built-in default: the pref
+/// is read from tailscaled, whose operator need not be root and may point it anywhere.
+fn control_urls(configured: Option<&str>, pref: Option<&str>) -> (String, String) {
+    let trusted = configured
+        .unwrap_or(authkey::DEFAULT_CONTROL_URL)
+        .to_string();
+    let login = configured
+        .or(pref.filter(|p| !p.is_empty()))
+        .unwrap_or(authkey::DEFAULT_CONTROL_URL)
+        .to_string();
+    (login, trusted)
+}
+
+/// `start` hands the key to tailscaled, which presents it to the server it logs into: a key
+/// (minted or configured) goes along only when that server is the trusted one.
+fn key_may_go_to(login: &str, trusted: &str) -> Result<(), MeshError> {
+    let same = |a: &str, b: &str| {
+        a.trim_end_matches('/')
+            .eq_ignore_ascii_case(b.trim_end_matches('/'))
+    };
+    if same(login, trusted) {
+        return Ok(());
+    }
+    let shown: String = login
+        .split(['?', '#'])
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(200)
+        .collect();
+    Err(MeshError::needs_operator(format!(
+        "tailscaled's ControlURL pref points at {shown:?}, not {trusted}: clawnode sends auth keys only to [network.tailscale] control_url or the default; set control_url to that server if you trust it, or point tailscaled back at {trusted}"
+    )))
 }
 
 /// tailscaled answers 200 with `{"Error"}` when it would refuse these prefs; the same prefs
@@ -155,4 +194,53 @@ async fn wait_for_running(mut bus: hyper::body::Incoming) -> Result<(), MeshErro
     Err(MeshError::transient(
         "tailscaled closed the IPN bus during login",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::Retry;
+
+    const ROGUE: &str = "https://rogue.example";
+
+    #[test]
+    fn secrets_go_to_the_configured_control_server_whatever_tailscaled_prefers() {
+        let (login, trusted) = control_urls(Some("https://hs.example.net"), Some(ROGUE));
+        assert_eq!(login, "https://hs.example.net");
+        assert_eq!(trusted, "https://hs.example.net");
+    }
+
+    #[test]
+    fn without_a_configured_server_secrets_go_to_the_default_not_to_tailscaleds_pref() {
+        let (login, trusted) = control_urls(None, Some(ROGUE));
+        assert_eq!(
+            login, ROGUE,
+            "tailscaled itself still logs in where its pref says"
+        );
+        assert_eq!(trusted, authkey::DEFAULT_CONTROL_URL);
+        let (login, trusted) = control_urls(None, Some(""));
+        assert_eq!(login, authkey::DEFAULT_CONTROL_URL);
+        assert_eq!(trusted, authkey::DEFAULT_CONTROL_URL);
+    }
+
+    #[test]
+    fn a_key_is_not_handed_to_a_tailscaled_that_would_log_in_elsewhere() {
+        let error = key_may_go_to(ROGUE, authkey::DEFAULT_CONTROL_URL).unwrap_err();
+        assert_eq!(error.retry(), Retry::NeedsOperator);
+        assert!(error.to_string().contains("ControlURL"), "{error}");
+        assert!(
+            key_may_go_to(
+                "https://controlplane.tailscale.com/",
+                authkey::DEFAULT_CONTROL_URL
+            )
+            .is_ok()
+        );
+        assert!(
+            key_may_go_to(
+                "HTTPS://ControlPlane.Tailscale.com",
+                authkey::DEFAULT_CONTROL_URL
+            )
+            .is_ok()
+        );
+    }
 }

@@ -13,6 +13,9 @@ use crate::mesh::Recheck;
 /// `NotifyInitialState`: the first message carries the current state.
 pub const BUS_MASK: u64 = 2;
 
+/// The longest IPN bus line kept; a longer one is dropped up to its newline.
+const MAX_LINE: usize = 1024 * 1024;
+
 /// A task that follows the IPN bus and asks for a recheck whenever the state changes or the bus
 /// comes back after tailscaled went away; it reconnects with capped, jittered backoff and never
 /// gives up.
@@ -61,22 +64,80 @@ pub fn spawn(api: LocalApi, recheck: Recheck) -> tokio::task::JoinHandle<()> {
 }
 
 /// Splits the IPN bus's byte stream into its messages, one JSON object per line; a line may
-/// arrive in several chunks. Lines that are not a message are skipped.
+/// arrive in several chunks. Lines that are not a message are skipped. Each byte is examined
+/// once (the held part of a line never holds a newline), and a line longer than `MAX_LINE` is
+/// dropped up to its newline with one warning, so a broken or hostile tailscaled cannot make
+/// clawnode buffer without bound.
 #[derive(Default)]
-pub struct Ndjson(Vec<u8>);
+pub struct Ndjson {
+    /// The start of a line whose newline has not arrived yet; never holds a newline.
+    buf: Vec<u8>,
+    /// Inside a line that outgrew `MAX_LINE`: everything up to its newline is dropped.
+    discarding: bool,
+    /// Bytes examined for a newline so far (the splitting cost).
+    #[cfg(test)]
+    scanned: usize,
+}
 
 impl Ndjson {
-    pub fn push(&mut self, data: &[u8]) -> Vec<Notify> {
-        self.0.extend_from_slice(data);
+    pub fn push(&mut self, mut data: &[u8]) -> Vec<Notify> {
         let mut out = Vec::new();
-        while let Some(pos) = self.0.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.0.drain(..=pos).collect();
-            if let Ok(notify) = serde_json::from_slice(&line) {
+        loop {
+            let newline = data.iter().position(|&b| b == b'\n');
+            #[cfg(test)]
+            {
+                self.scanned += newline.map_or(data.len(), |p| p + 1);
+            }
+            let Some(pos) = newline else {
+                self.hold(data);
+                return out;
+            };
+            let (line, rest) = (&data[..pos], &data[pos + 1..]);
+            data = rest;
+            if std::mem::take(&mut self.discarding) {
+                continue;
+            }
+            if self.buf.len() + line.len() > MAX_LINE {
+                self.buf = Vec::new();
+                warn_too_long();
+                continue;
+            }
+            let parsed = if self.buf.is_empty() {
+                serde_json::from_slice(line)
+            } else {
+                self.buf.extend_from_slice(line);
+                let parsed = serde_json::from_slice(&self.buf);
+                self.buf.clear();
+                parsed
+            };
+            if let Ok(notify) = parsed {
                 out.push(notify);
             }
         }
-        out
     }
+
+    /// Keep the start of a line, or start dropping it once it is longer than `MAX_LINE`.
+    fn hold(&mut self, part: &[u8]) {
+        if self.discarding {
+            return;
+        }
+        if self.buf.len() + part.len() > MAX_LINE {
+            // Given back, not just cleared: the capacity would stay as large as the line.
+            self.buf = Vec::new();
+            self.discarding = true;
+            warn_too_long();
+            return;
+        }
+        self.buf.extend_from_slice(part);
+    }
+}
+
+fn warn_too_long() {
+    tracing::warn!(
+        component = "mesh",
+        limit_bytes = MAX_LINE,
+        "tailscaled sent an IPN bus line longer than the limit; dropped it"
+    );
 }
 
 #[cfg(test)]
@@ -99,5 +160,54 @@ mod tests {
         let got = lines.push(b"not json\n\"text\"\n{\"State\":2}\n");
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].state, Some(IpnState::NeedsLogin));
+    }
+
+    #[test]
+    fn an_endless_line_is_dropped_within_the_bound_and_the_next_message_still_arrives() {
+        let mut lines = Ndjson::default();
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..160 {
+            assert!(lines.push(&chunk).is_empty());
+            assert!(lines.buf.len() <= MAX_LINE, "buffered {}", lines.buf.len());
+        }
+        assert!(lines.buf.capacity() <= 2 * MAX_LINE);
+        let got = lines.push(b"tail of the long line\n{\"State\":6}\n");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].state, Some(IpnState::Running));
+        let got = lines.push(b"{\"State\":2}\n");
+        assert_eq!(got[0].state, Some(IpnState::NeedsLogin));
+    }
+
+    #[test]
+    fn a_line_arriving_one_byte_at_a_time_is_scanned_once() {
+        let mut lines = Ndjson::default();
+        let mut message = b"{\"State\":6,\"Pad\":\"".to_vec();
+        message.resize(100 * 1024, b'p');
+        message.extend_from_slice(b"\"}\n");
+        let mut got = Vec::new();
+        for byte in &message {
+            got.extend(lines.push(std::slice::from_ref(byte)));
+        }
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].state, Some(IpnState::Running));
+        assert_eq!(lines.scanned, message.len(), "each byte examined once");
+    }
+
+    #[test]
+    fn a_line_just_within_the_bound_is_kept() {
+        let mut lines = Ndjson::default();
+        let mut message = b"{\"State\":6,\"Pad\":\"".to_vec();
+        message.resize(MAX_LINE - 2, b'p');
+        message.extend_from_slice(b"\"}");
+        assert_eq!(message.len(), MAX_LINE);
+        let (head, tail) = message.split_at(MAX_LINE / 2);
+        assert!(lines.push(head).is_empty());
+        assert!(lines.push(tail).is_empty());
+        let got = lines.push(b"\n");
+        assert_eq!(
+            got.len(),
+            1,
+            "a line of exactly MAX_LINE bytes is a message"
+        );
     }
 }
