@@ -501,3 +501,77 @@ fn changing_another_peer_keeps_a_tcp_stream_flowing() {
     nodes.clear();
     let _ = echo.join();
 }
+
+/// A peer whose preshared key file is missing or malformed is skipped and reported, never the
+/// whole mesh: a drop-in file with such a peer is skipped whole (its good peers too), a bad peer
+/// in the main config only itself; every other peer is on the device and the node is ready.
+#[test]
+fn a_peer_with_an_unusable_preshared_key_is_skipped_and_reported_while_the_rest_apply() {
+    if let Err(why) = lab::available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let lab = Lab::new(1);
+    let keys = keys(6);
+    let psk_dir = tempfile::tempdir().unwrap();
+    let good_psk = psk_dir.path().join("good.psk");
+    lab::sh(&format!("umask 077; wg genpsk > {}", good_psk.display()));
+    let bad_psk = psk_dir.path().join("bad.psk");
+    std::fs::write(&bad_psk, "not-a-preshared-key\n").unwrap();
+    let missing_psk = psk_dir.path().join("missing.psk");
+    let psk = |path: &Path| format!("preshared_key_file = \"{}\"", path.display());
+    // Main config: node-1 with a good key, node-2 with a malformed one.
+    let peers =
+        peer_block(&lab, &keys, 1, &psk(&good_psk)) + &peer_block(&lab, &keys, 2, &psk(&bad_psk));
+    let node = Node::start_in(
+        Some(lab.ns(0)),
+        |d| {
+            let text = node_config(&lab, &keys, 0, &peers, "", d);
+            let drop_in = |j: usize, extra: &str| {
+                peer_block(&lab, &keys, j, extra)
+                    .replace("[[network.wireguard.peers]]", "[[peers]]")
+            };
+            // good.toml: node-3. lost-psk.toml: node-4 (fine) and node-5 (missing key file).
+            std::fs::write(d.join("peers.d/good.toml"), drop_in(3, "")).unwrap();
+            std::fs::write(
+                d.join("peers.d/lost-psk.toml"),
+                drop_in(4, "") + &drop_in(5, &psk(&missing_psk)),
+            )
+            .unwrap();
+            text
+        },
+        &[],
+    );
+    node.recv_until("READY=1", WAIT);
+
+    let doc = node.status_json();
+    assert_eq!(doc["ready"], true, "{doc}");
+    let problems = doc["mesh"]["problems"].to_string();
+    assert!(problems.contains("lost-psk.toml"), "{problems}");
+    assert!(
+        problems.contains(&missing_psk.display().to_string()),
+        "{problems}"
+    );
+    assert!(problems.contains("node-2"), "{problems}");
+    assert!(
+        problems.contains(&bad_psk.display().to_string()),
+        "{problems}"
+    );
+    assert!(!problems.contains("good.toml"), "{problems}");
+    assert_eq!(doc["mesh"]["peers"], 2, "{doc}");
+
+    let socket = node.path("run/clawnode.sock");
+    let out = node.cli(&["peers", "--json", "--socket", socket.to_str().unwrap()]);
+    support::succeeded(&out);
+    let wg: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut on_device: Vec<&str> = wg["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["public_key"].as_str().unwrap())
+        .collect();
+    on_device.sort_unstable();
+    let mut expected = vec![keys.public[1].as_str(), keys.public[3].as_str()];
+    expected.sort_unstable();
+    assert_eq!(on_device, expected, "{wg}");
+}

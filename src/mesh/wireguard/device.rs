@@ -159,7 +159,64 @@ impl WgDevice for WgControl {
             }
             update = update.add_peer(peer);
         }
-        update.apply(&name(iface)?, self.backend)
+        update
+            .apply(&name(iface)?, self.backend)
+            .map_err(|error| apply_error(iface, error))
+    }
+}
+
+/// wireguard-control words some failed applies with its Debug of the peer or update, which
+/// holds the preshared or private key; that text would reach the journal and the status API.
+/// Keep the kind (for the retry class), the interface and the OS error, and drop the rest.
+fn apply_error(iface: &str, error: io::Error) -> io::Error {
+    let cause = match error.raw_os_error() {
+        Some(errno) => io::Error::from_raw_os_error(errno).to_string(),
+        None => error.kind().to_string(),
+    };
+    io::Error::new(
+        error.kind(),
+        format!("applying settings to {iface} failed: {cause}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// wireguard-control's kernel backend words an oversized peer this way, its Debug and all.
+    fn peer_too_large(psk: &Key) -> io::Error {
+        let peer = PeerConfigBuilder::new(&Key([7; 32]))
+            .set_preshared_key(psk.clone())
+            .add_allowed_ip("198.51.100.7".parse().unwrap(), 32);
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("encoded peer (70000 bytes) is too large: {peer:?}"),
+        )
+    }
+
+    #[test]
+    fn a_failed_apply_names_the_interface_and_the_os_error_but_never_a_key() {
+        let psk = Key([0x5a; 32]);
+        let error = apply_error("wg0", peer_too_large(&psk));
+        let text = error.to_string();
+        assert!(!text.contains(&psk.to_base64()), "{text}");
+        assert!(!text.contains("Key("), "{text}");
+        assert!(text.contains("wg0"), "{text}");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+        // Through the provider's error, as the supervisor logs it and the status API shows it.
+        let mesh = crate::mesh::MeshError::from(super::super::errors::WgError::Device {
+            interface: "wg0".into(),
+            source: apply_error("wg0", peer_too_large(&psk)),
+        });
+        assert!(
+            !mesh.message().contains(&psk.to_base64()),
+            "{}",
+            mesh.message()
+        );
+
+        let denied = apply_error("wg0", io::Error::from_raw_os_error(libc::EPERM));
+        assert_eq!(denied.kind(), io::ErrorKind::PermissionDenied);
+        assert!(denied.to_string().contains("os error 1"), "{denied}");
     }
 }
 

@@ -24,7 +24,7 @@ use ipnet::IpNet;
 use wireguard_control::Backend;
 
 use crate::config::{self, Config, PeerConfig, WgBackend, WireguardConfig};
-use crate::core::peer_diff::{PeerKey, PeerMap, PeerSpec};
+use crate::core::peer_diff::{PeerKey, PeerMap, PeerSpec, Psk};
 
 use super::{
     BoxFuture, Callers, Hooks, Joined, MeshError, MeshProvider, MeshStatus, NodeInfoSpot, Recheck,
@@ -175,13 +175,20 @@ impl WireguardMesh {
 
         let key = keys::load_or_generate(&wg.private_key_file)?;
         let public = key.public();
-        let (peers, problems) = config::peers::configured_peers(wg);
+        // A peer whose preshared key cannot be read is skipped and reported, never the mesh.
+        let (peers, problems) = config::peers::configured_peers_with(wg, |peer| {
+            peer.preshared_key_file
+                .as_deref()
+                .map(keys::read_psk)
+                .transpose()
+                .map_err(|error| error.to_string())
+        });
         let want = Wanted {
             interface: iface.to_string(),
             key,
             listen_port: wg.listen_port,
             fwmark: wg.fwmark.unwrap_or(0),
-            peers: desired_peers(&peers).await?,
+            peers: desired_peers(&peers).await,
             daemon_pid: self.daemon.as_ref().and_then(userspace::Daemon::pid),
         };
         let device = (self.device)(backend);
@@ -241,7 +248,7 @@ impl WireguardMesh {
             addresses: vec![address.to_string()],
             names: peers
                 .iter()
-                .map(|p| (PeerKey(*p.public_key.as_bytes()), p.name.clone()))
+                .map(|(p, _)| (PeerKey(*p.public_key.as_bytes()), p.name.clone()))
                 .collect(),
         }));
         let Synced {
@@ -317,17 +324,16 @@ impl MeshProvider for WireguardMesh {
     }
 }
 
-/// The peers to apply, endpoints resolved now (a name that does not resolve leaves the peer
-/// without an endpoint until the next reconcile tries again).
-pub async fn desired_peers(peers: &[PeerConfig]) -> Result<PeerMap, MeshError> {
+/// The peers to apply, each with its preshared key as read, endpoints resolved now (a name
+/// that does not resolve leaves the peer without an endpoint until the next reconcile tries
+/// again).
+pub async fn desired_peers(peers: &[(PeerConfig, Option<Psk>)]) -> PeerMap {
     let mut out = BTreeMap::new();
-    for peer in peers {
+    for (peer, psk) in peers {
         let key = PeerKey(*peer.public_key.as_bytes());
         let mut spec = PeerSpec::new(key, peer.allowed_ips.clone());
         spec.keepalive = peer.persistent_keepalive;
-        if let Some(path) = &peer.preshared_key_file {
-            spec.psk = Some(keys::read_psk(path)?);
-        }
+        spec.psk = psk.clone();
         if let Some(endpoint) = &peer.endpoint {
             match tokio::net::lookup_host((endpoint.host(), endpoint.port())).await {
                 Ok(mut addrs) => spec.endpoint = addrs.next(),
@@ -338,7 +344,7 @@ pub async fn desired_peers(peers: &[PeerConfig]) -> Result<PeerMap, MeshError> {
         }
         out.insert(key, spec);
     }
-    Ok(out)
+    out
 }
 
 /// The mesh CIDR, and every peer network outside it.
