@@ -4,6 +4,7 @@ use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -15,15 +16,60 @@ pub enum StateError {
     },
 }
 
-/// Create `dir` (and parents) if missing and make it private (0700): it holds keys.
+/// Create `dir` (and any missing parents) private, 0700: it holds keys. Only the directories
+/// created here get that mode: an existing one is left as the operator made it (a `state_dir`
+/// of `/var/lib` must not turn `/var/lib` private), with a warning if others may write to it.
 pub fn ensure_private_dir(dir: &Path) -> Result<(), StateError> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| io_err("create directory", dir, source))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .map_err(|source| io_err("set mode 0700 on", dir, source))
+    match fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {
+            warn_if_shared(dir, meta.permissions().mode());
+            Ok(())
+        }
+        Ok(_) => Err(not_a_directory(dir)),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => create_private(dir),
+        Err(source) => Err(io_err("inspect", dir, source)),
+    }
+}
+
+/// Create `dir` with mode 0700, and its missing parents the same way.
+fn create_private(dir: &Path) -> Result<(), StateError> {
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        match fs::metadata(parent) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Err(not_a_directory(parent)),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => create_private(parent)?,
+            Err(source) => return Err(io_err("inspect", parent, source)),
+        }
+    }
+    match DirBuilder::new().mode(0o700).create(dir) {
+        // The umask may have narrowed the mode at creation; set it exactly.
+        Ok(()) => fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|source| io_err("set mode 0700 on", dir, source)),
+        // Another process created it in the meantime: it is theirs, as they made it.
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(source) => Err(io_err("create directory", dir, source)),
+    }
+}
+
+fn not_a_directory(path: &Path) -> StateError {
+    io_err(
+        "create directory",
+        path,
+        io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "it exists and is not a directory",
+        ),
+    )
+}
+
+fn warn_if_shared(dir: &Path, mode: u32) {
+    if mode & 0o022 != 0 {
+        tracing::warn!(
+            path = %dir.display(),
+            mode = format_args!("{:04o}", mode & 0o7777),
+            "the state directory exists and other users may write to it; clawnode leaves its mode alone"
+        );
+    }
 }
 
 /// Replace `path` with `bytes` atomically: a reader sees the old file or the new one, never a
@@ -38,7 +84,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StateErr
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let tmp = temporary_beside(dir, &name);
     let result = (|| {
         let mut file = OpenOptions::new()
             .write(true)
@@ -63,6 +109,54 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StateErr
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Store `bytes` at `path` only if nothing is there yet, and whole: they are written and fsynced
+/// to a temporary file created with `mode`, which is then hard-linked to `path` (an exclusive,
+/// atomic step). Returns `false`, writing nothing, if `path` already existed.
+pub fn create_exclusive(path: &Path, bytes: &[u8], mode: u32) -> Result<bool, StateError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = temporary_beside(dir, &name);
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(|source| io_err("create", &tmp, source))?;
+        file.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(|source| io_err("set mode on", &tmp, source))?;
+        file.write_all(bytes)
+            .map_err(|source| io_err("write", &tmp, source))?;
+        file.sync_all()
+            .map_err(|source| io_err("fsync", &tmp, source))?;
+        match fs::hard_link(&tmp, path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(source) => return Err(io_err("link into", path, source)),
+        }
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| io_err("fsync", dir, source))?;
+        Ok(true)
+    })();
+    let _ = fs::remove_file(&tmp);
+    result
+}
+
+/// A temporary name in `dir` no other writer uses: this process's id and a per-process counter,
+/// so threads writing the same file at once do not share one.
+fn temporary_beside(dir: &Path, name: &str) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!(".{name}.tmp.{}.{n}", std::process::id()))
 }
 
 fn io_err(action: &'static str, path: &Path, source: io::Error) -> StateError {
@@ -105,6 +199,41 @@ mod tests {
         ensure_private_dir(&state).unwrap();
         let mode = fs::metadata(&state).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn an_existing_state_dir_keeps_the_mode_the_operator_gave_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("lib");
+        fs::create_dir(&shared).unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o755)).unwrap();
+        ensure_private_dir(&shared).unwrap();
+        let mode = fs::metadata(&shared).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755);
+    }
+
+    #[test]
+    fn a_new_state_dir_is_private_and_its_existing_parent_keeps_its_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let parent = dir.path().join("lib");
+        fs::create_dir(&parent).unwrap();
+        fs::set_permissions(&parent, fs::Permissions::from_mode(0o755)).unwrap();
+        let state = parent.join("clawbernetes/state");
+        ensure_private_dir(&state).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&parent), 0o755);
+        assert_eq!(mode(&parent.join("clawbernetes")), 0o700);
+        assert_eq!(mode(&state), 0o700);
+    }
+
+    #[test]
+    fn a_state_dir_path_that_is_a_file_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("state");
+        fs::write(&file, b"").unwrap();
+        let err = ensure_private_dir(&file).unwrap_err().to_string();
+        assert!(err.contains(&file.display().to_string()), "{err}");
+        assert!(err.contains("not a directory"), "{err}");
     }
 
     #[test]
