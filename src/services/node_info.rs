@@ -67,11 +67,13 @@ impl NodeInfoEndpoint {
             info.public_key = spot.public_key.clone();
             info.address = spot.listen.ip().to_string();
         }
-        let current = self
-            .server
-            .as_ref()
-            .is_some_and(|s| s.addr == spot.listen && s.interface == spot.interface);
-        if current {
+        if let Some(server) = &self.server
+            && server.addr == spot.listen
+            && server.interface == spot.interface
+        {
+            // Who may call can change without a rebind (a new mesh_cidr); the next connection
+            // is checked against the new rule.
+            *server.callers.write().unwrap_or_else(|p| p.into_inner()) = spot.callers.clone();
             return Ok(());
         }
         self.server = None;
@@ -103,6 +105,7 @@ impl NodeInfoEndpoint {
 struct Server {
     addr: SocketAddr,
     interface: String,
+    callers: Arc<RwLock<Callers>>,
     task: JoinHandle<()>,
 }
 
@@ -126,6 +129,8 @@ impl Server {
         let listener = socket.listen(64)?;
         tracing::info!(component = "services", interface, %addr, "node-info endpoint listening");
         let limits = Limits::PEERS;
+        let callers = Arc::new(RwLock::new(callers));
+        let rule = Arc::clone(&callers);
         let task = tokio::spawn(crate::http::accept_loop(
             "services",
             listener,
@@ -133,7 +138,7 @@ impl Server {
             move |stream, peer: SocketAddr, slot| {
                 let info = Arc::clone(&info);
                 let gpus = Arc::clone(&gpus);
-                let callers = callers.clone();
+                let callers = rule.read().unwrap_or_else(|p| p.into_inner()).clone();
                 async move {
                     let _slot = slot;
                     // Only now, within the connection caps, may a caller cost a `whois`.
@@ -154,6 +159,7 @@ impl Server {
         Ok(Server {
             addr,
             interface: interface.to_string(),
+            callers,
             task,
         })
     }
@@ -194,4 +200,59 @@ fn route(
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    async fn get_node(addr: SocketAddr) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /v1/node HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut reply))
+            .await
+            .expect("answered or closed");
+        reply
+    }
+
+    #[tokio::test]
+    async fn a_new_mesh_cidr_changes_who_may_call_without_a_rebind() {
+        // SO_BINDTODEVICE needs CAP_NET_RAW; without it there is nothing to test here.
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root for SO_BINDTODEVICE");
+            return;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let spot = |cidr: &str| NodeInfoSpot {
+            interface: "lo".into(),
+            listen,
+            public_key: "key".into(),
+            callers: Callers::Within(cidr.parse().unwrap()),
+            essential: true,
+        };
+        let mut endpoint = NodeInfoEndpoint::new(crate::gpu::Shared::default());
+        endpoint
+            .place("gpu-01", Some(&spot("10.100.0.0/16")))
+            .unwrap();
+        assert_eq!(get_node(listen).await, "", "127.0.0.1 is outside the mesh");
+        endpoint
+            .place("gpu-01", Some(&spot("127.0.0.0/8")))
+            .unwrap();
+        let reply = get_node(listen).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.contains("\"name\":\"gpu-01\""), "{reply}");
+    }
 }
