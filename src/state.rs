@@ -76,35 +76,11 @@ fn warn_if_shared(dir: &Path, mode: u32) {
 /// torn one, even across a crash. The data is written to a temporary file created with `mode`,
 /// fsynced, renamed over `path`, and the directory is fsynced so the rename is durable.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StateError> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp = temporary_beside(dir, &name);
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(|source| io_err("create", &tmp, source))?;
-        // The umask may have narrowed the mode at creation; set it exactly.
-        file.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(|source| io_err("set mode on", &tmp, source))?;
-        file.write_all(bytes)
-            .map_err(|source| io_err("write", &tmp, source))?;
-        file.sync_all()
-            .map_err(|source| io_err("fsync", &tmp, source))?;
+    let (dir, tmp) = beside(path);
+    let result = write_synced(&tmp, bytes, mode).and_then(|()| {
         fs::rename(&tmp, path).map_err(|source| io_err("rename into", path, source))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|source| io_err("fsync", dir, source))
-    })();
+        sync_dir(dir)
+    });
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
@@ -115,6 +91,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StateErr
 /// to a temporary file created with `mode`, which is then hard-linked to `path` (an exclusive,
 /// atomic step). Returns `false`, writing nothing, if `path` already existed.
 pub fn create_exclusive(path: &Path, bytes: &[u8], mode: u32) -> Result<bool, StateError> {
+    let (dir, tmp) = beside(path);
+    let result = write_synced(&tmp, bytes, mode).and_then(|()| {
+        match fs::hard_link(&tmp, path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(source) => return Err(io_err("link into", path, source)),
+        }
+        sync_dir(dir)?;
+        Ok(true)
+    });
+    let _ = fs::remove_file(&tmp);
+    result
+}
+
+/// The directory `path` is in, and a fresh temporary name there.
+fn beside(path: &Path) -> (&Path, PathBuf) {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -124,31 +116,33 @@ pub fn create_exclusive(path: &Path, bytes: &[u8], mode: u32) -> Result<bool, St
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
     let tmp = temporary_beside(dir, &name);
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(|source| io_err("create", &tmp, source))?;
-        file.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(|source| io_err("set mode on", &tmp, source))?;
-        file.write_all(bytes)
-            .map_err(|source| io_err("write", &tmp, source))?;
-        file.sync_all()
-            .map_err(|source| io_err("fsync", &tmp, source))?;
-        match fs::hard_link(&tmp, path) {
-            Ok(()) => {}
-            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
-            Err(source) => return Err(io_err("link into", path, source)),
-        }
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|source| io_err("fsync", dir, source))?;
-        Ok(true)
-    })();
-    let _ = fs::remove_file(&tmp);
-    result
+    (dir, tmp)
+}
+
+/// Write `bytes` to `tmp` with exactly `mode` and fsync them. The name is this process's own;
+/// a file left there by a crashed process that had the same pid is overwritten.
+fn write_synced(tmp: &Path, bytes: &[u8], mode: u32) -> Result<(), StateError> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(tmp)
+        .map_err(|source| io_err("create", tmp, source))?;
+    // The umask may have narrowed the mode at creation; set it exactly.
+    file.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(|source| io_err("set mode on", tmp, source))?;
+    file.write_all(bytes)
+        .map_err(|source| io_err("write", tmp, source))?;
+    file.sync_all()
+        .map_err(|source| io_err("fsync", tmp, source))
+}
+
+/// Make a rename or link in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), StateError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| io_err("fsync", dir, source))
 }
 
 /// A temporary name in `dir` no other writer uses: this process's id and a per-process counter,
