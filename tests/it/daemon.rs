@@ -124,11 +124,7 @@ fn a_reload_that_touches_the_network_keeps_the_node_ready_while_it_rejoins() {
 
 /// A ready node that also serves `/metrics` on `ip` and a free port, and that port.
 fn ready_with_metrics_listen(ip: &str) -> (Node, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let node = Node::start(
         |d| {
             let socket = format!("socket = \"{}/run/clawnode.sock\"", d.display());

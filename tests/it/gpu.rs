@@ -310,11 +310,7 @@ fn a_new_mig_layout_is_picked_up_without_a_restart() {
 
 #[test]
 fn metrics_listen_serves_only_metrics_over_tcp() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeNvml::new(dir.path(), "gpus = 1\n");
     let env = fake.env();

@@ -236,6 +236,15 @@ impl Drop for Node {
 
 /// True if any line of any datagram starts with `prefix`.
 /// Poll `done` until it holds; fails after `timeout` with `what` and the node's log.
+/// A TCP port on loopback that nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn wait_until(timeout: Duration, what: &str, node: &Node, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
