@@ -66,6 +66,8 @@ pub struct WireguardConfig {
     pub reconcile_interval: Duration,
     /// Leave the interface (and the userspace daemon) in place when clawnode stops.
     pub keep_interface_on_stop: bool,
+    /// Take over an existing WireGuard interface of this name that clawnode did not create.
+    pub adopt_existing_interface: bool,
     pub peers: Vec<PeerConfig>,
 }
 

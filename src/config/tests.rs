@@ -684,3 +684,16 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn adopting_an_existing_interface_is_off_unless_set_to_a_boolean() {
+    assert!(!ok(WG_BASE).network.wireguard.adopt_existing_interface);
+    let on = ok(&format!("{WG_BASE}adopt_existing_interface = true\n"));
+    assert!(on.network.wireguard.adopt_existing_interface);
+    let err = error_at(
+        &format!("{WG_BASE}adopt_existing_interface = \"yes\"\n"),
+        "network.wireguard.adopt_existing_interface",
+        7,
+    );
+    assert!(err.message.contains("expected a boolean"), "{err}");
+}

@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod doctor;
 pub mod drift;
 pub mod gpu;
+pub mod link_owner;
 pub mod model;
 pub mod peer_diff;
 pub mod policy;

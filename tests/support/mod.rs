@@ -129,7 +129,14 @@ impl Node {
             .set_read_timeout(Some(timeout))
             .expect("timeout");
         let mut buf = vec![0u8; 8192];
-        let n = self.notify.recv(&mut buf).ok()?;
+        // A receive with a timeout can fail with EINTR when the process is stopped and
+        // continued, with no handler involved (signal(7)); that is not the end of the wait.
+        let n = loop {
+            match self.notify.recv(&mut buf) {
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                result => break result.ok()?,
+            }
+        };
         let text = String::from_utf8_lossy(&buf[..n]).to_string();
         Some(text.lines().map(str::to_string).collect())
     }

@@ -7,6 +7,7 @@ use std::io;
 use super::keys::KeyError;
 use super::link::LinkError;
 use super::userspace::DaemonError;
+use crate::core::link_owner::Refusal;
 use crate::mesh::{MeshError, Retry};
 use crate::state::StateError;
 
@@ -28,6 +29,33 @@ pub enum WgError {
         interface: String,
         source: io::Error,
     },
+    #[error("{}", not_ours(interface, refusal))]
+    NotOurs { interface: String, refusal: Refusal },
+    #[error(
+        "a userspace WireGuard daemon that clawnode did not start already answers on {socket} (interface {interface}, perhaps in another network namespace); clawnode leaves it alone: stop it or choose another [network.wireguard] interface"
+    )]
+    SocketInUse { interface: String, socket: String },
+    #[error("cannot record the interface clawnode created: {0}")]
+    Record(#[from] StateError),
+}
+
+/// Why clawnode will not touch the link, and what the operator can do.
+fn not_ours(interface: &str, refusal: &Refusal) -> String {
+    match refusal {
+        Refusal::NotWireguard { kind } => format!(
+            "interface {interface} already exists and is not WireGuard (a {kind} link); clawnode did not create it and leaves it alone: remove it or set another [network.wireguard] interface"
+        ),
+        Refusal::NotAdopted { kind } => format!(
+            "interface {interface} is an existing {} WireGuard interface that clawnode did not create (wg-quick?); clawnode leaves it alone: set [network.wireguard] adopt_existing_interface = true to let clawnode take it over (its key, addresses and peers are replaced), or set another interface",
+            kind.as_str()
+        ),
+        Refusal::OtherBackend { found, want } => format!(
+            "interface {interface} is an existing {} WireGuard interface that clawnode did not create, but the {} backend is in use; clawnode leaves it alone: remove it, set another interface, or set backend = \"{}\" (with adopt_existing_interface = true to take it over)",
+            found.as_str(),
+            want.as_str(),
+            found.as_str()
+        ),
+    }
 }
 
 impl WgError {
@@ -36,6 +64,8 @@ impl WgError {
             WgError::NoAddress | WgError::NoWireguard { .. } => Retry::NeedsOperator,
             WgError::Vanished(_) | WgError::ApplyTask(_) => Retry::Transient,
             WgError::Device { source, .. } => io_retry(source),
+            WgError::NotOurs { .. } | WgError::SocketInUse { .. } => Retry::NeedsOperator,
+            WgError::Record(StateError::Io { source, .. }) => io_retry(source),
         }
     }
 }
@@ -66,6 +96,7 @@ impl LinkError {
         match self {
             LinkError::Netlink { source, .. } => netlink_retry(source),
             LinkError::Socket(source) => io_retry(source),
+            LinkError::Appeared(_) => Retry::Transient,
             LinkError::NoKernelModule(_) => Retry::NeedsOperator,
         }
     }
@@ -235,6 +266,47 @@ mod tests {
             device
                 .to_string()
                 .starts_with("configure WireGuard device wg0: ")
+        );
+    }
+
+    #[test]
+    fn an_interface_clawnode_did_not_create_waits_for_an_operator_and_says_what_to_change() {
+        use crate::core::link_owner::WgKind;
+        let bridge = MeshError::from(WgError::NotOurs {
+            interface: "br0".into(),
+            refusal: Refusal::NotWireguard {
+                kind: "bridge".into(),
+            },
+        });
+        assert_eq!(bridge.retry(), Retry::NeedsOperator);
+        assert!(bridge.message().contains("not WireGuard (a bridge link)"));
+        let wg_quick = MeshError::from(WgError::NotOurs {
+            interface: "wg0".into(),
+            refusal: Refusal::NotAdopted {
+                kind: WgKind::Kernel,
+            },
+        });
+        assert_eq!(wg_quick.retry(), Retry::NeedsOperator);
+        assert!(
+            wg_quick
+                .message()
+                .contains("adopt_existing_interface = true")
+        );
+        let other = MeshError::from(WgError::NotOurs {
+            interface: "wg0".into(),
+            refusal: Refusal::OtherBackend {
+                found: WgKind::Userspace,
+                want: WgKind::Kernel,
+            },
+        });
+        assert!(
+            other.message().contains("backend = \"userspace\""),
+            "{}",
+            other.message()
+        );
+        assert_eq!(
+            MeshError::from(LinkError::Appeared("wg0".into())).retry(),
+            Retry::Transient
         );
     }
 }

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkUnspec, LinkWireguard, RouteMessageBuilder};
 
 const EEXIST: i32 = 17;
@@ -28,6 +28,8 @@ pub enum LinkError {
         "cannot create {0}: this kernel has no WireGuard module (load it with `modprobe wireguard`, or set backend = \"userspace\" or \"auto\")"
     )]
     NoKernelModule(String),
+    #[error("interface {0} appeared while clawnode was creating it; looking again")]
+    Appeared(String),
 }
 
 /// What the WireGuard kernel module probe found.
@@ -45,6 +47,9 @@ pub struct LinkState {
     pub name: String,
     pub up: bool,
     pub mtu: Option<u32>,
+    /// The link kind as the kernel names it (`wireguard`, `tun`, `bridge`, …); `None` for
+    /// links without one (a physical NIC, loopback).
+    pub kind: Option<String>,
 }
 
 /// What `configure` changed, for logs and idempotency tests.
@@ -105,20 +110,21 @@ impl Link {
             Err(source) => Err(netlink("probe wireguard kind with", "clawprobe0", source)),
             Ok(()) => {
                 // A kernel that accepted the absurd MTU: undo it, and the module is there.
-                if let Ok(Some(link)) = self.get("clawprobe0").await {
-                    let _ = self.handle.link().del(link.index).execute().await;
-                }
+                let _ = self.delete("clawprobe0").await;
                 Ok(KernelSupport::Available)
             }
         }
     }
 
-    /// Create a kernel WireGuard link (idempotent).
+    /// Create a kernel WireGuard link. Exclusive: a link of that name that appeared since the
+    /// caller looked is someone else's, and is reported, never taken.
     pub async fn create_wireguard(&self, name: &str) -> Result<(), LinkError> {
         let message = LinkWireguard::new(name).build();
         match self.handle.link().add(message).execute().await {
             Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -EEXIST => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -EEXIST => {
+                Err(LinkError::Appeared(name.to_string()))
+            }
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -EOPNOTSUPP => {
                 Err(LinkError::NoKernelModule(name.to_string()))
             }
@@ -126,7 +132,22 @@ impl Link {
         }
     }
 
-    pub async fn delete(&self, name: &str) -> Result<(), LinkError> {
+    /// Delete the link named `name` only if it is the one with `index`: a link of that name
+    /// with another index is not the one clawnode made. Returns whether one was deleted.
+    pub async fn delete_exact(&self, name: &str, index: u32) -> Result<bool, LinkError> {
+        match self.get(name).await? {
+            Some(link) if link.index == index => {}
+            _ => return Ok(false),
+        }
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(true),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -ENODEV => Ok(false),
+            Err(source) => Err(netlink("delete", name, source)),
+        }
+    }
+
+    /// Delete the kernel link `name` whatever it is. Only the backend probe's own link.
+    async fn delete(&self, name: &str) -> Result<(), LinkError> {
         let Some(link) = self.get(name).await? else {
             return Ok(());
         };
@@ -258,12 +279,20 @@ pub fn link_state(message: &LinkMessage) -> LinkState {
         name: String::new(),
         up: message.header.flags.contains(LinkFlags::Up),
         mtu: None,
+        kind: None,
     };
     for attribute in &message.attributes {
         if let LinkAttribute::IfName(name) = attribute {
             state.name = name.clone();
         } else if let LinkAttribute::Mtu(mtu) = attribute {
             state.mtu = Some(*mtu);
+        } else if let LinkAttribute::LinkInfo(infos) = attribute {
+            state.kind = infos.iter().find_map(|info| {
+                let LinkInfo::Kind(kind) = info else {
+                    return None;
+                };
+                Some(kind.to_string())
+            });
         }
     }
     state

@@ -11,12 +11,14 @@ pub mod errors;
 pub mod keys;
 pub mod link;
 mod monitor;
+mod owner;
 pub mod reconcile;
 pub mod status;
 pub mod userspace;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -24,6 +26,7 @@ use ipnet::IpNet;
 use wireguard_control::Backend;
 
 use crate::config::{self, Config, PeerConfig, WgBackend, WireguardConfig};
+use crate::core::link_owner::{self, Created, Verdict, WgKind};
 use crate::core::peer_diff::{PeerKey, PeerMap, PeerSpec, Psk};
 
 use super::{
@@ -47,11 +50,33 @@ pub enum Chosen {
 
 impl Chosen {
     pub fn as_str(self) -> &'static str {
+        self.kind().as_str()
+    }
+
+    fn kind(self) -> WgKind {
         match self {
-            Chosen::Kernel => "kernel",
-            Chosen::Userspace => "userspace",
+            Chosen::Kernel => WgKind::Kernel,
+            Chosen::Userspace => WgKind::Userspace,
         }
     }
+}
+
+/// The settings a backend was chosen for: another interface, backend or program is chosen anew.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Choice {
+    interface: String,
+    backend: WgBackend,
+    program: PathBuf,
+}
+
+/// The interface in use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Current {
+    interface: String,
+    chosen: Chosen,
+    program: PathBuf,
+    /// Taken over with `adopt_existing_interface`: configured, never deleted.
+    adopted: bool,
 }
 
 pub struct WireguardMesh {
@@ -59,8 +84,17 @@ pub struct WireguardMesh {
     hooks_live: super::Live,
     live: status::LiveTarget,
     monitor: Option<monitor::Monitor>,
-    link: Option<Link>,
-    chosen: Option<(Chosen, String)>,
+    /// Never taken out while a join runs: a stop that aborts the join still needs it.
+    link: Option<Arc<Link>>,
+    chosen: Option<(Chosen, Choice)>,
+    current: Option<Current>,
+    /// The interface clawnode created (loaded from `record` after a restart).
+    created: Option<Created>,
+    /// A kernel link being created and not yet recorded: named before the request, so a stop
+    /// that aborts the join still removes it.
+    creating: Option<String>,
+    /// Where `created` is kept; fixed at the first join, like the state directory itself.
+    record: Option<PathBuf>,
     daemon: Option<userspace::Daemon>,
     device: DeviceFactory,
     /// What clawnode applied to the device, so a config change need not read it back.
@@ -88,6 +122,10 @@ impl WireguardMesh {
             monitor: None,
             link: None,
             chosen: None,
+            current: None,
+            created: None,
+            creating: None,
+            record: None,
             daemon: None,
             device: Box::new(device),
             sync: DeviceSync::default(),
@@ -102,14 +140,26 @@ impl WireguardMesh {
         link: &Link,
     ) -> Result<Chosen, MeshError> {
         let iface = wg.interface.as_str();
-        if let Some((chosen, for_iface)) = &self.chosen
-            && for_iface == iface
+        let choice = Choice {
+            interface: iface.to_string(),
+            backend: wg.backend,
+            program: wg.userspace_implementation.clone(),
+        };
+        if let Some((chosen, for_choice)) = &self.chosen
+            && *for_choice == choice
         {
             return Ok(*chosen);
         }
         let found = userspace::find_program(&wg.userspace_implementation);
         let (chosen, why) = match wg.backend {
-            WgBackend::Kernel => (Chosen::Kernel, "backend = \"kernel\"".to_string()),
+            // Probed, so a reload to a kernel without the module fails before the interface
+            // in use is taken down.
+            WgBackend::Kernel => match link.probe_kernel().await? {
+                KernelSupport::Available => (Chosen::Kernel, "backend = \"kernel\"".to_string()),
+                KernelSupport::Missing => {
+                    return Err(link::LinkError::NoKernelModule(iface.to_string()).into());
+                }
+            },
             WgBackend::Userspace => (Chosen::Userspace, "backend = \"userspace\"".to_string()),
             WgBackend::Auto => match link.probe_kernel().await? {
                 KernelSupport::Available => (
@@ -131,7 +181,7 @@ impl WireguardMesh {
             },
         };
         tracing::info!(component = "mesh", interface = iface, backend = chosen.as_str(), reason = %why, "chose WireGuard backend");
-        self.chosen = Some((chosen, iface.to_string()));
+        self.chosen = Some((chosen, choice));
         Ok(chosen)
     }
 
@@ -141,13 +191,246 @@ impl WireguardMesh {
         let Some(address) = wg.address else {
             return Err(WgError::NoAddress.into());
         };
-        let link = match self.link.take() {
-            Some(link) => link,
-            None => Link::connect()?,
-        };
-        let result = self.configure(wg, &iface, address, &link).await;
-        self.link = Some(link);
-        result
+        let link = self.link()?;
+        if self.record.is_none() {
+            self.record = Some(owner::record_path(&config.node.state_dir));
+        }
+        self.configure(wg, &iface, address, &link).await
+    }
+
+    fn link(&mut self) -> Result<Arc<Link>, MeshError> {
+        if let Some(link) = &self.link {
+            return Ok(Arc::clone(link));
+        }
+        let link = Arc::new(Link::connect()?);
+        self.link = Some(Arc::clone(&link));
+        Ok(link)
+    }
+
+    /// Make sure the interface `iface` of the chosen backend exists and is clawnode's to
+    /// configure: created by clawnode (now or in an earlier run), or adopted on the operator's
+    /// say-so. Anything else of that name is left untouched and reported.
+    async fn claim(
+        &mut self,
+        wg: &WireguardConfig,
+        iface: &str,
+        chosen: Chosen,
+        link: &Link,
+    ) -> Result<(), MeshError> {
+        if self.created.is_none()
+            && let Some(path) = &self.record
+        {
+            self.created = owner::load(path);
+        }
+        let here = owner::here();
+        let mut verdict = self.judge(wg, iface, chosen, link, &here).await?;
+        if let Verdict::Refuse(refusal) = verdict {
+            // Before anything is taken down: a reload to a name that is not clawnode's keeps
+            // the interface in use.
+            return Err(WgError::NotOurs {
+                interface: iface.to_string(),
+                refusal,
+            }
+            .into());
+        }
+        if let Some(current) = &self.current
+            && (current.interface != iface
+                || current.chosen != chosen
+                || (chosen == Chosen::Userspace && current.program != wg.userspace_implementation))
+        {
+            tracing::info!(component = "mesh", from = %current.interface, to = iface, backend = chosen.as_str(), "replacing the WireGuard interface");
+            self.teardown(link).await?;
+            verdict = self.judge(wg, iface, chosen, link, &here).await?;
+        }
+        if verdict == Verdict::Owned
+            && chosen == Chosen::Userspace
+            && !self
+                .daemon
+                .as_ref()
+                .is_some_and(userspace::Daemon::is_running)
+        {
+            // Served by a daemon of an earlier run (kept on stop, or clawnode crashed): not
+            // this process's child to supervise, so it is replaced.
+            verdict = Verdict::Replace;
+        }
+        match verdict {
+            Verdict::Refuse(refusal) => {
+                return Err(WgError::NotOurs {
+                    interface: iface.to_string(),
+                    refusal,
+                }
+                .into());
+            }
+            Verdict::Adopt => {
+                if self.current.as_ref().is_none_or(|c| !c.adopted) {
+                    tracing::warn!(
+                        component = "mesh",
+                        interface = iface,
+                        "adopting an existing WireGuard interface clawnode did not create (adopt_existing_interface = true); it is left in place on stop"
+                    );
+                }
+                // Its daemon, if userspace, is not clawnode's: it is used, never started.
+                self.daemon = None;
+            }
+            Verdict::Replace => {
+                self.remove_created(link).await?;
+                self.create(wg, iface, chosen, link).await?;
+            }
+            Verdict::Create => self.create(wg, iface, chosen, link).await?,
+            Verdict::Owned => {
+                if chosen == Chosen::Userspace
+                    && let Some(daemon) = &mut self.daemon
+                {
+                    daemon.ensure_running().await?;
+                }
+            }
+        }
+        self.current = Some(Current {
+            interface: iface.to_string(),
+            chosen,
+            program: wg.userspace_implementation.clone(),
+            adopted: verdict == Verdict::Adopt,
+        });
+        if verdict != Verdict::Adopt
+            && let Some(found) = owner::find(link, iface).await?
+        {
+            let created = Created {
+                name: iface.to_string(),
+                index: found.index,
+                kind: chosen.kind(),
+                boot_id: here.boot_id,
+                netns: here.netns,
+            };
+            if self.created.as_ref() != Some(&created) {
+                if let Some(path) = &self.record {
+                    owner::save(path, &created).map_err(WgError::from)?;
+                }
+                self.created = Some(created);
+            }
+            self.creating = None;
+        }
+        Ok(())
+    }
+
+    /// What the link named `iface` is to clawnode.
+    async fn judge(
+        &self,
+        wg: &WireguardConfig,
+        iface: &str,
+        chosen: Chosen,
+        link: &Link,
+        here: &link_owner::Here,
+    ) -> Result<Verdict, MeshError> {
+        let found = owner::find(link, iface).await?;
+        Ok(link_owner::verdict(
+            iface,
+            found.as_ref(),
+            self.created.as_ref(),
+            chosen.kind(),
+            wg.adopt_existing_interface,
+            here,
+        ))
+    }
+
+    /// Create the interface: a kernel link, or the userspace daemon that makes its tun.
+    async fn create(
+        &mut self,
+        wg: &WireguardConfig,
+        iface: &str,
+        chosen: Chosen,
+        link: &Link,
+    ) -> Result<(), MeshError> {
+        match chosen {
+            Chosen::Kernel => {
+                self.creating = Some(iface.to_string());
+                if let Err(error) = link.create_wireguard(iface).await {
+                    // Not created (a link of that name appeared, or no module): nothing to remove.
+                    self.creating = None;
+                    return Err(error.into());
+                }
+            }
+            Chosen::Userspace => {
+                let ours = self
+                    .daemon
+                    .as_ref()
+                    .is_some_and(userspace::Daemon::is_running);
+                if !ours && userspace::socket_answers(iface) {
+                    return Err(WgError::SocketInUse {
+                        interface: iface.to_string(),
+                        socket: userspace::socket_path(iface).display().to_string(),
+                    }
+                    .into());
+                }
+                let daemon = self.daemon.get_or_insert_with(|| {
+                    userspace::Daemon::new(iface, &wg.userspace_implementation)
+                });
+                daemon.ensure_running().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove the interface clawnode created, and only that one: its daemon stops (taking the
+    /// tun with it) and a kernel link goes if it is still the very link clawnode made.
+    async fn remove_created(&mut self, link: &Link) -> Result<(), MeshError> {
+        if let Some(mut daemon) = self.daemon.take() {
+            daemon.stop().await;
+        }
+        // Acted on only while the record names the very link that has the name now: a record
+        // from another boot or namespace, or of a link since replaced, claims nothing.
+        let here = owner::here();
+        let mut live = None;
+        if let Some(created) = self.created.clone()
+            && let Some(found) = owner::find(link, &created.name).await?
+            && created.is(&created.name, &found, &here)
+        {
+            live = Some(created);
+        }
+        if let Some(created) = live {
+            if created.kind == WgKind::Userspace {
+                // A daemon from an earlier run ends when its socket is deleted; its tun goes
+                // with it a moment later.
+                let _ = std::fs::remove_file(userspace::socket_path(&created.name));
+                for _ in 0..100 {
+                    match link.get(&created.name).await? {
+                        Some(state) if state.index == created.index => {
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            if link.delete_exact(&created.name, created.index).await? {
+                tracing::info!(component = "mesh", interface = %created.name, "removed the WireGuard interface");
+            }
+        }
+        if let Some(name) = self.creating.take()
+            && let Some(state) = link.get(&name).await?
+            && state.kind.as_deref() == Some("wireguard")
+            && link.delete_exact(&name, state.index).await?
+        {
+            tracing::info!(component = "mesh", interface = %name, "removed the WireGuard interface");
+        }
+        self.created = None;
+        if let Some(path) = &self.record {
+            owner::remove(path);
+        }
+        Ok(())
+    }
+
+    /// Stop using the current interface: removed if clawnode created it, left as it is if it
+    /// was adopted.
+    async fn teardown(&mut self, link: &Link) -> Result<(), MeshError> {
+        self.monitor = None;
+        self.live.set(None);
+        self.sync = DeviceSync::default();
+        self.needs_read.store(true, Ordering::Release);
+        if let Some(current) = self.current.take()
+            && current.adopted
+        {
+            tracing::info!(component = "mesh", interface = %current.interface, "leaving the adopted WireGuard interface in place");
+        }
+        self.remove_created(link).await
     }
 
     async fn configure(
@@ -159,18 +442,10 @@ impl WireguardMesh {
     ) -> Result<Joined, MeshError> {
         self.keep_interface = wg.keep_interface_on_stop;
         let chosen = self.choose_backend(wg, link).await?;
+        self.claim(wg, iface, chosen, link).await?;
         let backend = match chosen {
-            Chosen::Kernel => {
-                link.create_wireguard(iface).await?;
-                Backend::Kernel
-            }
-            Chosen::Userspace => {
-                let daemon = self.daemon.get_or_insert_with(|| {
-                    userspace::Daemon::new(iface, &wg.userspace_implementation)
-                });
-                daemon.ensure_running().await?;
-                Backend::Userspace
-            }
+            Chosen::Kernel => Backend::Kernel,
+            Chosen::Userspace => Backend::Userspace,
         };
 
         let key = keys::load_or_generate(&wg.private_key_file)?;
@@ -310,16 +585,8 @@ impl MeshProvider for WireguardMesh {
                 );
                 return Ok(());
             }
-            let iface = self.chosen.as_ref().map(|(_, i)| i.clone());
-            if let Some(mut daemon) = self.daemon.take() {
-                daemon.stop().await;
-            }
-            if let (Some(link), Some(iface)) = (&self.link, iface) {
-                link.delete(&iface).await?;
-                tracing::info!(component = "mesh", interface = %iface, "removed the WireGuard interface");
-            }
-            self.sync = DeviceSync::default();
-            Ok(())
+            let link = self.link()?;
+            self.teardown(&link).await
         })
     }
 }

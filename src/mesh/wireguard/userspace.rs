@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -21,7 +22,7 @@ pub enum DaemonError {
     #[error("{program} exited ({status}) before its UAPI socket {socket} appeared")]
     Exited {
         program: String,
-        status: std::process::ExitStatus,
+        status: String,
         socket: PathBuf,
     },
     #[error("{program} did not create its UAPI socket {socket} within {seconds} s")]
@@ -57,6 +58,12 @@ pub fn find_program(program: &Path) -> Option<PathBuf> {
     })
 }
 
+/// Does something answer on the UAPI socket of `iface`? A daemon that is not clawnode's may
+/// (another namespace shares the socket directory); deleting its socket would end it.
+pub fn socket_answers(iface: &str) -> bool {
+    std::os::unix::net::UnixStream::connect(socket_path(iface)).is_ok()
+}
+
 /// A supervised userspace WireGuard daemon for one interface.
 pub struct Daemon {
     iface: String,
@@ -64,6 +71,8 @@ pub struct Daemon {
     running: Option<Running>,
 }
 
+/// The daemon's state lives here from the moment it is spawned, so a join aborted while
+/// waiting for its socket (a stop) leaves it to `stop`, never orphaned.
 struct Running {
     pid: Option<u32>,
     exited: watch::Receiver<bool>,
@@ -82,8 +91,21 @@ impl Daemon {
         }
     }
 
+    pub fn iface(&self) -> &str {
+        &self.iface
+    }
+
+    pub fn program(&self) -> &Path {
+        &self.program
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.running.as_ref().and_then(|r| r.pid)
+    }
+
+    /// Spawned by this process and not exited.
+    pub fn is_running(&self) -> bool {
+        self.running.as_ref().is_some_and(|r| !*r.exited.borrow())
     }
 
     /// Becomes true when the running daemon exits on its own; `None` if none runs.
@@ -133,18 +155,29 @@ impl Daemon {
             });
         }
         tracing::info!(component = "mesh", interface = %self.iface, program = %program, pid, "started userspace WireGuard");
+        let (exited_tx, mut exited) = watch::channel(false);
+        let status = Arc::new(OnceLock::new());
+        let (stop, stop_rx) = oneshot::channel();
+        let iface = self.iface.clone();
+        let reaper = tokio::spawn(reap(child, iface, exited_tx, Arc::clone(&status), stop_rx));
+        self.running = Some(Running {
+            pid,
+            exited: exited.clone(),
+            stop,
+            reaper,
+        });
         let started = Instant::now();
         while !socket.exists() {
-            if let Ok(Some(status)) = child.try_wait() {
+            if *exited.borrow_and_update() {
+                self.running = None;
                 return Err(DaemonError::Exited {
                     program,
-                    status,
+                    status: status.get().cloned().unwrap_or_default(),
                     socket,
                 });
             }
             if started.elapsed() > SOCKET_WAIT {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
+                self.stop().await;
                 return Err(DaemonError::NoSocket {
                     program,
                     socket,
@@ -153,16 +186,6 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let (exited_tx, exited) = watch::channel(false);
-        let (stop, stop_rx) = oneshot::channel();
-        let iface = self.iface.clone();
-        let reaper = tokio::spawn(reap(child, iface, exited_tx, stop_rx));
-        self.running = Some(Running {
-            pid,
-            exited,
-            stop,
-            reaper,
-        });
         Ok(())
     }
 
@@ -183,11 +206,16 @@ async fn reap(
     mut child: Child,
     iface: String,
     exited: watch::Sender<bool>,
+    status: Arc<OnceLock<String>>,
     stop: oneshot::Receiver<()>,
 ) {
     tokio::select! {
-        status = child.wait() => {
-            tracing::warn!(component = "mesh", interface = %iface, ?status, "userspace WireGuard daemon exited");
+        result = child.wait() => {
+            tracing::warn!(component = "mesh", interface = %iface, status = ?result, "userspace WireGuard daemon exited");
+            let _ = status.set(match result {
+                Ok(s) => s.to_string(),
+                Err(error) => error.to_string(),
+            });
             exited.send_replace(true);
         }
         _ = stop => {
