@@ -6,6 +6,7 @@
 
 #![deny(clippy::disallowed_methods)]
 
+pub mod admission;
 pub mod backoff;
 pub mod doctor;
 pub mod drift;
