@@ -169,7 +169,7 @@ fn removing_a_peer_file_removes_its_route_and_stop_removes_the_rest_but_never_an
     let mut node = Node::start_in(
         Some(lab.ns(0)),
         |d| {
-            let text = node_config(&lab, &keys, 0, "", "", d);
+            let text = node_config(&lab, &keys, 0, "", "[log]\nlevel = \"debug\"\n", d);
             let write = |file: &str, body: String| {
                 std::fs::write(d.join("peers.d").join(file), body).unwrap();
             };
@@ -196,6 +196,11 @@ fn removing_a_peer_file_removes_its_route_and_stop_removes_the_rest_but_never_an
         assert!(table.contains(&format!("{net} dev {iface}")), "{table}");
     }
     assert!(table.contains(operators), "{table}");
+    // node-3's network already had a route (EEXIST): clawnode added none beside it.
+    assert!(
+        !table.contains(&format!("203.0.113.192/26 dev {iface}")),
+        "{table}"
+    );
 
     std::fs::remove_file(node.path("peers.d/a.toml")).unwrap();
     support::wait_until(
@@ -215,7 +220,7 @@ fn removing_a_peer_file_removes_its_route_and_stop_removes_the_rest_but_never_an
     support::wait_until(Duration::from_secs(5), "node-3 to go", &node, || {
         node.status_json()["mesh"]["peers"] == 1
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    // The status is published after the reconcile's route step, so the routes are final.
     assert!(routes(&lab, 0).contains(operators), "{}", routes(&lab, 0));
 
     node.signal(Signal::SIGTERM);
@@ -224,6 +229,13 @@ fn removing_a_peer_file_removes_its_route_and_stop_removes_the_rest_but_never_an
     let table = routes(&lab, 0);
     assert!(!table.contains("203.0.113.64/26"), "{table}");
     assert!(table.contains(operators), "{table}");
+    // clawnode removed it itself, before the interface went.
+    let log = node.stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("removed route") && l.contains("203.0.113.64/26")),
+        "{log}"
+    );
 }
 
 /// `/etc/netns/<ns>/resolv.conf`, which `ip netns exec` mounts over /etc/resolv.conf for what
