@@ -60,6 +60,7 @@ pub(super) struct RawWireguard {
     pub node_info_port: Option<i64>,
     pub reconcile_interval: Option<String>,
     pub keep_interface_on_stop: Option<bool>,
+    pub allow_unsafe_routes: Option<bool>,
     pub peers: Vec<RawPeer>,
 }
 

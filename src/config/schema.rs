@@ -66,6 +66,9 @@ pub struct WireguardConfig {
     pub reconcile_interval: Duration,
     /// Leave the interface (and the userspace daemon) in place when clawnode stops.
     pub keep_interface_on_stop: bool,
+    /// Route every allowed IP as configured, even a default route, one covering a peer's
+    /// endpoint or one inside a network this host is attached to (refused otherwise).
+    pub allow_unsafe_routes: bool,
     pub peers: Vec<PeerConfig>,
 }
 

@@ -277,6 +277,7 @@ impl<'a> Checker<'a> {
             node_info_port,
             reconcile_interval,
             keep_interface_on_stop: raw.keep_interface_on_stop.unwrap_or(false),
+            allow_unsafe_routes: raw.allow_unsafe_routes.unwrap_or(false),
             peers,
         }
     }

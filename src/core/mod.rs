@@ -14,6 +14,7 @@ pub mod gpu;
 pub mod model;
 pub mod peer_diff;
 pub mod policy;
+pub mod routes;
 pub mod serve_config;
 pub mod supervisor;
 pub mod tailscale_plan;

@@ -22,3 +22,4 @@ mod tailscale_mesh;
 mod unit_file;
 mod wireguard_backend;
 mod wireguard_mesh;
+mod wireguard_routes;
