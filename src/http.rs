@@ -2,10 +2,10 @@
 //! server, both with limits (connections, per-source connections, time, bytes), the outbound
 //! HTTPS client, and error chains that name the cause.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +17,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::AbortHandle;
+
+use crate::core::admission::{self, Admission, Caps, OpenConn};
 
 /// What one endpoint allows: how many connections, from whom, for how long, how big.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,44 +93,225 @@ impl Listener for UnixListener {
     }
 }
 
-/// Open connections per source address.
-type PerSource = Arc<Mutex<HashMap<IpAddr, usize>>>;
-
-/// Held by a connection's task; gives its slots back when the connection ends.
-pub struct Slot {
-    _global: OwnedSemaphorePermit,
-    source: Option<(IpAddr, PerSource)>,
+/// The connections an endpoint has open, for the admission decision.
+#[derive(Default)]
+struct Registry {
+    next_id: u64,
+    /// Oldest first; `abort` is filled in once the connection's task is spawned.
+    open: Vec<Entry>,
 }
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let Some((ip, sources)) = self.source.take() else {
-            return;
-        };
-        let mut sources = sources.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = sources.get_mut(&ip) {
-            *count -= 1;
-            if *count == 0 {
-                sources.remove(&ip);
+struct Entry {
+    id: u64,
+    source: Option<IpAddr>,
+    waiting: Arc<AtomicBool>,
+    abort: Option<AbortHandle>,
+}
+
+type Shared = Arc<Mutex<Registry>>;
+
+fn lock(registry: &Shared) -> std::sync::MutexGuard<'_, Registry> {
+    registry.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Held by a connection's task; gives its slot back when the connection ends.
+pub struct Slot {
+    id: u64,
+    waiting: Arc<AtomicBool>,
+    registry: Shared,
+}
+
+impl Slot {
+    /// Serve one exchange (`serve_one`) once the whole request head has arrived; until then
+    /// the head stays in the kernel's socket buffer and the connection costs next to no
+    /// memory, so thousands of idle or slowly typed connections cannot grow the daemon. Once
+    /// the request is in, this connection can no longer be displaced by a newcomer.
+    pub async fn serve<I, S, B>(self, component: &'static str, io: I, service: S, limits: Limits)
+    where
+        I: Peek + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::Service<
+                hyper::Request<hyper::body::Incoming>,
+                Response = hyper::Response<B>,
+            > + Send,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        match tokio::time::timeout(limits.header_timeout, head_arrived(&io, limits)).await {
+            Ok(Ok(HeadState::Complete)) => {}
+            Ok(Ok(HeadState::Closed)) => return,
+            Ok(Ok(HeadState::TooLarge)) => {
+                tracing::debug!(component, "request head over the size limit; closed");
+                return;
             }
+            Ok(Err(error)) => {
+                tracing::debug!(component, %error, "connection failed before its request head");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(component, "no complete request head in time; closed");
+                return;
+            }
+        }
+        let service = HeadIn {
+            inner: service,
+            waiting: Arc::clone(&self.waiting),
+        };
+        // Boxed, so a connection that is still waiting carries none of hyper's state.
+        Box::pin(serve_one(component, io, service, limits)).await;
+    }
+}
+
+/// A stream whose unread bytes can be looked at without taking them out of the kernel.
+pub trait Peek {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Peek what is buffered; `WouldBlock` when nothing is.
+    fn try_peek_with(&self, check: impl FnMut(&[u8]) -> PeekVerdict) -> io::Result<PeekVerdict>;
+}
+
+/// What a peek at the buffered bytes decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeekVerdict {
+    /// Wait for more bytes.
+    More,
+    Done(HeadState),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadState {
+    Complete,
+    Closed,
+    TooLarge,
+}
+
+macro_rules! impl_peek {
+    ($stream:ty) => {
+        impl Peek for $stream {
+            fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+                <$stream>::readable(self)
+            }
+
+            fn try_peek_with(
+                &self,
+                check: impl FnMut(&[u8]) -> PeekVerdict,
+            ) -> io::Result<PeekVerdict> {
+                let fd = std::os::fd::AsRawFd::as_raw_fd(self);
+                self.try_io(tokio::io::Interest::READABLE, || peek_fd(fd, check))
+            }
+        }
+    };
+}
+
+impl_peek!(tokio::net::TcpStream);
+impl_peek!(tokio::net::UnixStream);
+
+/// Peek at most the size limit plus one byte. `More` is returned as `WouldBlock`, which
+/// clears tokio's readiness so the next wake-up is for new bytes, not the same ones.
+fn peek_fd(
+    fd: std::os::fd::RawFd,
+    mut check: impl FnMut(&[u8]) -> PeekVerdict,
+) -> io::Result<PeekVerdict> {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with(|scratch| {
+        let mut buf = scratch.borrow_mut();
+        if buf.len() < MAX_PEEK {
+            buf.resize(MAX_PEEK, 0);
+        }
+        // SAFETY: recv writes at most `buf.len()` bytes into `buf`, which it owns for the call.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        let Ok(n) = usize::try_from(n) else {
+            return Err(io::Error::last_os_error());
+        };
+        match check(&buf[..n]) {
+            PeekVerdict::More => Err(io::ErrorKind::WouldBlock.into()),
+            done => Ok(done),
+        }
+    })
+}
+
+/// The largest head any endpoint allows, plus one byte to tell "too large".
+const MAX_PEEK: usize = 64 * 1024 + 1;
+
+async fn head_arrived<I: Peek>(io: &I, limits: Limits) -> io::Result<HeadState> {
+    let max = limits.max_request_bytes.min(MAX_PEEK - 1);
+    loop {
+        io.readable().await?;
+        let verdict = io.try_peek_with(|bytes| {
+            if bytes.is_empty() {
+                PeekVerdict::Done(HeadState::Closed)
+            } else if bytes.windows(4).any(|w| w == b"\r\n\r\n") {
+                PeekVerdict::Done(HeadState::Complete)
+            } else if bytes.len() > max {
+                PeekVerdict::Done(HeadState::TooLarge)
+            } else {
+                PeekVerdict::More
+            }
+        });
+        match verdict {
+            Ok(PeekVerdict::Done(state)) => return Ok(state),
+            Ok(PeekVerdict::More) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
         }
     }
 }
 
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.registry).open.retain(|e| e.id != self.id);
+    }
+}
+
+/// Marks the connection as served when hyper hands over the request.
+struct HeadIn<S> {
+    inner: S,
+    waiting: Arc<AtomicBool>,
+}
+
+impl<S, R> hyper::service::Service<R> for HeadIn<S>
+where
+    S: hyper::service::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, req: R) -> Self::Future {
+        self.waiting.store(false, Ordering::Relaxed);
+        self.inner.call(req)
+    }
+}
+
 /// Accept connections until the task is dropped, one task per connection. A connection over
-/// `limits` (all slots taken, or its source's) is closed at once, before `handle` runs, so it
-/// costs no read and no lookup. An accept error (EMFILE and friends) is logged and survived
-/// after a short pause: spinning on it would burn a core, and ending the loop would take the
-/// endpoint down for good.
+/// `limits` is closed at once, before `handle` runs, so it costs no read and no lookup; when
+/// every slot is taken, a caller from a lighter source may displace one still waiting for its
+/// request head (`core::admission`). An accept error (EMFILE and friends) is logged and
+/// survived after a short pause: spinning on it would burn a core, and ending the loop would
+/// take the endpoint down for good.
 pub async fn accept_loop<L, F, Fut>(component: &'static str, listener: L, limits: Limits, handle: F)
 where
     L: Listener,
     F: Fn(L::Io, L::Addr, Slot) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let global = Arc::new(Semaphore::new(limits.max_connections));
-    let sources: PerSource = Arc::default();
+    let registry: Shared = Arc::default();
+    let caps = Caps {
+        max_connections: limits.max_connections,
+        max_per_source: limits.max_per_source,
+    };
     let mut refused = 0u64;
+    let mut displaced = 0u64;
     loop {
         let (io, addr) = match listener.accept_one().await {
             Ok(conn) => conn,
@@ -138,46 +321,71 @@ where
                 continue;
             }
         };
-        let Some(slot) = take_slot(&global, &sources, L::source(&addr), limits) else {
-            refused += 1;
-            // Once per power of two, so a flood cannot flood the journal too.
-            if refused.is_power_of_two() {
-                tracing::warn!(
-                    component,
-                    refused,
-                    "connection limit reached; closing new connections"
-                );
+        let source = L::source(&addr);
+        let mut reg = lock(&registry);
+        let open: Vec<OpenConn> = reg
+            .open
+            .iter()
+            .map(|e| OpenConn {
+                id: e.id,
+                source: e.source,
+                waiting: e.waiting.load(Ordering::Relaxed),
+            })
+            .collect();
+        match admission::admit(caps, source, &open) {
+            Admission::Admit => {}
+            Admission::Evict(victim) => {
+                if let Some(at) = reg.open.iter().position(|e| e.id == victim) {
+                    let entry = reg.open.remove(at);
+                    if let Some(abort) = entry.abort {
+                        abort.abort();
+                    }
+                }
+                displaced += 1;
+                if displaced.is_power_of_two() {
+                    tracing::warn!(
+                        component,
+                        displaced,
+                        "all connection slots taken; closing waiting connections of the busiest callers"
+                    );
+                }
             }
-            drop(io);
-            continue;
-        };
-        tokio::spawn(handle(io, addr, slot));
-    }
-}
-
-fn take_slot(
-    global: &Arc<Semaphore>,
-    sources: &PerSource,
-    source: Option<IpAddr>,
-    limits: Limits,
-) -> Option<Slot> {
-    let permit = Arc::clone(global).try_acquire_owned().ok()?;
-    let Some(ip) = source else {
-        return Some(Slot {
-            _global: permit,
-            source: None,
+            Admission::Refuse => {
+                drop(reg);
+                refused += 1;
+                // Once per power of two, so a flood cannot flood the journal too.
+                if refused.is_power_of_two() {
+                    tracing::warn!(
+                        component,
+                        refused,
+                        "connection limit reached; closing new connections"
+                    );
+                }
+                drop(io);
+                continue;
+            }
+        }
+        let id = reg.next_id;
+        reg.next_id += 1;
+        let waiting = Arc::new(AtomicBool::new(true));
+        reg.open.push(Entry {
+            id,
+            source,
+            waiting: Arc::clone(&waiting),
+            abort: None,
         });
-    };
-    let mut counts = sources.lock().unwrap_or_else(|p| p.into_inner());
-    let count = counts.entry(ip).or_insert(0);
-    if *count >= limits.max_per_source {
-        return None;
+        drop(reg);
+        let slot = Slot {
+            id,
+            waiting,
+            registry: Arc::clone(&registry),
+        };
+        let task = tokio::spawn(handle(io, addr, slot));
+        // The task may already be gone (and its entry with it).
+        if let Some(entry) = lock(&registry).open.iter_mut().find(|e| e.id == id) {
+            entry.abort = Some(task.abort_handle());
+        }
     }
-    *count += 1;
-    Some(Slot {
-        _global: permit,
-        source: Some((ip, Arc::clone(sources))),
-    })
 }
 
 /// Serve one HTTP/1 exchange on `io` within `limits`: the head must arrive in time and fit the
@@ -334,6 +542,21 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn when_full_a_new_caller_displaces_a_waiting_connection_of_the_busiest_source() {
+        let (addr, handled) = holding_server(TEST).await;
+        let first = connect_from("127.0.0.1", addr).await;
+        let _second = connect_from("127.0.0.1", addr).await;
+        let _other = connect_from("127.0.0.2", addr).await;
+        wait_for(&handled, 3).await;
+        let _newcomer = connect_from("127.0.0.3", addr).await;
+        wait_for(&handled, 4).await;
+        assert!(
+            closed_at_once(first).await,
+            "the busiest source's oldest connection makes room"
+        );
+    }
+
     async fn http_server(limits: Limits) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -342,13 +565,12 @@ mod tests {
             listener,
             limits,
             move |io, _, slot| async move {
-                let _slot = slot;
                 let service = hyper::service::service_fn(|_req| async {
                     Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
                         "ok",
                     ))))
                 });
-                serve_one("test", io, service, limits).await;
+                slot.serve("test", io, service, limits).await;
             },
         ));
         addr
@@ -367,6 +589,22 @@ mod tests {
             .expect("the server hangs up on a slow head");
         assert!(read.is_ok() || reply.is_empty());
         assert!(!String::from_utf8_lossy(&reply).contains("200 OK"));
+    }
+
+    #[tokio::test]
+    async fn a_request_head_typed_in_pieces_is_served_once_complete() {
+        let addr = http_server(TEST).await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        for piece in [&b"GET / HT"[..], b"TP/1.1\r\nHost", b": x\r\n", b"\r\n"] {
+            stream.write_all(piece).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        let mut reply = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut reply))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     }
 
     #[tokio::test]

@@ -59,6 +59,9 @@ log "benchmark: /metrics with 8 stand-in GPUs, idle RSS with 8 and 0 GPUs (relea
 cargo test --locked --release --features test-fakes --test bench_gpu -- --ignored --nocapture
 
 if [[ $(id -u) -eq 0 ]]; then
+  log "flood: 3,000 held connections to node-info and metrics_listen from a peer, one minute (release, root)"
+  cargo test --locked --release --features test-fakes --test flood -- --ignored --nocapture
+
   log "packages and the VM test"
   tests/packages.sh
   # The VM has no GPU; on a host with the NVIDIA driver the same .deb is also booted under a

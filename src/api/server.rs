@@ -112,9 +112,9 @@ pub async fn serve_metrics(listener: TcpListener, sources: Sources) {
     .await;
 }
 
-async fn connection<S>(io: S, sources: Sources, metrics_only: bool, limits: Limits, _slot: Slot)
+async fn connection<S>(io: S, sources: Sources, metrics_only: bool, limits: Limits, slot: Slot)
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: crate::http::Peek + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req: Request<Incoming>| {
         let sources = sources.clone();
@@ -164,7 +164,7 @@ where
             Ok::<_, Infallible>(response)
         }
     });
-    crate::http::serve_one("api", io, service, limits).await;
+    slot.serve("api", io, service, limits).await;
 }
 
 fn metrics(

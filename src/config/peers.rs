@@ -20,10 +20,26 @@ pub fn configured_peers(wg: &WireguardConfig) -> (Vec<PeerConfig>, Vec<String>) 
 /// peer in `[[network.wireguard.peers]]` skips just itself; each is reported, the rest stay.
 pub fn configured_peers_with<T>(
     wg: &WireguardConfig,
-    mut prepare: impl FnMut(&PeerConfig) -> Result<T, String>,
+    prepare: impl FnMut(&PeerConfig) -> Result<T, String>,
 ) -> (Vec<(PeerConfig, T)>, Vec<String>) {
-    let mut peers: Vec<(PeerConfig, T)> = Vec::new();
-    let mut problems = Vec::new();
+    prepare_peers(read_peers(wg), prepare)
+}
+
+/// Where peers came from: one `[[network.wireguard.peers]]` entry, or one drop-in file.
+#[derive(Debug, Clone)]
+pub struct PeerSource {
+    /// `None` for an entry of the main config.
+    pub file: Option<PathBuf>,
+    pub peers: Vec<PeerConfig>,
+    /// What reading it found (a file that does not validate, a repeated key), in order.
+    pub problems: Vec<String>,
+}
+
+/// Every peer definition, by source in the order `configured_peers` applies them, before any
+/// preparation: for a caller that must see all peers (their endpoints, say) before it decides
+/// on any. A public key seen twice keeps its first definition.
+pub fn read_peers(wg: &WireguardConfig) -> Vec<PeerSource> {
+    let mut sources = Vec::new();
     // Every definition read so far, applied or not: a peer skipped for a bad preshared key is
     // not applied through a later copy of it either.
     let mut seen: Vec<PublicKey> = Vec::new();
@@ -33,16 +49,11 @@ pub fn configured_peers_with<T>(
             continue;
         }
         seen.push(peer.public_key.clone());
-        match prepare(peer) {
-            Ok(prepared) => peers.push((peer.clone(), prepared)),
-            Err(error) => {
-                tracing::error!(component = "mesh", peer = %peer.name, %error, "peer skipped; it is not applied");
-                problems.push(format!(
-                    "[[network.wireguard.peers]] peer {:?} skipped: {error}",
-                    peer.name
-                ));
-            }
-        }
+        sources.push(PeerSource {
+            file: None,
+            peers: vec![peer.clone()],
+            problems: Vec::new(),
+        });
     }
     let mut files: Vec<PathBuf> = match std::fs::read_dir(&wg.peers_dir) {
         Ok(entries) => entries
@@ -51,22 +62,29 @@ pub fn configured_peers_with<T>(
             .collect(),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(error) => {
-            problems.push(format!(
-                "cannot read peers_dir {}: {error}",
-                wg.peers_dir.display()
-            ));
+            sources.push(PeerSource {
+                file: None,
+                peers: Vec::new(),
+                problems: vec![format!(
+                    "cannot read peers_dir {}: {error}",
+                    wg.peers_dir.display()
+                )],
+            });
             Vec::new()
         }
     };
     files.sort();
     for file in files {
+        let mut source = PeerSource {
+            file: Some(file.clone()),
+            peers: Vec::new(),
+            problems: Vec::new(),
+        };
         match super::load_peers_file(&file) {
             Ok(more) => {
-                let mut kept: Vec<(PeerConfig, T)> = Vec::new();
-                let mut refused = Vec::new();
                 for peer in more {
                     if seen.contains(&peer.public_key) {
-                        problems.push(format!(
+                        source.problems.push(format!(
                             "{}: peer {:?} repeats a public key already configured; ignored",
                             file.display(),
                             peer.name
@@ -74,31 +92,67 @@ pub fn configured_peers_with<T>(
                         continue;
                     }
                     seen.push(peer.public_key.clone());
-                    match prepare(&peer) {
-                        Ok(prepared) => kept.push((peer, prepared)),
-                        Err(error) => refused.push(format!(
-                            "{}: peer {:?}: {error}",
-                            file.display(),
-                            peer.name
-                        )),
-                    }
+                    source.peers.push(peer);
                 }
-                if refused.is_empty() {
-                    peers.extend(kept);
-                    continue;
-                }
-                for error in &refused {
-                    tracing::error!(component = "mesh", %error, "peer file rejected; its peers are not applied");
-                }
-                problems.extend(refused.iter().map(|e| format!("peer file rejected: {e}")));
             }
             Err(errors) => {
                 for error in &errors.0 {
                     tracing::error!(component = "mesh", %error, "peer file rejected; its peers are not applied");
                 }
-                problems.extend(errors.0.iter().map(|e| format!("peer file rejected: {e}")));
+                source
+                    .problems
+                    .extend(errors.0.iter().map(|e| format!("peer file rejected: {e}")));
             }
         }
+        sources.push(source);
+    }
+    sources
+}
+
+/// The peers of `sources` that `prepare` accepts, each with its result, and the problems in
+/// source order. A drop-in file with a refused peer is skipped whole; a main-config entry
+/// skips just itself.
+pub fn prepare_peers<T>(
+    sources: Vec<PeerSource>,
+    mut prepare: impl FnMut(&PeerConfig) -> Result<T, String>,
+) -> (Vec<(PeerConfig, T)>, Vec<String>) {
+    let mut peers: Vec<(PeerConfig, T)> = Vec::new();
+    let mut problems = Vec::new();
+    for source in sources {
+        problems.extend(source.problems);
+        let Some(file) = source.file else {
+            for peer in source.peers {
+                match prepare(&peer) {
+                    Ok(prepared) => peers.push((peer, prepared)),
+                    Err(error) => {
+                        tracing::error!(component = "mesh", peer = %peer.name, %error, "peer skipped; it is not applied");
+                        problems.push(format!(
+                            "[[network.wireguard.peers]] peer {:?} skipped: {error}",
+                            peer.name
+                        ));
+                    }
+                }
+            }
+            continue;
+        };
+        let mut kept: Vec<(PeerConfig, T)> = Vec::new();
+        let mut refused = Vec::new();
+        for peer in source.peers {
+            match prepare(&peer) {
+                Ok(prepared) => kept.push((peer, prepared)),
+                Err(error) => {
+                    refused.push(format!("{}: peer {:?}: {error}", file.display(), peer.name))
+                }
+            }
+        }
+        if refused.is_empty() {
+            peers.extend(kept);
+            continue;
+        }
+        for error in &refused {
+            tracing::error!(component = "mesh", %error, "peer file rejected; its peers are not applied");
+        }
+        problems.extend(refused.iter().map(|e| format!("peer file rejected: {e}")));
     }
     (peers, problems)
 }

@@ -61,6 +61,7 @@ pub(super) struct RawWireguard {
     pub reconcile_interval: Option<String>,
     pub keep_interface_on_stop: Option<bool>,
     pub adopt_existing_interface: Option<bool>,
+    pub allow_unsafe_routes: Option<bool>,
     pub peers: Vec<RawPeer>,
 }
 

@@ -68,6 +68,9 @@ pub struct WireguardConfig {
     pub keep_interface_on_stop: bool,
     /// Take over an existing WireGuard interface of this name that clawnode did not create.
     pub adopt_existing_interface: bool,
+    /// Route every allowed IP as configured, even a default route, one covering a peer's
+    /// endpoint or one inside a network this host is attached to (refused otherwise).
+    pub allow_unsafe_routes: bool,
     pub peers: Vec<PeerConfig>,
 }
 

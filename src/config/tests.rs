@@ -135,6 +135,7 @@ fn missing_tables_take_every_default() {
     );
     assert_eq!(wg.peers_dir, Path::new("/etc/clawbernetes/peers.d"));
     assert_eq!(wg.reconcile_interval, Duration::from_secs(30));
+    assert!(!wg.allow_unsafe_routes);
     let ts = &config.network.tailscale;
     assert_eq!(ts.socket, Path::new("/var/run/tailscale/tailscaled.sock"));
     assert_eq!(ts.auth, None);
@@ -487,6 +488,23 @@ fn fwmark_zero_means_unset() {
             .wireguard
             .fwmark,
         Some(0x51820)
+    );
+}
+
+#[test]
+fn allow_unsafe_routes_is_a_boolean_that_defaults_to_false() {
+    let wg = ok(&format!("{WG_BASE}allow_unsafe_routes = true\n"))
+        .network
+        .wireguard;
+    assert!(wg.allow_unsafe_routes);
+    let err = error_at(
+        &format!("{WG_BASE}allow_unsafe_routes = \"yes\"\n"),
+        "network.wireguard.allow_unsafe_routes",
+        7,
+    );
+    assert_eq!(
+        err.message,
+        "invalid type: string \"yes\", expected a boolean"
     );
 }
 

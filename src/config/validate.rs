@@ -278,6 +278,7 @@ impl<'a> Checker<'a> {
             reconcile_interval,
             keep_interface_on_stop: raw.keep_interface_on_stop.unwrap_or(false),
             adopt_existing_interface: raw.adopt_existing_interface.unwrap_or(false),
+            allow_unsafe_routes: raw.allow_unsafe_routes.unwrap_or(false),
             peers,
         }
     }

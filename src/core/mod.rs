@@ -6,6 +6,7 @@
 
 #![deny(clippy::disallowed_methods)]
 
+pub mod admission;
 pub mod backoff;
 pub mod doctor;
 pub mod drift;
@@ -14,6 +15,7 @@ pub mod link_owner;
 pub mod model;
 pub mod peer_diff;
 pub mod policy;
+pub mod routes;
 pub mod serve_config;
 pub mod supervisor;
 pub mod tailscale_plan;

@@ -140,7 +140,6 @@ impl Server {
                 let gpus = Arc::clone(&gpus);
                 let callers = rule.read().unwrap_or_else(|p| p.into_inner()).clone();
                 async move {
-                    let _slot = slot;
                     // Only now, within the connection caps, may a caller cost a `whois`.
                     let allowed = tokio::time::timeout(limits.deadline, callers.allows(peer)).await;
                     if !allowed.unwrap_or(false) {
@@ -152,7 +151,7 @@ impl Server {
                         let gpus = Arc::clone(&gpus);
                         async move { Ok::<_, Infallible>(route(&req, &info, &gpus)) }
                     });
-                    crate::http::serve_one("services", stream, service, limits).await;
+                    slot.serve("services", stream, service, limits).await;
                 }
             },
         ));

@@ -23,3 +23,4 @@ mod unit_file;
 mod wireguard_backend;
 mod wireguard_mesh;
 mod wireguard_ownership;
+mod wireguard_routes;

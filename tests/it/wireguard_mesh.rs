@@ -18,19 +18,19 @@ use crate::support::lab::{self, Lab};
 use crate::support::{Node, has};
 use nix::sys::signal::Signal;
 
-const WAIT: Duration = Duration::from_secs(20);
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
-fn mesh_ip(i: usize) -> String {
+pub(crate) fn mesh_ip(i: usize) -> String {
     format!("198.51.100.{}", i + 1)
 }
 
-struct Keys {
+pub(crate) struct Keys {
     private_files: Vec<String>,
-    public: Vec<String>,
+    pub(crate) public: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
-fn keys(n: usize) -> Keys {
+pub(crate) fn keys(n: usize) -> Keys {
     let dir = tempfile::tempdir().unwrap();
     let mut private_files = Vec::new();
     let mut public = Vec::new();
@@ -50,7 +50,7 @@ fn keys(n: usize) -> Keys {
     }
 }
 
-fn peer_block(lab: &Lab, keys: &Keys, j: usize, extra: &str) -> String {
+pub(crate) fn peer_block(lab: &Lab, keys: &Keys, j: usize, extra: &str) -> String {
     format!(
         "[[network.wireguard.peers]]\nname = \"node-{j}\"\npublic_key = \"{}\"\nendpoint = \"{}:51820\"\nallowed_ips = [\"{}/32\"]\n{extra}\n",
         keys.public[j],
@@ -59,7 +59,7 @@ fn peer_block(lab: &Lab, keys: &Keys, j: usize, extra: &str) -> String {
     )
 }
 
-fn node_config(
+pub(crate) fn node_config(
     lab: &Lab,
     keys: &Keys,
     i: usize,
@@ -106,7 +106,7 @@ enabled = false
     )
 }
 
-fn all_peers(lab: &Lab, keys: &Keys, i: usize, n: usize) -> String {
+pub(crate) fn all_peers(lab: &Lab, keys: &Keys, i: usize, n: usize) -> String {
     (0..n)
         .filter(|&j| j != i)
         .map(|j| peer_block(lab, keys, j, ""))

@@ -9,6 +9,7 @@ use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkUnspec, LinkWireguard, RouteMessageBuilder};
 
+const ESRCH: i32 = 3;
 const EEXIST: i32 = 17;
 const ENODEV: i32 = 19;
 const EINVAL: i32 = 22;
@@ -59,7 +60,10 @@ pub struct LinkChanges {
     pub up: bool,
     pub addresses_added: Vec<IpNet>,
     pub addresses_removed: Vec<IpNet>,
+    /// Routes clawnode created (an existing one, EEXIST, is not listed: it is not ours).
     pub routes_added: Vec<IpNet>,
+    /// Routes clawnode had created and took away again.
+    pub routes_removed: Vec<IpNet>,
 }
 
 impl LinkChanges {
@@ -233,6 +237,52 @@ impl Link {
             }
         }
         Ok(changes)
+    }
+
+    /// Remove the route to `net` through link `index`, matching the way `configure` adds it,
+    /// so a route to the same network through another link is never touched. `false`: it was
+    /// not there (or the link is gone, and the route with it).
+    pub async fn remove_route(&self, index: u32, net: IpNet) -> Result<bool, LinkError> {
+        let Ok(builder) =
+            RouteMessageBuilder::<IpAddr>::new().destination_prefix(net.addr(), net.prefix_len())
+        else {
+            return Ok(false);
+        };
+        let route = builder.output_interface(index).build();
+        match self.handle.route().del(route).execute().await {
+            Ok(()) => Ok(true),
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.raw_code() == -ESRCH || e.raw_code() == -ENODEV =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(netlink("remove route via", &format!("link {index}"), e)),
+        }
+    }
+
+    /// The networks of this host's addresses on every link but `except` (the mesh interface).
+    pub async fn local_networks(&self, except: Option<u32>) -> Result<Vec<IpNet>, LinkError> {
+        let mut out: Vec<IpNet> = Vec::new();
+        let request = self.handle.address().get().execute();
+        futures::pin_mut!(request);
+        while let Some(message) = request
+            .try_next()
+            .await
+            .map_err(|e| netlink("list addresses of", "all links", e))?
+        {
+            if Some(message.header.index) == except {
+                continue;
+            }
+            for attribute in &message.attributes {
+                if let AddressAttribute::Address(ip) = attribute
+                    && let Ok(net) = IpNet::new(*ip, message.header.prefix_len)
+                    && !out.contains(&net.trunc())
+                {
+                    out.push(net.trunc());
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The link's addresses, each with the message that deletes it.

@@ -12,11 +12,13 @@ pub mod keys;
 pub mod link;
 mod monitor;
 mod owner;
+pub mod plan;
 pub mod reconcile;
+pub mod resolve;
+mod routes;
 pub mod status;
 pub mod userspace;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,9 +27,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use ipnet::IpNet;
 use wireguard_control::Backend;
 
-use crate::config::{self, Config, PeerConfig, WgBackend, WireguardConfig};
+use crate::config::{Config, WgBackend, WireguardConfig};
 use crate::core::link_owner::{self, Created, Verdict, WgKind};
-use crate::core::peer_diff::{PeerKey, PeerMap, PeerSpec, Psk};
 
 use super::{
     BoxFuture, Callers, Hooks, Joined, MeshError, MeshProvider, MeshStatus, NodeInfoSpot, Recheck,
@@ -102,6 +103,9 @@ pub struct WireguardMesh {
     /// Set by the monitor when the device may have changed behind clawnode's back.
     needs_read: Arc<AtomicBool>,
     keep_interface: bool,
+    resolver: resolve::Resolver,
+    /// The routes clawnode created, removed when their peer goes and on stop.
+    routes: crate::core::routes::OwnedRoutes,
 }
 
 impl WireguardMesh {
@@ -131,6 +135,8 @@ impl WireguardMesh {
             sync: DeviceSync::default(),
             needs_read: Arc::new(AtomicBool::new(true)),
             keep_interface: false,
+            resolver: resolve::Resolver::default(),
+            routes: Default::default(),
         }
     }
 
@@ -425,6 +431,7 @@ impl WireguardMesh {
         self.live.set(None);
         self.sync = DeviceSync::default();
         self.needs_read.store(true, Ordering::Release);
+        routes::remove_all(link, &mut self.routes).await;
         if let Some(current) = self.current.take()
             && current.adopted
         {
@@ -450,20 +457,16 @@ impl WireguardMesh {
 
         let key = keys::load_or_generate(&wg.private_key_file)?;
         let public = key.public();
-        // A peer whose preshared key cannot be read is skipped and reported, never the mesh.
-        let (peers, problems) = config::peers::configured_peers_with(wg, |peer| {
-            peer.preshared_key_file
-                .as_deref()
-                .map(keys::read_psk)
-                .transpose()
-                .map_err(|error| error.to_string())
-        });
+        // A bad peer (unreadable preshared key, unsafe route) is skipped and reported, never
+        // the mesh.
+        let ours = link.get(iface).await?.map(|state| state.index);
+        let plan = plan::plan(wg, &self.resolver, link.local_networks(ours).await?).await;
         let want = Wanted {
             interface: iface.to_string(),
             key,
             listen_port: wg.listen_port,
             fwmark: wg.fwmark.unwrap_or(0),
-            peers: desired_peers(&peers).await,
+            peers: plan.peers,
             daemon_pid: self.daemon.as_ref().and_then(userspace::Daemon::pid),
         };
         let device = (self.device)(backend);
@@ -488,11 +491,16 @@ impl WireguardMesh {
         let Some(state) = link.get(iface).await? else {
             return Err(WgError::Vanished(iface.to_string()).into());
         };
-        let routes = routes_for(wg, desired);
         let peer_count = desired.len();
-        let link_changes = link
-            .configure(&state, u32::from(wg.mtu), &[address], &routes)
-            .await?;
+        let link_changes = routes::configure(
+            link,
+            &state,
+            wg.mtu,
+            address,
+            &plan.routes,
+            &mut self.routes,
+        )
+        .await?;
         let owned = crate::core::drift::OwnedLink {
             index: state.index,
             name: iface.to_string(),
@@ -521,10 +529,7 @@ impl WireguardMesh {
             device,
             backend_name: chosen.as_str(),
             addresses: vec![address.to_string()],
-            names: peers
-                .iter()
-                .map(|(p, _)| (PeerKey(*p.public_key.as_bytes()), p.name.clone()))
-                .collect(),
+            names: plan.names.into_iter().collect(),
         }));
         let Synced {
             peer_changes,
@@ -540,7 +545,7 @@ impl WireguardMesh {
             interface: Some(iface.to_string()),
             address: Some(address.to_string()),
             peers: peer_count,
-            problems,
+            problems: plan.problems,
         };
         let node_info = NodeInfoSpot {
             interface: iface.to_string(),
@@ -589,38 +594,4 @@ impl MeshProvider for WireguardMesh {
             self.teardown(&link).await
         })
     }
-}
-
-/// The peers to apply, each with its preshared key as read, endpoints resolved now (a name
-/// that does not resolve leaves the peer without an endpoint until the next reconcile tries
-/// again).
-pub async fn desired_peers(peers: &[(PeerConfig, Option<Psk>)]) -> PeerMap {
-    let mut out = BTreeMap::new();
-    for (peer, psk) in peers {
-        let key = PeerKey(*peer.public_key.as_bytes());
-        let mut spec = PeerSpec::new(key, peer.allowed_ips.clone());
-        spec.keepalive = peer.persistent_keepalive;
-        spec.psk = psk.clone();
-        if let Some(endpoint) = &peer.endpoint {
-            match tokio::net::lookup_host((endpoint.host(), endpoint.port())).await {
-                Ok(mut addrs) => spec.endpoint = addrs.next(),
-                Err(error) => {
-                    tracing::warn!(component = "mesh", peer = %peer.name, endpoint = %endpoint, %error, "cannot resolve peer endpoint; will retry");
-                }
-            }
-        }
-        out.insert(key, spec);
-    }
-    out
-}
-
-/// The mesh CIDR, and every peer network outside it.
-fn routes_for(wg: &WireguardConfig, peers: &PeerMap) -> Vec<IpNet> {
-    let mut routes = vec![wg.mesh_cidr];
-    for net in peers.values().flat_map(|p| &p.allowed_ips) {
-        if !wg.mesh_cidr.contains(net) && !routes.contains(net) {
-            routes.push(*net);
-        }
-    }
-    routes
 }
