@@ -11,11 +11,12 @@ use serde_json::Value;
 
 use crate::config::{self, Config, ProviderKind};
 use crate::config::{IdTokenSource, TailscaleAuth};
-use crate::core::doctor::{self, AuthFact, Check, TailscaleFacts, WireguardFacts};
+use crate::core::doctor::{self, AuthFact, Check, InterfaceFact, TailscaleFacts, WireguardFacts};
+use crate::core::link_owner::{Found, FoundKind};
 use crate::gpu::{GpuProbe, NvmlProbe};
 use crate::mesh::tailscale::authkey;
 use crate::mesh::tailscale::localapi::{LocalApi, Version};
-use crate::mesh::wireguard::{link::KernelSupport, link::Link, userspace};
+use crate::mesh::wireguard::{link::KernelSupport, link::Link, owner, userspace};
 
 use super::CliError;
 
@@ -123,6 +124,25 @@ fn unit_credential(auth: &TailscaleAuth) -> Option<&Path> {
     (path.starts_with("/run/credentials") && !path.exists()).then_some(path.as_path())
 }
 
+/// The link with the configured name, judged as the daemon would.
+fn interface_fact(config: &Config) -> InterfaceFact {
+    let name = config.network.wireguard.interface.as_str();
+    match owner::find_in_sysfs(name) {
+        None => InterfaceFact::Absent,
+        Some(found) if owner::recorded(&config.node.state_dir, name, &found) => {
+            InterfaceFact::Clawnodes
+        }
+        Some(Found {
+            kind: FoundKind::Wireguard(_),
+            ..
+        }) => InterfaceFact::ForeignWireguard,
+        Some(Found {
+            kind: FoundKind::Other(kind),
+            ..
+        }) => InterfaceFact::Foreign(kind),
+    }
+}
+
 async fn wireguard_facts(config: &Config) -> WireguardFacts {
     let wg = &config.network.wireguard;
     let cap_net_admin = crate::systemd::has_cap_net_admin();
@@ -162,9 +182,7 @@ async fn wireguard_facts(config: &Config) -> WireguardFacts {
         tun_device: Path::new("/dev/net/tun").exists(),
         cap_net_admin,
         port,
-        interface_exists: Path::new("/sys/class/net")
-            .join(wg.interface.as_str())
-            .exists(),
+        interface: interface_fact(config),
         key_file,
     }
 }

@@ -237,9 +237,20 @@ pub struct WireguardFacts {
     pub cap_net_admin: bool,
     /// `Err` holds why binding the listen port failed.
     pub port: Result<(), String>,
-    /// The configured interface already exists (clawnode's own, holding the port).
-    pub interface_exists: bool,
+    pub interface: InterfaceFact,
     pub key_file: Result<(), String>,
+}
+
+/// The link that has the configured interface name, as the daemon would judge it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InterfaceFact {
+    Absent,
+    /// The one clawnode created (its record in state_dir names this very link).
+    Clawnodes,
+    /// A WireGuard interface clawnode did not create.
+    ForeignWireguard,
+    /// Something else: the link kind.
+    Foreign(String),
 }
 
 /// Tag order does not matter to tailscaled.
@@ -309,7 +320,32 @@ pub fn wireguard_checks(config: &Config, facts: &WireguardFacts) -> Vec<Check> {
             "run it through its systemd unit or as root",
         )
     });
-    checks.push(match (&facts.port, facts.interface_exists) {
+    let iface = &wg.interface;
+    checks.push(match &facts.interface {
+        InterfaceFact::Absent => Check::pass("interface", format!("{iface} is created at start")),
+        InterfaceFact::Clawnodes => {
+            Check::pass("interface", format!("{iface} exists and clawnode created it"))
+        }
+        InterfaceFact::ForeignWireguard if wg.adopt_existing_interface => Check::warn(
+            "interface",
+            format!("{iface} is a WireGuard interface clawnode did not create; adopt_existing_interface = true: clawnode takes it over, replacing its key, addresses and peers"),
+            "set adopt_existing_interface = false to leave it alone",
+        ),
+        InterfaceFact::ForeignWireguard => Check::fail(
+            "interface",
+            format!("{iface} is a WireGuard interface clawnode did not create: clawnode leaves it alone and the mesh does not start"),
+            "remove it (wg-quick down), set another [network.wireguard] interface, or set adopt_existing_interface = true",
+        ),
+        InterfaceFact::Foreign(kind) => Check::fail(
+            "interface",
+            format!("{iface} exists and is not WireGuard (a {kind} link): clawnode leaves it alone and the mesh does not start"),
+            "remove it or set another [network.wireguard] interface",
+        ),
+    });
+    // Held by the interface clawnode will use: its own, or the one it adopts.
+    let held_by_ours = facts.interface == InterfaceFact::Clawnodes
+        || (facts.interface == InterfaceFact::ForeignWireguard && wg.adopt_existing_interface);
+    checks.push(match (&facts.port, held_by_ours) {
         (Ok(()), _) => Check::pass("listen port", format!("UDP {} is free", wg.listen_port)),
         (Err(_), true) => Check::pass(
             "listen port",
@@ -384,5 +420,59 @@ pub fn gpu_check(config: &Config, inventory: &super::model::GpuInventory) -> Che
             format!("{why}; the node will advertise no GPUs"),
             fix,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(interface: InterfaceFact, port: Result<(), String>) -> WireguardFacts {
+        WireguardFacts {
+            kernel_module: Some(true),
+            userspace_found: None,
+            tun_device: true,
+            cap_net_admin: true,
+            port,
+            interface,
+            key_file: Ok(()),
+        }
+    }
+
+    fn check<'a>(checks: &'a [Check], name: &str) -> &'a Check {
+        checks.iter().find(|c| c.name == name).unwrap()
+    }
+
+    #[test]
+    fn an_interface_clawnode_did_not_create_fails_unless_it_is_to_be_adopted() {
+        let mut config = crate::config::example();
+        let held = || Err("Address in use".to_string());
+        let bridge = wireguard_checks(
+            &config,
+            &facts(InterfaceFact::Foreign("bridge".into()), held()),
+        );
+        assert_eq!(check(&bridge, "interface").outcome, Outcome::Fail);
+        assert!(check(&bridge, "interface").detail.contains("a bridge link"));
+        assert_eq!(check(&bridge, "listen port").outcome, Outcome::Fail);
+
+        let wg_quick = wireguard_checks(&config, &facts(InterfaceFact::ForeignWireguard, held()));
+        assert_eq!(check(&wg_quick, "interface").outcome, Outcome::Fail);
+        assert!(
+            check(&wg_quick, "interface")
+                .fix
+                .as_deref()
+                .unwrap_or_default()
+                .contains("adopt_existing_interface = true")
+        );
+        assert_eq!(check(&wg_quick, "listen port").outcome, Outcome::Fail);
+
+        config.network.wireguard.adopt_existing_interface = true;
+        let adopted = wireguard_checks(&config, &facts(InterfaceFact::ForeignWireguard, held()));
+        assert_eq!(check(&adopted, "interface").outcome, Outcome::Warn);
+        assert_eq!(check(&adopted, "listen port").outcome, Outcome::Pass);
+
+        let own = wireguard_checks(&config, &facts(InterfaceFact::Clawnodes, held()));
+        assert_eq!(check(&own, "interface").outcome, Outcome::Pass);
+        assert_eq!(check(&own, "listen port").outcome, Outcome::Pass);
     }
 }

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
+use crate::support;
+
 use crate::support::lab::{self, Lab};
 use crate::support::{Node, wait_until};
 
@@ -94,6 +96,23 @@ fn snapshot(lab: &Lab, iface: &str, wireguard: bool) -> String {
         out.push_str(&run(&["wg", "showconf", iface]));
     }
     out
+}
+
+/// `clawnode doctor` run inside node 0's namespace, as the operator would before a start.
+fn doctor(lab: &Lab, config: &Path) -> String {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            lab.ns(0),
+            support::BIN,
+            "doctor",
+            "--config",
+        ])
+        .arg(config)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 fn wireguard_go_pid(iface: &str) -> Option<i32> {
@@ -219,6 +238,13 @@ fn an_existing_bridge_with_the_interface_name_is_left_untouched_and_reported() {
         "untouched after stop"
     );
     assert_eq!(wireguard_go_pid(&iface), None);
+    let text = doctor(&lab, &node.config);
+    assert!(
+        text.contains(&format!(
+            "[FAIL] interface: {iface} exists and is not WireGuard (a bridge link)"
+        )),
+        "{text}"
+    );
 }
 
 #[test]
@@ -258,6 +284,13 @@ fn an_existing_wireguard_interface_is_left_untouched_unless_adopting_is_set() {
     stop(&mut node);
     assert_eq!(snapshot(&lab, &iface, true), before, "untouched after stop");
     assert!(foreign.alive(), "the other wireguard-go still runs");
+    let text = doctor(&lab, &node.config);
+    assert!(
+        text.contains(&format!(
+            "[FAIL] interface: {iface} is a WireGuard interface clawnode did not create"
+        )),
+        "{text}"
+    );
 
     // With adopt_existing_interface, clawnode takes it over: its key, address and peers.
     let (private, public) = key(keys.path(), "clawnode");
@@ -611,6 +644,13 @@ fn an_interface_kept_on_stop_is_recognised_as_clawnodes_after_a_restart() {
     stop(&mut first);
     assert!(link_exists(&lab, &iface), "kept on stop");
     assert!(wireguard_go_pid(&iface).is_some(), "its daemon kept too");
+    let text = doctor(&lab, &first.config);
+    assert!(
+        text.contains(&format!(
+            "[ ok ] interface: {iface} exists and clawnode created it"
+        )),
+        "{text}"
+    );
 
     let mut second = Node::start_in(Some(lab.ns(0)), |d| with_state(d, ""), &[]);
     second.recv_until("READY=1", WAIT);

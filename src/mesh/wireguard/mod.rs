@@ -11,7 +11,7 @@ pub mod errors;
 pub mod keys;
 pub mod link;
 mod monitor;
-mod owner;
+pub mod owner;
 pub mod plan;
 pub mod reconcile;
 pub mod resolve;

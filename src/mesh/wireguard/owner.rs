@@ -95,6 +95,41 @@ pub async fn find(link: &Link, name: &str) -> Result<Option<Found>, LinkError> {
     }))
 }
 
+/// The link named `name` as sysfs shows it, with no netlink and no privileges (for `doctor`):
+/// `DEVTYPE=wireguard` is a kernel WireGuard link, a tun with a UAPI socket a userspace one.
+pub fn find_in_sysfs(name: &str) -> Option<Found> {
+    let dir = Path::new("/sys/class/net").join(name);
+    let index = std::fs::read_to_string(dir.join("ifindex"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let devtype = std::fs::read_to_string(dir.join("uevent"))
+        .ok()
+        .and_then(|uevent| {
+            uevent
+                .lines()
+                .find_map(|l| l.strip_prefix("DEVTYPE=").map(str::to_string))
+        });
+    let kind = if devtype.as_deref() == Some("wireguard") {
+        FoundKind::Wireguard(WgKind::Kernel)
+    } else if dir.join("tun_flags").exists() {
+        if userspace::socket_path(name).exists() {
+            FoundKind::Wireguard(WgKind::Userspace)
+        } else {
+            FoundKind::Other("tun".to_string())
+        }
+    } else {
+        FoundKind::Other(devtype.unwrap_or_else(|| "network device".to_string()))
+    };
+    Some(Found { index, kind })
+}
+
+/// Does the record in `state_dir` name this very link?
+pub fn recorded(state_dir: &Path, name: &str, found: &Found) -> bool {
+    load(&record_path(state_dir)).is_some_and(|created| created.is(name, found, &here()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
