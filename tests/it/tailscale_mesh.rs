@@ -241,6 +241,34 @@ fn services_come_back_after_tailscaled_restarts_with_empty_serve_state() {
     ts.with(|s| assert_eq!(s.prefs["AdvertiseServices"], json!(["svc:molt-provider"])));
 }
 
+#[test]
+fn a_node_whose_tailscaled_goes_away_says_so_and_recovers_when_it_comes_back() {
+    let (mut ts, node) = start("1.102.2", TAGS, "example.com", |_| {});
+    node.recv_until("READY=1", WAIT);
+    ts.stop();
+    let seen = node.recv_until("STATUS=", WAIT);
+    let status = last_status(&seen);
+    assert!(
+        status.contains("mesh") && status.contains("retrying"),
+        "STATUS after tailscaled went away: {status}"
+    );
+    assert_eq!(node.status_json()["ready"], false);
+    ts.start_again();
+    let back = Instant::now();
+    while node.status_json()["ready"] != true {
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "not ready again: {}",
+            node.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        last_status(&node.drain(Duration::from_millis(200))).starts_with("ready:")
+            || node.status_json()["ready"] == true
+    );
+}
+
 fn outcome(version: &str, tags: &str, tailnet: &str, prepare: impl FnOnce(&StandIn)) -> String {
     let (_ts, node) = start(version, tags, tailnet, prepare);
     let seen = node.drain(Duration::from_millis(2000));

@@ -273,6 +273,11 @@ impl StandIn {
         let _ = std::fs::remove_file(&self.socket);
     }
 
+    /// Like tailscaled coming back after `stop`, with everything it had.
+    pub fn start_again(&mut self) {
+        self.listen();
+    }
+
     /// Like a tailscaled restart that lost its serve state (the login survives).
     pub fn restart_with_empty_serve_state(&mut self) {
         self.stop();
@@ -294,12 +299,18 @@ impl StandIn {
         };
         let state = Arc::clone(&self.state);
         self.server = Some(runtime.spawn(async move {
+            // Connections die with the server, as they do when tailscaled exits.
+            let mut conns = tokio::task::JoinSet::new();
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+                };
+                let Ok((stream, _)) = accepted else {
                     continue;
                 };
                 let state = Arc::clone(&state);
-                tokio::spawn(async move {
+                conns.spawn(async move {
                     let service = service_fn(move |req| {
                         let state = Arc::clone(&state);
                         async move { Ok::<_, Infallible>(handle(req, state).await) }

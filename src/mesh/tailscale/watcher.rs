@@ -51,6 +51,8 @@ pub fn spawn(api: LocalApi, recheck: Recheck) -> tokio::task::JoinHandle<()> {
                         component = "mesh",
                         "tailscaled IPN bus closed; reconnecting"
                     );
+                    // tailscaled may be gone: the join says whether the node still is joined.
+                    recheck.request("tailscaled IPN bus closed");
                     failures = 1;
                 }
                 Err(error) => {
