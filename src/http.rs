@@ -413,6 +413,33 @@ where
     }
 }
 
+/// Listen on `addr` even if no interface has that address yet (IP_FREEBIND), so
+/// `metrics_listen` can name the node's mesh address, which exists only once the mesh is up.
+pub fn bind_free(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads `on`, which outlives the call, on a socket this function owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::IPPROTO_IP,
+            libc::IP_FREEBIND,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of_val(&on) as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 /// The outbound client: HTTPS with the system's roots through rustls, plain HTTP where the
 /// caller allows it.
 pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;

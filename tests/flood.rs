@@ -118,7 +118,7 @@ runtime_dir = "{d}/run"
 
 [api]
 socket = "{d}/run/clawnode.sock"
-metrics_listen = "0.0.0.0:{METRICS_PORT}"
+metrics_listen = "{ip}:{METRICS_PORT}"
 
 [network]
 provider = "wireguard"

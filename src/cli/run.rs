@@ -58,8 +58,7 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
                     tracing::warn!(component = "api", listen = %addr, "metrics_listen is reachable beyond loopback and /metrics has no authentication; restrict it with a firewall or listen on 127.0.0.1");
                 }
                 Some(
-                    tokio::net::TcpListener::bind(addr)
-                        .await
+                    crate::http::bind_free(addr)
                         .map_err(|e| CliError::runtime(MetricsBind(addr, e)))?,
                 )
             }

@@ -185,6 +185,44 @@ fn idle_and_surplus_connections_to_metrics_listen_are_closed_and_scrapes_still_w
 }
 
 #[test]
+fn metrics_listen_on_a_mesh_address_that_appears_after_start_serves_once_it_exists() {
+    use std::io::{Read, Write};
+    use support::lab::{self, Lab};
+    if let Err(why) = lab::available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let lab = Lab::new(1);
+    let port = support::free_port();
+    let node = Node::start_in(
+        Some(lab.ns(0)),
+        |d| {
+            let socket = format!("socket = \"{}/run/clawnode.sock\"", d.display());
+            fake_config(d, "", "").replace(
+                &socket,
+                &format!("{socket}\nmetrics_listen = \"198.51.100.77:{port}\""),
+            )
+        },
+        &[],
+    );
+    node.recv_until("READY=1", WAIT);
+    lab::sh(&format!(
+        "ip -n {} addr add 198.51.100.77/32 dev lo",
+        lab.ns(0)
+    ));
+    let reply = lab::in_netns(lab.netns_file(lab.ns(0)), move || {
+        let mut stream = std::net::TcpStream::connect(("198.51.100.77", port)).unwrap();
+        write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).unwrap();
+        reply
+    })
+    .join()
+    .unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+}
+
+#[test]
 fn metrics_listen_beyond_loopback_is_warned_about_at_start() {
     let (node, _) = ready_with_metrics_listen("0.0.0.0");
     let stderr = node.stderr();
