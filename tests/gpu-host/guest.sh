@@ -50,6 +50,9 @@ echo "--- shipped unit"
 restart_with ""
 systemctl show -p DeviceAllow -p DevicePolicy clawnode
 if wait_for 60 '[ "$(systemctl is-active clawnode)" = active ]'; then pass ready_with_required_gpu; else fail ready_with_required_gpu "$(systemctl is-active clawnode)"; fi
+# NVML as the unit's own user: the driver's nodes are normally 0666 (NVreg_DeviceFileMode).
+user=$(ps -o user= -p "$(systemctl show -p MainPID --value clawnode)")
+[[ $user == clawbernetes ]] && pass nvml_as_the_clawbernetes_user || fail nvml_as_the_clawbernetes_user "$user"
 st=$(status_text); echo "StatusText: $st"
 [[ $st =~ ^ready:.*[^0-9]([1-9][0-9]*)\ GPUs?([^a-z]|$) ]] && pass status_counts_the_gpu || fail status_counts_the_gpu "$st"
 clawnode status --json > /out/status.json 2>&1

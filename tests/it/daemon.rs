@@ -444,6 +444,63 @@ fn socket_group_opens_the_api_to_that_group_only() {
 }
 
 #[test]
+fn a_socket_group_the_daemon_may_not_use_is_a_warning_and_the_socket_stays_private() {
+    // The shipped unit drops CAP_CHOWN: a group this process is not in cannot be given the
+    // socket. It used to exit (and crash-loop under Restart=on-failure).
+    let ours: Vec<_> = nix::unistd::getgroups().unwrap();
+    let group = ["nogroup", "daemon", "adm", "mail"]
+        .iter()
+        .filter_map(|name| nix::unistd::Group::from_name(name).ok().flatten())
+        .find(|g| g.gid != nix::unistd::getgid() && !ours.contains(&g.gid))
+        .expect("a group this test is not in");
+    let node = Node::start_wrapped(
+        &[
+            "setpriv",
+            "--bounding-set=-chown",
+            "--inh-caps=-chown",
+            "--",
+        ],
+        |d| {
+            fake_config(d, "", "").replace(
+                "[api]\n",
+                &format!("[api]\nsocket_group = \"{}\"\n", group.name),
+            )
+        },
+        &[],
+    );
+    node.recv_until("READY=1", WAIT);
+    let meta = std::fs::metadata(node.path("run/clawnode.sock")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_ne!(meta.gid(), group.gid.as_raw());
+    let log = node.stderr();
+    assert!(
+        log.contains("socket_group not applied") && log.contains("SupplementaryGroups="),
+        "{log}"
+    );
+    assert_eq!(node.status_json()["ready"], true);
+}
+
+#[test]
+fn an_unknown_socket_group_is_a_warning_not_an_exit() {
+    let node = Node::start(
+        |d| {
+            fake_config(d, "", "")
+                .replace("[api]\n", "[api]\nsocket_group = \"no-such-group-claw\"\n")
+        },
+        &[],
+    );
+    node.recv_until("READY=1", WAIT);
+    let meta = std::fs::metadata(node.path("run/clawnode.sock")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert!(
+        node.stderr()
+            .contains("group \"no-such-group-claw\" does not exist"),
+        "{}",
+        node.stderr()
+    );
+}
+
+#[test]
 fn switching_provider_on_reload_withdraws_from_the_old_mesh_first() {
     let node = ready_node(&[]);
     // No tailscaled listens on this socket, so the new provider fails to join, visibly.
