@@ -66,16 +66,22 @@ pub async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ApiE
     Ok(listener)
 }
 
-/// Give `path` to group `name`, or say why not and what would fix it.
+/// Give `path` to group `name`, or say why not and what would fix it. The socket is created in
+/// this process's group, so the unit's own group needs no chown at all: the unit's system call
+/// filter (`~@privileged`) refuses chown to everyone, CAP_CHOWN or not.
 fn give_to_group(path: &Path, name: &str) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
     let Some(group) = nix::unistd::Group::from_name(name).ok().flatten() else {
         return Err(format!("group {name:?} does not exist"));
     };
-    std::os::unix::fs::chown(path, None, Some(group.gid.as_raw())).map_err(|error| {
+    let gid = group.gid.as_raw();
+    if fs::metadata(path).is_ok_and(|m| m.gid() == gid) {
+        return Ok(());
+    }
+    std::os::unix::fs::chown(path, None, Some(gid)).map_err(|error| {
         if error.raw_os_error() == Some(libc::EPERM) {
             format!(
-                "chgrp {name}: {error}; this process (uid {}, gid {}) is not in group {name:?} and has no CAP_CHOWN: use socket_group = \"clawbernetes\" (the unit's group), or add SupplementaryGroups={name} to the unit with a drop-in",
-                nix::unistd::geteuid(),
+                "chgrp {name}: {error}; this process runs in group {} and may not give files to another group (no CAP_CHOWN, and the unit's system call filter refuses chown): use the unit's group, socket_group = \"clawbernetes\", or make {name} the unit's group with a drop-in setting Group={name}",
                 nix::unistd::getegid()
             )
         } else {

@@ -9,14 +9,16 @@ pass() { echo "PASS $1"; }
 fail() { echo "FAIL $1${2:+: $2}"; fails=$((fails + 1)); }
 check() { local name=$1; shift; if "$@" >/dev/null 2>&1; then pass "$name"; else fail "$name"; fi; }
 status_text() { systemctl show -p StatusText --value clawnode; }
+# The user a process runs as (ps pads the column to the width asked for).
+user_of() { ps -o user:32= -p "$1" | tr -d ' '; }
 wait_for() { local i; for i in $(seq 1 "$1"); do shift 0; if eval "$2"; then return 0; fi; sleep 1; done; return 1; }
 t0=$(date +%s)
 
-if ls /mnt/payload/old/clawnode_*.deb >/dev/null 2>&1; then
+if ls /mnt/payload/old/*.deb >/dev/null 2>&1; then
   echo "--- the previous package (a root-run unit) first, so that the install below is an upgrade"
-  dpkg -i /mnt/payload/old/clawnode_*.deb >/dev/null
+  dpkg -i /mnt/payload/old/*.deb >/dev/null
   wait_for 30 '[ "$(systemctl is-active clawnode)" = active ]'
-  echo "old daemon runs as: $(ps -o user= -p "$(systemctl show -p MainPID --value clawnode)")"
+  echo "old daemon runs as: $(user_of "$(systemctl show -p MainPID --value clawnode)")"
   old_pub=$(wg show claw0 public-key)
   old_key_owner=$(stat -c %U:%a /var/lib/clawbernetes/wireguard.key)
   echo "old key: $old_key_owner"
@@ -34,7 +36,7 @@ echo "StatusText: $st"
 check kernel_wireguard_device bash -c 'ip -d link show claw0 | grep -qw wireguard'
 check no_wireguard_go_process bash -c '! pgrep -x wireguard-go'
 main_pid() { systemctl show -p MainPID --value clawnode; }
-user=$(ps -o user= -p "$(main_pid)")
+user=$(user_of "$(main_pid)")
 [[ $user == clawbernetes ]] && pass daemon_runs_as_clawbernetes || fail daemon_runs_as_clawbernetes "$user"
 caps=$(sed -n 's/^CapEff:\s*//p' "/proc/$(main_pid)/status")
 # Bit 12 alone: CAP_NET_ADMIN.
@@ -132,8 +134,8 @@ stat -c '%n %a %U:%G' /run/clawbernetes /run/clawbernetes/clawnode.sock
 check socket_group_member_runs_status runuser -u alice -- clawnode status --socket /run/clawbernetes/clawnode.sock --check ready
 runuser -u alice -- clawnode status --socket /run/clawbernetes/clawnode.sock | head -3
 check socket_group_non_member_refused bash -c '! runuser -u bob -- clawnode status --socket /run/clawbernetes/clawnode.sock --check ready'
-# A group the daemon's user is not in: chgrp needs CAP_CHOWN, which the unit drops. A warning,
-# the socket stays 0600, and the daemon runs on.
+# Another group than the daemon's: chgrp needs CAP_CHOWN, which the unit drops, and its system
+# call filter refuses chown anyway. A warning, the socket stays 0600, and the daemon runs on.
 write_a 'persistent_keepalive = 7' '[api]
 socket_group = "adm"'
 systemctl restart clawnode
@@ -163,8 +165,9 @@ if [[ -x /mnt/payload/wireguard-go ]]; then
   write_a 'persistent_keepalive = 7' '' 'backend = "userspace"'
   systemctl restart clawnode
   check userspace_started_active wait_for 30 '[ "$(systemctl is-active clawnode)" = active ]'
-  ps -o user=,pid=,cmd= -C wireguard-go
-  check userspace_wireguard_go_runs_as_clawbernetes bash -c '[ "$(ps -o user= -C wireguard-go)" = clawbernetes ]'
+  ps -o user:32=,pid=,cmd= -C wireguard-go
+  wg_go_user=$(user_of "$(pgrep -x wireguard-go | head -1)")
+  [[ $wg_go_user == clawbernetes ]] && pass userspace_wireguard_go_runs_as_clawbernetes || fail userspace_wireguard_go_runs_as_clawbernetes "$wg_go_user"
   check userspace_interface_is_tun bash -c 'ip -d link show claw0 | grep -qw tun'
   check userspace_tunnel_ping_a_to_b wait_for 30 'ping -c1 -W1 198.51.100.2'
   check userspace_tunnel_ping_b_to_a ip netns exec nsb ping -c2 -W2 198.51.100.1
@@ -202,7 +205,11 @@ awk -v s="$score" 'BEGIN { exit !(s <= 1.7) }' && pass exposure_at_most_1_7 || f
 echo "--- what the sandbox lets through (devices, another daemon's socket)"
 # Fake NVIDIA nodes: with no driver, an allowed open fails with ENXIO/ENODEV, a denied one
 # with EPERM from the device cgroup. A loop block device stands in for everything else.
-mknod /dev/nvidiactl c 195 255; mknod /dev/nvidia0 c 195 0; mknod /dev/claw-denied b 7 0
+# 0666 like the driver's nodes and /dev/net/tun: the daemon's user passes the file mode, so
+# what is tested is the device cgroup.
+mknod -m 0666 /dev/nvidiactl c 195 255; mknod -m 0666 /dev/nvidia0 c 195 0; mknod -m 0666 /dev/claw-denied b 7 0
+# Another daemon's socket open to every local user, as tailscaled's is (B's own is 0600 root).
+chmod 0666 /run/nodeb/clawnode.sock
 modprobe tun 2>/dev/null || true
 mkdir -p /etc/systemd/system/clawnode.service.d
 cat > /etc/systemd/system/clawnode.service.d/probe.conf <<'CONF'
@@ -303,7 +310,7 @@ CONF
   echo "StatusText: $st"
   [[ $(systemctl is-active clawnode) == active && $st == "ready: tailscale 100."* ]] \
     && pass tailscale_ready_as_the_operator_user || fail tailscale_ready_as_the_operator_user "$st"
-  echo "daemon runs as: $(ps -o user= -p "$(main_pid)")"
+  echo "daemon runs as: $(user_of "$(main_pid)")"
   check credential_key_reached_tailscaled grep -qx "authkey $key" /root/ts-record
   check advertised_through_serve_config grep -qx 'call POST /localapi/v0/serve-config' /root/ts-record
   check credential_key_not_logged bash -c "! journalctl -b --no-pager -o cat | grep -qF '${key#tskey-auth-}'"
@@ -321,7 +328,7 @@ CONF
   systemctl start clawnode
   st=$(status_text)
   echo "StatusText: $st"
-  [[ $(systemctl is-active clawnode) == active && $st == "ready: tailscale 100."* && $(ps -o user= -p "$(main_pid)") == root ]] \
+  [[ $(systemctl is-active clawnode) == active && $st == "ready: tailscale 100."* && $(user_of "$(main_pid)") == root ]] \
     && pass tailscale_ready_as_root_with_the_drop_in || fail tailscale_ready_as_root_with_the_drop_in "$st"
   systemctl stop clawnode
   rm -rf /etc/systemd/system/clawnode.service.d /etc/clawbernetes/ts-authkey
