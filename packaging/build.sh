@@ -23,7 +23,8 @@ touch -d "@$SOURCE_DATE_EPOCH" target/package-docs/man/* target/package-docs/com
 # cargo-generate-rpm clamps file times to SOURCE_DATE_EPOCH but keeps older ones, so a work
 # tree whose files predate the last commit gave a different rpm than a fresh clone: raise
 # those to the commit time (never lower a newer one).
-for f in systemd/clawnode.service config/clawbernetes.toml README.md packaging/debian/copyright; do
+for f in systemd/clawnode.service config/clawbernetes.toml README.md packaging/debian/copyright \
+         packaging/systemd/clawnode.sysusers packaging/systemd/tailscale-root.conf; do
   [[ $(stat -c %Y "$f") -ge $SOURCE_DATE_EPOCH ]] || touch -d "@$SOURCE_DATE_EPOCH" "$f"
 done
 

@@ -6,6 +6,16 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The WireGuard private key's default name under `state_dir`.
+pub const WIREGUARD_KEY: &str = "wireguard.key";
+/// The Tailscale services clawnode advertised (so it withdraws only its own).
+pub const TAILSCALE_SERVICES: &str = "tailscale-services.json";
+/// Certificates fetched for services: `<domain>.crt` and `<domain>.key`.
+pub const CERTS_DIR: &str = "certs";
+/// Every name clawnode writes under `state_dir` (plus `.<name>.tmp.*` while writing): the
+/// packages' purge removes these and nothing else, so a new one must be added there too.
+pub const STATE_NAMES: &[&str] = &[WIREGUARD_KEY, TAILSCALE_SERVICES, CERTS_DIR];
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("{action} {path}: {source}")]
@@ -132,10 +142,28 @@ fn write_synced(tmp: &Path, bytes: &[u8], mode: u32) -> Result<(), StateError> {
     // The umask may have narrowed the mode at creation; set it exactly.
     file.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(|source| io_err("set mode on", tmp, source))?;
+    give_to_directory_owner(&file, tmp);
     file.write_all(bytes)
         .map_err(|source| io_err("write", tmp, source))?;
     file.sync_all()
         .map_err(|source| io_err("fsync", tmp, source))
+}
+
+/// Root writing into a directory another user owns (`clawnode pubkey` run by root before the
+/// daemon, which runs as the clawbernetes user, first made its key) gives the file to that
+/// user, or the daemon could not read its own state. Best effort: without CAP_CHOWN the file
+/// stays root's and the daemon's read error names it.
+fn give_to_directory_owner(file: &File, tmp: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let Some(dir) = tmp.parent().and_then(|d| fs::metadata(d).ok()) else {
+        return;
+    };
+    if dir.uid() != 0 {
+        let _ = std::os::unix::fs::fchown(file, Some(dir.uid()), Some(dir.gid()));
+    }
 }
 
 /// Make a rename or link in `dir` durable.
@@ -184,6 +212,30 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"v2");
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn a_file_root_creates_in_a_directory_another_user_owns_belongs_to_that_user() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+        let key = dir.path().join("wireguard.key");
+        assert!(create_exclusive(&key, b"k", 0o600).unwrap());
+        let meta = fs::metadata(&key).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let own = dir.path().join("own");
+        fs::create_dir(&own).unwrap();
+        write_atomic(&own.join("x"), b"x", 0o600).unwrap();
+        assert_eq!(
+            fs::metadata(own.join("x")).unwrap().uid(),
+            0,
+            "root's own dir"
+        );
     }
 
     #[test]

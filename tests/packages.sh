@@ -45,8 +45,11 @@ rpm --root "$scratch" -i --nodeps --noscripts "$rpm"
 test -x "$scratch/usr/bin/clawnode"
 test "$(stat -c %a "$scratch/etc/clawbernetes/clawbernetes.toml")" = 600
 test -f "$scratch/usr/lib/systemd/system/clawnode.service"
+grep -qx 'u clawbernetes - "Clawbernetes node agent"' "$scratch/usr/lib/sysusers.d/clawnode.conf"
+test -f "$scratch/usr/share/clawnode/tailscale-root.conf"
+rpm -qp --scripts "$rpm" | grep -q 'systemd-sysusers clawnode.conf'
 rm -rf "$scratch"
-echo "rpm: installs into a scratch root with the binary, the unit and the 0600 config"
+echo "rpm: installs into a scratch root with the binary, the unit, the sysusers.d file, the drop-in and the 0600 config"
 
 log "VM test (Debian bookworm under QEMU/TCG, kernel WireGuard, systemd)"
 # The path of the executable named $1 that `cargo <rest>` builds; fails loudly without one,

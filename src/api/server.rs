@@ -31,12 +31,13 @@ pub enum ApiError {
         path: PathBuf,
         source: io::Error,
     },
-    #[error("group {0:?} for [api] socket_group does not exist")]
-    NoSuchGroup(String),
 }
 
 /// Bind the API socket: 0600, or 0660 owned by `group` when one is given. A stale socket left by
-/// a crash is replaced; a live one means another daemon runs, and that is an error.
+/// a crash is replaced; a live one means another daemon runs, and that is an error. A group that
+/// cannot be applied (unknown, or one this process may not give files to: without CAP_CHOWN a
+/// file can only go to a group the process is in) is a warning and the socket stays 0600: the
+/// daemon must not crash-loop over who else may read its status.
 pub async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ApiError> {
     if let Some(dir) = path.parent() {
         fs::DirBuilder::new()
@@ -52,22 +53,41 @@ pub async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ApiE
         fs::remove_file(path).map_err(|source| io_err("remove stale socket", path, source))?;
     }
     let listener = UnixListener::bind(path).map_err(|source| io_err("bind", path, source))?;
-    let mode = match group {
+    let mode = match group.map(|name| (name, give_to_group(path, name))) {
         None => 0o600,
-        Some(name) => {
-            let gid = nix::unistd::Group::from_name(name)
-                .ok()
-                .flatten()
-                .ok_or_else(|| ApiError::NoSuchGroup(name.to_string()))?
-                .gid;
-            std::os::unix::fs::chown(path, None, Some(gid.as_raw()))
-                .map_err(|source| io_err("chown", path, source))?;
-            0o660
+        Some((_, Ok(()))) => 0o660,
+        Some((name, Err(reason))) => {
+            tracing::warn!(component = "api", socket = %path.display(), group = name, "[api] socket_group not applied, the socket stays 0600 (root and this user only): {reason}");
+            0o600
         }
     };
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .map_err(|source| io_err("chmod", path, source))?;
     Ok(listener)
+}
+
+/// Give `path` to group `name`, or say why not and what would fix it. The socket is created in
+/// this process's group, so the unit's own group needs no chown at all: the unit's system call
+/// filter (`~@privileged`) refuses chown to everyone, CAP_CHOWN or not.
+fn give_to_group(path: &Path, name: &str) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(group) = nix::unistd::Group::from_name(name).ok().flatten() else {
+        return Err(format!("group {name:?} does not exist"));
+    };
+    let gid = group.gid.as_raw();
+    if fs::metadata(path).is_ok_and(|m| m.gid() == gid) {
+        return Ok(());
+    }
+    std::os::unix::fs::chown(path, None, Some(gid)).map_err(|error| {
+        if error.raw_os_error() == Some(libc::EPERM) {
+            format!(
+                "chgrp {name}: {error}; this process runs in group {} and may not give files to another group (no CAP_CHOWN, and the unit's system call filter refuses chown): use the unit's group, socket_group = \"clawbernetes\", or make {name} the unit's group with a drop-in setting Group={name}",
+                nix::unistd::getegid()
+            )
+        } else {
+            format!("chgrp {name}: {error}")
+        }
+    })
 }
 
 /// At most this many `/metrics` scrapes run at once, over the socket and `metrics_listen`

@@ -102,6 +102,9 @@ pub enum CliError {
     Config(ConfigErrors),
     #[error(transparent)]
     Runtime(#[from] Box<dyn std::error::Error + Send + Sync>),
+    /// Only the operator can fix it (EX_CONFIG: the unit does not restart on it).
+    #[error(transparent)]
+    NeedsOperator(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl From<ConfigErrors> for CliError {
@@ -113,7 +116,7 @@ impl From<ConfigErrors> for CliError {
 impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::Config(_) => crate::exit::CONFIG,
+            CliError::Config(_) | CliError::NeedsOperator(_) => crate::exit::CONFIG,
             CliError::Runtime(_) => crate::exit::FAILURE,
         }
     }

@@ -44,6 +44,11 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
         .build()
         .map_err(CliError::runtime)?;
     let code = runtime.block_on(async {
+        if config.network.provider == ProviderKind::Tailscale {
+            mesh::tailscale::access::check_write_access(&config.network.tailscale.socket)
+                .await
+                .map_err(|e| CliError::NeedsOperator(Box::new(e)))?;
+        }
         let listener = api::bind(&config.api.socket, config.api.socket_group.as_deref())
             .await
             .map_err(CliError::runtime)?;

@@ -251,7 +251,7 @@ impl<'a> Checker<'a> {
         );
         let private_key_file = self
             .abs_path(&path.key("private_key_file"), raw.private_key_file)
-            .unwrap_or_else(|| node.state_dir.join("wireguard.key"));
+            .unwrap_or_else(|| node.state_dir.join(crate::state::WIREGUARD_KEY));
         let peers_dir = self
             .abs_path(&path.key("peers_dir"), raw.peers_dir)
             .unwrap_or_else(|| PathBuf::from("/etc/clawbernetes/peers.d"));

@@ -229,6 +229,13 @@ pub fn bus_error_retry(message: &str) -> Retry {
     Retry::Transient
 }
 
+/// Whether tailscaled takes writes (login, prefs, serve config) from a process running as
+/// `uid`, whose user name is `user`: root always, anyone else only when the `OperatorUser` pref
+/// names it. Reads are open to every local user.
+pub fn tailscaled_lets_write(uid: u32, user: Option<&str>, operator: &str) -> bool {
+    uid == 0 || (!operator.is_empty() && user == Some(operator))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -438,5 +445,18 @@ mod tests {
             bus_error_retry("IPN bus consumer fell behind; closing watch"),
             Retry::Transient
         );
+    }
+
+    #[test]
+    fn tailscaled_takes_writes_from_root_and_its_operator_only() {
+        assert!(tailscaled_lets_write(0, Some("root"), ""));
+        assert!(tailscaled_lets_write(
+            998,
+            Some("clawbernetes"),
+            "clawbernetes"
+        ));
+        assert!(!tailscaled_lets_write(998, Some("clawbernetes"), ""));
+        assert!(!tailscaled_lets_write(998, Some("clawbernetes"), "alex"));
+        assert!(!tailscaled_lets_write(998, None, ""));
     }
 }

@@ -9,6 +9,8 @@ fails=0
 pass() { echo "PASS $1"; }
 fail() { echo "FAIL $1${2:+: $2}"; fails=$((fails + 1)); }
 status_text() { systemctl show -p StatusText --value clawnode; }
+# The user a process runs as (ps pads the column to the width asked for).
+user_of() { ps -o user:32= -p "$1" | tr -d ' '; }
 wait_for() { local i; for i in $(seq 1 "$1"); do if eval "$2"; then return 0; fi; sleep 1; done; return 1; }
 metrics() {
   exec 3<>/dev/tcp/127.0.0.1/9401 || return 1
@@ -50,6 +52,9 @@ echo "--- shipped unit"
 restart_with ""
 systemctl show -p DeviceAllow -p DevicePolicy clawnode
 if wait_for 60 '[ "$(systemctl is-active clawnode)" = active ]'; then pass ready_with_required_gpu; else fail ready_with_required_gpu "$(systemctl is-active clawnode)"; fi
+# NVML as the unit's own user: the driver's nodes are normally 0666 (NVreg_DeviceFileMode).
+user=$(user_of "$(systemctl show -p MainPID --value clawnode)")
+[[ $user == clawbernetes ]] && pass nvml_as_the_clawbernetes_user || fail nvml_as_the_clawbernetes_user "$user"
 st=$(status_text); echo "StatusText: $st"
 [[ $st =~ ^ready:.*[^0-9]([1-9][0-9]*)\ GPUs?([^a-z]|$) ]] && pass status_counts_the_gpu || fail status_counts_the_gpu "$st"
 clawnode status --json > /out/status.json 2>&1

@@ -482,6 +482,122 @@ fn socket_group_opens_the_api_to_that_group_only() {
 }
 
 #[test]
+fn a_socket_group_the_daemon_may_not_use_is_a_warning_and_the_socket_stays_private() {
+    // The shipped unit drops CAP_CHOWN: a group this process is not in cannot be given the
+    // socket. It used to exit (and crash-loop under Restart=on-failure).
+    let ours: Vec<_> = nix::unistd::getgroups().unwrap();
+    let group = ["nogroup", "daemon", "adm", "mail"]
+        .iter()
+        .filter_map(|name| nix::unistd::Group::from_name(name).ok().flatten())
+        .find(|g| g.gid != nix::unistd::getgid() && !ours.contains(&g.gid))
+        .expect("a group this test is not in");
+    let node = Node::start_wrapped(
+        &[
+            "setpriv",
+            "--bounding-set=-chown",
+            "--inh-caps=-chown",
+            "--",
+        ],
+        |d| {
+            fake_config(d, "", "").replace(
+                "[api]\n",
+                &format!("[api]\nsocket_group = \"{}\"\n", group.name),
+            )
+        },
+        &[],
+    );
+    node.recv_until("READY=1", WAIT);
+    let meta = std::fs::metadata(node.path("run/clawnode.sock")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_ne!(meta.gid(), group.gid.as_raw());
+    let log = node.stderr();
+    assert!(
+        log.contains("socket_group not applied") && log.contains("Group="),
+        "{log}"
+    );
+    assert_eq!(node.status_json()["ready"], true);
+}
+
+/// A shared object whose chown family always fails with EPERM, as under the unit, whose
+/// system call filter (`~@privileged`) refuses chown even to the file's owner.
+fn chown_refused_shim(dir: &std::path::Path) -> std::path::PathBuf {
+    let src = dir.join("nochown.c");
+    let lib = dir.join("nochown.so");
+    std::fs::write(
+        &src,
+        "#include <errno.h>\n#include <sys/types.h>\n\
+         static int no(void) { errno = EPERM; return -1; }\n\
+         int chown(const char *p, uid_t u, gid_t g) { (void)p; (void)u; (void)g; return no(); }\n\
+         int lchown(const char *p, uid_t u, gid_t g) { (void)p; (void)u; (void)g; return no(); }\n\
+         int fchown(int f, uid_t u, gid_t g) { (void)f; (void)u; (void)g; return no(); }\n\
+         int fchownat(int d, const char *p, uid_t u, gid_t g, int f) { (void)d; (void)p; (void)u; (void)g; (void)f; return no(); }\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new("gcc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .output()
+        .expect("gcc");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lib
+}
+
+#[test]
+fn socket_group_of_the_daemons_own_group_works_where_chown_is_refused() {
+    // The socket is born in the process's group: that one needs no chown, which the unit
+    // refuses. It used to chown anyway, fail, and (before that) exit.
+    let shim = tempfile::tempdir().unwrap();
+    let lib = chown_refused_shim(shim.path());
+    let group = nix::unistd::Group::from_gid(nix::unistd::getegid())
+        .unwrap()
+        .expect("our own group exists");
+    let node = Node::start(
+        |d| {
+            fake_config(d, "", "").replace(
+                "[api]\n",
+                &format!("[api]\nsocket_group = \"{}\"\n", group.name),
+            )
+        },
+        &[("LD_PRELOAD", lib.to_str().unwrap())],
+    );
+    node.recv_until("READY=1", WAIT);
+    let meta = std::fs::metadata(node.path("run/clawnode.sock")).unwrap();
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o660,
+        "{}",
+        node.stderr()
+    );
+    assert_eq!(meta.gid(), group.gid.as_raw());
+    assert!(!node.stderr().contains("socket_group not applied"));
+}
+
+#[test]
+fn an_unknown_socket_group_is_a_warning_not_an_exit() {
+    let node = Node::start(
+        |d| {
+            fake_config(d, "", "")
+                .replace("[api]\n", "[api]\nsocket_group = \"no-such-group-claw\"\n")
+        },
+        &[],
+    );
+    node.recv_until("READY=1", WAIT);
+    let meta = std::fs::metadata(node.path("run/clawnode.sock")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert!(
+        node.stderr()
+            .contains("group \"no-such-group-claw\" does not exist"),
+        "{}",
+        node.stderr()
+    );
+}
+
+#[test]
 fn switching_provider_on_reload_withdraws_from_the_old_mesh_first() {
     let node = ready_node(&[]);
     // No tailscaled listens on this socket, so the new provider fails to join, visibly.

@@ -880,3 +880,73 @@ fn node_info_is_served_on_the_tailscale_address_to_tailnet_callers_only() {
     );
     assert!(node.stderr().contains("refused a node-info caller"));
 }
+
+/// The stand-in in a directory any user may enter, and a node started as `nobody` (uid 65534,
+/// no capabilities) that talks to it, with tailscaled's operator set to `operator`.
+fn start_as_nobody(operator: &str) -> (tempfile::TempDir, StandIn, Node) {
+    use std::os::unix::fs::PermissionsExt;
+    let holder = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(holder.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = holder.path().join("tailscaled.sock");
+    let standin = StandIn::start(&socket, "1.102.2");
+    standin.with(|s| s.prefs["OperatorUser"] = json!(operator));
+    let node = Node::start_wrapped(
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+        ],
+        |d| {
+            std::os::unix::fs::chown(d, Some(65534), Some(65534)).unwrap();
+            config(d, TAGS, "example.com").replace(
+                &format!("socket = \"{}/tailscaled.sock\"", d.display()),
+                &format!("socket = \"{}\"", socket.display()),
+            )
+        },
+        &[],
+    );
+    (holder, standin, node)
+}
+
+#[test]
+fn a_daemon_neither_root_nor_tailscaleds_operator_exits_once_and_says_how_to_fix_it() {
+    // tailscaled takes writes only from root and its operator: such a daemon used to wait for
+    // an operator without ever becoming ready, which under Type=notify is a start timeout and
+    // a restart, again and again. Exit status 78 is one the unit does not restart on.
+    let (_holder, standin, mut node) = start_as_nobody("");
+    let (status, _) = node.wait_exit(WAIT);
+    let err = node.stderr();
+    assert_eq!(status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("clawnode runs as nobody (uid 65534)")
+            && err.contains("tailscale set --operator=nobody")
+            && err.contains("tailscale-root.conf"),
+        "{err}"
+    );
+    let calls = standin.calls();
+    assert!(calls.iter().all(|c| c.starts_with("GET ")), "{calls:?}");
+}
+
+#[test]
+fn a_daemon_running_as_tailscaleds_operator_joins_without_root() {
+    let (_holder, standin, node) = start_as_nobody("nobody");
+    support::wait_until(WAIT, "ready as the operator", &node, || {
+        let socket = node.path("run/clawnode.sock");
+        let out = node.cli(&[
+            "status",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--check",
+            "ready",
+        ]);
+        out.status.success()
+    });
+    let calls = standin.calls();
+    assert!(
+        calls.iter().any(|c| c == "POST /localapi/v0/serve-config"),
+        "{calls:?}"
+    );
+    assert!(!calls.iter().any(|c| c.ends_with("(denied)")), "{calls:?}");
+}

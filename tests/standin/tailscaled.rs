@@ -2,7 +2,9 @@
 //! serves the LocalAPI on <socket> and keeps <record> current with every call and every auth
 //! key it was given, so the guest can check what the sandboxed unit sent. Build:
 //! `cargo build --features test-fakes --example tailscaled-standin`
-//! Usage: tailscaled-standin <socket> <record>
+//! Usage: tailscaled-standin <socket> <record> [operator]
+//! (operator: the `OperatorUser` pref, the one non-root user whose writes it takes; default
+//! none, though the prefs capture names "alex")
 
 // Test code: a failed unwrap is a failed test, and benchmarks print their figures.
 #![allow(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
@@ -18,10 +20,12 @@ const VERSION: &str = "1.102.2";
 fn main() {
     let mut args = std::env::args_os().skip(1);
     let (Some(socket), Some(record)) = (args.next(), args.next()) else {
-        eprintln!("usage: tailscaled-standin <socket> <record>");
+        eprintln!("usage: tailscaled-standin <socket> <record> [operator]");
         std::process::exit(2);
     };
     let standin = tailscaled::StandIn::start(Path::new(&socket), VERSION);
+    let operator = args.next().map(|o| o.to_string_lossy().into_owned());
+    standin.with(|s| s.prefs["OperatorUser"] = operator.unwrap_or_default().into());
     let mut written = None;
     loop {
         let text = standin.with(|s| {

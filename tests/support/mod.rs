@@ -71,16 +71,29 @@ impl Node {
         config_text: impl FnOnce(&Path) -> String,
         env: &[(&str, &str)],
     ) -> Node {
+        match netns {
+            Some(ns) => Node::start_wrapped(&["ip", "netns", "exec", ns], config_text, env),
+            None => Node::start_wrapped(&[], config_text, env),
+        }
+    }
+
+    /// Start `clawnode run` through `wrapper` (a command that execs its arguments, such as
+    /// `ip netns exec NS` or `setpriv …`, so the child's PID is clawnode's).
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        config_text: impl FnOnce(&Path) -> String,
+        env: &[(&str, &str)],
+    ) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("clawbernetes.toml");
         std::fs::write(&config, config_text(dir.path())).expect("write config");
         let notify_path = dir.path().join("notify.sock");
         let notify = UnixDatagram::bind(&notify_path).expect("bind NOTIFY_SOCKET");
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, BIN]);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
                 c
             }
             None => Command::new(BIN),

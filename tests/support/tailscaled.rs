@@ -5,8 +5,9 @@
 //! that a test can cut, `services` only from 1.98, and service approval through `CapMap` that
 //! a test toggles (announced as `SelfChange` from 1.98). It also answers `check-prefs`,
 //! `whois` (404 for strangers), `cert/<domain>` (only for `CertDomains`, key PEM first) and
-//! can play a tailscaled locked by `--config`. Status and prefs start from real captures
-//! (tests/fixtures/tailscale).
+//! can play a tailscaled locked by `--config`. Like tailscaled on Linux, its socket is 0666 and
+//! only root and `OperatorUser` may write (any other peer gets 403 for anything but a GET).
+//! Status and prefs start from real captures (tests/fixtures/tailscale).
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -297,6 +298,10 @@ impl StandIn {
             let _guard = runtime.enter();
             tokio::net::UnixListener::bind(&self.socket).expect("bind stand-in socket")
         };
+        // tailscaled's socket is world-writable: it checks the peer's credentials itself.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&self.socket, std::fs::Permissions::from_mode(0o666))
+            .expect("chmod stand-in socket");
         let state = Arc::clone(&self.state);
         self.server = Some(runtime.spawn(async move {
             // Connections die with the server, as they do when tailscaled exits.
@@ -309,11 +314,12 @@ impl StandIn {
                 let Ok((stream, _)) = accepted else {
                     continue;
                 };
+                let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
                 let state = Arc::clone(&state);
                 conns.spawn(async move {
                     let service = service_fn(move |req| {
                         let state = Arc::clone(&state);
-                        async move { Ok::<_, Infallible>(handle(req, state).await) }
+                        async move { Ok::<_, Infallible>(handle(req, state, uid).await) }
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -333,9 +339,18 @@ impl Drop for StandIn {
     }
 }
 
-async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Response<Body> {
+async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>, uid: u32) -> Response<Body> {
     let version = state.lock().unwrap().version.clone();
-    let mut response = route(req, &state).await;
+    let mut response = if req.method() != Method::GET && !may_write(&state, uid) {
+        state
+            .lock()
+            .unwrap()
+            .calls
+            .push(format!("{} {} (denied)", req.method(), req.uri().path()));
+        text(StatusCode::FORBIDDEN, "access denied")
+    } else {
+        route(req, &state).await
+    };
     response
         .headers_mut()
         .insert("Tailscale-Version", version.parse().unwrap());
@@ -343,6 +358,22 @@ async fn handle(req: Request<Incoming>, state: Arc<Mutex<State>>) -> Response<Bo
         .headers_mut()
         .insert("Tailscale-Cap", "145".parse().unwrap());
     response
+}
+
+/// tailscaled on Linux: root, or the user named in the `OperatorUser` pref.
+fn may_write(state: &Arc<Mutex<State>>, uid: u32) -> bool {
+    if uid == 0 {
+        return true;
+    }
+    let operator = state.lock().unwrap().prefs["OperatorUser"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    !operator.is_empty()
+        && nix::unistd::User::from_name(&operator)
+            .ok()
+            .flatten()
+            .is_some_and(|u| u.uid.as_raw() == uid)
 }
 
 const LOCKED: &str = "can't reconfigure tailscaled when using a config file; config file is locked";

@@ -10,6 +10,10 @@
 #        10,000-peer reconcile against kernel WireGuard next to `wg syncconf`; with a second
 #        .deb of a higher version it also checks the upgrade path; with the stand-in
 #        tailscaled it runs the unit on the tailscale provider with a LoadCredential= key)
+#        The host's wireguard-go (bookworm's, like the guest) and the stand-in libnvidia-ml
+#        (tests/nvml, built here) go along, for the userspace backend and NVML under the
+#        unit's own user. VM_OLD_DEB=path: a package of the previous, root-run unit, installed
+#        first so that the new one is checked as an upgrade from it.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 deb=$(realpath "${1:?path to the clawnode .deb}")
@@ -56,10 +60,18 @@ if [[ -n ${3:-} ]]; then
 fi
 if [[ -n ${4:-} ]]; then
   mkdir -p "$payload/standin"
-  # Debug build, stripped: only the guest's 64 MB payload image cares about its size.
+  # Debug build, stripped: only the guest's 96 MB payload image cares about its size.
   objcopy --strip-debug "$4" "$payload/standin/tailscaled-standin"
 fi
-mkfs.ext4 -q -L E2EPAYLOAD -d "$payload" -E root_owner=0:0 "$out/payload.img" 64M
+if command -v wireguard-go >/dev/null; then
+  cp "$(command -v wireguard-go)" "$payload/wireguard-go"
+fi
+gcc -O2 -shared -fPIC -Wl,-soname,libnvidia-ml.so.1 -o "$payload/libnvidia-ml.so.1" "$here/../nvml/fake_nvml.c"
+if [[ -n ${VM_OLD_DEB:-} ]]; then
+  mkdir -p "$payload/old"
+  cp "$VM_OLD_DEB" "$payload/old/"
+fi
+mkfs.ext4 -q -L E2EPAYLOAD -d "$payload" -E root_owner=0:0 "$out/payload.img" 96M
 
 log "booting (TCG)"
 booted=$(date +%s)

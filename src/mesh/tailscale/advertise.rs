@@ -19,7 +19,7 @@ use crate::state;
 
 /// Concurrent serve-config writers are rare; a few quick retries settle them.
 const SERVE_RETRIES: u32 = 6;
-const OWNED_FILE: &str = "tailscale-services.json";
+const OWNED_FILE: &str = crate::state::TAILSCALE_SERVICES;
 
 impl TailscaleMesh {
     async fn publish_inner(&mut self, services: &[ServiceAd]) -> Result<(), MeshError> {

@@ -25,7 +25,7 @@ pub enum LocalApiError {
     #[error("tailscaled is not reachable at {socket}: {reason}")]
     Unreachable { socket: String, reason: String },
     #[error(
-        "{call}: tailscaled denied it ({message}); run clawnode as root or as tailscaled's operator user"
+        "{call}: tailscaled denied it ({message}); run clawnode as root (the unit's tailscale-root.conf drop-in) or as tailscaled's operator user"
     )]
     Forbidden { call: String, message: String },
     #[error("{call}: this tailscaled does not have it ({message}); a newer tailscaled is needed")]

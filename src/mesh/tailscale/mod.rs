@@ -5,8 +5,10 @@
 //! and `watcher` to follow the IPN bus; `errors` says which failures need an operator.
 //! `authkey` mints keys from OAuth clients and workload identity; `status` reads identity and
 //! approval live for the status API; `certs` keeps `tls_cert` certificates; `discover` finds
-//! services for `clawnode services discover`.
+//! services for `clawnode services discover`; `access` checks, before a start as another user
+//! than root, that tailscaled takes clawnode's writes.
 
+pub mod access;
 mod advertise;
 pub mod authkey;
 pub mod certs;

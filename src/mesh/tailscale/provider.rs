@@ -146,7 +146,7 @@ impl TailscaleMesh {
                 .filter(|(_, spec)| spec.tls_cert)
                 .map(|(name, _)| name.to_string())
                 .collect(),
-            dir: config.node.state_dir.join("certs"),
+            dir: config.node.state_dir.join(crate::state::CERTS_DIR),
         });
         if let Some(services) = self.published.clone() {
             self.publish_recorded(&services).await?;
