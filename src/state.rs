@@ -12,9 +12,16 @@ pub const WIREGUARD_KEY: &str = "wireguard.key";
 pub const TAILSCALE_SERVICES: &str = "tailscale-services.json";
 /// Certificates fetched for services: `<domain>.crt` and `<domain>.key`.
 pub const CERTS_DIR: &str = "certs";
+/// The WireGuard interface clawnode created (so it never configures or deletes another's).
+pub const WIREGUARD_INTERFACE: &str = "wireguard-interface.json";
 /// Every name clawnode writes under `state_dir` (plus `.<name>.tmp.*` while writing): the
 /// packages' purge removes these and nothing else, so a new one must be added there too.
-pub const STATE_NAMES: &[&str] = &[WIREGUARD_KEY, TAILSCALE_SERVICES, CERTS_DIR];
+pub const STATE_NAMES: &[&str] = &[
+    WIREGUARD_KEY,
+    TAILSCALE_SERVICES,
+    CERTS_DIR,
+    WIREGUARD_INTERFACE,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {

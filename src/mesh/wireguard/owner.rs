@@ -15,7 +15,7 @@ use crate::core::link_owner::{Created, Found, FoundKind, Here, WgKind};
 use crate::state::{self, StateError};
 
 pub fn record_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("wireguard-interface.json")
+    state_dir.join(state::WIREGUARD_INTERFACE)
 }
 
 #[derive(Serialize, Deserialize)]
