@@ -3,7 +3,9 @@
 //! A per-source cap alone does not stop one caller with many addresses (a mesh peer may route
 //! a whole prefix) from taking every slot and locking everyone else out. So when all slots are
 //! taken, a newcomer from a lighter source displaces a connection that is still waiting for its
-//! request head from the heaviest source. Connections that are being served are never cut.
+//! request head: from the heaviest source, the oldest first. With one connection per address
+//! that is simply the oldest waiting one, so a caller that sends its request at once gets
+//! served however many addresses a flood comes from. Connections being served are never cut.
 
 use std::net::IpAddr;
 
@@ -49,7 +51,7 @@ pub fn admit(caps: Caps, source: Option<IpAddr>, open: &[OpenConn]) -> Admission
     if open.len() < caps.max_connections {
         return Admission::Admit;
     }
-    // The heaviest other source's oldest waiting connection; ties go to the older connection.
+    // The heaviest source's oldest waiting connection; ties go to the older connection.
     let mut victim: Option<(usize, u64)> = None;
     for conn in open.iter().filter(|c| c.waiting && c.source.is_some()) {
         let load = from_source(conn.source);
@@ -58,8 +60,8 @@ pub fn admit(caps: Caps, source: Option<IpAddr>, open: &[OpenConn]) -> Admission
         }
     }
     match victim {
-        // Only when it makes the split fairer: trading equals would just churn.
-        Some((load, id)) if load > mine + 1 => Admission::Evict(id),
+        // Never so that the newcomer's source would end up heavier than the victim's was.
+        Some((load, id)) if load > mine => Admission::Evict(id),
         _ => Admission::Refuse,
     }
 }
@@ -116,20 +118,38 @@ mod tests {
             conn(1, 2, false),
             conn(2, 2, false),
             conn(3, 2, false),
-            conn(4, 1, true),
+            conn(4, 1, false),
         ];
         assert_eq!(admit(CAPS, ip(9), &open), Admission::Refuse);
+        let open = [
+            conn(1, 2, false),
+            conn(2, 2, false),
+            conn(3, 2, false),
+            conn(4, 1, true),
+        ];
+        assert_eq!(admit(CAPS, ip(9), &open), Admission::Evict(4));
     }
 
     #[test]
-    fn equal_sources_do_not_trade_slots() {
+    fn with_one_connection_per_address_a_newcomer_displaces_the_oldest_waiting_one() {
+        let open = [
+            conn(1, 1, false),
+            conn(2, 2, true),
+            conn(3, 3, true),
+            conn(4, 4, true),
+        ];
+        assert_eq!(admit(CAPS, ip(9), &open), Admission::Evict(2));
+    }
+
+    #[test]
+    fn a_source_never_takes_a_slot_to_become_heavier_than_its_victim() {
         let open = [
             conn(1, 1, true),
             conn(2, 2, true),
             conn(3, 3, true),
             conn(4, 4, true),
         ];
-        assert_eq!(admit(CAPS, ip(9), &open), Admission::Refuse);
+        assert_eq!(admit(CAPS, ip(1), &open), Admission::Refuse);
         let open = [
             conn(1, 1, true),
             conn(2, 1, true),
