@@ -224,19 +224,27 @@ impl Link {
             }
         }
         for net in routes {
-            let Ok(builder) = RouteMessageBuilder::<IpAddr>::new()
-                .destination_prefix(net.addr(), net.prefix_len())
-            else {
-                continue;
-            };
-            let route = builder.output_interface(link.index).build();
-            match self.handle.route().add(route).execute().await {
-                Ok(()) => changes.routes_added.push(*net),
-                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -EEXIST => {}
-                Err(e) => return Err(netlink("add route via", name, e)),
+            if self.add_route(link, *net).await? {
+                changes.routes_added.push(*net);
             }
         }
         Ok(changes)
+    }
+
+    /// Add the route to `net` through `link`: `true` if this call created it, `false` if it
+    /// was there already (someone else's, or one clawnode added before).
+    pub async fn add_route(&self, link: &LinkState, net: IpNet) -> Result<bool, LinkError> {
+        let Ok(builder) =
+            RouteMessageBuilder::<IpAddr>::new().destination_prefix(net.addr(), net.prefix_len())
+        else {
+            return Ok(false);
+        };
+        let route = builder.output_interface(link.index).build();
+        match self.handle.route().add(route).execute().await {
+            Ok(()) => Ok(true),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -EEXIST => Ok(false),
+            Err(e) => Err(netlink("add route via", &link.name, e)),
+        }
     }
 
     /// Remove the route to `net` through link `index`, matching the way `configure` adds it,

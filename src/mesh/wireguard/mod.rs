@@ -410,13 +410,7 @@ impl WireguardMesh {
                 tracing::info!(component = "mesh", interface = %created.name, "removed the WireGuard interface");
             }
         }
-        if let Some(name) = self.creating.take()
-            && let Some(state) = link.get(&name).await?
-            && state.kind.as_deref() == Some("wireguard")
-            && link.delete_exact(&name, state.index).await?
-        {
-            tracing::info!(component = "mesh", interface = %name, "removed the WireGuard interface");
-        }
+        self.remove_half_made(link).await?;
         self.created = None;
         if let Some(path) = &self.record {
             owner::remove(path);
@@ -426,6 +420,18 @@ impl WireguardMesh {
 
     /// Stop using the current interface: removed if clawnode created it, left as it is if it
     /// was adopted.
+    /// The link a join was creating when it was interrupted, if it got that far.
+    async fn remove_half_made(&mut self, link: &Link) -> Result<(), MeshError> {
+        if let Some(name) = self.creating.take()
+            && let Some(state) = link.get(&name).await?
+            && state.kind.as_deref() == Some("wireguard")
+            && link.delete_exact(&name, state.index).await?
+        {
+            tracing::info!(component = "mesh", interface = %name, "removed the WireGuard interface");
+        }
+        Ok(())
+    }
+
     async fn teardown(&mut self, link: &Link) -> Result<(), MeshError> {
         self.monitor = None;
         self.live.set(None);
@@ -584,6 +590,12 @@ impl MeshProvider for WireguardMesh {
             self.live.set(None);
             self.hooks_live.set(None);
             if self.keep_interface {
+                // A link whose creation a stop interrupted has no record yet: the next start
+                // would refuse it as someone else's, so it goes even now.
+                if self.creating.is_some() {
+                    let link = self.link()?;
+                    self.remove_half_made(&link).await?;
+                }
                 tracing::info!(
                     component = "mesh",
                     "keeping the WireGuard interface (keep_interface_on_stop = true)"

@@ -27,9 +27,15 @@ pub async fn configure(
         }
     }
     let mut changes = link
-        .configure(state, u32::from(mtu), &[address], wanted)
+        .configure(state, u32::from(mtu), &[address], &[])
         .await?;
-    owned.created(changes.routes_added.iter().copied());
+    // Recorded one by one, so a failure part-way keeps the record of those already added.
+    for net in wanted {
+        if link.add_route(state, *net).await? {
+            owned.created([*net]);
+            changes.routes_added.push(*net);
+        }
+    }
     for net in owned.stale(wanted) {
         link.remove_route(state.index, net).await?;
         owned.removed(&net);
