@@ -4,7 +4,8 @@
 //!
 //! A peer's allowed IPs inside `mesh_cidr` need no route of their own (the mesh route covers
 //! them); every other allowed IP becomes a route through the interface. Such a route is refused
-//! when it is a default route, covers a configured peer's endpoint (WireGuard's own UDP would
+//! when it is a default route or nearly one (shorter than /8, or /16 for IPv6: wg-quick's
+//! `0.0.0.0/1` + `128.0.0.0/1` split captures as much), covers a configured peer's endpoint (WireGuard's own UDP would
 //! loop into the tunnel) or lies inside a network this host is attached to (it would take over
 //! part of the LAN), unless `allow_unsafe_routes` is set.
 
@@ -13,6 +14,11 @@ use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+
+/// The shortest prefixes taken as a route without `allow_unsafe_routes`: `10.0.0.0/8` is a
+/// site network, `0.0.0.0/1` is half the Internet.
+pub const MIN_PREFIX_V4: u8 = 8;
+pub const MIN_PREFIX_V6: u8 = 16;
 
 /// What a peer's routes are checked against.
 #[derive(Debug, Clone)]
@@ -30,6 +36,8 @@ pub struct RoutePolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     DefaultRoute(IpNet),
+    /// Wider than `MIN_PREFIX_V4` / `MIN_PREFIX_V6`: halves or quarters of the address space.
+    TooBroad(IpNet),
     CoversEndpoint {
         net: IpNet,
         peer: String,
@@ -47,6 +55,10 @@ impl fmt::Display for Refusal {
             Refusal::DefaultRoute(net) => write!(
                 f,
                 "allowed IP {net} is a default route and would send all of this host's traffic to the peer"
+            ),
+            Refusal::TooBroad(net) => write!(
+                f,
+                "allowed IP {net} spans a large part of the address space and would take most of this host's traffic"
             ),
             Refusal::CoversEndpoint { net, peer, addr } => write!(
                 f,
@@ -76,6 +88,13 @@ impl RoutePolicy {
         for net in &routes {
             if net.prefix_len() == 0 {
                 return Err(Refusal::DefaultRoute(*net));
+            }
+            let shortest = match net {
+                IpNet::V4(_) => MIN_PREFIX_V4,
+                IpNet::V6(_) => MIN_PREFIX_V6,
+            };
+            if net.prefix_len() < shortest {
+                return Err(Refusal::TooBroad(*net));
             }
             if let Some((peer, addr)) = self.endpoints.iter().find(|(_, a)| net.contains(a)) {
                 return Err(Refusal::CoversEndpoint {
@@ -195,6 +214,20 @@ mod tests {
         assert_eq!(
             policy().routes_of(&nets(&["10.100.0.0/16"])).unwrap(),
             vec![]
+        );
+    }
+
+    #[test]
+    fn a_default_route_split_in_halves_is_refused_but_a_site_network_is_not() {
+        for broad in ["0.0.0.0/1", "128.0.0.0/1", "64.0.0.0/3", "::/1", "8000::/1"] {
+            assert_eq!(
+                policy().routes_of(&nets(&[broad])),
+                Err(Refusal::TooBroad(net(broad)))
+            );
+        }
+        assert_eq!(
+            policy().routes_of(&nets(&["172.16.0.0/12", "10.0.0.0/8", "2001:db8:100::/48"])),
+            Ok(nets(&["172.16.0.0/12", "10.0.0.0/8", "2001:db8:100::/48"]))
         );
     }
 
