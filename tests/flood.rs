@@ -177,7 +177,13 @@ async fn flood_loop(
 ) {
     while !stop.load(Ordering::Relaxed) {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(SocketAddr::new(source.into(), 0)).unwrap();
+        // Ports freed a moment ago may be taken again: this source opens thousands a minute.
+        socket.set_reuseaddr(true).unwrap();
+        if socket.bind(SocketAddr::new(source.into(), 0)).is_err() {
+            tally.connect_failed.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
         let stream =
             match tokio::time::timeout(Duration::from_secs(3), socket.connect(target)).await {
                 Ok(Ok(s)) => s,

@@ -130,16 +130,26 @@ fn log_time(line: &str) -> Option<f64> {
     Some(h * 3600.0 + m * 60.0 + s)
 }
 
+/// User plus system CPU time in clock ticks (normally 1/100 s).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
 #[derive(Default)]
 struct Samples {
     rss: Vec<i64>,
     fds: Vec<usize>,
+    cpu: Vec<u64>,
 }
 
 impl Samples {
     fn take(&mut self, pid: i32) {
         self.rss.push(rss_kb(pid));
         self.fds.push(fds(pid));
+        self.cpu.push(cpu_ticks(pid));
     }
 
     /// Prints and returns (RSS spread in kB, descriptor spread) after the settling samples.
@@ -148,12 +158,14 @@ impl Samples {
         let fd = &self.fds[settle.min(self.fds.len() - 1)..];
         let (rmin, rmax) = (*rss.iter().min().unwrap(), *rss.iter().max().unwrap());
         let (fmin, fmax) = (*fd.iter().min().unwrap(), *fd.iter().max().unwrap());
+        let cpu = &self.cpu[settle.min(self.cpu.len() - 1)..];
         println!(
-            "  {name}: RSS {} kB at start of window, min {rmin}, max {rmax}, last {} (spread {} kB; target ≤ {FLAT_KB}); descriptors min {fmin}, max {fmax}, last {}",
+            "  {name}: RSS {} kB at start of window, min {rmin}, max {rmax}, last {} (spread {} kB; target ≤ {FLAT_KB}); descriptors min {fmin}, max {fmax}, last {}; CPU {:.2} s over the window",
             rss[0],
             rss[rss.len() - 1],
             rmax - rmin,
             fd[fd.len() - 1],
+            (cpu[cpu.len() - 1] - cpu[0]) as f64 / 100.0,
         );
         (rmax - rmin, fmax - fmin)
     }
@@ -207,24 +219,64 @@ fn half_an_hour_without_tailscaled_or_answering_peers_stays_flat_and_recovers() 
     let (ts_pid, wg_pid) = (ts_node.pid().as_raw(), wg_node.pid().as_raw());
     let (mut ts_samples, mut wg_samples) = (Samples::default(), Samples::default());
     let sample_every = Duration::from_secs(10);
+    let ts_socket = ts_node.path("run/clawnode.sock");
+    let wg_socket = wg_node.path("run/clawnode.sock");
+    let mut unanswered_during = Vec::new();
     while outage.elapsed() < Duration::from_secs(secs) {
         ts_samples.take(ts_pid);
         wg_samples.take(wg_pid);
+        // Both must keep answering `clawnode status` throughout.
+        for (name, node, socket) in [
+            ("tailscale", &ts_node, &ts_socket),
+            ("wireguard", &wg_node, &wg_socket),
+        ] {
+            let out = node.cli(&["status", "--socket", socket.to_str().unwrap()]);
+            if !out.status.success() {
+                unanswered_during.push(format!(
+                    "{name} at {:.0} s: {}",
+                    outage.elapsed().as_secs_f64(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
         std::thread::sleep(sample_every);
     }
+    println!("  status unanswered during the outage: {unanswered_during:?}");
     let log_before_return = ts_node.stderr();
 
     ts.start_again();
     let back = Instant::now();
     let mut recovered = None;
+    let socket = ts_node.path("run/clawnode.sock");
+    let mut unanswered = 0;
     while back.elapsed() < RETRY_CAP + Duration::from_secs(30) {
-        let doc = ts_node.status_json();
+        let out = ts_node.cli(&["status", "--json", "--socket", socket.to_str().unwrap()]);
+        if !out.status.success() {
+            unanswered += 1;
+            let wchan =
+                std::fs::read_to_string(format!("/proc/{ts_pid}/wchan")).unwrap_or_default();
+            println!(
+                "  status failed ({}); daemon CPU {} ticks, wchan {wchan}\n{}",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                cpu_ticks(ts_pid),
+                ts_node
+                    .stderr()
+                    .lines()
+                    .rev()
+                    .take(15)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            continue;
+        }
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         if doc["ready"] == true && doc["phase"] == "ready" {
             recovered = Some(back.elapsed());
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    assert_eq!(unanswered, 0, "clawnode status went unanswered");
 
     // Retry times, from the "will retry" lines logged during the outage.
     let retries: Vec<f64> = log_before_return
