@@ -317,6 +317,44 @@ impl Drop for Slot {
     }
 }
 
+enum Decision {
+    Admit,
+    /// Admit once this connection's task is aborted (`None`: it has no task yet).
+    Displace(Option<AbortHandle>),
+    Refuse,
+}
+
+/// `core::admission` on the registry; a displaced connection leaves the registry at once.
+fn decide(registry: &Shared, caps: Caps, source: Option<IpAddr>) -> Decision {
+    let mut reg = lock(registry);
+    let open: Vec<OpenConn> = reg
+        .open
+        .iter()
+        .map(|e| OpenConn {
+            id: e.id,
+            source: e.source,
+            waiting: e.stage.load(Ordering::Acquire) == WAITING,
+        })
+        .collect();
+    match admission::admit(caps, source, &open) {
+        Admission::Admit => Decision::Admit,
+        Admission::Refuse => Decision::Refuse,
+        Admission::Evict(victim) => {
+            let claimed = reg.open.iter().position(|e| {
+                e.id == victim
+                    && e.stage
+                        .compare_exchange(WAITING, DISPLACED, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+            });
+            // Its head arrived meanwhile: it stays, and the newcomer goes.
+            let Some(at) = claimed else {
+                return Decision::Refuse;
+            };
+            Decision::Displace(reg.open.remove(at).abort)
+        }
+    }
+}
+
 /// Accept connections until the task is dropped, one task per connection. A connection over
 /// `limits` is closed at once, before `handle` runs, so it costs no read and no lookup; when
 /// every slot is taken, a caller from a lighter source may displace one still waiting for its
@@ -346,38 +384,15 @@ where
             }
         };
         let source = L::source(&addr);
-        let mut reg = lock(&registry);
-        let open: Vec<OpenConn> = reg
-            .open
-            .iter()
-            .map(|e| OpenConn {
-                id: e.id,
-                source: e.source,
-                waiting: e.stage.load(Ordering::Acquire) == WAITING,
-            })
-            .collect();
-        match admission::admit(caps, source, &open) {
-            Admission::Admit => {}
-            Admission::Evict(victim) => {
-                let Some(at) = reg.open.iter().position(|e| {
-                    e.id == victim
-                        && e.stage
-                            .compare_exchange(
-                                WAITING,
-                                DISPLACED,
-                                Ordering::AcqRel,
-                                Ordering::Acquire,
-                            )
-                            .is_ok()
-                }) else {
-                    // Its head arrived meanwhile: it stays, and the newcomer goes.
-                    drop(reg);
-                    drop(io);
-                    continue;
-                };
-                let entry = reg.open.remove(at);
-                if let Some(abort) = entry.abort {
+        let decision = decide(&registry, caps, source);
+        match decision {
+            Decision::Admit => {}
+            Decision::Displace(abort) => {
+                if let Some(abort) = abort {
                     abort.abort();
+                    // Let the runtime drop the aborted task, and close its socket, before the
+                    // newcomer opens another: the caps bound descriptors, not just slots.
+                    tokio::task::yield_now().await;
                 }
                 displaced += 1;
                 if displaced.is_power_of_two() {
@@ -388,8 +403,7 @@ where
                     );
                 }
             }
-            Admission::Refuse => {
-                drop(reg);
+            Decision::Refuse => {
                 refused += 1;
                 // Once per power of two, so a flood cannot flood the journal too.
                 if refused.is_power_of_two() {
@@ -403,16 +417,19 @@ where
                 continue;
             }
         }
-        let id = reg.next_id;
-        reg.next_id += 1;
         let stage = Arc::new(AtomicU8::new(WAITING));
-        reg.open.push(Entry {
-            id,
-            source,
-            stage: Arc::clone(&stage),
-            abort: None,
-        });
-        drop(reg);
+        let id = {
+            let mut reg = lock(&registry);
+            let id = reg.next_id;
+            reg.next_id += 1;
+            reg.open.push(Entry {
+                id,
+                source,
+                stage: Arc::clone(&stage),
+                abort: None,
+            });
+            id
+        };
         let slot = Slot {
             id,
             stage,
