@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
 
 use super::StatusDoc;
-use crate::http::{Limits, Slot};
+use crate::http::Limits;
 use crate::mesh::{Live, LiveStatus};
 
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +98,11 @@ impl Sources {
 pub async fn serve(listener: UnixListener, sources: Sources) {
     let limits = Limits::LOCAL;
     crate::http::accept_loop("api", listener, limits, move |stream, _, slot| {
-        connection(stream, sources.clone(), false, limits, slot)
+        let sources = sources.clone();
+        async move {
+            let _slot = slot;
+            connection(stream, sources, false, limits).await;
+        }
     })
     .await;
 }
@@ -107,12 +111,18 @@ pub async fn serve(listener: UnixListener, sources: Sources) {
 pub async fn serve_metrics(listener: TcpListener, sources: Sources) {
     let limits = Limits::PEERS;
     crate::http::accept_loop("api", listener, limits, move |stream, _, slot| {
-        connection(stream, sources.clone(), true, limits, slot)
+        let sources = sources.clone();
+        async move {
+            let _slot = slot;
+            connection(stream, sources, true, limits).await;
+        }
     })
     .await;
 }
 
-async fn connection<S>(io: S, sources: Sources, metrics_only: bool, limits: Limits, _slot: Slot)
+/// Answer one request on an accepted connection within `limits`: any endpoint, or only
+/// `/metrics` (`metrics_only`, for `metrics_listen`).
+pub async fn connection<S>(io: S, sources: Sources, metrics_only: bool, limits: Limits)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
