@@ -526,6 +526,14 @@ mod tests {
         assert!(reply.contains(r#""name":"gpu-01""#), "{reply}");
         let reply = node_info_reply(b"POST /v1/node HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(reply.starts_with(b"HTTP/1.1 405"));
+        let huge = format!(
+            "GET /v1/node HTTP/1.1\r\nX-Fill: {}\r\n\r\n",
+            "a".repeat(17_000)
+        );
+        let reply = node_info_reply(huge.as_bytes());
+        assert!(reply.starts_with(b"HTTP/1.1 431"), "a head past the limit");
+        // A client that stops mid-head is cut off at the header timeout (virtual time here).
+        assert!(node_info_reply(b"GET /v1/node HTTP/1.1\r\nHost").is_empty());
         let reply = api_reply(b"\x00GET /v1/health/live HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(reply.starts_with(b"HTTP/1.1 200 OK"));
         assert!(reply.ends_with(b"live\n"));

@@ -211,8 +211,11 @@ requests = {
     "upgrade": b"GET /v1/node HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
     "partial": b"GET /v1/no",
 }
+# Past the 16 KiB read buffer, so libFuzzer's length limit lets inputs reach it.
+requests["huge-head"] = b"GET /v1/node HTTP/1.1\r\nHost: x\r\nX-Fill: " + b"a" * 17000 + b"\r\n\r\n"
 for name, req in requests.items():
     write("node_info_http", name, req)
+write("api_http", "huge-head", b"\x01" + requests["huge-head"])
 api_paths = ["/v1/status", "/v1/health/live", "/v1/health/ready", "/metrics", "/nope"]
 for i, path in enumerate(api_paths):
     req = f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
