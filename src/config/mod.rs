@@ -115,15 +115,41 @@ pub fn parse_peers(path: &Path, text: &str) -> Result<Vec<PeerConfig>, ConfigErr
         .map_err(ConfigErrors)
 }
 
-/// Every syntax error of a document, in file order.
+/// At most this many errors are reported per file, then how many more there were: nobody
+/// reads further, and placing each one costs a walk of the document, which a file of
+/// thousands of broken lines (a drop-in half-written by a provisioning tool) would make
+/// quadratic.
+const MAX_ERRORS: usize = 100;
+
+/// The message that stands for the errors past `MAX_ERRORS`.
+fn more_errors(hidden: usize) -> String {
+    format!(
+        "{hidden} more errors not shown (at most {MAX_ERRORS} are listed); fix those above first"
+    )
+}
+
+/// The first `MAX_ERRORS` syntax errors of a document, in file order.
 fn syntax(path: &Path, locator: &locate::Locator<'_>, errors: &[toml::de::Error]) -> ConfigErrors {
-    let mut errors: Vec<ConfigError> = errors
+    let mut sorted: Vec<&toml::de::Error> = errors.iter().collect();
+    sorted.sort_by_key(|e| e.span().map_or(0, |s| s.start));
+    let shown = sorted.len().min(MAX_ERRORS);
+    let mut out: Vec<ConfigError> = sorted[..shown]
         .iter()
         .map(|err| toml_error(path, locator, err))
         .collect();
-    errors.sort_by_key(|e| (e.line, e.col));
-    errors.dedup();
-    ConfigErrors(errors)
+    out.sort_by_key(|e| (e.line, e.col));
+    out.dedup();
+    if let Some(first_hidden) = sorted.get(shown) {
+        let (line, col) = locator.line_col(first_hidden.span().map_or(0, |s| s.start));
+        out.push(ConfigError {
+            file: path.to_path_buf(),
+            line,
+            col,
+            key: String::new(),
+            message: more_errors(sorted.len() - shown),
+        });
+    }
+    ConfigErrors(out)
 }
 
 fn single_error(path: &Path, line: usize, col: usize, message: String) -> ConfigErrors {
