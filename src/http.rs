@@ -128,10 +128,34 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// Serve one exchange (`serve_one`) once the whole request head has arrived; until then
-    /// the head stays in the kernel's socket buffer and the connection costs next to no
-    /// memory, so thousands of idle or slowly typed connections cannot grow the daemon. Once
-    /// the request is in, this connection can no longer be displaced by a newcomer.
+    /// Wait until the whole request head has arrived; until then it stays in the kernel's
+    /// socket buffer and the connection costs next to no memory, so thousands of idle or slowly
+    /// typed connections cannot grow the daemon. `true`: the head is in, and from now on this
+    /// connection cannot be displaced by a newcomer; `false`: it is to be closed.
+    pub async fn head_in<I: Peek>(&self, component: &'static str, io: &I, limits: Limits) -> bool {
+        match tokio::time::timeout(limits.header_timeout, head_arrived(io, limits)).await {
+            Ok(Ok(HeadState::Complete)) => {}
+            Ok(Ok(HeadState::Closed)) => return false,
+            Ok(Ok(HeadState::TooLarge)) => {
+                tracing::debug!(component, "request head over the size limit; closed");
+                return false;
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(component, %error, "connection failed before its request head");
+                return false;
+            }
+            Err(_) => {
+                tracing::debug!(component, "no complete request head in time; closed");
+                return false;
+            }
+        }
+        // Fails only if displaced a moment ago; its abort is on the way.
+        self.stage
+            .compare_exchange(WAITING, SERVING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// `head_in`, then serve one exchange (`serve_one`).
     pub async fn serve<I, S, B>(self, component: &'static str, io: I, service: S, limits: Limits)
     where
         I: Peek + AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -145,28 +169,8 @@ impl Slot {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        match tokio::time::timeout(limits.header_timeout, head_arrived(&io, limits)).await {
-            Ok(Ok(HeadState::Complete)) => {}
-            Ok(Ok(HeadState::Closed)) => return,
-            Ok(Ok(HeadState::TooLarge)) => {
-                tracing::debug!(component, "request head over the size limit; closed");
-                return;
-            }
-            Ok(Err(error)) => {
-                tracing::debug!(component, %error, "connection failed before its request head");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(component, "no complete request head in time; closed");
-                return;
-            }
-        }
-        if self
-            .stage
-            .compare_exchange(WAITING, SERVING, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            return; // displaced a moment ago; its abort is on the way
+        if !self.head_in(component, &io, limits).await {
+            return;
         }
         // Boxed, so a connection that is still waiting carries none of hyper's state.
         Box::pin(serve_one(component, io, service, limits)).await;

@@ -7,6 +7,9 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod exit;
+/// The fuzz targets' bodies: in test builds (corpus replay) and cargo-fuzz builds only.
+#[cfg(any(test, fuzzing))]
+pub mod fuzzing;
 pub mod gpu;
 pub mod http;
 pub mod logging;

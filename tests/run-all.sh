@@ -49,6 +49,30 @@ cargo clippy --all-targets --locked --features test-fakes -- -D warnings
 log "cargo test (unit, property and integration tests against the real binary)"
 cargo test --locked --features test-fakes
 
+# Fuzzing (tests/fuzz, cargo-fuzz): `cargo test` above replayed every saved input on stable;
+# here each target also runs for FUZZ_SECONDS (default 20) on nightly, where one is installed.
+# New inputs go to target/fuzz-corpus, not the committed corpus; a crash fails the run and
+# leaves its input in tests/fuzz/artifacts/<target>/.
+if cargo +nightly --version >/dev/null 2>&1; then
+  cargo fuzz --version >/dev/null 2>&1 || { log "installing cargo-fuzz"; cargo install --locked cargo-fuzz; }
+  fuzz_seconds=${FUZZ_SECONDS:-20}
+  log "fuzzing: each target for ${fuzz_seconds} s (cargo-fuzz on nightly)"
+  cargo +nightly fuzz build --fuzz-dir tests/fuzz -s none -a
+  for target in $(cargo +nightly fuzz list --fuzz-dir tests/fuzz); do
+    mkdir -p "target/fuzz-corpus/$target"
+    if ! cargo +nightly fuzz run --fuzz-dir tests/fuzz -s none -a "$target" \
+      "target/fuzz-corpus/$target" "tests/fuzz/corpus/$target" \
+      -- -max_total_time="$fuzz_seconds" -timeout=10 -print_final_stats=1 >"target/fuzz-$target.log" 2>&1; then
+      tail -n 40 "target/fuzz-$target.log"
+      echo "fuzz target $target failed; its input is in tests/fuzz/artifacts/$target/"
+      exit 1
+    fi
+    echo "$target: $(grep -E '^stat::number_of_executed_units' "target/fuzz-$target.log" | awk '{print $2}') executions, no crash"
+  done
+else
+  log "fuzzing skipped: no nightly toolchain (rustup toolchain install nightly); cargo test replayed the corpora"
+fi
+
 log "footprint: exec to READY=1, idle RSS, idle CPU over 60 s (release build)"
 cargo test --locked --release --features test-fakes --test footprint -- --ignored --nocapture
 

@@ -8,7 +8,7 @@ pub mod metrics;
 mod server;
 mod status;
 
-pub use server::{ApiError, Sources, bind, serve, serve_metrics};
+pub use server::{ApiError, Sources, bind, connection, serve, serve_metrics};
 pub use status::{
     ComponentDoc, ConfigDoc, ErrorDoc, GpuDoc, MeshDoc, ServicesDoc, StatusDoc, status_config,
 };

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
 
 use super::StatusDoc;
-use crate::http::{Limits, Slot};
+use crate::http::Limits;
 use crate::mesh::{Live, LiveStatus};
 
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +118,13 @@ impl Sources {
 pub async fn serve(listener: UnixListener, sources: Sources) {
     let limits = Limits::LOCAL;
     crate::http::accept_loop("api", listener, limits, move |stream, _, slot| {
-        connection(stream, sources.clone(), false, limits, slot)
+        let sources = sources.clone();
+        async move {
+            if slot.head_in("api", &stream, limits).await {
+                // Boxed, so a connection that is still waiting carries none of hyper's state.
+                Box::pin(connection(stream, sources, false, limits)).await;
+            }
+        }
     })
     .await;
 }
@@ -127,14 +133,22 @@ pub async fn serve(listener: UnixListener, sources: Sources) {
 pub async fn serve_metrics(listener: TcpListener, sources: Sources) {
     let limits = Limits::PEERS;
     crate::http::accept_loop("api", listener, limits, move |stream, _, slot| {
-        connection(stream, sources.clone(), true, limits, slot)
+        let sources = sources.clone();
+        async move {
+            if slot.head_in("api", &stream, limits).await {
+                // Boxed, so a connection that is still waiting carries none of hyper's state.
+                Box::pin(connection(stream, sources, true, limits)).await;
+            }
+        }
     })
     .await;
 }
 
-async fn connection<S>(io: S, sources: Sources, metrics_only: bool, limits: Limits, slot: Slot)
+/// Answer one request on an accepted connection within `limits`: any endpoint, or only
+/// `/metrics` (`metrics_only`, for `metrics_listen`).
+pub async fn connection<S>(io: S, sources: Sources, metrics_only: bool, limits: Limits)
 where
-    S: crate::http::Peek + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req: Request<Incoming>| {
         let sources = sources.clone();
@@ -184,7 +198,7 @@ where
             Ok::<_, Infallible>(response)
         }
     });
-    slot.serve("api", io, service, limits).await;
+    crate::http::serve_one("api", io, service, limits).await;
 }
 
 fn metrics(

@@ -65,11 +65,21 @@ impl fmt::Display for KeyPath {
 pub(super) struct Locator<'a> {
     text: &'a str,
     root: Option<&'a Spanned<DeTable<'a>>>,
+    /// The byte offset where each line starts, so a position costs a search, not a scan of
+    /// the text before it.
+    line_starts: Vec<usize>,
 }
 
 impl<'a> Locator<'a> {
     pub(super) fn new(text: &'a str, root: Option<&'a Spanned<DeTable<'a>>>) -> Self {
-        Self { text, root }
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Self {
+            text,
+            root,
+            line_starts,
+        }
     }
 
     /// 1-based line and column (in characters) of a byte offset.
@@ -78,10 +88,10 @@ impl<'a> Locator<'a> {
         while !self.text.is_char_boundary(offset) {
             offset -= 1;
         }
-        let before = &self.text[..offset];
-        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-        let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
-        let col = before[line_start..].chars().count() + 1;
+        // Lines that start at or before the offset; the first always does.
+        let line = self.line_starts.partition_point(|&start| start <= offset);
+        let line_start = self.line_starts[line - 1];
+        let col = self.text[line_start..offset].chars().count() + 1;
         (line, col)
     }
 

@@ -36,17 +36,20 @@ pub const DEFAULT_PATH: &str = "/etc/clawbernetes/clawbernetes.toml";
 
 /// Reads and validates the configuration file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(err) => {
-            return Err(single_error(
-                path,
-                1,
-                1,
-                format!("cannot read the configuration file: {err}"),
-            ));
-        }
-    };
+    match std::fs::read(path) {
+        Ok(bytes) => parse_bytes(path, bytes),
+        Err(err) => Err(single_error(
+            path,
+            1,
+            1,
+            format!("cannot read the configuration file: {err}"),
+        )),
+    }
+}
+
+/// Validates the configuration file's `bytes`, which must be UTF-8; `path` is only used in
+/// error messages. The bytes are wiped before returning: the file may hold an auth key.
+pub fn parse_bytes(path: &Path, bytes: Vec<u8>) -> Result<Config, ConfigErrors> {
     let mut text = match String::from_utf8(bytes) {
         Ok(text) => text,
         Err(err) => {
@@ -69,7 +72,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         }
     };
     let result = parse(path, &text);
-    // The file may hold an auth key; do not leave a copy in freed memory.
+    // Do not leave a copy of a secret in freed memory.
     text.zeroize();
     result
 }
@@ -95,8 +98,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
 pub fn load_peers_file(path: &Path) -> Result<Vec<PeerConfig>, ConfigErrors> {
     let text = std::fs::read_to_string(path)
         .map_err(|err| single_error(path, 1, 1, format!("cannot read the peer file: {err}")))?;
-    let (root, syntax_errors) = DeTable::parse_recoverable(&text);
-    let locator = locate::Locator::new(&text, Some(&root));
+    parse_peers(path, &text)
+}
+
+/// Validates the `text` of a drop-in peer file; `path` is only used in error messages.
+pub fn parse_peers(path: &Path, text: &str) -> Result<Vec<PeerConfig>, ConfigErrors> {
+    let (root, syntax_errors) = DeTable::parse_recoverable(text);
+    let locator = locate::Locator::new(text, Some(&root));
     if !syntax_errors.is_empty() {
         return Err(syntax(path, &locator, &syntax_errors));
     }
@@ -107,15 +115,41 @@ pub fn load_peers_file(path: &Path) -> Result<Vec<PeerConfig>, ConfigErrors> {
         .map_err(ConfigErrors)
 }
 
-/// Every syntax error of a document, in file order.
+/// At most this many errors are reported per file, then how many more there were: nobody
+/// reads further, and placing each one costs a walk of the document, which a file of
+/// thousands of broken lines (a drop-in half-written by a provisioning tool) would make
+/// quadratic.
+const MAX_ERRORS: usize = 100;
+
+/// The message that stands for the errors past `MAX_ERRORS`.
+fn more_errors(hidden: usize) -> String {
+    format!(
+        "{hidden} more errors not shown (at most {MAX_ERRORS} are listed); fix those above first"
+    )
+}
+
+/// The first `MAX_ERRORS` syntax errors of a document, in file order.
 fn syntax(path: &Path, locator: &locate::Locator<'_>, errors: &[toml::de::Error]) -> ConfigErrors {
-    let mut errors: Vec<ConfigError> = errors
+    let mut sorted: Vec<&toml::de::Error> = errors.iter().collect();
+    sorted.sort_by_key(|e| e.span().map_or(0, |s| s.start));
+    let shown = sorted.len().min(MAX_ERRORS);
+    let mut out: Vec<ConfigError> = sorted[..shown]
         .iter()
         .map(|err| toml_error(path, locator, err))
         .collect();
-    errors.sort_by_key(|e| (e.line, e.col));
-    errors.dedup();
-    ConfigErrors(errors)
+    out.sort_by_key(|e| (e.line, e.col));
+    out.dedup();
+    if let Some(first_hidden) = sorted.get(shown) {
+        let (line, col) = locator.line_col(first_hidden.span().map_or(0, |s| s.start));
+        out.push(ConfigError {
+            file: path.to_path_buf(),
+            line,
+            col,
+            key: String::new(),
+            message: more_errors(sorted.len() - shown),
+        });
+    }
+    ConfigErrors(out)
 }
 
 fn single_error(path: &Path, line: usize, col: usize, message: String) -> ConfigErrors {

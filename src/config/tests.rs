@@ -670,6 +670,76 @@ fn mutate(base: &str, edits: &[(usize, u8, char)]) -> String {
     chars.into_iter().collect()
 }
 
+/// A drop-in a provisioning tool left half-written: thousands of broken lines.
+fn broken_peer_file(lines: usize) -> String {
+    "[[peers]]\nname = \n".repeat(lines)
+}
+
+#[test]
+fn a_file_with_thousands_of_syntax_errors_lists_the_first_hundred_and_counts_the_rest() {
+    let errors = match parse_peers(Path::new("peers.d/x.toml"), &broken_peer_file(5000)) {
+        Ok(peers) => panic!("accepted {peers:?}"),
+        Err(errors) => errors.0,
+    };
+    assert_eq!(errors.len(), MAX_ERRORS + 1);
+    assert_eq!(errors[0].line, 2);
+    assert_eq!(errors[MAX_ERRORS - 1].line, 2 * MAX_ERRORS);
+    let last = &errors[MAX_ERRORS];
+    assert_eq!(
+        last.line,
+        2 * MAX_ERRORS + 2,
+        "placed at the first error not shown"
+    );
+    assert!(
+        last.message.starts_with("4900 more errors not shown"),
+        "{last}"
+    );
+}
+
+#[test]
+fn a_file_with_thousands_of_invalid_peers_lists_the_first_hundred_and_counts_the_rest() {
+    let text: String = (0..3000)
+        .map(|i| format!("[[peers]]\nname = \"p{i}\"\npublic_key = \"bad\"\nallowed_ips = [\"10.0.0.1/32\"]\n"))
+        .collect();
+    let errors = parse_peers(Path::new("x.toml"), &text).unwrap_err().0;
+    assert_eq!(errors.len(), MAX_ERRORS + 1);
+    assert!(
+        errors[..MAX_ERRORS]
+            .iter()
+            .all(|e| e.key.ends_with("public_key"))
+    );
+    let last = &errors[MAX_ERRORS];
+    assert_eq!(
+        last.line,
+        4 * MAX_ERRORS + 3,
+        "the first public_key not shown"
+    );
+    assert!(
+        last.message.starts_with("2900 more errors not shown"),
+        "{last}"
+    );
+}
+
+/// Found by fuzzing (`peers_file`): placing each error scanned the text before it, so the
+/// time grew with the square of the file (2,000 broken lines took a second, 20,000 would
+/// take minutes while the mesh waits).
+#[test]
+fn a_drop_in_with_tens_of_thousands_of_broken_lines_is_refused_in_linear_time() {
+    let time = |lines: usize| {
+        let text = broken_peer_file(lines);
+        let started = std::time::Instant::now();
+        assert!(parse_peers(Path::new("x.toml"), &text).is_err());
+        started.elapsed()
+    };
+    let small = time(2_000);
+    let large = time(20_000);
+    // Ten times the lines: about ten times the time, where a square would be a hundred.
+    assert!(
+        large < small * 30 + std::time::Duration::from_millis(200),
+        "2,000 lines: {small:?}, 20,000 lines: {large:?}"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 

@@ -31,6 +31,9 @@ pub(super) struct Checker<'a> {
     file: &'a Path,
     locator: &'a Locator<'a>,
     errors: Vec<ConfigError>,
+    /// Errors past `MAX_ERRORS`, counted but not placed, and where the first of them is.
+    hidden: usize,
+    first_hidden: Option<(usize, usize)>,
 }
 
 impl<'a> Checker<'a> {
@@ -39,6 +42,8 @@ impl<'a> Checker<'a> {
             file,
             locator,
             errors: Vec::new(),
+            hidden: 0,
+            first_hidden: None,
         }
     }
 
@@ -66,9 +71,7 @@ impl<'a> Checker<'a> {
         if self.errors.is_empty() {
             return Ok(config);
         }
-        let mut errors = self.errors;
-        errors.sort_by_key(|e| (e.line, e.col));
-        Err(errors)
+        Err(self.into_errors())
     }
 
     /// Validates a drop-in peer file (`[[peers]]` tables).
@@ -80,9 +83,23 @@ impl<'a> Checker<'a> {
         if self.errors.is_empty() {
             return Ok(peers);
         }
+        Err(self.into_errors())
+    }
+
+    /// The errors in file order, and how many more there were past `MAX_ERRORS`.
+    fn into_errors(self) -> Vec<ConfigError> {
         let mut errors = self.errors;
         errors.sort_by_key(|e| (e.line, e.col));
-        Err(errors)
+        if let Some((line, col)) = self.first_hidden {
+            errors.push(ConfigError {
+                file: self.file.to_path_buf(),
+                line,
+                col,
+                key: String::new(),
+                message: super::more_errors(self.hidden),
+            });
+        }
+        errors
     }
 
     fn node(&mut self, path: &KeyPath, raw: RawNode) -> NodeConfig {
@@ -860,6 +877,11 @@ impl<'a> Checker<'a> {
 
     fn error_at(&mut self, path: &KeyPath, at: Range<usize>, message: impl Display) {
         let (line, col) = self.locator.line_col(at.start);
+        if self.errors.len() >= super::MAX_ERRORS {
+            self.hidden += 1;
+            self.first_hidden.get_or_insert((line, col));
+            return;
+        }
         self.errors.push(ConfigError {
             file: self.file.to_path_buf(),
             line,

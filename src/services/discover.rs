@@ -53,10 +53,7 @@ pub async fn discover(targets: Vec<IpAddr>, port: u16, service: &str) -> Discove
                 let call = async {
                     let uri: hyper::Uri = uri.parse().map_err(|e| format!("{e}"))?;
                     let resp = client.get(uri).await.map_err(|e| source_chain(&e))?;
-                    if !resp.status().is_success() {
-                        return Err(format!("HTTP {}", resp.status()));
-                    }
-                    read_node_info(resp.into_body()).await
+                    answer_of(resp).await
                 };
                 let result = tokio::time::timeout(PER_PEER_TIMEOUT, call)
                     .await
@@ -90,6 +87,19 @@ pub async fn discover(targets: Vec<IpAddr>, port: u16, service: &str) -> Discove
     out.providers.sort_by(|a, b| a.node.cmp(&b.node));
     out.unreachable.sort_by_key(|u| u.address);
     out
+}
+
+/// What a peer's HTTP response says: its node info, or why it was refused (unescaped: the
+/// caller escapes it for display with `printable`).
+pub async fn answer_of<B>(resp: hyper::Response<B>) -> Result<NodeInfo, String>
+where
+    B: hyper::body::Body,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    if !resp.status().is_success() {
+        return Err(format!("HTTP {}", resp.status()));
+    }
+    read_node_info(resp.into_body()).await
 }
 
 /// Read a peer's node-info answer: at most [`MAX_ANSWER_BYTES`], and only names that are DNS
@@ -157,7 +167,7 @@ fn quoted(text: &str) -> String {
 
 /// `text` with every control character (C0, DEL, C1) and bidirectional-text control escaped as
 /// `\u{..}`, so nothing a peer sent can move the cursor or recolour a terminal.
-fn printable(text: &str) -> String {
+pub fn printable(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');

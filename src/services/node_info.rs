@@ -146,12 +146,10 @@ impl Server {
                         tracing::warn!(component = "services", %peer, "refused a node-info caller outside the mesh");
                         return;
                     }
-                    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let info = Arc::clone(&info);
-                        let gpus = Arc::clone(&gpus);
-                        async move { Ok::<_, Infallible>(route(&req, &info, &gpus)) }
-                    });
-                    slot.serve("services", stream, service, limits).await;
+                    if slot.head_in("services", &stream, limits).await {
+                        // Boxed, so a connection that is still waiting carries none of hyper's state.
+                        Box::pin(answer(stream, info, gpus, limits)).await;
+                    }
                 }
             },
         ));
@@ -168,6 +166,19 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Answer one request on an accepted connection from an allowed caller, within `limits`.
+pub async fn answer<I>(io: I, info: Arc<RwLock<NodeInfo>>, gpus: crate::gpu::Shared, limits: Limits)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let info = Arc::clone(&info);
+        let gpus = Arc::clone(&gpus);
+        async move { Ok::<_, Infallible>(route(&req, &info, &gpus)) }
+    });
+    crate::http::serve_one("services", io, service, limits).await;
 }
 
 fn route(

@@ -22,18 +22,27 @@ pub struct TsService {
 pub async fn find(api: &LocalApi, label: &str) -> Result<Vec<TsService>, LocalApiError> {
     let reply = api.get("/localapi/v0/status?peers=false").await?;
     let status: Value = reply.json("status")?;
+    let services: Option<Value> = if reply.version.is_some_and(|v| v >= Version::SERVICES_LIST) {
+        Some(api.get("/localapi/v0/services").await?.json("services")?)
+    } else {
+        None
+    };
+    Ok(named(&status, services.as_ref(), label))
+}
+
+/// The services named `svc:<label>` in tailscaled's answers: `services` is the `GET services`
+/// reply where the daemon has it, else the details come from the status's `Self.CapMap`.
+pub fn named(status: &Value, services: Option<&Value>, label: &str) -> Vec<TsService> {
     let suffix = status["CurrentTailnet"]["MagicDNSSuffix"]
         .as_str()
         .unwrap_or("")
         .to_string();
-    let details: Vec<Value> = if reply.version.is_some_and(|v| v >= Version::SERVICES_LIST) {
-        let services: Value = api.get("/localapi/v0/services").await?.json("services")?;
-        services
+    let details: Vec<Value> = match services {
+        Some(services) => services
             .as_object()
             .map(|m| m.values().cloned().collect())
-            .unwrap_or_default()
-    } else {
-        status["Self"]["CapMap"]
+            .unwrap_or_default(),
+        None => status["Self"]["CapMap"]
             .as_object()
             .map(|caps| {
                 caps.iter()
@@ -41,10 +50,10 @@ pub async fn find(api: &LocalApi, label: &str) -> Result<Vec<TsService>, LocalAp
                     .flat_map(|(_, v)| v.as_array().cloned().unwrap_or_default())
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default(),
     };
     let wanted = format!("svc:{label}");
-    Ok(details
+    details
         .iter()
         .filter(|d| d["Name"].as_str() == Some(wanted.as_str()))
         .map(|d| TsService {
@@ -53,5 +62,5 @@ pub async fn find(api: &LocalApi, label: &str) -> Result<Vec<TsService>, LocalAp
             addrs: strings(&d["Addrs"]),
             ports: strings(&d["Ports"]),
         })
-        .collect())
+        .collect()
 }

@@ -22,6 +22,7 @@ pub mod types;
 mod watcher;
 
 pub use provider::TailscaleMesh;
+pub use watcher::Ndjson;
 
 use serde_json::Value;
 

@@ -70,8 +70,9 @@ pub fn spawn(api: LocalApi, recheck: Recheck) -> tokio::task::JoinHandle<()> {
 /// once (the held part of a line never holds a newline), and a line longer than `MAX_LINE` is
 /// dropped up to its newline with one warning, so a broken or hostile tailscaled cannot make
 /// clawnode buffer without bound.
-#[derive(Default)]
 pub struct Ndjson {
+    /// The longest line kept: `MAX_LINE`, smaller in fuzzing so the bound is reached.
+    max_line: usize,
     /// The start of a line whose newline has not arrived yet; never holds a newline.
     buf: Vec<u8>,
     /// Inside a line that outgrew `MAX_LINE`: everything up to its newline is dropped.
@@ -81,7 +82,24 @@ pub struct Ndjson {
     scanned: usize,
 }
 
+impl Default for Ndjson {
+    fn default() -> Self {
+        Self::with_max_line(MAX_LINE)
+    }
+}
+
 impl Ndjson {
+    /// A splitter that drops lines longer than `max_line` bytes.
+    pub fn with_max_line(max_line: usize) -> Self {
+        Self {
+            max_line,
+            buf: Vec::new(),
+            discarding: false,
+            #[cfg(test)]
+            scanned: 0,
+        }
+    }
+
     pub fn push(&mut self, mut data: &[u8]) -> Vec<Notify> {
         let mut out = Vec::new();
         loop {
@@ -99,9 +117,9 @@ impl Ndjson {
             if std::mem::take(&mut self.discarding) {
                 continue;
             }
-            if self.buf.len() + line.len() > MAX_LINE {
+            if self.buf.len() + line.len() > self.max_line {
                 self.buf = Vec::new();
-                warn_too_long();
+                warn_too_long(self.max_line);
                 continue;
             }
             let parsed = if self.buf.is_empty() {
@@ -118,26 +136,31 @@ impl Ndjson {
         }
     }
 
-    /// Keep the start of a line, or start dropping it once it is longer than `MAX_LINE`.
+    /// Keep the start of a line, or start dropping it once it is longer than `max_line`.
     fn hold(&mut self, part: &[u8]) {
         if self.discarding {
             return;
         }
-        if self.buf.len() + part.len() > MAX_LINE {
+        if self.buf.len() + part.len() > self.max_line {
             // Given back, not just cleared: the capacity would stay as large as the line.
             self.buf = Vec::new();
             self.discarding = true;
-            warn_too_long();
+            warn_too_long(self.max_line);
             return;
         }
         self.buf.extend_from_slice(part);
     }
+
+    /// Bytes held for a line whose newline has not arrived yet.
+    pub fn held(&self) -> usize {
+        self.buf.len()
+    }
 }
 
-fn warn_too_long() {
+fn warn_too_long(limit_bytes: usize) {
     tracing::warn!(
         component = "mesh",
-        limit_bytes = MAX_LINE,
+        limit_bytes,
         "tailscaled sent an IPN bus line longer than the limit; dropped it"
     );
 }
