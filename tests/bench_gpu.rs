@@ -37,12 +37,7 @@ fn median(samples: &mut [Duration]) -> Duration {
 }
 
 fn rss_kb(node: &Node) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid().as_raw())).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-        .unwrap()
+    support::rss_kb(node.pid().as_raw()) as u64
 }
 
 fn start(dir: &Path, gpus: u32) -> (Node, FakeNvml) {

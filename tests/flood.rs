@@ -59,15 +59,8 @@ impl Drop for Peer {
 }
 
 fn genkey(dir: &std::path::Path, name: &str) -> (String, String) {
-    let path = dir.join(name);
-    let out = lab::sh(&format!(
-        "umask 077; wg genkey > {p} && wg pubkey < {p}",
-        p = path.display()
-    ));
-    (
-        path.display().to_string(),
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-    )
+    let (path, public) = lab::wg_key(dir, name);
+    (path.display().to_string(), public)
 }
 
 /// A plain wireguard-go peer (not clawnode) in node `i`'s namespace, talking to node 0.
@@ -311,21 +304,6 @@ fn node_info_get(lab: &Lab, from: usize) -> Result<Duration, String> {
     .unwrap()
 }
 
-fn proc_rss_kb(pid: i32) -> i64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
-fn proc_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let at = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[at]
@@ -413,8 +391,8 @@ fn a_flooding_peer_cannot_starve_status_or_other_peers() {
         status_call();
     }
     std::thread::sleep(Duration::from_secs(2));
-    let rss_before = proc_rss_kb(pid);
-    let fds_before = proc_fds(pid);
+    let rss_before = support::rss_kb(pid);
+    let fds_before = support::open_fds(pid);
 
     let node_info = Arc::new(Tally::default());
     let metrics = Arc::new(Tally::default());
@@ -441,15 +419,15 @@ fn a_flooding_peer_cannot_starve_status_or_other_peers() {
                 Err(e) => other_peer_failures.push(e),
             }
         }
-        rss_max = rss_max.max(proc_rss_kb(pid));
-        fds_max = fds_max.max(proc_fds(pid));
+        rss_max = rss_max.max(support::rss_kb(pid));
+        fds_max = fds_max.max(support::open_fds(pid));
         tick += 1;
         std::thread::sleep(Duration::from_millis(500));
     }
     let flood_took = flood_started.elapsed();
     // The server hangs up on what it still holds: watch its descriptors come back down.
     let stopped = Instant::now();
-    while proc_fds(pid) > fds_before + 2 && stopped.elapsed() < Duration::from_secs(60) {
+    while support::open_fds(pid) > fds_before + 2 && stopped.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(100));
     }
     let last_hung_up = stopped.elapsed();
@@ -457,8 +435,8 @@ fn a_flooding_peer_cannot_starve_status_or_other_peers() {
     // The flooder's last sockets closed with its runtime; those the server accepted only then
     // wait out the header timeout.
     std::thread::sleep(HEADER_TIMEOUT + Duration::from_secs(2));
-    let rss_after = proc_rss_kb(pid);
-    let fds_after = proc_fds(pid);
+    let rss_after = support::rss_kb(pid);
+    let fds_after = support::open_fds(pid);
 
     status_times.sort();
     other_peer.sort();

@@ -104,21 +104,6 @@ enabled = false
     text
 }
 
-fn rss_kb(pid: i32) -> i64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
-fn fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
 /// Seconds since midnight of the RFC 3339 timestamps that start log lines.
 fn log_time(line: &str) -> Option<f64> {
     let time = line.split_whitespace().next()?.split('T').nth(1)?;
@@ -147,8 +132,8 @@ struct Samples {
 
 impl Samples {
     fn take(&mut self, pid: i32) {
-        self.rss.push(rss_kb(pid));
-        self.fds.push(fds(pid));
+        self.rss.push(support::rss_kb(pid));
+        self.fds.push(support::open_fds(pid));
         self.cpu.push(cpu_ticks(pid));
     }
 
@@ -199,18 +184,11 @@ fn half_an_hour_without_tailscaled_or_answering_peers_stays_flat_and_recovers() 
     // The WireGuard node, whose peers never answer.
     let lab = Lab::new(1);
     let keydir = tempfile::tempdir().unwrap();
-    let key = keydir.path().join("node0");
     let mut peers = Vec::new();
     for i in 0..3 {
-        let p = keydir.path().join(format!("peer{i}"));
-        let out = lab::sh(&format!(
-            "umask 077; wg genkey > {p} && wg pubkey < {p}",
-            p = p.display()
-        ));
-        peers.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        peers.push(lab::wg_key(keydir.path(), &format!("peer{i}")).1);
     }
-    lab::sh(&format!("umask 077; wg genkey > {}", key.display()));
-    let key = key.display().to_string();
+    let key = lab::wg_key(keydir.path(), "node0").0.display().to_string();
     let wg_node = Node::start_in(Some(lab.ns(0)), |d| wg_config(&lab, d, &key, &peers), &[]);
     wg_node.recv_until("READY=1", Duration::from_secs(20));
 

@@ -35,12 +35,8 @@ pub(crate) fn keys(n: usize) -> Keys {
     let mut private_files = Vec::new();
     let mut public = Vec::new();
     for i in 0..n {
-        let path = dir.path().join(format!("node{i}.key"));
-        let out = lab::sh(&format!(
-            "umask 077; wg genkey > {p} && wg pubkey < {p}",
-            p = path.display()
-        ));
-        public.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        let (path, key) = lab::wg_key(dir.path(), &format!("node{i}"));
+        public.push(key);
         private_files.push(path.display().to_string());
     }
     Keys {

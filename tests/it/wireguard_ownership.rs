@@ -25,15 +25,7 @@ fn mesh_ip(i: usize) -> String {
 
 /// A private key file and its public key, made with `wg`.
 fn key(dir: &Path, name: &str) -> (PathBuf, String) {
-    let path = dir.join(format!("{name}.key"));
-    let out = lab::sh(&format!(
-        "umask 077; wg genkey > {p} && wg pubkey < {p}",
-        p = path.display()
-    ));
-    (
-        path,
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-    )
+    lab::wg_key(dir, name)
 }
 
 fn config(d: &Path, iface: &str, i: usize, extra: &str, peers: &str) -> String {

@@ -29,6 +29,20 @@ pub fn available() -> Result<(), String> {
     Ok(())
 }
 
+/// A WireGuard private key file `<dir>/<name>.key` (made with `wg genkey`, 0600) and its
+/// public key.
+pub fn wg_key(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, String) {
+    let path = dir.join(format!("{name}.key"));
+    let out = sh(&format!(
+        "umask 077; wg genkey > {p} && wg pubkey < {p}",
+        p = path.display()
+    ));
+    (
+        path,
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    )
+}
+
 pub fn sh(script: &str) -> Output {
     let out = Command::new("sh")
         .args(["-c", script])
