@@ -73,7 +73,7 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
             mesh: mesh_provider(&config, hooks.clone()),
             hooks: (hooks, recheck_rx),
             gpu: Box::new(NvmlProbe::new(config.gpu.nvml_library.clone())),
-            notifier: Box::new(SdNotifier),
+            notifier: Box::new(SdNotifier::default()),
             watchdog_interval: SdNotifier::watchdog_interval(),
         };
         let socket = config.api.socket.clone();

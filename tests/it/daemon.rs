@@ -19,6 +19,25 @@ fn ready_node(env: &[(&str, &str)]) -> Node {
 }
 
 #[test]
+fn a_service_manager_that_stops_reading_notifications_never_freezes_the_daemon() {
+    // Each reload sends RELOADING=1, READY=1 and a STATUS; nobody reads them here, so the
+    // notification socket's queue (10 datagrams by default) fills after a few reloads.
+    let node = ready_node(&[]);
+    for _ in 0..12 {
+        node.signal(Signal::SIGHUP);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let socket = node.path("run/clawnode.sock");
+    let out = node.cli(&["status", "--socket", socket.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "the daemon stopped answering: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(node.stderr().contains("not reading"), "{}", node.stderr());
+}
+
+#[test]
 fn normal_start_reports_ready_only_when_joined_probed_and_published() {
     let node = Node::start(|d| fake_config(d, "", ""), &[]);
     let seen = node.recv_until("READY=1", WAIT);
