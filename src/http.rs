@@ -154,27 +154,6 @@ impl Slot {
             .compare_exchange(WAITING, SERVING, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
     }
-
-    /// `head_in`, then serve one exchange (`serve_one`).
-    pub async fn serve<I, S, B>(self, component: &'static str, io: I, service: S, limits: Limits)
-    where
-        I: Peek + AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: hyper::service::Service<
-                hyper::Request<hyper::body::Incoming>,
-                Response = hyper::Response<B>,
-            > + Send,
-        S::Future: Send + 'static,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        B: hyper::body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        if !self.head_in(component, &io, limits).await {
-            return;
-        }
-        // Boxed, so a connection that is still waiting carries none of hyper's state.
-        Box::pin(serve_one(component, io, service, limits)).await;
-    }
 }
 
 /// A stream whose unread bytes can be looked at without taking them out of the kernel.
@@ -657,7 +636,9 @@ mod tests {
                         "ok",
                     ))))
                 });
-                slot.serve("test", io, service, limits).await;
+                if slot.head_in("test", &io, limits).await {
+                    serve_one("test", io, service, limits).await;
+                }
             },
         ));
         addr
