@@ -19,7 +19,7 @@ use super::b64;
 use super::cursor::Cursor;
 use super::ids::{KeyId, NodeId, Role, RootKey};
 use super::record::{Advert, AdvertService, Invalid, NodeRecord, Revocation, SignerCert};
-use super::wire::Update;
+use super::wire::{Update, UpdateKind};
 use crate::core::peer_diff::PeerKey;
 
 /// How expired records are treated.
@@ -185,6 +185,8 @@ pub struct PeerSet {
     pins: BTreeMap<NodeId, Pin>,
     /// Which node each pinned address belongs to (derived from `pins`).
     addresses: BTreeMap<IpAddr, NodeId>,
+    /// Which node holds each key among `records` (derived).
+    keys: BTreeMap<PeerKey, NodeId>,
 }
 
 impl PeerSet {
@@ -197,6 +199,7 @@ impl PeerSet {
             revocations: BTreeMap::new(),
             pins: BTreeMap::new(),
             addresses: BTreeMap::new(),
+            keys: BTreeMap::new(),
         }
     }
 
@@ -206,15 +209,263 @@ impl PeerSet {
 
     /// Applies one answer of `GET /v1/peers` received at `now`.
     pub fn apply(&mut self, update: &Update, now: u64) -> Applied {
-        let _ = (update, now);
-        unimplemented!()
+        let mut applied = Applied::default();
+        let mut before = Before::default();
+        for cert in &update.signers {
+            if let Err(reject) = self.admit_signer(cert, Some(now)) {
+                applied
+                    .rejected
+                    .push((format!("signer {}", cert.key_id), reject));
+            }
+        }
+        for revocation in &update.revocations {
+            if let Err(reject) = self.admit_revocation(revocation, &mut before) {
+                applied
+                    .rejected
+                    .push((format!("revocation of {}", revocation.node_id), reject));
+            }
+        }
+        // A snapshot replaces records and adverts: what it leaves out is removed. The old
+        // ones stay the reference for serial and seq, so a snapshot cannot roll them back.
+        let (old_records, old_adverts) = if update.kind == UpdateKind::Snapshot {
+            for id in self.records.keys().chain(self.adverts.keys()) {
+                before.note(*id, &self.records, &self.adverts);
+            }
+            self.keys.clear();
+            (
+                std::mem::take(&mut self.records),
+                std::mem::take(&mut self.adverts),
+            )
+        } else {
+            (BTreeMap::new(), BTreeMap::new())
+        };
+        for record in &update.records {
+            before.note(record.node_id, &self.records, &self.adverts);
+            let held = old_records.get(&record.node_id);
+            if let Err(reject) = self.admit_record(record, Some(now), held) {
+                applied.rejected.push((
+                    format!("record {} ({})", record.node_id, record.name),
+                    reject,
+                ));
+                // A snapshot's refused successor leaves the verified one held in place.
+                if let Some(held) = held
+                    && !self.records.contains_key(&held.node_id)
+                    && self
+                        .keys
+                        .get(&held.wg_key)
+                        .is_none_or(|o| *o == held.node_id)
+                {
+                    self.keys.insert(held.wg_key, held.node_id);
+                    self.records.insert(held.node_id, held.clone());
+                    if let Some(advert) = old_adverts.get(&held.node_id) {
+                        self.adverts.insert(held.node_id, advert.clone());
+                    }
+                }
+            }
+        }
+        for advert in &update.adverts {
+            before.note(advert.node_id, &self.records, &self.adverts);
+            let held = old_adverts.get(&advert.node_id);
+            if let Err(reject) = self.admit_advert(advert, held) {
+                applied
+                    .rejected
+                    .push((format!("advert of {}", advert.node_id), reject));
+            }
+        }
+        before.compare(&self.records, &self.adverts, &mut applied);
+        applied
+    }
+
+    /// A signer cert: signed by the root; unexpired when `now` is given (from a gateway;
+    /// a cache's certs are kept whatever their age, as their records are).
+    fn admit_signer(&mut self, cert: &SignerCert, now: Option<u64>) -> Result<(), Reject> {
+        cert.verify(&self.root)?;
+        if now.is_some_and(|now| now > cert.not_after) {
+            return Err(Reject::SignerExpired(cert.key_id));
+        }
+        match self.signers.get(&cert.key_id) {
+            Some(held) if held.serial >= cert.serial => {}
+            _ => {
+                self.signers.insert(cert.key_id, cert.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// A revocation from a known signer: kept (the highest serial per node), and the records
+    /// it covers removed.
+    fn admit_revocation(&mut self, rev: &Revocation, before: &mut Before) -> Result<(), Reject> {
+        let signer = self
+            .signers
+            .get(&rev.signer)
+            .ok_or(Invalid::UnknownSigner(rev.signer))?;
+        rev.verify(signer)?;
+        if self.is_revoked(rev.node_id, rev.serial) {
+            return Ok(());
+        }
+        self.revocations.insert(rev.node_id, rev.clone());
+        if let Some(record) = self.records.get(&rev.node_id)
+            && rev.covers(record.node_id, record.serial)
+        {
+            before.note(rev.node_id, &self.records, &self.adverts);
+            self.remove(rev.node_id);
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, node_id: NodeId) {
+        if let Some(record) = self.records.remove(&node_id)
+            && self.keys.get(&record.wg_key) == Some(&node_id)
+        {
+            self.keys.remove(&record.wg_key);
+        }
+        self.adverts.remove(&node_id);
+    }
+
+    /// A record: signed by a known signer, not revoked, newer than the one held (`held`
+    /// overrides what `records` holds, for a snapshot), and within the pins.
+    fn admit_record(
+        &mut self,
+        record: &NodeRecord,
+        now: Option<u64>,
+        held: Option<&NodeRecord>,
+    ) -> Result<(), Reject> {
+        let id = record.node_id;
+        let signer = self
+            .signers
+            .get(&record.signer)
+            .ok_or(Invalid::UnknownSigner(record.signer))?;
+        record.verify(signer)?;
+        if now.is_some_and(|now| now > signer.not_after) {
+            return Err(Reject::SignerExpired(signer.key_id));
+        }
+        if self.is_revoked(id, record.serial) {
+            return Err(Reject::Revoked {
+                node_id: id,
+                serial: record.serial,
+            });
+        }
+        let current = self.records.get(&id);
+        if let Some(held) = current.or(held) {
+            if held == record {
+                if current.is_none() {
+                    self.insert_record(record);
+                }
+                return Ok(());
+            }
+            if record.serial <= held.serial {
+                return Err(Reject::StaleSerial {
+                    node_id: id,
+                    serial: record.serial,
+                    held: held.serial,
+                });
+            }
+        }
+        if let Some(pin) = self.pins.get(&id)
+            && pin.key != record.wg_key
+            && record.serial <= pin.serial
+        {
+            return Err(Reject::KeyPinned {
+                node_id: id,
+                serial: pin.serial,
+            });
+        }
+        for address in &record.addresses {
+            if let Some(owner) = self.addresses.get(address)
+                && *owner != id
+            {
+                return Err(Reject::AddressPinned {
+                    address: *address,
+                    owner: *owner,
+                });
+            }
+        }
+        if let Some(owner) = self.keys.get(&record.wg_key)
+            && *owner != id
+        {
+            return Err(Reject::KeyInUse {
+                node_id: id,
+                owner: *owner,
+            });
+        }
+        self.insert_record(record);
+        Ok(())
+    }
+
+    /// Takes an admitted record, replacing the node's previous one, and pins it.
+    fn insert_record(&mut self, record: &NodeRecord) {
+        let id = record.node_id;
+        if let Some(old) = self.records.insert(id, record.clone())
+            && old.wg_key != record.wg_key
+            && self.keys.get(&old.wg_key) == Some(&id)
+        {
+            self.keys.remove(&old.wg_key);
+        }
+        self.keys.insert(record.wg_key, id);
+        let pin = self.pins.entry(id).or_insert_with(|| Pin {
+            node_id: id,
+            key: record.wg_key,
+            serial: record.serial,
+            addresses: Vec::new(),
+        });
+        if record.serial >= pin.serial {
+            pin.key = record.wg_key;
+            pin.serial = record.serial;
+        }
+        for address in &record.addresses {
+            if !pin.addresses.contains(address) {
+                pin.addresses.push(*address);
+            }
+            self.addresses.insert(*address, id);
+        }
+    }
+
+    /// An advert: well formed, for a node with a record, `seq` above the last seen (`held`
+    /// overrides what `adverts` holds, for a snapshot). The same advert again is no change.
+    fn admit_advert(&mut self, advert: &Advert, held: Option<&Advert>) -> Result<(), Reject> {
+        let id = advert.node_id;
+        advert.check()?;
+        if !self.records.contains_key(&id) {
+            return Err(Reject::UnknownNode(id));
+        }
+        if let Some(held) = self.adverts.get(&id).or(held)
+            && held != advert
+            && advert.seq <= held.seq
+        {
+            return Err(Reject::StaleSeq {
+                node_id: id,
+                seq: advert.seq,
+                held: held.seq,
+            });
+        }
+        self.adverts.insert(id, advert.clone());
+        Ok(())
     }
 
     /// The peers to configure at `now`: verified, unrevoked, within the [`Grace`] rule. The
     /// node's own record is included; the caller skips its own node id.
     pub fn peers(&self, now: u64, grace: Grace) -> Vec<GatewayPeer> {
-        let _ = (now, grace);
-        unimplemented!()
+        self.records
+            .values()
+            .filter(|r| grace.keeps(r.not_after, now))
+            .map(|r| {
+                let advert = self.adverts.get(&r.node_id);
+                GatewayPeer {
+                    node_id: r.node_id,
+                    name: r.name.clone(),
+                    key: r.wg_key,
+                    addresses: r.addresses.clone(),
+                    endpoint: advert.and_then(|a| a.endpoints.first().copied()),
+                    services: advert.map(|a| a.services.clone()).unwrap_or_default(),
+                    roles: r.roles.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Every record held, expired or not, in node id order.
+    pub fn records(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.records.values()
     }
 
     /// The record held for a node, if any (expired or not).
@@ -234,8 +485,17 @@ impl PeerSet {
 
     /// The set as a cache file, to be written atomically.
     pub fn to_cache(&self, cursor: Cursor, saved_at: u64) -> CacheFile {
-        let _ = (cursor, saved_at);
-        unimplemented!()
+        CacheFile {
+            version: CACHE_VERSION,
+            cursor,
+            saved_at,
+            root: self.root,
+            signers: self.signers.values().cloned().collect(),
+            records: self.records.values().cloned().collect(),
+            revocations: self.revocations.values().cloned().collect(),
+            adverts: self.adverts.values().cloned().collect(),
+            pins: self.pins.values().cloned().collect(),
+        }
     }
 
     /// Loads a cache file, re-verifying every signature against `root` (the session's cluster
@@ -245,7 +505,108 @@ impl PeerSet {
         root: RootKey,
         cache: &CacheFile,
     ) -> Result<(PeerSet, Vec<Reject>), CacheRefused> {
-        let _ = (root, cache);
-        unimplemented!()
+        if cache.version != CACHE_VERSION {
+            return Err(CacheRefused::Version(cache.version));
+        }
+        if cache.root != root {
+            return Err(CacheRefused::OtherRoot {
+                found: cache.root,
+                expected: root,
+            });
+        }
+        let mut set = PeerSet::new(root);
+        let mut rejected = Vec::new();
+        for cert in &cache.signers {
+            if let Err(reject) = set.admit_signer(cert, None) {
+                rejected.push(reject);
+            }
+        }
+        let mut before = Before::default();
+        for rev in &cache.revocations {
+            if let Err(reject) = set.admit_revocation(rev, &mut before) {
+                rejected.push(reject);
+            }
+        }
+        // Pins first, so the cache's records are held to them like any other.
+        for pin in &cache.pins {
+            let taken = pin.addresses.iter().find_map(|a| {
+                set.addresses
+                    .get(a)
+                    .filter(|owner| **owner != pin.node_id)
+                    .map(|owner| (*a, *owner))
+            });
+            if let Some((address, owner)) = taken {
+                rejected.push(Reject::AddressPinned { address, owner });
+                continue;
+            }
+            if set.pins.contains_key(&pin.node_id) {
+                continue;
+            }
+            for address in &pin.addresses {
+                set.addresses.insert(*address, pin.node_id);
+            }
+            set.pins.insert(pin.node_id, pin.clone());
+        }
+        for record in &cache.records {
+            if let Err(reject) = set.admit_record(record, None, None) {
+                rejected.push(reject);
+            }
+        }
+        for advert in &cache.adverts {
+            if let Err(reject) = set.admit_advert(advert, None) {
+                rejected.push(reject);
+            }
+        }
+        Ok((set, rejected))
+    }
+}
+
+impl Grace {
+    /// Whether a record expiring at `not_after` is still applied at `now`.
+    pub fn keeps(self, not_after: u64, now: u64) -> bool {
+        match self {
+            Grace::Live => now <= not_after,
+            Grace::Offline { since, grace } => {
+                not_after >= since && now <= not_after.saturating_add(grace)
+            }
+        }
+    }
+}
+
+/// The state of the nodes an update touches, as it was before: compared after, to report
+/// what was added, changed and removed without copying the whole set.
+#[derive(Default)]
+struct Before(BTreeMap<NodeId, (Option<NodeRecord>, Option<Advert>)>);
+
+impl Before {
+    fn note(
+        &mut self,
+        id: NodeId,
+        records: &BTreeMap<NodeId, NodeRecord>,
+        adverts: &BTreeMap<NodeId, Advert>,
+    ) {
+        self.0
+            .entry(id)
+            .or_insert_with(|| (records.get(&id).cloned(), adverts.get(&id).cloned()));
+    }
+
+    fn compare(
+        self,
+        records: &BTreeMap<NodeId, NodeRecord>,
+        adverts: &BTreeMap<NodeId, Advert>,
+        applied: &mut Applied,
+    ) {
+        for (id, (record, advert)) in self.0 {
+            match (record, records.get(&id)) {
+                (None, Some(_)) => applied.added.push(id),
+                (Some(_), None) => applied.removed.push(id),
+                (Some(old), Some(new)) => {
+                    if old != *new || advert.as_ref() != adverts.get(&id) {
+                        applied.changed.push(id);
+                    }
+                }
+                (None, None) => {}
+            }
+        }
     }
 }
