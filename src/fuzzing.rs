@@ -672,9 +672,28 @@ mod tests {
         replay("peer_cache");
     }
 
-    /// The coordination seeds reach past the parsers: the signed ones verify and load.
+    /// The coordination seeds are what the formats write today (Ed25519 is deterministic, so
+    /// they are too), and they reach past the parsers: the signed ones verify and load.
+    /// After a deliberate format change: `CLAWNODE_WRITE_SEEDS=1 cargo test --lib fuzzing::`.
     #[test]
-    fn the_coordination_seeds_are_signed_by_the_fuzz_cluster() {
+    fn the_coordination_seeds_are_current_and_signed_by_the_fuzz_cluster() {
+        let write = std::env::var_os("CLAWNODE_WRITE_SEEDS").is_some();
+        for (target, name, data) in coordination_seeds() {
+            let path = fuzz_dir()
+                .join("corpus")
+                .join(target)
+                .join(format!("seed-{name}"));
+            if write {
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(&path, &data).unwrap();
+            }
+            let saved = std::fs::read(&path).unwrap_or_default();
+            assert!(
+                saved == data,
+                "{} is stale: CLAWNODE_WRITE_SEEDS=1 cargo test --lib fuzzing::",
+                path.display()
+            );
+        }
         let (root, cert) = fuzz_cluster();
         let read = |target: &str, name: &str| {
             std::fs::read(fuzz_dir().join("corpus").join(target).join(name)).expect(name)
@@ -696,17 +715,13 @@ mod tests {
         token.parse::<JoinToken>().unwrap();
     }
 
-    /// Writes the coordination seeds (signed, so Python's seed.py cannot make them):
-    /// `cargo test --lib fuzzing::tests::write_coordination_seeds -- --ignored`.
-    #[test]
-    #[ignore = "writes tests/fuzz/corpus; run by hand when the formats change"]
-    fn write_coordination_seeds() {
+    /// The signed seeds (Python's seed.py cannot sign): (target, name, bytes).
+    fn coordination_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         use crate::core::coord::*;
         use crate::core::peer_diff::PeerKey;
-        let write = |target: &str, name: &str, data: &[u8]| {
-            let dir = fuzz_dir().join("corpus").join(target);
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(dir.join(format!("seed-{name}")), data).unwrap();
+        let mut seeds = Vec::new();
+        let mut write = |target: &'static str, name: &'static str, data: &[u8]| {
+            seeds.push((target, name, data.to_vec()));
         };
         let (root, cert) = fuzz_cluster();
         let signer = ed25519_pkcs8_from_seed(&[2; 32]);
@@ -831,6 +846,7 @@ mod tests {
             .as_bytes(),
         );
         write("join_token", "padded", format!("{token}=").as_bytes());
+        seeds
     }
 
     mod erased {

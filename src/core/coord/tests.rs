@@ -359,6 +359,10 @@ fn a_verified_snapshot_gives_its_peers_with_their_adverts() {
     assert_eq!(peers[0].services[0].name, "molt-provider");
     assert_eq!(peers[0].roles, vec![Role::Node]);
     assert_eq!(peers[1].endpoint, None);
+    assert_eq!(
+        peers[0].allowed_ips(),
+        vec!["10.100.0.3/32".parse().unwrap()]
+    );
 }
 
 #[test]
@@ -916,6 +920,16 @@ fn a_token_in_any_other_form_is_refused_without_echoing_the_secret() {
 }
 
 #[test]
+fn a_token_is_made_only_with_urls_it_can_carry() {
+    let t = token();
+    let made = JoinToken::new(t.id, t.secret.clone(), t.root, t.urls.clone()).unwrap();
+    assert_eq!(made, t);
+    assert!(JoinToken::new(t.id, t.secret.clone(), t.root, vec![]).is_err());
+    assert!(JoinToken::new(t.id, t.secret.clone(), t.root, vec!["https://a,b".into()]).is_err());
+    assert!(JoinToken::new(t.id, t.secret, t.root, vec!["http://a".into()]).is_err());
+}
+
+#[test]
 fn gateway_urls_split_into_host_and_port() {
     assert_eq!(
         split_gateway_url("https://203.0.113.1:8443").unwrap(),
@@ -1057,7 +1071,7 @@ fn allocation_returns_none_when_the_pool_is_full() {
 }
 
 #[test]
-fn allocation_over_a_full_large_pool_is_proportional_to_what_is_taken() {
+fn allocation_never_gives_an_address_twice() {
     let pool: ipnet::IpNet = "10.100.0.0/16".parse().unwrap();
     let mut used = BTreeSet::new();
     for _ in 0..2000 {
