@@ -464,9 +464,12 @@ pub fn join_token(data: &[u8]) {
     match text.parse::<JoinToken>() {
         Ok(token) => {
             assert_eq!(token.to_string(), text, "accepted a non-canonical token");
-            let secret = token.secret.to_b64url();
-            assert!(
-                !format!("{token:?}").contains(secret.as_str()),
+            // Debug does not depend on the secret at all.
+            let mut other = token.clone();
+            other.secret.0.iter_mut().for_each(|b| *b = !*b);
+            assert_eq!(
+                format!("{token:?}"),
+                format!("{other:?}"),
                 "the secret shows in Debug"
             );
             assert!(!token.urls.is_empty());
