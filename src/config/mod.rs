@@ -23,7 +23,7 @@ pub use error::{ConfigError, ConfigErrors};
 #[cfg(feature = "test-fakes")]
 pub use schema::FakeMeshConfig;
 pub use schema::{
-    ApiConfig, Config, GpuConfig, IdTokenSource, LogConfig, NetworkConfig, NodeConfig, PeerConfig,
+    ApiConfig, Config, GatewayConfig, GatewayStore, GpuConfig, IdTokenSource, LogConfig, NetworkConfig, NodeConfig, PeerConfig,
     ServiceMode, ServiceSpec, TailscaleAuth, TailscaleConfig, WireguardConfig,
 };
 pub use types::{
