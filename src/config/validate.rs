@@ -18,8 +18,9 @@ use super::raw::{
     RawWireguard, RawWorkloadIdentity,
 };
 use super::schema::{
-    ApiConfig, Config, GatewayConfig, GatewayStore, GpuConfig, IdTokenSource, LogConfig, NetworkConfig, NodeConfig, PeerConfig,
-    ServiceMode, ServiceSpec, TailscaleAuth, TailscaleConfig, WireguardConfig,
+    ApiConfig, Config, GatewayConfig, GatewayStore, GpuConfig, IdTokenSource, LogConfig,
+    NetworkConfig, NodeConfig, PeerConfig, ServiceMode, ServiceSpec, TailscaleAuth,
+    TailscaleConfig, WireguardConfig,
 };
 use super::types::{
     DnsLabel, InterfaceName, LogLevel, NodeName, ProviderKind, PublicKey, Secret, ServiceName, Tag,

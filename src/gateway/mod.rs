@@ -19,6 +19,9 @@ pub mod store;
 pub mod tls;
 pub mod view;
 
+#[cfg(test)]
+mod tests;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -270,8 +273,9 @@ pub fn root_of(paths: &Paths) -> Result<RootKey, GatewayError> {
     }
     let pem = String::from_utf8(read(&paths.ca_pem)?)
         .map_err(|_| GatewayError::operator("ca.pem is not text"))?;
-    let der = tls::pem_to_der(&pem)
-        .ok_or_else(|| GatewayError::operator(format!("{} holds no certificate", paths.ca_pem.display())))?;
+    let der = tls::pem_to_der(&pem).ok_or_else(|| {
+        GatewayError::operator(format!("{} holds no certificate", paths.ca_pem.display()))
+    })?;
     // An Ed25519 SubjectPublicKeyInfo ends with the raw 32-byte key after this prefix.
     const ED25519_SPKI: [u8; 12] = [
         0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
@@ -383,7 +387,11 @@ pub async fn start(config: &Config) -> Result<Running, GatewayError> {
             let now = unix_now();
             let resigned = upkeep.resign_due(now).await;
             if resigned > 0 {
-                tracing::info!(component = "gateway", resigned, "records re-signed before expiry");
+                tracing::info!(
+                    component = "gateway",
+                    resigned,
+                    "records re-signed before expiry"
+                );
             }
             if let Err(error) = upkeep.store.compact(now).await {
                 tracing::warn!(component = "gateway", %error, "compaction failed");
@@ -403,8 +411,9 @@ fn tls_config(
 ) -> Result<Arc<rustls::ServerConfig>, GatewayError> {
     let ca_pem = String::from_utf8(read(&paths.ca_pem)?)
         .map_err(|_| GatewayError::operator("ca.pem is not text"))?;
-    let ca_der = tls::pem_to_der(&ca_pem)
-        .ok_or_else(|| GatewayError::operator(format!("{} holds no certificate", paths.ca_pem.display())))?;
+    let ca_der = tls::pem_to_der(&ca_pem).ok_or_else(|| {
+        GatewayError::operator(format!("{} holds no certificate", paths.ca_pem.display()))
+    })?;
     let (leaf, key) = match std::fs::read(&paths.root_key) {
         Ok(root_pkcs8) => {
             let root_pkcs8 = Zeroizing::new(root_pkcs8);
@@ -458,11 +467,9 @@ async fn register_self<S: Store>(
         reserved: Vec::new(),
         sign: gateway.sign_fn(name, key, vec![Role::Node, Role::Gateway], now),
     };
-    let joined = gateway
-        .store
-        .join(txn)
-        .await
-        .map_err(|e| GatewayError::operator(format!("cannot register this gateway's own record: {e}")))?;
+    let joined = gateway.store.join(txn).await.map_err(|e| {
+        GatewayError::operator(format!("cannot register this gateway's own record: {e}"))
+    })?;
     let node_id = joined.record.node_id;
     let session = Session { node_id, secret };
     let file = SessionFile {
@@ -478,4 +485,66 @@ async fn register_self<S: Store>(
     state::write_atomic(&paths.session_file, &bytes, 0o600).map_err(state_err)?;
     tracing::info!(component = "gateway", %node_id, %address, "this gateway's own record registered");
     Ok(())
+}
+
+/// The gateway on its own thread and runtime, so a crowd of long-polls never delays the
+/// daemon's supervisor (which runs on one thread). Dropping it stops the gateway.
+pub struct Thread {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Thread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Start the gateway role on a thread of its own; returns once it listens (or failed to).
+pub fn spawn(config: Config) -> Result<Thread, GatewayError> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("gateway".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("gateway")
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(GatewayError::transient(e.to_string())));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match start(&config).await {
+                    Ok(running) => {
+                        let _ = ready_tx.send(Ok(running.addr));
+                        let _ = stop_rx.await;
+                        drop(running);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            });
+        })
+        .map_err(|e| GatewayError::transient(e.to_string()))?;
+    let addr = ready_rx
+        .recv()
+        .map_err(|_| GatewayError::transient("the gateway thread ended before it started"))??;
+    Ok(Thread {
+        addr,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
 }

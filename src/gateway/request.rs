@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::core::coord::{Advert, Cursor, JoinRequest, Session, b64, check_dns_label};
+use crate::core::coord::{Advert, Cursor, JoinRequest, Session, check_dns_label};
 
 /// The largest request body read (a join or an advert is far smaller).
 pub const MAX_BODY: usize = 64 * 1024;
@@ -86,7 +86,10 @@ pub fn parse(parts: Parts<'_>) -> Result<Request, Refusal> {
             let session = bearer(parts.authorization)?;
             let advert = parse_advert(parts.body)?;
             if advert.node_id != session.node_id {
-                return Err(refuse(403, "an advert may only be for the session's own node"));
+                return Err(refuse(
+                    403,
+                    "an advert may only be for the session's own node",
+                ));
             }
             Ok(Request::PutSelf { session, advert })
         }
@@ -114,12 +117,6 @@ pub fn parse_join(body: &[u8]) -> Result<JoinRequest, Refusal> {
     let request: JoinRequest = serde_json::from_slice(body)
         .map_err(|e| refuse(400, format!("not a join request: {e}")))?;
     check_dns_label(&request.name).map_err(|e| refuse(400, format!("name: {e}")))?;
-    if b64::wg_key_from_str(&request.wg_key).is_none() {
-        return Err(refuse(
-            400,
-            "wg_key: expected a WireGuard public key (base64 of 32 bytes)",
-        ));
-    }
     if request.endpoints.len() > crate::core::coord::record::MAX_ENDPOINTS {
         return Err(refuse(400, "too many endpoints"));
     }
@@ -209,7 +206,10 @@ mod tests {
             cursor: got,
             wait,
             gzip,
-        }) = get(&format!("/v1/peers?cursor={cursor}&wait=300"), Some(SESSION))
+        }) = get(
+            &format!("/v1/peers?cursor={cursor}&wait=300"),
+            Some(SESSION),
+        )
         else {
             panic!("a poll");
         };
@@ -236,7 +236,9 @@ mod tests {
     #[test]
     fn a_service_name_must_be_a_dns_label() {
         assert_eq!(
-            get("/v1/services/../etc", Some(SESSION)).unwrap_err().status,
+            get("/v1/services/../etc", Some(SESSION))
+                .unwrap_err()
+                .status,
             400
         );
         assert!(matches!(

@@ -90,7 +90,9 @@ pub async fn serve<S: Store>(
                     .counters
                     .refused_busy
                     .fetch_add(1, Ordering::Relaxed);
-                let service = hyper::service::service_fn(|_req| async { Ok::<_, Infallible>(busy_response()) });
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, Infallible>(busy_response())
+                });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(TLS_TIMEOUT)
@@ -235,7 +237,10 @@ async fn handle<S: Store>(
                 return refusal_response(&refusal);
             }
             let answer = gateway.view.services(&name);
-            json_response(200, Bytes::from(serde_json::to_vec(&answer).unwrap_or_default()))
+            json_response(
+                200,
+                Bytes::from(serde_json::to_vec(&answer).unwrap_or_default()),
+            )
         }
         Request::Status { session } => {
             if let Err(refusal) = authorised(&gateway.view, &session) {
@@ -258,7 +263,11 @@ fn authorised(view: &View, session: &Session) -> Result<(), Refusal> {
 }
 
 /// What a session with `cursor` is owed, waiting up to `wait` for a change when it is current.
-pub async fn poll(view: &View, cursor: Option<crate::core::coord::Cursor>, wait: Duration) -> Arc<Encoded> {
+pub async fn poll(
+    view: &View,
+    cursor: Option<crate::core::coord::Cursor>,
+    wait: Duration,
+) -> Arc<Encoded> {
     let mut head = view.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
@@ -384,11 +393,7 @@ async fn handle_join<S: Store>(
     };
     let node_id = joined.record.node_id;
     gateway.view.add_session(node_id, session_hash);
-    gateway
-        .view
-        .counters
-        .joins
-        .fetch_add(1, Ordering::Relaxed);
+    gateway.view.counters.joins.fetch_add(1, Ordering::Relaxed);
     if !endpoints.is_empty() {
         // Seq 1: the node's own adverts (PUT /v1/self) carry higher ones.
         let advert = Advert {
@@ -413,7 +418,10 @@ async fn handle_join<S: Store>(
         mesh_cidr: gateway.mesh_cidr,
         gateways: gateway.gateways.clone(),
     };
-    json_response(200, Bytes::from(serde_json::to_vec(&response).unwrap_or_default()))
+    json_response(
+        200,
+        Bytes::from(serde_json::to_vec(&response).unwrap_or_default()),
+    )
 }
 
 impl<S: Store> Gateway<S> {

@@ -236,9 +236,11 @@ impl SqliteStore {
     /// The node a name or `n<id>` names, revoked or not.
     pub fn find_node(&self, name_or_id: &str) -> Result<Option<NodeRow>, StoreError> {
         let id = name_or_id.parse::<NodeId>().ok();
-        Ok(self.nodes_blocking()?.into_iter().rev().find(|row| {
-            Some(row.node_id) == id || (row.name == name_or_id && !row.revoked)
-        }))
+        Ok(self
+            .nodes_blocking()?
+            .into_iter()
+            .rev()
+            .find(|row| Some(row.node_id) == id || (row.name == name_or_id && !row.revoked)))
     }
 
     pub fn snapshot_blocking(&self) -> Result<(u64, State), StoreError> {
@@ -247,8 +249,9 @@ impl SqliteStore {
                 let tx = conn.transaction()?;
                 let head = head_of(&tx)?;
                 let rows = {
-                    let mut stmt =
-                        tx.prepare("SELECT record, advert FROM nodes WHERE revoked = 0 ORDER BY node_id")?;
+                    let mut stmt = tx.prepare(
+                        "SELECT record, advert FROM nodes WHERE revoked = 0 ORDER BY node_id",
+                    )?;
                     stmt.query_map([], |r| {
                         Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
                     })?
@@ -291,10 +294,11 @@ impl SqliteStore {
         let (through, rows) = self
             .with(|conn| {
                 let tx = conn.transaction()?;
-                let through: i64 =
-                    tx.query_row("SELECT v FROM meta WHERE k = 'compacted_through'", [], |r| {
-                        r.get(0)
-                    })?;
+                let through: i64 = tx.query_row(
+                    "SELECT v FROM meta WHERE k = 'compacted_through'",
+                    [],
+                    |r| r.get(0),
+                )?;
                 let rows = {
                     let mut stmt =
                         tx.prepare("SELECT rev, body FROM changes WHERE rev > ?1 ORDER BY rev")?;
@@ -438,12 +442,18 @@ impl SqliteStore {
             .collect())
     }
 
-    pub fn compact_blocking(&self, now: u64) -> Result<u64, StoreError> {
+    /// Drop changes older than both `keep` changes and `keep_for_s` seconds; returns how many.
+    pub fn compact_blocking(
+        &self,
+        now: u64,
+        keep: u64,
+        keep_for_s: u64,
+    ) -> Result<u64, StoreError> {
         self.with(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let head = head_of(&tx)?;
-            let keep_from = head.saturating_sub(KEEP_CHANGES);
-            let before = now.saturating_sub(KEEP_CHANGES_FOR_S);
+            let keep_from = head.saturating_sub(keep);
+            let before = now.saturating_sub(keep_for_s);
             let through: Option<i64> = tx.query_row(
                 "SELECT max(rev) FROM changes WHERE rev <= ?1 AND at < ?2",
                 params![keep_from as i64, before as i64],
@@ -553,7 +563,8 @@ fn join_in(conn: &mut Connection, txn: JoinTxn) -> Result<Joined, JoinError> {
             return Err(JoinError::AddressTaken(address));
         }
         let old: NodeRecord = serde_json::from_str(&record).map_err(json_err)?;
-        let record = (txn.sign)(NodeId(id as u64), address, old.serial + 1).map_err(JoinError::Sign)?;
+        let record =
+            (txn.sign)(NodeId(id as u64), address, old.serial + 1).map_err(JoinError::Sign)?;
         let body = serde_json::to_string(&record).map_err(json_err)?;
         tx.execute(
             "UPDATE nodes SET record = ?1, session_hash = ?2 WHERE node_id = ?3",
@@ -664,6 +675,7 @@ impl Store for SqliteStore {
     }
 
     async fn compact(&self, now: u64) -> Result<u64, StoreError> {
-        self.blocking(move |s| s.compact_blocking(now)).await
+        self.blocking(move |s| s.compact_blocking(now, KEEP_CHANGES, KEEP_CHANGES_FOR_S))
+            .await
     }
 }

@@ -167,11 +167,15 @@ pub trait Store: Send + Sync + 'static {
     fn wait(&self, rev: u64) -> impl Future<Output = Result<u64, StoreError>> + Send;
     fn join(&self, txn: JoinTxn) -> impl Future<Output = Result<Joined, JoinError>> + Send;
     fn put_advert(&self, advert: Advert) -> impl Future<Output = Result<u64, AdvertError>> + Send;
-    fn revoke(&self, revocation: Revocation)
-    -> impl Future<Output = Result<u64, StoreError>> + Send;
+    fn revoke(
+        &self,
+        revocation: Revocation,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// Replace a node's record with a re-signed one (same key and addresses, higher serial).
-    fn put_record(&self, record: NodeRecord)
-    -> impl Future<Output = Result<u64, StoreError>> + Send;
+    fn put_record(
+        &self,
+        record: NodeRecord,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
     fn put_signer(&self, cert: SignerCert) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// The session hashes of the nodes not revoked, to authenticate their requests.
     fn sessions(&self) -> impl Future<Output = Result<Vec<(NodeId, [u8; 32])>, StoreError>> + Send;

@@ -57,10 +57,7 @@ pub fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
 
 /// A leaf for `names` (host names or IP addresses), issued by the root key: `(leaf DER, its
 /// PKCS#8 key)`.
-pub fn issue_leaf(
-    root_pkcs8: &[u8],
-    names: &[String],
-) -> Result<(Vec<u8>, Vec<u8>), GatewayError> {
+pub fn issue_leaf(root_pkcs8: &[u8], names: &[String]) -> Result<(Vec<u8>, Vec<u8>), GatewayError> {
     let root = root_pair(root_pkcs8)?;
     let params = ca_params();
     let issuer = Issuer::from_params(&params, &root);
