@@ -121,6 +121,15 @@ impl Signer {
             key_id: KeyId::of(&public),
         })
     }
+
+    #[cfg(test)]
+    pub fn load_bytes(pkcs8: Vec<u8>) -> Self {
+        let public = coord::public_key_of_pkcs8(&pkcs8).expect("a test key");
+        Self {
+            pkcs8: Zeroizing::new(pkcs8),
+            key_id: KeyId::of(&public),
+        }
+    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, GatewayError> {

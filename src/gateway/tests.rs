@@ -659,3 +659,134 @@ fn the_gateway_section_has_its_defaults_and_checks_the_pool() {
         .to_string();
     assert!(errors.contains("gateway.address_pool"), "{errors}");
 }
+
+fn gateway_config(dir: &std::path::Path) -> crate::config::Config {
+    let text = format!(
+        "[node]\nname = \"gw\"\nstate_dir = \"{0}/state\"\n[network]\nprovider = \"wireguard\"\n[network.wireguard]\naddress = \"10.100.0.1/16\"\nprivate_key_file = \"{0}/wg.key\"\n[gateway]\nenabled = true\nlisten = \"127.0.0.1:0\"\npublic_url = \"https://203.0.113.1:8443\"\n",
+        dir.display()
+    );
+    crate::config::parse_bytes(std::path::Path::new("t.toml"), text.into_bytes()).unwrap()
+}
+
+#[test]
+fn init_runs_once_and_a_token_carries_the_root_and_url_but_the_store_only_its_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = gateway_config(dir.path());
+    let done = super::init(&config, NOW).unwrap();
+    let again = super::init(&config, NOW).unwrap_err();
+    assert!(!again.transient);
+    assert!(
+        again.message.contains("already initialised"),
+        "{}",
+        again.message
+    );
+    let paths = super::Paths::new(&config.node.state_dir);
+    use std::os::unix::fs::PermissionsExt;
+    for secret in [&paths.root_key, &paths.signer_key] {
+        let mode = std::fs::metadata(secret).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", secret.display());
+    }
+    let (token, expires_at) =
+        super::create_token(&config, Duration::from_secs(3600), 1, NOW).unwrap();
+    assert_eq!(expires_at, NOW + 3600);
+    assert_eq!(token.root, done.root);
+    assert_eq!(token.urls, vec!["https://203.0.113.1:8443".to_owned()]);
+    let parsed: coord::JoinToken = token.to_string().parse().unwrap();
+    assert_eq!(parsed, token);
+    // Without the root key (moved offline) the root still comes from ca.pem.
+    std::fs::remove_file(&paths.root_key).unwrap();
+    assert_eq!(super::root_of(&paths).unwrap(), done.root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_gateway_registers_itself_as_node_and_gateway_and_writes_its_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = gateway_config(dir.path());
+    super::init(&config, NOW).unwrap();
+    let running = super::start(&config).await.unwrap();
+    let paths = super::Paths::new(&config.node.state_dir);
+    let session: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&paths.session_file).unwrap()).unwrap();
+    assert_eq!(session["address"], "10.100.0.1");
+    assert_eq!(session["gateways"][0], "https://203.0.113.1:8443");
+    let bearer: coord::Session = session["session"].as_str().unwrap().parse().unwrap();
+    assert!(
+        running
+            .view
+            .session_valid(bearer.node_id, &bearer.secret.hash())
+    );
+    let own = running.view.record(bearer.node_id).unwrap();
+    assert_eq!(own.roles, vec![Role::Node, Role::Gateway]);
+    assert_eq!(own.addresses, vec!["10.100.0.1".parse::<IpAddr>().unwrap()]);
+    // A restart keeps the same node, with a new session and a higher serial.
+    drop(running);
+    let running = super::start(&config).await.unwrap();
+    let again = running.view.record(bearer.node_id).unwrap();
+    assert_eq!(again.serial, own.serial + 1);
+    assert!(
+        !running
+            .view
+            .session_valid(bearer.node_id, &bearer.secret.hash())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_re_signed_with_a_higher_serial_before_they_expire() {
+    let h = harness(8).await;
+    let secret = token(&h.store, TOKEN_ID, 1, super::unix_now() + 3600);
+    let (status, body) = h.join(TOKEN_ID, &secret, "gpu-1", 1).await;
+    assert_eq!(status, 200);
+    let joined: JoinResponse = serde_json::from_slice(&body).unwrap();
+    while h.view.record(joined.node_id).is_none() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let gateway = Gateway {
+        store: Arc::clone(&h.store),
+        view: Arc::clone(&h.view),
+        signer: Arc::new(Signer::load_bytes(signer_pkcs8())),
+        pool: pool(),
+        mesh_cidr: pool(),
+        reserved: Vec::new(),
+        gateways: Vec::new(),
+        record_lifetime: 30 * 86_400,
+        max_sessions: 8,
+    };
+    let now = super::unix_now();
+    assert_eq!(
+        gateway.resign_due(now).await,
+        0,
+        "fresh records are left alone"
+    );
+    let later = now + 16 * 86_400;
+    assert_eq!(gateway.resign_due(later).await, 1);
+    while h.view.record(joined.node_id).unwrap().serial == joined.record.serial {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let resigned = h.view.record(joined.node_id).unwrap();
+    assert_eq!(resigned.serial, joined.record.serial + 1);
+    assert_eq!(resigned.not_after, later + 30 * 86_400);
+    assert_eq!(resigned.wg_key, joined.record.wg_key);
+    assert_eq!(resigned.addresses, joined.record.addresses);
+}
+
+#[test]
+fn a_large_answer_is_gzipped_once_and_a_small_one_is_not() {
+    let view = view_at(40);
+    let snapshot = view.snapshot();
+    assert!(snapshot.json.len() > super::view::GZIP_OVER);
+    let zipped = snapshot.gzip().unwrap().clone();
+    assert!(zipped.len() < snapshot.json.len());
+    assert_eq!(
+        snapshot.gzip().unwrap().as_ptr(),
+        zipped.as_ptr(),
+        "compressed once"
+    );
+    let mut unzipped = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(&zipped[..]),
+        &mut unzipped,
+    )
+    .unwrap();
+    assert_eq!(unzipped, snapshot.json);
+    assert!(view.empty(40).gzip().is_none());
+}
