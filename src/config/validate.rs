@@ -785,8 +785,15 @@ impl<'a> Checker<'a> {
             1..=1_000_000,
             "a number of connections 1-1000000",
         );
+        let enabled = raw.enabled.unwrap_or(false);
+        if enabled && network.provider != ProviderKind::Wireguard {
+            self.error(
+                &path.key("enabled"),
+                "expected enabled = false unless network.provider = \"wireguard\" (the gateway coordinates the self-hosted WireGuard mesh)",
+            );
+        }
         GatewayConfig {
-            enabled: raw.enabled.unwrap_or(false),
+            enabled,
             listen,
             public_url,
             store,

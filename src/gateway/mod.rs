@@ -34,6 +34,7 @@ use crate::config::Config;
 use crate::core::coord::{
     self, Cursor, JoinToken, KeyId, Role, RootKey, Secret32, Session, TokenId,
 };
+use crate::core::peer_diff::PeerKey;
 use crate::state;
 
 pub use server::Gateway;
@@ -346,9 +347,9 @@ impl Drop for Running {
     }
 }
 
-/// Start the gateway role: load the identity, register this node's own record, fill the view,
-/// and serve HTTPS on `[gateway] listen`.
-pub async fn start(config: &Config) -> Result<Running, GatewayError> {
+/// Start the gateway role: load the identity, register this node's own record (with its
+/// WireGuard public key `own_key`), fill the view, and serve HTTPS on `[gateway] listen`.
+pub async fn start(config: &Config, own_key: PeerKey) -> Result<Running, GatewayError> {
     let paths = Paths::new(&config.node.state_dir);
     let store = Arc::new(SqliteStore::open(&paths.store)?);
     let signer = Arc::new(Signer::load(&paths.signer_key)?);
@@ -371,7 +372,7 @@ pub async fn start(config: &Config) -> Result<Running, GatewayError> {
     });
     let now = unix_now();
     if let Some(address) = own_address {
-        register_self(config, &gateway, &paths, root, address, now).await?;
+        register_self(config, &gateway, &paths, root, (address, own_key), now).await?;
     }
     view::load(&*store, &view).await?;
     let tls = tls_config(config, &paths, &url)?;
@@ -455,13 +456,10 @@ async fn register_self<S: Store>(
     gateway: &Gateway<S>,
     paths: &Paths,
     root: RootKey,
-    address: IpAddr,
+    (address, key): (IpAddr, PeerKey),
     now: u64,
 ) -> Result<(), GatewayError> {
     let wg = &config.network.wireguard;
-    let key = crate::mesh::wireguard::keys::load_or_generate(&wg.private_key_file)
-        .map_err(|e| GatewayError::operator(e.to_string()))?
-        .public();
     let secret = Secret32(random_32());
     let session_hash = secret.hash();
     let name = config.node.name.as_str().to_owned();
@@ -516,7 +514,7 @@ impl Drop for Thread {
 }
 
 /// Start the gateway role on a thread of its own; returns once it listens (or failed to).
-pub fn spawn(config: Config) -> Result<Thread, GatewayError> {
+pub fn spawn(config: Config, own_key: PeerKey) -> Result<Thread, GatewayError> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
@@ -535,7 +533,7 @@ pub fn spawn(config: Config) -> Result<Thread, GatewayError> {
                 }
             };
             runtime.block_on(async move {
-                match start(&config).await {
+                match start(&config, own_key).await {
                     Ok(running) => {
                         let _ = ready_tx.send(Ok(running.addr));
                         let _ = stop_rx.await;

@@ -703,7 +703,7 @@ async fn a_started_gateway_registers_itself_as_node_and_gateway_and_writes_its_s
     let dir = tempfile::tempdir().unwrap();
     let config = gateway_config(dir.path());
     super::init(&config, NOW).unwrap();
-    let running = super::start(&config).await.unwrap();
+    let running = super::start(&config, key(77)).await.unwrap();
     let paths = super::Paths::new(&config.node.state_dir);
     let session: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&paths.session_file).unwrap()).unwrap();
@@ -720,7 +720,7 @@ async fn a_started_gateway_registers_itself_as_node_and_gateway_and_writes_its_s
     assert_eq!(own.addresses, vec!["10.100.0.1".parse::<IpAddr>().unwrap()]);
     // A restart keeps the same node, with a new session and a higher serial.
     drop(running);
-    let running = super::start(&config).await.unwrap();
+    let running = super::start(&config, key(77)).await.unwrap();
     let again = running.view.record(bearer.node_id).unwrap();
     assert_eq!(again.serial, own.serial + 1);
     assert!(
