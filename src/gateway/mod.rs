@@ -323,7 +323,7 @@ pub fn nodes(config: &Config) -> Result<Vec<store::NodeRow>, GatewayError> {
 /// The node client's session file on the gateway node: the same shape a join writes.
 #[derive(serde::Serialize)]
 struct SessionFile<'a> {
-    root: String,
+    root: RootKey,
     node_id: coord::NodeId,
     session: &'a Session,
     address: IpAddr,
@@ -480,7 +480,7 @@ async fn register_self<S: Store>(
     let node_id = joined.record.node_id;
     let session = Session { node_id, secret };
     let file = SessionFile {
-        root: root.to_string(),
+        root,
         node_id,
         session: &session,
         address,
