@@ -790,3 +790,37 @@ fn a_large_answer_is_gzipped_once_and_a_small_one_is_not() {
     assert_eq!(unzipped, snapshot.json);
     assert!(view.empty(40).gzip().is_none());
 }
+
+#[test]
+fn the_address_the_gateway_sees_fills_an_unspecified_endpoint_and_is_added_behind_nat() {
+    let source: IpAddr = "198.51.100.9".parse().unwrap();
+    let mut wildcard = vec!["0.0.0.0:51820".parse().unwrap()];
+    super::server::fill_source(&mut wildcard, source);
+    assert_eq!(
+        wildcard,
+        vec!["198.51.100.9:51820".parse::<SocketAddr>().unwrap()]
+    );
+
+    let mut behind_nat = vec!["192.168.1.5:51820".parse().unwrap()];
+    super::server::fill_source(&mut behind_nat, source);
+    assert_eq!(
+        behind_nat,
+        vec![
+            "192.168.1.5:51820".parse::<SocketAddr>().unwrap(),
+            "198.51.100.9:51820".parse().unwrap()
+        ],
+        "its own address first, the one seen added"
+    );
+
+    let mut direct = vec!["198.51.100.9:51820".parse().unwrap()];
+    super::server::fill_source(&mut direct, source);
+    assert_eq!(
+        direct.len(),
+        1,
+        "nothing added when the node already lists it"
+    );
+
+    let mut none = Vec::new();
+    super::server::fill_source(&mut none, source);
+    assert!(none.is_empty(), "no port to go with it");
+}
