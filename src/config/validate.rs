@@ -60,6 +60,17 @@ impl<'a> Checker<'a> {
         let services = self.services(raw.services, ts_services, network.provider);
         let level = self.keyword::<LogLevel>(&root.key("log").key("level"), raw.log.level);
         let gateway = self.gateway(&root.key("gateway"), raw.gateway, &network, &services);
+        let mut services = services;
+        if gateway.enabled
+            && let Ok(name) = ServiceName::try_from("gateway".to_owned())
+        {
+            // A gateway advertises the `gateway` service, declared or not.
+            services.entry(name).or_insert(ServiceSpec {
+                port: gateway.listen.port(),
+                mode: ServiceMode::Tcp,
+                tls_cert: false,
+            });
+        }
         let config = Config {
             node,
             api,

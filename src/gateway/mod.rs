@@ -264,7 +264,7 @@ pub fn create_token(
         urls: vec![public_url(config)?],
     };
     let expires_at = now + ttl.as_secs();
-    store.create_token(
+    store.create_token_blocking(
         &token.id.to_string(),
         &coord::token_hash(&token.secret),
         expires_at,
@@ -498,6 +498,8 @@ async fn register_self<S: Store>(
 /// daemon's supervisor (which runs on one thread). Dropping it stops the gateway.
 pub struct Thread {
     pub addr: SocketAddr,
+    /// The gateway's view, for its counters (`server::status_json`) in status and metrics.
+    pub view: Arc<View>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -535,7 +537,7 @@ pub fn spawn(config: Config, own_key: PeerKey) -> Result<Thread, GatewayError> {
             runtime.block_on(async move {
                 match start(&config, own_key).await {
                     Ok(running) => {
-                        let _ = ready_tx.send(Ok(running.addr));
+                        let _ = ready_tx.send(Ok((running.addr, Arc::clone(&running.view))));
                         let _ = stop_rx.await;
                         drop(running);
                     }
@@ -546,11 +548,12 @@ pub fn spawn(config: Config, own_key: PeerKey) -> Result<Thread, GatewayError> {
             });
         })
         .map_err(|e| GatewayError::transient(e.to_string()))?;
-    let addr = ready_rx
+    let (addr, view) = ready_rx
         .recv()
         .map_err(|_| GatewayError::transient("the gateway thread ended before it started"))??;
     Ok(Thread {
         addr,
+        view,
         stop: Some(stop_tx),
         thread: Some(thread),
     })

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::store::{
     AdvertError, Change, Compacted, JoinError, JoinTxn, Joined, KEEP_CHANGES, KEEP_CHANGES_FOR_S,
-    NodeRow, State, Store, StoreError,
+    NewToken, NodeRow, State, Store, StoreError,
 };
 use crate::core::coord::{Advert, NodeId, NodeRecord, Revocation, SignerCert};
 
@@ -177,7 +177,7 @@ impl SqliteStore {
     }
 
     /// Record a join token; only its hash is kept.
-    pub fn create_token(
+    pub fn create_token_blocking(
         &self,
         id: &str,
         hash: &[u8; 32],
@@ -697,6 +697,23 @@ impl Store for SqliteStore {
 
     async fn sessions(&self) -> Result<Vec<(NodeId, [u8; 32])>, StoreError> {
         self.blocking(|s| s.sessions_blocking()).await
+    }
+
+    async fn create_token(&self, token: NewToken) -> Result<(), StoreError> {
+        self.blocking(move |s| {
+            s.create_token_blocking(
+                &token.id,
+                &token.hash,
+                token.expires_at,
+                token.uses,
+                token.now,
+            )
+        })
+        .await
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
+        self.blocking(|s| s.nodes_blocking()).await
     }
 
     async fn compact(&self, now: u64) -> Result<u64, StoreError> {

@@ -91,7 +91,7 @@ fn txn(token: Option<(&str, &Secret32)>, name: &str, n: u32, now: u64) -> JoinTx
 fn token(store: &SqliteStore, id: &str, uses: u32, expires_at: u64) -> Secret32 {
     let secret = Secret32(super::random_32());
     store
-        .create_token(id, &coord::token_hash(&secret), expires_at, uses, NOW)
+        .create_token_blocking(id, &coord::token_hash(&secret), expires_at, uses, NOW)
         .unwrap();
     secret
 }
@@ -823,4 +823,44 @@ fn the_address_the_gateway_sees_fills_an_unspecified_endpoint_and_is_added_behin
     let mut none = Vec::new();
     super::server::fill_source(&mut none, source);
     assert!(none.is_empty(), "no port to go with it");
+}
+
+#[test]
+fn an_enabled_gateway_advertises_the_gateway_service_even_when_not_declared() {
+    let text = "[node]\nname = \"gw\"\n[network]\nprovider = \"wireguard\"\n[network.wireguard]\naddress = \"10.100.0.1/16\"\n[gateway]\nenabled = true\nlisten = \"0.0.0.0:9443\"\n";
+    let config =
+        crate::config::parse_bytes(std::path::Path::new("t.toml"), text.as_bytes().to_vec())
+            .unwrap();
+    let ads: Vec<(String, u16)> = config
+        .services
+        .iter()
+        .map(|(name, spec)| (name.to_string(), spec.port))
+        .collect();
+    assert_eq!(ads, vec![("gateway".to_owned(), 9443)]);
+}
+
+#[tokio::test]
+async fn tokens_and_nodes_through_the_store_trait() {
+    use super::store::{NewToken, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let secret = Secret32([5; 32]);
+    store
+        .create_token(NewToken {
+            id: "00000000000000b1".into(),
+            hash: coord::token_hash(&secret),
+            expires_at: NOW + 60,
+            uses: 1,
+            now: NOW,
+        })
+        .await
+        .unwrap();
+    store
+        .join(txn(Some(("00000000000000b1", &secret)), "gpu-9", 9, NOW))
+        .await
+        .unwrap();
+    let nodes = Store::nodes(&store).await.unwrap();
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].name, "gpu-9");
+    assert!(!nodes[0].revoked);
 }
