@@ -515,8 +515,47 @@ impl Drop for Thread {
     }
 }
 
+/// Raise the soft descriptor limit toward what `max_sessions` connections need (the unit's
+/// `LimitNOFILE` is the hard cap); returns the soft limit now in force.
+fn raise_fd_limit(max_sessions: usize) -> u64 {
+    let want = (max_sessions as u64).saturating_add(server::OVERFLOW as u64 + 256);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only `limit`, which outlives the calls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        let target = want.min(limit.rlim_max);
+        if target > limit.rlim_cur {
+            let raised = libc::rlimit {
+                rlim_cur: target,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = target;
+            }
+        }
+    }
+    if limit.rlim_cur < want {
+        tracing::warn!(
+            component = "gateway",
+            limit = limit.rlim_cur,
+            max_sessions,
+            "the descriptor limit is below what max_sessions needs: sessions are capped to fit (raise LimitNOFILE to serve more)"
+        );
+    }
+    limit.rlim_cur
+}
+
 /// Start the gateway role on a thread of its own; returns once it listens (or failed to).
-pub fn spawn(config: Config, own_key: PeerKey) -> Result<Thread, GatewayError> {
+pub fn spawn(mut config: Config, own_key: PeerKey) -> Result<Thread, GatewayError> {
+    let limit = raise_fd_limit(config.gateway.max_sessions);
+    // Past the descriptor limit accept would fail (EMFILE); below it, nodes get a 503.
+    let fits = limit.saturating_sub(server::OVERFLOW as u64 + 256).max(64);
+    config.gateway.max_sessions = config.gateway.max_sessions.min(fits as usize);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()

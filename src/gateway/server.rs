@@ -28,7 +28,7 @@ use crate::core::coord::{
 
 /// Connections over `max_sessions` are still taken through TLS to be told 503 (with a
 /// Retry-After) up to this many more; past that they are closed at accept.
-const OVERFLOW: usize = 1024;
+pub const OVERFLOW: usize = 1024;
 const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request head (including the next one on a kept-alive connection) must come within this.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
