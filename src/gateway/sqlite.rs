@@ -465,12 +465,18 @@ impl SqliteStore {
             let head = head_of(&tx)?;
             let keep_from = head.saturating_sub(keep);
             let before = now.saturating_sub(keep_for_s);
+            // Tokens long expired: a late try is told "unknown token" instead of "expired".
+            tx.execute(
+                "DELETE FROM tokens WHERE expires_at < ?1",
+                params![before as i64],
+            )?;
             let through: Option<i64> = tx.query_row(
                 "SELECT max(rev) FROM changes WHERE rev <= ?1 AND at < ?2",
                 params![keep_from as i64, before as i64],
                 |r| r.get(0),
             )?;
             let Some(through) = through else {
+                tx.commit()?;
                 return Ok(0);
             };
             let removed = tx.execute("DELETE FROM changes WHERE rev <= ?1", params![through])?;

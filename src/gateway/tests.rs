@@ -197,10 +197,22 @@ fn changes_come_in_order_and_a_compacted_cursor_is_told_to_take_a_snapshot() {
     assert_eq!(since_4.len(), 2);
 
     // Keep the last 2 changes; everything older (and old enough) goes.
+    let old = token(&store, "00000000000000c1", 1, NOW + 60);
     let removed = store
         .compact_blocking(NOW + 10 * 86_400, 2, 86_400)
         .unwrap();
     assert_eq!(removed, 4);
+    let late = store.join_blocking(txn(
+        Some(("00000000000000c1", &old)),
+        "late",
+        99,
+        NOW + 10 * 86_400,
+    ));
+    assert_eq!(
+        late.unwrap_err().to_string(),
+        "unknown token",
+        "long-expired tokens are purged"
+    );
     assert!(
         store.changes_since_blocking(1).unwrap().is_err(),
         "compacted"
