@@ -257,6 +257,7 @@ impl Daemon {
             }
             Event::GpuChanged { inventory } => {
                 log_inventory(&inventory);
+                self.hooks.gpus.set(inventory.advert_summary());
                 self.core
                     .handle_gpus_changed(inventory, now, fastrand::u32(..));
                 self.log_gpu_verdict();
@@ -266,6 +267,7 @@ impl Daemon {
                 inventory,
             } => {
                 log_inventory(&inventory);
+                self.hooks.gpus.set(inventory.advert_summary());
                 self.core
                     .handle_gpu_probed(generation, inventory, now, fastrand::u32(..));
                 self.log_gpu_verdict();

@@ -295,6 +295,7 @@ impl Coordinator {
         config: &Config,
         me: &NodeIdentity,
         recheck: Recheck,
+        gpus: GpuWatch,
     ) -> Result<Option<Coordinator>, Failure> {
         let wg = &config.network.wireguard;
         let state_dir = &config.node.state_dir;
@@ -319,6 +320,7 @@ impl Coordinator {
             wg.gateway_offline_grace.as_secs(),
             me,
             recheck,
+            gpus,
         )))
     }
 
@@ -329,6 +331,7 @@ impl Coordinator {
         grace_s: u64,
         me: &NodeIdentity,
         recheck: Recheck,
+        gpus: GpuWatch,
     ) -> Coordinator {
         let now = unix_now();
         let mut problems = Vec::new();
@@ -362,7 +365,7 @@ impl Coordinator {
                 grace_s,
                 problems,
                 services: Vec::new(),
-                gpus: None,
+                gpus: gpus.borrow().clone(),
             }),
             advert_changed: tokio::sync::Notify::new(),
         });
@@ -379,6 +382,7 @@ impl Coordinator {
             listen_port: me.listen_port,
             interface: me.interface.clone(),
             mesh_cidr: session.mesh_cidr,
+            gpus,
         };
         let task = tokio::spawn(poller.run());
         Coordinator {
@@ -573,7 +577,11 @@ struct Poller {
     listen_port: u16,
     interface: String,
     mesh_cidr: IpNet,
+    gpus: GpuWatch,
 }
+
+/// The GPU summary the shell keeps current (see `mesh::GpuSummaryCell`).
+pub type GpuWatch = tokio::sync::watch::Receiver<Option<(u32, String, u64)>>;
 
 impl Poller {
     async fn run(mut self) {
@@ -590,6 +598,10 @@ impl Poller {
                 loop {
                     tokio::select! {
                         result = &mut poll => break result,
+                        Ok(()) = self.gpus.changed() => {
+                            let summary = self.gpus.borrow_and_update().clone();
+                            self.shared.set_gpus(summary);
+                        }
                         () = self.shared.advert_changed.notified() => {
                             // Sent beside the long poll (another connection), which keeps waiting.
                             if let Some((content, seq, advert)) = self.advert_due() {

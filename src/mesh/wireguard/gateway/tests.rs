@@ -183,6 +183,10 @@ fn me() -> NodeIdentity {
     }
 }
 
+fn no_gpus() -> GpuWatch {
+    crate::mesh::GpuSummaryCell::default().subscribe()
+}
+
 fn token(cluster: &Cluster, url: &str) -> String {
     JoinToken {
         id: TokenId([9; 8]),
@@ -221,8 +225,9 @@ async fn a_node_with_a_token_joins_keeps_a_private_session_and_follows_the_peer_
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, token(&cluster, &gw.url)).unwrap();
     let (recheck, mut rechecks) = Recheck::channel();
+    let gpus = crate::mesh::GpuSummaryCell::default();
 
-    let coordinator = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck)
+    let coordinator = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck, gpus.subscribe())
         .await
         .unwrap()
         .unwrap();
@@ -255,6 +260,17 @@ async fn a_node_with_a_token_joins_keeps_a_private_session_and_follows_the_peer_
     coordinator.shared.set_services(vec![("molt-provider".into(), 8080)]);
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(gw.seen.lock().unwrap().adverts.len(), sent);
+
+    // So does a changed GPU inventory, with a higher sequence number.
+    gpus.set(Some((2, "NVIDIA H100".into(), 163_840)));
+    until("the GPU advert", || gw.seen.lock().unwrap().adverts.len() == sent + 1).await;
+    let adverts = gw.seen.lock().unwrap().adverts.clone();
+    let last = adverts.last().unwrap();
+    assert_eq!(last.gpus.as_ref().map(|g| g.count), Some(2));
+    assert!(last.seq > adverts[adverts.len() - 2].seq);
+    gpus.set(Some((2, "NVIDIA H100".into(), 163_840)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(gw.seen.lock().unwrap().adverts.len(), sent + 1);
     assert_eq!(gw.seen.lock().unwrap().joins, 1);
 }
 
@@ -266,7 +282,7 @@ async fn a_restarted_node_runs_on_its_cached_peers_while_no_gateway_answers() {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, token(&cluster, &gw.url)).unwrap();
     let (recheck, _rechecks) = Recheck::channel();
-    let first = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck.clone())
+    let first = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck.clone(), no_gpus())
         .await
         .unwrap()
         .unwrap();
@@ -281,7 +297,7 @@ async fn a_restarted_node_runs_on_its_cached_peers_while_no_gateway_answers() {
     // The token is not needed again.
     std::fs::remove_file(&token_file).unwrap();
 
-    let again = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck)
+    let again = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck, no_gpus())
         .await
         .unwrap()
         .unwrap();
