@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::b64;
@@ -129,6 +130,13 @@ pub struct GatewayPeer {
     pub endpoint: Option<SocketAddr>,
     pub services: Vec<AdvertService>,
     pub roles: Vec<Role>,
+}
+
+impl GatewayPeer {
+    /// WireGuard allowed IPs: each address as a host route (/32, /128).
+    pub fn allowed_ips(&self) -> Vec<IpNet> {
+        self.addresses.iter().map(|a| IpNet::from(*a)).collect()
+    }
 }
 
 /// What a node has seen of another: its addresses (pinned to it forever) and the key and
@@ -270,6 +278,13 @@ impl PeerSet {
                 applied
                     .rejected
                     .push((format!("advert of {}", advert.node_id), reject));
+                // As for records: a snapshot cannot roll an advert back.
+                if let Some(held) = held
+                    && self.records.contains_key(&held.node_id)
+                    && !self.adverts.contains_key(&held.node_id)
+                {
+                    self.adverts.insert(held.node_id, held.clone());
+                }
             }
         }
         before.compare(&self.records, &self.adverts, &mut applied);
