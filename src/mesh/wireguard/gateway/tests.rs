@@ -347,3 +347,99 @@ async fn a_tampered_peer_cache_is_refused_before_its_peers_are_applied() {
     std::fs::write(&path, b"{\"version\":1,").unwrap();
     assert!(load_cache(&path, cluster.root).is_err());
 }
+
+// ---- against the real gateway (src/gateway), in-process ----
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn real_gateway_config(dir: &Path, port: u16) -> Config {
+    let text = format!(
+        "[node]\nname = \"gw\"\nstate_dir = \"{0}/state\"\n[network]\nprovider = \"wireguard\"\n[network.wireguard]\naddress = \"10.100.0.1/16\"\nprivate_key_file = \"{0}/wg.key\"\n[gateway]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"https://127.0.0.1:{port}\"\n",
+        dir.display()
+    );
+    crate::config::parse(Path::new("gw.toml"), &text).unwrap()
+}
+
+fn node_config(dir: &Path, name: &str, token_file: &Path) -> Config {
+    let text = format!(
+        "[node]\nname = \"{name}\"\nstate_dir = \"{0}/{name}\"\n[network.wireguard]\njoin_token_file = \"{1}\"\npeers_dir = \"{0}/none\"\n",
+        dir.display(),
+        token_file.display()
+    );
+    crate::config::parse(Path::new("node.toml"), &text).unwrap()
+}
+
+fn identity(name: &str, n: u8) -> NodeIdentity {
+    NodeIdentity {
+        name: name.into(),
+        wg_key: PeerKey([n; 32]),
+        listen_port: 51820,
+        interface: "wgtest-none".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_joining_the_real_gateway_see_each_other_a_used_token_is_refused_and_a_revoked_node_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw_config = real_gateway_config(dir.path(), free_port());
+    crate::gateway::init(&gw_config, unix_now()).unwrap();
+    let _running = crate::gateway::start(&gw_config).await.unwrap();
+    let (token, _) =
+        crate::gateway::create_token(&gw_config, Duration::from_secs(3600), 2, unix_now())
+            .unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token.to_string()).unwrap();
+    let (recheck, _rx) = Recheck::channel();
+
+    let a = Coordinator::start(
+        &node_config(dir.path(), "node-a", &token_file),
+        &identity("node-a", 10),
+        recheck.clone(),
+        no_gpus(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    until("node-a's first answer", || a.shared.mode() == Mode::Live).await;
+    assert_eq!(names(&a.shared), ["gw"]);
+
+    let joined = std::time::Instant::now();
+    let b = Coordinator::start(
+        &node_config(dir.path(), "node-b", &token_file),
+        &identity("node-b", 11),
+        recheck.clone(),
+        no_gpus(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    until("node-b at node-a", || names(&a.shared).contains(&"node-b".to_string())).await;
+    let propagated = joined.elapsed();
+    assert!(b.address() != a.address());
+    until("node-a at node-b", || names(&b.shared).contains(&"node-a".to_string())).await;
+
+    // The token had two uses.
+    let refused = Coordinator::start(
+        &node_config(dir.path(), "node-c", &token_file),
+        &identity("node-c", 12),
+        recheck.clone(),
+        no_gpus(),
+    )
+    .await
+    .map(|_| ())
+    .unwrap_err();
+    assert_eq!(refused.retry(), Retry::NeedsOperator);
+    assert!(refused.message().contains("token"), "{}", refused.message());
+
+    let revoked = std::time::Instant::now();
+    crate::gateway::revoke(&gw_config, "node-b").unwrap();
+    until("node-b gone at node-a", || !names(&a.shared).contains(&"node-b".to_string())).await;
+    let dropped = revoked.elapsed();
+    println!("join seen by another node after {propagated:?}; revocation applied after {dropped:?}");
+}
