@@ -788,8 +788,11 @@ fn adopting_an_existing_interface_is_off_unless_set_to_a_boolean() {
 
 #[test]
 fn a_join_token_makes_the_address_optional_and_the_gateway_grace_defaults_to_a_week() {
-    let base = "[node]\nname = \"gpu-01\"\n[network]\nprovider = \"wireguard\"\n[network.wireguard]\n";
-    let config = ok(&format!("{base}join_token_file = \"/etc/clawbernetes/join-token\"\n"));
+    let base =
+        "[node]\nname = \"gpu-01\"\n[network]\nprovider = \"wireguard\"\n[network.wireguard]\n";
+    let config = ok(&format!(
+        "{base}join_token_file = \"/etc/clawbernetes/join-token\"\n"
+    ));
     let wg = &config.network.wireguard;
     assert_eq!(wg.address, None);
     assert_eq!(

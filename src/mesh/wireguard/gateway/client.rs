@@ -124,7 +124,13 @@ impl GatewayClient {
         let body = serde_json::to_vec(request)
             .map_err(|e| CallError::transient(format!("encode join request: {e}")))?;
         let answer: Answer<JoinResponse> = self
-            .call(Method::POST, &format!("{url}/v1/join"), Some(body), CALL_TIMEOUT, false)
+            .call(
+                Method::POST,
+                &format!("{url}/v1/join"),
+                Some(body),
+                CALL_TIMEOUT,
+                false,
+            )
             .await?;
         self.set_session(answer.body.session.bearer().as_str());
         Ok(answer)
@@ -217,10 +223,7 @@ impl GatewayClient {
             })?;
         let exchange = async {
             let response = self.http.request(request).await.map_err(|e| {
-                CallError::transient(format!(
-                    "gateway {url}: {}",
-                    crate::http::source_chain(&e)
-                ))
+                CallError::transient(format!("gateway {url}: {}", crate::http::source_chain(&e)))
             })?;
             let status = response.status();
             let gzip = response
@@ -236,28 +239,34 @@ impl GatewayClient {
             let bytes = Limited::new(response.into_body(), MAX_ANSWER)
                 .collect()
                 .await
-                .map_err(|e| CallError::transient(format!("gateway {url}: reading the answer: {e}")))?
+                .map_err(|e| {
+                    CallError::transient(format!("gateway {url}: reading the answer: {e}"))
+                })?
                 .to_bytes();
             Ok::<_, CallError>((status, retry_after, gzip, bytes))
         };
         let (status, retry_after, gzip, bytes) = tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| CallError::transient(format!("gateway {url}: no answer within {timeout:?}")))??;
+            .map_err(|_| {
+            CallError::transient(format!("gateway {url}: no answer within {timeout:?}"))
+        })??;
         if !status.is_success() {
             return Err(refusal(url, status, retry_after, &bytes));
         }
         let wire_bytes = bytes.len();
         let bytes = if gzip {
-            gunzip(&bytes).map_err(|e| {
-                CallError::transient(format!("gateway {url}: bad gzip answer: {e}"))
-            })?
+            gunzip(&bytes)
+                .map_err(|e| CallError::transient(format!("gateway {url}: bad gzip answer: {e}")))?
         } else {
             bytes
         };
-        let bytes = if bytes.is_empty() { Bytes::from_static(b"null") } else { bytes };
-        let body = serde_json::from_slice(&bytes).map_err(|e| {
-            CallError::transient(format!("gateway {url}: unreadable answer: {e}"))
-        })?;
+        let bytes = if bytes.is_empty() {
+            Bytes::from_static(b"null")
+        } else {
+            bytes
+        };
+        let body = serde_json::from_slice(&bytes)
+            .map_err(|e| CallError::transient(format!("gateway {url}: unreadable answer: {e}")))?;
         Ok(Answer { body, wire_bytes })
     }
 }
@@ -273,7 +282,11 @@ fn refusal(url: &str, status: StatusCode, retry_after: Option<Duration>, body: &
         ),
     };
     CallError {
-        retry: if retry { Retry::Transient } else { Retry::NeedsOperator },
+        retry: if retry {
+            Retry::Transient
+        } else {
+            Retry::NeedsOperator
+        },
         message: format!("gateway {url} refused ({}): {message}", status.as_u16()),
         status: Some(status.as_u16()),
         retry_after,
@@ -303,7 +316,10 @@ mod tests {
     fn a_gzip_answer_that_inflates_past_the_cap_is_refused() {
         let mut small = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         small.write_all(b"{\"services\":[]}").unwrap();
-        assert_eq!(&gunzip(&small.finish().unwrap()).unwrap()[..], b"{\"services\":[]}");
+        assert_eq!(
+            &gunzip(&small.finish().unwrap()).unwrap()[..],
+            b"{\"services\":[]}"
+        );
         let mut bomb = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         let zeros = vec![0u8; 1024 * 1024];
         for _ in 0..(MAX_ANSWER / zeros.len() + 1) {

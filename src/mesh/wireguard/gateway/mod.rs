@@ -98,8 +98,7 @@ pub fn load_session(state_dir: &Path) -> Result<Option<SessionFile>, Failure> {
 fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<(), Failure> {
     let bytes = serde_json::to_vec(value)
         .map_err(|e| Failure::transient(format!("encode {}: {e}", path.display())))?;
-    crate::state::write_atomic(path, &bytes, 0o600)
-        .map_err(|e| Failure::transient(e.to_string()))
+    crate::state::write_atomic(path, &bytes, 0o600).map_err(|e| Failure::transient(e.to_string()))
 }
 
 /// The cache verified against `root`: every signature checked again, a file of another
@@ -341,7 +340,11 @@ impl Coordinator {
                     tracing::warn!(component = "gateway-client", %problem, "peer cache");
                 }
                 problems.extend(rejected);
-                tracing::info!(component = "gateway-client", saved_at = file.saved_at, "applying the cached peer set before contacting a gateway");
+                tracing::info!(
+                    component = "gateway-client",
+                    saved_at = file.saved_at,
+                    "applying the cached peer set before contacting a gateway"
+                );
                 (set, Some(file.cursor), Mode::Cached, file.saved_at)
             }
             Ok(None) => (PeerSet::new(session.root), None, Mode::Joining, now),
@@ -427,7 +430,11 @@ fn read_token(source: &JoinTokenSource) -> Result<JoinToken, Failure> {
 
 /// Join at the token's gateways in turn; a refusal that retrying cannot help (token used,
 /// expired, unknown) stops at once.
-async fn join(token: &JoinToken, me: &NodeIdentity, mesh_cidr: IpNet) -> Result<SessionFile, Failure> {
+async fn join(
+    token: &JoinToken,
+    me: &NodeIdentity,
+    mesh_cidr: IpNet,
+) -> Result<SessionFile, Failure> {
     let mut client = GatewayClient::new(token.root.0);
     let request = JoinRequest {
         token_id: token.id,
@@ -553,7 +560,9 @@ pub fn host_endpoints(listen_port: u16, mesh_cidr: IpNet, interface: &str) -> Ve
             let usable = match ip {
                 IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
                 IpAddr::V6(v6) => {
-                    !v6.is_loopback() && !v6.is_unspecified() && (v6.segments()[0] & 0xffc0) != 0xfe80
+                    !v6.is_loopback()
+                        && !v6.is_unspecified()
+                        && (v6.segments()[0] & 0xffc0) != 0xfe80
                 }
             };
             (usable && !mesh_cidr.contains(&ip)).then_some(SocketAddr::new(ip, listen_port))
@@ -588,7 +597,10 @@ impl Poller {
         let mut attempt: u32 = 0;
         loop {
             let Some(url) = self.rotation.current().map(str::to_string) else {
-                tracing::error!(component = "gateway-client", "no gateway URL known; running on the cached peer set");
+                tracing::error!(
+                    component = "gateway-client",
+                    "no gateway URL known; running on the cached peer set"
+                );
                 return;
             };
             let cursor = self.shared.lock().cursor;
@@ -662,11 +674,14 @@ impl Poller {
                     port: *port,
                 })
                 .collect(),
-            gpus: content.gpus.clone().map(|(count, model, memory_mib)| GpuSummary {
-                count,
-                model,
-                memory_mib,
-            }),
+            gpus: content
+                .gpus
+                .clone()
+                .map(|(count, model, memory_mib)| GpuSummary {
+                    count,
+                    model,
+                    memory_mib,
+                }),
         };
         Some((content, seq, advert))
     }
