@@ -339,13 +339,16 @@ impl Coordinator {
                 for problem in &rejected {
                     tracing::warn!(component = "gateway-client", %problem, "peer cache");
                 }
-                problems.extend(rejected);
                 tracing::info!(
                     component = "gateway-client",
                     saved_at = file.saved_at,
                     "applying the cached peer set before contacting a gateway"
                 );
-                (set, Some(file.cursor), Mode::Cached, file.saved_at)
+                // With items left out the set no longer matches its cursor: the gateway would
+                // answer "nothing changed", so ask for a snapshot instead.
+                let cursor = rejected.is_empty().then_some(file.cursor);
+                problems.extend(rejected);
+                (set, cursor, Mode::Cached, file.saved_at)
             }
             Ok(None) => (PeerSet::new(session.root), None, Mode::Joining, now),
             Err(problem) => {

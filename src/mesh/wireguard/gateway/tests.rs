@@ -521,3 +521,56 @@ async fn nodes_joining_the_real_gateway_see_each_other_a_used_token_is_refused_a
         "join seen by another node after {propagated:?}; revocation applied after {dropped:?}"
     );
 }
+
+#[tokio::test]
+async fn a_node_that_left_part_of_its_cache_out_gets_the_real_record_back_from_the_gateway() {
+    let cluster = cluster();
+    let gw = gateway(&cluster, cluster.snapshot(1, &[1, 2, 3])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token(&cluster, &gw.url)).unwrap();
+    let (recheck, _rechecks) = Recheck::channel();
+    let first = Coordinator::start(
+        &config(dir.path(), &token_file),
+        &me(),
+        recheck.clone(),
+        no_gpus(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    until("the snapshot", || first.shared.mode() == Mode::Live).await;
+    until("the cache", || cache_path(dir.path()).exists()).await;
+    drop(first);
+    // node-2's record is forged in the cache; the gateway's cursor has not moved since.
+    let path = cache_path(dir.path());
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    for record in json["records"].as_array_mut().unwrap() {
+        if record["name"] == "node-2" {
+            record["wg_key"] = serde_json::Value::String(base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                [66u8; 32],
+            ));
+        }
+    }
+    std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+
+    let again = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck, no_gpus())
+        .await
+        .unwrap()
+        .unwrap();
+
+    assert_eq!(
+        names(&again.shared),
+        ["node-1"],
+        "the forged record was applied"
+    );
+    // A current cursor would get "nothing changed": the node must ask for a snapshot.
+    until("node-2's real record", || {
+        names(&again.shared) == ["node-1", "node-2"]
+    })
+    .await;
+    let real = again.shared.peers(unix_now());
+    assert!(real.iter().all(|p| p.key != PeerKey([66; 32])));
+}
