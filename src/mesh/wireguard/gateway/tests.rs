@@ -452,7 +452,7 @@ fn identity(name: &str, n: u8) -> NodeIdentity {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodes_joining_the_real_gateway_see_each_other_a_used_token_is_refused_and_a_revoked_node_goes()
+async fn nodes_joining_the_real_gateway_see_each_other_find_services_in_one_request_and_lose_a_revoked_node()
  {
     let dir = tempfile::tempdir().unwrap();
     let gw_config = real_gateway_config(dir.path(), free_port());
@@ -496,6 +496,20 @@ async fn nodes_joining_the_real_gateway_see_each_other_a_used_token_is_refused_a
         names(&b.shared).contains(&"node-a".to_string())
     })
     .await;
+
+    // node-b's services reach the gateway in its advert; node-a finds them in one request.
+    b.shared.set_services(vec![("molt-provider".into(), 8443)]);
+    let mut found = Vec::new();
+    for _ in 0..100 {
+        found = discover(&a.session, "molt-provider").await.unwrap();
+        if !found.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!((found[0].node.as_str(), found[0].port), ("node-b", 8443));
+    assert_eq!(found[0].address, b.address().addr());
 
     // The token had two uses.
     let refused = Coordinator::start(
