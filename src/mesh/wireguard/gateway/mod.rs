@@ -34,6 +34,9 @@ use crate::mesh::live::GatewayDoc;
 pub use client::{Answer, CallError, GatewayClient};
 use policy::{AdvertContent, Adverts, GwPeer, Rotation};
 
+/// How long a node without a cache waits for its first peer set before it reports ready.
+pub const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(3);
+
 /// How long a long poll asks the gateway to wait for a change.
 pub const POLL_WAIT: Duration = Duration::from_secs(25);
 
@@ -313,14 +316,22 @@ impl Coordinator {
                 session
             }
         };
-        Ok(Some(Self::run(
+        let coordinator = Self::run(
             session,
             cache_path(state_dir),
             wg.gateway_offline_grace.as_secs(),
             me,
             recheck,
             gpus,
-        )))
+        );
+        // Without a cache there is nothing to apply yet: wait a moment for the first answer,
+        // so that READY means the peers are configured. A gateway that does not answer in
+        // time leaves the node ready without them (STATUS says it waits for them).
+        let deadline = tokio::time::Instant::now() + FIRST_ANSWER_WAIT;
+        while coordinator.shared.mode() == Mode::Joining && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(Some(coordinator))
     }
 
     /// Load the cache and start the poll task for `session`.

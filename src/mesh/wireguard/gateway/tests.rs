@@ -256,6 +256,9 @@ async fn a_node_with_a_token_joins_keeps_a_private_session_and_follows_the_peer_
     .unwrap();
 
     assert_eq!(coordinator.address().to_string(), "10.100.0.3/16");
+    // The first peer set is there when the join returns, so READY comes with the peers.
+    assert_eq!(coordinator.shared.mode(), Mode::Live);
+    assert_eq!(names(&coordinator.shared), ["node-1", "node-2"]);
     let session = session_path(dir.path());
     assert_eq!(mode_of(&session), 0o600);
     until("the snapshot", || coordinator.shared.mode() == Mode::Live).await;
