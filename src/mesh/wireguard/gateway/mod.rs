@@ -584,8 +584,25 @@ pub fn host_endpoints(listen_port: u16, mesh_cidr: IpNet, interface: &str) -> Ve
         .collect();
     out.sort();
     out.dedup();
+    // Peers use the first endpoint: the address this host would send from by default (its
+    // default route's), not whichever sorts first (a container bridge, say).
+    let preferred = [preferred_source(false), preferred_source(true)];
+    out.sort_by_key(|a| !preferred.contains(&Some(a.ip())));
     out.truncate(8);
     out
+}
+
+/// The source address the kernel picks towards a documentation address (no packet is sent:
+/// connecting a UDP socket only looks the route up).
+fn preferred_source(v6: bool) -> Option<IpAddr> {
+    let (bind, probe) = if v6 {
+        ("[::]:0", "[2001:db8::1]:51820")
+    } else {
+        ("0.0.0.0:0", "192.0.2.1:51820")
+    };
+    let socket = std::net::UdpSocket::bind(bind).ok()?;
+    socket.connect(probe).ok()?;
+    Some(socket.local_addr().ok()?.ip())
 }
 
 /// The poll task's own state.

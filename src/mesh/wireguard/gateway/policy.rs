@@ -92,7 +92,7 @@ impl Rotation {
 /// changes, never per reading.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AdvertContent {
-    /// Sorted.
+    /// The preferred one first (peers use the first).
     pub endpoints: Vec<SocketAddr>,
     /// Sorted (name, port).
     pub services: Vec<(String, u16)>,
@@ -106,8 +106,8 @@ impl AdvertContent {
         mut services: Vec<(String, u16)>,
         gpus: Option<(u32, String, u64)>,
     ) -> Self {
-        endpoints.sort();
-        endpoints.dedup();
+        let mut seen = std::collections::BTreeSet::new();
+        endpoints.retain(|e| seen.insert(*e));
         services.sort();
         services.dedup();
         Self {
@@ -300,7 +300,7 @@ mod tests {
         assert_eq!(seq, 1_000);
         adverts.sent(first.clone(), seq);
 
-        // The same content built in another order is no change.
+        // The same content with an endpoint repeated is no change.
         let same = AdvertContent::new(
             vec![
                 "192.0.2.1:51820".parse().unwrap(),
@@ -315,6 +315,25 @@ mod tests {
         lost_gpu.gpus = Some((1, "H100".into(), 81920));
         // A clock that went backwards still gives a higher sequence number.
         assert_eq!(adverts.due(&lost_gpu, 500), Some(1_001));
+
+        // Another preferred endpoint (peers use the first) is a change.
+        let mut adverts2 = Adverts::default();
+        let two = AdvertContent::new(
+            vec![
+                "192.0.2.1:51820".parse().unwrap(),
+                "198.51.100.1:51820".parse().unwrap(),
+            ],
+            Vec::new(),
+            None,
+        );
+        adverts2.sent(two.clone(), 1);
+        let swapped = AdvertContent::new(
+            two.endpoints.iter().rev().copied().collect(),
+            Vec::new(),
+            None,
+        );
+        assert_eq!(swapped.endpoints[0], "198.51.100.1:51820".parse().unwrap());
+        assert!(adverts2.due(&swapped, 2).is_some());
 
         adverts.forget();
         assert_eq!(adverts.due(&first, 3_000), Some(3_000));
