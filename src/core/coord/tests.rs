@@ -1111,3 +1111,52 @@ fn wire_bodies_read_the_documented_json() {
         serde_json::from_str::<wire::ErrorBody>(r#"{"error":"x","retry":false,"y":1}"#).is_err()
     );
 }
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_token_reads_back_as_written(
+            id in any::<[u8; 8]>(),
+            secret in any::<[u8; 32]>(),
+            root in any::<[u8; 32]>(),
+            hosts in proptest::collection::vec(("[a-z][a-z0-9-]{0,10}[a-z0-9]", any::<Option<u16>>()), 1..4),
+        ) {
+            let urls: Vec<String> = hosts
+                .iter()
+                .map(|(h, port)| match port {
+                    Some(p) if *p != 0 => format!("https://{h}:{p}"),
+                    _ => format!("https://{h}"),
+                })
+                .collect();
+            let token = JoinToken::new(TokenId(id), Secret32(secret), RootKey(root), urls).unwrap();
+            let text = token.to_string();
+            prop_assert_eq!(text.parse::<JoinToken>().unwrap(), token);
+        }
+
+        #[test]
+        fn allocation_is_the_lowest_address_a_full_scan_finds(
+            prefix in 26u8..=32,
+            taken_bits in any::<u64>(),
+            reserved_bit in 0u32..64,
+        ) {
+            let pool: ipnet::IpNet = format!("10.100.0.0/{prefix}").parse().unwrap();
+            let hosts: Vec<IpAddr> = pool.hosts().collect();
+            let taken: BTreeSet<IpAddr> = hosts
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i < 64 && taken_bits & (1 << i) != 0)
+                .map(|(_, a)| *a)
+                .collect();
+            let reserved = [IpAddr::from([10, 100, 0, reserved_bit as u8])];
+            let expected = hosts
+                .iter()
+                .find(|a| !taken.contains(a) && !reserved.contains(a))
+                .copied();
+            prop_assert_eq!(allocate(pool, &taken, &reserved), expected);
+        }
+    }
+}
