@@ -460,7 +460,9 @@ async fn nodes_joining_the_real_gateway_see_each_other_find_services_in_one_requ
     let dir = tempfile::tempdir().unwrap();
     let gw_config = real_gateway_config(dir.path(), free_port());
     crate::gateway::init(&gw_config, unix_now()).unwrap();
-    let _running = crate::gateway::start(&gw_config).await.unwrap();
+    let _running = crate::gateway::start(&gw_config, PeerKey([1; 32]))
+        .await
+        .unwrap();
     let (token, _) =
         crate::gateway::create_token(&gw_config, Duration::from_secs(3600), 2, unix_now()).unwrap();
     let token_file = dir.path().join("token");
