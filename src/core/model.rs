@@ -16,6 +16,10 @@ pub struct MeshStatus {
     /// Things the operator should fix that did not stop the join (a rejected peer file).
     #[serde(default)]
     pub problems: Vec<String>,
+    /// Where the peers come from when a gateway coordinates them: "gateway peers live", or
+    /// "on cached peer set since <time> (gateway unreachable)".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
 
 impl MeshStatus {
@@ -24,7 +28,12 @@ impl MeshStatus {
         let mut parts = vec![self.provider.clone()];
         parts.extend(self.interface.clone());
         parts.extend(self.address.clone());
-        parts.join(" ")
+        let mut text = parts.join(" ");
+        if let Some(gateway) = &self.gateway {
+            text.push_str(", ");
+            text.push_str(gateway);
+        }
+        text
     }
 }
 
@@ -201,6 +210,23 @@ impl GpuInventory {
     }
 
     /// "2 GPUs", "1 GPU", "0 GPUs (nvml_unavailable)": the GPU part of the STATUS= line.
+    /// What a node advertises to its gateway: (count, model, total memory in MiB) of the GPUs
+    /// present, the model of the first; `None` without GPUs. Changes only with the inventory.
+    pub fn advert_summary(&self) -> Option<(u32, String, u64)> {
+        let present: Vec<&GpuInfo> = self.gpus.iter().filter(|g| !g.lost).collect();
+        let first = present.first()?;
+        let memory: u64 = present
+            .iter()
+            .filter_map(|g| g.memory_total_bytes)
+            .sum::<u64>()
+            / (1024 * 1024);
+        Some((
+            present.len() as u32,
+            first.name.clone().unwrap_or_default(),
+            memory,
+        ))
+    }
+
     pub fn summary(&self) -> String {
         let n = self.gpus.len();
         let noun = if n == 1 { "GPU" } else { "GPUs" };

@@ -1000,6 +1000,7 @@ mod tests {
             address: words.next(),
             peers: 0,
             problems: Vec::new(),
+            gateway: None,
         }
     }
 
@@ -1164,6 +1165,31 @@ mod tests {
                 status("ready: wireguard claw0 10.100.0.5/16, 2 GPUs, advertising molt-provider"),
                 NotifyMsg::Ready,
             ]
+        );
+    }
+
+    #[test]
+    fn a_node_on_its_cached_gateway_peer_set_stays_ready_and_says_so_in_status() {
+        let mut h = Harness::new(None);
+        h.start();
+        h.all_up();
+        h.take();
+        h.sup.handle_recheck(Component::Mesh, h.now);
+        h.drain();
+        let g = h.generations[Component::Mesh.index()];
+        let mut mesh = mesh_status("wireguard claw0 10.100.0.3/16");
+        mesh.gateway =
+            Some("on cached peer set since 2026-11-30T14:00:00Z (gateway unreachable)".into());
+        h.sup.handle_mesh_up(g, mesh, h.now);
+        h.drain();
+        assert!(h.sup.is_ready());
+        assert_eq!(h.readies(), 0);
+        assert!(
+            h.notified.contains(&status(
+                "ready: wireguard claw0 10.100.0.3/16, on cached peer set since 2026-11-30T14:00:00Z (gateway unreachable), 2 GPUs, advertising molt-provider"
+            )),
+            "{:?}",
+            h.notified
         );
     }
 
