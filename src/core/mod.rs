@@ -8,6 +8,7 @@
 
 pub mod admission;
 pub mod backoff;
+pub mod coord;
 pub mod doctor;
 pub mod drift;
 pub mod gpu;
