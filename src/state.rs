@@ -14,6 +14,10 @@ pub const TAILSCALE_SERVICES: &str = "tailscale-services.json";
 pub const CERTS_DIR: &str = "certs";
 /// The WireGuard interface clawnode created (so it never configures or deletes another's).
 pub const WIREGUARD_INTERFACE: &str = "wireguard-interface.json";
+/// The node's gateway session (bearer credential, assigned address, gateways, cursor).
+pub const GATEWAY_SESSION: &str = "gateway-session.json";
+/// The last verified gateway peer set, applied before any gateway is reached.
+pub const PEERSET_CACHE: &str = "peerset.json";
 /// Every name clawnode writes under `state_dir` (plus `.<name>.tmp.*` while writing): the
 /// packages' purge removes these and nothing else, so a new one must be added there too.
 pub const STATE_NAMES: &[&str] = &[
@@ -21,6 +25,8 @@ pub const STATE_NAMES: &[&str] = &[
     TAILSCALE_SERVICES,
     CERTS_DIR,
     WIREGUARD_INTERFACE,
+    GATEWAY_SESSION,
+    PEERSET_CACHE,
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -575,6 +575,7 @@ mod tests {
                         address: Some("10.100.0.9/16".into()),
                         peers: 2,
                         problems: Vec::new(),
+                        gateway: None,
                     },
                     node_info: None,
                 })

@@ -10,6 +10,7 @@ use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, 
 use super::StatusDoc;
 use crate::gpu::{GpuInfo, Snapshot};
 use crate::mesh::TunnelPeer;
+use crate::mesh::live::GatewayDoc;
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -35,6 +36,7 @@ const OWN_LABELS: [&str; 6] = [
 pub fn render(
     status: &StatusDoc,
     peers: &[TunnelPeer],
+    gateway: Option<&GatewayDoc>,
     gpus: &Snapshot,
     hostname: &str,
     now_unix_ms: u64,
@@ -43,6 +45,9 @@ pub fn render(
     let mut families = Families::new(&registry);
     gpu_series(&mut families, gpus, hostname)?;
     agent_series(&mut families, status, peers, gpus, now_unix_ms)?;
+    if let Some(gateway) = gateway {
+        gateway_series(&mut families, gateway)?;
+    }
     let mut out = Vec::new();
     TextEncoder::new().encode(&registry.gather(), &mut out)?;
     Ok(String::from_utf8_lossy(&out).into_owned())
@@ -415,6 +420,44 @@ fn agent_series(
     Ok(())
 }
 
+/// A node's gateway connection: whether a gateway answers, how old the cursor is, and how
+/// many answers of each kind were applied.
+fn gateway_series(f: &mut Families, gateway: &GatewayDoc) -> Result<(), prometheus::Error> {
+    f.int_gauge(
+        "clawnode_gateway_connected",
+        "1 while a gateway answers the node's long poll (0: running on the cached peer set).",
+        &[],
+        &[],
+        i64::from(gateway.state == "live"),
+    )?;
+    if let Some(age) = gateway.cursor_age_s {
+        f.gauge(
+            "clawnode_gateway_cursor_age_seconds",
+            "Seconds since a gateway last answered.",
+            &[],
+            &[],
+            age as f64,
+        )?;
+    }
+    for (kind, count) in [("snapshot", gateway.snapshots), ("delta", gateway.deltas)] {
+        f.counter(
+            "clawnode_gateway_updates_total",
+            "Gateway answers applied, by kind.",
+            &["kind"],
+            &[kind],
+            count,
+        )?;
+    }
+    f.int_gauge(
+        "clawnode_gateway_peers",
+        "Peers the gateways authorise (this node excluded).",
+        &[],
+        &[],
+        gateway.peers as i64,
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -454,7 +497,7 @@ mod tests {
 
     #[test]
     fn gpu_series_use_dcgm_names_and_labels_and_skip_what_nvml_did_not_answer() {
-        let text = render(&StatusDoc::default(), &[], &snapshot(), "gpu-01", 0).unwrap();
+        let text = render(&StatusDoc::default(), &[], None, &snapshot(), "gpu-01", 0).unwrap();
         assert!(text.contains("# TYPE DCGM_FI_DEV_GPU_TEMP gauge"), "{text}");
         assert!(text.contains(
             "DCGM_FI_DEV_GPU_TEMP{Hostname=\"gpu-01\",UUID=\"GPU-0\",device=\"nvidia0\",gpu=\"0\",modelName=\"NVIDIA H100 80GB HBM3\",pci_bus_id=\"00000000:10:00.0\"} 41"

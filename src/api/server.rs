@@ -211,7 +211,8 @@ fn metrics(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let peers = live.map(LiveStatus::tunnel_peers).unwrap_or_default();
-    match super::metrics::render(doc, peers, &snapshot, &doc.node, now) {
+    let gateway = live.and_then(LiveStatus::gateway);
+    match super::metrics::render(doc, peers, gateway, &snapshot, &doc.node, now) {
         Ok(body) => respond(
             StatusCode::OK,
             super::metrics::CONTENT_TYPE,

@@ -62,6 +62,9 @@ pub(super) struct RawWireguard {
     pub keep_interface_on_stop: Option<bool>,
     pub adopt_existing_interface: Option<bool>,
     pub allow_unsafe_routes: Option<bool>,
+    pub join_token_file: Option<String>,
+    pub join_token_env: Option<String>,
+    pub gateway_offline_grace: Option<String>,
     pub peers: Vec<RawPeer>,
 }
 

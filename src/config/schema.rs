@@ -57,7 +57,8 @@ pub struct WireguardConfig {
     /// `None` when unset or 0.
     pub fwmark: Option<u32>,
     pub mesh_cidr: IpNet,
-    /// Always `Some` when the provider is WireGuard.
+    /// Always `Some` when the provider is WireGuard, unless a join token is set (a gateway
+    /// assigns the address then).
     pub address: Option<IpNet>,
     pub mtu: u16,
     pub private_key_file: PathBuf,
@@ -71,7 +72,18 @@ pub struct WireguardConfig {
     /// Route every allowed IP as configured, even a default route, one covering a peer's
     /// endpoint or one inside a network this host is attached to (refused otherwise).
     pub allow_unsafe_routes: bool,
+    /// Where the gateway join token comes from; `None`: no gateway (unless already joined).
+    pub join_token: Option<JoinTokenSource>,
+    /// How long past expiry gateway peer records stay while no gateway is reachable.
+    pub gateway_offline_grace: Duration,
     pub peers: Vec<PeerConfig>,
+}
+
+/// Where a node reads its gateway join token (read once, at the first join).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinTokenSource {
+    File(PathBuf),
+    Env(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]

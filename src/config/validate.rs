@@ -18,8 +18,9 @@ use super::raw::{
     RawWireguard, RawWorkloadIdentity,
 };
 use super::schema::{
-    ApiConfig, Config, GpuConfig, IdTokenSource, LogConfig, NetworkConfig, NodeConfig, PeerConfig,
-    ServiceMode, ServiceSpec, TailscaleAuth, TailscaleConfig, WireguardConfig,
+    ApiConfig, Config, GpuConfig, IdTokenSource, JoinTokenSource, LogConfig, NetworkConfig,
+    NodeConfig, PeerConfig, ServiceMode, ServiceSpec, TailscaleAuth, TailscaleConfig,
+    WireguardConfig,
 };
 use super::types::{
     DnsLabel, InterfaceName, LogLevel, NodeName, ProviderKind, PublicKey, Secret, ServiceName, Tag,
@@ -239,11 +240,13 @@ impl<'a> Checker<'a> {
             "a firewall mark 0-4294967295 (0 = none)",
         );
         let mesh_cidr = self.mesh_cidr(&path.key("mesh_cidr"), raw.mesh_cidr);
+        let join_token = self.join_token(path, raw.join_token_file, raw.join_token_env);
         let address_path = path.key("address");
         let address = match raw.address {
             Some(text) => self.address(&address_path, &text, mesh_cidr),
             None => {
-                if provider == Some(ProviderKind::Wireguard) {
+                // With a join token the gateway assigns the address.
+                if provider == Some(ProviderKind::Wireguard) && join_token.is_none() {
                     // Point at [network.wireguard], else at the provider line that demands it.
                     let at = self.first_span(&[path, &path.parent().key("provider")]);
                     let cidr = mesh_cidr.unwrap_or_else(default_mesh_cidr);
@@ -251,7 +254,7 @@ impl<'a> Checker<'a> {
                         &address_path,
                         at,
                         format!(
-                            "missing: expected this node's address inside mesh_cidr {cidr} (e.g. address = \"{}\"), required when network.provider = \"wireguard\"",
+                            "missing: expected this node's address inside mesh_cidr {cidr} (e.g. address = \"{}\"), required when network.provider = \"wireguard\" without join_token_file or join_token_env",
                             example_address(cidr)
                         ),
                     );
@@ -279,6 +282,12 @@ impl<'a> Checker<'a> {
             Duration::from_secs(30),
             Duration::from_secs(1)..=MAX_INTERVAL,
         );
+        let gateway_offline_grace = self.duration(
+            &path.key("gateway_offline_grace"),
+            raw.gateway_offline_grace,
+            Duration::from_secs(7 * 24 * 60 * 60),
+            Duration::ZERO..=Duration::from_secs(365 * 24 * 60 * 60),
+        );
         let peers = self.peers(&path.key("peers"), raw.peers);
         WireguardConfig {
             interface,
@@ -296,8 +305,37 @@ impl<'a> Checker<'a> {
             keep_interface_on_stop: raw.keep_interface_on_stop.unwrap_or(false),
             adopt_existing_interface: raw.adopt_existing_interface.unwrap_or(false),
             allow_unsafe_routes: raw.allow_unsafe_routes.unwrap_or(false),
+            join_token,
+            gateway_offline_grace,
             peers,
         }
+    }
+
+    /// `join_token_file` or `join_token_env`, at most one.
+    fn join_token(
+        &mut self,
+        path: &KeyPath,
+        file: Option<String>,
+        env: Option<String>,
+    ) -> Option<JoinTokenSource> {
+        let file_path = path.key("join_token_file");
+        let env_path = path.key("join_token_env");
+        if file.is_some() && env.is_some() {
+            let at = self.first_span(&[&env_path, &file_path]);
+            self.error_at(
+                &env_path,
+                at,
+                "expected at most one of join_token_file and join_token_env, found both",
+            );
+            return None;
+        }
+        if let Some(file) = file {
+            return self
+                .abs_path(&file_path, Some(file))
+                .map(JoinTokenSource::File);
+        }
+        let var = env?;
+        self.env_var_name(&env_path, var).map(JoinTokenSource::Env)
     }
 
     fn mesh_cidr(&mut self, path: &KeyPath, raw: Option<String>) -> Option<IpNet> {

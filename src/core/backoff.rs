@@ -26,6 +26,13 @@ impl Backoff {
         cap: Duration::from_secs(15 * 60),
     };
 
+    /// A node's retries towards its gateways: full jitter from 250 ms up to 30 s, so a fleet
+    /// that lost its gateway together spreads its reconnects over the whole window.
+    pub const GATEWAY: Backoff = Backoff {
+        initial: Duration::from_millis(250),
+        cap: Duration::from_secs(30),
+    };
+
     pub fn new(initial: Duration, cap: Duration) -> Self {
         let initial = initial.max(Duration::from_millis(1));
         Self {
@@ -55,6 +62,16 @@ impl Backoff {
     }
 }
 
+impl Backoff {
+    /// "Full jitter": uniform in `[0, base_delay(attempt))` for `jitter` uniform over `u32`,
+    /// at least 1 ms so a retry loop never spins.
+    pub fn full_jitter(&self, attempt: u32, jitter: u32) -> Duration {
+        let base = self.base_delay(attempt).as_nanos() as u64;
+        let scaled = (u128::from(base) * u128::from(jitter)) >> 32;
+        Duration::from_nanos(scaled as u64).max(Duration::from_millis(1))
+    }
+}
+
 impl Default for Backoff {
     fn default() -> Self {
         Self::DEFAULT
@@ -72,6 +89,16 @@ mod tests {
         assert_eq!(b.delay(1, 0), Duration::from_millis(250));
         assert_eq!(b.delay(1, 1 << 31), Duration::from_millis(500));
         assert!(b.delay(1, u32::MAX) < Duration::from_millis(750));
+    }
+
+    #[test]
+    fn gateway_retries_start_under_250_ms_and_reach_the_whole_30_s_window() {
+        let b = Backoff::GATEWAY;
+        assert!(b.full_jitter(1, u32::MAX) < Duration::from_millis(250));
+        assert!(b.full_jitter(1, u32::MAX) > Duration::from_millis(249));
+        assert_eq!(b.full_jitter(1, 0), Duration::from_millis(1));
+        assert!(b.full_jitter(20, u32::MAX) > Duration::from_millis(29_999));
+        assert_eq!(b.full_jitter(20, 1 << 31), Duration::from_secs(15));
     }
 
     #[test]
@@ -105,6 +132,18 @@ mod tests {
             prop_assert!(d >= base / 2);
             prop_assert!(d <= base * 3 / 2);
             prop_assert!(d > Duration::ZERO);
+        }
+
+        #[test]
+        fn gateway_retries_wait_between_nothing_and_the_doubled_delay_capped_at_thirty_seconds(
+            attempt in 0u32..=u32::MAX,
+            jitter in 0u32..=u32::MAX,
+        ) {
+            let b = Backoff::GATEWAY;
+            let d = b.full_jitter(attempt, jitter);
+            prop_assert!(d >= Duration::from_millis(1));
+            prop_assert!(d < b.base_delay(attempt).max(Duration::from_millis(2)));
+            prop_assert!(d < Duration::from_secs(30));
         }
 
         #[test]

@@ -16,6 +16,10 @@ pub struct MeshStatus {
     /// Things the operator should fix that did not stop the join (a rejected peer file).
     #[serde(default)]
     pub problems: Vec<String>,
+    /// Where the peers come from when a gateway coordinates them: "gateway peers live", or
+    /// "on cached peer set since <time> (gateway unreachable)".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
 
 impl MeshStatus {
@@ -24,7 +28,12 @@ impl MeshStatus {
         let mut parts = vec![self.provider.clone()];
         parts.extend(self.interface.clone());
         parts.extend(self.address.clone());
-        parts.join(" ")
+        let mut text = parts.join(" ");
+        if let Some(gateway) = &self.gateway {
+            text.push_str(", ");
+            text.push_str(gateway);
+        }
+        text
     }
 }
 

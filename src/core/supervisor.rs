@@ -1000,6 +1000,7 @@ mod tests {
             address: words.next(),
             peers: 0,
             problems: Vec::new(),
+            gateway: None,
         }
     }
 

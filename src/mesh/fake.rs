@@ -32,6 +32,7 @@ impl MeshProvider for FakeMesh {
                     address: Some(fake.address.clone()),
                     peers: 0,
                     problems: Vec::new(),
+                    gateway: None,
                 },
                 node_info: None,
             })

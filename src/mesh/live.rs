@@ -22,6 +22,14 @@ impl LiveStatus {
             LiveStatus::Tailscale(_) => &[],
         }
     }
+
+    /// The gateway connection, for a self-hosted node that follows one.
+    pub fn gateway(&self) -> Option<&GatewayDoc> {
+        match self {
+            LiveStatus::Wireguard(wg) => wg.gateway.as_ref(),
+            LiveStatus::Tailscale(_) => None,
+        }
+    }
 }
 
 /// One tunnel peer as the device reports it.
@@ -46,6 +54,28 @@ pub struct WgStatus {
     pub fwmark: Option<u32>,
     pub addresses: Vec<String>,
     pub peers: Vec<TunnelPeer>,
+    /// The node's gateway connection, when it follows a gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayDoc>,
+}
+
+/// A node's view of its gateways, for `status --json` and `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayDoc {
+    /// The gateway that answered last.
+    pub url: Option<String>,
+    /// live | cached | joining
+    pub state: String,
+    pub cursor: Option<String>,
+    /// Seconds since a gateway last answered.
+    pub cursor_age_s: Option<u64>,
+    /// Unix seconds: live since, or (cached) the last good answer the peers come from.
+    pub since: u64,
+    /// Gateway peers known (this node excluded).
+    pub peers: usize,
+    /// Answers applied since start, by kind.
+    pub snapshots: u64,
+    pub deltas: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

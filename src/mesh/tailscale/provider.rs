@@ -168,6 +168,7 @@ impl TailscaleMesh {
                 address: ipv4.map(|ip| ip.to_string()),
                 peers: 0,
                 problems,
+                gateway: None,
             },
             node_info,
         })

@@ -8,6 +8,7 @@
 
 pub mod device;
 pub mod errors;
+pub mod gateway;
 pub mod keys;
 pub mod link;
 mod monitor;
@@ -106,6 +107,8 @@ pub struct WireguardMesh {
     resolver: resolve::Resolver,
     /// The routes clawnode created, removed when their peer goes and on stop.
     routes: crate::core::routes::OwnedRoutes,
+    /// Gateway coordination, once the node has joined a cluster (or has a token to).
+    gateway: Option<gateway::Coordinator>,
 }
 
 impl WireguardMesh {
@@ -137,6 +140,7 @@ impl WireguardMesh {
             keep_interface: false,
             resolver: resolve::Resolver::default(),
             routes: Default::default(),
+            gateway: None,
         }
     }
 
@@ -194,7 +198,21 @@ impl WireguardMesh {
     async fn join_inner(&mut self, config: &Config) -> Result<Joined, MeshError> {
         let wg = &config.network.wireguard;
         let iface = wg.interface.as_str().to_string();
-        let Some(address) = wg.address else {
+        if self.gateway.is_none() {
+            let key = keys::load_or_generate(&wg.private_key_file)?;
+            let me = gateway::NodeIdentity {
+                name: config.node.name.to_string(),
+                wg_key: key.public(),
+                listen_port: wg.listen_port,
+                interface: iface.clone(),
+            };
+            self.gateway = gateway::Coordinator::start(config, &me, self.recheck.clone()).await?;
+        }
+        // The configured address wins; without one the gateway assigned it.
+        let Some(address) = wg
+            .address
+            .or_else(|| self.gateway.as_ref().map(gateway::Coordinator::address))
+        else {
             return Err(WgError::NoAddress.into());
         };
         let link = self.link()?;
@@ -466,7 +484,23 @@ impl WireguardMesh {
         // A bad peer (unreadable preshared key, unsafe route) is skipped and reported, never
         // the mesh.
         let ours = link.get(iface).await?.map(|state| state.index);
-        let plan = plan::plan(wg, &self.resolver, link.local_networks(ours).await?).await;
+        let mut plan = plan::plan(wg, &self.resolver, link.local_networks(ours).await?).await;
+        // Gateway peers come third, after `peers` and `peers_dir`, which win on a collision.
+        let gateway_note = self.gateway.as_ref().map(|gateway| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            gateway::policy::add_gateway_peers(
+                &mut plan.peers,
+                &mut plan.names,
+                &mut plan.problems,
+                public,
+                wg.mesh_cidr,
+                gateway.shared.peers(now),
+            );
+            plan.problems.extend(gateway.shared.problems());
+            gateway.shared.status_note()
+        });
         let want = Wanted {
             interface: iface.to_string(),
             key,
@@ -536,6 +570,7 @@ impl WireguardMesh {
             backend_name: chosen.as_str(),
             addresses: vec![address.to_string()],
             names: plan.names.into_iter().collect(),
+            gateway: self.gateway.as_ref().map(|g| Arc::clone(&g.shared)),
         }));
         let Synced {
             peer_changes,
@@ -552,6 +587,7 @@ impl WireguardMesh {
             address: Some(address.to_string()),
             peers: peer_count,
             problems: plan.problems,
+            gateway: gateway_note,
         };
         let node_info = NodeInfoSpot {
             interface: iface.to_string(),
@@ -574,9 +610,15 @@ impl MeshProvider for WireguardMesh {
 
     fn publish<'a>(
         &'a mut self,
-        _services: &'a [ServiceAd],
+        services: &'a [ServiceAd],
     ) -> BoxFuture<'a, Result<(), MeshError>> {
-        // Peers read this node's services from its node-info endpoint, which the shell runs.
+        // Peers read this node's services from its node-info endpoint, which the shell runs;
+        // a gateway also learns them from this node's advert, for one-request discovery.
+        if let Some(gateway) = &self.gateway {
+            gateway
+                .shared
+                .set_services(services.iter().map(|s| (s.name.clone(), s.port)).collect());
+        }
         Box::pin(async { Ok(()) })
     }
 
@@ -587,6 +629,8 @@ impl MeshProvider for WireguardMesh {
     fn leave(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
         Box::pin(async move {
             self.monitor = None;
+            // The poll task stops; session and cache stay for the next start.
+            self.gateway = None;
             self.live.set(None);
             self.hooks_live.set(None);
             if self.keep_interface {

@@ -22,6 +22,8 @@ pub struct Target {
     pub backend_name: &'static str,
     pub addresses: Vec<String>,
     pub names: BTreeMap<PeerKey, String>,
+    /// The gateway coordination, when the node follows a gateway.
+    pub gateway: Option<Arc<super::gateway::Shared>>,
 }
 
 impl LiveTarget {
@@ -86,6 +88,12 @@ fn read(target: &Target) -> std::io::Result<WgStatus> {
         fwmark: state.fwmark,
         addresses: target.addresses.clone(),
         peers,
+        gateway: target.gateway.as_ref().map(|g| {
+            let now = std::time::SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            g.doc(now)
+        }),
     })
 }
 
@@ -113,6 +121,7 @@ mod tests {
             backend_name: "userspace",
             addresses: vec!["10.100.0.1/24".into()],
             names: BTreeMap::from([(key, "node-7".to_string())]),
+            gateway: None,
         }));
 
         let status = live.read().unwrap().unwrap();

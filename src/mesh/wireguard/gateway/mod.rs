@@ -1,0 +1,687 @@
+//! The node's side of gateway coordination: join with a token, keep a verified last-known-good
+//! peer set in `state_dir`, and follow the gateways with a long poll and a cursor.
+//!
+//! Start-up order: a session on disk? Load and re-verify the cache, and apply its peers before
+//! any gateway is contacted. No session: read the token, check the gateway against the root
+//! key the token pins (see `tls`), join, and keep the session (0600). Then one task per node
+//! polls `GET /v1/peers` with the cursor, applies each answer through `core::coord::PeerSet`,
+//! writes the cache atomically and asks the mesh to reconcile. With every gateway down the
+//! node keeps its peers, runs on the cache and retries with full-jitter backoff.
+
+pub mod client;
+pub mod policy;
+pub mod tls;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, JoinTokenSource};
+use crate::core::Backoff;
+use crate::core::coord::{
+    Advert, AdvertService, CacheFile, Cursor, GpuSummary, Grace, JoinRequest, JoinToken, NodeId,
+    PeerSet, RootKey, Session, Update, UpdateKind,
+};
+use crate::core::peer_diff::PeerKey;
+use crate::core::{Failure, Retry};
+use crate::mesh::Recheck;
+use crate::mesh::live::GatewayDoc;
+
+pub use client::{Answer, CallError, GatewayClient};
+use policy::{AdvertContent, Adverts, GwPeer, Rotation};
+
+/// How long a long poll asks the gateway to wait for a change.
+pub const POLL_WAIT: Duration = Duration::from_secs(25);
+
+/// `<state_dir>/gateway-session.json`: what a node keeps after joining (0600; the session is a
+/// credential). The token is never needed again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionFile {
+    pub root: RootKey,
+    pub node_id: NodeId,
+    pub session: Session,
+    pub address: IpAddr,
+    pub mesh_cidr: IpNet,
+    pub gateways: Vec<String>,
+    /// Informational: the cursor that goes with the cache is the cache's own.
+    #[serde(default)]
+    pub cursor: Option<Cursor>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub fn session_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(crate::state::GATEWAY_SESSION)
+}
+
+pub fn cache_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(crate::state::PEERSET_CACHE)
+}
+
+/// The session kept in `state_dir`, if the node has joined. A file that cannot be read is an
+/// operator's problem: joining again would make a second node.
+pub fn load_session(state_dir: &Path) -> Result<Option<SessionFile>, Failure> {
+    let path = session_path(state_dir);
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(Failure::transient(format!(
+                "cannot read {}: {e}",
+                path.display()
+            )));
+        }
+    };
+    serde_json::from_slice(&text).map(Some).map_err(|e| {
+        Failure::needs_operator(format!(
+            "gateway session {} is unreadable ({e}); remove it and give the node a new join token",
+            path.display()
+        ))
+    })
+}
+
+fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<(), Failure> {
+    let bytes = serde_json::to_vec(value)
+        .map_err(|e| Failure::transient(format!("encode {}: {e}", path.display())))?;
+    crate::state::write_atomic(path, &bytes, 0o600)
+        .map_err(|e| Failure::transient(e.to_string()))
+}
+
+/// The cache verified against `root`: every signature checked again, a file of another
+/// cluster refused whole. `Err` says why nothing of it is used.
+pub fn load_cache(
+    path: &Path,
+    root: RootKey,
+) -> Result<Option<(PeerSet, CacheFile, Vec<String>)>, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let cache: CacheFile = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("peer cache {} is not valid: {e}", path.display()))?;
+    let (set, rejected) = PeerSet::from_cache(root, &cache)
+        .map_err(|e| format!("peer cache {} refused: {e}", path.display()))?;
+    let rejected = rejected
+        .iter()
+        .map(|r| format!("peer cache {}: left out: {r}", path.display()))
+        .collect();
+    Ok(Some((set, cache, rejected)))
+}
+
+/// Where the node stands with its gateways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// No answer yet, and no cache.
+    Joining,
+    /// The last poll was answered.
+    Live,
+    /// No gateway answers; the peers come from the verified cache.
+    Cached,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Joining => "joining",
+            Mode::Live => "live",
+            Mode::Cached => "cached",
+        }
+    }
+}
+
+/// The state the poll task keeps and the mesh, status and metrics read.
+pub struct Shared {
+    inner: Mutex<Inner>,
+    /// Wakes the poll task when this node's advert content changed.
+    advert_changed: tokio::sync::Notify,
+}
+
+struct Inner {
+    set: PeerSet,
+    own: NodeId,
+    mode: Mode,
+    /// Live: since the first answer of this streak. Cached: the last good answer (or the
+    /// cache's `saved_at`), which is also where the offline grace counts from.
+    since: u64,
+    cursor: Option<Cursor>,
+    /// When a gateway last answered (unix seconds).
+    answered_at: Option<u64>,
+    url: Option<String>,
+    snapshots: u64,
+    deltas: u64,
+    grace_s: u64,
+    /// What went wrong last (a refused cache, a gateway error), for status.
+    problems: Vec<String>,
+    services: Vec<(String, u16)>,
+    gpus: Option<(u32, String, u64)>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn grace(inner: &Inner) -> Grace {
+        match inner.mode {
+            Mode::Live => Grace::Live,
+            Mode::Joining | Mode::Cached => Grace::Offline {
+                since: inner.since,
+                grace: inner.grace_s,
+            },
+        }
+    }
+
+    /// The peers to configure at `now`, without this node itself.
+    pub fn peers(&self, now: u64) -> Vec<GwPeer> {
+        let inner = self.lock();
+        inner
+            .set
+            .peers(now, Self::grace(&inner))
+            .into_iter()
+            .filter(|p| p.node_id != inner.own)
+            .map(|p| GwPeer {
+                name: p.name,
+                key: p.key,
+                addresses: p.addresses,
+                endpoint: p.endpoint,
+            })
+            .collect()
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.lock().mode
+    }
+
+    /// The gateway part of STATUS=.
+    pub fn status_note(&self) -> String {
+        let inner = self.lock();
+        match inner.mode {
+            Mode::Live => "gateway peers live".to_string(),
+            Mode::Joining => "waiting for the gateway's peer set".to_string(),
+            Mode::Cached => format!(
+                "on cached peer set since {} (gateway unreachable)",
+                humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(inner.since))
+            ),
+        }
+    }
+
+    pub fn problems(&self) -> Vec<String> {
+        self.lock().problems.clone()
+    }
+
+    /// For `status --json` and `/metrics`.
+    pub fn doc(&self, now: u64) -> GatewayDoc {
+        let inner = self.lock();
+        GatewayDoc {
+            url: inner.url.clone(),
+            state: inner.mode.as_str().to_string(),
+            cursor: inner.cursor.map(|c| c.to_string()),
+            cursor_age_s: inner.answered_at.map(|at| now.saturating_sub(at)),
+            since: inner.since,
+            peers: inner
+                .set
+                .peers(now, Self::grace(&inner))
+                .iter()
+                .filter(|p| p.node_id != inner.own)
+                .count(),
+            snapshots: inner.snapshots,
+            deltas: inner.deltas,
+        }
+    }
+
+    /// The services this node publishes; an advert goes out if they changed.
+    pub fn set_services(&self, services: Vec<(String, u16)>) {
+        let mut inner = self.lock();
+        if inner.services != services {
+            inner.services = services;
+            drop(inner);
+            self.advert_changed.notify_one();
+        }
+    }
+
+    /// The GPU inventory's summary; an advert goes out if it changed.
+    pub fn set_gpus(&self, gpus: Option<(u32, String, u64)>) {
+        let mut inner = self.lock();
+        if inner.gpus != gpus {
+            inner.gpus = gpus;
+            drop(inner);
+            self.advert_changed.notify_one();
+        }
+    }
+}
+
+/// The running coordination of one node: its session, its shared state and its poll task
+/// (stopped when this is dropped).
+pub struct Coordinator {
+    pub session: SessionFile,
+    pub shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What a node needs to join and advertise.
+pub struct NodeIdentity {
+    pub name: String,
+    pub wg_key: PeerKey,
+    pub listen_port: u16,
+    pub interface: String,
+}
+
+impl Coordinator {
+    /// Start coordination if the node has joined before or has a join token; `None` without
+    /// either (hand-written peers only).
+    pub async fn start(
+        config: &Config,
+        me: &NodeIdentity,
+        recheck: Recheck,
+    ) -> Result<Option<Coordinator>, Failure> {
+        let wg = &config.network.wireguard;
+        let state_dir = &config.node.state_dir;
+        let session = match load_session(state_dir)? {
+            Some(session) => session,
+            None => {
+                let Some(source) = &wg.join_token else {
+                    return Ok(None);
+                };
+                let token = read_token(source)?;
+                let session = join(&token, me, wg.mesh_cidr).await?;
+                crate::state::ensure_private_dir(state_dir)
+                    .map_err(|e| Failure::transient(e.to_string()))?;
+                save_json(&session_path(state_dir), &session)?;
+                tracing::info!(component = "gateway-client", node_id = %session.node_id, address = %session.address, "joined the cluster; session kept in the state directory");
+                session
+            }
+        };
+        Ok(Some(Self::run(
+            session,
+            cache_path(state_dir),
+            wg.gateway_offline_grace.as_secs(),
+            me,
+            recheck,
+        )))
+    }
+
+    /// Load the cache and start the poll task for `session`.
+    pub fn run(
+        session: SessionFile,
+        cache: PathBuf,
+        grace_s: u64,
+        me: &NodeIdentity,
+        recheck: Recheck,
+    ) -> Coordinator {
+        let now = unix_now();
+        let mut problems = Vec::new();
+        let (set, cursor, mode, since) = match load_cache(&cache, session.root) {
+            Ok(Some((set, file, rejected))) => {
+                for problem in &rejected {
+                    tracing::warn!(component = "gateway-client", %problem, "peer cache");
+                }
+                problems.extend(rejected);
+                tracing::info!(component = "gateway-client", saved_at = file.saved_at, "applying the cached peer set before contacting a gateway");
+                (set, Some(file.cursor), Mode::Cached, file.saved_at)
+            }
+            Ok(None) => (PeerSet::new(session.root), None, Mode::Joining, now),
+            Err(problem) => {
+                tracing::error!(component = "gateway-client", %problem, "peer cache rejected; starting without it");
+                problems.push(problem);
+                (PeerSet::new(session.root), None, Mode::Joining, now)
+            }
+        };
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                set,
+                own: session.node_id,
+                mode,
+                since,
+                cursor,
+                answered_at: None,
+                url: None,
+                snapshots: 0,
+                deltas: 0,
+                grace_s,
+                problems,
+                services: Vec::new(),
+                gpus: None,
+            }),
+            advert_changed: tokio::sync::Notify::new(),
+        });
+        let mut client = GatewayClient::new(session.root.0);
+        client.set_session(session.session.bearer().as_str());
+        let poller = Poller {
+            client,
+            rotation: Rotation::new(session.gateways.clone(), None, fastrand::u64(..)),
+            adverts: Adverts::default(),
+            shared: Arc::clone(&shared),
+            cache,
+            recheck,
+            node_id: session.node_id,
+            listen_port: me.listen_port,
+            interface: me.interface.clone(),
+            mesh_cidr: session.mesh_cidr,
+        };
+        let task = tokio::spawn(poller.run());
+        Coordinator {
+            session,
+            shared,
+            task,
+        }
+    }
+
+    /// The node's mesh address with the mesh's prefix.
+    pub fn address(&self) -> IpNet {
+        IpNet::new(self.session.address, self.session.mesh_cidr.prefix_len())
+            .unwrap_or_else(|_| IpNet::from(self.session.address))
+    }
+}
+
+fn read_token(source: &JoinTokenSource) -> Result<JoinToken, Failure> {
+    let (text, from) = match source {
+        JoinTokenSource::File(path) => (
+            std::fs::read_to_string(path).map_err(|e| {
+                Failure::needs_operator(format!(
+                    "cannot read join_token_file {}: {e}",
+                    path.display()
+                ))
+            })?,
+            format!("join_token_file {}", path.display()),
+        ),
+        JoinTokenSource::Env(var) => (
+            std::env::var(var).map_err(|_| {
+                Failure::needs_operator(format!(
+                    "join_token_env: environment variable {var} is not set"
+                ))
+            })?,
+            format!("join_token_env {var}"),
+        ),
+    };
+    let text = zeroize::Zeroizing::new(text);
+    text.trim()
+        .parse::<JoinToken>()
+        .map_err(|e| Failure::needs_operator(format!("{from}: not a join token: {e}")))
+}
+
+/// Join at the token's gateways in turn; a refusal that retrying cannot help (token used,
+/// expired, unknown) stops at once.
+async fn join(token: &JoinToken, me: &NodeIdentity, mesh_cidr: IpNet) -> Result<SessionFile, Failure> {
+    let mut client = GatewayClient::new(token.root.0);
+    let request = JoinRequest {
+        token_id: token.id,
+        token_secret: token.secret.clone(),
+        name: me.name.clone(),
+        wg_key: me.wg_key,
+        endpoints: host_endpoints(me.listen_port, mesh_cidr, &me.interface),
+        requested_address: None,
+    };
+    let mut last = None;
+    for url in &token.urls {
+        match client.join(url, &request).await {
+            Ok(answer) => {
+                let joined = answer.body;
+                let gateways = if joined.gateways.is_empty() {
+                    token.urls.clone()
+                } else {
+                    joined.gateways.clone()
+                };
+                let address = joined
+                    .record
+                    .addresses
+                    .iter()
+                    .copied()
+                    .find(|a| joined.mesh_cidr.contains(a))
+                    .ok_or_else(|| {
+                        Failure::transient(format!(
+                            "gateway {url} assigned no address inside {}",
+                            joined.mesh_cidr
+                        ))
+                    })?;
+                return Ok(SessionFile {
+                    root: token.root,
+                    node_id: joined.node_id,
+                    session: joined.session,
+                    address,
+                    mesh_cidr: joined.mesh_cidr,
+                    gateways,
+                    cursor: None,
+                });
+            }
+            Err(error) if error.retry == Retry::NeedsOperator => {
+                return Err(Failure::needs_operator(format!(
+                    "join refused: {}",
+                    error.message
+                )));
+            }
+            Err(error) => {
+                tracing::warn!(component = "gateway-client", gateway = %url, error = %error.message, "join failed; trying the next gateway");
+                last = Some(error);
+            }
+        }
+    }
+    Err(last.map_or_else(
+        || Failure::needs_operator("the join token names no gateway"),
+        |e| Failure::transient(format!("no gateway accepted the join: {}", e.message)),
+    ))
+}
+
+/// This host's addresses outside the mesh, with the WireGuard port: where peers may reach it.
+/// The gateway adds the source address it saw when this is empty.
+pub fn host_endpoints(listen_port: u16, mesh_cidr: IpNet, interface: &str) -> Vec<SocketAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut out: Vec<SocketAddr> = addrs
+        .filter(|ifa| ifa.interface_name != interface)
+        .filter_map(|ifa| {
+            let sock = ifa.address?;
+            let ip: IpAddr = if let Some(v4) = sock.as_sockaddr_in() {
+                IpAddr::V4(v4.ip())
+            } else {
+                IpAddr::V6(sock.as_sockaddr_in6()?.ip())
+            };
+            let usable = match ip {
+                IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
+                IpAddr::V6(v6) => {
+                    !v6.is_loopback() && !v6.is_unspecified() && (v6.segments()[0] & 0xffc0) != 0xfe80
+                }
+            };
+            (usable && !mesh_cidr.contains(&ip)).then_some(SocketAddr::new(ip, listen_port))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out.truncate(8);
+    out
+}
+
+/// The poll task's own state.
+struct Poller {
+    client: GatewayClient,
+    rotation: Rotation,
+    adverts: Adverts,
+    shared: Arc<Shared>,
+    cache: PathBuf,
+    recheck: Recheck,
+    node_id: NodeId,
+    listen_port: u16,
+    interface: String,
+    mesh_cidr: IpNet,
+}
+
+impl Poller {
+    async fn run(mut self) {
+        let mut attempt: u32 = 0;
+        loop {
+            let Some(url) = self.rotation.current().map(str::to_string) else {
+                tracing::error!(component = "gateway-client", "no gateway URL known; running on the cached peer set");
+                return;
+            };
+            let cursor = self.shared.lock().cursor;
+            let result = {
+                let poll = self.client.poll(&url, cursor.as_ref(), POLL_WAIT);
+                tokio::pin!(poll);
+                loop {
+                    tokio::select! {
+                        result = &mut poll => break result,
+                        () = self.shared.advert_changed.notified() => {
+                            // Sent beside the long poll (another connection), which keeps waiting.
+                            if let Some((content, seq, advert)) = self.advert_due() {
+                                match self.client.put_self(&url, &advert).await {
+                                    Ok(()) => self.adverts.sent(content, seq),
+                                    Err(e) => tracing::warn!(component = "gateway-client", error = %e.message, "advert not accepted; sent again with the next answer"),
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            match result {
+                Ok(answer) => {
+                    attempt = 0;
+                    self.rotation.succeeded();
+                    self.applied(&url, answer).await;
+                    if let Some((content, seq, advert)) = self.advert_due() {
+                        match self.client.put_self(&url, &advert).await {
+                            Ok(()) => self.adverts.sent(content, seq),
+                            Err(e) => {
+                                tracing::warn!(component = "gateway-client", error = %e.message, "advert not accepted")
+                            }
+                        }
+                    }
+                }
+                Err(error) => {
+                    attempt = attempt.saturating_add(1);
+                    self.failed(&url, &error);
+                    self.rotation.failed(fastrand::u64(..));
+                    let delay = Backoff::GATEWAY
+                        .full_jitter(attempt, fastrand::u32(..))
+                        .max(error.retry_after.unwrap_or_default());
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// The advert to send, if this node's endpoints, services or GPUs changed since the last.
+    fn advert_due(&mut self) -> Option<(AdvertContent, u64, Advert)> {
+        let endpoints = host_endpoints(self.listen_port, self.mesh_cidr, &self.interface);
+        let (services, gpus) = {
+            let inner = self.shared.lock();
+            (inner.services.clone(), inner.gpus.clone())
+        };
+        let content = AdvertContent::new(endpoints, services, gpus);
+        let seq = self.adverts.due(&content, unix_now_ms())?;
+        let advert = Advert {
+            node_id: self.node_id,
+            seq,
+            endpoints: content.endpoints.clone(),
+            services: content
+                .services
+                .iter()
+                .map(|(name, port)| AdvertService {
+                    name: name.clone(),
+                    port: *port,
+                })
+                .collect(),
+            gpus: content.gpus.clone().map(|(count, model, memory_mib)| GpuSummary {
+                count,
+                model,
+                memory_mib,
+            }),
+        };
+        Some((content, seq, advert))
+    }
+
+    async fn applied(&mut self, url: &str, answer: Answer<Update>) {
+        let now = unix_now();
+        let update = answer.body;
+        if !update.gateways.is_empty() {
+            self.rotation
+                .set_urls(update.gateways.clone(), fastrand::u64(..));
+        }
+        let (touched, came_back, cache) = {
+            let mut inner = self.shared.lock();
+            let applied = inner.set.apply(&update, now);
+            for (what, why) in &applied.rejected {
+                tracing::warn!(component = "gateway-client", gateway = %url, item = %what, reason = %why, "gateway update item rejected");
+            }
+            match update.kind {
+                UpdateKind::Snapshot => inner.snapshots += 1,
+                UpdateKind::Delta => inner.deltas += 1,
+            }
+            let came_back = inner.mode != Mode::Live;
+            if came_back {
+                inner.mode = Mode::Live;
+                inner.since = now;
+                inner.problems.clear();
+            }
+            let moved = inner.cursor != Some(update.cursor);
+            inner.cursor = Some(update.cursor);
+            inner.answered_at = Some(now);
+            inner.url = Some(url.to_string());
+            let cache = (moved || came_back).then(|| inner.set.to_cache(update.cursor, now));
+            (applied.touched(), came_back, cache)
+        };
+        if came_back {
+            tracing::info!(component = "gateway-client", gateway = %url, "gateway answered; peer set live");
+            // A restarted gateway or a new session has no advert of ours.
+            self.adverts.forget();
+        }
+        if let Some(cache) = cache {
+            let path = self.cache.clone();
+            let saved = tokio::task::spawn_blocking(move || save_json(&path, &cache)).await;
+            if let Ok(Err(error)) = saved {
+                tracing::warn!(component = "gateway-client", %error, "cannot write the peer cache");
+            }
+        }
+        if touched || came_back {
+            self.recheck.request("gateway peer set changed");
+        }
+    }
+
+    fn failed(&mut self, url: &str, error: &CallError) {
+        let now = unix_now();
+        let went_offline = {
+            let mut inner = self.shared.lock();
+            let was = inner.mode;
+            if was == Mode::Live {
+                inner.mode = Mode::Cached;
+                inner.since = inner.answered_at.unwrap_or(now);
+            } else if was == Mode::Joining && inner.cursor.is_none() {
+                // Nothing cached: still joining.
+            }
+            inner.problems = vec![format!("gateway: {}", error.message)];
+            was == Mode::Live
+        };
+        match error.retry {
+            Retry::Transient => {
+                tracing::warn!(component = "gateway-client", gateway = %url, error = %error.message, "gateway unreachable; keeping the current peers")
+            }
+            Retry::NeedsOperator => {
+                tracing::error!(component = "gateway-client", gateway = %url, error = %error.message, "gateway refused this node; keeping the current peers")
+            }
+        }
+        if went_offline {
+            self.recheck.request("gateway unreachable");
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! The client's decisions, kept free of I/O, clocks and randomness (time and seeds come in) so
+//! each is unit-tested: which gateway to try next, when an advert is due, and how gateway peers
+//! join the hand-written ones.
+
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+
+use crate::core::peer_diff::{PeerKey, PeerMap, PeerSpec};
+
+/// Most gateways a node keeps in its rotation: the list comes from the gateways, so it is capped.
+pub const MAX_GATEWAYS: usize = 16;
+
+/// Which gateway to try: the last one that answered first, then the others in a shuffled
+/// order, so a fleet does not stampede the first gateway of the list together.
+#[derive(Debug, Clone, Default)]
+pub struct Rotation {
+    urls: Vec<String>,
+    last_good: Option<String>,
+    /// What is left to try this round, the current one first.
+    queue: Vec<String>,
+}
+
+impl Rotation {
+    pub fn new(urls: Vec<String>, last_good: Option<String>, seed: u64) -> Self {
+        let mut rotation = Self::default();
+        rotation.set_urls(urls, seed);
+        rotation.last_good = last_good.filter(|url| rotation.urls.contains(url));
+        rotation.refill(seed);
+        rotation
+    }
+
+    /// Replace the known gateways (a gateway's update lists them), keeping the one that answered.
+    pub fn set_urls(&mut self, mut urls: Vec<String>, seed: u64) {
+        urls.dedup();
+        urls.truncate(MAX_GATEWAYS);
+        if urls.is_empty() || urls == self.urls {
+            return;
+        }
+        self.urls = urls;
+        if self.last_good.as_ref().is_some_and(|u| !self.urls.contains(u)) {
+            self.last_good = None;
+        }
+        self.refill(seed);
+    }
+
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    pub fn current(&self) -> Option<&str> {
+        self.queue.first().map(String::as_str)
+    }
+
+    /// The current gateway answered: it is tried first from now on.
+    pub fn succeeded(&mut self) {
+        self.last_good = self.queue.first().cloned();
+    }
+
+    /// The current gateway failed: move on; after a full round start again, last-good first.
+    pub fn failed(&mut self, seed: u64) {
+        if !self.queue.is_empty() {
+            self.queue.remove(0);
+        }
+        if self.queue.is_empty() {
+            self.refill(seed);
+        }
+    }
+
+    fn refill(&mut self, seed: u64) {
+        let mut others: Vec<String> = self
+            .urls
+            .iter()
+            .filter(|u| Some(*u) != self.last_good.as_ref())
+            .cloned()
+            .collect();
+        fastrand::Rng::with_seed(seed).shuffle(&mut others);
+        self.queue = self.last_good.iter().cloned().chain(others).collect();
+    }
+}
+
+/// What a node tells the gateways about itself beside its signed record: sent only when it
+/// changes, never per reading.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdvertContent {
+    /// Sorted.
+    pub endpoints: Vec<SocketAddr>,
+    /// Sorted (name, port).
+    pub services: Vec<(String, u16)>,
+    /// (count, model, memory MiB); `None` without GPUs.
+    pub gpus: Option<(u32, String, u64)>,
+}
+
+impl AdvertContent {
+    pub fn new(
+        mut endpoints: Vec<SocketAddr>,
+        mut services: Vec<(String, u16)>,
+        gpus: Option<(u32, String, u64)>,
+    ) -> Self {
+        endpoints.sort();
+        endpoints.dedup();
+        services.sort();
+        services.dedup();
+        Self {
+            endpoints,
+            services,
+            gpus,
+        }
+    }
+}
+
+/// The adverts sent on this session.
+#[derive(Debug, Clone, Default)]
+pub struct Adverts {
+    sent: Option<AdvertContent>,
+    seq: u64,
+}
+
+impl Adverts {
+    /// The sequence number for `content` if it differs from what the gateway has, else `None`.
+    /// Sequence numbers start at the wall clock in milliseconds so they keep increasing across
+    /// restarts, which the gateway requires.
+    pub fn due(&self, content: &AdvertContent, now_ms: u64) -> Option<u64> {
+        (self.sent.as_ref() != Some(content)).then(|| now_ms.max(self.seq.saturating_add(1)))
+    }
+
+    /// The gateway accepted `content` with `seq`.
+    pub fn sent(&mut self, content: AdvertContent, seq: u64) {
+        self.sent = Some(content);
+        self.seq = self.seq.max(seq);
+    }
+
+    /// A new session or gateway restarted: send again.
+    pub fn forget(&mut self) {
+        self.sent = None;
+    }
+}
+
+/// A peer the gateway authorised, reduced to what the device needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GwPeer {
+    pub name: String,
+    pub key: PeerKey,
+    pub addresses: Vec<IpAddr>,
+    pub endpoint: Option<SocketAddr>,
+}
+
+/// Keepalive for gateway peers: most sit behind NAT the node cannot know about.
+pub const GATEWAY_KEEPALIVE: u16 = 25;
+
+/// Add the gateway's peers to the hand-written ones (`peers`, `names`), which win: a gateway
+/// peer with a key or mesh address a hand-written peer already has is skipped and reported.
+/// Only mesh addresses (inside `mesh_cidr`) become allowed IPs, each a single host, so a record
+/// can never route the host's other traffic into the tunnel. This node's own record is skipped.
+/// Returns how many were added.
+pub fn add_gateway_peers(
+    peers: &mut PeerMap,
+    names: &mut Vec<(PeerKey, String)>,
+    problems: &mut Vec<String>,
+    own_key: PeerKey,
+    mesh_cidr: IpNet,
+    gateway: Vec<GwPeer>,
+) -> usize {
+    let hand_written: Vec<IpNet> = peers
+        .values()
+        .flat_map(|p| p.allowed_ips.iter().copied())
+        .collect();
+    let mut added = 0;
+    for peer in gateway {
+        if peer.key == own_key {
+            continue;
+        }
+        if peers.contains_key(&peer.key) {
+            problems.push(format!(
+                "gateway peer {:?} skipped: its public key is configured by hand",
+                peer.name
+            ));
+            continue;
+        }
+        let allowed: Vec<IpNet> = peer
+            .addresses
+            .iter()
+            .filter(|a| mesh_cidr.contains(*a))
+            .map(|a| IpNet::from(*a))
+            .collect();
+        if allowed.is_empty() {
+            problems.push(format!(
+                "gateway peer {:?} skipped: no address inside mesh_cidr {mesh_cidr}",
+                peer.name
+            ));
+            continue;
+        }
+        if let Some(clash) = allowed
+            .iter()
+            .find(|a| hand_written.iter().any(|h| h.contains(&a.addr())))
+        {
+            problems.push(format!(
+                "gateway peer {:?} skipped: its address {} belongs to a peer configured by hand",
+                peer.name,
+                clash.addr()
+            ));
+            continue;
+        }
+        let mut spec = PeerSpec::new(peer.key, allowed);
+        spec.endpoint = peer.endpoint;
+        spec.keepalive = Some(GATEWAY_KEEPALIVE);
+        names.push((peer.key, peer.name));
+        peers.insert(peer.key, spec);
+        added += 1;
+    }
+    added
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> PeerKey {
+        PeerKey([n; 32])
+    }
+
+    fn hand(n: u8, net: &str) -> (PeerKey, PeerSpec) {
+        (key(n), PeerSpec::new(key(n), vec![net.parse().unwrap()]))
+    }
+
+    fn gw(n: u8, addr: &str) -> GwPeer {
+        GwPeer {
+            name: format!("gw-node-{n}"),
+            key: key(n),
+            addresses: vec![addr.parse().unwrap()],
+            endpoint: Some(format!("192.0.2.{n}:51820").parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn hand_written_peers_win_and_colliding_gateway_peers_are_listed_in_problems() {
+        let mut peers: PeerMap = [hand(1, "10.100.0.1/32"), hand(2, "10.100.7.0/24")]
+            .into_iter()
+            .collect();
+        let mut names = vec![(key(1), "one".into()), (key(2), "lab".into())];
+        let mut problems = Vec::new();
+
+        let added = add_gateway_peers(
+            &mut peers,
+            &mut names,
+            &mut problems,
+            key(9),
+            "10.100.0.0/16".parse().unwrap(),
+            vec![
+                gw(1, "10.100.0.50"), // same key as a hand-written peer
+                gw(3, "10.100.7.9"),  // address inside a hand-written peer's allowed IPs
+                gw(4, "10.100.0.4"),  // fine
+                gw(9, "10.100.0.9"),  // this node itself
+                gw(5, "198.51.100.5"), // no mesh address
+            ],
+        );
+
+        assert_eq!(added, 1);
+        assert_eq!(peers.len(), 3);
+        assert_eq!(
+            peers[&key(1)].allowed_ips,
+            vec!["10.100.0.1/32".parse::<IpNet>().unwrap()]
+        );
+        let four = &peers[&key(4)];
+        assert_eq!(four.allowed_ips, vec!["10.100.0.4/32".parse::<IpNet>().unwrap()]);
+        assert_eq!(four.keepalive, Some(25));
+        assert_eq!(four.endpoint, Some("192.0.2.4:51820".parse().unwrap()));
+        assert_eq!(names.last().unwrap().1, "gw-node-4");
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert!(problems[0].contains("\"gw-node-1\" skipped: its public key is configured by hand"));
+        assert!(problems[1].contains("\"gw-node-3\" skipped: its address 10.100.7.9 belongs to a peer configured by hand"));
+        assert!(problems[2].contains("\"gw-node-5\" skipped: no address inside mesh_cidr"));
+    }
+
+    #[test]
+    fn an_advert_is_due_only_when_endpoints_services_or_gpus_change() {
+        let mut adverts = Adverts::default();
+        let first = AdvertContent::new(
+            vec!["192.0.2.1:51820".parse().unwrap()],
+            vec![("molt-provider".into(), 8080)],
+            Some((2, "H100".into(), 81920)),
+        );
+        let seq = adverts.due(&first, 1_000).unwrap();
+        assert_eq!(seq, 1_000);
+        adverts.sent(first.clone(), seq);
+
+        // The same content built in another order is no change.
+        let same = AdvertContent::new(
+            vec!["192.0.2.1:51820".parse().unwrap(), "192.0.2.1:51820".parse().unwrap()],
+            vec![("molt-provider".into(), 8080)],
+            Some((2, "H100".into(), 81920)),
+        );
+        assert_eq!(adverts.due(&same, 2_000), None);
+
+        let mut lost_gpu = first.clone();
+        lost_gpu.gpus = Some((1, "H100".into(), 81920));
+        // A clock that went backwards still gives a higher sequence number.
+        assert_eq!(adverts.due(&lost_gpu, 500), Some(1_001));
+
+        adverts.forget();
+        assert_eq!(adverts.due(&first, 3_000), Some(3_000));
+    }
+
+    #[test]
+    fn the_gateway_that_answered_last_is_tried_first_and_the_others_rotate() {
+        let urls: Vec<String> = (1..=4).map(|n| format!("https://203.0.113.{n}:443")).collect();
+        let mut rotation = Rotation::new(urls.clone(), Some(urls[2].clone()), 7);
+        assert_eq!(rotation.current(), Some(urls[2].as_str()));
+
+        // One full round visits every gateway once.
+        let mut seen = Vec::new();
+        for seed in 0..4 {
+            seen.push(rotation.current().unwrap().to_string());
+            rotation.failed(seed);
+        }
+        seen.sort();
+        assert_eq!(seen, urls);
+        // The next round starts again from the last good one.
+        assert_eq!(rotation.current(), Some(urls[2].as_str()));
+
+        rotation.failed(1);
+        let answered = rotation.current().unwrap().to_string();
+        rotation.succeeded();
+        for seed in 0..4 {
+            rotation.failed(seed);
+        }
+        assert_eq!(rotation.current(), Some(answered.as_str()));
+    }
+
+    #[test]
+    fn a_fleet_spreads_its_first_retry_over_the_other_gateways() {
+        let urls: Vec<String> = (1..=4).map(|n| format!("https://203.0.113.{n}:443")).collect();
+        let firsts: std::collections::BTreeSet<String> = (0..64)
+            .map(|seed| {
+                let mut r = Rotation::new(urls.clone(), Some(urls[0].clone()), seed);
+                r.failed(seed);
+                r.current().unwrap().to_string()
+            })
+            .collect();
+        assert_eq!(firsts.len(), 3, "{firsts:?}");
+    }
+
+    #[test]
+    fn the_gateway_list_is_capped() {
+        let urls: Vec<String> = (0..100).map(|n| format!("https://gw{n}:443")).collect();
+        let rotation = Rotation::new(urls, None, 1);
+        assert_eq!(rotation.urls().len(), MAX_GATEWAYS);
+    }
+}
