@@ -127,7 +127,7 @@ impl GatewayClient {
         let answer: Answer<JoinResponse> = self
             .call(Method::POST, &format!("{url}/v1/join"), Some(body), CALL_TIMEOUT, false)
             .await?;
-        self.set_session(&answer.body.session);
+        self.set_session(answer.body.session.bearer().as_str());
         Ok(answer)
     }
 

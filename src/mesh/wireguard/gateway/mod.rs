@@ -557,7 +557,7 @@ impl Poller {
             match result {
                 Ok(answer) => {
                     attempt = 0;
-                    self.rotation.succeeded();
+                    self.rotation.succeeded(fastrand::u64(..));
                     self.applied(&url, answer).await;
                     if let Some((content, seq, advert)) = self.advert_due() {
                         match self.client.put_self(&url, &advert).await {
@@ -582,7 +582,7 @@ impl Poller {
     }
 
     /// The advert to send, if this node's endpoints, services or GPUs changed since the last.
-    fn advert_due(&mut self) -> Option<(AdvertContent, u64, Advert)> {
+    fn advert_due(&self) -> Option<(AdvertContent, u64, Advert)> {
         let endpoints = host_endpoints(self.listen_port, self.mesh_cidr, &self.interface);
         let (services, gpus) = {
             let inner = self.shared.lock();

@@ -52,9 +52,14 @@ impl Rotation {
         self.queue.first().map(String::as_str)
     }
 
-    /// The current gateway answered: it is tried first from now on.
-    pub fn succeeded(&mut self) {
-        self.last_good = self.queue.first().cloned();
+    /// The current gateway answered: it is tried first from now on, and a failure starts a
+    /// fresh round over the others.
+    pub fn succeeded(&mut self, seed: u64) {
+        let current = self.queue.first().cloned();
+        if current.is_some() && (current != self.last_good || self.queue.len() != self.urls.len()) {
+            self.last_good = current;
+            self.refill(seed);
+        }
     }
 
     /// The current gateway failed: move on; after a full round start again, last-good first.
@@ -320,7 +325,7 @@ mod tests {
 
         rotation.failed(1);
         let answered = rotation.current().unwrap().to_string();
-        rotation.succeeded();
+        rotation.succeeded(5);
         for seed in 0..4 {
             rotation.failed(seed);
         }
