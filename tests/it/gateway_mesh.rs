@@ -7,7 +7,6 @@
 //! Figures (token to READY, propagation of a join and of a revocation) are printed; run with
 //! `--nocapture` to see them.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::support::gateway::{
@@ -156,20 +155,12 @@ fn propagation(
     threads.into_iter().map(|t| t.join().unwrap()).collect()
 }
 
-/// A node's `clawnode_gateway_updates_total{kind="snapshot"}` from /metrics on its socket.
+/// Snapshots a node applied since it started (`status --json`).
 fn snapshots_received(node: &Node) -> u64 {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "5", "--unix-socket"])
-        .arg(node.path("run/clawnode.sock"))
-        .arg("http://localhost/metrics")
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .filter(|l| l.starts_with("clawnode_gateway_updates_total") && l.contains("snapshot"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
+    let doc = gateway::gateway_status(node);
+    doc["snapshots"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no snapshot count in {doc}"))
 }
 
 /// The first number under a key containing `word` anywhere in `doc` (the counters' exact

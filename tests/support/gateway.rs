@@ -164,13 +164,10 @@ pub fn mesh_address(node: &Node) -> String {
     first.split('/').next().unwrap_or_default().to_string()
 }
 
-/// `status --json`'s `gateway` object (wherever the node puts it: top level or under `mesh`).
+/// `status --json`'s gateway object (`mesh.wireguard.gateway`): state live|cached|joining,
+/// cursor, peers, snapshots and deltas applied since start.
 pub fn gateway_status(node: &Node) -> serde_json::Value {
-    let doc = node.status_json();
-    if !doc["gateway"].is_null() {
-        return doc["gateway"].clone();
-    }
-    doc["mesh"]["gateway"].clone()
+    node.status_json()["mesh"]["wireguard"]["gateway"].clone()
 }
 
 /// Poll `done` every `step` until it holds; `Some(elapsed)`, or `None` after `limit`.
