@@ -17,6 +17,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use crate::api::{Sources, StatusDoc};
 use crate::config::{self, ConfigErrors};
+use crate::core::coord::{
+    self, Advert, CacheFile, Grace, JoinToken, NodeRecord, PeerSet, Revocation, RootKey, Session,
+    SignerCert, Update,
+};
 use crate::core::model::ServiceAd;
 use crate::core::serve_config::{self, Mode, WantedService};
 use crate::http::Limits;
@@ -31,7 +35,7 @@ use crate::services::node_info::{self, NodeInfo};
 pub type Target = fn(&[u8]);
 
 /// Every target: its name (the cargo-fuzz target and corpus directory) and its body.
-pub const TARGETS: [(&str, Target); 7] = [
+pub const TARGETS: [(&str, Target); 10] = [
     ("config", config),
     ("peers_file", peers_file),
     ("localapi", localapi),
@@ -39,6 +43,9 @@ pub const TARGETS: [(&str, Target); 7] = [
     ("node_info_http", node_info_http),
     ("api_http", api_http),
     ("discover_answer", discover_answer),
+    ("join_token", join_token),
+    ("coord_record", coord_record),
+    ("peer_cache", peer_cache),
 ];
 
 /// The main configuration file, as `clawnode run` and `check-config` read it.
@@ -447,6 +454,139 @@ fn ask_peer(data: &[u8]) -> Result<NodeInfo, String> {
     })
 }
 
+/// A join token as pasted by an operator or read from `join_token_file`: accepted only in its
+/// one canonical spelling (so it prints back as read), with URLs a client can dial; refused
+/// with a printable message that never carries the secret. Session bearers likewise.
+pub fn join_token(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match text.parse::<JoinToken>() {
+        Ok(token) => {
+            assert_eq!(token.to_string(), text, "accepted a non-canonical token");
+            let secret = token.secret.to_b64url();
+            assert!(
+                !format!("{token:?}").contains(secret.as_str()),
+                "the secret shows in Debug"
+            );
+            assert!(!token.urls.is_empty());
+            for url in &token.urls {
+                let (host, port) = coord::split_gateway_url(url).expect("an accepted URL splits");
+                assert!(!host.is_empty() && port != 0, "{url}");
+            }
+        }
+        Err(error) => check_refusal(text, &error.to_string()),
+    }
+    match text.parse::<Session>() {
+        Ok(session) => assert_eq!(session.bearer().as_str(), text, "a non-canonical bearer"),
+        Err(error) => check_refusal(text, &error.to_string()),
+    }
+}
+
+/// A refusal is printable and does not echo a secret-sized part of the input.
+fn check_refusal(input: &str, message: &str) {
+    assert!(
+        !message.chars().any(char::is_control),
+        "a control character in {message:?}"
+    );
+    for part in input.split(['.', ',']) {
+        if part.len() >= 43 {
+            assert!(!message.contains(part), "{message:?} echoes the input");
+        }
+    }
+}
+
+thread_local! {
+    /// The cluster the coordination targets verify against: the seeds are signed by it.
+    static CLUSTER: (RootKey, SignerCert) = fuzz_cluster();
+}
+
+/// Root key from seed [1; 32], one signer (seed [2; 32]) that the root signed.
+pub fn fuzz_cluster() -> (RootKey, SignerCert) {
+    let root_pkcs8 = coord::ed25519_pkcs8_from_seed(&[1; 32]);
+    let root = RootKey::from_pkcs8(&root_pkcs8).expect("a root key");
+    let signer = coord::public_key_of_pkcs8(&coord::ed25519_pkcs8_from_seed(&[2; 32]))
+        .expect("a signer key");
+    let cert = coord::sign_signer(signer, "gw-fuzz", 1, u64::MAX, &root_pkcs8).expect("a cert");
+    (root, cert)
+}
+
+/// One JSON body as a gateway sends it (an `Update`) or one of its parts (record, cert,
+/// revocation, advert). Whatever parses writes back to the same value; what a `PeerSet`
+/// accepts verifies against a root-signed signer, whatever the input claims.
+pub fn coord_record(data: &[u8]) {
+    fn round_trip<T>(data: &[u8])
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        if let Ok(value) = serde_json::from_slice::<T>(data) {
+            let written = serde_json::to_vec(&value).expect("serializes");
+            let again: T = serde_json::from_slice(&written).expect("what was written parses");
+            assert_eq!(value, again, "changed through a write and a read");
+        }
+    }
+    round_trip::<NodeRecord>(data);
+    round_trip::<SignerCert>(data);
+    round_trip::<Revocation>(data);
+    round_trip::<Advert>(data);
+    round_trip::<coord::JoinRequest>(data);
+    round_trip::<coord::JoinResponse>(data);
+    CLUSTER.with(|(root, cert)| {
+        if let Ok(record) = serde_json::from_slice::<NodeRecord>(data) {
+            let _ = record.verify(cert);
+        }
+        if let Ok(update) = serde_json::from_slice::<Update>(data) {
+            round_trip::<Update>(data);
+            let mut set = PeerSet::new(*root);
+            let applied = set.apply(&update, 0);
+            check_verified(&set, root, &update.signers);
+            // The same update again changes nothing.
+            let again = set.apply(&update, 0);
+            assert!(
+                !again.touched(),
+                "a repeated update changed {again:?} after {applied:?}"
+            );
+        }
+    });
+}
+
+/// Every record a set holds verifies against a signer cert that the root signed.
+fn check_verified(set: &PeerSet, root: &RootKey, signers: &[SignerCert]) {
+    for record in set.records() {
+        let ok = signers
+            .iter()
+            .any(|c| c.verify(root).is_ok() && record.verify(c).is_ok());
+        assert!(ok, "{} held without a valid signature", record.node_id);
+        assert!(!set.is_revoked(record.node_id, record.serial));
+    }
+    for peer in set.peers(0, Grace::Live) {
+        assert!(set.record(peer.node_id).is_some());
+    }
+}
+
+/// The last-known-good cache file as read at start: any file loads to a set of verified
+/// records (or is refused whole), and what it loads writes back to a file that loads the same.
+pub fn peer_cache(data: &[u8]) {
+    let Ok(cache) = serde_json::from_slice::<CacheFile>(data) else {
+        return;
+    };
+    CLUSTER.with(|(root, _)| {
+        let Ok((set, _rejected)) = PeerSet::from_cache(*root, &cache) else {
+            return;
+        };
+        check_verified(&set, root, &cache.signers);
+        let written = set.to_cache(cache.cursor, cache.saved_at);
+        let text = serde_json::to_vec(&written).expect("serializes");
+        let read: CacheFile = serde_json::from_slice(&text).expect("what was written parses");
+        let (again, rejected) = PeerSet::from_cache(*root, &read).expect("its own file loads");
+        assert!(
+            rejected.is_empty(),
+            "its own file has rejects: {rejected:?}"
+        );
+        assert_eq!(again, set, "the set changed through its own cache file");
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -515,6 +655,195 @@ mod tests {
     #[test]
     fn every_saved_discover_answer_is_accepted_clean_or_refused_printably() {
         replay("discover_answer");
+    }
+
+    #[test]
+    fn every_saved_join_token_is_canonical_or_refused_without_its_secret() {
+        replay("join_token");
+    }
+
+    #[test]
+    fn every_saved_gateway_body_round_trips_and_yields_only_verified_records() {
+        replay("coord_record");
+    }
+
+    #[test]
+    fn every_saved_peer_cache_loads_only_verified_records() {
+        replay("peer_cache");
+    }
+
+    /// The coordination seeds reach past the parsers: the signed ones verify and load.
+    #[test]
+    fn the_coordination_seeds_are_signed_by_the_fuzz_cluster() {
+        let (root, cert) = fuzz_cluster();
+        let read = |target: &str, name: &str| {
+            std::fs::read(fuzz_dir().join("corpus").join(target).join(name)).expect(name)
+        };
+        let cache: CacheFile = serde_json::from_slice(&read("peer_cache", "seed-cache")).unwrap();
+        let (set, rejected) = PeerSet::from_cache(root, &cache).unwrap();
+        assert!(rejected.is_empty(), "{rejected:?}");
+        assert_eq!(set.peers(0, Grace::Live).len(), 2);
+        let update: Update =
+            serde_json::from_slice(&read("coord_record", "seed-snapshot")).unwrap();
+        let mut set = PeerSet::new(root);
+        let applied = set.apply(&update, 0);
+        assert!(applied.rejected.is_empty(), "{applied:?}");
+        assert_eq!(applied.added.len(), 2);
+        let record: NodeRecord =
+            serde_json::from_slice(&read("coord_record", "seed-record")).unwrap();
+        record.verify(&cert).unwrap();
+        let token = String::from_utf8(read("join_token", "seed-token")).unwrap();
+        token.parse::<JoinToken>().unwrap();
+    }
+
+    /// Writes the coordination seeds (signed, so Python's seed.py cannot make them):
+    /// `cargo test --lib fuzzing::tests::write_coordination_seeds -- --ignored`.
+    #[test]
+    #[ignore = "writes tests/fuzz/corpus; run by hand when the formats change"]
+    fn write_coordination_seeds() {
+        use crate::core::coord::*;
+        use crate::core::peer_diff::PeerKey;
+        let write = |target: &str, name: &str, data: &[u8]| {
+            let dir = fuzz_dir().join("corpus").join(target);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(format!("seed-{name}")), data).unwrap();
+        };
+        let (root, cert) = fuzz_cluster();
+        let signer = ed25519_pkcs8_from_seed(&[2; 32]);
+        let record = |id: u64, key: u8, address: &str, serial: u64| {
+            sign_record(
+                RecordFields {
+                    node_id: NodeId(id),
+                    name: format!("gpu-{id:02}"),
+                    wg_key: PeerKey([key; 32]),
+                    addresses: vec![address.parse().unwrap()],
+                    roles: vec![Role::Node],
+                    serial,
+                    not_after: 4_000_000_000,
+                },
+                &signer,
+            )
+            .unwrap()
+        };
+        let advert = Advert {
+            node_id: NodeId(3),
+            seq: 1,
+            endpoints: vec!["198.51.100.3:51820".parse().unwrap()],
+            services: vec![AdvertService {
+                name: "molt-provider".into(),
+                port: 8443,
+            }],
+            gpus: Some(GpuSummary {
+                count: 8,
+                model: "NVIDIA H200".into(),
+                memory_mib: 143_771,
+            }),
+        };
+        let revocation = sign_revocation(NodeId(5), 1, &signer).unwrap();
+        let json = |v: &dyn erased::Json| v.json();
+        let r3 = record(3, 0x33, "10.100.0.3", 1);
+        write("coord_record", "record", &json(&r3));
+        write("coord_record", "cert", &json(&cert));
+        write("coord_record", "revocation", &json(&revocation));
+        write("coord_record", "advert", &json(&advert));
+        let cursor = Cursor {
+            store_id: 0xab,
+            rev: 7,
+        };
+        let snapshot = Update {
+            cursor,
+            kind: UpdateKind::Snapshot,
+            signers: vec![cert.clone()],
+            records: vec![r3.clone(), record(4, 0x44, "10.100.0.4", 1)],
+            revocations: vec![revocation.clone()],
+            adverts: vec![advert.clone()],
+            gateways: vec!["https://203.0.113.1".into()],
+        };
+        write("coord_record", "snapshot", &json(&snapshot));
+        let delta = Update {
+            kind: UpdateKind::Delta,
+            records: vec![
+                record(3, 0x55, "10.100.0.3", 2),
+                record(6, 0x33, "10.100.0.4", 1),
+            ],
+            revocations: vec![sign_revocation(NodeId(4), 1, &signer).unwrap()],
+            adverts: vec![Advert {
+                seq: 2,
+                ..advert.clone()
+            }],
+            ..snapshot.clone()
+        };
+        write("coord_record", "delta", &json(&delta));
+        write(
+            "coord_record",
+            "join-request",
+            &json(&JoinRequest {
+                token_id: TokenId([1; 8]),
+                token_secret: Secret32([7; 32]),
+                name: "gpu-07".into(),
+                wg_key: PeerKey([0x77; 32]),
+                endpoints: vec![],
+                requested_address: None,
+            }),
+        );
+        write(
+            "coord_record",
+            "join-response",
+            &json(&JoinResponse {
+                node_id: NodeId(3),
+                session: Session {
+                    node_id: NodeId(3),
+                    secret: Secret32([9; 32]),
+                },
+                record: r3.clone(),
+                mesh_cidr: "10.100.0.0/16".parse().unwrap(),
+                gateways: vec!["https://203.0.113.1".into()],
+            }),
+        );
+        let mut set = PeerSet::new(root);
+        set.apply(&snapshot, 0);
+        write(
+            "peer_cache",
+            "cache",
+            &json(&set.to_cache(cursor, 1_800_000_000)),
+        );
+        let mut tampered = set.to_cache(cursor, 1_800_000_000);
+        tampered.records[0].addresses = vec!["10.100.0.99".parse().unwrap()];
+        write("peer_cache", "tampered", &json(&tampered));
+        let token = JoinToken {
+            id: TokenId([0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef]),
+            secret: Secret32([7; 32]),
+            root,
+            urls: vec![
+                "https://203.0.113.1:443".into(),
+                "https://[2001:db8::1]:8443".into(),
+            ],
+        };
+        write("join_token", "token", token.to_string().as_bytes());
+        write(
+            "join_token",
+            "session",
+            Session {
+                node_id: NodeId(12),
+                secret: Secret32([9; 32]),
+            }
+            .bearer()
+            .as_bytes(),
+        );
+        write("join_token", "padded", format!("{token}=").as_bytes());
+    }
+
+    mod erased {
+        /// Pretty JSON of any serializable value, for the seed writer.
+        pub trait Json {
+            fn json(&self) -> Vec<u8>;
+        }
+
+        impl<T: serde::Serialize> Json for T {
+            fn json(&self) -> Vec<u8> {
+                serde_json::to_vec_pretty(self).expect("serializes")
+            }
+        }
     }
 
     /// The harnesses reach the code they claim to, so a target that passes means something.

@@ -42,3 +42,6 @@ pub const DEFAULT_OFFLINE_GRACE_S: u64 = 7 * 24 * 3600;
 pub fn needs_resign(not_after: u64, now: u64) -> bool {
     not_after.saturating_sub(now) < RESIGN_BEFORE_S
 }
+
+#[cfg(test)]
+mod tests;

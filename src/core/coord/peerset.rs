@@ -270,6 +270,13 @@ impl PeerSet {
                 applied
                     .rejected
                     .push((format!("advert of {}", advert.node_id), reject));
+                // As for records: a snapshot cannot roll an advert back.
+                if let Some(held) = held
+                    && self.records.contains_key(&held.node_id)
+                    && !self.adverts.contains_key(&held.node_id)
+                {
+                    self.adverts.insert(held.node_id, held.clone());
+                }
             }
         }
         before.compare(&self.records, &self.adverts, &mut applied);
