@@ -8,6 +8,7 @@ use clap::Subcommand;
 use crate::config::Config;
 use crate::config::{self, ProviderKind};
 use crate::mesh::tailscale::discover as ts_discover;
+use crate::mesh::wireguard::gateway as wg_gateway;
 use crate::mesh::tailscale::localapi::LocalApi;
 use crate::services::discover;
 
@@ -31,12 +32,34 @@ pub fn run(config_path: &Path, command: &ServicesCommand) -> Result<ExitCode, Cl
         return tailscale(&config, service, *json);
     }
     let wg = &config.network.wireguard;
-    let targets = crate::config::peers::peer_mesh_addresses(wg);
+    let mut targets = crate::config::peers::peer_mesh_addresses(wg);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(CliError::runtime)?;
-    let found = runtime.block_on(discover::discover(targets, wg.node_info_port, service));
+    // A node that joined a gateway asks it once; without an answer it asks every peer,
+    // the gateway's cached ones included.
+    let session = wg_gateway::load_session(&config.node.state_dir).ok().flatten();
+    let mut found = None;
+    if let Some(session) = &session {
+        match runtime.block_on(wg_gateway::discover(session, service)) {
+            Ok(instances) => found = Some(from_gateway(instances)),
+            Err(error) => {
+                eprintln!("gateway: {}; asking every peer instead", error.message);
+                targets.extend(wg_gateway::cached_peer_addresses(
+                    &config.node.state_dir,
+                    session,
+                    wg.gateway_offline_grace,
+                ));
+                targets.sort();
+                targets.dedup();
+            }
+        }
+    }
+    let found = match found {
+        Some(found) => found,
+        None => runtime.block_on(discover::discover(targets, wg.node_info_port, service)),
+    };
     if *json {
         println!(
             "{}",
@@ -48,12 +71,34 @@ pub fn run(config_path: &Path, command: &ServicesCommand) -> Result<ExitCode, Cl
         println!("no node advertises {service}");
     }
     for p in &found.providers {
-        println!("{:<24} {:<40} {}/{}", p.node, p.address, p.port, p.protocol);
+        if p.protocol.is_empty() {
+            println!("{:<24} {:<40} {}", p.node, p.address, p.port);
+        } else {
+            println!("{:<24} {:<40} {}/{}", p.node, p.address, p.port, p.protocol);
+        }
     }
     for u in &found.unreachable {
         eprintln!("unreachable: {} ({})", u.address, u.error);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The gateway's answer as a discovery; adverts carry no protocol, so it is left empty.
+fn from_gateway(instances: Vec<crate::core::coord::ServiceInstance>) -> discover::Discovery {
+    let mut providers: Vec<discover::Provider> = instances
+        .into_iter()
+        .map(|s| discover::Provider {
+            node: s.node,
+            address: s.address,
+            port: s.port,
+            protocol: String::new(),
+        })
+        .collect();
+    providers.sort_by(|a, b| (&a.node, a.port).cmp(&(&b.node, b.port)));
+    discover::Discovery {
+        providers,
+        unreachable: Vec::new(),
+    }
 }
 
 /// Tailscale mode: the services tailscaled lists, with their MagicDNS names, VIPs and ports.

@@ -24,7 +24,7 @@ use crate::config::{Config, JoinTokenSource};
 use crate::core::Backoff;
 use crate::core::coord::{
     Advert, AdvertService, CacheFile, Cursor, GpuSummary, Grace, JoinRequest, JoinToken, NodeId,
-    PeerSet, RootKey, Session, Update, UpdateKind,
+    PeerSet, RootKey, ServiceInstance, Session, Update, UpdateKind,
 };
 use crate::core::peer_diff::PeerKey;
 use crate::core::{Failure, Retry};
@@ -483,6 +483,54 @@ async fn join(token: &JoinToken, me: &NodeIdentity, mesh_cidr: IpNet) -> Result<
     ))
 }
 
+/// `services discover` through the gateways: every instance of `service` in one request, from
+/// the first gateway of the session that answers.
+pub async fn discover(
+    session: &SessionFile,
+    service: &str,
+) -> Result<Vec<ServiceInstance>, CallError> {
+    let mut client = GatewayClient::new(session.root.0);
+    client.set_session(session.session.bearer().as_str());
+    let mut last = None;
+    for url in &session.gateways {
+        match client.services(url, service).await {
+            Ok(answer) => return Ok(answer.body.services),
+            Err(error) => last = Some(error),
+        }
+    }
+    Err(last.unwrap_or_else(|| CallError {
+        retry: Retry::NeedsOperator,
+        message: "the gateway session names no gateway".into(),
+        status: None,
+        retry_after: None,
+    }))
+}
+
+/// The mesh addresses of the peers in the verified cache (this node left out), for the
+/// per-peer fan-out when no gateway answers.
+pub fn cached_peer_addresses(
+    state_dir: &Path,
+    session: &SessionFile,
+    grace: Duration,
+) -> Vec<IpAddr> {
+    let Ok(Some((set, file, _))) = load_cache(&cache_path(state_dir), session.root) else {
+        return Vec::new();
+    };
+    let grace = Grace::Offline {
+        since: file.saved_at,
+        grace: grace.as_secs(),
+    };
+    set.peers(unix_now(), grace)
+        .into_iter()
+        .filter(|p| p.node_id != session.node_id)
+        .filter_map(|p| {
+            p.addresses
+                .into_iter()
+                .find(|a| session.mesh_cidr.contains(a))
+        })
+        .collect()
+}
+
 /// This host's addresses outside the mesh, with the WireGuard port: where peers may reach it.
 /// The gateway adds the source address it saw when this is empty.
 pub fn host_endpoints(listen_port: u16, mesh_cidr: IpNet, interface: &str) -> Vec<SocketAddr> {
@@ -685,3 +733,6 @@ impl Poller {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

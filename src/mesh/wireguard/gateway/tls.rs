@@ -145,7 +145,16 @@ pub(crate) mod testing {
     }
 
     pub fn chain() -> Chain {
-        let ca_key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+        chain_under(KeyPair::generate_for(&PKCS_ED25519).unwrap())
+    }
+
+    /// A chain under the root key whose PKCS#8 document is `root_pkcs8`.
+    pub fn chain_for(root_pkcs8: &[u8]) -> Chain {
+        let der = PrivatePkcs8KeyDer::from(root_pkcs8.to_vec());
+        chain_under(KeyPair::from_pkcs8_der_and_sign_algo(&der, &PKCS_ED25519).unwrap())
+    }
+
+    fn chain_under(ca_key: KeyPair) -> Chain {
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         ca_params

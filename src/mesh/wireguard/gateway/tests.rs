@@ -1,0 +1,333 @@
+//! The coordinator against an in-process stand-in gateway (HTTPS under the cluster's root key,
+//! signed records): join, cache, restart on the cache, tampering.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+
+use super::tls::testing::chain_for;
+use super::*;
+use crate::core::coord::{
+    self, JoinResponse, NodeRecord, RecordFields, Role, Secret32, SignerCert, TokenId,
+};
+
+const NOW_SLACK: u64 = 30 * 24 * 3600;
+
+/// The cluster: root and one signer, both from fixed seeds.
+struct Cluster {
+    root_pkcs8: Vec<u8>,
+    root: RootKey,
+    signer_pkcs8: Vec<u8>,
+    signer: SignerCert,
+}
+
+fn cluster() -> Cluster {
+    let root_pkcs8 = coord::ed25519_pkcs8_from_seed(&[1; 32]).to_vec();
+    let root = RootKey(coord::public_key_of_pkcs8(&root_pkcs8).unwrap());
+    let signer_pkcs8 = coord::ed25519_pkcs8_from_seed(&[2; 32]).to_vec();
+    let signer_key = coord::public_key_of_pkcs8(&signer_pkcs8).unwrap();
+    let signer =
+        coord::sign_signer(signer_key, "gw-1", 1, unix_now() + NOW_SLACK, &root_pkcs8).unwrap();
+    Cluster {
+        root_pkcs8,
+        root,
+        signer_pkcs8,
+        signer,
+    }
+}
+
+impl Cluster {
+    fn record(&self, n: u8) -> NodeRecord {
+        coord::sign_record(
+            RecordFields {
+                node_id: NodeId(u64::from(n)),
+                name: format!("node-{n}"),
+                wg_key: PeerKey([n; 32]),
+                addresses: vec![format!("10.100.0.{n}").parse().unwrap()],
+                roles: vec![Role::Node],
+                serial: 1,
+                not_after: unix_now() + NOW_SLACK,
+            },
+            &self.signer_pkcs8,
+        )
+        .unwrap()
+    }
+
+    fn snapshot(&self, rev: u64, nodes: &[u8]) -> Update {
+        Update {
+            cursor: Cursor { store_id: 7, rev },
+            kind: UpdateKind::Snapshot,
+            signers: vec![self.signer.clone()],
+            records: nodes.iter().map(|n| self.record(*n)).collect(),
+            revocations: Vec::new(),
+            adverts: Vec::new(),
+            gateways: Vec::new(),
+        }
+    }
+}
+
+/// What the stand-in gateway serves and saw.
+#[derive(Default)]
+struct Seen {
+    joins: usize,
+    polls: usize,
+    adverts: Vec<Advert>,
+    bodies: Vec<Vec<u8>>,
+}
+
+struct Gateway {
+    url: String,
+    seen: Arc<Mutex<Seen>>,
+    update: Arc<Mutex<Update>>,
+}
+
+/// An HTTPS gateway on loopback under `cluster`'s root key. It assigns node 3 the address
+/// 10.100.0.3 and serves `update` (an empty delta while the cursor is current).
+async fn gateway(cluster: &Cluster, update: Update) -> Gateway {
+    let chain = chain_for(&cluster.root_pkcs8);
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain.certs, chain.leaf_key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let update = Arc::new(Mutex::new(update));
+    let joined = JoinResponse {
+        node_id: NodeId(3),
+        session: "n3.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".parse().unwrap(),
+        record: cluster.record(3),
+        mesh_cidr: "10.100.0.0/16".parse().unwrap(),
+        gateways: vec![format!("https://{addr}")],
+    };
+    let (seen2, update2) = (Arc::clone(&seen), Arc::clone(&update));
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let acceptor = acceptor.clone();
+            let (seen, update, joined) = (Arc::clone(&seen2), Arc::clone(&update2), joined.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let (seen, update, joined) = (Arc::clone(&seen), Arc::clone(&update), joined.clone());
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let query = req.uri().query().unwrap_or_default().to_string();
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        seen.lock().unwrap().bodies.push(body.to_vec());
+                        let (status, json) = if path == "/v1/join" {
+                            seen.lock().unwrap().joins += 1;
+                            (StatusCode::OK, serde_json::to_vec(&joined).unwrap())
+                        } else if path == "/v1/peers" {
+                            seen.lock().unwrap().polls += 1;
+                            let current = update.lock().unwrap().clone();
+                            if query.contains(&format!("cursor={}", current.cursor)) {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                let empty = Update::empty_delta(current.cursor, Vec::new());
+                                (StatusCode::OK, serde_json::to_vec(&empty).unwrap())
+                            } else {
+                                (StatusCode::OK, serde_json::to_vec(&current).unwrap())
+                            }
+                        } else if path == "/v1/self" {
+                            let advert: Advert = serde_json::from_slice(&body).unwrap();
+                            seen.lock().unwrap().adverts.push(advert);
+                            (StatusCode::NO_CONTENT, Vec::new())
+                        } else {
+                            (StatusCode::NOT_FOUND, b"{\"error\":\"no such endpoint\",\"retry\":false}".to_vec())
+                        };
+                        Ok::<_, std::convert::Infallible>(
+                            Response::builder().status(status).body(Full::new(Bytes::from(json))).unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    Gateway {
+        url: format!("https://{addr}"),
+        seen,
+        update,
+    }
+}
+
+fn config(state_dir: &Path, token_file: &Path) -> Config {
+    let text = format!(
+        "[node]\nname = \"gpu-03\"\nstate_dir = \"{}\"\n[network.wireguard]\njoin_token_file = \"{}\"\npeers_dir = \"{}/none\"\n",
+        state_dir.display(),
+        token_file.display(),
+        state_dir.display()
+    );
+    crate::config::parse(Path::new("test.toml"), &text).unwrap()
+}
+
+fn me() -> NodeIdentity {
+    NodeIdentity {
+        name: "gpu-03".into(),
+        wg_key: PeerKey([3; 32]),
+        listen_port: 51820,
+        interface: "wgtest-none".into(),
+    }
+}
+
+fn token(cluster: &Cluster, url: &str) -> String {
+    JoinToken {
+        id: TokenId([9; 8]),
+        secret: Secret32([4; 32]),
+        root: cluster.root,
+        urls: vec![url.to_string()],
+    }
+    .to_string()
+}
+
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn names(shared: &Shared) -> Vec<String> {
+    let mut names: Vec<String> = shared.peers(unix_now()).into_iter().map(|p| p.name).collect();
+    names.sort();
+    names
+}
+
+fn mode_of(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test]
+async fn a_node_with_a_token_joins_keeps_a_private_session_and_follows_the_peer_set() {
+    let cluster = cluster();
+    let gw = gateway(&cluster, cluster.snapshot(1, &[1, 2, 3])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token(&cluster, &gw.url)).unwrap();
+    let (recheck, mut rechecks) = Recheck::channel();
+
+    let coordinator = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck)
+        .await
+        .unwrap()
+        .unwrap();
+
+    assert_eq!(coordinator.address().to_string(), "10.100.0.3/16");
+    let session = session_path(dir.path());
+    assert_eq!(mode_of(&session), 0o600);
+    until("the snapshot", || coordinator.shared.mode() == Mode::Live).await;
+    assert!(rechecks.recv().await.is_some(), "no reconcile was requested");
+    // This node itself is not its own peer.
+    assert_eq!(names(&coordinator.shared), ["node-1", "node-2"]);
+    let cache = cache_path(dir.path());
+    assert_eq!(mode_of(&cache), 0o600);
+    assert_eq!(coordinator.shared.status_note(), "gateway peers live");
+
+    // A fourth node appears: applied from the next answer.
+    *gw.update.lock().unwrap() = cluster.snapshot(2, &[1, 2, 3, 4]);
+    until("node-4", || names(&coordinator.shared).len() == 3).await;
+    let doc = coordinator.shared.doc(unix_now());
+    assert_eq!((doc.state.as_str(), doc.peers), ("live", 3));
+    assert_eq!(doc.cursor, Some(Cursor { store_id: 7, rev: 2 }.to_string()));
+
+    // The services the node publishes go out as one advert, not again while unchanged.
+    coordinator.shared.set_services(vec![("molt-provider".into(), 8080)]);
+    until("the advert", || {
+        gw.seen.lock().unwrap().adverts.iter().any(|a| !a.services.is_empty())
+    })
+    .await;
+    let sent = gw.seen.lock().unwrap().adverts.len();
+    coordinator.shared.set_services(vec![("molt-provider".into(), 8080)]);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(gw.seen.lock().unwrap().adverts.len(), sent);
+    assert_eq!(gw.seen.lock().unwrap().joins, 1);
+}
+
+#[tokio::test]
+async fn a_restarted_node_runs_on_its_cached_peers_while_no_gateway_answers() {
+    let cluster = cluster();
+    let gw = gateway(&cluster, cluster.snapshot(1, &[1, 2, 3])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token(&cluster, &gw.url)).unwrap();
+    let (recheck, _rechecks) = Recheck::channel();
+    let first = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    until("the snapshot", || first.shared.mode() == Mode::Live).await;
+    until("the cache", || cache_path(dir.path()).exists()).await;
+    drop(first);
+
+    // The gateway is gone: the session points at a closed port.
+    let mut session = load_session(dir.path()).unwrap().unwrap();
+    session.gateways = vec!["https://127.0.0.1:9".into()];
+    save_json(&session_path(dir.path()), &session).unwrap();
+    // The token is not needed again.
+    std::fs::remove_file(&token_file).unwrap();
+
+    let again = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck)
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Before any gateway could have answered.
+    assert_eq!(names(&again.shared), ["node-1", "node-2"]);
+    assert_eq!(again.shared.mode(), Mode::Cached);
+    assert!(
+        again.shared.status_note().starts_with("on cached peer set since "),
+        "{}",
+        again.shared.status_note()
+    );
+    assert!(again.shared.status_note().ends_with("(gateway unreachable)"));
+    assert_eq!(gw.seen.lock().unwrap().joins, 1);
+}
+
+#[tokio::test]
+async fn a_tampered_peer_cache_is_refused_before_its_peers_are_applied() {
+    let cluster = cluster();
+    let mut set = PeerSet::new(cluster.root);
+    set.apply(&cluster.snapshot(1, &[1, 2]), unix_now());
+    let good = set.to_cache(Cursor { store_id: 7, rev: 1 }, unix_now());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("peerset.json");
+
+    // A record moved to another key (someone wants to be node-2).
+    let mut json: serde_json::Value = serde_json::to_value(&good).unwrap();
+    json["records"][1]["wg_key"] = serde_json::Value::String(
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [66u8; 32]),
+    );
+    std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+    let (set, _, rejected) = load_cache(&path, cluster.root).unwrap().unwrap();
+    let peers: Vec<String> = set
+        .peers(unix_now(), Grace::Live)
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(peers, ["node-1"]);
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+
+    // A cache of another cluster is refused whole.
+    std::fs::write(&path, serde_json::to_vec(&good).unwrap()).unwrap();
+    let error = load_cache(&path, RootKey([5; 32])).map(|_| ()).unwrap_err();
+    assert!(error.contains("another cluster"), "{error}");
+
+    // Garbage is refused, not half-read.
+    std::fs::write(&path, b"{\"version\":1,").unwrap();
+    assert!(load_cache(&path, cluster.root).is_err());
+}
