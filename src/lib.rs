@@ -10,6 +10,7 @@ pub mod exit;
 /// The fuzz targets' bodies: in test builds (corpus replay) and cargo-fuzz builds only.
 #[cfg(any(test, fuzzing))]
 pub mod fuzzing;
+pub mod gateway;
 pub mod gpu;
 pub mod http;
 pub mod logging;

@@ -5,6 +5,7 @@
 pub mod check_config;
 pub mod docs;
 pub mod doctor;
+pub mod gateway;
 pub mod gpus;
 pub mod peers;
 pub mod pubkey;
@@ -78,6 +79,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The gateway role: cluster identity, join tokens, nodes.
+    Gateway {
+        #[command(subcommand)]
+        command: gateway::GatewayCommand,
+    },
     /// Tailscale helpers.
     Tailscale {
         #[command(subcommand)]
@@ -138,6 +144,7 @@ impl Command {
             Command::Services { .. } => "services",
             Command::Doctor { .. } => "doctor",
             Command::Gpus { .. } => "gpus",
+            Command::Gateway { .. } => "gateway",
             Command::Tailscale { .. } => "tailscale",
             Command::Version => "version",
             Command::Completions { .. } => "completions",
@@ -166,6 +173,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Gpus { json, nvml_library } => {
             gpus::run(&cli.config, json, nvml_library.as_deref())
         }
+        Command::Gateway { command } => gateway::run(&cli.config, &command),
         Command::Tailscale { command } => tailscale::run(&cli.config, &command),
         Command::Version => {
             println!("clawnode {}", env!("CARGO_PKG_VERSION"));

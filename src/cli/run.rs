@@ -43,6 +43,20 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
         .enable_all()
         .build()
         .map_err(CliError::runtime)?;
+    // The gateway role, when enabled, beside the mesh: on its own thread and runtime. Started
+    // before the mesh so this node's own record and session are in place when it joins.
+    let gateway = if config.gateway.enabled {
+        let started = crate::gateway::spawn(config.clone()).map_err(|e| {
+            if e.transient {
+                CliError::runtime(e)
+            } else {
+                CliError::NeedsOperator(Box::new(e))
+            }
+        })?;
+        Some(started)
+    } else {
+        None
+    };
     let code = runtime.block_on(async {
         if config.network.provider == ProviderKind::Tailscale {
             mesh::tailscale::access::check_write_access(&config.network.tailscale.socket)
@@ -92,6 +106,7 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
         let _ = std::fs::remove_file(&socket);
         code
     })?;
+    drop(gateway);
     Ok(ExitCode::from(code))
 }
 

@@ -23,8 +23,9 @@ pub use error::{ConfigError, ConfigErrors};
 #[cfg(feature = "test-fakes")]
 pub use schema::FakeMeshConfig;
 pub use schema::{
-    ApiConfig, Config, GpuConfig, IdTokenSource, JoinTokenSource, LogConfig, NetworkConfig, NodeConfig,
-    PeerConfig, ServiceMode, ServiceSpec, TailscaleAuth, TailscaleConfig, WireguardConfig,
+    ApiConfig, Config, GatewayConfig, GatewayStore, GpuConfig, IdTokenSource, JoinTokenSource,
+    LogConfig, NetworkConfig, NodeConfig, PeerConfig, ServiceMode, ServiceSpec, TailscaleAuth,
+    TailscaleConfig, WireguardConfig,
 };
 pub use types::{
     DnsLabel, Endpoint, InterfaceName, LogLevel, NodeName, ProviderKind, PublicKey, Secret,

@@ -16,6 +16,7 @@ pub(super) struct RawConfig {
     pub gpu: RawGpu,
     pub services: BTreeMap<String, RawService>,
     pub log: RawLog,
+    pub gateway: RawGateway,
 }
 
 #[derive(Default, Deserialize)]
@@ -119,6 +120,18 @@ pub(super) struct RawGpu {
     pub required: Option<bool>,
     pub nvml_library: Option<String>,
     pub poll_interval: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawGateway {
+    pub enabled: Option<bool>,
+    pub listen: Option<String>,
+    pub public_url: Option<String>,
+    pub store: Option<String>,
+    pub address_pool: Option<String>,
+    pub record_lifetime: Option<String>,
+    pub max_sessions: Option<i64>,
 }
 
 #[derive(Default, Deserialize)]

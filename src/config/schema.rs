@@ -22,6 +22,7 @@ pub struct Config {
     /// Merged from `[services.*]` and `[network.tailscale.services]`.
     pub services: BTreeMap<ServiceName, ServiceSpec>,
     pub log: LogConfig,
+    pub gateway: GatewayConfig,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -151,6 +152,27 @@ pub enum ServiceMode {
     Http { tls: bool },
 }
 
+/// `[gateway]`: this node also serves coordination (joins, the peer stream) over HTTPS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// What nodes are told; `None`: `https://<mesh address>:<listen port>`.
+    pub public_url: Option<String>,
+    pub store: GatewayStore,
+    /// Where joining nodes' mesh addresses come from.
+    pub address_pool: IpNet,
+    /// How long a signed node record is valid (re-signed when half is left).
+    pub record_lifetime: Duration,
+    /// Connections served at once; the next ones get 503 with a Retry-After.
+    pub max_sessions: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatewayStore {
+    Sqlite,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     pub level: LogLevel,
@@ -253,6 +275,18 @@ impl Config {
             )?;
         } else {
             writeln!(out, "gpu: disabled")?;
+        }
+        let gw = &self.gateway;
+        if gw.enabled {
+            writeln!(
+                out,
+                "gateway: listen {}, url {}, addresses from {}, records valid {}, at most {} sessions",
+                gw.listen,
+                gw.public_url.as_deref().unwrap_or("(mesh address)"),
+                gw.address_pool,
+                humantime::format_duration(gw.record_lifetime),
+                gw.max_sessions
+            )?;
         }
         write!(out, "log: {}", self.log.level)
     }

@@ -14,13 +14,13 @@ use ipnet::IpNet;
 use super::error::ConfigError;
 use super::locate::{KeyPath, Locator};
 use super::raw::{
-    RawApi, RawConfig, RawGpu, RawNetwork, RawNode, RawPeer, RawService, RawTailscale,
+    RawApi, RawConfig, RawGateway, RawGpu, RawNetwork, RawNode, RawPeer, RawService, RawTailscale,
     RawWireguard, RawWorkloadIdentity,
 };
 use super::schema::{
-    ApiConfig, Config, GpuConfig, IdTokenSource, JoinTokenSource, LogConfig, NetworkConfig,
-    NodeConfig, PeerConfig, ServiceMode, ServiceSpec, TailscaleAuth, TailscaleConfig,
-    WireguardConfig,
+    ApiConfig, Config, GatewayConfig, GatewayStore, GpuConfig, IdTokenSource, JoinTokenSource,
+    LogConfig, NetworkConfig, NodeConfig, PeerConfig, ServiceMode, ServiceSpec, TailscaleAuth,
+    TailscaleConfig, WireguardConfig,
 };
 use super::types::{
     DnsLabel, InterfaceName, LogLevel, NodeName, ProviderKind, PublicKey, Secret, ServiceName, Tag,
@@ -59,6 +59,7 @@ impl<'a> Checker<'a> {
         let gpu = self.gpu(&root.key("gpu"), raw.gpu);
         let services = self.services(raw.services, ts_services, network.provider);
         let level = self.keyword::<LogLevel>(&root.key("log").key("level"), raw.log.level);
+        let gateway = self.gateway(&root.key("gateway"), raw.gateway, &network, &services);
         let config = Config {
             node,
             api,
@@ -68,6 +69,7 @@ impl<'a> Checker<'a> {
             log: LogConfig {
                 level: level.unwrap_or_default(),
             },
+            gateway,
         };
         if self.errors.is_empty() {
             return Ok(config);
@@ -746,6 +748,88 @@ impl<'a> Checker<'a> {
             required,
             nvml_library,
             poll_interval,
+        }
+    }
+
+    fn gateway(
+        &mut self,
+        path: &KeyPath,
+        raw: RawGateway,
+        network: &NetworkConfig,
+        services: &BTreeMap<ServiceName, ServiceSpec>,
+    ) -> GatewayConfig {
+        // The port nodes expect: the advertised `gateway` service's, else 443.
+        let port = ServiceName::try_from("gateway".to_owned())
+            .ok()
+            .and_then(|name| services.get(&name))
+            .map_or(443, |spec| spec.port);
+        let listen_path = path.key("listen");
+        let listen = match raw.listen {
+            None => SocketAddr::from(([0, 0, 0, 0], port)),
+            Some(text) => {
+                let parsed = text.parse::<SocketAddr>().ok();
+                self.check(&listen_path, parsed, || {
+                    ValueError::new("an address and port such as \"0.0.0.0:443\"", &text)
+                })
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], port)))
+            }
+        };
+        let url_path = path.key("public_url");
+        let public_url = raw.public_url.and_then(|text| {
+            let valid = text
+                .strip_prefix("https://")
+                .is_some_and(|rest| !rest.is_empty() && !rest.contains(['/', ',', ' ', '?', '#']));
+            self.check(&url_path, valid.then(|| text.clone()), || {
+                ValueError::new(
+                    "an https URL with host and port and no path, such as \"https://203.0.113.1:443\"",
+                    &text,
+                )
+            })
+        });
+        let store = match raw.store.as_deref() {
+            None | Some("sqlite") => GatewayStore::Sqlite,
+            Some(other) => {
+                self.error(
+                    &path.key("store"),
+                    ValueError::new("\"sqlite\" (the only store so far)", other),
+                );
+                GatewayStore::Sqlite
+            }
+        };
+        let address_pool = match raw.address_pool {
+            None => network.wireguard.mesh_cidr,
+            Some(text) => self
+                .mesh_cidr(&path.key("address_pool"), Some(text))
+                .unwrap_or(network.wireguard.mesh_cidr),
+        };
+        let mesh = network.wireguard.mesh_cidr;
+        if !mesh.contains(&address_pool) {
+            self.error(
+                &path.key("address_pool"),
+                format!("expected a network inside [network.wireguard] mesh_cidr {mesh}, got {address_pool}"),
+            );
+        }
+        let record_lifetime = self.duration(
+            &path.key("record_lifetime"),
+            raw.record_lifetime,
+            Duration::from_secs(30 * 24 * 60 * 60),
+            Duration::from_secs(60 * 60)..=Duration::from_secs(365 * 24 * 60 * 60),
+        );
+        let max_sessions = self.int_in(
+            &path.key("max_sessions"),
+            raw.max_sessions,
+            16_384usize,
+            1..=1_000_000,
+            "a number of connections 1-1000000",
+        );
+        GatewayConfig {
+            enabled: raw.enabled.unwrap_or(false),
+            listen,
+            public_url,
+            store,
+            address_pool,
+            record_lifetime,
+            max_sessions,
         }
     }
 

@@ -1,0 +1,661 @@
+//! The gateway's store, view and handlers, the handlers over a real loopback TLS connection.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use ipnet::IpNet;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::server::Gateway;
+use super::sqlite::SqliteStore;
+use super::store::{Change, JoinError, JoinTxn, SignFn, TokenClaim};
+use super::view::{self, View};
+use super::{Signer, tls};
+use crate::core::coord::{
+    self, Cursor, ErrorBody, JoinResponse, KeyId, NodeId, RecordFields, Role, Secret32, TokenId,
+    Update, UpdateKind,
+};
+use crate::core::peer_diff::PeerKey;
+
+const STORE_ID: u64 = 0x42;
+const NOW: u64 = 1_800_000_000;
+
+fn root_pkcs8() -> Vec<u8> {
+    coord::ed25519_pkcs8_from_seed(&[1; 32]).to_vec()
+}
+
+fn signer_pkcs8() -> Vec<u8> {
+    coord::ed25519_pkcs8_from_seed(&[2; 32]).to_vec()
+}
+
+fn pool() -> IpNet {
+    "10.100.0.0/16".parse().unwrap()
+}
+
+fn new_store(dir: &tempfile::TempDir) -> SqliteStore {
+    let store = SqliteStore::create(&dir.path().join("store.sqlite"), STORE_ID).unwrap();
+    let public = coord::public_key_of_pkcs8(&signer_pkcs8()).unwrap();
+    let cert = coord::sign_signer(public, "gw", 1, NOW + 1_000_000, &root_pkcs8()).unwrap();
+    store.put_signer_blocking(cert).unwrap();
+    store
+}
+
+fn sign(name: &str, key: PeerKey) -> SignFn {
+    let name = name.to_owned();
+    Box::new(move |node_id, address, serial| {
+        coord::sign_record(
+            RecordFields {
+                node_id,
+                name,
+                wg_key: key,
+                addresses: vec![address],
+                roles: vec![Role::Node],
+                serial,
+                not_after: NOW + 1000,
+            },
+            &signer_pkcs8(),
+        )
+        .map_err(|e| e.to_string())
+    })
+}
+
+fn key(n: u32) -> PeerKey {
+    let mut bytes = [0u8; 32];
+    bytes[..4].copy_from_slice(&n.to_be_bytes());
+    bytes[31] = 1;
+    PeerKey(bytes)
+}
+
+fn txn(token: Option<(&str, &Secret32)>, name: &str, n: u32, now: u64) -> JoinTxn {
+    JoinTxn {
+        token: token.map(|(id, secret)| TokenClaim {
+            id: id.to_owned(),
+            hash: coord::token_hash(secret),
+        }),
+        now,
+        name: name.to_owned(),
+        wg_key: coord::b64::wg_key_to_string(&key(n)),
+        requested_address: None,
+        session_hash: [n as u8; 32],
+        pool: pool(),
+        reserved: vec!["10.100.0.1".parse().unwrap()],
+        sign: sign(name, key(n)),
+    }
+}
+
+fn token(store: &SqliteStore, id: &str, uses: u32, expires_at: u64) -> Secret32 {
+    let secret = Secret32(super::random_32());
+    store
+        .create_token(id, &coord::token_hash(&secret), expires_at, uses, NOW)
+        .unwrap();
+    secret
+}
+
+// ---- store ----
+
+#[test]
+fn racing_joins_from_many_processes_never_share_an_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let secret = token(&store, "00000000000000aa", 2_000, NOW + 3600);
+    let path = dir.path().join("store.sqlite");
+    let threads: Vec<_> = (0..8u32)
+        .map(|t| {
+            // Separate connections, as separate processes would have.
+            let handle = SqliteStore::open(&path).unwrap();
+            let secret = secret.clone();
+            std::thread::spawn(move || {
+                (0..250u32)
+                    .map(|i| {
+                        let n = t * 1000 + i;
+                        let joined = handle
+                            .join_blocking(txn(
+                                Some(("00000000000000aa", &secret)),
+                                &format!("node-{n}"),
+                                n,
+                                NOW,
+                            ))
+                            .unwrap();
+                        joined.record.addresses[0]
+                    })
+                    .collect::<Vec<IpAddr>>()
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for thread in threads {
+        all.extend(thread.join().unwrap());
+    }
+    let distinct: BTreeSet<_> = all.iter().collect();
+    assert_eq!(all.len(), 2_000);
+    assert_eq!(distinct.len(), 2_000, "an address was handed out twice");
+    assert!(
+        !distinct.contains(&"10.100.0.1".parse::<IpAddr>().unwrap()),
+        "the reserved address"
+    );
+    assert!(matches!(
+        store.join_blocking(txn(Some(("00000000000000aa", &secret)), "late", 9_999, NOW)),
+        Err(JoinError::TokenUsed)
+    ));
+}
+
+#[test]
+fn a_token_is_single_use_expires_and_must_match_its_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let once = token(&store, "0000000000000001", 1, NOW + 3600);
+    store
+        .join_blocking(txn(Some(("0000000000000001", &once)), "a", 1, NOW))
+        .unwrap();
+    let again = store.join_blocking(txn(Some(("0000000000000001", &once)), "b", 2, NOW));
+    assert_eq!(again.unwrap_err().to_string(), "token already used");
+
+    let short = token(&store, "0000000000000002", 5, NOW + 60);
+    let late = store.join_blocking(txn(Some(("0000000000000002", &short)), "c", 3, NOW + 61));
+    assert_eq!(late.unwrap_err().to_string(), "token expired");
+
+    let wrong = Secret32([9; 32]);
+    let forged = store.join_blocking(txn(Some(("0000000000000002", &wrong)), "d", 4, NOW));
+    assert_eq!(forged.unwrap_err().to_string(), "unknown token");
+}
+
+#[test]
+fn the_store_keeps_only_the_token_hash_never_the_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let secret = token(&store, "0000000000000003", 1, NOW + 3600);
+    drop(store);
+    let mut bytes = Vec::new();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        bytes.extend(std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    let found = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    assert!(found(&coord::token_hash(&secret)), "the hash is stored");
+    assert!(!found(&secret.0), "the secret is not");
+    assert!(!found(secret.to_b64url().as_bytes()), "nor its text");
+}
+
+#[test]
+fn changes_come_in_order_and_a_compacted_cursor_is_told_to_take_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    for n in 0..5 {
+        store
+            .join_blocking(txn(None, &format!("n{n}x"), n, NOW))
+            .unwrap();
+    }
+    let changes = store.changes_since_blocking(0).unwrap().unwrap();
+    let revs: Vec<u64> = changes.iter().map(|(rev, _)| *rev).collect();
+    assert_eq!(revs, vec![1, 2, 3, 4, 5, 6], "signer, then five records");
+    assert!(matches!(changes[0].1, Change::Signer(_)));
+    let since_4 = store.changes_since_blocking(4).unwrap().unwrap();
+    assert_eq!(since_4.len(), 2);
+
+    // Keep the last 2 changes; everything older (and old enough) goes.
+    let removed = store
+        .compact_blocking(NOW + 10 * 86_400, 2, 86_400)
+        .unwrap();
+    assert_eq!(removed, 4);
+    assert!(
+        store.changes_since_blocking(1).unwrap().is_err(),
+        "compacted"
+    );
+    assert_eq!(store.changes_since_blocking(4).unwrap().unwrap().len(), 2);
+    let (head, state) = store.snapshot_blocking().unwrap();
+    assert_eq!(head, 6);
+    assert_eq!(state.records.len(), 5);
+    assert_eq!(state.signers.len(), 1);
+}
+
+#[test]
+fn a_rejoin_with_the_same_name_and_key_keeps_the_node_and_another_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let first = store.join_blocking(txn(None, "gpu-1", 1, NOW)).unwrap();
+    let again = store.join_blocking(txn(None, "gpu-1", 1, NOW)).unwrap();
+    assert_eq!(first.record.node_id, again.record.node_id);
+    assert_eq!(first.record.addresses, again.record.addresses);
+    assert_eq!(again.record.serial, first.record.serial + 1);
+    let mut other = txn(None, "gpu-1", 2, NOW);
+    other.sign = sign("gpu-1", key(2));
+    assert!(matches!(
+        store.join_blocking(other),
+        Err(JoinError::NameTaken(_))
+    ));
+}
+
+// ---- view ----
+
+fn record(node: u64, n: u32) -> coord::NodeRecord {
+    coord::sign_record(
+        RecordFields {
+            node_id: NodeId(node),
+            name: format!("node-{node}"),
+            wg_key: key(n),
+            addresses: vec![IpAddr::from([10, 100, 0, node as u8])],
+            roles: vec![Role::Node],
+            serial: 1,
+            not_after: NOW + 1000,
+        },
+        &signer_pkcs8(),
+    )
+    .unwrap()
+}
+
+fn decode(bytes: &[u8]) -> Update {
+    serde_json::from_slice(bytes).unwrap()
+}
+
+fn view_at(rev: u64) -> View {
+    let view = View::new(STORE_ID, vec!["https://127.0.0.1:1".into()]);
+    let changes: Vec<_> = (1..=rev)
+        .map(|r| (r, Change::Record(record(r, r as u32))))
+        .collect();
+    view.reset(0, Default::default(), Vec::new());
+    view.apply(changes);
+    view
+}
+
+#[test]
+fn a_current_cursor_gets_only_what_changed_since() {
+    let view = view_at(3);
+    let cursor = Cursor {
+        store_id: STORE_ID,
+        rev: 3,
+    };
+    assert!(
+        view.answer(Some(cursor)).is_none(),
+        "current: nothing to send yet"
+    );
+    view.apply(vec![(4, Change::Record(record(4, 4)))]);
+    let answer = view.answer(Some(cursor)).unwrap();
+    let update = decode(&answer.json);
+    assert_eq!(update.kind, UpdateKind::Delta);
+    assert_eq!(update.cursor.rev, 4);
+    assert_eq!(update.records.len(), 1);
+    assert_eq!(update.records[0].node_id, NodeId(4));
+}
+
+#[test]
+fn an_unknown_store_or_a_cursor_older_than_the_ring_gets_a_snapshot() {
+    let view = view_at(3);
+    let other = Cursor {
+        store_id: 7,
+        rev: 3,
+    };
+    let update = decode(&view.answer(Some(other)).unwrap().json);
+    assert_eq!(update.kind, UpdateKind::Snapshot);
+    assert_eq!(update.records.len(), 3);
+    assert_eq!(
+        decode(&view.answer(None).unwrap().json).kind,
+        UpdateKind::Snapshot
+    );
+    // A view loaded at rev 3 with no ring: rev 1 is before what it can build deltas from.
+    let fresh = View::new(STORE_ID, Vec::new());
+    fresh.reset(3, Default::default(), Vec::new());
+    let old = Cursor {
+        store_id: STORE_ID,
+        rev: 1,
+    };
+    assert_eq!(
+        decode(&fresh.answer(Some(old)).unwrap().json).kind,
+        UpdateKind::Snapshot
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_is_encoded_once_for_every_session_waiting_on_it() {
+    let view = Arc::new(view_at(3));
+    let cursor = Cursor {
+        store_id: STORE_ID,
+        rev: 3,
+    };
+    let before = view
+        .counters
+        .encodings
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let waiters: Vec<_> = (0..200)
+        .map(|_| {
+            let view = Arc::clone(&view);
+            tokio::spawn(async move {
+                super::server::poll(&view, Some(cursor), Duration::from_secs(10)).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    view.apply(vec![(4, Change::Record(record(4, 4)))]);
+    let mut answers = Vec::new();
+    for waiter in waiters {
+        answers.push(waiter.await.unwrap());
+    }
+    assert!(
+        answers.iter().all(|a| Arc::ptr_eq(a, &answers[0])),
+        "one shared body"
+    );
+    assert_eq!(decode(&answers[0].json).records.len(), 1);
+    let after = view
+        .counters
+        .encodings
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(after - before, 1, "encoded once");
+}
+
+// ---- handlers over TLS ----
+
+struct Harness {
+    addr: SocketAddr,
+    ca_der: Vec<u8>,
+    store: Arc<SqliteStore>,
+    view: Arc<View>,
+    _dir: tempfile::TempDir,
+    _tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        for task in &self._tasks {
+            task.abort();
+        }
+    }
+}
+
+async fn harness(max_sessions: usize) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(&dir));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let url = format!("https://{addr}");
+    let view = Arc::new(View::new(STORE_ID, vec![url]));
+    view::load(&*store, &view).await.unwrap();
+    let pkcs8 = zeroize::Zeroizing::new(signer_pkcs8());
+    let public = coord::public_key_of_pkcs8(&pkcs8).unwrap();
+    let gateway = Arc::new(Gateway {
+        store: Arc::clone(&store),
+        view: Arc::clone(&view),
+        signer: Arc::new(Signer {
+            pkcs8,
+            key_id: KeyId::of(&public),
+        }),
+        pool: pool(),
+        mesh_cidr: pool(),
+        reserved: vec!["10.100.0.1".parse().unwrap()],
+        gateways: vec![format!("https://{addr}")],
+        record_lifetime: 30 * 86_400,
+        max_sessions,
+    });
+    let ca_der = tls::pem_to_der(&tls::ca_pem(&root_pkcs8()).unwrap()).unwrap();
+    let (leaf, leaf_key) = tls::issue_leaf(&root_pkcs8(), &["127.0.0.1".to_owned()]).unwrap();
+    let config = tls::server_config(leaf, leaf_key, ca_der.clone()).unwrap();
+    let tasks = vec![
+        tokio::spawn(view::feed(Arc::clone(&store), Arc::clone(&view))),
+        tokio::spawn(super::server::serve(gateway, listener, config)),
+    ];
+    Harness {
+        addr,
+        ca_der,
+        store,
+        view,
+        _dir: dir,
+        _tasks: tasks,
+    }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+impl Harness {
+    /// A TLS connection that trusts only the cluster CA.
+    async fn connect(&self) -> Sender {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from(self.ca_der.clone()))
+            .unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Vec<u8>,
+    ) -> (u16, hyper::HeaderMap, Bytes) {
+        let mut sender = self.connect().await;
+        send(&mut sender, method, path, bearer, body).await
+    }
+
+    async fn join(&self, token: &str, secret: &Secret32, name: &str, n: u32) -> (u16, Bytes) {
+        let body = serde_json::json!({
+            "token_id": token,
+            "token_secret": secret.to_b64url().as_str(),
+            "name": name,
+            "wg_key": coord::b64::wg_key_to_string(&key(n)),
+            "endpoints": ["0.0.0.0:51820"],
+            "requested_address": null,
+        });
+        let (status, _, body) = self
+            .call("POST", "/v1/join", None, serde_json::to_vec(&body).unwrap())
+            .await;
+        (status, body)
+    }
+}
+
+async fn send(
+    sender: &mut Sender,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, hyper::HeaderMap, Bytes) {
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "127.0.0.1");
+    if let Some(bearer) = bearer {
+        request = request.header("authorization", format!("Bearer {bearer}"));
+    }
+    let response = sender
+        .send_request(request.body(Full::new(Bytes::from(body))).unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, body)
+}
+
+fn error_of(body: &[u8]) -> ErrorBody {
+    serde_json::from_slice(body).unwrap()
+}
+
+const TOKEN_ID: &str = "00000000000000a1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_over_tls_and_a_reused_or_expired_token_is_refused_clearly() {
+    let h = harness(64).await;
+    let secret = token(&h.store, TOKEN_ID, 1, super::unix_now() + 3600);
+    let (status, body) = h.join(TOKEN_ID, &secret, "gpu-1", 1).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let joined: JoinResponse = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        joined.record.addresses,
+        vec!["10.100.0.2".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(joined.session.node_id, joined.node_id);
+
+    let (status, body) = h.join(TOKEN_ID, &secret, "gpu-2", 2).await;
+    assert_eq!(status, 403);
+    let error = error_of(&body);
+    assert_eq!(error.error, "token already used");
+    assert!(!error.retry);
+
+    let expired_id = "00000000000000a2";
+    let expired = token(&h.store, expired_id, 1, super::unix_now() - 1);
+    let (status, body) = h.join(expired_id, &expired, "gpu-3", 3).await;
+    assert_eq!(status, 403);
+    assert_eq!(error_of(&body).error, "token expired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_returns_as_soon_as_another_node_joins() {
+    let h = harness(64).await;
+    let secret = token(&h.store, TOKEN_ID, 2, super::unix_now() + 3600);
+    let (_, body) = h.join(TOKEN_ID, &secret, "gpu-1", 1).await;
+    let joined: JoinResponse = serde_json::from_slice(&body).unwrap();
+    let bearer = joined.session.bearer().to_string();
+    // The join wrote a record and an advert: let the view take both in.
+    while h.view.head() < h.store.head_now().unwrap() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // First poll, no cursor: a snapshot with this node in it.
+    let (status, _, body) = h.call("GET", "/v1/peers", Some(&bearer), Vec::new()).await;
+    assert_eq!(status, 200);
+    let snapshot: Update = serde_json::from_slice(&body).unwrap();
+    assert_eq!(snapshot.kind, UpdateKind::Snapshot);
+    let path = format!("/v1/peers?cursor={}&wait=20", snapshot.cursor);
+    let started = std::time::Instant::now();
+    let poll = {
+        let mut sender = h.connect().await;
+        let bearer = bearer.clone();
+        tokio::spawn(
+            async move { send(&mut sender, "GET", &path, Some(&bearer), Vec::new()).await },
+        )
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!poll.is_finished(), "a current cursor waits");
+    let (status, _) = h.join(TOKEN_ID, &secret, "gpu-2", 2).await;
+    assert_eq!(status, 200);
+    let (status, _, body) = poll.await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(status, 200);
+    let delta: Update = serde_json::from_slice(&body).unwrap();
+    assert_eq!(delta.kind, UpdateKind::Delta);
+    assert!(delta.records.iter().any(|r| r.name == "gpu-2"), "{delta:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "returned on the change, not at the wait's end"
+    );
+    // The join's unspecified endpoint became the address the gateway saw.
+    assert!(
+        delta
+            .adverts
+            .iter()
+            .any(|a| a.endpoints == vec!["127.0.0.1:51820".parse::<SocketAddr>().unwrap()]),
+        "{delta:?}"
+    );
+    let (status, _, _) = h
+        .call(
+            "GET",
+            "/v1/peers",
+            Some("n1.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(status, 401, "a wrong session secret");
+    assert!(h.view.head() >= delta.cursor.rev);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_capacity_the_gateway_answers_503_with_a_jittered_retry_after() {
+    let h = harness(1).await;
+    let _held = h.connect().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, headers, body) = h.call("GET", "/v1/status", None, Vec::new()).await;
+    assert_eq!(status, 503);
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=5).contains(&retry), "{retry}");
+    assert!(error_of(&body).retry);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_advert_with_a_stale_seq_is_refused_and_services_are_answered_from_the_view() {
+    let h = harness(64).await;
+    let secret = token(&h.store, TOKEN_ID, 1, super::unix_now() + 3600);
+    let (_, body) = h.join(TOKEN_ID, &secret, "gpu-1", 1).await;
+    let joined: JoinResponse = serde_json::from_slice(&body).unwrap();
+    let bearer = joined.session.bearer().to_string();
+    let advert = |seq: u64| {
+        serde_json::to_vec(&serde_json::json!({
+            "node_id": joined.node_id.to_string(),
+            "seq": seq,
+            "endpoints": ["198.51.100.7:51820"],
+            "services": [{"name": "molt-provider", "port": 8443}],
+            "gpus": null,
+        }))
+        .unwrap()
+    };
+    let (status, _, body) = h.call("PUT", "/v1/self", Some(&bearer), advert(5)).await;
+    assert_eq!(status, 204, "{}", String::from_utf8_lossy(&body));
+    let (status, _, _) = h.call("PUT", "/v1/self", Some(&bearer), advert(5)).await;
+    assert_eq!(status, 409);
+    // The view catches up within the merge window.
+    let mut found = Vec::new();
+    for _ in 0..50 {
+        let (status, _, body) = h
+            .call(
+                "GET",
+                "/v1/services/molt-provider",
+                Some(&bearer),
+                Vec::new(),
+            )
+            .await;
+        assert_eq!(status, 200);
+        let answer: coord::ServiceAnswer = serde_json::from_slice(&body).unwrap();
+        found = answer.services;
+        if !found.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].port, 8443);
+    assert_eq!(found[0].node, "gpu-1");
+}
+
+#[test]
+fn token_ids_in_the_store_are_the_text_nodes_send() {
+    let id = TokenId([0, 0, 0, 0, 0, 0, 0, 0xa1]);
+    assert_eq!(id.to_string(), TOKEN_ID);
+}
+
+#[test]
+fn the_gateway_section_has_its_defaults_and_checks_the_pool() {
+    let base = "[node]\nname = \"gw\"\n[network]\nprovider = \"wireguard\"\n[network.wireguard]\naddress = \"10.100.0.1/16\"\n";
+    let config =
+        crate::config::parse_bytes(std::path::Path::new("t.toml"), base.as_bytes().to_vec())
+            .unwrap();
+    let gw = &config.gateway;
+    assert!(!gw.enabled);
+    assert_eq!(gw.listen, "0.0.0.0:443".parse().unwrap());
+    assert_eq!(gw.address_pool, pool());
+    assert_eq!(gw.record_lifetime, Duration::from_secs(30 * 86_400));
+    assert_eq!(gw.max_sessions, 16_384);
+    assert_eq!(
+        super::public_url(&config).unwrap(),
+        "https://10.100.0.1:443"
+    );
+    let outside = format!("{base}[gateway]\nenabled = true\naddress_pool = \"10.200.0.0/24\"\n");
+    let errors = crate::config::parse_bytes(std::path::Path::new("t.toml"), outside.into_bytes())
+        .unwrap_err()
+        .to_string();
+    assert!(errors.contains("gateway.address_pool"), "{errors}");
+}

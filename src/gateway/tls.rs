@@ -1,0 +1,97 @@
+//! The gateway's TLS identity: a self-signed CA whose key is the cluster's root key (so the
+//! root key a token pins is what a joining node finds in the chain), and a leaf for this
+//! gateway's HTTPS endpoint issued under it at each start.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PKCS_ED25519,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use super::GatewayError;
+
+/// The CA's fields, rebuilt the same way whenever a leaf is issued: the leaf's issuer name must
+/// equal the CA's subject.
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, "clawnode cluster root");
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
+fn root_pair(root_pkcs8: &[u8]) -> Result<KeyPair, GatewayError> {
+    KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(root_pkcs8), &PKCS_ED25519)
+        .map_err(|e| GatewayError::operator(format!("the root key does not load: {e}")))
+}
+
+/// The self-signed CA certificate (PEM) for the root key. No expiry to speak of (rcgen's
+/// default, year 4096): a CA that expires takes every gateway's TLS down at once.
+pub fn ca_pem(root_pkcs8: &[u8]) -> Result<String, GatewayError> {
+    let pair = root_pair(root_pkcs8)?;
+    let cert = ca_params()
+        .self_signed(&pair)
+        .map_err(|e| GatewayError::operator(format!("cannot make the CA certificate: {e}")))?;
+    Ok(cert.pem())
+}
+
+/// The first certificate in a PEM text, as DER.
+pub fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
+    let body = pem
+        .split("-----BEGIN CERTIFICATE-----")
+        .nth(1)?
+        .split("-----END CERTIFICATE-----")
+        .next()?;
+    let b64: String = body.chars().filter(|c| !c.is_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD.decode(b64).ok()
+}
+
+/// A leaf for `names` (host names or IP addresses), issued by the root key: `(leaf DER, its
+/// PKCS#8 key)`.
+pub fn issue_leaf(root_pkcs8: &[u8], names: &[String]) -> Result<(Vec<u8>, Vec<u8>), GatewayError> {
+    let root = root_pair(root_pkcs8)?;
+    let params = ca_params();
+    let issuer = Issuer::from_params(&params, &root);
+    let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| GatewayError::transient(format!("cannot make a TLS key: {e}")))?;
+    let mut leaf = CertificateParams::new(names.to_vec())
+        .map_err(|e| GatewayError::operator(format!("bad TLS names {names:?}: {e}")))?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "clawnode gateway");
+    leaf.distinguished_name = dn;
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = leaf
+        .signed_by(&leaf_key, &issuer)
+        .map_err(|e| GatewayError::operator(format!("cannot issue the TLS certificate: {e}")))?;
+    Ok((cert.der().to_vec(), leaf_key.serialize_der()))
+}
+
+/// The rustls server configuration: chain `[leaf, ca]`, TLS 1.2 and 1.3, HTTP/1.1.
+pub fn server_config(
+    leaf_der: Vec<u8>,
+    leaf_key: Vec<u8>,
+    ca_der: Vec<u8>,
+) -> Result<Arc<rustls::ServerConfig>, GatewayError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| GatewayError::operator(format!("TLS versions: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(leaf_der), CertificateDer::from(ca_der)],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key)),
+        )
+        .map_err(|e| GatewayError::operator(format!("the TLS certificate does not load: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}

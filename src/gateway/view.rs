@@ -1,0 +1,439 @@
+//! The in-memory view every handler serves from: the current state, a ring of recent changes,
+//! and a watch on the head revision. A delta for (from, to) and a snapshot for a revision are
+//! encoded once and shared by every session that needs them; per-session state is its cursor.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use super::store::{Change, Compacted, State, Store, StoreError};
+use crate::core::coord::{
+    Advert, Cursor, KeyId, NodeId, NodeRecord, Revocation, ServiceAnswer, ServiceInstance,
+    SignerCert, Update, UpdateKind,
+};
+
+/// Changes are gathered this long after the first one, so a burst goes out as one delta.
+pub const MERGE_WINDOW: Duration = Duration::from_millis(50);
+/// Changes kept for deltas; a cursor older than the ring gets a snapshot.
+pub const RING_MAX: usize = 10_000;
+/// Bodies smaller than this go uncompressed: gzip would not pay for its header.
+pub const GZIP_OVER: usize = 1024;
+
+/// One encoded answer, shared by every session it is sent to.
+#[derive(Debug)]
+pub struct Encoded {
+    pub kind: UpdateKind,
+    pub json: Bytes,
+    gzip: OnceLock<Option<Bytes>>,
+}
+
+impl Encoded {
+    fn new(update: &Update) -> Arc<Self> {
+        Arc::new(Self {
+            kind: update.kind,
+            json: Bytes::from(serde_json::to_vec(update).unwrap_or_default()),
+            gzip: OnceLock::new(),
+        })
+    }
+
+    /// The gzip body, compressed at most once; `None` when the body is too small to bother.
+    pub fn gzip(&self) -> Option<&Bytes> {
+        self.gzip
+            .get_or_init(|| {
+                if self.json.len() <= GZIP_OVER {
+                    return None;
+                }
+                let mut enc =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                enc.write_all(&self.json).ok()?;
+                enc.finish().ok().map(Bytes::from)
+            })
+            .as_ref()
+    }
+}
+
+/// The gateway's own counters, for `GET /v1/status` and the logs.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub connections: AtomicU64,
+    pub snapshots_sent: AtomicU64,
+    pub deltas_sent: AtomicU64,
+    pub empty_polls: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub encodings: AtomicU64,
+    pub joins: AtomicU64,
+    pub refused_busy: AtomicU64,
+}
+
+#[derive(Default)]
+struct Inner {
+    rev: u64,
+    /// Deltas can be built from any cursor at or above this.
+    floor: u64,
+    signers: BTreeMap<KeyId, SignerCert>,
+    records: BTreeMap<NodeId, NodeRecord>,
+    adverts: BTreeMap<NodeId, Advert>,
+    revocations: BTreeMap<NodeId, Revocation>,
+    ring: VecDeque<(u64, Change)>,
+}
+
+pub struct View {
+    store_id: u64,
+    gateways: Vec<String>,
+    inner: RwLock<Inner>,
+    head: watch::Sender<u64>,
+    sessions: RwLock<HashMap<NodeId, [u8; 32]>>,
+    snapshot: Mutex<Option<(u64, Arc<Encoded>)>>,
+    /// Keyed by (from, to); only deltas to the current head are kept.
+    deltas: Mutex<HashMap<(u64, u64), Arc<Encoded>>>,
+    pub counters: Counters,
+}
+
+impl View {
+    pub fn new(store_id: u64, gateways: Vec<String>) -> Self {
+        Self {
+            store_id,
+            gateways,
+            inner: RwLock::default(),
+            head: watch::Sender::new(0),
+            sessions: RwLock::default(),
+            snapshot: Mutex::default(),
+            deltas: Mutex::default(),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn store_id(&self) -> u64 {
+        self.store_id
+    }
+
+    pub fn head(&self) -> u64 {
+        *self.head.borrow()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replace everything with a snapshot at `rev`; older cursors get a snapshot from now on
+    /// unless `ring` (the changes up to `rev` still in the store) covers them.
+    pub fn reset(&self, rev: u64, state: State, ring: Vec<(u64, Change)>) {
+        {
+            let mut inner = self.write();
+            *inner = Inner {
+                rev,
+                floor: rev,
+                ..Inner::default()
+            };
+            for cert in state.signers {
+                inner.signers.insert(cert.key_id, cert);
+            }
+            for record in state.records {
+                inner.records.insert(record.node_id, record);
+            }
+            for advert in state.adverts {
+                inner.adverts.insert(advert.node_id, advert);
+            }
+            for revocation in state.revocations {
+                inner.revocations.insert(revocation.node_id, revocation);
+            }
+            let ring: Vec<_> = ring.into_iter().filter(|(r, _)| *r <= rev).collect();
+            // Contiguous up to `rev` (the store hands out every revision once): the ring covers
+            // cursors from just before its first entry.
+            if let Some((first, _)) = ring.first() {
+                inner.floor = first - 1;
+            }
+            inner.ring = ring.into_iter().collect();
+            trim(&mut inner);
+        }
+        self.deltas_lock().clear();
+        self.head.send_replace(rev);
+    }
+
+    /// Apply changes from the feed (oldest first) and publish the new head once.
+    pub fn apply(&self, changes: Vec<(u64, Change)>) {
+        let Some(&(last, _)) = changes.last() else {
+            return;
+        };
+        {
+            let mut inner = self.write();
+            for (rev, change) in changes {
+                if rev <= inner.rev {
+                    continue;
+                }
+                match &change {
+                    Change::Record(record) => {
+                        inner.records.insert(record.node_id, record.clone());
+                    }
+                    Change::Advert(advert) => {
+                        inner.adverts.insert(advert.node_id, advert.clone());
+                    }
+                    Change::Revocation(revocation) => {
+                        inner.records.remove(&revocation.node_id);
+                        inner.adverts.remove(&revocation.node_id);
+                        inner
+                            .revocations
+                            .insert(revocation.node_id, revocation.clone());
+                        self.sessions_write().remove(&revocation.node_id);
+                    }
+                    Change::Signer(cert) => {
+                        inner.signers.insert(cert.key_id, cert.clone());
+                    }
+                }
+                inner.ring.push_back((rev, change));
+                inner.rev = rev;
+            }
+            trim(&mut inner);
+            if last < inner.rev {
+                return;
+            }
+        }
+        // Deltas to an older head will not be asked for again.
+        self.deltas_lock().retain(|&(_, to), _| to >= last);
+        self.head.send_replace(last);
+    }
+
+    fn deltas_lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), Arc<Encoded>>> {
+        self.deltas.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sessions_write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<NodeId, [u8; 32]>> {
+        self.sessions.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_sessions(&self, sessions: Vec<(NodeId, [u8; 32])>) {
+        *self.sessions_write() = sessions.into_iter().collect();
+    }
+
+    pub fn add_session(&self, node: NodeId, hash: [u8; 32]) {
+        self.sessions_write().insert(node, hash);
+    }
+
+    /// Whether `hash` is the session hash of a node that is not revoked.
+    pub fn session_valid(&self, node: NodeId, hash: &[u8; 32]) -> bool {
+        let sessions = self.sessions.read().unwrap_or_else(|p| p.into_inner());
+        sessions.get(&node).is_some_and(|known| {
+            known
+                .iter()
+                .zip(hash)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+        })
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    pub fn record(&self, node: NodeId) -> Option<NodeRecord> {
+        self.read().records.get(&node).cloned()
+    }
+
+    pub fn records(&self) -> Vec<NodeRecord> {
+        self.read().records.values().cloned().collect()
+    }
+
+    pub fn advert_seq(&self, node: NodeId) -> u64 {
+        self.read().adverts.get(&node).map_or(0, |a| a.seq)
+    }
+
+    /// What a session with `cursor` is owed now: a snapshot, a delta, or `None` when it is
+    /// current (then wait on `subscribe()` and ask again).
+    pub fn answer(&self, cursor: Option<Cursor>) -> Option<Arc<Encoded>> {
+        let (head, floor) = {
+            let inner = self.read();
+            (inner.rev, inner.floor)
+        };
+        match cursor {
+            Some(c) if c.store_id == self.store_id && c.rev == head => None,
+            Some(c) if c.store_id == self.store_id && c.rev >= floor && c.rev < head => {
+                Some(self.delta(c.rev))
+            }
+            _ => Some(self.snapshot()),
+        }
+    }
+
+    /// The answer to a poll that waited in vain: the same cursor, nothing in it.
+    pub fn empty(&self, rev: u64) -> Arc<Encoded> {
+        let key = (rev, rev);
+        if let Some(hit) = self.deltas_lock().get(&key) {
+            return Arc::clone(hit);
+        }
+        let update = self.update(rev, UpdateKind::Delta, State::default());
+        let encoded = Encoded::new(&update);
+        self.deltas_lock().insert(key, Arc::clone(&encoded));
+        encoded
+    }
+
+    pub fn snapshot(&self) -> Arc<Encoded> {
+        let mut cache = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        let head = self.read().rev;
+        if let Some((rev, encoded)) = cache.as_ref()
+            && *rev == head
+        {
+            return Arc::clone(encoded);
+        }
+        let (rev, state) = {
+            let inner = self.read();
+            let state = State {
+                signers: inner.signers.values().cloned().collect(),
+                records: inner.records.values().cloned().collect(),
+                revocations: inner.revocations.values().cloned().collect(),
+                adverts: inner.adverts.values().cloned().collect(),
+            };
+            (inner.rev, state)
+        };
+        let encoded = Encoded::new(&self.update(rev, UpdateKind::Snapshot, state));
+        self.counters.encodings.fetch_add(1, Ordering::Relaxed);
+        *cache = Some((rev, Arc::clone(&encoded)));
+        encoded
+    }
+
+    /// Everything after `from` up to the head, merged: the latest record and advert per node.
+    fn delta(&self, from: u64) -> Arc<Encoded> {
+        // Held while encoding so a crowd at one cursor encodes once, not once each.
+        let mut cache = self.deltas_lock();
+        let (to, state) = {
+            let inner = self.read();
+            let to = inner.rev;
+            if let Some(hit) = cache.get(&(from, to)) {
+                return Arc::clone(hit);
+            }
+            let mut signers = BTreeMap::new();
+            let mut records = BTreeMap::new();
+            let mut adverts = BTreeMap::new();
+            let mut revocations = BTreeMap::new();
+            let start = inner.ring.partition_point(|(rev, _)| *rev <= from);
+            for (_, change) in inner.ring.range(start..) {
+                match change {
+                    Change::Record(r) => {
+                        records.insert(r.node_id, r.clone());
+                    }
+                    Change::Advert(a) => {
+                        adverts.insert(a.node_id, a.clone());
+                    }
+                    Change::Revocation(r) => {
+                        records.remove(&r.node_id);
+                        adverts.remove(&r.node_id);
+                        revocations.insert(r.node_id, r.clone());
+                    }
+                    Change::Signer(c) => {
+                        signers.insert(c.key_id, c.clone());
+                    }
+                }
+            }
+            let state = State {
+                signers: signers.into_values().collect(),
+                records: records.into_values().collect(),
+                revocations: revocations.into_values().collect(),
+                adverts: adverts.into_values().collect(),
+            };
+            (to, state)
+        };
+        let encoded = Encoded::new(&self.update(to, UpdateKind::Delta, state));
+        self.counters.encodings.fetch_add(1, Ordering::Relaxed);
+        cache.insert((from, to), Arc::clone(&encoded));
+        encoded
+    }
+
+    fn update(&self, rev: u64, kind: UpdateKind, state: State) -> Update {
+        Update {
+            cursor: Cursor {
+                store_id: self.store_id,
+                rev,
+            },
+            kind,
+            signers: state.signers,
+            records: state.records,
+            revocations: state.revocations,
+            adverts: state.adverts,
+            gateways: self.gateways.clone(),
+        }
+    }
+
+    /// Every node advertising `name`, at its first mesh address.
+    pub fn services(&self, name: &str) -> ServiceAnswer {
+        let inner = self.read();
+        let mut services = Vec::new();
+        for (node, advert) in &inner.adverts {
+            let Some(record) = inner.records.get(node) else {
+                continue;
+            };
+            let Some(address) = record.addresses.first() else {
+                continue;
+            };
+            for service in advert.services.iter().filter(|s| s.name == name) {
+                services.push(ServiceInstance {
+                    name: service.name.clone(),
+                    node: record.name.clone(),
+                    address: *address,
+                    port: service.port,
+                });
+            }
+        }
+        ServiceAnswer { services }
+    }
+}
+
+fn trim(inner: &mut Inner) {
+    while inner.ring.len() > RING_MAX {
+        if let Some((rev, _)) = inner.ring.pop_front() {
+            inner.floor = rev;
+        }
+    }
+}
+
+/// Keep `view` current from `store`'s change feed until the task is dropped: wait for a
+/// change, let the merge window fill, then publish everything since in one step.
+pub async fn feed<S: Store>(store: Arc<S>, view: Arc<View>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let result = step(&*store, &view).await;
+        match result {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(error) => {
+                tracing::warn!(component = "gateway", %error, "store feed failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn step<S: Store>(store: &S, view: &View) -> Result<(), StoreError> {
+    let rev = view.head();
+    store.wait(rev).await?;
+    tokio::time::sleep(MERGE_WINDOW).await;
+    match store.changes_since(rev).await? {
+        Ok(changes) => view.apply(changes),
+        Err(Compacted) => load(store, view).await?,
+    }
+    Ok(())
+}
+
+/// Fill `view` from the store: the state, and as many recent changes as the ring holds, so
+/// sessions that were current before a gateway restart get deltas, not snapshots.
+pub async fn load<S: Store>(store: &S, view: &View) -> Result<(), StoreError> {
+    let (rev, state) = store.snapshot().await?;
+    let from = rev.saturating_sub(RING_MAX as u64);
+    let ring = store.changes_since(from).await?.unwrap_or_default();
+    view.reset(rev, state, ring);
+    view.set_sessions(store.sessions().await?);
+    Ok(())
+}
