@@ -82,7 +82,9 @@ impl Cluster {
     fn wait_for_all_peers(&self, i: usize) {
         let want = self.expected_peers(i);
         let iface = self.lab.iface(i);
-        let got = time_until(WAIT, Duration::from_millis(20), || device_peers(&iface) == want);
+        let got = time_until(WAIT, Duration::from_millis(20), || {
+            device_peers(&iface) == want
+        });
         assert!(
             got.is_some(),
             "host {i} never had every peer: want {want:?}, have {:?}\n{}",
@@ -227,7 +229,10 @@ fn nodes_given_only_a_token_ping_each_other_and_a_fifth_node_is_on_every_device_
             )
         });
         let after_join = at.saturating_sub(joined);
-        println!("new node on host {i}'s device {} after its join", ms(after_join));
+        println!(
+            "new node on host {i}'s device {} after its join",
+            ms(after_join)
+        );
         worst = worst.max(after_join);
     }
     println!(
@@ -252,7 +257,9 @@ fn with_the_gateway_down_tunnels_stay_up_and_a_restarted_node_is_ready_from_its_
     }
     let mut cluster = Cluster::start(4, 3);
     cluster.ping_all(&[0, 1, 2, 3]);
-    let snapshots_before: Vec<u64> = (1..4).map(|i| snapshots_received(cluster.node(i))).collect();
+    let snapshots_before: Vec<u64> = (1..4)
+        .map(|i| snapshots_received(cluster.node(i)))
+        .collect();
 
     // The gateway dies hard: the members keep their tunnels.
     cluster.hosts[0].node.kill9();
@@ -306,13 +313,24 @@ fn with_the_gateway_down_tunnels_stay_up_and_a_restarted_node_is_ready_from_its_
         });
         println!("host {i} live again {} after the gateway's READY", ms(live));
     }
-    let snapshots_after: Vec<u64> = (1..4).map(|i| snapshots_received(cluster.node(i))).collect();
+    let snapshots_after: Vec<u64> = (1..4)
+        .map(|i| snapshots_received(cluster.node(i)))
+        .collect();
     let counters = cluster.gateway_counters(1);
     println!("gateway counters after its restart: {counters}");
     // Node 2 restarted: its counter started again from zero, so only "no new snapshot" counts.
-    assert_eq!(snapshots_after[0], snapshots_before[0], "host 1 took a snapshot");
-    assert_eq!(snapshots_after[1], 0, "host 2 (restarted from cache) took a snapshot");
-    assert_eq!(snapshots_after[2], snapshots_before[2], "host 3 took a snapshot");
+    assert_eq!(
+        snapshots_after[0], snapshots_before[0],
+        "host 1 took a snapshot"
+    );
+    assert_eq!(
+        snapshots_after[1], 0,
+        "host 2 (restarted from cache) took a snapshot"
+    );
+    assert_eq!(
+        snapshots_after[2], snapshots_before[2],
+        "host 3 took a snapshot"
+    );
     assert_eq!(
         counter(&counters, "snapshot"),
         Some(0),
@@ -346,7 +364,10 @@ fn with_the_gateway_down_tunnels_stay_up_and_a_restarted_node_is_ready_from_its_
     );
     assert!(worst <= PROPAGATION, "{}", ms(worst));
     let ip3 = cluster.mesh_ip(3);
-    assert!(!cluster.lab.ping(1, &ip3, 1), "the revoked node is unreachable");
+    assert!(
+        !cluster.lab.ping(1, &ip3, 1),
+        "the revoked node is unreachable"
+    );
     cluster.ping_all(&[0, 1, 2]);
 }
 
@@ -365,7 +386,10 @@ fn tampered_cache() -> (Cluster, String) {
     let forged = lab::wg_key(node1.dir.path(), "forged").1;
     let victim = cluster.hosts[2].key.clone();
     let mut tampered = 0;
-    for record in cache["records"].as_array_mut().expect("records in the cache") {
+    for record in cache["records"]
+        .as_array_mut()
+        .expect("records in the cache")
+    {
         if record["wg_key"] == victim.as_str() {
             record["wg_key"] = forged.clone().into();
             tampered += 1;
@@ -388,7 +412,10 @@ fn a_tampered_record_in_the_cache_is_rejected_and_never_reaches_the_device() {
     let (cluster, forged) = tampered_cache();
     let victim = &cluster.hosts[2].key;
     let on_device = device_peers(&cluster.lab.iface(1));
-    assert!(!on_device.contains(&forged), "the forged key is on the device");
+    assert!(
+        !on_device.contains(&forged),
+        "the forged key is on the device"
+    );
     assert!(
         !on_device.contains(victim),
         "host 2's key came back from a record whose signature no longer matches"
@@ -475,5 +502,8 @@ fn a_reused_or_expired_token_is_refused_with_a_clear_message() {
 
     // Neither appears on the gateway's list.
     let listed = gateway::cli_ok(cluster.node(0), &["gateway", "nodes", "--json"]);
-    assert!(!listed.contains(&reused.key) && !listed.contains(&late.key), "{listed}");
+    assert!(
+        !listed.contains(&reused.key) && !listed.contains(&late.key),
+        "{listed}"
+    );
 }

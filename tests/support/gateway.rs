@@ -54,12 +54,7 @@ enabled = false
 
 /// Host `i` as the gateway: a fixed mesh address, HTTPS on the underlay.
 pub fn gateway_config(lab: &Lab, i: usize, dir: &Path) -> String {
-    let mut text = wireguard_table(
-        lab,
-        i,
-        dir,
-        &format!("address = \"{GATEWAY_MESH_IP}/24\""),
-    );
+    let mut text = wireguard_table(lab, i, dir, &format!("address = \"{GATEWAY_MESH_IP}/24\""));
     text.push_str(&format!(
         "\n[gateway]\nenabled = true\nlisten = \"0.0.0.0:{GATEWAY_PORT}\"\npublic_url = \"https://{}:{GATEWAY_PORT}\"\n",
         lab.underlay(i)
@@ -171,7 +166,11 @@ pub fn gateway_status(node: &Node) -> serde_json::Value {
 }
 
 /// Poll `done` every `step` until it holds; `Some(elapsed)`, or `None` after `limit`.
-pub fn time_until(limit: Duration, step: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
+pub fn time_until(
+    limit: Duration,
+    step: Duration,
+    mut done: impl FnMut() -> bool,
+) -> Option<Duration> {
     let start = Instant::now();
     loop {
         if done() {
@@ -188,7 +187,16 @@ pub fn time_until(limit: Duration, step: Duration, mut done: impl FnMut() -> boo
 /// trusting only the cluster's CA and authorised by `session` (a node's bearer session).
 pub fn v1_status(ns: &str, url: &str, ca: &Path, session: &str) -> serde_json::Value {
     let out = Command::new("ip")
-        .args(["netns", "exec", ns, "curl", "-sS", "--fail-with-body", "--max-time", "5"])
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "curl",
+            "-sS",
+            "--fail-with-body",
+            "--max-time",
+            "5",
+        ])
         .arg("--cacert")
         .arg(ca)
         .arg("-H")
