@@ -32,7 +32,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use support::Node;
-use support::gateway::{cli_ok, create_token, percentile};
+use support::gateway::{self, cli_ok, create_token, percentile};
 use support::lab::{self, Lab};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -115,6 +115,16 @@ fn proc_kb(pid: i32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+/// The process's user + system CPU time so far, in seconds (clock ticks of 10 ms).
+fn cpu_s(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
 }
 
 fn mib(kb: u64) -> String {
@@ -795,6 +805,70 @@ fn sorted_unique(addresses: impl Iterator<Item = String>) -> (usize, usize) {
     (all.len(), set.len())
 }
 
+/// Real nodes (the release binary, userspace WireGuard, one namespace each) started together
+/// with nothing but a token: exec to READY=1, and to every other node on the device.
+fn token_to_ready(figures: &mut Figures) {
+    const REAL: usize = 16;
+    let lab = Lab::new(REAL + 1);
+    let gw = gateway::start_gateway(&lab, 0);
+    gw.node.recv_until("READY=1", Duration::from_secs(60));
+    let tokens: Vec<String> = (0..REAL).map(|_| create_token(&gw.node, &[])).collect();
+    let members: Vec<gateway::Host> = tokens
+        .iter()
+        .enumerate()
+        .map(|(k, t)| gateway::start_member(&lab, k + 1, t))
+        .collect();
+    let mut keys: Vec<String> = members.iter().map(|m| m.key.clone()).collect();
+    keys.push(gw.key.clone());
+    let (mut ready, mut peers): (Vec<Duration>, Vec<Duration>) = std::thread::scope(|s| {
+        let threads: Vec<_> = members
+            .iter()
+            .enumerate()
+            .map(|(k, m)| {
+                let (lab, keys) = (&lab, &keys);
+                s.spawn(move || {
+                    m.node.recv_until("READY=1", Duration::from_secs(60));
+                    let ready = m.node.started.elapsed();
+                    let mut want: Vec<String> =
+                        keys.iter().filter(|key| **key != m.key).cloned().collect();
+                    want.sort_unstable();
+                    let iface = lab.iface(k + 1);
+                    let all = gateway::time_until(
+                        Duration::from_secs(60),
+                        Duration::from_millis(5),
+                        || gateway::device_peers(&iface) == want,
+                    );
+                    assert!(
+                        all.is_some(),
+                        "node {k} never had every peer\n{}",
+                        m.node.stderr()
+                    );
+                    (ready, m.node.started.elapsed())
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).unzip()
+    });
+    figures.add(
+        format!("token -> READY=1, {REAL} real nodes started together"),
+        format!(
+            "p50 {} p99 {}",
+            ms(percentile(&mut ready, 50.0)),
+            ms(percentile(&mut ready, 99.0))
+        ),
+        "p99 <= 2 s (with peers)",
+    );
+    figures.add(
+        format!("token -> all {REAL} peers on the device"),
+        format!(
+            "p50 {} p99 {}",
+            ms(percentile(&mut peers, 50.0)),
+            ms(percentile(&mut peers, 99.0))
+        ),
+        "p99 <= 2 s",
+    );
+}
+
 #[test]
 #[ignore = "benchmark; run by tests/run-all.sh with --release"]
 fn gateway_with_1000_then_10000_long_polling_nodes() {
@@ -803,6 +877,8 @@ fn gateway_with_1000_then_10000_long_polling_nodes() {
         return;
     }
     let nofile = raise_nofile(65_536);
+    let mut real = Figures(Vec::new());
+    token_to_ready(&mut real);
     let lab = Lab::new(1);
     let ns = lab.netns_file(lab.ns(0));
     // Every thread of the runtime is created from a thread inside the gateway's namespace, so
@@ -817,7 +893,7 @@ fn gateway_with_1000_then_10000_long_polling_nodes() {
     .join()
     .unwrap();
     println!("\ngateway benchmark figures:");
-    for (what, measured, target) in &figures.0 {
+    for (what, measured, target) in real.0.iter().chain(&figures.0) {
         println!("  {what:<58} {measured}  [target {target}]");
     }
 }
@@ -843,11 +919,13 @@ async fn bench(lab: &Lab, nofile: u64) -> Figures {
     let token = create_token(&gateway, &["--uses", "100000", "--ttl", "2h"]);
 
     let t = Instant::now();
+    let cpu0 = cpu_s(pid);
     let (nodes, took, retries) = join_many(&http, &base, &token, "sim-", small, 64).await;
     let mut took = took;
     println!(
-        "{small} joins (64 at a time) in {}; join latency p50 {} p99 {}; {retries} retries",
+        "{small} joins (64 at a time) in {} (the gateway used {:.1} CPU-s); join latency p50 {} p99 {}; {retries} retries",
         ms(t.elapsed()),
+        cpu_s(pid) - cpu0,
         ms(percentile(&mut took, 50.0)),
         ms(percentile(&mut took, 99.0))
     );
@@ -1028,7 +1106,19 @@ async fn bench(lab: &Lab, nofile: u64) -> Figures {
     let idle_kb = proc_kb(pid, "VmRSS:");
     let token = create_token(&gateway, &["--uses", "100000", "--ttl", "2h"]);
     let t = Instant::now();
+    let cpu0 = cpu_s(pid);
     let (nodes, mut took, retries) = join_many(&http, &base, &token, "sim-", large, large).await;
+    let join_cpu = cpu_s(pid) - cpu0;
+    let mut done: Vec<Duration> = took.clone();
+    done.sort_unstable();
+    let quartiles: Vec<String> = [25, 50, 75, 100]
+        .iter()
+        .map(|q| format!("{q}% by {}", ms(done[(done.len() * q / 100).max(1) - 1])))
+        .collect();
+    println!(
+        "{large} racing joins: {}; the gateway used {join_cpu:.1} CPU-s",
+        quartiles.join(", ")
+    );
     let (total, unique) = sorted_unique(nodes.iter().map(|n| n.address.clone()));
     figures.add(
         format!("{large} racing joins"),
