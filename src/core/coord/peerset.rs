@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::b64;
@@ -129,6 +130,13 @@ pub struct GatewayPeer {
     pub endpoint: Option<SocketAddr>,
     pub services: Vec<AdvertService>,
     pub roles: Vec<Role>,
+}
+
+impl GatewayPeer {
+    /// WireGuard allowed IPs: each address as a host route (/32, /128).
+    pub fn allowed_ips(&self) -> Vec<IpNet> {
+        self.addresses.iter().map(|a| IpNet::from(*a)).collect()
+    }
 }
 
 /// What a node has seen of another: its addresses (pinned to it forever) and the key and

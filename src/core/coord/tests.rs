@@ -140,6 +140,8 @@ fn the_pkcs8_wrapper_gives_the_rfc8032_key_and_signature() {
         "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
     );
     assert_eq!(public_key_of_pkcs8(b"not a key"), Err(SignError::BadKey));
+    let failure = crate::core::Failure::from(SignError::BadKey);
+    assert_eq!(failure.retry(), crate::core::Retry::NeedsOperator);
 }
 
 #[test]
@@ -359,6 +361,10 @@ fn a_verified_snapshot_gives_its_peers_with_their_adverts() {
     assert_eq!(peers[0].services[0].name, "molt-provider");
     assert_eq!(peers[0].roles, vec![Role::Node]);
     assert_eq!(peers[1].endpoint, None);
+    assert_eq!(
+        peers[0].allowed_ips(),
+        vec!["10.100.0.3/32".parse().unwrap()]
+    );
 }
 
 #[test]
@@ -913,6 +919,19 @@ fn a_token_in_any_other_form_is_refused_without_echoing_the_secret() {
     }
     assert!(!format!("{:?}", token()).contains(&secret));
     assert!(format!("{:?}", token()).contains("redacted"));
+    let failure = crate::core::Failure::from("cbn1.x".parse::<JoinToken>().unwrap_err());
+    assert_eq!(failure.retry(), crate::core::Retry::NeedsOperator);
+    assert!(failure.message().starts_with("not a valid join token"));
+}
+
+#[test]
+fn a_token_is_made_only_with_urls_it_can_carry() {
+    let t = token();
+    let made = JoinToken::new(t.id, t.secret.clone(), t.root, t.urls.clone()).unwrap();
+    assert_eq!(made, t);
+    assert!(JoinToken::new(t.id, t.secret.clone(), t.root, vec![]).is_err());
+    assert!(JoinToken::new(t.id, t.secret.clone(), t.root, vec!["https://a,b".into()]).is_err());
+    assert!(JoinToken::new(t.id, t.secret, t.root, vec!["http://a".into()]).is_err());
 }
 
 #[test]
@@ -1057,7 +1076,7 @@ fn allocation_returns_none_when_the_pool_is_full() {
 }
 
 #[test]
-fn allocation_over_a_full_large_pool_is_proportional_to_what_is_taken() {
+fn allocation_never_gives_an_address_twice() {
     let pool: ipnet::IpNet = "10.100.0.0/16".parse().unwrap();
     let mut used = BTreeSet::new();
     for _ in 0..2000 {
@@ -1096,4 +1115,53 @@ fn wire_bodies_read_the_documented_json() {
     assert!(
         serde_json::from_str::<wire::ErrorBody>(r#"{"error":"x","retry":false,"y":1}"#).is_err()
     );
+}
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_token_reads_back_as_written(
+            id in any::<[u8; 8]>(),
+            secret in any::<[u8; 32]>(),
+            root in any::<[u8; 32]>(),
+            hosts in proptest::collection::vec(("[a-z][a-z0-9-]{0,10}[a-z0-9]", any::<Option<u16>>()), 1..4),
+        ) {
+            let urls: Vec<String> = hosts
+                .iter()
+                .map(|(h, port)| match port {
+                    Some(p) if *p != 0 => format!("https://{h}:{p}"),
+                    _ => format!("https://{h}"),
+                })
+                .collect();
+            let token = JoinToken::new(TokenId(id), Secret32(secret), RootKey(root), urls).unwrap();
+            let text = token.to_string();
+            prop_assert_eq!(text.parse::<JoinToken>().unwrap(), token);
+        }
+
+        #[test]
+        fn allocation_is_the_lowest_address_a_full_scan_finds(
+            prefix in 26u8..=32,
+            taken_bits in any::<u64>(),
+            reserved_bit in 0u32..64,
+        ) {
+            let pool: ipnet::IpNet = format!("10.100.0.0/{prefix}").parse().unwrap();
+            let hosts: Vec<IpAddr> = pool.hosts().collect();
+            let taken: BTreeSet<IpAddr> = hosts
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i < 64 && taken_bits & (1 << i) != 0)
+                .map(|(_, a)| *a)
+                .collect();
+            let reserved = [IpAddr::from([10, 100, 0, reserved_bit as u8])];
+            let expected = hosts
+                .iter()
+                .find(|a| !taken.contains(a) && !reserved.contains(a))
+                .copied();
+            prop_assert_eq!(allocate(pool, &taken, &reserved), expected);
+        }
+    }
 }

@@ -42,6 +42,29 @@ pub struct JoinToken {
     pub urls: Vec<String>,
 }
 
+impl JoinToken {
+    /// A token with checked URLs (at least one), so what is printed always parses.
+    pub fn new(
+        id: TokenId,
+        secret: Secret32,
+        root: RootKey,
+        urls: Vec<String>,
+    ) -> Result<Self, TokenError> {
+        if urls.is_empty() || urls.len() > MAX_URLS {
+            return Err(bad(format!("a token carries 1 to {MAX_URLS} gateway URLs")));
+        }
+        for url in &urls {
+            check_gateway_url(url)?;
+        }
+        Ok(Self {
+            id,
+            secret,
+            root,
+            urls,
+        })
+    }
+}
+
 impl fmt::Debug for JoinToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JoinToken")
@@ -250,5 +273,12 @@ impl<'de> serde::Deserialize<'de> for Session {
         let text = Zeroizing::new(String::deserialize(d)?);
         text.parse()
             .map_err(|_| serde::de::Error::custom("expected a session (<node id>.<secret>)"))
+    }
+}
+
+/// Retrying with the same token fails the same way: someone has to fix or replace it.
+impl From<TokenError> for crate::core::Failure {
+    fn from(e: TokenError) -> Self {
+        crate::core::Failure::needs_operator(e.to_string())
     }
 }
