@@ -80,6 +80,12 @@ pub fn run(config_path: &Path, command: &GatewayCommand) -> Result<ExitCode, Cli
         } => {
             let (token, expires_at) =
                 gateway::create_token(&config, *ttl, *uses, now).map_err(fail)?;
+            if config.gateway.public_url.is_none() {
+                eprintln!(
+                    "note: the token names this gateway by its mesh address ({}), which a new node reaches only if it is routed there; set [gateway] public_url to an address new nodes can reach",
+                    token.urls.join(", ")
+                );
+            }
             let text = zeroize::Zeroizing::new(token.to_string());
             if *json {
                 let doc = serde_json::json!({

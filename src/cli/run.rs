@@ -46,7 +46,11 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
     // The gateway role, when enabled, beside the mesh: on its own thread and runtime. Started
     // before the mesh so this node's own record and session are in place when it joins.
     let gateway = if config.gateway.enabled {
-        let started = crate::gateway::spawn(config.clone()).map_err(|e| {
+        let own_key =
+            mesh::wireguard::keys::load_or_generate(&config.network.wireguard.private_key_file)
+                .map_err(CliError::runtime)?
+                .public();
+        let started = crate::gateway::spawn(config.clone(), own_key).map_err(|e| {
             if e.transient {
                 CliError::runtime(e)
             } else {

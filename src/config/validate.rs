@@ -60,6 +60,17 @@ impl<'a> Checker<'a> {
         let services = self.services(raw.services, ts_services, network.provider);
         let level = self.keyword::<LogLevel>(&root.key("log").key("level"), raw.log.level);
         let gateway = self.gateway(&root.key("gateway"), raw.gateway, &network, &services);
+        let mut services = services;
+        if gateway.enabled
+            && let Ok(name) = ServiceName::try_from("gateway".to_owned())
+        {
+            // A gateway advertises the `gateway` service, declared or not.
+            services.entry(name).or_insert(ServiceSpec {
+                port: gateway.listen.port(),
+                mode: ServiceMode::Tcp,
+                tls_cert: false,
+            });
+        }
         let config = Config {
             node,
             api,
@@ -822,8 +833,15 @@ impl<'a> Checker<'a> {
             1..=1_000_000,
             "a number of connections 1-1000000",
         );
+        let enabled = raw.enabled.unwrap_or(false);
+        if enabled && network.provider != ProviderKind::Wireguard {
+            self.error(
+                &path.key("enabled"),
+                "expected enabled = false unless network.provider = \"wireguard\" (the gateway coordinates the self-hosted WireGuard mesh)",
+            );
+        }
         GatewayConfig {
-            enabled: raw.enabled.unwrap_or(false),
+            enabled,
             listen,
             public_url,
             store,

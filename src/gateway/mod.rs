@@ -34,6 +34,7 @@ use crate::config::Config;
 use crate::core::coord::{
     self, Cursor, JoinToken, KeyId, Role, RootKey, Secret32, Session, TokenId,
 };
+use crate::core::peer_diff::PeerKey;
 use crate::state;
 
 pub use server::Gateway;
@@ -120,6 +121,15 @@ impl Signer {
             pkcs8,
             key_id: KeyId::of(&public),
         })
+    }
+
+    #[cfg(test)]
+    pub fn load_bytes(pkcs8: Vec<u8>) -> Self {
+        let public = coord::public_key_of_pkcs8(&pkcs8).expect("a test key");
+        Self {
+            pkcs8: Zeroizing::new(pkcs8),
+            key_id: KeyId::of(&public),
+        }
     }
 }
 
@@ -254,7 +264,7 @@ pub fn create_token(
         urls: vec![public_url(config)?],
     };
     let expires_at = now + ttl.as_secs();
-    store.create_token(
+    store.create_token_blocking(
         &token.id.to_string(),
         &coord::token_hash(&token.secret),
         expires_at,
@@ -313,7 +323,7 @@ pub fn nodes(config: &Config) -> Result<Vec<store::NodeRow>, GatewayError> {
 /// The node client's session file on the gateway node: the same shape a join writes.
 #[derive(serde::Serialize)]
 struct SessionFile<'a> {
-    root: String,
+    root: RootKey,
     node_id: coord::NodeId,
     session: &'a Session,
     address: IpAddr,
@@ -337,9 +347,9 @@ impl Drop for Running {
     }
 }
 
-/// Start the gateway role: load the identity, register this node's own record, fill the view,
-/// and serve HTTPS on `[gateway] listen`.
-pub async fn start(config: &Config) -> Result<Running, GatewayError> {
+/// Start the gateway role: load the identity, register this node's own record (with its
+/// WireGuard public key `own_key`), fill the view, and serve HTTPS on `[gateway] listen`.
+pub async fn start(config: &Config, own_key: PeerKey) -> Result<Running, GatewayError> {
     let paths = Paths::new(&config.node.state_dir);
     let store = Arc::new(SqliteStore::open(&paths.store)?);
     let signer = Arc::new(Signer::load(&paths.signer_key)?);
@@ -362,7 +372,7 @@ pub async fn start(config: &Config) -> Result<Running, GatewayError> {
     });
     let now = unix_now();
     if let Some(address) = own_address {
-        register_self(config, &gateway, &paths, root, address, now).await?;
+        register_self(config, &gateway, &paths, root, (address, own_key), now).await?;
     }
     view::load(&*store, &view).await?;
     let tls = tls_config(config, &paths, &url)?;
@@ -446,13 +456,10 @@ async fn register_self<S: Store>(
     gateway: &Gateway<S>,
     paths: &Paths,
     root: RootKey,
-    address: IpAddr,
+    (address, key): (IpAddr, PeerKey),
     now: u64,
 ) -> Result<(), GatewayError> {
     let wg = &config.network.wireguard;
-    let key = crate::mesh::wireguard::keys::load_or_generate(&wg.private_key_file)
-        .map_err(|e| GatewayError::operator(e.to_string()))?
-        .public();
     let secret = Secret32(random_32());
     let session_hash = secret.hash();
     let name = config.node.name.as_str().to_owned();
@@ -473,7 +480,7 @@ async fn register_self<S: Store>(
     let node_id = joined.record.node_id;
     let session = Session { node_id, secret };
     let file = SessionFile {
-        root: root.to_string(),
+        root,
         node_id,
         session: &session,
         address,
@@ -491,6 +498,8 @@ async fn register_self<S: Store>(
 /// daemon's supervisor (which runs on one thread). Dropping it stops the gateway.
 pub struct Thread {
     pub addr: SocketAddr,
+    /// The gateway's view, for its counters (`server::status_json`) in status and metrics.
+    pub view: Arc<View>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -506,8 +515,47 @@ impl Drop for Thread {
     }
 }
 
+/// Raise the soft descriptor limit toward what `max_sessions` connections need (the unit's
+/// `LimitNOFILE` is the hard cap); returns the soft limit now in force.
+fn raise_fd_limit(max_sessions: usize) -> u64 {
+    let want = (max_sessions as u64).saturating_add(server::OVERFLOW as u64 + 256);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only `limit`, which outlives the calls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        let target = want.min(limit.rlim_max);
+        if target > limit.rlim_cur {
+            let raised = libc::rlimit {
+                rlim_cur: target,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = target;
+            }
+        }
+    }
+    if limit.rlim_cur < want {
+        tracing::warn!(
+            component = "gateway",
+            limit = limit.rlim_cur,
+            max_sessions,
+            "the descriptor limit is below what max_sessions needs: sessions are capped to fit (raise LimitNOFILE to serve more)"
+        );
+    }
+    limit.rlim_cur
+}
+
 /// Start the gateway role on a thread of its own; returns once it listens (or failed to).
-pub fn spawn(config: Config) -> Result<Thread, GatewayError> {
+pub fn spawn(mut config: Config, own_key: PeerKey) -> Result<Thread, GatewayError> {
+    let limit = raise_fd_limit(config.gateway.max_sessions);
+    // Past the descriptor limit accept would fail (EMFILE); below it, nodes get a 503.
+    let fits = limit.saturating_sub(server::OVERFLOW as u64 + 256).max(64);
+    config.gateway.max_sessions = config.gateway.max_sessions.min(fits as usize);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
@@ -526,9 +574,9 @@ pub fn spawn(config: Config) -> Result<Thread, GatewayError> {
                 }
             };
             runtime.block_on(async move {
-                match start(&config).await {
+                match start(&config, own_key).await {
                     Ok(running) => {
-                        let _ = ready_tx.send(Ok(running.addr));
+                        let _ = ready_tx.send(Ok((running.addr, Arc::clone(&running.view))));
                         let _ = stop_rx.await;
                         drop(running);
                     }
@@ -539,11 +587,12 @@ pub fn spawn(config: Config) -> Result<Thread, GatewayError> {
             });
         })
         .map_err(|e| GatewayError::transient(e.to_string()))?;
-    let addr = ready_rx
+    let (addr, view) = ready_rx
         .recv()
         .map_err(|_| GatewayError::transient("the gateway thread ended before it started"))??;
     Ok(Thread {
         addr,
+        view,
         stop: Some(stop_tx),
         thread: Some(thread),
     })

@@ -173,9 +173,77 @@ pub fn accepts_gzip(header: Option<&[u8]>) -> bool {
     })
 }
 
+/// The fuzz target's body (for `src/fuzzing.rs`): the first byte picks the method, the rest is
+/// `target \n authorization \n accept-encoding \n body`. Panics when a property fails.
+pub fn fuzz_request(data: &[u8]) {
+    const METHODS: [&str; 4] = ["GET", "POST", "PUT", "DELETE"];
+    let Some((&pick, rest)) = data.split_first() else {
+        return;
+    };
+    let mut pieces = rest.splitn(4, |&b| b == b'\n');
+    let target = String::from_utf8_lossy(pieces.next().unwrap_or_default());
+    let authorization = pieces.next();
+    let accept_encoding = pieces.next();
+    let body = pieces.next().unwrap_or_default();
+    let parsed = parse(Parts {
+        method: METHODS[usize::from(pick) % METHODS.len()],
+        target: &target,
+        authorization,
+        accept_encoding,
+        body,
+    });
+    match parsed {
+        Ok(Request::Peers { wait, .. }) => assert!(wait <= MAX_WAIT),
+        Ok(Request::PutSelf { session, advert }) => {
+            assert_eq!(advert.node_id, session.node_id);
+            assert!(advert.check().is_ok());
+        }
+        Ok(Request::Join(join)) => assert!(check_dns_label(&join.name).is_ok()),
+        Ok(Request::Services { name, .. }) => assert!(check_dns_label(&name).is_ok()),
+        Ok(Request::Status { .. }) => {}
+        Err(refusal) => {
+            assert!((400..500).contains(&refusal.status), "{refusal:?}");
+            assert!(!refusal.retry);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fuzz_body_holds_on_a_few_hand_made_requests() {
+        let session = b"Bearer n7.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        let mut poll = vec![0u8];
+        poll.extend_from_slice(b"/v1/peers?cursor=0000000000000001.5&wait=99\n");
+        poll.extend_from_slice(session);
+        poll.extend_from_slice(b"\ngzip\n");
+        fuzz_request(&poll);
+        let mut advert = vec![2u8];
+        advert.extend_from_slice(b"/v1/self\n");
+        advert.extend_from_slice(session);
+        advert.extend_from_slice(
+            b"\n\n{\"node_id\":\"n8\",\"seq\":1,\"endpoints\":[],\"services\":[],\"gpus\":null}",
+        );
+        fuzz_request(&advert);
+        fuzz_request(b"\x01/v1/join\n\n\n{\"name\":");
+        fuzz_request(&[]);
+        fuzz_request(b"\xff\xff\n\n\n");
+    }
+
+    #[test]
+    fn an_advert_for_another_node_is_refused() {
+        let refusal = parse(Parts {
+            method: "PUT",
+            target: "/v1/self",
+            authorization: Some(SESSION.as_bytes()),
+            accept_encoding: None,
+            body: br#"{"node_id":"n8","seq":1,"endpoints":[],"services":[],"gpus":null}"#,
+        })
+        .unwrap_err();
+        assert_eq!(refusal.status, 403);
+    }
 
     fn get(target: &str, auth: Option<&str>) -> Result<Request, Refusal> {
         parse(Parts {

@@ -28,7 +28,7 @@ use crate::core::coord::{
 
 /// Connections over `max_sessions` are still taken through TLS to be told 503 (with a
 /// Retry-After) up to this many more; past that they are closed at accept.
-const OVERFLOW: usize = 1024;
+pub const OVERFLOW: usize = 1024;
 const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request head (including the next one on a kept-alive connection) must come within this.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -309,9 +309,11 @@ fn send_update(view: &View, encoded: &Encoded, gzip: bool) -> Response<Full<Byte
     response
 }
 
-/// An endpoint with an unspecified address (`0.0.0.0:51820`) means "the address you see me
-/// from, this port": the gateway puts in the TCP source address.
-fn fill_source(endpoints: &mut [SocketAddr], source: IpAddr) {
+/// Where a node may be reached, as the gateway sees it. An endpoint with an unspecified address
+/// (`0.0.0.0:51820`) means "the address you see me from, this port". When the node's own
+/// addresses do not include the TCP source address (it is behind NAT), that address is added
+/// last, with the port of its first endpoint (NATs that keep the port make it reachable).
+pub fn fill_source(endpoints: &mut Vec<SocketAddr>, source: IpAddr) {
     let source = match source {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
@@ -321,6 +323,16 @@ fn fill_source(endpoints: &mut [SocketAddr], source: IpAddr) {
             endpoint.set_ip(source);
         }
     }
+    let seen = endpoints.iter().any(|e| e.ip() == source);
+    if let Some(first) = endpoints.first()
+        && !seen
+        && !source.is_loopback()
+        && endpoints.len() < crate::core::coord::record::MAX_ENDPOINTS
+    {
+        endpoints.push(SocketAddr::new(source, first.port()));
+    }
+    endpoints.sort_by_key(|e| e.ip() == source);
+    endpoints.dedup();
 }
 
 pub fn status_json(view: &View) -> Vec<u8> {

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::store::{
     AdvertError, Change, Compacted, JoinError, JoinTxn, Joined, KEEP_CHANGES, KEEP_CHANGES_FOR_S,
-    NodeRow, State, Store, StoreError,
+    NewToken, NodeRow, State, Store, StoreError,
 };
 use crate::core::coord::{Advert, NodeId, NodeRecord, Revocation, SignerCert};
 
@@ -56,6 +56,15 @@ pub struct SqliteStore {
     /// Bumped by writes made through this process, so `wait` wakes at once for them; writes by
     /// other processes are found by polling.
     head: Arc<watch::Sender<u64>>,
+    /// Every address handed out, read incrementally (nodes are never deleted and a revoked
+    /// node's address stays taken), so a join reads only the rows added since the last.
+    taken: Arc<Mutex<Taken>>,
+}
+
+#[derive(Default)]
+struct Taken {
+    through_node: i64,
+    addresses: BTreeSet<IpAddr>,
 }
 
 /// How often `wait` looks for writes made by another process (`clawnode gateway revoke`).
@@ -130,6 +139,7 @@ impl SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             store_id: store_id as u64,
             head: Arc::new(watch::Sender::new(head)),
+            taken: Arc::default(),
         })
     }
 
@@ -167,7 +177,7 @@ impl SqliteStore {
     }
 
     /// Record a join token; only its hash is kept.
-    pub fn create_token(
+    pub fn create_token_blocking(
         &self,
         id: &str,
         hash: &[u8; 32],
@@ -325,7 +335,8 @@ impl SqliteStore {
     }
 
     pub fn join_blocking(&self, txn: JoinTxn) -> Result<Joined, JoinError> {
-        let joined = self.with(|conn| join_in(conn, txn))?;
+        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        let joined = self.with(|conn| join_in(conn, &mut taken, txn))?;
         self.bumped(joined.rev);
         Ok(joined)
     }
@@ -454,12 +465,18 @@ impl SqliteStore {
             let head = head_of(&tx)?;
             let keep_from = head.saturating_sub(keep);
             let before = now.saturating_sub(keep_for_s);
+            // Tokens long expired: a late try is told "unknown token" instead of "expired".
+            tx.execute(
+                "DELETE FROM tokens WHERE expires_at < ?1",
+                params![before as i64],
+            )?;
             let through: Option<i64> = tx.query_row(
                 "SELECT max(rev) FROM changes WHERE rev <= ?1 AND at < ?2",
                 params![keep_from as i64, before as i64],
                 |r| r.get(0),
             )?;
             let Some(through) = through else {
+                tx.commit()?;
                 return Ok(0);
             };
             let removed = tx.execute("DELETE FROM changes WHERE rev <= ?1", params![through])?;
@@ -511,7 +528,7 @@ fn same_hash(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn join_in(conn: &mut Connection, txn: JoinTxn) -> Result<Joined, JoinError> {
+fn join_in(conn: &mut Connection, taken: &mut Taken, txn: JoinTxn) -> Result<Joined, JoinError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(db_err)?;
@@ -575,11 +592,25 @@ fn join_in(conn: &mut Connection, txn: JoinTxn) -> Result<Joined, JoinError> {
         tx.commit().map_err(db_err)?;
         return Ok(Joined { record, rev });
     }
-    let taken: BTreeSet<IpAddr> = column(&tx, "SELECT address FROM nodes")
+    // Inside the write transaction: every row another process committed is visible.
+    let new_rows = {
+        let mut stmt = tx
+            .prepare("SELECT node_id, address FROM nodes WHERE node_id > ?1")
+            .map_err(db_err)?;
+        stmt.query_map(params![taken.through_node], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })
         .map_err(db_err)?
-        .iter()
-        .filter_map(|a| a.parse().ok())
-        .collect();
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db_err)?
+    };
+    for (id, address) in new_rows {
+        taken.through_node = taken.through_node.max(id);
+        if let Ok(address) = address.parse() {
+            taken.addresses.insert(address);
+        }
+    }
+    let taken = &taken.addresses;
     let address = match txn.requested_address {
         Some(wanted) => {
             if taken.contains(&wanted) || !txn.pool.contains(&wanted) {
@@ -587,7 +618,7 @@ fn join_in(conn: &mut Connection, txn: JoinTxn) -> Result<Joined, JoinError> {
             }
             wanted
         }
-        None => crate::core::coord::allocate(txn.pool, &taken, &txn.reserved)
+        None => crate::core::coord::allocate(txn.pool, taken, &txn.reserved)
             .ok_or(JoinError::PoolExhausted(txn.pool))?,
     };
     // AUTOINCREMENT: a revoked node's id is never handed out again.
@@ -672,6 +703,23 @@ impl Store for SqliteStore {
 
     async fn sessions(&self) -> Result<Vec<(NodeId, [u8; 32])>, StoreError> {
         self.blocking(|s| s.sessions_blocking()).await
+    }
+
+    async fn create_token(&self, token: NewToken) -> Result<(), StoreError> {
+        self.blocking(move |s| {
+            s.create_token_blocking(
+                &token.id,
+                &token.hash,
+                token.expires_at,
+                token.uses,
+                token.now,
+            )
+        })
+        .await
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
+        self.blocking(|s| s.nodes_blocking()).await
     }
 
     async fn compact(&self, now: u64) -> Result<u64, StoreError> {

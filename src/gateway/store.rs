@@ -181,4 +181,18 @@ pub trait Store: Send + Sync + 'static {
     fn sessions(&self) -> impl Future<Output = Result<Vec<(NodeId, [u8; 32])>, StoreError>> + Send;
     /// Drop changes past what must be kept (`KEEP_CHANGES`, `KEEP_CHANGES_FOR_S`).
     fn compact(&self, now: u64) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Admin: record a join token by its hash (the token itself is never stored).
+    fn create_token(&self, token: NewToken) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Admin: every node, revoked ones too.
+    fn nodes(&self) -> impl Future<Output = Result<Vec<NodeRow>, StoreError>> + Send;
+}
+
+/// A join token as stored: its id, the SHA-256 of its secret, expiry and uses.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub id: String,
+    pub hash: [u8; 32],
+    pub expires_at: u64,
+    pub uses: u32,
+    pub now: u64,
 }
