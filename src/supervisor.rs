@@ -190,7 +190,10 @@ impl Daemon {
                 tokio::spawn(async move {
                     let result = mesh.lock().await.join(&config).await;
                     let event = match result {
-                        Ok(joined) => Event::MeshUp { generation, joined },
+                        Ok(joined) => Event::MeshUp {
+                            generation,
+                            joined: Box::new(joined),
+                        },
                         Err(error) => Event::Failed {
                             component,
                             generation,
@@ -232,7 +235,7 @@ impl Daemon {
                 let Joined {
                     mut status,
                     node_info,
-                } = joined;
+                } = *joined;
                 let name = self.config.node.name.to_string();
                 if let Err(error) = self.node_info.place(&name, node_info.as_ref()) {
                     let listen = node_info.as_ref().map(|s| s.listen.to_string());
@@ -257,6 +260,7 @@ impl Daemon {
             }
             Event::GpuChanged { inventory } => {
                 log_inventory(&inventory);
+                self.hooks.gpus.set(inventory.advert_summary());
                 self.core
                     .handle_gpus_changed(inventory, now, fastrand::u32(..));
                 self.log_gpu_verdict();
@@ -266,6 +270,7 @@ impl Daemon {
                 inventory,
             } => {
                 log_inventory(&inventory);
+                self.hooks.gpus.set(inventory.advert_summary());
                 self.core
                     .handle_gpu_probed(generation, inventory, now, fastrand::u32(..));
                 self.log_gpu_verdict();
@@ -464,12 +469,11 @@ impl Daemon {
 enum Event {
     MeshUp {
         generation: u64,
-        joined: Joined,
+        /// Boxed: the largest event by far, and rare.
+        joined: Box<Joined>,
     },
     /// The set of GPUs or the MIG layout changed between probes.
-    GpuChanged {
-        inventory: GpuInventory,
-    },
+    GpuChanged { inventory: GpuInventory },
     GpuProbed {
         generation: u64,
         inventory: GpuInventory,

@@ -496,6 +496,68 @@ mod tests {
     }
 
     #[test]
+    fn a_node_on_its_cached_peer_set_shows_the_gateway_disconnected_with_the_cursor_age() {
+        let cached = GatewayDoc {
+            url: Some("https://203.0.113.1:443".into()),
+            state: "cached".into(),
+            cursor: Some("0000000000000007.42".into()),
+            cursor_age_s: Some(95),
+            since: 1_800_000_000,
+            peers: 3,
+            snapshots: 1,
+            deltas: 41,
+        };
+        let text = render(
+            &StatusDoc::default(),
+            &[],
+            Some(&cached),
+            &Snapshot::default(),
+            "gpu-01",
+            0,
+        )
+        .unwrap();
+        assert!(text.contains("clawnode_gateway_connected 0"), "{text}");
+        assert!(
+            text.contains("clawnode_gateway_cursor_age_seconds 95"),
+            "{text}"
+        );
+        assert!(
+            text.contains("clawnode_gateway_updates_total{kind=\"delta\"} 41"),
+            "{text}"
+        );
+        assert!(
+            text.contains("clawnode_gateway_updates_total{kind=\"snapshot\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("clawnode_gateway_peers 3"), "{text}");
+        let live = GatewayDoc {
+            state: "live".into(),
+            ..cached
+        };
+        let text = render(
+            &StatusDoc::default(),
+            &[],
+            Some(&live),
+            &Snapshot::default(),
+            "gpu-01",
+            0,
+        )
+        .unwrap();
+        assert!(text.contains("clawnode_gateway_connected 1"), "{text}");
+        // A node without a gateway has no gateway series.
+        let text = render(
+            &StatusDoc::default(),
+            &[],
+            None,
+            &Snapshot::default(),
+            "gpu-01",
+            0,
+        )
+        .unwrap();
+        assert!(!text.contains("clawnode_gateway_"), "{text}");
+    }
+
+    #[test]
     fn gpu_series_use_dcgm_names_and_labels_and_skip_what_nvml_did_not_answer() {
         let text = render(&StatusDoc::default(), &[], None, &snapshot(), "gpu-01", 0).unwrap();
         assert!(text.contains("# TYPE DCGM_FI_DEV_GPU_TEMP gauge"), "{text}");

@@ -8,8 +8,8 @@ use clap::Subcommand;
 use crate::config::Config;
 use crate::config::{self, ProviderKind};
 use crate::mesh::tailscale::discover as ts_discover;
-use crate::mesh::wireguard::gateway as wg_gateway;
 use crate::mesh::tailscale::localapi::LocalApi;
+use crate::mesh::wireguard::gateway as wg_gateway;
 use crate::services::discover;
 
 use super::CliError;
@@ -39,7 +39,9 @@ pub fn run(config_path: &Path, command: &ServicesCommand) -> Result<ExitCode, Cl
         .map_err(CliError::runtime)?;
     // A node that joined a gateway asks it once; without an answer it asks every peer,
     // the gateway's cached ones included.
-    let session = wg_gateway::load_session(&config.node.state_dir).ok().flatten();
+    let session = wg_gateway::load_session(&config.node.state_dir)
+        .ok()
+        .flatten();
     let mut found = None;
     if let Some(session) = &session {
         match runtime.block_on(wg_gateway::discover(session, service)) {

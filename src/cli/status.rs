@@ -125,6 +125,20 @@ fn human(doc: &StatusDoc) -> String {
                 wg.peers.len()
             ),
         );
+        if let Some(gw) = &wg.gateway {
+            row(
+                &mut out,
+                "gateway:",
+                &format!(
+                    "{} via {}, cursor {} ({}s old), {} peers",
+                    gw.state,
+                    gw.url.as_deref().unwrap_or("-"),
+                    gw.cursor.as_deref().unwrap_or("-"),
+                    gw.cursor_age_s.map_or("-".into(), |a| a.to_string()),
+                    gw.peers
+                ),
+            );
+        }
     }
     if let Some(LiveStatus::Tailscale(ts)) = &doc.mesh.live {
         tailscale_rows(&mut out, ts, row);

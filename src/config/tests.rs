@@ -785,3 +785,41 @@ fn adopting_an_existing_interface_is_off_unless_set_to_a_boolean() {
     );
     assert!(err.message.contains("expected a boolean"), "{err}");
 }
+
+#[test]
+fn a_join_token_makes_the_address_optional_and_the_gateway_grace_defaults_to_a_week() {
+    let base =
+        "[node]\nname = \"gpu-01\"\n[network]\nprovider = \"wireguard\"\n[network.wireguard]\n";
+    let config = ok(&format!(
+        "{base}join_token_file = \"/etc/clawbernetes/join-token\"\n"
+    ));
+    let wg = &config.network.wireguard;
+    assert_eq!(wg.address, None);
+    assert_eq!(
+        wg.join_token,
+        Some(JoinTokenSource::File("/etc/clawbernetes/join-token".into()))
+    );
+    assert_eq!(wg.gateway_offline_grace, Duration::from_secs(7 * 24 * 3600));
+    let config = ok(&format!(
+        "{base}join_token_env = \"CLAWNODE_JOIN_TOKEN\"\ngateway_offline_grace = \"2d\"\n"
+    ));
+    let wg = &config.network.wireguard;
+    assert_eq!(
+        wg.join_token,
+        Some(JoinTokenSource::Env("CLAWNODE_JOIN_TOKEN".into()))
+    );
+    assert_eq!(wg.gateway_offline_grace, Duration::from_secs(2 * 24 * 3600));
+}
+
+#[test]
+fn join_token_file_and_join_token_env_together_are_refused() {
+    let text = "[node]\nname = \"gpu-01\"\n[network]\nprovider = \"wireguard\"\n[network.wireguard]\njoin_token_file = \"/t\"\njoin_token_env = \"T\"\n";
+    let err = error_at(text, "network.wireguard.join_token_env", 7);
+    assert!(err.message.contains("at most one"), "{err}");
+    let err = error_at(
+        &format!("{WG_BASE}join_token_file = \"relative/token\"\n"),
+        "network.wireguard.join_token_file",
+        7,
+    );
+    assert!(err.message.contains("absolute path"), "{err}");
+}

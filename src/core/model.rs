@@ -210,6 +210,23 @@ impl GpuInventory {
     }
 
     /// "2 GPUs", "1 GPU", "0 GPUs (nvml_unavailable)": the GPU part of the STATUS= line.
+    /// What a node advertises to its gateway: (count, model, total memory in MiB) of the GPUs
+    /// present, the model of the first; `None` without GPUs. Changes only with the inventory.
+    pub fn advert_summary(&self) -> Option<(u32, String, u64)> {
+        let present: Vec<&GpuInfo> = self.gpus.iter().filter(|g| !g.lost).collect();
+        let first = present.first()?;
+        let memory: u64 = present
+            .iter()
+            .filter_map(|g| g.memory_total_bytes)
+            .sum::<u64>()
+            / (1024 * 1024);
+        Some((
+            present.len() as u32,
+            first.name.clone().unwrap_or_default(),
+            memory,
+        ))
+    }
+
     pub fn summary(&self) -> String {
         let n = self.gpus.len();
         let noun = if n == 1 { "GPU" } else { "GPUs" };

@@ -1169,6 +1169,31 @@ mod tests {
     }
 
     #[test]
+    fn a_node_on_its_cached_gateway_peer_set_stays_ready_and_says_so_in_status() {
+        let mut h = Harness::new(None);
+        h.start();
+        h.all_up();
+        h.take();
+        h.sup.handle_recheck(Component::Mesh, h.now);
+        h.drain();
+        let g = h.generations[Component::Mesh.index()];
+        let mut mesh = mesh_status("wireguard claw0 10.100.0.3/16");
+        mesh.gateway =
+            Some("on cached peer set since 2026-11-30T14:00:00Z (gateway unreachable)".into());
+        h.sup.handle_mesh_up(g, mesh, h.now);
+        h.drain();
+        assert!(h.sup.is_ready());
+        assert_eq!(h.readies(), 0);
+        assert!(
+            h.notified.contains(&status(
+                "ready: wireguard claw0 10.100.0.3/16, on cached peer set since 2026-11-30T14:00:00Z (gateway unreachable), 2 GPUs, advertising molt-provider"
+            )),
+            "{:?}",
+            h.notified
+        );
+    }
+
+    #[test]
     fn node_is_not_ready_until_services_are_published() {
         let mut h = Harness::new(None);
         h.start();

@@ -127,6 +127,34 @@ pub trait MeshProvider: Send {
 pub struct Hooks {
     pub recheck: Recheck,
     pub live: Live,
+    /// The GPU summary a coordinated mesh advertises, as the shell last set it.
+    pub gpus: GpuSummaryCell,
+}
+
+/// (count, model, memory MiB) of this node's GPUs, from the shell to a provider that tells a
+/// coordinator about them; plain numbers, so the mesh needs no GPU types.
+#[derive(Clone)]
+pub struct GpuSummaryCell(Arc<tokio::sync::watch::Sender<Option<(u32, String, u64)>>>);
+
+impl Default for GpuSummaryCell {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::watch::Sender::new(None)))
+    }
+}
+
+impl GpuSummaryCell {
+    /// Set the summary; readers wake only if it changed.
+    pub fn set(&self, summary: Option<(u32, String, u64)>) {
+        self.0.send_if_modified(|current| {
+            let changed = *current != summary;
+            *current = summary;
+            changed
+        });
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Option<(u32, String, u64)>> {
+        self.0.subscribe()
+    }
 }
 
 impl Hooks {
@@ -135,6 +163,7 @@ impl Hooks {
         let hooks = Hooks {
             recheck,
             live: Live::default(),
+            gpus: GpuSummaryCell::default(),
         };
         (hooks, rx)
     }

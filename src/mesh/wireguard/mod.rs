@@ -83,6 +83,7 @@ struct Current {
 
 pub struct WireguardMesh {
     recheck: Recheck,
+    gpus: super::GpuSummaryCell,
     hooks_live: super::Live,
     live: status::LiveTarget,
     monitor: Option<monitor::Monitor>,
@@ -124,6 +125,7 @@ impl WireguardMesh {
     ) -> Self {
         Self {
             recheck: hooks.recheck,
+            gpus: hooks.gpus,
             hooks_live: hooks.live,
             live: status::LiveTarget::default(),
             monitor: None,
@@ -206,7 +208,13 @@ impl WireguardMesh {
                 listen_port: wg.listen_port,
                 interface: iface.clone(),
             };
-            self.gateway = gateway::Coordinator::start(config, &me, self.recheck.clone()).await?;
+            self.gateway = gateway::Coordinator::start(
+                config,
+                &me,
+                self.recheck.clone(),
+                self.gpus.subscribe(),
+            )
+            .await?;
         }
         // The configured address wins; without one the gateway assigned it.
         let Some(address) = wg

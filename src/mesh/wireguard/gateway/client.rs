@@ -11,7 +11,6 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
@@ -125,7 +124,13 @@ impl GatewayClient {
         let body = serde_json::to_vec(request)
             .map_err(|e| CallError::transient(format!("encode join request: {e}")))?;
         let answer: Answer<JoinResponse> = self
-            .call(Method::POST, &format!("{url}/v1/join"), Some(body), CALL_TIMEOUT, false)
+            .call(
+                Method::POST,
+                &format!("{url}/v1/join"),
+                Some(body),
+                CALL_TIMEOUT,
+                false,
+            )
             .await?;
         self.set_session(answer.body.session.bearer().as_str());
         Ok(answer)
@@ -206,6 +211,8 @@ impl GatewayClient {
         if body.is_some() {
             request = request.header(hyper::header::CONTENT_TYPE, "application/json");
         }
+        // Snapshots compress about fourfold; the gateway compresses only larger answers.
+        request = request.header(hyper::header::ACCEPT_ENCODING, "gzip");
         let request = request
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| CallError {
@@ -216,12 +223,13 @@ impl GatewayClient {
             })?;
         let exchange = async {
             let response = self.http.request(request).await.map_err(|e| {
-                CallError::transient(format!(
-                    "gateway {url}: {}",
-                    crate::http::source_chain(&e)
-                ))
+                CallError::transient(format!("gateway {url}: {}", crate::http::source_chain(&e)))
             })?;
             let status = response.status();
+            let gzip = response
+                .headers()
+                .get(hyper::header::CONTENT_ENCODING)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
             let retry_after = response
                 .headers()
                 .get(hyper::header::RETRY_AFTER)
@@ -231,21 +239,34 @@ impl GatewayClient {
             let bytes = Limited::new(response.into_body(), MAX_ANSWER)
                 .collect()
                 .await
-                .map_err(|e| CallError::transient(format!("gateway {url}: reading the answer: {e}")))?
+                .map_err(|e| {
+                    CallError::transient(format!("gateway {url}: reading the answer: {e}"))
+                })?
                 .to_bytes();
-            Ok::<_, CallError>((status, retry_after, bytes))
+            Ok::<_, CallError>((status, retry_after, gzip, bytes))
         };
-        let (status, retry_after, bytes) = tokio::time::timeout(timeout, exchange)
+        let (status, retry_after, gzip, bytes) = tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| CallError::transient(format!("gateway {url}: no answer within {timeout:?}")))??;
+            .map_err(|_| {
+            CallError::transient(format!("gateway {url}: no answer within {timeout:?}"))
+        })??;
         if !status.is_success() {
             return Err(refusal(url, status, retry_after, &bytes));
         }
         let wire_bytes = bytes.len();
-        let bytes = if bytes.is_empty() { Bytes::from_static(b"null") } else { bytes };
-        let body = serde_json::from_slice(&bytes).map_err(|e| {
-            CallError::transient(format!("gateway {url}: unreadable answer: {e}"))
-        })?;
+        let bytes = if gzip {
+            gunzip(&bytes)
+                .map_err(|e| CallError::transient(format!("gateway {url}: bad gzip answer: {e}")))?
+        } else {
+            bytes
+        };
+        let bytes = if bytes.is_empty() {
+            Bytes::from_static(b"null")
+        } else {
+            bytes
+        };
+        let body = serde_json::from_slice(&bytes)
+            .map_err(|e| CallError::transient(format!("gateway {url}: unreadable answer: {e}")))?;
         Ok(Answer { body, wire_bytes })
     }
 }
@@ -261,14 +282,51 @@ fn refusal(url: &str, status: StatusCode, retry_after: Option<Duration>, body: &
         ),
     };
     CallError {
-        retry: if retry { Retry::Transient } else { Retry::NeedsOperator },
+        retry: if retry {
+            Retry::Transient
+        } else {
+            Retry::NeedsOperator
+        },
         message: format!("gateway {url} refused ({}): {message}", status.as_u16()),
         status: Some(status.as_u16()),
         retry_after,
     }
 }
 
-/// Serialise for tests and the benchmark without exposing serde_json to callers.
-pub fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).unwrap_or_default()
+/// Inflate a gzip answer, refusing one that grows past `MAX_ANSWER` (a gzip bomb).
+fn gunzip(bytes: &[u8]) -> std::io::Result<Bytes> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .take(MAX_ANSWER as u64 + 1)
+        .read_to_end(&mut out)?;
+    if out.len() > MAX_ANSWER {
+        return Err(std::io::Error::other("answer too large"));
+    }
+    Ok(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    #[test]
+    fn a_gzip_answer_that_inflates_past_the_cap_is_refused() {
+        let mut small = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        small.write_all(b"{\"services\":[]}").unwrap();
+        assert_eq!(
+            &gunzip(&small.finish().unwrap()).unwrap()[..],
+            b"{\"services\":[]}"
+        );
+        let mut bomb = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1024 * 1024];
+        for _ in 0..(MAX_ANSWER / zeros.len() + 1) {
+            bomb.write_all(&zeros).unwrap();
+        }
+        let bomb = bomb.finish().unwrap();
+        assert!(bomb.len() < 1024 * 1024);
+        assert!(gunzip(&bomb).is_err());
+    }
 }

@@ -34,6 +34,9 @@ use crate::mesh::live::GatewayDoc;
 pub use client::{Answer, CallError, GatewayClient};
 use policy::{AdvertContent, Adverts, GwPeer, Rotation};
 
+/// How long a node without a cache waits for its first peer set before it reports ready.
+pub const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(3);
+
 /// How long a long poll asks the gateway to wait for a change.
 pub const POLL_WAIT: Duration = Duration::from_secs(25);
 
@@ -98,8 +101,7 @@ pub fn load_session(state_dir: &Path) -> Result<Option<SessionFile>, Failure> {
 fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<(), Failure> {
     let bytes = serde_json::to_vec(value)
         .map_err(|e| Failure::transient(format!("encode {}: {e}", path.display())))?;
-    crate::state::write_atomic(path, &bytes, 0o600)
-        .map_err(|e| Failure::transient(e.to_string()))
+    crate::state::write_atomic(path, &bytes, 0o600).map_err(|e| Failure::transient(e.to_string()))
 }
 
 /// The cache verified against `root`: every signature checked again, a file of another
@@ -295,6 +297,7 @@ impl Coordinator {
         config: &Config,
         me: &NodeIdentity,
         recheck: Recheck,
+        gpus: GpuWatch,
     ) -> Result<Option<Coordinator>, Failure> {
         let wg = &config.network.wireguard;
         let state_dir = &config.node.state_dir;
@@ -313,13 +316,22 @@ impl Coordinator {
                 session
             }
         };
-        Ok(Some(Self::run(
+        let coordinator = Self::run(
             session,
             cache_path(state_dir),
             wg.gateway_offline_grace.as_secs(),
             me,
             recheck,
-        )))
+            gpus,
+        );
+        // Without a cache there is nothing to apply yet: wait a moment for the first answer,
+        // so that READY means the peers are configured. A gateway that does not answer in
+        // time leaves the node ready without them (STATUS says it waits for them).
+        let deadline = tokio::time::Instant::now() + FIRST_ANSWER_WAIT;
+        while coordinator.shared.mode() == Mode::Joining && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(Some(coordinator))
     }
 
     /// Load the cache and start the poll task for `session`.
@@ -329,6 +341,7 @@ impl Coordinator {
         grace_s: u64,
         me: &NodeIdentity,
         recheck: Recheck,
+        gpus: GpuWatch,
     ) -> Coordinator {
         let now = unix_now();
         let mut problems = Vec::new();
@@ -337,9 +350,16 @@ impl Coordinator {
                 for problem in &rejected {
                     tracing::warn!(component = "gateway-client", %problem, "peer cache");
                 }
+                tracing::info!(
+                    component = "gateway-client",
+                    saved_at = file.saved_at,
+                    "applying the cached peer set before contacting a gateway"
+                );
+                // With items left out the set no longer matches its cursor: the gateway would
+                // answer "nothing changed", so ask for a snapshot instead.
+                let cursor = rejected.is_empty().then_some(file.cursor);
                 problems.extend(rejected);
-                tracing::info!(component = "gateway-client", saved_at = file.saved_at, "applying the cached peer set before contacting a gateway");
-                (set, Some(file.cursor), Mode::Cached, file.saved_at)
+                (set, cursor, Mode::Cached, file.saved_at)
             }
             Ok(None) => (PeerSet::new(session.root), None, Mode::Joining, now),
             Err(problem) => {
@@ -362,7 +382,7 @@ impl Coordinator {
                 grace_s,
                 problems,
                 services: Vec::new(),
-                gpus: None,
+                gpus: gpus.borrow().clone(),
             }),
             advert_changed: tokio::sync::Notify::new(),
         });
@@ -379,6 +399,7 @@ impl Coordinator {
             listen_port: me.listen_port,
             interface: me.interface.clone(),
             mesh_cidr: session.mesh_cidr,
+            gpus,
         };
         let task = tokio::spawn(poller.run());
         Coordinator {
@@ -423,7 +444,11 @@ fn read_token(source: &JoinTokenSource) -> Result<JoinToken, Failure> {
 
 /// Join at the token's gateways in turn; a refusal that retrying cannot help (token used,
 /// expired, unknown) stops at once.
-async fn join(token: &JoinToken, me: &NodeIdentity, mesh_cidr: IpNet) -> Result<SessionFile, Failure> {
+async fn join(
+    token: &JoinToken,
+    me: &NodeIdentity,
+    mesh_cidr: IpNet,
+) -> Result<SessionFile, Failure> {
     let mut client = GatewayClient::new(token.root.0);
     let request = JoinRequest {
         token_id: token.id,
@@ -549,7 +574,9 @@ pub fn host_endpoints(listen_port: u16, mesh_cidr: IpNet, interface: &str) -> Ve
             let usable = match ip {
                 IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
                 IpAddr::V6(v6) => {
-                    !v6.is_loopback() && !v6.is_unspecified() && (v6.segments()[0] & 0xffc0) != 0xfe80
+                    !v6.is_loopback()
+                        && !v6.is_unspecified()
+                        && (v6.segments()[0] & 0xffc0) != 0xfe80
                 }
             };
             (usable && !mesh_cidr.contains(&ip)).then_some(SocketAddr::new(ip, listen_port))
@@ -557,8 +584,25 @@ pub fn host_endpoints(listen_port: u16, mesh_cidr: IpNet, interface: &str) -> Ve
         .collect();
     out.sort();
     out.dedup();
+    // Peers use the first endpoint: the address this host would send from by default (its
+    // default route's), not whichever sorts first (a container bridge, say).
+    let preferred = [preferred_source(false), preferred_source(true)];
+    out.sort_by_key(|a| !preferred.contains(&Some(a.ip())));
     out.truncate(8);
     out
+}
+
+/// The source address the kernel picks towards a documentation address (no packet is sent:
+/// connecting a UDP socket only looks the route up).
+fn preferred_source(v6: bool) -> Option<IpAddr> {
+    let (bind, probe) = if v6 {
+        ("[::]:0", "[2001:db8::1]:51820")
+    } else {
+        ("0.0.0.0:0", "192.0.2.1:51820")
+    };
+    let socket = std::net::UdpSocket::bind(bind).ok()?;
+    socket.connect(probe).ok()?;
+    Some(socket.local_addr().ok()?.ip())
 }
 
 /// The poll task's own state.
@@ -573,14 +617,21 @@ struct Poller {
     listen_port: u16,
     interface: String,
     mesh_cidr: IpNet,
+    gpus: GpuWatch,
 }
+
+/// The GPU summary the shell keeps current (see `mesh::GpuSummaryCell`).
+pub type GpuWatch = tokio::sync::watch::Receiver<Option<(u32, String, u64)>>;
 
 impl Poller {
     async fn run(mut self) {
         let mut attempt: u32 = 0;
         loop {
             let Some(url) = self.rotation.current().map(str::to_string) else {
-                tracing::error!(component = "gateway-client", "no gateway URL known; running on the cached peer set");
+                tracing::error!(
+                    component = "gateway-client",
+                    "no gateway URL known; running on the cached peer set"
+                );
                 return;
             };
             let cursor = self.shared.lock().cursor;
@@ -590,6 +641,10 @@ impl Poller {
                 loop {
                     tokio::select! {
                         result = &mut poll => break result,
+                        Ok(()) = self.gpus.changed() => {
+                            let summary = self.gpus.borrow_and_update().clone();
+                            self.shared.set_gpus(summary);
+                        }
                         () = self.shared.advert_changed.notified() => {
                             // Sent beside the long poll (another connection), which keeps waiting.
                             if let Some((content, seq, advert)) = self.advert_due() {
@@ -650,11 +705,14 @@ impl Poller {
                     port: *port,
                 })
                 .collect(),
-            gpus: content.gpus.clone().map(|(count, model, memory_mib)| GpuSummary {
-                count,
-                model,
-                memory_mib,
-            }),
+            gpus: content
+                .gpus
+                .clone()
+                .map(|(count, model, memory_mib)| GpuSummary {
+                    count,
+                    model,
+                    memory_mib,
+                }),
         };
         Some((content, seq, advert))
     }

@@ -38,7 +38,11 @@ impl Rotation {
             return;
         }
         self.urls = urls;
-        if self.last_good.as_ref().is_some_and(|u| !self.urls.contains(u)) {
+        if self
+            .last_good
+            .as_ref()
+            .is_some_and(|u| !self.urls.contains(u))
+        {
             self.last_good = None;
         }
         self.refill(seed);
@@ -88,7 +92,7 @@ impl Rotation {
 /// changes, never per reading.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AdvertContent {
-    /// Sorted.
+    /// The preferred one first (peers use the first).
     pub endpoints: Vec<SocketAddr>,
     /// Sorted (name, port).
     pub services: Vec<(String, u16)>,
@@ -102,8 +106,8 @@ impl AdvertContent {
         mut services: Vec<(String, u16)>,
         gpus: Option<(u32, String, u64)>,
     ) -> Self {
-        endpoints.sort();
-        endpoints.dedup();
+        let mut seen = std::collections::BTreeSet::new();
+        endpoints.retain(|e| seen.insert(*e));
         services.sort();
         services.dedup();
         Self {
@@ -252,10 +256,10 @@ mod tests {
             key(9),
             "10.100.0.0/16".parse().unwrap(),
             vec![
-                gw(1, "10.100.0.50"), // same key as a hand-written peer
-                gw(3, "10.100.7.9"),  // address inside a hand-written peer's allowed IPs
-                gw(4, "10.100.0.4"),  // fine
-                gw(9, "10.100.0.9"),  // this node itself
+                gw(1, "10.100.0.50"),  // same key as a hand-written peer
+                gw(3, "10.100.7.9"),   // address inside a hand-written peer's allowed IPs
+                gw(4, "10.100.0.4"),   // fine
+                gw(9, "10.100.0.9"),   // this node itself
                 gw(5, "198.51.100.5"), // no mesh address
             ],
         );
@@ -267,13 +271,20 @@ mod tests {
             vec!["10.100.0.1/32".parse::<IpNet>().unwrap()]
         );
         let four = &peers[&key(4)];
-        assert_eq!(four.allowed_ips, vec!["10.100.0.4/32".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            four.allowed_ips,
+            vec!["10.100.0.4/32".parse::<IpNet>().unwrap()]
+        );
         assert_eq!(four.keepalive, Some(25));
         assert_eq!(four.endpoint, Some("192.0.2.4:51820".parse().unwrap()));
         assert_eq!(names.last().unwrap().1, "gw-node-4");
         assert_eq!(problems.len(), 3, "{problems:#?}");
-        assert!(problems[0].contains("\"gw-node-1\" skipped: its public key is configured by hand"));
-        assert!(problems[1].contains("\"gw-node-3\" skipped: its address 10.100.7.9 belongs to a peer configured by hand"));
+        assert!(
+            problems[0].contains("\"gw-node-1\" skipped: its public key is configured by hand")
+        );
+        assert!(problems[1].contains(
+            "\"gw-node-3\" skipped: its address 10.100.7.9 belongs to a peer configured by hand"
+        ));
         assert!(problems[2].contains("\"gw-node-5\" skipped: no address inside mesh_cidr"));
     }
 
@@ -289,9 +300,12 @@ mod tests {
         assert_eq!(seq, 1_000);
         adverts.sent(first.clone(), seq);
 
-        // The same content built in another order is no change.
+        // The same content with an endpoint repeated is no change.
         let same = AdvertContent::new(
-            vec!["192.0.2.1:51820".parse().unwrap(), "192.0.2.1:51820".parse().unwrap()],
+            vec![
+                "192.0.2.1:51820".parse().unwrap(),
+                "192.0.2.1:51820".parse().unwrap(),
+            ],
             vec![("molt-provider".into(), 8080)],
             Some((2, "H100".into(), 81920)),
         );
@@ -302,13 +316,34 @@ mod tests {
         // A clock that went backwards still gives a higher sequence number.
         assert_eq!(adverts.due(&lost_gpu, 500), Some(1_001));
 
+        // Another preferred endpoint (peers use the first) is a change.
+        let mut adverts2 = Adverts::default();
+        let two = AdvertContent::new(
+            vec![
+                "192.0.2.1:51820".parse().unwrap(),
+                "198.51.100.1:51820".parse().unwrap(),
+            ],
+            Vec::new(),
+            None,
+        );
+        adverts2.sent(two.clone(), 1);
+        let swapped = AdvertContent::new(
+            two.endpoints.iter().rev().copied().collect(),
+            Vec::new(),
+            None,
+        );
+        assert_eq!(swapped.endpoints[0], "198.51.100.1:51820".parse().unwrap());
+        assert!(adverts2.due(&swapped, 2).is_some());
+
         adverts.forget();
         assert_eq!(adverts.due(&first, 3_000), Some(3_000));
     }
 
     #[test]
     fn the_gateway_that_answered_last_is_tried_first_and_the_others_rotate() {
-        let urls: Vec<String> = (1..=4).map(|n| format!("https://203.0.113.{n}:443")).collect();
+        let urls: Vec<String> = (1..=4)
+            .map(|n| format!("https://203.0.113.{n}:443"))
+            .collect();
         let mut rotation = Rotation::new(urls.clone(), Some(urls[2].clone()), 7);
         assert_eq!(rotation.current(), Some(urls[2].as_str()));
 
@@ -334,7 +369,9 @@ mod tests {
 
     #[test]
     fn a_fleet_spreads_its_first_retry_over_the_other_gateways() {
-        let urls: Vec<String> = (1..=4).map(|n| format!("https://203.0.113.{n}:443")).collect();
+        let urls: Vec<String> = (1..=4)
+            .map(|n| format!("https://203.0.113.{n}:443"))
+            .collect();
         let firsts: std::collections::BTreeSet<String> = (0..64)
             .map(|seed| {
                 let mut r = Rotation::new(urls.clone(), Some(urls[0].clone()), seed);

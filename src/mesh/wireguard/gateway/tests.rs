@@ -106,7 +106,9 @@ async fn gateway(cluster: &Cluster, update: Update) -> Gateway {
     let update = Arc::new(Mutex::new(update));
     let joined = JoinResponse {
         node_id: NodeId(3),
-        session: "n3.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".parse().unwrap(),
+        session: "n3.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+            .parse()
+            .unwrap(),
         record: cluster.record(3),
         mesh_cidr: "10.100.0.0/16".parse().unwrap(),
         gateways: vec![format!("https://{addr}")],
@@ -114,43 +116,55 @@ async fn gateway(cluster: &Cluster, update: Update) -> Gateway {
     let (seen2, update2) = (Arc::clone(&seen), Arc::clone(&update));
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
             let acceptor = acceptor.clone();
             let (seen, update, joined) = (Arc::clone(&seen2), Arc::clone(&update2), joined.clone());
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
-                let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (seen, update, joined) = (Arc::clone(&seen), Arc::clone(&update), joined.clone());
-                    async move {
-                        let path = req.uri().path().to_string();
-                        let query = req.uri().query().unwrap_or_default().to_string();
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
-                        seen.lock().unwrap().bodies.push(body.to_vec());
-                        let (status, json) = if path == "/v1/join" {
-                            seen.lock().unwrap().joins += 1;
-                            (StatusCode::OK, serde_json::to_vec(&joined).unwrap())
-                        } else if path == "/v1/peers" {
-                            seen.lock().unwrap().polls += 1;
-                            let current = update.lock().unwrap().clone();
-                            if query.contains(&format!("cursor={}", current.cursor)) {
-                                tokio::time::sleep(Duration::from_millis(100)).await;
-                                let empty = Update::empty_delta(current.cursor, Vec::new());
-                                (StatusCode::OK, serde_json::to_vec(&empty).unwrap())
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let (seen, update, joined) =
+                            (Arc::clone(&seen), Arc::clone(&update), joined.clone());
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let query = req.uri().query().unwrap_or_default().to_string();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            seen.lock().unwrap().bodies.push(body.to_vec());
+                            let (status, json) = if path == "/v1/join" {
+                                seen.lock().unwrap().joins += 1;
+                                (StatusCode::OK, serde_json::to_vec(&joined).unwrap())
+                            } else if path == "/v1/peers" {
+                                seen.lock().unwrap().polls += 1;
+                                let current = update.lock().unwrap().clone();
+                                if query.contains(&format!("cursor={}", current.cursor)) {
+                                    tokio::time::sleep(Duration::from_millis(100)).await;
+                                    let empty = Update::empty_delta(current.cursor, Vec::new());
+                                    (StatusCode::OK, serde_json::to_vec(&empty).unwrap())
+                                } else {
+                                    (StatusCode::OK, serde_json::to_vec(&current).unwrap())
+                                }
+                            } else if path == "/v1/self" {
+                                let advert: Advert = serde_json::from_slice(&body).unwrap();
+                                seen.lock().unwrap().adverts.push(advert);
+                                (StatusCode::NO_CONTENT, Vec::new())
                             } else {
-                                (StatusCode::OK, serde_json::to_vec(&current).unwrap())
-                            }
-                        } else if path == "/v1/self" {
-                            let advert: Advert = serde_json::from_slice(&body).unwrap();
-                            seen.lock().unwrap().adverts.push(advert);
-                            (StatusCode::NO_CONTENT, Vec::new())
-                        } else {
-                            (StatusCode::NOT_FOUND, b"{\"error\":\"no such endpoint\",\"retry\":false}".to_vec())
-                        };
-                        Ok::<_, std::convert::Infallible>(
-                            Response::builder().status(status).body(Full::new(Bytes::from(json))).unwrap(),
-                        )
-                    }
-                });
+                                (
+                                    StatusCode::NOT_FOUND,
+                                    b"{\"error\":\"no such endpoint\",\"retry\":false}".to_vec(),
+                                )
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                Response::builder()
+                                    .status(status)
+                                    .body(Full::new(Bytes::from(json)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), service)
                     .await;
@@ -183,6 +197,10 @@ fn me() -> NodeIdentity {
     }
 }
 
+fn no_gpus() -> GpuWatch {
+    crate::mesh::GpuSummaryCell::default().subscribe()
+}
+
 fn token(cluster: &Cluster, url: &str) -> String {
     JoinToken {
         id: TokenId([9; 8]),
@@ -204,7 +222,11 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 fn names(shared: &Shared) -> Vec<String> {
-    let mut names: Vec<String> = shared.peers(unix_now()).into_iter().map(|p| p.name).collect();
+    let mut names: Vec<String> = shared
+        .peers(unix_now())
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
     names.sort();
     names
 }
@@ -221,17 +243,29 @@ async fn a_node_with_a_token_joins_keeps_a_private_session_and_follows_the_peer_
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, token(&cluster, &gw.url)).unwrap();
     let (recheck, mut rechecks) = Recheck::channel();
+    let gpus = crate::mesh::GpuSummaryCell::default();
 
-    let coordinator = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck)
-        .await
-        .unwrap()
-        .unwrap();
+    let coordinator = Coordinator::start(
+        &config(dir.path(), &token_file),
+        &me(),
+        recheck,
+        gpus.subscribe(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
 
     assert_eq!(coordinator.address().to_string(), "10.100.0.3/16");
+    // The first peer set is there when the join returns, so READY comes with the peers.
+    assert_eq!(coordinator.shared.mode(), Mode::Live);
+    assert_eq!(names(&coordinator.shared), ["node-1", "node-2"]);
     let session = session_path(dir.path());
     assert_eq!(mode_of(&session), 0o600);
     until("the snapshot", || coordinator.shared.mode() == Mode::Live).await;
-    assert!(rechecks.recv().await.is_some(), "no reconcile was requested");
+    assert!(
+        rechecks.recv().await.is_some(),
+        "no reconcile was requested"
+    );
     // This node itself is not its own peer.
     assert_eq!(names(&coordinator.shared), ["node-1", "node-2"]);
     let cache = cache_path(dir.path());
@@ -243,18 +277,50 @@ async fn a_node_with_a_token_joins_keeps_a_private_session_and_follows_the_peer_
     until("node-4", || names(&coordinator.shared).len() == 3).await;
     let doc = coordinator.shared.doc(unix_now());
     assert_eq!((doc.state.as_str(), doc.peers), ("live", 3));
-    assert_eq!(doc.cursor, Some(Cursor { store_id: 7, rev: 2 }.to_string()));
+    assert_eq!(
+        doc.cursor,
+        Some(
+            Cursor {
+                store_id: 7,
+                rev: 2
+            }
+            .to_string()
+        )
+    );
 
     // The services the node publishes go out as one advert, not again while unchanged.
-    coordinator.shared.set_services(vec![("molt-provider".into(), 8080)]);
+    coordinator
+        .shared
+        .set_services(vec![("molt-provider".into(), 8080)]);
     until("the advert", || {
-        gw.seen.lock().unwrap().adverts.iter().any(|a| !a.services.is_empty())
+        gw.seen
+            .lock()
+            .unwrap()
+            .adverts
+            .iter()
+            .any(|a| !a.services.is_empty())
     })
     .await;
     let sent = gw.seen.lock().unwrap().adverts.len();
-    coordinator.shared.set_services(vec![("molt-provider".into(), 8080)]);
+    coordinator
+        .shared
+        .set_services(vec![("molt-provider".into(), 8080)]);
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(gw.seen.lock().unwrap().adverts.len(), sent);
+
+    // So does a changed GPU inventory, with a higher sequence number.
+    gpus.set(Some((2, "NVIDIA H100".into(), 163_840)));
+    until("the GPU advert", || {
+        gw.seen.lock().unwrap().adverts.len() == sent + 1
+    })
+    .await;
+    let adverts = gw.seen.lock().unwrap().adverts.clone();
+    let last = adverts.last().unwrap();
+    assert_eq!(last.gpus.as_ref().map(|g| g.count), Some(2));
+    assert!(last.seq > adverts[adverts.len() - 2].seq);
+    gpus.set(Some((2, "NVIDIA H100".into(), 163_840)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(gw.seen.lock().unwrap().adverts.len(), sent + 1);
     assert_eq!(gw.seen.lock().unwrap().joins, 1);
 }
 
@@ -266,10 +332,15 @@ async fn a_restarted_node_runs_on_its_cached_peers_while_no_gateway_answers() {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, token(&cluster, &gw.url)).unwrap();
     let (recheck, _rechecks) = Recheck::channel();
-    let first = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck.clone())
-        .await
-        .unwrap()
-        .unwrap();
+    let first = Coordinator::start(
+        &config(dir.path(), &token_file),
+        &me(),
+        recheck.clone(),
+        no_gpus(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     until("the snapshot", || first.shared.mode() == Mode::Live).await;
     until("the cache", || cache_path(dir.path()).exists()).await;
     drop(first);
@@ -281,7 +352,7 @@ async fn a_restarted_node_runs_on_its_cached_peers_while_no_gateway_answers() {
     // The token is not needed again.
     std::fs::remove_file(&token_file).unwrap();
 
-    let again = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck)
+    let again = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck, no_gpus())
         .await
         .unwrap()
         .unwrap();
@@ -290,11 +361,19 @@ async fn a_restarted_node_runs_on_its_cached_peers_while_no_gateway_answers() {
     assert_eq!(names(&again.shared), ["node-1", "node-2"]);
     assert_eq!(again.shared.mode(), Mode::Cached);
     assert!(
-        again.shared.status_note().starts_with("on cached peer set since "),
+        again
+            .shared
+            .status_note()
+            .starts_with("on cached peer set since "),
         "{}",
         again.shared.status_note()
     );
-    assert!(again.shared.status_note().ends_with("(gateway unreachable)"));
+    assert!(
+        again
+            .shared
+            .status_note()
+            .ends_with("(gateway unreachable)")
+    );
     assert_eq!(gw.seen.lock().unwrap().joins, 1);
 }
 
@@ -303,15 +382,22 @@ async fn a_tampered_peer_cache_is_refused_before_its_peers_are_applied() {
     let cluster = cluster();
     let mut set = PeerSet::new(cluster.root);
     set.apply(&cluster.snapshot(1, &[1, 2]), unix_now());
-    let good = set.to_cache(Cursor { store_id: 7, rev: 1 }, unix_now());
+    let good = set.to_cache(
+        Cursor {
+            store_id: 7,
+            rev: 1,
+        },
+        unix_now(),
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("peerset.json");
 
     // A record moved to another key (someone wants to be node-2).
     let mut json: serde_json::Value = serde_json::to_value(&good).unwrap();
-    json["records"][1]["wg_key"] = serde_json::Value::String(
-        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [66u8; 32]),
-    );
+    json["records"][1]["wg_key"] = serde_json::Value::String(base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        [66u8; 32],
+    ));
     std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
     let (set, _, rejected) = load_cache(&path, cluster.root).unwrap().unwrap();
     let peers: Vec<String> = set
@@ -330,4 +416,180 @@ async fn a_tampered_peer_cache_is_refused_before_its_peers_are_applied() {
     // Garbage is refused, not half-read.
     std::fs::write(&path, b"{\"version\":1,").unwrap();
     assert!(load_cache(&path, cluster.root).is_err());
+}
+
+// ---- against the real gateway (src/gateway), in-process ----
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn real_gateway_config(dir: &Path, port: u16) -> Config {
+    let text = format!(
+        "[node]\nname = \"gw\"\nstate_dir = \"{0}/state\"\n[network]\nprovider = \"wireguard\"\n[network.wireguard]\naddress = \"10.100.0.1/16\"\nprivate_key_file = \"{0}/wg.key\"\n[gateway]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"https://127.0.0.1:{port}\"\n",
+        dir.display()
+    );
+    crate::config::parse(Path::new("gw.toml"), &text).unwrap()
+}
+
+fn node_config(dir: &Path, name: &str, token_file: &Path) -> Config {
+    let text = format!(
+        "[node]\nname = \"{name}\"\nstate_dir = \"{0}/{name}\"\n[network.wireguard]\njoin_token_file = \"{1}\"\npeers_dir = \"{0}/none\"\n",
+        dir.display(),
+        token_file.display()
+    );
+    crate::config::parse(Path::new("node.toml"), &text).unwrap()
+}
+
+fn identity(name: &str, n: u8) -> NodeIdentity {
+    NodeIdentity {
+        name: name.into(),
+        wg_key: PeerKey([n; 32]),
+        listen_port: 51820,
+        interface: "wgtest-none".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_joining_the_real_gateway_see_each_other_find_services_in_one_request_and_lose_a_revoked_node()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let gw_config = real_gateway_config(dir.path(), free_port());
+    crate::gateway::init(&gw_config, unix_now()).unwrap();
+    let _running = crate::gateway::start(&gw_config, PeerKey([1; 32]))
+        .await
+        .unwrap();
+    let (token, _) =
+        crate::gateway::create_token(&gw_config, Duration::from_secs(3600), 2, unix_now()).unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token.to_string()).unwrap();
+    let (recheck, _rx) = Recheck::channel();
+
+    let a = Coordinator::start(
+        &node_config(dir.path(), "node-a", &token_file),
+        &identity("node-a", 10),
+        recheck.clone(),
+        no_gpus(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    until("node-a's first answer", || a.shared.mode() == Mode::Live).await;
+    assert_eq!(names(&a.shared), ["gw"]);
+
+    let joined = std::time::Instant::now();
+    let b = Coordinator::start(
+        &node_config(dir.path(), "node-b", &token_file),
+        &identity("node-b", 11),
+        recheck.clone(),
+        no_gpus(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    until("node-b at node-a", || {
+        names(&a.shared).contains(&"node-b".to_string())
+    })
+    .await;
+    let propagated = joined.elapsed();
+    assert!(b.address() != a.address());
+    until("node-a at node-b", || {
+        names(&b.shared).contains(&"node-a".to_string())
+    })
+    .await;
+
+    // node-b's services reach the gateway in its advert; node-a finds them in one request.
+    b.shared.set_services(vec![("molt-provider".into(), 8443)]);
+    let mut found = Vec::new();
+    for _ in 0..100 {
+        found = discover(&a.session, "molt-provider").await.unwrap();
+        if !found.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!((found[0].node.as_str(), found[0].port), ("node-b", 8443));
+    assert_eq!(found[0].address, b.address().addr());
+
+    // The token had two uses.
+    let refused = Coordinator::start(
+        &node_config(dir.path(), "node-c", &token_file),
+        &identity("node-c", 12),
+        recheck.clone(),
+        no_gpus(),
+    )
+    .await
+    .map(|_| ())
+    .unwrap_err();
+    assert_eq!(refused.retry(), Retry::NeedsOperator);
+    assert!(refused.message().contains("token"), "{}", refused.message());
+
+    let revoked = std::time::Instant::now();
+    crate::gateway::revoke(&gw_config, "node-b").unwrap();
+    until("node-b gone at node-a", || {
+        !names(&a.shared).contains(&"node-b".to_string())
+    })
+    .await;
+    let dropped = revoked.elapsed();
+    println!(
+        "join seen by another node after {propagated:?}; revocation applied after {dropped:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_node_that_left_part_of_its_cache_out_gets_the_real_record_back_from_the_gateway() {
+    let cluster = cluster();
+    let gw = gateway(&cluster, cluster.snapshot(1, &[1, 2, 3])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token(&cluster, &gw.url)).unwrap();
+    let (recheck, _rechecks) = Recheck::channel();
+    let first = Coordinator::start(
+        &config(dir.path(), &token_file),
+        &me(),
+        recheck.clone(),
+        no_gpus(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    until("the snapshot", || first.shared.mode() == Mode::Live).await;
+    until("the cache", || cache_path(dir.path()).exists()).await;
+    drop(first);
+    // node-2's record is forged in the cache; the gateway's cursor has not moved since.
+    let path = cache_path(dir.path());
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    for record in json["records"].as_array_mut().unwrap() {
+        if record["name"] == "node-2" {
+            record["wg_key"] = serde_json::Value::String(base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                [66u8; 32],
+            ));
+        }
+    }
+    std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+
+    let again = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck, no_gpus())
+        .await
+        .unwrap()
+        .unwrap();
+
+    assert_eq!(
+        names(&again.shared),
+        ["node-1"],
+        "the forged record was applied"
+    );
+    // A current cursor would get "nothing changed": the node must ask for a snapshot.
+    until("node-2's real record", || {
+        names(&again.shared) == ["node-1", "node-2"]
+    })
+    .await;
+    let real = again.shared.peers(unix_now());
+    assert!(real.iter().all(|p| p.key != PeerKey([66; 32])));
 }

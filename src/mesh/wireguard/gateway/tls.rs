@@ -84,10 +84,12 @@ impl ServerCertVerifier for PinnedRoot {
         let roots = RootCertStore {
             roots: vec![anchor],
         };
-        let webpki =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&self.provider))
-                .build()
-                .map_err(|e| Error::General(format!("cannot build the pinned verifier: {e}")))?;
+        let webpki = WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::clone(&self.provider),
+        )
+        .build()
+        .map_err(|e| Error::General(format!("cannot build the pinned verifier: {e}")))?;
         webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
     }
 
