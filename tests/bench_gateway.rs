@@ -290,7 +290,11 @@ fn json_text(v: &serde_json::Value) -> String {
         serde_json::Value::Object(o) if o.contains_key("store_id") => {
             format!("{}.{}", json_text(&o["store_id"]), json_text(&o["rev"]))
         }
-        other => other.to_string(),
+        other @ (serde_json::Value::Null
+        | serde_json::Value::Bool(_)
+        | serde_json::Value::Number(_)
+        | serde_json::Value::Array(_)
+        | serde_json::Value::Object(_)) => other.to_string(),
     }
 }
 
@@ -1008,13 +1012,13 @@ async fn bench(lab: &Lab, nofile: u64) -> Figures {
         put_self(&http, &base, &changer, seq, 1000 + (tick % 1000) as u16)
             .await
             .unwrap();
-        if tick % 5 == 0 {
+        if tick.is_multiple_of(5) {
             join(&http, &base, &token, &format!("churn-{tick}"))
                 .await
                 .unwrap();
             joined += 1;
         }
-        if tick % 40 == 0 {
+        if tick.is_multiple_of(40) {
             cli_ok(
                 &gateway,
                 &["gateway", "revoke", &format!("churn-{}", tick - 35)],
