@@ -12,6 +12,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 pub mod control;
+pub mod gateway;
 pub mod lab;
 pub mod nvml;
 pub mod tailscaled;
@@ -56,6 +57,9 @@ pub struct Node {
     pub notify: UnixDatagram,
     pub child: Option<Child>,
     pub started: Instant,
+    /// How the last launch ran (`ip netns exec NS`, env), so `restart` starts it the same way.
+    wrapper: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -71,10 +75,9 @@ impl Node {
         config_text: impl FnOnce(&Path) -> String,
         env: &[(&str, &str)],
     ) -> Node {
-        match netns {
-            Some(ns) => Node::start_wrapped(&["ip", "netns", "exec", ns], config_text, env),
-            None => Node::start_wrapped(&[], config_text, env),
-        }
+        let mut node = Node::prepare(config_text);
+        node.launch_in(netns, env);
+        node
     }
 
     /// Start `clawnode run` through `wrapper` (a command that execs its arguments, such as
@@ -84,13 +87,77 @@ impl Node {
         config_text: impl FnOnce(&Path) -> String,
         env: &[(&str, &str)],
     ) -> Node {
+        let mut node = Node::prepare(config_text);
+        node.launch_wrapped(wrapper, env);
+        node
+    }
+
+    /// A private directory with `config_text` written and the notify socket bound, nothing
+    /// started yet: for set-up commands that must run first (`clawnode gateway init`).
+    pub fn prepare(config_text: impl FnOnce(&Path) -> String) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("clawbernetes.toml");
         std::fs::write(&config, config_text(dir.path())).expect("write config");
         let notify_path = dir.path().join("notify.sock");
         let notify = UnixDatagram::bind(&notify_path).expect("bind NOTIFY_SOCKET");
-        let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
-        let mut cmd = match wrapper.split_first() {
+        Node {
+            dir,
+            config,
+            notify,
+            child: None,
+            started: Instant::now(),
+            wrapper: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// `launch_wrapped` inside network namespace `netns`, or directly.
+    pub fn launch_in(&mut self, netns: Option<&str>, env: &[(&str, &str)]) {
+        match netns {
+            Some(ns) => self.launch_wrapped(&["ip", "netns", "exec", ns], env),
+            None => self.launch_wrapped(&[], env),
+        }
+    }
+
+    /// Start `clawnode run` on this node's config through `wrapper`; stderr is appended to
+    /// `stderr.log`, so a restarted daemon's log follows the previous one.
+    pub fn launch_wrapped(&mut self, wrapper: &[&str], env: &[(&str, &str)]) {
+        assert!(self.child.is_none(), "clawnode already runs");
+        self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.spawn();
+    }
+
+    /// Start `clawnode run` again the way it was last started (after it exited or was killed).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "clawnode still runs");
+        self.spawn();
+    }
+
+    /// SIGKILL, then reap: nothing is torn down, as when the machine loses power.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit (status 0).
+    pub fn stop(&mut self, timeout: Duration) {
+        self.signal(Signal::SIGTERM);
+        let (status, _) = self.wait_exit(timeout);
+        assert!(status.success(), "exit {status:?}\n{}", self.stderr());
+    }
+
+    fn spawn(&mut self) {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("stderr.log"))
+            .expect("log file");
+        let mut cmd = match self.wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
                 c.args(args).arg(BIN);
@@ -100,28 +167,21 @@ impl Node {
         };
         cmd.arg("run")
             .arg("--config")
-            .arg(&config)
+            .arg(&self.config)
             .env_remove("RUST_LOG")
             .env_remove("WATCHDOG_USEC")
             .env_remove("WATCHDOG_PID")
             .env_remove("INVOCATION_ID")
             .env_remove("JOURNAL_STREAM")
-            .env("NOTIFY_SOCKET", &notify_path)
+            .env("NOTIFY_SOCKET", self.dir.path().join("notify.sock"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
-        for (k, v) in env {
+        for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let started = Instant::now();
-        let child = cmd.spawn().expect("spawn clawnode");
-        Node {
-            dir,
-            config,
-            notify,
-            child: Some(child),
-            started,
-        }
+        self.started = Instant::now();
+        self.child = Some(cmd.spawn().expect("spawn clawnode"));
     }
 
     pub fn path(&self, name: &str) -> PathBuf {

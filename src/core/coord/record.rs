@@ -476,3 +476,10 @@ impl Advert {
         Ok(())
     }
 }
+
+/// A key file that is not a usable key stays unusable until someone replaces it.
+impl From<SignError> for crate::core::Failure {
+    fn from(e: SignError) -> Self {
+        crate::core::Failure::needs_operator(e.to_string())
+    }
+}

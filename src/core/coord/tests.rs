@@ -140,6 +140,8 @@ fn the_pkcs8_wrapper_gives_the_rfc8032_key_and_signature() {
         "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
     );
     assert_eq!(public_key_of_pkcs8(b"not a key"), Err(SignError::BadKey));
+    let failure = crate::core::Failure::from(SignError::BadKey);
+    assert_eq!(failure.retry(), crate::core::Retry::NeedsOperator);
 }
 
 #[test]
@@ -917,6 +919,9 @@ fn a_token_in_any_other_form_is_refused_without_echoing_the_secret() {
     }
     assert!(!format!("{:?}", token()).contains(&secret));
     assert!(format!("{:?}", token()).contains("redacted"));
+    let failure = crate::core::Failure::from("cbn1.x".parse::<JoinToken>().unwrap_err());
+    assert_eq!(failure.retry(), crate::core::Retry::NeedsOperator);
+    assert!(failure.message().starts_with("not a valid join token"));
 }
 
 #[test]

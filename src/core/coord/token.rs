@@ -275,3 +275,10 @@ impl<'de> serde::Deserialize<'de> for Session {
             .map_err(|_| serde::de::Error::custom("expected a session (<node id>.<secret>)"))
     }
 }
+
+/// Retrying with the same token fails the same way: someone has to fix or replace it.
+impl From<TokenError> for crate::core::Failure {
+    fn from(e: TokenError) -> Self {
+        crate::core::Failure::needs_operator(e.to_string())
+    }
+}
