@@ -35,7 +35,7 @@ use crate::services::node_info::{self, NodeInfo};
 pub type Target = fn(&[u8]);
 
 /// Every target: its name (the cargo-fuzz target and corpus directory) and its body.
-pub const TARGETS: [(&str, Target); 10] = [
+pub const TARGETS: [(&str, Target); 11] = [
     ("config", config),
     ("peers_file", peers_file),
     ("localapi", localapi),
@@ -46,6 +46,7 @@ pub const TARGETS: [(&str, Target); 10] = [
     ("join_token", join_token),
     ("coord_record", coord_record),
     ("peer_cache", peer_cache),
+    ("gateway_request", gateway_request),
 ];
 
 /// The main configuration file, as `clawnode run` and `check-config` read it.
@@ -454,6 +455,13 @@ fn ask_peer(data: &[u8]) -> Result<NodeInfo, String> {
     })
 }
 
+/// A request to the gateway's HTTPS endpoints from any caller on the network, before it has
+/// authenticated: the parser refuses with a 4xx that says retrying cannot help, or yields a
+/// request whose fields already hold their invariants (see `gateway::request::fuzz_request`).
+pub fn gateway_request(data: &[u8]) {
+    crate::gateway::request::fuzz_request(data);
+}
+
 /// A join token as pasted by an operator or read from `join_token_file`: accepted only in its
 /// one canonical spelling (so it prints back as read), with URLs a client can dial; refused
 /// with a printable message that never carries the secret. Session bearers likewise.
@@ -688,6 +696,11 @@ mod tests {
     #[test]
     fn every_saved_peer_cache_loads_only_verified_records() {
         replay("peer_cache");
+    }
+
+    #[test]
+    fn every_saved_gateway_request_is_refused_with_a_4xx_or_parsed_whole() {
+        replay("gateway_request");
     }
 
     /// The coordination seeds are what the formats write today (Ed25519 is deterministic, so
