@@ -462,6 +462,7 @@ impl Daemon {
                     at_unix_ms: self.clock.unix_ms(e.at),
                 })
                 .collect(),
+            gateway_role: None,
         }
     }
 }

@@ -165,6 +165,24 @@ fn raise_nofile(want: u64) -> u64 {
 // ---- the simulated node's side of the protocol (JSON as the spec fixes it) ----
 
 fn https(ca: &Path) -> Https {
+    https_with(tls_config(ca))
+}
+
+/// A client on `tls`: clients that share it share its TLS session cache, as one node's
+/// successive connections do.
+fn https_with(tls: Arc<rustls::ClientConfig>) -> Https {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*tls).clone())
+        .https_only()
+        .enable_http1()
+        .build();
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(usize::MAX)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(connector)
+}
+
+fn tls_config(ca: &Path) -> Arc<rustls::ClientConfig> {
     use rustls::pki_types::{CertificateDer, pem::PemObject};
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).unwrap() {
@@ -177,15 +195,7 @@ fn https(ca: &Path) -> Https {
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .build();
-    Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(usize::MAX)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build(connector)
+    Arc::new(tls)
 }
 
 #[derive(Debug)]
@@ -781,20 +791,31 @@ async fn bytes_figures(
         "<= 1 KiB",
     );
 
-    let fresh = https(ca);
-    let reconnect = || async {
-        let (head, _, _) = poll(&fresh, relay_base, &probe.session, Some(&cursor), 0)
-            .await
-            .unwrap();
-        assert_eq!(head.kind, "delta", "a current cursor gets no snapshot");
-        assert!(head.records.is_empty() && head.adverts.is_empty());
+    // One node's TLS state across its connections: the first is a full handshake, a
+    // reconnect (a new TCP connection) resumes the session, and a poll on an open connection
+    // costs only HTTP.
+    let tls = tls_config(ca);
+    let reconnect = |client: Https| {
+        let cursor = cursor.clone();
+        let session = probe.session.clone();
+        async move {
+            let (head, _, _) = poll(&client, relay_base, &session, Some(&cursor), 0)
+                .await
+                .unwrap();
+            assert_eq!(head.kind, "delta", "a current cursor gets no snapshot");
+            assert!(head.records.is_empty() && head.adverts.is_empty());
+            client
+        }
     };
-    let ((), cold_up, cold_down) = wire.during(reconnect()).await;
-    let ((), up, down) = wire.during(reconnect()).await;
+    let (open, cold_up, cold_down) = wire.during(reconnect(https_with(tls.clone()))).await;
+    let (_, up, down) = wire.during(reconnect(open)).await;
+    let (_, resumed_up, resumed_down) = wire.during(reconnect(https_with(tls))).await;
     figures.add(
         format!("reconnect with a current cursor at {at} nodes"),
         format!(
-            "{} B both ways ({down} B down, {up} B up); with a fresh TLS connection {} B",
+            "{} B on a new TCP connection resuming TLS ({resumed_down} B down, {resumed_up} B up); \
+             {} B on an open connection; a first-ever connection (full handshake) {} B",
+            resumed_up + resumed_down,
             up + down,
             cold_up + cold_down
         ),

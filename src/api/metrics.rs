@@ -8,6 +8,7 @@ use prometheus::core::Collector;
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use super::StatusDoc;
+use crate::gateway::view::RoleDoc;
 use crate::gpu::{GpuInfo, Snapshot};
 use crate::mesh::TunnelPeer;
 use crate::mesh::live::GatewayDoc;
@@ -47,6 +48,9 @@ pub fn render(
     agent_series(&mut families, status, peers, gpus, now_unix_ms)?;
     if let Some(gateway) = gateway {
         gateway_series(&mut families, gateway)?;
+    }
+    if let Some(role) = &status.gateway_role {
+        gateway_role_series(&mut families, role)?;
     }
     let mut out = Vec::new();
     TextEncoder::new().encode(&registry.gather(), &mut out)?;
@@ -458,6 +462,62 @@ fn gateway_series(f: &mut Families, gateway: &GatewayDoc) -> Result<(), promethe
     Ok(())
 }
 
+/// The gateway role this node runs (`[gateway] enabled`): what it serves, to how many.
+fn gateway_role_series(f: &mut Families, role: &RoleDoc) -> Result<(), prometheus::Error> {
+    f.int_gauge(
+        "clawnode_gateway_role_sessions",
+        "Nodes with a session at this gateway.",
+        &[],
+        &[],
+        role.sessions as i64,
+    )?;
+    f.int_gauge(
+        "clawnode_gateway_role_revision",
+        "The newest revision of the peer set this gateway serves.",
+        &[],
+        &[],
+        role.rev as i64,
+    )?;
+    for (kind, count) in [
+        ("snapshot", role.snapshots_sent),
+        ("delta", role.deltas_sent),
+        ("empty", role.empty_polls),
+    ] {
+        f.counter(
+            "clawnode_gateway_role_answers_total",
+            "Long-poll answers sent, by kind (empty: the wait ran out with nothing new).",
+            &["kind"],
+            &[kind],
+            count,
+        )?;
+    }
+    for (name, help, value) in [
+        (
+            "clawnode_gateway_role_sent_bytes_total",
+            "Bytes of long-poll answers sent (after compression).",
+            role.bytes_sent,
+        ),
+        (
+            "clawnode_gateway_role_encodings_total",
+            "Answers encoded; each is shared by every node waiting on it.",
+            role.encodings,
+        ),
+        (
+            "clawnode_gateway_role_joins_total",
+            "Nodes joined with a token.",
+            role.joins,
+        ),
+        (
+            "clawnode_gateway_role_refused_busy_total",
+            "Requests answered 503 because the gateway was at capacity.",
+            role.refused_busy,
+        ),
+    ] {
+        f.counter(name, help, &[], &[], value)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -493,6 +553,48 @@ mod tests {
         };
         snap.xids.handle_xid(XidEvent { index: 0, code: 79 }, 5000);
         snap
+    }
+
+    #[test]
+    fn a_gateway_node_exports_its_sessions_answers_and_refusals() {
+        let status = StatusDoc {
+            gateway_role: Some(RoleDoc {
+                store_id: "00000000000000aa".into(),
+                rev: 812,
+                sessions: 1000,
+                connections: 1003,
+                snapshots_sent: 1000,
+                deltas_sent: 5200,
+                empty_polls: 77,
+                bytes_sent: 123_456,
+                encodings: 40,
+                joins: 1000,
+                refused_busy: 3,
+            }),
+            ..StatusDoc::default()
+        };
+        let text = render(&status, &[], None, &Snapshot::default(), "gw-01", 0).unwrap();
+        for line in [
+            "clawnode_gateway_role_sessions 1000",
+            "clawnode_gateway_role_revision 812",
+            "clawnode_gateway_role_answers_total{kind=\"delta\"} 5200",
+            "clawnode_gateway_role_answers_total{kind=\"empty\"} 77",
+            "clawnode_gateway_role_sent_bytes_total 123456",
+            "clawnode_gateway_role_encodings_total 40",
+            "clawnode_gateway_role_refused_busy_total 3",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        let plain = render(
+            &StatusDoc::default(),
+            &[],
+            None,
+            &Snapshot::default(),
+            "n",
+            0,
+        )
+        .unwrap();
+        assert!(!plain.contains("gateway_role"), "{plain}");
     }
 
     #[test]

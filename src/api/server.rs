@@ -101,6 +101,7 @@ pub struct Sources {
     live: Live,
     gpus: crate::gpu::Shared,
     scrapes: Arc<Semaphore>,
+    gateway_role: Option<Arc<crate::gateway::View>>,
 }
 
 impl Sources {
@@ -110,7 +111,14 @@ impl Sources {
             live,
             gpus,
             scrapes: Arc::new(Semaphore::new(MAX_CONCURRENT_SCRAPES)),
+            gateway_role: None,
         }
+    }
+
+    /// Also show the counters of the gateway role this daemon runs.
+    pub fn with_gateway_role(mut self, view: Arc<crate::gateway::View>) -> Self {
+        self.gateway_role = Some(view);
+        self
     }
 }
 
@@ -155,6 +163,7 @@ where
         async move {
             let path = req.uri().path().to_string();
             let mut doc = sources.status.borrow().clone();
+            doc.gateway_role = sources.gateway_role.as_ref().map(|view| view.role_doc());
             let response = match path.as_str() {
                 "/metrics" if req.method() == Method::GET || req.method() == Method::HEAD => {
                     match sources.scrapes.try_acquire() {

@@ -23,6 +23,9 @@ pub struct StatusDoc {
     pub services: ServicesDoc,
     /// Most recent last; at most 16.
     pub last_errors: Vec<ErrorDoc>,
+    /// The gateway role's counters, on a node with `[gateway] enabled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_role: Option<crate::gateway::view::RoleDoc>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

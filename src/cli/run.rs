@@ -96,7 +96,10 @@ pub fn run(config_path: &Path) -> Result<ExitCode, CliError> {
         };
         let socket = config.api.socket.clone();
         let daemon = Daemon::new(config_path.to_path_buf(), config, components, Some(log));
-        let sources = api::Sources::new(daemon.status(), live, daemon.gpus());
+        let mut sources = api::Sources::new(daemon.status(), live, daemon.gpus());
+        if let Some(role) = &gateway {
+            sources = sources.with_gateway_role(role.view.clone());
+        }
         let metrics_task = metrics_listener.map(|l| {
             tracing::info!(component = "api", listen = %config_metrics(&l), "metrics listening");
             tokio::spawn(api::serve_metrics(l, sources.clone()))

@@ -336,22 +336,7 @@ pub fn fill_source(endpoints: &mut Vec<SocketAddr>, source: IpAddr) {
 }
 
 pub fn status_json(view: &View) -> Vec<u8> {
-    let c = &view.counters;
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    serde_json::to_vec(&serde_json::json!({
-        "store_id": format!("{:016x}", view.store_id()),
-        "rev": view.head(),
-        "sessions": view.session_count(),
-        "connections": load(&c.connections),
-        "snapshots_sent": load(&c.snapshots_sent),
-        "deltas_sent": load(&c.deltas_sent),
-        "empty_polls": load(&c.empty_polls),
-        "bytes_sent": load(&c.bytes_sent),
-        "encodings": load(&c.encodings),
-        "joins": load(&c.joins),
-        "refused_busy": load(&c.refused_busy),
-    }))
-    .unwrap_or_default()
+    serde_json::to_vec(&view.role_doc()).unwrap_or_default()
 }
 
 async fn handle_join<S: Store>(

@@ -93,5 +93,11 @@ pub fn server_config(
         )
         .map_err(|e| GatewayError::operator(format!("the TLS certificate does not load: {e}")))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Stateless tickets: a node that reconnects resumes without the certificate chain and
+    // without a signature from the gateway, and the gateway keeps no per-node session state.
+    // One ticket per handshake is enough, as a node holds one connection.
+    config.ticketer = rustls::crypto::ring::Ticketer::new()
+        .map_err(|e| GatewayError::transient(format!("TLS session tickets: {e}")))?;
+    config.send_tls13_tickets = 1;
     Ok(Arc::new(config))
 }

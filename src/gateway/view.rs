@@ -57,6 +57,27 @@ impl Encoded {
     }
 }
 
+/// What the gateway role has done since it started.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RoleDoc {
+    pub store_id: String,
+    /// The newest revision in the view.
+    pub rev: u64,
+    /// Nodes with a session the view knows of.
+    pub sessions: u64,
+    pub connections: u64,
+    pub snapshots_sent: u64,
+    pub deltas_sent: u64,
+    /// Long polls that ran out their wait with nothing new.
+    pub empty_polls: u64,
+    pub bytes_sent: u64,
+    /// Answers encoded (each shared by every session waiting on it).
+    pub encodings: u64,
+    pub joins: u64,
+    /// Requests answered 503 because the gateway was at capacity.
+    pub refused_busy: u64,
+}
+
 /// The gateway's own counters, for `GET /v1/status` and the logs.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -110,6 +131,25 @@ impl View {
 
     pub fn store_id(&self) -> u64 {
         self.store_id
+    }
+
+    /// The counters as `GET /v1/status`, the node's status API and `/metrics` show them.
+    pub fn role_doc(&self) -> RoleDoc {
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RoleDoc {
+            store_id: format!("{:016x}", self.store_id),
+            rev: self.head(),
+            sessions: self.session_count() as u64,
+            connections: load(&c.connections),
+            snapshots_sent: load(&c.snapshots_sent),
+            deltas_sent: load(&c.deltas_sent),
+            empty_polls: load(&c.empty_polls),
+            bytes_sent: load(&c.bytes_sent),
+            encodings: load(&c.encodings),
+            joins: load(&c.joins),
+            refused_busy: load(&c.refused_busy),
+        }
     }
 
     pub fn head(&self) -> u64 {

@@ -187,6 +187,13 @@ fn nodes_given_only_a_token_ping_each_other_and_a_fifth_node_is_on_every_device_
     // STATUS and status --json say the peers come live from the gateway.
     let state = gateway::gateway_status(cluster.node(1));
     assert_eq!(state["state"], "live", "{state}");
+    // The gateway node's own status shows what its gateway role serves: itself and three
+    // members, each joined once with a token.
+    let role = cluster.node(0).status_json()["gateway_role"].clone();
+    assert_eq!(role["sessions"], 4, "{role}");
+    assert_eq!(role["joins"], 3, "{role}");
+    assert!(role["deltas_sent"].as_u64().unwrap_or(0) > 0, "{role}");
+    assert!(cluster.node(1).status_json().get("gateway_role").is_none());
 
     // The fourth member joins: from its join (its session written) to its key on each of the
     // other four devices.
