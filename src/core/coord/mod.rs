@@ -10,6 +10,7 @@
 
 pub mod alloc;
 pub mod b64;
+pub mod client;
 pub mod cursor;
 pub mod ids;
 pub mod peerset;

@@ -498,7 +498,7 @@ impl WireguardMesh {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            gateway::policy::add_gateway_peers(
+            crate::core::coord::client::add_gateway_peers(
                 &mut plan.peers,
                 &mut plan.names,
                 &mut plan.problems,

@@ -9,7 +9,6 @@
 //! node keeps its peers, runs on the cache and retries with full-jitter backoff.
 
 pub mod client;
-pub mod policy;
 pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
@@ -31,8 +30,8 @@ use crate::core::{Failure, Retry};
 use crate::mesh::Recheck;
 use crate::mesh::live::GatewayDoc;
 
+use crate::core::coord::client::{AdvertContent, Adverts, GwPeer, Rotation};
 pub use client::{Answer, CallError, GatewayClient};
-use policy::{AdvertContent, Adverts, GwPeer, Rotation};
 
 /// How long a node without a cache waits for its first peer set before it reports ready.
 pub const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(3);

@@ -1,4 +1,4 @@
-//! The client's decisions, kept free of I/O, clocks and randomness (time and seeds come in) so
+//! The node client's decisions (`mesh::wireguard::gateway` runs them), kept free of I/O, clocks and randomness (time and seeds come in) so
 //! each is unit-tested: which gateway to try next, when an advert is due, and how gateway peers
 //! join the hand-written ones.
 
