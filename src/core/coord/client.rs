@@ -3,10 +3,21 @@
 //! join the hand-written ones.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::core::Backoff;
 use crate::core::peer_diff::{PeerKey, PeerMap, PeerSpec};
+
+/// How long to wait before polling again after failure `attempt` (1-based): full jitter up to
+/// 30 s. A gateway's `Retry-After` can stretch the wait only up to the same cap, so a gateway
+/// that asks for hours (by mistake or malice) cannot park the node.
+pub fn retry_delay(attempt: u32, jitter: u32, retry_after: Option<Duration>) -> Duration {
+    let backoff = Backoff::GATEWAY;
+    let asked = retry_after.unwrap_or_default().min(backoff.cap());
+    backoff.full_jitter(attempt, jitter).max(asked)
+}
 
 /// Most gateways a node keeps in its rotation: the list comes from the gateways, so it is capped.
 pub const MAX_GATEWAYS: usize = 16;
@@ -380,6 +391,21 @@ mod tests {
             })
             .collect();
         assert_eq!(firsts.len(), 3, "{firsts:?}");
+    }
+
+    #[test]
+    fn a_gateway_asking_to_retry_after_ages_is_tried_again_within_30_s() {
+        let cap = Duration::from_secs(30);
+        for jitter in [0, u32::MAX / 2, u32::MAX] {
+            let delay = retry_delay(1, jitter, Some(Duration::from_secs(1_000_000_000)));
+            assert_eq!(delay, cap);
+        }
+        // A sensible Retry-After is honoured over a shorter jittered delay.
+        assert_eq!(
+            retry_delay(1, 0, Some(Duration::from_secs(3))),
+            Duration::from_secs(3)
+        );
+        assert!(retry_delay(1, u32::MAX, None) < Duration::from_millis(250));
     }
 
     #[test]

@@ -20,7 +20,6 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, JoinTokenSource};
-use crate::core::Backoff;
 use crate::core::coord::{
     Advert, AdvertService, CacheFile, Cursor, GpuSummary, Grace, JoinRequest, JoinToken, NodeId,
     PeerSet, RootKey, ServiceInstance, Session, Update, UpdateKind,
@@ -30,7 +29,7 @@ use crate::core::{Failure, Retry};
 use crate::mesh::Recheck;
 use crate::mesh::live::GatewayDoc;
 
-use crate::core::coord::client::{AdvertContent, Adverts, GwPeer, Rotation};
+use crate::core::coord::client::{AdvertContent, Adverts, GwPeer, Rotation, retry_delay};
 pub use client::{Answer, CallError, GatewayClient};
 
 /// How long a node without a cache waits for its first peer set before it reports ready.
@@ -674,9 +673,7 @@ impl Poller {
                     attempt = attempt.saturating_add(1);
                     self.failed(&url, &error);
                     self.rotation.failed(fastrand::u64(..));
-                    let delay = Backoff::GATEWAY
-                        .full_jitter(attempt, fastrand::u32(..))
-                        .max(error.retry_after.unwrap_or_default());
+                    let delay = retry_delay(attempt, fastrand::u32(..), error.retry_after);
                     tokio::time::sleep(delay).await;
                 }
             }
