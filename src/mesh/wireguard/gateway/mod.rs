@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, JoinTokenSource};
 use crate::core::coord::{
     Advert, AdvertService, CacheFile, Cursor, GpuSummary, Grace, JoinRequest, JoinToken, NodeId,
-    PeerSet, RootKey, ServiceInstance, Session, Update, UpdateKind,
+    PeerSet, Reject, RootKey, ServiceInstance, Session, Update, UpdateKind,
 };
 use crate::core::peer_diff::PeerKey;
 use crate::core::{Failure, Retry};
@@ -603,6 +603,22 @@ fn preferred_source(v6: bool) -> Option<IpAddr> {
     Some(socket.local_addr().ok()?.ip())
 }
 
+/// The cursor to poll with after `update`. A delta with items this node refused (a signer
+/// not yet valid on a skewed clock, a key still held because of ordering) is not kept: the next
+/// poll asks for a snapshot, which sends them again. A snapshot's cursor is kept even with
+/// refusals: asking again would only bring the same answer.
+fn keep_cursor(update: &Update, rejected: &[(String, Reject)]) -> Option<Cursor> {
+    (rejected.is_empty() || update.kind == UpdateKind::Snapshot).then_some(update.cursor)
+}
+
+/// The refused items of an answer, for status.
+fn left_out(url: &str, rejected: &[(String, Reject)]) -> Vec<String> {
+    rejected
+        .iter()
+        .map(|(what, why)| format!("gateway {url}: left out {what}: {why}"))
+        .collect()
+}
+
 /// The poll task's own state.
 struct Poller {
     client: GatewayClient,
@@ -736,11 +752,18 @@ impl Poller {
                 inner.since = now;
                 inner.problems.clear();
             }
-            let moved = inner.cursor != Some(update.cursor);
-            inner.cursor = Some(update.cursor);
+            let left_out = left_out(url, &applied.rejected);
+            let cursor = keep_cursor(&update, &applied.rejected);
+            let moved = inner.cursor != cursor;
+            inner.cursor = cursor;
+            if update.kind == UpdateKind::Snapshot || !left_out.is_empty() {
+                inner.problems = left_out;
+            }
             inner.answered_at = Some(now);
             inner.url = Some(url.to_string());
-            let cache = (moved || came_back).then(|| inner.set.to_cache(update.cursor, now));
+            let cache = cursor
+                .filter(|_| moved || came_back)
+                .map(|cursor| inner.set.to_cache(cursor, now));
             (applied.touched(), came_back, cache)
         };
         if came_back {

@@ -25,6 +25,8 @@ struct Cluster {
     root: RootKey,
     signer_pkcs8: Vec<u8>,
     signer: SignerCert,
+    /// One expiry for every record, so signing a record twice gives the same record.
+    not_after: u64,
 }
 
 fn cluster() -> Cluster {
@@ -39,20 +41,26 @@ fn cluster() -> Cluster {
         root,
         signer_pkcs8,
         signer,
+        not_after: unix_now() + NOW_SLACK,
     }
 }
 
 impl Cluster {
     fn record(&self, n: u8) -> NodeRecord {
+        self.record_with(n, n, 1)
+    }
+
+    /// Node `n` with the WireGuard key `[key; 32]` at `serial`.
+    fn record_with(&self, n: u8, key: u8, serial: u64) -> NodeRecord {
         coord::sign_record(
             RecordFields {
                 node_id: NodeId(u64::from(n)),
                 name: format!("node-{n}"),
-                wg_key: PeerKey([n; 32]),
+                wg_key: PeerKey([key; 32]),
                 addresses: vec![format!("10.100.0.{n}").parse().unwrap()],
                 roles: vec![Role::Node],
-                serial: 1,
-                not_after: unix_now() + NOW_SLACK,
+                serial,
+                not_after: self.not_after,
             },
             &self.signer_pkcs8,
         )
@@ -77,6 +85,8 @@ impl Cluster {
 struct Seen {
     joins: usize,
     polls: usize,
+    /// Polls without a cursor (each answered with a snapshot).
+    fresh_polls: usize,
     adverts: Vec<Advert>,
     bodies: Vec<Vec<u8>>,
 }
@@ -85,6 +95,8 @@ struct Gateway {
     url: String,
     seen: Arc<Mutex<Seen>>,
     update: Arc<Mutex<Update>>,
+    /// Served instead of `update` to a poll without a cursor, when set.
+    full: Arc<Mutex<Option<Update>>>,
 }
 
 /// An HTTPS gateway on loopback under `cluster`'s root key. It assigns node 3 the address
@@ -104,6 +116,7 @@ async fn gateway(cluster: &Cluster, update: Update) -> Gateway {
     let addr: SocketAddr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Seen::default()));
     let update = Arc::new(Mutex::new(update));
+    let full: Arc<Mutex<Option<Update>>> = Arc::default();
     let joined = JoinResponse {
         node_id: NodeId(3),
         session: "n3.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
@@ -113,22 +126,31 @@ async fn gateway(cluster: &Cluster, update: Update) -> Gateway {
         mesh_cidr: "10.100.0.0/16".parse().unwrap(),
         gateways: vec![format!("https://{addr}")],
     };
-    let (seen2, update2) = (Arc::clone(&seen), Arc::clone(&update));
+    let (seen2, update2, full2) = (Arc::clone(&seen), Arc::clone(&update), Arc::clone(&full));
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
             let acceptor = acceptor.clone();
-            let (seen, update, joined) = (Arc::clone(&seen2), Arc::clone(&update2), joined.clone());
+            let (seen, update, full, joined) = (
+                Arc::clone(&seen2),
+                Arc::clone(&update2),
+                Arc::clone(&full2),
+                joined.clone(),
+            );
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
                 let service =
                     hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (seen, update, joined) =
-                            (Arc::clone(&seen), Arc::clone(&update), joined.clone());
+                        let (seen, update, full, joined) = (
+                            Arc::clone(&seen),
+                            Arc::clone(&update),
+                            Arc::clone(&full),
+                            joined.clone(),
+                        );
                         async move {
                             let path = req.uri().path().to_string();
                             let query = req.uri().query().unwrap_or_default().to_string();
@@ -140,7 +162,13 @@ async fn gateway(cluster: &Cluster, update: Update) -> Gateway {
                             } else if path == "/v1/peers" {
                                 seen.lock().unwrap().polls += 1;
                                 let current = update.lock().unwrap().clone();
-                                if query.contains(&format!("cursor={}", current.cursor)) {
+                                let fresh = !query.contains("cursor=");
+                                if fresh {
+                                    seen.lock().unwrap().fresh_polls += 1;
+                                }
+                                if let Some(full) = full.lock().unwrap().clone().filter(|_| fresh) {
+                                    (StatusCode::OK, serde_json::to_vec(&full).unwrap())
+                                } else if query.contains(&format!("cursor={}", current.cursor)) {
                                     tokio::time::sleep(Duration::from_millis(100)).await;
                                     let empty = Update::empty_delta(current.cursor, Vec::new());
                                     (StatusCode::OK, serde_json::to_vec(&empty).unwrap())
@@ -175,6 +203,7 @@ async fn gateway(cluster: &Cluster, update: Update) -> Gateway {
         url: format!("https://{addr}"),
         seen,
         update,
+        full,
     }
 }
 
@@ -322,6 +351,73 @@ async fn a_node_with_a_token_joins_keeps_a_private_session_and_follows_the_peer_
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(gw.seen.lock().unwrap().adverts.len(), sent + 1);
     assert_eq!(gw.seen.lock().unwrap().joins, 1);
+}
+
+#[tokio::test]
+async fn a_peer_refused_from_a_delta_arrives_with_the_next_snapshot_without_a_snapshot_storm() {
+    let cluster = cluster();
+    let gw = gateway(&cluster, cluster.snapshot(1, &[1, 2, 3])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token(&cluster, &gw.url)).unwrap();
+    let (recheck, _rechecks) = Recheck::channel();
+    let node = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck, no_gpus())
+        .await
+        .unwrap()
+        .unwrap();
+    until("the snapshot", || {
+        names(&node.shared) == ["node-1", "node-2"]
+    })
+    .await;
+
+    // node-2 hands its key on to the new node-5, but the delta lists node-5 first: node-5 is
+    // refused (the key is still node-2's) and node-2's new key is taken.
+    let mut delta = cluster.snapshot(2, &[]);
+    delta.kind = UpdateKind::Delta;
+    delta.records = vec![cluster.record_with(5, 2, 1), cluster.record_with(2, 22, 2)];
+    let mut snapshot = cluster.snapshot(2, &[1, 3]);
+    snapshot.records.push(cluster.record_with(2, 22, 2));
+    snapshot.records.push(cluster.record_with(5, 2, 1));
+    *gw.full.lock().unwrap() = Some(snapshot);
+    *gw.update.lock().unwrap() = delta;
+    until("node-5", || {
+        names(&node.shared) == ["node-1", "node-2", "node-5"]
+    })
+    .await;
+    assert!(
+        node.shared.problems().is_empty(),
+        "{:?}",
+        node.shared.problems()
+    );
+
+    // A snapshot that still has a refusal keeps its cursor (asking again would bring the same)
+    // and says what was left out.
+    let mut bad = cluster.snapshot(3, &[1, 3]);
+    bad.records.push(cluster.record_with(6, 1, 1));
+    *gw.full.lock().unwrap() = Some(bad.clone());
+    *gw.update.lock().unwrap() = bad;
+    until("the refusal in problems", || {
+        node.shared
+            .problems()
+            .iter()
+            .any(|p| p.contains("left out record n6"))
+    })
+    .await;
+    let fresh = gw.seen.lock().unwrap().fresh_polls;
+    let polls = gw.seen.lock().unwrap().polls;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(gw.seen.lock().unwrap().fresh_polls, fresh);
+    assert!(gw.seen.lock().unwrap().polls > polls);
+    assert_eq!(
+        node.shared.doc(unix_now()).cursor,
+        Some(
+            Cursor {
+                store_id: 7,
+                rev: 3
+            }
+            .to_string()
+        )
+    );
 }
 
 #[tokio::test]
