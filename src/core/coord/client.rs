@@ -154,6 +154,20 @@ impl Adverts {
     pub fn forget(&mut self) {
         self.sent = None;
     }
+
+    /// The gateway refused an advert because it holds one with `last` (this node restarted
+    /// with a wall clock behind its earlier adverts): the next one continues from `last + 1`.
+    pub fn stale(&mut self, last: u64) {
+        self.seq = self.seq.max(last);
+    }
+}
+
+/// The gateway's last sequence number from its 409 refusal of an advert ("advert seq 5 is
+/// not above the last one (9)"), wherever that text sits in the error message.
+pub fn stale_advert_last(message: &str) -> Option<u64> {
+    const MARK: &str = "is not above the last one (";
+    let rest = &message[message.rfind(MARK)? + MARK.len()..];
+    rest[..rest.find(')')?].parse().ok()
 }
 
 /// A peer the gateway authorised, reduced to what the device needs.
@@ -348,6 +362,24 @@ mod tests {
 
         adverts.forget();
         assert_eq!(adverts.due(&first, 3_000), Some(3_000));
+    }
+
+    #[test]
+    fn after_a_restart_with_the_clock_stepped_back_adverts_continue_above_the_gateways_last() {
+        // The gateway holds seq 5_000 from before the restart; the clock now reads 1_000.
+        let mut adverts = Adverts::default();
+        let content =
+            AdvertContent::new(vec!["192.0.2.1:51820".parse().unwrap()], Vec::new(), None);
+        assert_eq!(adverts.due(&content, 1_000), Some(1_000));
+        let refusal = "gateway https://203.0.113.1:443 refused (409): advert seq 1000 is not above the last one (5000)";
+        adverts.stale(stale_advert_last(refusal).unwrap());
+        assert_eq!(adverts.due(&content, 1_001), Some(5_001));
+        // A later clock wins again.
+        assert_eq!(adverts.due(&content, 9_000), Some(9_000));
+        assert_eq!(
+            stale_advert_last("gateway x refused (409): no such node"),
+            None
+        );
     }
 
     #[test]

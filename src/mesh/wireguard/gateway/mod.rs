@@ -29,7 +29,9 @@ use crate::core::{Failure, Retry};
 use crate::mesh::Recheck;
 use crate::mesh::live::GatewayDoc;
 
-use crate::core::coord::client::{AdvertContent, Adverts, GwPeer, Rotation, retry_delay};
+use crate::core::coord::client::{
+    AdvertContent, Adverts, GwPeer, Rotation, retry_delay, stale_advert_last,
+};
 pub use client::{Answer, CallError, GatewayClient};
 
 /// How long a node without a cache waits for its first peer set before it reports ready.
@@ -393,10 +395,13 @@ impl Coordinator {
             shared: Arc::clone(&shared),
             cache,
             recheck,
-            node_id: session.node_id,
-            listen_port: me.listen_port,
-            interface: me.interface.clone(),
-            mesh_cidr: session.mesh_cidr,
+            source: AdvertSource {
+                shared: Arc::clone(&shared),
+                node_id: session.node_id,
+                listen_port: me.listen_port,
+                interface: me.interface.clone(),
+                mesh_cidr: session.mesh_cidr,
+            },
             gpus,
         };
         let task = tokio::spawn(poller.run());
@@ -627,10 +632,7 @@ struct Poller {
     shared: Arc<Shared>,
     cache: PathBuf,
     recheck: Recheck,
-    node_id: NodeId,
-    listen_port: u16,
-    interface: String,
-    mesh_cidr: IpNet,
+    source: AdvertSource,
     gpus: GpuWatch,
 }
 
@@ -661,12 +663,7 @@ impl Poller {
                         }
                         () = self.shared.advert_changed.notified() => {
                             // Sent beside the long poll (another connection), which keeps waiting.
-                            if let Some((content, seq, advert)) = self.advert_due() {
-                                match self.client.put_self(&url, &advert).await {
-                                    Ok(()) => self.adverts.sent(content, seq),
-                                    Err(e) => tracing::warn!(component = "gateway-client", error = %e.message, "advert not accepted; sent again with the next answer"),
-                                }
-                            }
+                            send_advert(&self.client, &mut self.adverts, &self.source, &url).await;
                         }
                     }
                 }
@@ -676,14 +673,7 @@ impl Poller {
                     attempt = 0;
                     self.rotation.succeeded(fastrand::u64(..));
                     self.applied(&url, answer).await;
-                    if let Some((content, seq, advert)) = self.advert_due() {
-                        match self.client.put_self(&url, &advert).await {
-                            Ok(()) => self.adverts.sent(content, seq),
-                            Err(e) => {
-                                tracing::warn!(component = "gateway-client", error = %e.message, "advert not accepted")
-                            }
-                        }
-                    }
+                    send_advert(&self.client, &mut self.adverts, &self.source, &url).await;
                 }
                 Err(error) => {
                     attempt = attempt.saturating_add(1);
@@ -695,16 +685,57 @@ impl Poller {
             }
         }
     }
+}
 
+/// What a node's advert is made of.
+struct AdvertSource {
+    shared: Arc<Shared>,
+    node_id: NodeId,
+    listen_port: u16,
+    interface: String,
+    mesh_cidr: IpNet,
+}
+
+/// Send this node's advert if it changed. A 409 that names the gateway's last sequence number
+/// (adverts from before a restart, with the clock since stepped back) is answered at once with
+/// a number above it.
+async fn send_advert(
+    client: &GatewayClient,
+    adverts: &mut Adverts,
+    source: &AdvertSource,
+    url: &str,
+) {
+    for _ in 0..2 {
+        let Some((content, seq, advert)) = source.due(adverts) else {
+            return;
+        };
+        match client.put_self(url, &advert).await {
+            Ok(()) => return adverts.sent(content, seq),
+            Err(e) => {
+                if let Some(last) = stale_advert_last(&e.message).filter(|_| e.status == Some(409))
+                    && last >= seq
+                {
+                    tracing::info!(component = "gateway-client", gateway = %url, seq, last, "the gateway holds a newer advert of this node (clock stepped back?); continuing above it");
+                    adverts.stale(last);
+                    continue;
+                }
+                tracing::warn!(component = "gateway-client", gateway = %url, error = %e.message, "advert not accepted; sent again with the next answer");
+                return;
+            }
+        }
+    }
+}
+
+impl AdvertSource {
     /// The advert to send, if this node's endpoints, services or GPUs changed since the last.
-    fn advert_due(&self) -> Option<(AdvertContent, u64, Advert)> {
+    fn due(&self, adverts: &Adverts) -> Option<(AdvertContent, u64, Advert)> {
         let endpoints = host_endpoints(self.listen_port, self.mesh_cidr, &self.interface);
         let (services, gpus) = {
             let inner = self.shared.lock();
             (inner.services.clone(), inner.gpus.clone())
         };
         let content = AdvertContent::new(endpoints, services, gpus);
-        let seq = self.adverts.due(&content, unix_now_ms())?;
+        let seq = adverts.due(&content, unix_now_ms())?;
         let advert = Advert {
             node_id: self.node_id,
             seq,
@@ -728,7 +759,9 @@ impl Poller {
         };
         Some((content, seq, advert))
     }
+}
 
+impl Poller {
     async fn applied(&mut self, url: &str, answer: Answer<Update>) {
         let now = unix_now();
         let update = answer.body;

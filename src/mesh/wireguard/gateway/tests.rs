@@ -88,6 +88,8 @@ struct Seen {
     /// Polls without a cursor (each answered with a snapshot).
     fresh_polls: usize,
     adverts: Vec<Advert>,
+    /// The highest advert seq held: lower ones are refused with the real gateway's 409.
+    advert_last: u64,
     bodies: Vec<Vec<u8>>,
 }
 
@@ -177,8 +179,22 @@ async fn gateway(cluster: &Cluster, update: Update) -> Gateway {
                                 }
                             } else if path == "/v1/self" {
                                 let advert: Advert = serde_json::from_slice(&body).unwrap();
-                                seen.lock().unwrap().adverts.push(advert);
-                                (StatusCode::NO_CONTENT, Vec::new())
+                                let mut seen = seen.lock().unwrap();
+                                if advert.seq <= seen.advert_last {
+                                    let stale = crate::gateway::store::AdvertError::Stale {
+                                        got: advert.seq,
+                                        last: seen.advert_last,
+                                    };
+                                    let body = coord::ErrorBody {
+                                        error: stale.to_string(),
+                                        retry: false,
+                                    };
+                                    (StatusCode::CONFLICT, serde_json::to_vec(&body).unwrap())
+                                } else {
+                                    seen.advert_last = advert.seq;
+                                    seen.adverts.push(advert);
+                                    (StatusCode::NO_CONTENT, Vec::new())
+                                }
                             } else {
                                 (
                                     StatusCode::NOT_FOUND,
@@ -418,6 +434,36 @@ async fn a_peer_refused_from_a_delta_arrives_with_the_next_snapshot_without_a_sn
             .to_string()
         )
     );
+}
+
+#[tokio::test]
+async fn a_node_restarted_with_its_clock_stepped_back_still_gets_its_services_advertised() {
+    let cluster = cluster();
+    let gw = gateway(&cluster, cluster.snapshot(1, &[1, 2, 3])).await;
+    // Adverts from before the restart, an hour ahead of this node's clock now.
+    let last = unix_now_ms() + 3_600_000;
+    gw.seen.lock().unwrap().advert_last = last;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token(&cluster, &gw.url)).unwrap();
+    let (recheck, _rechecks) = Recheck::channel();
+    let node = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck, no_gpus())
+        .await
+        .unwrap()
+        .unwrap();
+
+    node.shared
+        .set_services(vec![("molt-provider".into(), 8080)]);
+    until("the advert with the service", || {
+        gw.seen
+            .lock()
+            .unwrap()
+            .adverts
+            .iter()
+            .any(|a| !a.services.is_empty())
+    })
+    .await;
+    assert!(gw.seen.lock().unwrap().adverts.iter().all(|a| a.seq > last));
 }
 
 #[tokio::test]
