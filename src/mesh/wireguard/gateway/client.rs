@@ -14,9 +14,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
-use crate::core::coord::{
-    Advert, Cursor, ErrorBody, JoinRequest, JoinResponse, ServiceAnswer, Update,
-};
+use crate::core::coord::{Advert, Cursor, ErrorBody, JoinRequest, JoinResponse, ServiceAnswer};
 use crate::core::{Failure, Retry};
 
 /// The pinned HTTPS client.
@@ -59,7 +57,7 @@ pub struct CallError {
 }
 
 impl CallError {
-    fn transient(message: impl Into<String>) -> Self {
+    pub fn transient(message: impl Into<String>) -> Self {
         Self {
             retry: Retry::Transient,
             message: message.into(),
@@ -83,6 +81,29 @@ impl From<CallError> for Failure {
 pub struct Answer<T> {
     pub body: T,
     pub wire_bytes: usize,
+}
+
+/// An answer's body as it came over the wire, for the caller to `decode` where that suits it
+/// (a large snapshot is inflated and parsed off the runtime's thread).
+#[derive(Debug)]
+pub struct Raw {
+    pub bytes: Bytes,
+    pub gzip: bool,
+}
+
+/// Inflate (when gzipped) and parse an answer from `url`.
+pub fn decode<T: DeserializeOwned>(url: &str, raw: &Raw) -> Result<T, CallError> {
+    let inflated;
+    let bytes: &[u8] = if raw.gzip {
+        inflated = gunzip(&raw.bytes)
+            .map_err(|e| CallError::transient(format!("gateway {url}: bad gzip answer: {e}")))?;
+        &inflated
+    } else {
+        &raw.bytes
+    };
+    let bytes = if bytes.is_empty() { b"null" } else { bytes };
+    serde_json::from_slice(bytes)
+        .map_err(|e| CallError::transient(format!("gateway {url}: unreadable answer: {e}")))
 }
 
 /// A node's client for the gateways of one cluster.
@@ -137,19 +158,19 @@ impl GatewayClient {
     }
 
     /// `GET /v1/peers`: what changed since `cursor` (a snapshot without one), waiting up to
-    /// `wait` for a change.
+    /// `wait` for a change. The `Update` is left to `decode`: it can be tens of MiB.
     pub async fn poll(
         &self,
         url: &str,
         cursor: Option<&Cursor>,
         wait: Duration,
-    ) -> Result<Answer<Update>, CallError> {
+    ) -> Result<Answer<Raw>, CallError> {
         let mut target = format!("{url}/v1/peers?wait={}", wait.as_secs());
         if let Some(cursor) = cursor {
             target.push_str("&cursor=");
             target.push_str(&cursor.to_string());
         }
-        self.call(Method::GET, &target, None, wait + POLL_SLACK, true)
+        self.fetch(Method::GET, &target, None, wait + POLL_SLACK, true)
             .await
     }
 
@@ -193,6 +214,21 @@ impl GatewayClient {
         timeout: Duration,
         bearer: bool,
     ) -> Result<Answer<T>, CallError> {
+        let answer = self.fetch(method, url, body, timeout, bearer).await?;
+        Ok(Answer {
+            body: decode(url, &answer.body)?,
+            wire_bytes: answer.wire_bytes,
+        })
+    }
+
+    async fn fetch(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+        bearer: bool,
+    ) -> Result<Answer<Raw>, CallError> {
         let mut request = Request::builder().method(method).uri(url);
         if bearer {
             let Some(session) = &self.session else {
@@ -253,21 +289,10 @@ impl GatewayClient {
         if !status.is_success() {
             return Err(refusal(url, status, retry_after, &bytes));
         }
-        let wire_bytes = bytes.len();
-        let bytes = if gzip {
-            gunzip(&bytes)
-                .map_err(|e| CallError::transient(format!("gateway {url}: bad gzip answer: {e}")))?
-        } else {
-            bytes
-        };
-        let bytes = if bytes.is_empty() {
-            Bytes::from_static(b"null")
-        } else {
-            bytes
-        };
-        let body = serde_json::from_slice(&bytes)
-            .map_err(|e| CallError::transient(format!("gateway {url}: unreadable answer: {e}")))?;
-        Ok(Answer { body, wire_bytes })
+        Ok(Answer {
+            wire_bytes: bytes.len(),
+            body: Raw { bytes, gzip },
+        })
     }
 }
 

@@ -32,7 +32,7 @@ use crate::mesh::live::GatewayDoc;
 use crate::core::coord::client::{
     AdvertContent, Adverts, GwPeer, Rotation, retry_delay, stale_advert_last,
 };
-pub use client::{Answer, CallError, GatewayClient};
+pub use client::{Answer, CallError, GatewayClient, Raw};
 
 /// How long a node without a cache waits for its first peer set before it reports ready.
 pub const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(3);
@@ -323,7 +323,8 @@ impl Coordinator {
             me,
             recheck,
             gpus,
-        );
+        )
+        .await;
         // Without a cache there is nothing to apply yet: wait a moment for the first answer,
         // so that READY means the peers are configured. A gateway that does not answer in
         // time leaves the node ready without them (STATUS says it waits for them).
@@ -335,7 +336,7 @@ impl Coordinator {
     }
 
     /// Load the cache and start the poll task for `session`.
-    pub fn run(
+    pub async fn run(
         session: SessionFile,
         cache: PathBuf,
         grace_s: u64,
@@ -345,7 +346,14 @@ impl Coordinator {
     ) -> Coordinator {
         let now = unix_now();
         let mut problems = Vec::new();
-        let (set, cursor, mode, since) = match load_cache(&cache, session.root) {
+        // Re-verifying every signature of a large cache is seconds of CPU: not on the runtime.
+        let loaded = {
+            let (path, root) = (cache.clone(), session.root);
+            tokio::task::spawn_blocking(move || load_cache(&path, root))
+                .await
+                .unwrap_or_else(|e| Err(format!("loading the peer cache failed: {e}")))
+        };
+        let (set, cursor, mode, since) = match loaded {
             Ok(Some((set, file, rejected))) => {
                 for problem in &rejected {
                     tracing::warn!(component = "gateway-client", %problem, "peer cache");
@@ -624,6 +632,79 @@ fn left_out(url: &str, rejected: &[(String, Reject)]) -> Vec<String> {
         .collect()
 }
 
+/// What applying one answer changed, for the poll task to act on.
+struct Absorbed {
+    gateways: Vec<String>,
+    touched: bool,
+    came_back: bool,
+    /// To write, when the cursor moved.
+    cache: Option<CacheFile>,
+}
+
+/// Decode `raw` and apply it to the shared set. Inflating, parsing and verifying every
+/// signature of a large snapshot takes the better part of a second, so it runs on the
+/// blocking pool against a copy of the set (status and the mesh keep reading the current one)
+/// and the result is swapped in; the poll task awaits it, so answers still apply in order.
+async fn apply_answer(
+    shared: &Arc<Shared>,
+    url: &str,
+    raw: Raw,
+    now: u64,
+) -> Result<Absorbed, CallError> {
+    let (prior, was_live) = {
+        let inner = shared.lock();
+        (inner.cursor, inner.mode == Mode::Live)
+    };
+    let worker = {
+        let shared = Arc::clone(shared);
+        let url = url.to_string();
+        move || {
+            let update: Update = client::decode(&url, &raw)?;
+            drop(raw);
+            let mut set = shared.lock().set.clone();
+            let applied = set.apply(&update, now);
+            let cursor = keep_cursor(&update, &applied.rejected);
+            let cache = cursor
+                .filter(|c| prior != Some(*c) || !was_live)
+                .map(|c| set.to_cache(c, now));
+            Ok::<_, CallError>((update, set, applied, cursor, cache))
+        }
+    };
+    let (update, set, applied, cursor, cache) = tokio::task::spawn_blocking(worker)
+        .await
+        .map_err(|e| CallError::transient(format!("gateway {url}: applying the answer: {e}")))??;
+    for (what, why) in &applied.rejected {
+        tracing::warn!(component = "gateway-client", gateway = %url, item = %what, reason = %why, "gateway update item rejected");
+    }
+    let mut inner = shared.lock();
+    // The set replaced is dropped outside the lock.
+    let _old = std::mem::replace(&mut inner.set, set);
+    match update.kind {
+        UpdateKind::Snapshot => inner.snapshots += 1,
+        UpdateKind::Delta => inner.deltas += 1,
+    }
+    let came_back = inner.mode != Mode::Live;
+    if came_back {
+        inner.mode = Mode::Live;
+        inner.since = now;
+        inner.problems.clear();
+    }
+    let left_out = left_out(url, &applied.rejected);
+    inner.cursor = cursor;
+    if update.kind == UpdateKind::Snapshot || !left_out.is_empty() {
+        inner.problems = left_out;
+    }
+    inner.answered_at = Some(now);
+    inner.url = Some(url.to_string());
+    drop(inner);
+    Ok(Absorbed {
+        gateways: update.gateways,
+        touched: applied.touched(),
+        came_back,
+        cache,
+    })
+}
+
 /// The poll task's own state.
 struct Poller {
     client: GatewayClient,
@@ -668,11 +749,14 @@ impl Poller {
                     }
                 }
             };
+            let result = match result {
+                Ok(answer) => self.applied(&url, answer).await,
+                Err(error) => Err(error),
+            };
             match result {
-                Ok(answer) => {
+                Ok(()) => {
                     attempt = 0;
                     self.rotation.succeeded(fastrand::u64(..));
-                    self.applied(&url, answer).await;
                     send_advert(&self.client, &mut self.adverts, &self.source, &url).await;
                 }
                 Err(error) => {
@@ -762,58 +846,27 @@ impl AdvertSource {
 }
 
 impl Poller {
-    async fn applied(&mut self, url: &str, answer: Answer<Update>) {
-        let now = unix_now();
-        let update = answer.body;
-        if !update.gateways.is_empty() {
-            self.rotation
-                .set_urls(update.gateways.clone(), fastrand::u64(..));
+    async fn applied(&mut self, url: &str, answer: Answer<Raw>) -> Result<(), CallError> {
+        let done = apply_answer(&self.shared, url, answer.body, unix_now()).await?;
+        if !done.gateways.is_empty() {
+            self.rotation.set_urls(done.gateways, fastrand::u64(..));
         }
-        let (touched, came_back, cache) = {
-            let mut inner = self.shared.lock();
-            let applied = inner.set.apply(&update, now);
-            for (what, why) in &applied.rejected {
-                tracing::warn!(component = "gateway-client", gateway = %url, item = %what, reason = %why, "gateway update item rejected");
-            }
-            match update.kind {
-                UpdateKind::Snapshot => inner.snapshots += 1,
-                UpdateKind::Delta => inner.deltas += 1,
-            }
-            let came_back = inner.mode != Mode::Live;
-            if came_back {
-                inner.mode = Mode::Live;
-                inner.since = now;
-                inner.problems.clear();
-            }
-            let left_out = left_out(url, &applied.rejected);
-            let cursor = keep_cursor(&update, &applied.rejected);
-            let moved = inner.cursor != cursor;
-            inner.cursor = cursor;
-            if update.kind == UpdateKind::Snapshot || !left_out.is_empty() {
-                inner.problems = left_out;
-            }
-            inner.answered_at = Some(now);
-            inner.url = Some(url.to_string());
-            let cache = cursor
-                .filter(|_| moved || came_back)
-                .map(|cursor| inner.set.to_cache(cursor, now));
-            (applied.touched(), came_back, cache)
-        };
-        if came_back {
+        if done.came_back {
             tracing::info!(component = "gateway-client", gateway = %url, "gateway answered; peer set live");
             // A restarted gateway or a new session has no advert of ours.
             self.adverts.forget();
         }
-        if let Some(cache) = cache {
+        if let Some(cache) = done.cache {
             let path = self.cache.clone();
             let saved = tokio::task::spawn_blocking(move || save_json(&path, &cache)).await;
             if let Ok(Err(error)) = saved {
                 tracing::warn!(component = "gateway-client", %error, "cannot write the peer cache");
             }
         }
-        if touched || came_back {
+        if done.touched || done.came_back {
             self.recheck.request("gateway peer set changed");
         }
+        Ok(())
     }
 
     fn failed(&mut self, url: &str, error: &CallError) {

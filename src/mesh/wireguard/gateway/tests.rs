@@ -466,6 +466,97 @@ async fn a_node_restarted_with_its_clock_stepped_back_still_gets_its_services_ad
     assert!(gw.seen.lock().unwrap().adverts.iter().all(|a| a.seq > last));
 }
 
+/// A runtime with one thread, like the daemon's.
+#[tokio::test(flavor = "current_thread")]
+async fn status_keeps_answering_while_a_large_snapshot_is_verified() {
+    use std::io::Write as _;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let cluster = cluster();
+    let mut snapshot = cluster.snapshot(1, &[]);
+    for i in 0..5_000u16 {
+        let mut key = [7u8; 32];
+        key[..2].copy_from_slice(&i.to_be_bytes());
+        snapshot.records.push(
+            coord::sign_record(
+                RecordFields {
+                    node_id: NodeId(1_000 + u64::from(i)),
+                    name: format!("node-{i}"),
+                    wg_key: PeerKey(key),
+                    addresses: vec![
+                        format!("10.100.{}.{}", i / 250 + 1, i % 250 + 1)
+                            .parse()
+                            .unwrap(),
+                    ],
+                    roles: vec![Role::Node],
+                    serial: 1,
+                    not_after: cluster.not_after,
+                },
+                &cluster.signer_pkcs8,
+            )
+            .unwrap(),
+        );
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&serde_json::to_vec(&snapshot).unwrap())
+        .unwrap();
+    let raw = Raw {
+        bytes: Bytes::from(gz.finish().unwrap()),
+        gzip: true,
+    };
+    let shared = Arc::new(Shared {
+        inner: Mutex::new(Inner {
+            set: PeerSet::new(cluster.root),
+            own: NodeId(3),
+            mode: Mode::Joining,
+            since: unix_now(),
+            cursor: None,
+            answered_at: None,
+            url: None,
+            snapshots: 0,
+            deltas: 0,
+            grace_s: 0,
+            problems: Vec::new(),
+            services: Vec::new(),
+            gpus: None,
+        }),
+        advert_changed: tokio::sync::Notify::new(),
+    });
+
+    // Another task on the same thread (the supervisor, the status API) ticks every millisecond
+    // and notes its longest wait.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ticker = tokio::spawn({
+        let stop = Arc::clone(&stop);
+        async move {
+            let mut longest = Duration::ZERO;
+            let mut last = std::time::Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                longest = longest.max(last.elapsed());
+                last = std::time::Instant::now();
+            }
+            longest
+        }
+    });
+    tokio::task::yield_now().await;
+    let started = std::time::Instant::now();
+    let done = apply_answer(&shared, "https://203.0.113.1:443", raw, unix_now())
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let longest = ticker.await.unwrap();
+
+    assert!(done.touched && done.came_back && done.cache.is_some());
+    assert_eq!(shared.peers(unix_now()).len(), 5_000);
+    assert_eq!(shared.mode(), Mode::Live);
+    assert!(
+        longest * 4 < took,
+        "the other task waited {longest:?} while the snapshot took {took:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_restarted_node_runs_on_its_cached_peers_while_no_gateway_answers() {
     let cluster = cluster();
