@@ -303,7 +303,11 @@ fn refusal(url: &str, status: StatusCode, retry_after: Option<Duration>, body: &
         Some(e) => (e.error, e.retry),
         None => (
             status.canonical_reason().unwrap_or("error").to_string(),
-            status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS,
+            // Not the gateway's own answer (a proxy's, say): only a timeout or overload
+            // there is worth another try.
+            status.is_server_error()
+                || status == StatusCode::TOO_MANY_REQUESTS
+                || status == StatusCode::REQUEST_TIMEOUT,
         ),
     };
     CallError {
@@ -336,6 +340,32 @@ mod tests {
     use std::io::Write as _;
 
     use super::*;
+
+    #[test]
+    fn a_join_timed_out_by_a_proxy_is_retried_and_a_refused_token_needs_the_operator() {
+        let url = "https://203.0.113.1:443";
+        let timed_out = refusal(url, StatusCode::REQUEST_TIMEOUT, None, b"<html>408</html>");
+        assert_eq!(timed_out.retry, Retry::Transient, "{timed_out}");
+        let overloaded = refusal(url, StatusCode::BAD_GATEWAY, None, b"");
+        assert_eq!(overloaded.retry, Retry::Transient, "{overloaded}");
+
+        let used = refusal(
+            url,
+            StatusCode::FORBIDDEN,
+            None,
+            br#"{"error":"token already used","retry":false}"#,
+        );
+        assert_eq!(used.retry, Retry::NeedsOperator);
+        assert!(used.message.contains("token already used"), "{used}");
+        let name = refusal(
+            url,
+            StatusCode::CONFLICT,
+            None,
+            br#"{"error":"name gpu-03 is in use by n4: revoke it first or pick another name","retry":false}"#,
+        );
+        assert_eq!(name.retry, Retry::NeedsOperator);
+        assert!(name.message.contains("revoke it first"), "{name}");
+    }
 
     #[test]
     fn a_gzip_answer_that_inflates_past_the_cap_is_refused() {

@@ -87,10 +87,18 @@ struct Seen {
     polls: usize,
     /// Polls without a cursor (each answered with a snapshot).
     fresh_polls: usize,
+    /// How the next joins are answered (then 200 with the session).
+    join_plan: std::collections::VecDeque<JoinAnswer>,
     adverts: Vec<Advert>,
     /// The highest advert seq held: lower ones are refused with the real gateway's 409.
     advert_last: u64,
     bodies: Vec<Vec<u8>>,
+}
+
+enum JoinAnswer {
+    /// The connection closes before the answer.
+    Lost,
+    Refuse(StatusCode, &'static str),
 }
 
 struct Gateway {
@@ -159,8 +167,26 @@ async fn gateway(cluster: &Cluster, update: Update) -> Gateway {
                             let body = req.into_body().collect().await.unwrap().to_bytes();
                             seen.lock().unwrap().bodies.push(body.to_vec());
                             let (status, json) = if path == "/v1/join" {
-                                seen.lock().unwrap().joins += 1;
-                                (StatusCode::OK, serde_json::to_vec(&joined).unwrap())
+                                let plan = {
+                                    let mut seen = seen.lock().unwrap();
+                                    seen.joins += 1;
+                                    seen.join_plan.pop_front()
+                                };
+                                match plan {
+                                    // The join is done, but the answer never arrives.
+                                    Some(JoinAnswer::Lost) => {
+                                        return Err(std::io::Error::other("answer lost"));
+                                    }
+                                    Some(JoinAnswer::Refuse(status, error)) => (
+                                        status,
+                                        serde_json::to_vec(&coord::ErrorBody {
+                                            error: error.to_string(),
+                                            retry: false,
+                                        })
+                                        .unwrap(),
+                                    ),
+                                    None => (StatusCode::OK, serde_json::to_vec(&joined).unwrap()),
+                                }
                             } else if path == "/v1/peers" {
                                 seen.lock().unwrap().polls += 1;
                                 let current = update.lock().unwrap().clone();
@@ -201,7 +227,7 @@ async fn gateway(cluster: &Cluster, update: Update) -> Gateway {
                                     b"{\"error\":\"no such endpoint\",\"retry\":false}".to_vec(),
                                 )
                             };
-                            Ok::<_, std::convert::Infallible>(
+                            Ok::<_, std::io::Error>(
                                 Response::builder()
                                     .status(status)
                                     .body(Full::new(Bytes::from(json)))
@@ -554,6 +580,79 @@ async fn status_keeps_answering_while_a_large_snapshot_is_verified() {
     assert!(
         longest * 4 < took,
         "the other task waited {longest:?} while the snapshot took {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_join_whose_answer_was_lost_is_retried_with_the_same_token_and_a_refusal_needs_the_operator()
+ {
+    let cluster = cluster();
+    let gw = gateway(&cluster, cluster.snapshot(1, &[1, 2, 3])).await;
+    gw.seen
+        .lock()
+        .unwrap()
+        .join_plan
+        .push_back(JoinAnswer::Lost);
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token(&cluster, &gw.url)).unwrap();
+    let (recheck, _rechecks) = Recheck::channel();
+    let config = config(dir.path(), &token_file);
+
+    // The answer is lost: worth retrying, and no session is kept.
+    let lost = Coordinator::start(&config, &me(), recheck.clone(), no_gpus())
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(lost.retry(), Retry::Transient, "{lost}");
+    assert!(load_session(dir.path()).unwrap().is_none());
+
+    // The retry (the supervisor's) sends the same token, name and key, and joins.
+    let node = Coordinator::start(&config, &me(), recheck.clone(), no_gpus())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(node.session.node_id, NodeId(3));
+    let joins: Vec<JoinRequest> = gw
+        .seen
+        .lock()
+        .unwrap()
+        .bodies
+        .iter()
+        .filter_map(|b| serde_json::from_slice(b).ok())
+        .collect();
+    assert_eq!(joins.len(), 2);
+    assert_eq!(joins[0].token_id, joins[1].token_id);
+    assert_eq!(joins[0].token_secret, joins[1].token_secret);
+    assert_eq!(
+        (&joins[0].name, joins[0].wg_key),
+        (&joins[1].name, joins[1].wg_key)
+    );
+    drop(node);
+
+    // A refusal is for the operator, with the gateway's reason.
+    let other = tempfile::tempdir().unwrap();
+    gw.seen
+        .lock()
+        .unwrap()
+        .join_plan
+        .push_back(JoinAnswer::Refuse(
+            StatusCode::FORBIDDEN,
+            "token already used",
+        ));
+    let refused = Coordinator::start(
+        &super::tests::config(other.path(), &token_file),
+        &me(),
+        recheck,
+        no_gpus(),
+    )
+    .await
+    .map(|_| ())
+    .unwrap_err();
+    assert_eq!(refused.retry(), Retry::NeedsOperator, "{refused}");
+    assert!(
+        refused.to_string().contains("token already used"),
+        "{refused}"
     );
 }
 
