@@ -378,11 +378,7 @@ async fn handle_join<S: Store>(
                     super::store::JoinError::UnknownToken
                     | super::store::JoinError::TokenUsed
                     | super::store::JoinError::TokenExpired => 403,
-                    super::store::JoinError::PoolExhausted(_)
-                    | super::store::JoinError::NameTaken(_)
-                    | super::store::JoinError::AddressTaken(_)
-                    | super::store::JoinError::Sign(_)
-                    | super::store::JoinError::Store(_) => 409,
+                    _ => 409,
                 }
             };
             return error_response(status, &error.to_string(), retry);

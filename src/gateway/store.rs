@@ -103,6 +103,8 @@ pub enum JoinError {
         "the name {0} belongs to another node (another WireGuard key): revoke it first (`clawnode gateway revoke {0}`) or choose another [node] name"
     )]
     NameTaken(String),
+    #[error("name {name} is in use by {node}: revoke it first or pick another name")]
+    NameInUse { name: String, node: NodeId },
     #[error("the requested address {0} is taken by another node or outside the pool")]
     AddressTaken(IpAddr),
     #[error("could not sign the record: {0}")]
@@ -121,6 +123,7 @@ impl JoinError {
             | JoinError::TokenExpired
             | JoinError::PoolExhausted(_)
             | JoinError::NameTaken(_)
+            | JoinError::NameInUse { .. }
             | JoinError::AddressTaken(_)
             | JoinError::Sign(_) => false,
         }

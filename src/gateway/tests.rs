@@ -241,6 +241,65 @@ fn a_rejoin_with_the_same_name_and_key_keeps_the_node_and_another_key_is_refused
     ));
 }
 
+#[test]
+fn a_token_join_with_the_name_and_key_of_a_live_node_is_refused_and_its_session_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let first = token(&store, "00000000000000d1", 1, NOW + 3600);
+    let joined = store
+        .join_blocking(txn(Some(("00000000000000d1", &first)), "gpu-1", 1, NOW))
+        .unwrap();
+    // Anyone with another token and the node's public name and key.
+    let other = token(&store, "00000000000000d2", 1, NOW + 3600);
+    let mut takeover = txn(Some(("00000000000000d2", &other)), "gpu-1", 1, NOW);
+    takeover.session_hash = [0xee; 32];
+    let refused = store.join_blocking(takeover).unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        format!(
+            "name gpu-1 is in use by {}: revoke it first or pick another name",
+            joined.record.node_id
+        )
+    );
+    assert!(!refused.retry());
+    assert_eq!(
+        store.sessions_blocking().unwrap(),
+        vec![(joined.record.node_id, [1; 32])],
+        "the node keeps its session"
+    );
+}
+
+#[test]
+fn a_join_retried_after_a_lost_answer_gets_the_same_node_and_a_fresh_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let once = token(&store, "00000000000000d3", 1, NOW + 3600);
+    let first = store
+        .join_blocking(txn(Some(("00000000000000d3", &once)), "gpu-1", 1, NOW))
+        .unwrap();
+    let mut retry = txn(Some(("00000000000000d3", &once)), "gpu-1", 1, NOW + 5);
+    retry.session_hash = [0x77; 32];
+    let again = store.join_blocking(retry).unwrap();
+    assert_eq!(again.record.node_id, first.record.node_id);
+    assert_eq!(again.record.addresses, first.record.addresses);
+    assert_eq!(
+        store.sessions_blocking().unwrap(),
+        vec![(first.record.node_id, [0x77; 32])]
+    );
+    // The same token with another key, or a forged secret, is no retry.
+    let mut other_key = txn(Some(("00000000000000d3", &once)), "gpu-1", 2, NOW + 5);
+    other_key.sign = sign("gpu-1", key(2));
+    assert!(matches!(
+        store.join_blocking(other_key),
+        Err(JoinError::NameInUse { .. })
+    ));
+    let forged = Secret32([9; 32]);
+    assert!(matches!(
+        store.join_blocking(txn(Some(("00000000000000d3", &forged)), "gpu-1", 1, NOW)),
+        Err(JoinError::UnknownToken)
+    ));
+}
+
 // ---- view ----
 
 fn record(node: u64, n: u32) -> coord::NodeRecord {
