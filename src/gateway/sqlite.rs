@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     join_token TEXT
 );
 CREATE INDEX IF NOT EXISTS nodes_name ON nodes (name);
+CREATE INDEX IF NOT EXISTS nodes_key ON nodes (wg_key);
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY,
     hash BLOB NOT NULL,
@@ -536,6 +537,21 @@ fn same_hash(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Whether `address` is one `allocate` could hand out from `pool`: inside it, and not its
+/// network or (IPv4) broadcast address unless the pool is a point-to-point /31 or /127.
+fn assignable(pool: ipnet::IpNet, address: IpAddr) -> bool {
+    if !pool.contains(&address) {
+        return false;
+    }
+    match pool {
+        ipnet::IpNet::V4(net) => {
+            net.prefix_len() >= 31
+                || (address != IpAddr::V4(net.network()) && address != IpAddr::V4(net.broadcast()))
+        }
+        ipnet::IpNet::V6(net) => net.prefix_len() >= 127 || address != IpAddr::V6(net.network()),
+    }
+}
+
 fn join_in(conn: &mut Connection, taken: &mut Taken, txn: JoinTxn) -> Result<Joined, JoinError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -616,6 +632,24 @@ fn join_in(conn: &mut Connection, taken: &mut Taken, txn: JoinTxn) -> Result<Joi
         )
         .map_err(db_err)?;
     }
+    // One key, one node, for ever: a revoked node must not come back with a new token, and
+    // two nodes with one key would steal each other's WireGuard traffic.
+    let owner: Option<(i64, bool)> = tx
+        .query_row(
+            "SELECT node_id, revoked FROM nodes WHERE wg_key = ?1 ORDER BY node_id DESC LIMIT 1",
+            params![txn.wg_key],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(db_err)?;
+    if let Some((id, revoked)) = owner {
+        let node = NodeId(id as u64);
+        return Err(if revoked {
+            JoinError::KeyRevoked(node)
+        } else {
+            JoinError::KeyInUse(node)
+        });
+    }
     // Inside the write transaction: every row another process committed is visible.
     let new_rows = {
         let mut stmt = tx
@@ -637,7 +671,13 @@ fn join_in(conn: &mut Connection, taken: &mut Taken, txn: JoinTxn) -> Result<Joi
     let taken = &taken.addresses;
     let address = match txn.requested_address {
         Some(wanted) => {
-            if taken.contains(&wanted) || !txn.pool.contains(&wanted) {
+            if !assignable(txn.pool, wanted) || txn.reserved.contains(&wanted) {
+                return Err(JoinError::AddressUnusable {
+                    address: wanted,
+                    pool: txn.pool,
+                });
+            }
+            if taken.contains(&wanted) {
                 return Err(JoinError::AddressTaken(wanted));
             }
             wanted

@@ -300,6 +300,74 @@ fn a_join_retried_after_a_lost_answer_gets_the_same_node_and_a_fresh_session() {
     ));
 }
 
+#[test]
+fn a_revoked_nodes_key_cannot_join_again_and_is_told_to_make_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let first = token(&store, "00000000000000e1", 1, NOW + 3600);
+    let joined = store
+        .join_blocking(txn(Some(("00000000000000e1", &first)), "gpu-1", 1, NOW))
+        .unwrap();
+    let node = joined.record.node_id;
+    // Another name with the live node's key.
+    let second = token(&store, "00000000000000e2", 5, NOW + 3600);
+    let mut twin = txn(Some(("00000000000000e2", &second)), "gpu-2", 1, NOW);
+    twin.sign = sign("gpu-2", key(1));
+    let refused = store.join_blocking(twin).unwrap_err();
+    assert!(
+        matches!(refused, JoinError::KeyInUse(n) if n == node),
+        "{refused}"
+    );
+
+    let revocation = coord::sign_revocation(node, u64::MAX, &signer_pkcs8()).unwrap();
+    store.revoke_blocking(revocation).unwrap();
+    let back = store
+        .join_blocking(txn(Some(("00000000000000e2", &second)), "gpu-1", 1, NOW))
+        .unwrap_err();
+    let text = back.to_string();
+    assert!(text.contains(&format!("revoked node {node}")), "{text}");
+    assert!(text.contains("remove <state_dir>/wireguard.key"), "{text}");
+    assert!(!back.retry());
+    // A new key joins under the same name.
+    let mut fresh = txn(Some(("00000000000000e2", &second)), "gpu-1", 2, NOW);
+    fresh.sign = sign("gpu-1", key(2));
+    assert_ne!(store.join_blocking(fresh).unwrap().record.node_id, node);
+}
+
+#[test]
+fn a_requested_address_outside_the_free_part_of_the_pool_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let secret = token(&store, "00000000000000e3", 10, NOW + 3600);
+    let claim = Some(("00000000000000e3", &secret));
+    let first = store.join_blocking(txn(claim, "a", 1, NOW)).unwrap();
+    let taken = first.record.addresses[0];
+    for (n, wanted) in ["10.100.0.0", "10.100.255.255", "10.100.0.1", "10.200.0.5"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut join = txn(claim, &format!("b{n}"), 10 + n as u32, NOW);
+        join.requested_address = Some(wanted.parse().unwrap());
+        let refused = store.join_blocking(join).unwrap_err();
+        assert!(
+            matches!(refused, JoinError::AddressUnusable { .. }),
+            "{wanted}: {refused}"
+        );
+    }
+    let mut join = txn(claim, "c", 20, NOW);
+    join.requested_address = Some(taken);
+    assert!(matches!(
+        store.join_blocking(join),
+        Err(JoinError::AddressTaken(_))
+    ));
+    let mut join = txn(claim, "d", 21, NOW);
+    join.requested_address = Some("10.100.0.9".parse().unwrap());
+    assert_eq!(
+        store.join_blocking(join).unwrap().record.addresses,
+        vec!["10.100.0.9".parse::<IpAddr>().unwrap()]
+    );
+}
+
 // ---- view ----
 
 fn record(node: u64, n: u32) -> coord::NodeRecord {
