@@ -313,6 +313,7 @@ fn send_update(view: &View, encoded: &Encoded, gzip: bool) -> Response<Full<Byte
 /// (`0.0.0.0:51820`) means "the address you see me from, this port". When the node's own
 /// addresses do not include the TCP source address (it is behind NAT), that address is added
 /// last, with the port of its first endpoint (NATs that keep the port make it reachable).
+/// Otherwise the node's own order, its preference, is kept.
 pub fn fill_source(endpoints: &mut Vec<SocketAddr>, source: IpAddr) {
     let source = match source {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
@@ -331,8 +332,10 @@ pub fn fill_source(endpoints: &mut Vec<SocketAddr>, source: IpAddr) {
     {
         endpoints.push(SocketAddr::new(source, first.port()));
     }
-    endpoints.sort_by_key(|e| e.ip() == source);
-    endpoints.dedup();
+    // The node's order is its preference: keep it, dropping repeats (a filled-in wildcard
+    // may repeat an address it also listed).
+    let mut kept = std::collections::HashSet::new();
+    endpoints.retain(|e| kept.insert(*e));
 }
 
 pub fn status_json(view: &View) -> Vec<u8> {

@@ -965,6 +965,34 @@ fn the_address_the_gateway_sees_fills_an_unspecified_endpoint_and_is_added_behin
 }
 
 #[test]
+fn a_directly_reachable_node_keeps_its_preferred_endpoint_first() {
+    let source: IpAddr = "198.51.100.9".parse().unwrap();
+    let listed: Vec<SocketAddr> = vec![
+        "198.51.100.9:51820".parse().unwrap(),
+        "192.168.1.5:51820".parse().unwrap(),
+        "[2001:db8::5]:51820".parse().unwrap(),
+    ];
+    let mut direct = listed.clone();
+    super::server::fill_source(&mut direct, source);
+    assert_eq!(direct, listed, "the node's order, unchanged");
+
+    let mut behind_nat: Vec<SocketAddr> = vec![
+        "192.168.1.5:51821".parse().unwrap(),
+        "10.0.0.5:51820".parse().unwrap(),
+    ];
+    super::server::fill_source(&mut behind_nat, "203.0.113.7".parse().unwrap());
+    assert_eq!(
+        behind_nat,
+        vec![
+            "192.168.1.5:51821".parse::<SocketAddr>().unwrap(),
+            "10.0.0.5:51820".parse().unwrap(),
+            "203.0.113.7:51821".parse().unwrap(),
+        ],
+        "only the address the gateway added goes last"
+    );
+}
+
+#[test]
 fn an_enabled_gateway_advertises_the_gateway_service_even_when_not_declared() {
     let text = "[node]\nname = \"gw\"\n[network]\nprovider = \"wireguard\"\n[network.wireguard]\naddress = \"10.100.0.1/16\"\n[gateway]\nenabled = true\nlisten = \"0.0.0.0:9443\"\n";
     let config =
