@@ -32,6 +32,9 @@ pub const OVERFLOW: usize = 1024;
 const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request head (including the next one on a kept-alive connection) must come within this.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// A request body must arrive within this of its head: a stalled one would hold a connection
+/// slot until `CONN_LIFETIME`.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection is closed gracefully after this long, so none is held for ever.
 const CONN_LIFETIME: Duration = Duration::from_secs(15 * 60);
 
@@ -171,10 +174,26 @@ async fn handle<S: Store>(
     req: HttpRequest<Incoming>,
 ) -> Response<Full<Bytes>> {
     let (head, body) = req.into_parts();
-    let body = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(_) => return error_response(413, "request body over 64 KiB", false),
-    };
+    let body =
+        match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(_)) => return error_response(413, "request body over 64 KiB", false),
+            Err(_) => {
+                let mut response = error_response(
+                    408,
+                    &format!(
+                        "request body not received within {} s",
+                        BODY_TIMEOUT.as_secs()
+                    ),
+                    true,
+                );
+                // The rest of the body may still come: close rather than read it as the next head.
+                response
+                    .headers_mut()
+                    .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+                return response;
+            }
+        };
     let target = head
         .uri
         .path_and_query()

@@ -547,8 +547,8 @@ async fn harness(max_sessions: usize) -> Harness {
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 impl Harness {
-    /// A TLS connection that trusts only the cluster CA.
-    async fn connect(&self) -> Sender {
+    /// A TLS stream that trusts only the cluster CA.
+    async fn tls(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(rustls::pki_types::CertificateDer::from(self.ca_der.clone()))
@@ -563,7 +563,12 @@ impl Harness {
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let tcp = TcpStream::connect(self.addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-        let tls = connector.connect(name, tcp).await.unwrap();
+        connector.connect(name, tcp).await.unwrap()
+    }
+
+    /// An HTTP/1.1 connection over [`Harness::tls`].
+    async fn connect(&self) -> Sender {
+        let tls = self.tls().await;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .unwrap();
@@ -652,6 +657,37 @@ async fn a_node_joins_over_tls_and_a_reused_or_expired_token_is_refused_clearly(
     let (status, body) = h.join(expired_id, &expired, "gpu-3", 3).await;
     assert_eq!(status, 403);
     assert_eq!(error_of(&body).error, "token expired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_body_is_answered_408_and_its_connection_slot_freed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = harness(1).await;
+    let mut stalled = h.tls().await;
+    stalled
+        .write_all(
+            b"POST /v1/join HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+    stalled.flush().await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        super::server::BODY_TIMEOUT + Duration::from_secs(5),
+        stalled.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(read.is_ok(), "the stalled connection was still open");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"retry\":true"), "{answer}");
+    // The one slot is free again: a later request is served, not told 503.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while h.view.role_doc().connections > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, _, _) = h.call("GET", "/v1/status", None, Vec::new()).await;
+    assert_eq!(status, 401, "served (no session), not refused busy");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
