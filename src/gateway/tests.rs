@@ -484,6 +484,66 @@ async fn a_delta_is_encoded_once_for_every_session_waiting_on_it() {
     assert_eq!(after - before, 1, "encoded once");
 }
 
+#[test]
+fn polling_two_thousand_old_cursors_keeps_the_delta_cache_under_its_cap() {
+    let view = View::new(STORE_ID, vec!["https://127.0.0.1:1".into()]);
+    view.reset(0, Default::default(), Vec::new());
+    // 2,100 adverts over 50 nodes, ~400 bytes each: a delta from an old cursor is ~20 KiB.
+    let changes: Vec<_> = (1..=2_100u64)
+        .map(|rev| {
+            let node = rev % 50 + 1;
+            let advert = coord::Advert {
+                node_id: NodeId(node),
+                seq: rev,
+                endpoints: (0..8)
+                    .map(|i| SocketAddr::from(([198, 51, 100, i], 51_820 + node as u16)))
+                    .collect(),
+                services: (0..6)
+                    .map(|i| coord::AdvertService {
+                        name: format!("service-{i}"),
+                        port: 8000 + i,
+                    })
+                    .collect(),
+                gpus: None,
+            };
+            (rev, Change::Advert(advert))
+        })
+        .collect();
+    view.apply(changes);
+    let mut biggest = 0;
+    for rev in 0..2_000 {
+        let answer = view
+            .answer(Some(Cursor {
+                store_id: STORE_ID,
+                rev,
+            }))
+            .unwrap();
+        assert_eq!(answer.kind, UpdateKind::Delta);
+        biggest = biggest.max(view.delta_cache_bytes());
+    }
+    assert!(
+        biggest <= view::DELTA_CACHE_MAX,
+        "the cache reached {biggest} bytes"
+    );
+    let last = view
+        .answer(Some(Cursor {
+            store_id: STORE_ID,
+            rev: 1_999,
+        }))
+        .unwrap();
+    assert_eq!(decode(&last.json).adverts.len(), 50);
+    let again = view
+        .answer(Some(Cursor {
+            store_id: STORE_ID,
+            rev: 1_999,
+        }))
+        .unwrap();
+    assert!(
+        Arc::ptr_eq(&last, &again),
+        "a recent cursor is still shared"
+    );
+}
+
 // ---- handlers over TLS ----
 
 struct Harness {
