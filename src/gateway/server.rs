@@ -210,6 +210,7 @@ async fn handle<S: Store>(
             .get(hyper::header::ACCEPT_ENCODING)
             .map(HeaderValue::as_bytes),
         body: &body,
+        source: peer.ip(),
     });
     let request = match parsed {
         Ok(request) => request,
@@ -229,14 +230,10 @@ async fn handle<S: Store>(
             let encoded = poll(&gateway.view, cursor, wait).await;
             send_update(&gateway.view, &encoded, gzip)
         }
-        Request::PutSelf {
-            session,
-            mut advert,
-        } => {
+        Request::PutSelf { session, advert } => {
             if let Err(refusal) = authorised(&gateway.view, &session) {
                 return refusal_response(&refusal);
             }
-            fill_source(&mut advert.endpoints, peer.ip());
             match gateway.store.put_advert(advert).await {
                 Ok(_) => {
                     let mut response = Response::new(Full::new(Bytes::new()));

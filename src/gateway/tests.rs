@@ -866,6 +866,30 @@ async fn an_advert_with_a_stale_seq_is_refused_and_services_are_answered_from_th
     assert_eq!(found[0].node, "gpu-1");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_advert_of_0_0_0_0_is_accepted_and_filled_with_the_address_the_gateway_sees() {
+    let h = harness(64).await;
+    let secret = token(&h.store, TOKEN_ID, 1, super::unix_now() + 3600);
+    let (_, body) = h.join(TOKEN_ID, &secret, "gpu-1", 1).await;
+    let joined: JoinResponse = serde_json::from_slice(&body).unwrap();
+    let bearer = joined.session.bearer().to_string();
+    let advert = serde_json::to_vec(&serde_json::json!({
+        "node_id": joined.node_id.to_string(),
+        "seq": 5,
+        "endpoints": ["0.0.0.0:51999"],
+        "services": [],
+        "gpus": null,
+    }))
+    .unwrap();
+    let (status, _, body) = h.call("PUT", "/v1/self", Some(&bearer), advert).await;
+    assert_eq!(status, 204, "{}", String::from_utf8_lossy(&body));
+    let row = h.store.find_node("gpu-1").unwrap().unwrap();
+    assert_eq!(
+        row.endpoints,
+        vec!["127.0.0.1:51999".parse::<SocketAddr>().unwrap()]
+    );
+}
+
 #[test]
 fn token_ids_in_the_store_are_the_text_nodes_send() {
     let id = TokenId([0, 0, 0, 0, 0, 0, 0, 0xa1]);
