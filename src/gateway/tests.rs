@@ -588,7 +588,8 @@ async fn harness(max_sessions: usize) -> Harness {
         max_sessions,
     });
     let ca_der = tls::pem_to_der(&tls::ca_pem(&root_pkcs8()).unwrap()).unwrap();
-    let (leaf, leaf_key) = tls::issue_leaf(&root_pkcs8(), &["127.0.0.1".to_owned()]).unwrap();
+    let (leaf, leaf_key) =
+        tls::issue_leaf(&root_pkcs8(), &["127.0.0.1".to_owned()], super::unix_now()).unwrap();
     let config = tls::server_config(leaf, leaf_key, ca_der.clone()).unwrap();
     let tasks = vec![
         tokio::spawn(view::feed(Arc::clone(&store), Arc::clone(&view))),
@@ -888,6 +889,46 @@ async fn an_advert_of_0_0_0_0_is_accepted_and_filled_with_the_address_the_gatewa
         row.endpoints,
         vec!["127.0.0.1:51999".parse::<SocketAddr>().unwrap()]
     );
+}
+
+#[test]
+fn the_gateways_tls_certificate_is_valid_for_a_year_from_a_day_back() {
+    let (leaf, _) = tls::issue_leaf(&root_pkcs8(), &["127.0.0.1".to_owned()], NOW).unwrap();
+    let end = tls::not_after(&leaf).expect("notAfter parses");
+    assert!(
+        (NOW + 364 * 86_400..=NOW + 365 * 86_400).contains(&end),
+        "expires {} days after issue",
+        (end as i64 - NOW as i64) / 86_400
+    );
+    // It verifies under the CA (the chain a joining node checks) a day back and a year on.
+    let ca = tls::pem_to_der(&tls::ca_pem(&root_pkcs8()).unwrap()).unwrap();
+    use rustls::client::danger::ServerCertVerifier as _;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(ca))
+        .unwrap();
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap();
+    let leaf = rustls::pki_types::CertificateDer::from(leaf);
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let at = |unix: u64| {
+        verifier
+            .verify_server_cert(
+                &leaf,
+                &[],
+                &name,
+                &[],
+                rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(unix)),
+            )
+            .is_ok()
+    };
+    assert!(at(NOW - 3_600), "valid an hour before issue");
+    assert!(at(NOW + 300 * 86_400));
+    assert!(!at(NOW + 400 * 86_400), "expired after a year");
 }
 
 #[test]
