@@ -552,7 +552,49 @@ fn assignable(pool: ipnet::IpNet, address: IpAddr) -> bool {
     }
 }
 
+/// The token checks a join can fail without the write lock: anyone can send a join, and an
+/// unknown, forged, expired or spent token must not queue behind (or hold up) real writes.
+/// Passing is re-checked inside the write transaction.
+fn precheck_token(conn: &Connection, txn: &JoinTxn) -> Result<(), JoinError> {
+    let Some(claim) = &txn.token else {
+        return Ok(());
+    };
+    let row: Option<(Vec<u8>, i64, i64)> = conn
+        .query_row(
+            "SELECT hash, expires_at, uses_left FROM tokens WHERE id = ?1",
+            params![claim.id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+        .map_err(db_err)?;
+    let Some((hash, expires_at, uses_left)) = row else {
+        return Err(JoinError::UnknownToken);
+    };
+    if !same_hash(&hash, &claim.hash) {
+        return Err(JoinError::UnknownToken);
+    }
+    if txn.now > expires_at as u64 {
+        return Err(JoinError::TokenExpired);
+    }
+    if uses_left <= 0 {
+        // Spent, unless this is a retry of the join that spent it.
+        let retry = conn
+            .query_row(
+                "SELECT 1 FROM nodes WHERE name = ?1 AND wg_key = ?2 AND join_token = ?3 AND revoked = 0",
+                params![txn.name, txn.wg_key, claim.id],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_err(db_err)?;
+        if retry.is_none() {
+            return Err(JoinError::TokenUsed);
+        }
+    }
+    Ok(())
+}
+
 fn join_in(conn: &mut Connection, taken: &mut Taken, txn: JoinTxn) -> Result<Joined, JoinError> {
+    precheck_token(conn, &txn)?;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(db_err)?;

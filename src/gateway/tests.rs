@@ -165,6 +165,39 @@ fn a_token_is_single_use_expires_and_must_match_its_secret() {
 }
 
 #[test]
+fn a_join_with_a_bad_token_is_refused_at_once_while_another_process_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let used = token(&store, "00000000000000f1", 1, NOW + 3600);
+    store
+        .join_blocking(txn(Some(("00000000000000f1", &used)), "a", 1, NOW))
+        .unwrap();
+    let expired = token(&store, "00000000000000f2", 1, NOW - 1);
+    // Another process (`clawnode gateway revoke`, say) holds the write lock.
+    let other = rusqlite::Connection::open(dir.path().join("store.sqlite")).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let forged = Secret32([9; 32]);
+    let started = std::time::Instant::now();
+    for (claim, n, want) in [
+        (("00000000000000f9", &forged), 2, "unknown token"),
+        (("00000000000000f1", &forged), 3, "unknown token"),
+        (("00000000000000f2", &expired), 4, "token expired"),
+        (("00000000000000f1", &used), 5, "token already used"),
+    ] {
+        let refused = store
+            .join_blocking(txn(Some(claim), &format!("x{n}"), n, NOW))
+            .unwrap_err();
+        assert_eq!(refused.to_string(), want);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused without waiting for the write lock ({:?})",
+        started.elapsed()
+    );
+    other.execute_batch("ROLLBACK").unwrap();
+}
+
+#[test]
 fn the_store_keeps_only_the_token_hash_never_the_secret() {
     let dir = tempfile::tempdir().unwrap();
     let store = new_store(&dir);
@@ -288,6 +321,14 @@ fn a_join_retried_after_a_lost_answer_gets_the_same_node_and_a_fresh_session() {
     );
     // The same token with another key, or a forged secret, is no retry.
     let mut other_key = txn(Some(("00000000000000d3", &once)), "gpu-1", 2, NOW + 5);
+    other_key.sign = sign("gpu-1", key(2));
+    assert!(matches!(
+        store.join_blocking(other_key),
+        Err(JoinError::TokenUsed)
+    ));
+    // With uses left, the name is what refuses it.
+    let many = token(&store, "00000000000000d4", 5, NOW + 3600);
+    let mut other_key = txn(Some(("00000000000000d4", &many)), "gpu-1", 2, NOW + 5);
     other_key.sign = sign("gpu-1", key(2));
     assert!(matches!(
         store.join_blocking(other_key),
