@@ -397,7 +397,15 @@ async fn handle_join<S: Store>(
                     super::store::JoinError::UnknownToken
                     | super::store::JoinError::TokenUsed
                     | super::store::JoinError::TokenExpired => 403,
-                    _ => 409,
+                    super::store::JoinError::PoolExhausted(_)
+                    | super::store::JoinError::NameTaken(_)
+                    | super::store::JoinError::NameInUse { .. }
+                    | super::store::JoinError::AddressTaken(_)
+                    | super::store::JoinError::AddressUnusable { .. }
+                    | super::store::JoinError::KeyRevoked(_)
+                    | super::store::JoinError::KeyInUse(_)
+                    | super::store::JoinError::Sign(_)
+                    | super::store::JoinError::Store(_) => 409,
                 }
             };
             return error_response(status, &error.to_string(), retry);
