@@ -126,7 +126,17 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA).map_err(db_err)?;
         // Stores made before nodes remembered their token: add the column (another process
         // opening at the same time may have just added it).
-        if let Err(error) = conn.execute_batch("ALTER TABLE nodes ADD COLUMN join_token TEXT")
+        let has_column = conn
+            .query_row(
+                "SELECT 1 FROM pragma_table_info('nodes') WHERE name = 'join_token'",
+                [],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_err(db_err)?
+            .is_some();
+        if !has_column
+            && let Err(error) = conn.execute_batch("ALTER TABLE nodes ADD COLUMN join_token TEXT")
             && !error.to_string().contains("duplicate column")
         {
             return Err(db_err(error));

@@ -198,6 +198,32 @@ fn a_join_with_a_bad_token_is_refused_at_once_while_another_process_writes() {
 }
 
 #[test]
+fn a_store_made_before_nodes_kept_their_token_opens_and_takes_joins() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.sqlite");
+    {
+        let old = rusqlite::Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+             INSERT INTO meta (k, v) VALUES ('store_id', 66), ('compacted_through', 0);
+             CREATE TABLE nodes (
+                 node_id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL,
+                 address TEXT NOT NULL UNIQUE, wg_key TEXT NOT NULL, record TEXT NOT NULL,
+                 advert TEXT, advert_seq INTEGER NOT NULL DEFAULT 0, session_hash BLOB,
+                 revoked INTEGER NOT NULL DEFAULT 0, joined_at INTEGER NOT NULL);",
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let secret = token(&store, "00000000000000b1", 1, NOW + 3600);
+    store
+        .join_blocking(txn(Some(("00000000000000b1", &secret)), "a", 1, NOW))
+        .unwrap();
+    drop(store);
+    SqliteStore::open(&path).expect("opens again once migrated");
+}
+
+#[test]
 fn the_store_keeps_only_the_token_hash_never_the_secret() {
     let dir = tempfile::tempdir().unwrap();
     let store = new_store(&dir);
