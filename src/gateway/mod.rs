@@ -440,12 +440,26 @@ fn tls_config(
             }
             names.sort();
             names.dedup();
-            let (leaf, key) = tls::issue_leaf(&root_pkcs8, &names)?;
+            let (leaf, key) = tls::issue_leaf(&root_pkcs8, &names, unix_now())?;
             state::write_atomic(&paths.tls_crt, &leaf, 0o644).map_err(state_err)?;
             state::write_atomic(&paths.tls_key, &key, 0o600).map_err(state_err)?;
             (leaf, key)
         }
-        Err(_) => (read(&paths.tls_crt)?, read(&paths.tls_key)?),
+        Err(_) => {
+            let leaf = read(&paths.tls_crt)?;
+            // Without the root key the kept leaf cannot be renewed: say so well before it ends.
+            let now = unix_now();
+            match tls::not_after(&leaf) {
+                Some(end) if end <= now + tls::LEAF_WARN_S => tracing::warn!(
+                    component = "gateway",
+                    days_left = end.saturating_sub(now) / 86_400,
+                    "the TLS certificate expires soon and cannot be re-issued without root.key: put it back in the gateway directory and restart"
+                ),
+                Some(_) => {}
+                None => tracing::warn!(component = "gateway", "tls.crt's expiry does not parse"),
+            }
+            (leaf, read(&paths.tls_key)?)
+        }
     };
     tls::server_config(leaf, key, ca_der)
 }

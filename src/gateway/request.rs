@@ -59,6 +59,8 @@ pub struct Parts<'a> {
     pub authorization: Option<&'a [u8]>,
     pub accept_encoding: Option<&'a [u8]>,
     pub body: &'a [u8],
+    /// The address the request came from: it fills an advert's unspecified endpoints.
+    pub source: std::net::IpAddr,
 }
 
 /// Parse one request. Never panics, whatever the bytes.
@@ -84,7 +86,7 @@ pub fn parse(parts: Parts<'_>) -> Result<Request, Refusal> {
         }
         ("PUT", "/v1/self") => {
             let session = bearer(parts.authorization)?;
-            let advert = parse_advert(parts.body)?;
+            let advert = parse_advert(parts.body, parts.source)?;
             if advert.node_id != session.node_id {
                 return Err(refuse(
                     403,
@@ -123,10 +125,15 @@ pub fn parse_join(body: &[u8]) -> Result<JoinRequest, Refusal> {
     Ok(request)
 }
 
-/// `PUT /v1/self`'s body: a JSON `Advert` within the record limits.
-pub fn parse_advert(body: &[u8]) -> Result<Advert, Refusal> {
-    let advert: Advert =
+/// `PUT /v1/self`'s body: a JSON `Advert` within the record limits, checked once `source`
+/// has filled its unspecified endpoints (`0.0.0.0:51820` is allowed there).
+pub fn parse_advert(body: &[u8], source: std::net::IpAddr) -> Result<Advert, Refusal> {
+    let mut advert: Advert =
         serde_json::from_slice(body).map_err(|e| refuse(400, format!("not an advert: {e}")))?;
+    if advert.endpoints.len() > crate::core::coord::record::MAX_ENDPOINTS {
+        return Err(refuse(400, "too many endpoints"));
+    }
+    super::server::fill_source(&mut advert.endpoints, source);
     advert
         .check()
         .map_err(|e| refuse(400, format!("advert: {e}")))?;
@@ -191,6 +198,7 @@ pub fn fuzz_request(data: &[u8]) {
         authorization,
         accept_encoding,
         body,
+        source: std::net::IpAddr::from([198, 51, 100, 1]),
     });
     match parsed {
         Ok(Request::Peers { wait, .. }) => assert!(wait <= MAX_WAIT),
@@ -240,6 +248,7 @@ mod tests {
             authorization: Some(SESSION.as_bytes()),
             accept_encoding: None,
             body: br#"{"node_id":"n8","seq":1,"endpoints":[],"services":[],"gpus":null}"#,
+            source: std::net::IpAddr::from([198, 51, 100, 1]),
         })
         .unwrap_err();
         assert_eq!(refusal.status, 403);
@@ -252,6 +261,7 @@ mod tests {
             authorization: auth.map(str::as_bytes),
             accept_encoding: Some(b"gzip, deflate"),
             body: b"",
+            source: std::net::IpAddr::from([198, 51, 100, 1]),
         })
     }
 

@@ -32,6 +32,9 @@ pub const OVERFLOW: usize = 1024;
 const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request head (including the next one on a kept-alive connection) must come within this.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// A request body must arrive within this of its head: a stalled one would hold a connection
+/// slot until `CONN_LIFETIME`.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection is closed gracefully after this long, so none is held for ever.
 const CONN_LIFETIME: Duration = Duration::from_secs(15 * 60);
 
@@ -171,10 +174,26 @@ async fn handle<S: Store>(
     req: HttpRequest<Incoming>,
 ) -> Response<Full<Bytes>> {
     let (head, body) = req.into_parts();
-    let body = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(_) => return error_response(413, "request body over 64 KiB", false),
-    };
+    let body =
+        match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(_)) => return error_response(413, "request body over 64 KiB", false),
+            Err(_) => {
+                let mut response = error_response(
+                    408,
+                    &format!(
+                        "request body not received within {} s",
+                        BODY_TIMEOUT.as_secs()
+                    ),
+                    true,
+                );
+                // The rest of the body may still come: close rather than read it as the next head.
+                response
+                    .headers_mut()
+                    .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+                return response;
+            }
+        };
     let target = head
         .uri
         .path_and_query()
@@ -191,6 +210,7 @@ async fn handle<S: Store>(
             .get(hyper::header::ACCEPT_ENCODING)
             .map(HeaderValue::as_bytes),
         body: &body,
+        source: peer.ip(),
     });
     let request = match parsed {
         Ok(request) => request,
@@ -210,14 +230,10 @@ async fn handle<S: Store>(
             let encoded = poll(&gateway.view, cursor, wait).await;
             send_update(&gateway.view, &encoded, gzip)
         }
-        Request::PutSelf {
-            session,
-            mut advert,
-        } => {
+        Request::PutSelf { session, advert } => {
             if let Err(refusal) = authorised(&gateway.view, &session) {
                 return refusal_response(&refusal);
             }
-            fill_source(&mut advert.endpoints, peer.ip());
             match gateway.store.put_advert(advert).await {
                 Ok(_) => {
                     let mut response = Response::new(Full::new(Bytes::new()));
@@ -313,6 +329,7 @@ fn send_update(view: &View, encoded: &Encoded, gzip: bool) -> Response<Full<Byte
 /// (`0.0.0.0:51820`) means "the address you see me from, this port". When the node's own
 /// addresses do not include the TCP source address (it is behind NAT), that address is added
 /// last, with the port of its first endpoint (NATs that keep the port make it reachable).
+/// Otherwise the node's own order, its preference, is kept.
 pub fn fill_source(endpoints: &mut Vec<SocketAddr>, source: IpAddr) {
     let source = match source {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
@@ -331,8 +348,10 @@ pub fn fill_source(endpoints: &mut Vec<SocketAddr>, source: IpAddr) {
     {
         endpoints.push(SocketAddr::new(source, first.port()));
     }
-    endpoints.sort_by_key(|e| e.ip() == source);
-    endpoints.dedup();
+    // The node's order is its preference: keep it, dropping repeats (a filled-in wildcard
+    // may repeat an address it also listed).
+    let mut kept = std::collections::HashSet::new();
+    endpoints.retain(|e| kept.insert(*e));
 }
 
 pub fn status_json(view: &View) -> Vec<u8> {
@@ -380,7 +399,11 @@ async fn handle_join<S: Store>(
                     | super::store::JoinError::TokenExpired => 403,
                     super::store::JoinError::PoolExhausted(_)
                     | super::store::JoinError::NameTaken(_)
+                    | super::store::JoinError::NameInUse { .. }
                     | super::store::JoinError::AddressTaken(_)
+                    | super::store::JoinError::AddressUnusable { .. }
+                    | super::store::JoinError::KeyRevoked(_)
+                    | super::store::JoinError::KeyInUse(_)
                     | super::store::JoinError::Sign(_)
                     | super::store::JoinError::Store(_) => 409,
                 }

@@ -34,9 +34,11 @@ CREATE TABLE IF NOT EXISTS nodes (
     advert_seq INTEGER NOT NULL DEFAULT 0,
     session_hash BLOB,
     revoked INTEGER NOT NULL DEFAULT 0,
-    joined_at INTEGER NOT NULL
+    joined_at INTEGER NOT NULL,
+    join_token TEXT
 );
 CREATE INDEX IF NOT EXISTS nodes_name ON nodes (name);
+CREATE INDEX IF NOT EXISTS nodes_key ON nodes (wg_key);
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY,
     hash BLOB NOT NULL,
@@ -122,6 +124,23 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
+        // Stores made before nodes remembered their token: add the column (another process
+        // opening at the same time may have just added it).
+        let has_column = conn
+            .query_row(
+                "SELECT 1 FROM pragma_table_info('nodes') WHERE name = 'join_token'",
+                [],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_err(db_err)?
+            .is_some();
+        if !has_column
+            && let Err(error) = conn.execute_batch("ALTER TABLE nodes ADD COLUMN join_token TEXT")
+            && !error.to_string().contains("duplicate column")
+        {
+            return Err(db_err(error));
+        }
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -528,10 +547,68 @@ fn same_hash(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Whether `address` is one `allocate` could hand out from `pool`: inside it, and not its
+/// network or (IPv4) broadcast address unless the pool is a point-to-point /31 or /127.
+fn assignable(pool: ipnet::IpNet, address: IpAddr) -> bool {
+    if !pool.contains(&address) {
+        return false;
+    }
+    match pool {
+        ipnet::IpNet::V4(net) => {
+            net.prefix_len() >= 31
+                || (address != IpAddr::V4(net.network()) && address != IpAddr::V4(net.broadcast()))
+        }
+        ipnet::IpNet::V6(net) => net.prefix_len() >= 127 || address != IpAddr::V6(net.network()),
+    }
+}
+
+/// The token checks a join can fail without the write lock: anyone can send a join, and an
+/// unknown, forged, expired or spent token must not queue behind (or hold up) real writes.
+/// Passing is re-checked inside the write transaction.
+fn precheck_token(conn: &Connection, txn: &JoinTxn) -> Result<(), JoinError> {
+    let Some(claim) = &txn.token else {
+        return Ok(());
+    };
+    let row: Option<(Vec<u8>, i64, i64)> = conn
+        .query_row(
+            "SELECT hash, expires_at, uses_left FROM tokens WHERE id = ?1",
+            params![claim.id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+        .map_err(db_err)?;
+    let Some((hash, expires_at, uses_left)) = row else {
+        return Err(JoinError::UnknownToken);
+    };
+    if !same_hash(&hash, &claim.hash) {
+        return Err(JoinError::UnknownToken);
+    }
+    if txn.now > expires_at as u64 {
+        return Err(JoinError::TokenExpired);
+    }
+    if uses_left <= 0 {
+        // Spent, unless this is a retry of the join that spent it.
+        let retry = conn
+            .query_row(
+                "SELECT 1 FROM nodes WHERE name = ?1 AND wg_key = ?2 AND join_token = ?3 AND revoked = 0",
+                params![txn.name, txn.wg_key, claim.id],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_err(db_err)?;
+        if retry.is_none() {
+            return Err(JoinError::TokenUsed);
+        }
+    }
+    Ok(())
+}
+
 fn join_in(conn: &mut Connection, taken: &mut Taken, txn: JoinTxn) -> Result<Joined, JoinError> {
+    precheck_token(conn, &txn)?;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(db_err)?;
+    let mut uses_left = 0;
     if let Some(claim) = &txn.token {
         let row: Option<(Vec<u8>, i64, i64)> = tx
             .query_row(
@@ -541,37 +618,42 @@ fn join_in(conn: &mut Connection, taken: &mut Taken, txn: JoinTxn) -> Result<Joi
             )
             .optional()
             .map_err(db_err)?;
-        let Some((hash, expires_at, uses_left)) = row else {
+        let Some((hash, expires_at, left)) = row else {
             return Err(JoinError::UnknownToken);
         };
         if !same_hash(&hash, &claim.hash) {
             return Err(JoinError::UnknownToken);
         }
-        if uses_left <= 0 {
-            return Err(JoinError::TokenUsed);
-        }
         if txn.now > expires_at as u64 {
             return Err(JoinError::TokenExpired);
         }
-        tx.execute(
-            "UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?1",
-            params![claim.id],
-        )
-        .map_err(db_err)?;
+        uses_left = left;
     }
-    // The same name and key again (a reinstall that kept its key, or the gateway at restart):
-    // the same node, a new session.
-    let existing: Option<(i64, String, String, String)> = tx
+    // A live node of that name. Only the gateway's own start-up (no token) and a retry of the
+    // token join that made it (its answer was lost) get it back; any other token join would
+    // take over the node's session with nothing but its public name and key.
+    let existing: Option<(i64, String, String, String, Option<String>)> = tx
         .query_row(
-            "SELECT node_id, wg_key, address, record FROM nodes WHERE name = ?1 AND revoked = 0",
+            "SELECT node_id, wg_key, address, record, join_token FROM nodes WHERE name = ?1 AND revoked = 0",
             params![txn.name],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
         )
         .optional()
         .map_err(db_err)?;
-    if let Some((id, key, address, record)) = existing {
-        if key != txn.wg_key {
-            return Err(JoinError::NameTaken(txn.name));
+    if let Some((id, key, address, record, join_token)) = existing {
+        let retry = match &txn.token {
+            None => true,
+            Some(claim) => join_token.as_deref() == Some(claim.id.as_str()),
+        };
+        if !retry || key != txn.wg_key {
+            return Err(if txn.token.is_some() {
+                JoinError::NameInUse {
+                    name: txn.name,
+                    node: NodeId(id as u64),
+                }
+            } else {
+                JoinError::NameTaken(txn.name)
+            });
         }
         let address: IpAddr = address
             .parse()
@@ -591,6 +673,34 @@ fn join_in(conn: &mut Connection, taken: &mut Taken, txn: JoinTxn) -> Result<Joi
         let rev = append(&tx, &Change::Record(record.clone())).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         return Ok(Joined { record, rev });
+    }
+    if let Some(claim) = &txn.token {
+        if uses_left <= 0 {
+            return Err(JoinError::TokenUsed);
+        }
+        tx.execute(
+            "UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?1",
+            params![claim.id],
+        )
+        .map_err(db_err)?;
+    }
+    // One key, one node, for ever: a revoked node must not come back with a new token, and
+    // two nodes with one key would steal each other's WireGuard traffic.
+    let owner: Option<(i64, bool)> = tx
+        .query_row(
+            "SELECT node_id, revoked FROM nodes WHERE wg_key = ?1 ORDER BY node_id DESC LIMIT 1",
+            params![txn.wg_key],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(db_err)?;
+    if let Some((id, revoked)) = owner {
+        let node = NodeId(id as u64);
+        return Err(if revoked {
+            JoinError::KeyRevoked(node)
+        } else {
+            JoinError::KeyInUse(node)
+        });
     }
     // Inside the write transaction: every row another process committed is visible.
     let new_rows = {
@@ -613,7 +723,13 @@ fn join_in(conn: &mut Connection, taken: &mut Taken, txn: JoinTxn) -> Result<Joi
     let taken = &taken.addresses;
     let address = match txn.requested_address {
         Some(wanted) => {
-            if taken.contains(&wanted) || !txn.pool.contains(&wanted) {
+            if !assignable(txn.pool, wanted) || txn.reserved.contains(&wanted) {
+                return Err(JoinError::AddressUnusable {
+                    address: wanted,
+                    pool: txn.pool,
+                });
+            }
+            if taken.contains(&wanted) {
                 return Err(JoinError::AddressTaken(wanted));
             }
             wanted
@@ -632,7 +748,7 @@ fn join_in(conn: &mut Connection, taken: &mut Taken, txn: JoinTxn) -> Result<Joi
     let record = (txn.sign)(NodeId(next as u64), address, 1).map_err(JoinError::Sign)?;
     let body = serde_json::to_string(&record).map_err(json_err)?;
     tx.execute(
-        "INSERT INTO nodes (node_id, name, address, wg_key, record, session_hash, joined_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO nodes (node_id, name, address, wg_key, record, session_hash, joined_at, join_token) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![
             next,
             txn.name,
@@ -640,7 +756,8 @@ fn join_in(conn: &mut Connection, taken: &mut Taken, txn: JoinTxn) -> Result<Joi
             txn.wg_key,
             body,
             txn.session_hash.as_slice(),
-            txn.now as i64
+            txn.now as i64,
+            txn.token.as_ref().map(|claim| claim.id.as_str())
         ],
     )
     .map_err(db_err)?;

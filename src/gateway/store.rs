@@ -103,8 +103,22 @@ pub enum JoinError {
         "the name {0} belongs to another node (another WireGuard key): revoke it first (`clawnode gateway revoke {0}`) or choose another [node] name"
     )]
     NameTaken(String),
-    #[error("the requested address {0} is taken by another node or outside the pool")]
+    #[error("name {name} is in use by {node}: revoke it first or pick another name")]
+    NameInUse { name: String, node: NodeId },
+    #[error("the requested address {0} is taken by another node")]
     AddressTaken(IpAddr),
+    #[error(
+        "the requested address {address} cannot be given out: it is outside the pool {pool}, the pool's network or broadcast address, or a gateway's address"
+    )]
+    AddressUnusable { address: IpAddr, pool: IpNet },
+    #[error(
+        "this WireGuard key belonged to revoked node {0}: remove <state_dir>/wireguard.key on the node so it makes a new one, then join again"
+    )]
+    KeyRevoked(NodeId),
+    #[error(
+        "this WireGuard key is already node {0}'s: every node needs its own (remove <state_dir>/wireguard.key on the node so it makes a new one)"
+    )]
+    KeyInUse(NodeId),
     #[error("could not sign the record: {0}")]
     Sign(String),
     #[error(transparent)]
@@ -121,7 +135,11 @@ impl JoinError {
             | JoinError::TokenExpired
             | JoinError::PoolExhausted(_)
             | JoinError::NameTaken(_)
+            | JoinError::NameInUse { .. }
             | JoinError::AddressTaken(_)
+            | JoinError::AddressUnusable { .. }
+            | JoinError::KeyRevoked(_)
+            | JoinError::KeyInUse(_)
             | JoinError::Sign(_) => false,
         }
     }

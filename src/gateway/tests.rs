@@ -165,6 +165,65 @@ fn a_token_is_single_use_expires_and_must_match_its_secret() {
 }
 
 #[test]
+fn a_join_with_a_bad_token_is_refused_at_once_while_another_process_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let used = token(&store, "00000000000000f1", 1, NOW + 3600);
+    store
+        .join_blocking(txn(Some(("00000000000000f1", &used)), "a", 1, NOW))
+        .unwrap();
+    let expired = token(&store, "00000000000000f2", 1, NOW - 1);
+    // Another process (`clawnode gateway revoke`, say) holds the write lock.
+    let other = rusqlite::Connection::open(dir.path().join("store.sqlite")).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let forged = Secret32([9; 32]);
+    let started = std::time::Instant::now();
+    for (claim, n, want) in [
+        (("00000000000000f9", &forged), 2, "unknown token"),
+        (("00000000000000f1", &forged), 3, "unknown token"),
+        (("00000000000000f2", &expired), 4, "token expired"),
+        (("00000000000000f1", &used), 5, "token already used"),
+    ] {
+        let refused = store
+            .join_blocking(txn(Some(claim), &format!("x{n}"), n, NOW))
+            .unwrap_err();
+        assert_eq!(refused.to_string(), want);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused without waiting for the write lock ({:?})",
+        started.elapsed()
+    );
+    other.execute_batch("ROLLBACK").unwrap();
+}
+
+#[test]
+fn a_store_made_before_nodes_kept_their_token_opens_and_takes_joins() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.sqlite");
+    {
+        let old = rusqlite::Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+             INSERT INTO meta (k, v) VALUES ('store_id', 66), ('compacted_through', 0);
+             CREATE TABLE nodes (
+                 node_id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL,
+                 address TEXT NOT NULL UNIQUE, wg_key TEXT NOT NULL, record TEXT NOT NULL,
+                 advert TEXT, advert_seq INTEGER NOT NULL DEFAULT 0, session_hash BLOB,
+                 revoked INTEGER NOT NULL DEFAULT 0, joined_at INTEGER NOT NULL);",
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let secret = token(&store, "00000000000000b1", 1, NOW + 3600);
+    store
+        .join_blocking(txn(Some(("00000000000000b1", &secret)), "a", 1, NOW))
+        .unwrap();
+    drop(store);
+    SqliteStore::open(&path).expect("opens again once migrated");
+}
+
+#[test]
 fn the_store_keeps_only_the_token_hash_never_the_secret() {
     let dir = tempfile::tempdir().unwrap();
     let store = new_store(&dir);
@@ -239,6 +298,141 @@ fn a_rejoin_with_the_same_name_and_key_keeps_the_node_and_another_key_is_refused
         store.join_blocking(other),
         Err(JoinError::NameTaken(_))
     ));
+}
+
+#[test]
+fn a_token_join_with_the_name_and_key_of_a_live_node_is_refused_and_its_session_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let first = token(&store, "00000000000000d1", 1, NOW + 3600);
+    let joined = store
+        .join_blocking(txn(Some(("00000000000000d1", &first)), "gpu-1", 1, NOW))
+        .unwrap();
+    // Anyone with another token and the node's public name and key.
+    let other = token(&store, "00000000000000d2", 1, NOW + 3600);
+    let mut takeover = txn(Some(("00000000000000d2", &other)), "gpu-1", 1, NOW);
+    takeover.session_hash = [0xee; 32];
+    let refused = store.join_blocking(takeover).unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        format!(
+            "name gpu-1 is in use by {}: revoke it first or pick another name",
+            joined.record.node_id
+        )
+    );
+    assert!(!refused.retry());
+    assert_eq!(
+        store.sessions_blocking().unwrap(),
+        vec![(joined.record.node_id, [1; 32])],
+        "the node keeps its session"
+    );
+}
+
+#[test]
+fn a_join_retried_after_a_lost_answer_gets_the_same_node_and_a_fresh_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let once = token(&store, "00000000000000d3", 1, NOW + 3600);
+    let first = store
+        .join_blocking(txn(Some(("00000000000000d3", &once)), "gpu-1", 1, NOW))
+        .unwrap();
+    let mut retry = txn(Some(("00000000000000d3", &once)), "gpu-1", 1, NOW + 5);
+    retry.session_hash = [0x77; 32];
+    let again = store.join_blocking(retry).unwrap();
+    assert_eq!(again.record.node_id, first.record.node_id);
+    assert_eq!(again.record.addresses, first.record.addresses);
+    assert_eq!(
+        store.sessions_blocking().unwrap(),
+        vec![(first.record.node_id, [0x77; 32])]
+    );
+    // The same token with another key, or a forged secret, is no retry.
+    let mut other_key = txn(Some(("00000000000000d3", &once)), "gpu-1", 2, NOW + 5);
+    other_key.sign = sign("gpu-1", key(2));
+    assert!(matches!(
+        store.join_blocking(other_key),
+        Err(JoinError::TokenUsed)
+    ));
+    // With uses left, the name is what refuses it.
+    let many = token(&store, "00000000000000d4", 5, NOW + 3600);
+    let mut other_key = txn(Some(("00000000000000d4", &many)), "gpu-1", 2, NOW + 5);
+    other_key.sign = sign("gpu-1", key(2));
+    assert!(matches!(
+        store.join_blocking(other_key),
+        Err(JoinError::NameInUse { .. })
+    ));
+    let forged = Secret32([9; 32]);
+    assert!(matches!(
+        store.join_blocking(txn(Some(("00000000000000d3", &forged)), "gpu-1", 1, NOW)),
+        Err(JoinError::UnknownToken)
+    ));
+}
+
+#[test]
+fn a_revoked_nodes_key_cannot_join_again_and_is_told_to_make_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let first = token(&store, "00000000000000e1", 1, NOW + 3600);
+    let joined = store
+        .join_blocking(txn(Some(("00000000000000e1", &first)), "gpu-1", 1, NOW))
+        .unwrap();
+    let node = joined.record.node_id;
+    // Another name with the live node's key.
+    let second = token(&store, "00000000000000e2", 5, NOW + 3600);
+    let mut twin = txn(Some(("00000000000000e2", &second)), "gpu-2", 1, NOW);
+    twin.sign = sign("gpu-2", key(1));
+    let refused = store.join_blocking(twin).unwrap_err();
+    assert!(
+        matches!(refused, JoinError::KeyInUse(n) if n == node),
+        "{refused}"
+    );
+
+    let revocation = coord::sign_revocation(node, u64::MAX, &signer_pkcs8()).unwrap();
+    store.revoke_blocking(revocation).unwrap();
+    let back = store
+        .join_blocking(txn(Some(("00000000000000e2", &second)), "gpu-1", 1, NOW))
+        .unwrap_err();
+    let text = back.to_string();
+    assert!(text.contains(&format!("revoked node {node}")), "{text}");
+    assert!(text.contains("remove <state_dir>/wireguard.key"), "{text}");
+    assert!(!back.retry());
+    // A new key joins under the same name.
+    let mut fresh = txn(Some(("00000000000000e2", &second)), "gpu-1", 2, NOW);
+    fresh.sign = sign("gpu-1", key(2));
+    assert_ne!(store.join_blocking(fresh).unwrap().record.node_id, node);
+}
+
+#[test]
+fn a_requested_address_outside_the_free_part_of_the_pool_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let secret = token(&store, "00000000000000e3", 10, NOW + 3600);
+    let claim = Some(("00000000000000e3", &secret));
+    let first = store.join_blocking(txn(claim, "a", 1, NOW)).unwrap();
+    let taken = first.record.addresses[0];
+    for (n, wanted) in ["10.100.0.0", "10.100.255.255", "10.100.0.1", "10.200.0.5"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut join = txn(claim, &format!("b{n}"), 10 + n as u32, NOW);
+        join.requested_address = Some(wanted.parse().unwrap());
+        let refused = store.join_blocking(join).unwrap_err();
+        assert!(
+            matches!(refused, JoinError::AddressUnusable { .. }),
+            "{wanted}: {refused}"
+        );
+    }
+    let mut join = txn(claim, "c", 20, NOW);
+    join.requested_address = Some(taken);
+    assert!(matches!(
+        store.join_blocking(join),
+        Err(JoinError::AddressTaken(_))
+    ));
+    let mut join = txn(claim, "d", 21, NOW);
+    join.requested_address = Some("10.100.0.9".parse().unwrap());
+    assert_eq!(
+        store.join_blocking(join).unwrap().record.addresses,
+        vec!["10.100.0.9".parse::<IpAddr>().unwrap()]
+    );
 }
 
 // ---- view ----
@@ -357,6 +551,66 @@ async fn a_delta_is_encoded_once_for_every_session_waiting_on_it() {
     assert_eq!(after - before, 1, "encoded once");
 }
 
+#[test]
+fn polling_two_thousand_old_cursors_keeps_the_delta_cache_under_its_cap() {
+    let view = View::new(STORE_ID, vec!["https://127.0.0.1:1".into()]);
+    view.reset(0, Default::default(), Vec::new());
+    // 2,100 adverts over 50 nodes, ~400 bytes each: a delta from an old cursor is ~20 KiB.
+    let changes: Vec<_> = (1..=2_100u64)
+        .map(|rev| {
+            let node = rev % 50 + 1;
+            let advert = coord::Advert {
+                node_id: NodeId(node),
+                seq: rev,
+                endpoints: (0..8)
+                    .map(|i| SocketAddr::from(([198, 51, 100, i], 51_820 + node as u16)))
+                    .collect(),
+                services: (0..6)
+                    .map(|i| coord::AdvertService {
+                        name: format!("service-{i}"),
+                        port: 8000 + i,
+                    })
+                    .collect(),
+                gpus: None,
+            };
+            (rev, Change::Advert(advert))
+        })
+        .collect();
+    view.apply(changes);
+    let mut biggest = 0;
+    for rev in 0..2_000 {
+        let answer = view
+            .answer(Some(Cursor {
+                store_id: STORE_ID,
+                rev,
+            }))
+            .unwrap();
+        assert_eq!(answer.kind, UpdateKind::Delta);
+        biggest = biggest.max(view.delta_cache_bytes());
+    }
+    assert!(
+        biggest <= view::DELTA_CACHE_MAX,
+        "the cache reached {biggest} bytes"
+    );
+    let last = view
+        .answer(Some(Cursor {
+            store_id: STORE_ID,
+            rev: 1_999,
+        }))
+        .unwrap();
+    assert_eq!(decode(&last.json).adverts.len(), 50);
+    let again = view
+        .answer(Some(Cursor {
+            store_id: STORE_ID,
+            rev: 1_999,
+        }))
+        .unwrap();
+    assert!(
+        Arc::ptr_eq(&last, &again),
+        "a recent cursor is still shared"
+    );
+}
+
 // ---- handlers over TLS ----
 
 struct Harness {
@@ -401,7 +655,8 @@ async fn harness(max_sessions: usize) -> Harness {
         max_sessions,
     });
     let ca_der = tls::pem_to_der(&tls::ca_pem(&root_pkcs8()).unwrap()).unwrap();
-    let (leaf, leaf_key) = tls::issue_leaf(&root_pkcs8(), &["127.0.0.1".to_owned()]).unwrap();
+    let (leaf, leaf_key) =
+        tls::issue_leaf(&root_pkcs8(), &["127.0.0.1".to_owned()], super::unix_now()).unwrap();
     let config = tls::server_config(leaf, leaf_key, ca_der.clone()).unwrap();
     let tasks = vec![
         tokio::spawn(view::feed(Arc::clone(&store), Arc::clone(&view))),
@@ -420,8 +675,8 @@ async fn harness(max_sessions: usize) -> Harness {
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 impl Harness {
-    /// A TLS connection that trusts only the cluster CA.
-    async fn connect(&self) -> Sender {
+    /// A TLS stream that trusts only the cluster CA.
+    async fn tls(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(rustls::pki_types::CertificateDer::from(self.ca_der.clone()))
@@ -436,7 +691,12 @@ impl Harness {
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let tcp = TcpStream::connect(self.addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-        let tls = connector.connect(name, tcp).await.unwrap();
+        connector.connect(name, tcp).await.unwrap()
+    }
+
+    /// An HTTP/1.1 connection over [`Harness::tls`].
+    async fn connect(&self) -> Sender {
+        let tls = self.tls().await;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .unwrap();
@@ -525,6 +785,37 @@ async fn a_node_joins_over_tls_and_a_reused_or_expired_token_is_refused_clearly(
     let (status, body) = h.join(expired_id, &expired, "gpu-3", 3).await;
     assert_eq!(status, 403);
     assert_eq!(error_of(&body).error, "token expired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_body_is_answered_408_and_its_connection_slot_freed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = harness(1).await;
+    let mut stalled = h.tls().await;
+    stalled
+        .write_all(
+            b"POST /v1/join HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+    stalled.flush().await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        super::server::BODY_TIMEOUT + Duration::from_secs(5),
+        stalled.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(read.is_ok(), "the stalled connection was still open");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"retry\":true"), "{answer}");
+    // The one slot is free again: a later request is served, not told 503.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while h.view.role_doc().connections > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, _, _) = h.call("GET", "/v1/status", None, Vec::new()).await;
+    assert_eq!(status, 401, "served (no session), not refused busy");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -641,6 +932,70 @@ async fn an_advert_with_a_stale_seq_is_refused_and_services_are_answered_from_th
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].port, 8443);
     assert_eq!(found[0].node, "gpu-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_advert_of_0_0_0_0_is_accepted_and_filled_with_the_address_the_gateway_sees() {
+    let h = harness(64).await;
+    let secret = token(&h.store, TOKEN_ID, 1, super::unix_now() + 3600);
+    let (_, body) = h.join(TOKEN_ID, &secret, "gpu-1", 1).await;
+    let joined: JoinResponse = serde_json::from_slice(&body).unwrap();
+    let bearer = joined.session.bearer().to_string();
+    let advert = serde_json::to_vec(&serde_json::json!({
+        "node_id": joined.node_id.to_string(),
+        "seq": 5,
+        "endpoints": ["0.0.0.0:51999"],
+        "services": [],
+        "gpus": null,
+    }))
+    .unwrap();
+    let (status, _, body) = h.call("PUT", "/v1/self", Some(&bearer), advert).await;
+    assert_eq!(status, 204, "{}", String::from_utf8_lossy(&body));
+    let row = h.store.find_node("gpu-1").unwrap().unwrap();
+    assert_eq!(
+        row.endpoints,
+        vec!["127.0.0.1:51999".parse::<SocketAddr>().unwrap()]
+    );
+}
+
+#[test]
+fn the_gateways_tls_certificate_is_valid_for_a_year_from_a_day_back() {
+    let (leaf, _) = tls::issue_leaf(&root_pkcs8(), &["127.0.0.1".to_owned()], NOW).unwrap();
+    let end = tls::not_after(&leaf).expect("notAfter parses");
+    assert!(
+        (NOW + 364 * 86_400..=NOW + 365 * 86_400).contains(&end),
+        "expires {} days after issue",
+        (end as i64 - NOW as i64) / 86_400
+    );
+    // It verifies under the CA (the chain a joining node checks) a day back and a year on.
+    let ca = tls::pem_to_der(&tls::ca_pem(&root_pkcs8()).unwrap()).unwrap();
+    use rustls::client::danger::ServerCertVerifier as _;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(ca))
+        .unwrap();
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap();
+    let leaf = rustls::pki_types::CertificateDer::from(leaf);
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let at = |unix: u64| {
+        verifier
+            .verify_server_cert(
+                &leaf,
+                &[],
+                &name,
+                &[],
+                rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(unix)),
+            )
+            .is_ok()
+    };
+    assert!(at(NOW - 3_600), "valid an hour before issue");
+    assert!(at(NOW + 300 * 86_400));
+    assert!(!at(NOW + 400 * 86_400), "expired after a year");
 }
 
 #[test]
@@ -835,6 +1190,34 @@ fn the_address_the_gateway_sees_fills_an_unspecified_endpoint_and_is_added_behin
     let mut none = Vec::new();
     super::server::fill_source(&mut none, source);
     assert!(none.is_empty(), "no port to go with it");
+}
+
+#[test]
+fn a_directly_reachable_node_keeps_its_preferred_endpoint_first() {
+    let source: IpAddr = "198.51.100.9".parse().unwrap();
+    let listed: Vec<SocketAddr> = vec![
+        "198.51.100.9:51820".parse().unwrap(),
+        "192.168.1.5:51820".parse().unwrap(),
+        "[2001:db8::5]:51820".parse().unwrap(),
+    ];
+    let mut direct = listed.clone();
+    super::server::fill_source(&mut direct, source);
+    assert_eq!(direct, listed, "the node's order, unchanged");
+
+    let mut behind_nat: Vec<SocketAddr> = vec![
+        "192.168.1.5:51821".parse().unwrap(),
+        "10.0.0.5:51820".parse().unwrap(),
+    ];
+    super::server::fill_source(&mut behind_nat, "203.0.113.7".parse().unwrap());
+    assert_eq!(
+        behind_nat,
+        vec![
+            "192.168.1.5:51821".parse::<SocketAddr>().unwrap(),
+            "10.0.0.5:51820".parse().unwrap(),
+            "203.0.113.7:51821".parse().unwrap(),
+        ],
+        "only the address the gateway added goes last"
+    );
 }
 
 #[test]

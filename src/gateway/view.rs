@@ -23,6 +23,9 @@ pub const MERGE_WINDOW: Duration = Duration::from_millis(50);
 pub const RING_MAX: usize = 10_000;
 /// Bodies smaller than this go uncompressed: gzip would not pay for its header.
 pub const GZIP_OVER: usize = 1024;
+/// The shared delta encodings kept, in bytes (each counted twice: its JSON and at most as much
+/// gzip). A session asking for many old cursors would otherwise grow it without bound.
+pub const DELTA_CACHE_MAX: usize = 16 << 20;
 
 /// One encoded answer, shared by every session it is sent to.
 #[derive(Debug)]
@@ -103,6 +106,66 @@ struct Inner {
     ring: VecDeque<(u64, Change)>,
 }
 
+/// A slot per (from, to): the first session to ask encodes it (outside the map's lock), the
+/// others asking at the same time wait on that one encoding.
+type Slot = Arc<OnceLock<Arc<Encoded>>>;
+
+#[derive(Default)]
+struct DeltaCache {
+    slots: HashMap<(u64, u64), Slot>,
+    /// Encoded slots, oldest first: the first evicted.
+    order: VecDeque<(u64, u64)>,
+    bytes: usize,
+}
+
+fn cost(encoded: &Encoded) -> usize {
+    encoded.json.len() * 2
+}
+
+impl DeltaCache {
+    fn slot(&mut self, key: (u64, u64)) -> Slot {
+        Arc::clone(self.slots.entry(key).or_default())
+    }
+
+    /// Account for a slot just encoded, and evict the oldest past the cap (it too if alone
+    /// it is over: its sessions already have it).
+    fn encoded(&mut self, key: (u64, u64), slot: &Slot, encoded: &Encoded) {
+        // Dropped (a newer head, or evicted) while it was being encoded: not kept.
+        if !self.slots.get(&key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            return;
+        }
+        self.bytes += cost(encoded);
+        self.order.push_back(key);
+        while self.bytes > DELTA_CACHE_MAX {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(slot) = self.slots.remove(&old)
+                && let Some(done) = slot.get()
+            {
+                self.bytes -= cost(done);
+            }
+        }
+    }
+
+    /// Keep only deltas to `head` or later.
+    fn keep_to(&mut self, head: u64) {
+        self.slots.retain(|&(_, to), _| to >= head);
+        let slots = &self.slots;
+        self.order.retain(|key| slots.contains_key(key));
+        self.bytes = self
+            .order
+            .iter()
+            .filter_map(|key| slots.get(key)?.get())
+            .map(|encoded| cost(encoded))
+            .sum();
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
 pub struct View {
     store_id: u64,
     gateways: Vec<String>,
@@ -110,8 +173,9 @@ pub struct View {
     head: watch::Sender<u64>,
     sessions: RwLock<HashMap<NodeId, [u8; 32]>>,
     snapshot: Mutex<Option<(u64, Arc<Encoded>)>>,
-    /// Keyed by (from, to); only deltas to the current head are kept.
-    deltas: Mutex<HashMap<(u64, u64), Arc<Encoded>>>,
+    /// Keyed by (from, to); only deltas to the current head are kept, at most
+    /// `DELTA_CACHE_MAX` bytes of them.
+    deltas: Mutex<DeltaCache>,
     pub counters: Counters,
 }
 
@@ -242,11 +306,11 @@ impl View {
             }
         }
         // Deltas to an older head will not be asked for again.
-        self.deltas_lock().retain(|&(_, to), _| to >= last);
+        self.deltas_lock().keep_to(last);
         self.head.send_replace(last);
     }
 
-    fn deltas_lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), Arc<Encoded>>> {
+    fn deltas_lock(&self) -> std::sync::MutexGuard<'_, DeltaCache> {
         self.deltas.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -311,14 +375,28 @@ impl View {
 
     /// The answer to a poll that waited in vain: the same cursor, nothing in it.
     pub fn empty(&self, rev: u64) -> Arc<Encoded> {
-        let key = (rev, rev);
-        if let Some(hit) = self.deltas_lock().get(&key) {
-            return Arc::clone(hit);
+        self.shared((rev, rev), || {
+            Encoded::new(&self.update(rev, UpdateKind::Delta, State::default()))
+        })
+    }
+
+    /// The cached encoding for `key`, made by `make` (outside the cache's lock) when missing.
+    fn shared(&self, key: (u64, u64), make: impl FnOnce() -> Arc<Encoded>) -> Arc<Encoded> {
+        let slot = self.deltas_lock().slot(key);
+        let mut made = false;
+        let encoded = Arc::clone(slot.get_or_init(|| {
+            made = true;
+            make()
+        }));
+        if made {
+            self.deltas_lock().encoded(key, &slot, &encoded);
         }
-        let update = self.update(rev, UpdateKind::Delta, State::default());
-        let encoded = Encoded::new(&update);
-        self.deltas_lock().insert(key, Arc::clone(&encoded));
         encoded
+    }
+
+    /// Bytes the delta cache holds (as counted against `DELTA_CACHE_MAX`).
+    pub fn delta_cache_bytes(&self) -> usize {
+        self.deltas_lock().bytes
     }
 
     pub fn snapshot(&self) -> Arc<Encoded> {
@@ -347,20 +425,20 @@ impl View {
 
     /// Everything after `from` up to the head, merged: the latest record and advert per node.
     fn delta(&self, from: u64) -> Arc<Encoded> {
-        // Held while encoding so a crowd at one cursor encodes once, not once each.
-        let mut cache = self.deltas_lock();
-        let (to, state) = {
+        let to = self.read().rev;
+        // A crowd at one cursor encodes once, not once each.
+        self.shared((from, to), || self.encode_delta(from, to))
+    }
+
+    fn encode_delta(&self, from: u64, to: u64) -> Arc<Encoded> {
+        let state = {
             let inner = self.read();
-            let to = inner.rev;
-            if let Some(hit) = cache.get(&(from, to)) {
-                return Arc::clone(hit);
-            }
             let mut signers = BTreeMap::new();
             let mut records = BTreeMap::new();
             let mut adverts = BTreeMap::new();
             let mut revocations = BTreeMap::new();
             let start = inner.ring.partition_point(|(rev, _)| *rev <= from);
-            for (_, change) in inner.ring.range(start..) {
+            for (_, change) in inner.ring.range(start..).take_while(|(rev, _)| *rev <= to) {
                 match change {
                     Change::Record(r) => {
                         records.insert(r.node_id, r.clone());
@@ -378,17 +456,15 @@ impl View {
                     }
                 }
             }
-            let state = State {
+            State {
                 signers: signers.into_values().collect(),
                 records: records.into_values().collect(),
                 revocations: revocations.into_values().collect(),
                 adverts: adverts.into_values().collect(),
-            };
-            (to, state)
+            }
         };
         let encoded = Encoded::new(&self.update(to, UpdateKind::Delta, state));
         self.counters.encodings.fetch_add(1, Ordering::Relaxed);
-        cache.insert((from, to), Arc::clone(&encoded));
         encoded
     }
 
