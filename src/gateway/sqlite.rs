@@ -590,8 +590,8 @@ fn precheck_token(conn: &Connection, txn: &JoinTxn) -> Result<(), JoinError> {
         // Spent, unless this is a retry of the join that spent it.
         let retry = conn
             .query_row(
-                "SELECT 1 FROM nodes WHERE name = ?1 AND wg_key = ?2 AND join_token = ?3 AND revoked = 0",
-                params![txn.name, txn.wg_key, claim.id],
+                "SELECT 1 FROM nodes WHERE name = ?1 AND wg_key = ?2 AND join_token = ?3 AND revoked = 0 AND joined_at >= ?4",
+                params![txn.name, txn.wg_key, claim.id, retry_since(txn.now)],
                 |_| Ok(()),
             )
             .optional()
@@ -601,6 +601,15 @@ fn precheck_token(conn: &Connection, txn: &JoinTxn) -> Result<(), JoinError> {
         }
     }
     Ok(())
+}
+
+/// How long after a token join a retry of it (same token, name and key: its answer was lost)
+/// gets the node back. Bounded, so that holders of a shared multi-use token cannot take over
+/// one another's nodes later with the public name and key.
+pub const JOIN_RETRY_WINDOW_S: u64 = 600;
+
+fn retry_since(now: u64) -> i64 {
+    now.saturating_sub(JOIN_RETRY_WINDOW_S) as i64
 }
 
 fn join_in(conn: &mut Connection, taken: &mut Taken, txn: JoinTxn) -> Result<Joined, JoinError> {
@@ -632,18 +641,21 @@ fn join_in(conn: &mut Connection, taken: &mut Taken, txn: JoinTxn) -> Result<Joi
     // A live node of that name. Only the gateway's own start-up (no token) and a retry of the
     // token join that made it (its answer was lost) get it back; any other token join would
     // take over the node's session with nothing but its public name and key.
-    let existing: Option<(i64, String, String, String, Option<String>)> = tx
+    let existing: Option<(i64, String, String, String, Option<String>, i64)> = tx
         .query_row(
-            "SELECT node_id, wg_key, address, record, join_token FROM nodes WHERE name = ?1 AND revoked = 0",
+            "SELECT node_id, wg_key, address, record, join_token, joined_at FROM nodes WHERE name = ?1 AND revoked = 0",
             params![txn.name],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
         )
         .optional()
         .map_err(db_err)?;
-    if let Some((id, key, address, record, join_token)) = existing {
+    if let Some((id, key, address, record, join_token, joined_at)) = existing {
         let retry = match &txn.token {
             None => true,
-            Some(claim) => join_token.as_deref() == Some(claim.id.as_str()),
+            Some(claim) => {
+                join_token.as_deref() == Some(claim.id.as_str())
+                    && joined_at >= retry_since(txn.now)
+            }
         };
         if !retry || key != txn.wg_key {
             return Err(if txn.token.is_some() {

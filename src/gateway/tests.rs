@@ -368,6 +368,28 @@ fn a_join_retried_after_a_lost_answer_gets_the_same_node_and_a_fresh_session() {
 }
 
 #[test]
+fn a_shared_token_cannot_take_over_its_node_once_the_retry_window_has_passed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    let fleet = token(&store, "00000000000000d5", 50, NOW + 86_400);
+    let first = store
+        .join_blocking(txn(Some(("00000000000000d5", &fleet)), "gpu-1", 1, NOW))
+        .unwrap();
+    // Another holder of the fleet token, an hour later, with gpu-1's public name and key.
+    let late = NOW + super::sqlite::JOIN_RETRY_WINDOW_S + 1;
+    let mut takeover = txn(Some(("00000000000000d5", &fleet)), "gpu-1", 1, late);
+    takeover.session_hash = [0x66; 32];
+    assert!(matches!(
+        store.join_blocking(takeover),
+        Err(JoinError::NameInUse { .. })
+    ));
+    assert_ne!(
+        store.sessions_blocking().unwrap(),
+        vec![(first.record.node_id, [0x66; 32])]
+    );
+}
+
+#[test]
 fn a_revoked_nodes_key_cannot_join_again_and_is_told_to_make_a_new_one() {
     let dir = tempfile::tempdir().unwrap();
     let store = new_store(&dir);
