@@ -603,6 +603,39 @@ fn precheck_token(conn: &Connection, txn: &JoinTxn) -> Result<(), JoinError> {
     Ok(())
 }
 
+/// The gateway's own registration under a new name: the node keeps its id, address and key,
+/// and its record is re-signed with the new name and the next serial.
+fn rename_in(
+    tx: rusqlite::Transaction<'_>,
+    node: NodeId,
+    txn: JoinTxn,
+) -> Result<Joined, JoinError> {
+    let (address, record): (String, String) = tx
+        .query_row(
+            "SELECT address, record FROM nodes WHERE node_id = ?1",
+            params![node.0 as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(db_err)?;
+    let address: IpAddr = address
+        .parse()
+        .map_err(|_| StoreError::new("a stored address does not parse", false))?;
+    if txn.requested_address.is_some_and(|a| a != address) {
+        return Err(JoinError::KeyInUse(node));
+    }
+    let old: NodeRecord = serde_json::from_str(&record).map_err(json_err)?;
+    let record = (txn.sign)(node, address, old.serial + 1).map_err(JoinError::Sign)?;
+    let body = serde_json::to_string(&record).map_err(json_err)?;
+    tx.execute(
+        "UPDATE nodes SET name = ?1, record = ?2, session_hash = ?3 WHERE node_id = ?4",
+        params![txn.name, body, txn.session_hash.as_slice(), node.0 as i64],
+    )
+    .map_err(db_err)?;
+    let rev = append(&tx, &Change::Record(record.clone())).map_err(db_err)?;
+    tx.commit().map_err(db_err)?;
+    Ok(Joined { record, rev })
+}
+
 /// How long after a token join a retry of it (same token, name and key: its answer was lost)
 /// gets the node back. Bounded, so that holders of a shared multi-use token cannot take over
 /// one another's nodes later with the public name and key.
@@ -708,6 +741,10 @@ fn join_in(conn: &mut Connection, taken: &mut Taken, txn: JoinTxn) -> Result<Joi
         .map_err(db_err)?;
     if let Some((id, revoked)) = owner {
         let node = NodeId(id as u64);
+        if !revoked && txn.token.is_none() {
+            // The gateway's own node after its `[node] name` changed: same key, same node.
+            return rename_in(tx, node, txn);
+        }
         return Err(if revoked {
             JoinError::KeyRevoked(node)
         } else {

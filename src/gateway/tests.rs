@@ -368,6 +368,35 @@ fn a_join_retried_after_a_lost_answer_gets_the_same_node_and_a_fresh_session() {
 }
 
 #[test]
+fn a_gateway_renamed_in_its_config_keeps_its_node_and_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(&dir);
+    // As the gateway registers itself: its configured address, nothing reserved.
+    let mut own = txn(None, "gw-old", 9, NOW);
+    own.requested_address = Some("10.100.0.1".parse().unwrap());
+    own.reserved = Vec::new();
+    own.sign = sign("gw-old", key(9));
+    let first = store.join_blocking(own).unwrap();
+    let mut renamed = txn(None, "gw-new", 9, NOW + 60);
+    renamed.requested_address = Some("10.100.0.1".parse().unwrap());
+    renamed.reserved = Vec::new();
+    renamed.sign = sign("gw-new", key(9));
+    let again = store.join_blocking(renamed).unwrap();
+    assert_eq!(again.record.node_id, first.record.node_id);
+    assert_eq!(again.record.name, "gw-new");
+    assert_eq!(again.record.addresses, first.record.addresses);
+    assert_eq!(again.record.serial, first.record.serial + 1);
+    // A token join with that key is still refused: the key is the gateway's.
+    let t = token(&store, "00000000000000d6", 1, NOW + 3600);
+    let mut stolen = txn(Some(("00000000000000d6", &t)), "evil", 9, NOW + 60);
+    stolen.sign = sign("evil", key(9));
+    assert!(matches!(
+        store.join_blocking(stolen),
+        Err(JoinError::KeyInUse(_))
+    ));
+}
+
+#[test]
 fn a_shared_token_cannot_take_over_its_node_once_the_retry_window_has_passed() {
     let dir = tempfile::tempdir().unwrap();
     let store = new_store(&dir);
