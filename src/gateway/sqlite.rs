@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::store::{
     AdvertError, Change, Compacted, JoinError, JoinTxn, Joined, KEEP_CHANGES, KEEP_CHANGES_FOR_S,
-    NewToken, NodeRow, State, Store, StoreError,
+    NewToken, NodeRow, State, Store, StoreError, TokenClaim,
 };
 use crate::core::coord::{Advert, NodeId, NodeRecord, Revocation, SignerCert};
 
@@ -562,13 +562,8 @@ fn assignable(pool: ipnet::IpNet, address: IpAddr) -> bool {
     }
 }
 
-/// The token checks a join can fail without the write lock: anyone can send a join, and an
-/// unknown, forged, expired or spent token must not queue behind (or hold up) real writes.
-/// Passing is re-checked inside the write transaction.
-fn precheck_token(conn: &Connection, txn: &JoinTxn) -> Result<(), JoinError> {
-    let Some(claim) = &txn.token else {
-        return Ok(());
-    };
+/// A token's remaining uses, once its secret matches the stored hash and it has not expired.
+fn token_uses_left(conn: &Connection, claim: &TokenClaim, now: u64) -> Result<i64, JoinError> {
     let row: Option<(Vec<u8>, i64, i64)> = conn
         .query_row(
             "SELECT hash, expires_at, uses_left FROM tokens WHERE id = ?1",
@@ -583,10 +578,20 @@ fn precheck_token(conn: &Connection, txn: &JoinTxn) -> Result<(), JoinError> {
     if !same_hash(&hash, &claim.hash) {
         return Err(JoinError::UnknownToken);
     }
-    if txn.now > expires_at as u64 {
+    if now > expires_at as u64 {
         return Err(JoinError::TokenExpired);
     }
-    if uses_left <= 0 {
+    Ok(uses_left)
+}
+
+/// The token checks a join can fail without the write lock: anyone can send a join, and an
+/// unknown, forged, expired or spent token must not queue behind (or hold up) real writes.
+/// Passing is re-checked inside the write transaction.
+fn precheck_token(conn: &Connection, txn: &JoinTxn) -> Result<(), JoinError> {
+    let Some(claim) = &txn.token else {
+        return Ok(());
+    };
+    if token_uses_left(conn, claim, txn.now)? <= 0 {
         // Spent, unless this is a retry of the join that spent it.
         let retry = conn
             .query_row(
@@ -650,27 +655,10 @@ fn join_in(conn: &mut Connection, taken: &mut Taken, txn: JoinTxn) -> Result<Joi
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(db_err)?;
-    let mut uses_left = 0;
-    if let Some(claim) = &txn.token {
-        let row: Option<(Vec<u8>, i64, i64)> = tx
-            .query_row(
-                "SELECT hash, expires_at, uses_left FROM tokens WHERE id = ?1",
-                params![claim.id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()
-            .map_err(db_err)?;
-        let Some((hash, expires_at, left)) = row else {
-            return Err(JoinError::UnknownToken);
-        };
-        if !same_hash(&hash, &claim.hash) {
-            return Err(JoinError::UnknownToken);
-        }
-        if txn.now > expires_at as u64 {
-            return Err(JoinError::TokenExpired);
-        }
-        uses_left = left;
-    }
+    let uses_left = match &txn.token {
+        Some(claim) => token_uses_left(&tx, claim, txn.now)?,
+        None => 0,
+    };
     // A live node of that name. Only the gateway's own start-up (no token) and a retry of the
     // token join that made it (its answer was lost) get it back; any other token join would
     // take over the node's session with nothing but its public name and key.
