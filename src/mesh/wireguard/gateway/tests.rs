@@ -282,6 +282,29 @@ fn token(cluster: &Cluster, url: &str) -> String {
     .to_string()
 }
 
+/// A node's state directory with a token for the gateway at `url` in it.
+fn token_dir(cluster: &Cluster, url: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token(cluster, url)).unwrap();
+    (dir, token_file)
+}
+
+/// A node that joined the gateway at `url`, followed it until its cache was written, and
+/// stopped.
+async fn joined_then_stopped(cluster: &Cluster, url: &str) -> (tempfile::TempDir, PathBuf) {
+    let (dir, token_file) = token_dir(cluster, url);
+    let (recheck, _rechecks) = Recheck::channel();
+    let first = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck, no_gpus())
+        .await
+        .unwrap()
+        .unwrap();
+    until("the snapshot", || first.shared.mode() == Mode::Live).await;
+    until("the cache", || cache_path(dir.path()).exists()).await;
+    drop(first);
+    (dir, token_file)
+}
+
 async fn until(what: &str, mut done: impl FnMut() -> bool) {
     for _ in 0..200 {
         if done() {
@@ -310,9 +333,7 @@ fn mode_of(path: &Path) -> u32 {
 async fn a_node_with_a_token_joins_keeps_a_private_session_and_follows_the_peer_set() {
     let cluster = cluster();
     let gw = gateway(&cluster, cluster.snapshot(1, &[1, 2, 3])).await;
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, token(&cluster, &gw.url)).unwrap();
+    let (dir, token_file) = token_dir(&cluster, &gw.url);
     let (recheck, mut rechecks) = Recheck::channel();
     let gpus = crate::mesh::GpuSummaryCell::default();
 
@@ -399,9 +420,7 @@ async fn a_node_with_a_token_joins_keeps_a_private_session_and_follows_the_peer_
 async fn a_peer_refused_from_a_delta_arrives_with_the_next_snapshot_without_a_snapshot_storm() {
     let cluster = cluster();
     let gw = gateway(&cluster, cluster.snapshot(1, &[1, 2, 3])).await;
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, token(&cluster, &gw.url)).unwrap();
+    let (dir, token_file) = token_dir(&cluster, &gw.url);
     let (recheck, _rechecks) = Recheck::channel();
     let node = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck, no_gpus())
         .await
@@ -469,9 +488,7 @@ async fn a_node_restarted_with_its_clock_stepped_back_still_gets_its_services_ad
     // Adverts from before the restart, an hour ahead of this node's clock now.
     let last = unix_now_ms() + 3_600_000;
     gw.seen.lock().unwrap().advert_last = last;
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, token(&cluster, &gw.url)).unwrap();
+    let (dir, token_file) = token_dir(&cluster, &gw.url);
     let (recheck, _rechecks) = Recheck::channel();
     let node = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck, no_gpus())
         .await
@@ -593,9 +610,7 @@ async fn a_join_whose_answer_was_lost_is_retried_with_the_same_token_and_a_refus
         .unwrap()
         .join_plan
         .push_back(JoinAnswer::Lost);
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, token(&cluster, &gw.url)).unwrap();
+    let (dir, token_file) = token_dir(&cluster, &gw.url);
     let (recheck, _rechecks) = Recheck::channel();
     let config = config(dir.path(), &token_file);
 
@@ -660,22 +675,8 @@ async fn a_join_whose_answer_was_lost_is_retried_with_the_same_token_and_a_refus
 async fn a_restarted_node_runs_on_its_cached_peers_while_no_gateway_answers() {
     let cluster = cluster();
     let gw = gateway(&cluster, cluster.snapshot(1, &[1, 2, 3])).await;
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, token(&cluster, &gw.url)).unwrap();
+    let (dir, token_file) = joined_then_stopped(&cluster, &gw.url).await;
     let (recheck, _rechecks) = Recheck::channel();
-    let first = Coordinator::start(
-        &config(dir.path(), &token_file),
-        &me(),
-        recheck.clone(),
-        no_gpus(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    until("the snapshot", || first.shared.mode() == Mode::Live).await;
-    until("the cache", || cache_path(dir.path()).exists()).await;
-    drop(first);
 
     // The gateway is gone: the session points at a closed port.
     let mut session = load_session(dir.path()).unwrap().unwrap();
@@ -877,22 +878,8 @@ async fn nodes_joining_the_real_gateway_see_each_other_find_services_in_one_requ
 async fn a_node_that_left_part_of_its_cache_out_gets_the_real_record_back_from_the_gateway() {
     let cluster = cluster();
     let gw = gateway(&cluster, cluster.snapshot(1, &[1, 2, 3])).await;
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, token(&cluster, &gw.url)).unwrap();
+    let (dir, token_file) = joined_then_stopped(&cluster, &gw.url).await;
     let (recheck, _rechecks) = Recheck::channel();
-    let first = Coordinator::start(
-        &config(dir.path(), &token_file),
-        &me(),
-        recheck.clone(),
-        no_gpus(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    until("the snapshot", || first.shared.mode() == Mode::Live).await;
-    until("the cache", || cache_path(dir.path()).exists()).await;
-    drop(first);
     // node-2's record is forged in the cache; the gateway's cursor has not moved since.
     let path = cache_path(dir.path());
     let mut json: serde_json::Value =
