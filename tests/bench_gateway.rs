@@ -61,47 +61,21 @@ const WAIT_S: u32 = 25;
 type Https = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 fn gateway_config(lab: &Lab, dir: &Path) -> String {
-    let d = dir.display();
-    format!(
-        r#"
-[node]
-name = "gateway"
-state_dir = "{d}/state"
-runtime_dir = "{d}/run"
-
-[api]
-socket = "{d}/run/clawnode.sock"
-
-[network]
-provider = "wireguard"
-
-[network.wireguard]
-interface = "{iface}"
-backend = "userspace"
-listen_port = 51820
-mesh_cidr = "{MESH}"
-address = "{GATEWAY_IP}/15"
-private_key_file = "{d}/wg.key"
-peers_dir = "{d}/peers.d"
-
-[gateway]
-enabled = true
-listen = "127.0.0.1:{PORT}"
-public_url = "https://127.0.0.1:{PORT}"
-
-[gpu]
-enabled = false
-"#,
-        iface = lab.iface(0)
+    gateway::host_config(
+        lab,
+        0,
+        dir,
+        MESH,
+        &format!(
+            "address = \"{GATEWAY_IP}/15\"\n\n[gateway]\nenabled = true\n\
+             listen = \"127.0.0.1:{PORT}\"\npublic_url = \"https://127.0.0.1:{PORT}\""
+        ),
     )
 }
 
 /// A gateway daemon, fresh state, started and READY.
 fn start_gateway(lab: &Lab) -> Node {
-    let mut node = Node::prepare(|d| {
-        std::fs::create_dir_all(d.join("peers.d")).unwrap();
-        gateway_config(lab, d)
-    });
+    let mut node = Node::prepare(|d| gateway_config(lab, d));
     cli_ok(&node, &["gateway", "init"]);
     node.launch_in(Some(lab.ns(0)), &[]);
     node.recv_until("READY=1", Duration::from_secs(60));

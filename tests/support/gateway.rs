@@ -19,6 +19,13 @@ pub const GATEWAY_MESH_IP: &str = "198.51.100.1";
 
 /// The `[network.wireguard]` part every lab host shares, with `extra` lines appended.
 fn wireguard_table(lab: &Lab, i: usize, dir: &Path, extra: &str) -> String {
+    let extra = format!("node_info_port = 51821\nreconcile_interval = \"1s\"\n{extra}");
+    host_config(lab, i, dir, MESH_CIDR, &extra)
+}
+
+/// A lab host's whole config on `mesh_cidr`, with `extra` lines in `[network.wireguard]`
+/// (they may open further tables after it).
+pub fn host_config(lab: &Lab, i: usize, dir: &Path, mesh_cidr: &str, extra: &str) -> String {
     std::fs::create_dir_all(dir.join("peers.d")).expect("peers.d");
     let d = dir.display();
     format!(
@@ -38,11 +45,9 @@ provider = "wireguard"
 interface = "{iface}"
 backend = "userspace"
 listen_port = 51820
-mesh_cidr = "{MESH_CIDR}"
+mesh_cidr = "{mesh_cidr}"
 private_key_file = "{d}/wg.key"
-node_info_port = 51821
 peers_dir = "{d}/peers.d"
-reconcile_interval = "1s"
 {extra}
 
 [gpu]
