@@ -73,6 +73,40 @@ fn gateway_config(lab: &Lab, dir: &Path) -> String {
     )
 }
 
+/// The gateway's steady RSS with `nodes` long-polling, and what each node adds.
+fn rss_figure(figures: &mut Figures, nodes: usize, steady_kb: u64, idle_kb: u64, target: &str) {
+    figures.add(
+        format!("gateway RSS with {nodes} long-polling nodes"),
+        format!(
+            "{} ({:.1} KiB per node over idle {})",
+            mib(steady_kb),
+            steady_kb.saturating_sub(idle_kb) as f64 / nodes as f64,
+            mib(idle_kb)
+        ),
+        target,
+    );
+}
+
+/// How long `adverts` changes took to reach all `nodes`: (p50, p99, max, missed).
+fn propagation_figure(
+    figures: &mut Figures,
+    nodes: usize,
+    adverts: usize,
+    (p50, p99, max, missed): (Duration, Duration, Duration, usize),
+    target: &str,
+) {
+    figures.add(
+        format!("change applied by all {nodes} ({adverts} adverts)"),
+        format!(
+            "p50 {} p99 {} max {} ({missed} missed)",
+            ms(p50),
+            ms(p99),
+            ms(max)
+        ),
+        target,
+    );
+}
+
 /// A gateway daemon, fresh state, started and READY.
 fn start_gateway(lab: &Lab) -> Node {
     let mut node = Node::prepare(|d| gateway_config(lab, d));
@@ -957,28 +991,21 @@ async fn bench(lab: &Lab, nofile: u64) -> Figures {
     println!("{small} first snapshots fetched in {}", ms(t.elapsed()));
     tokio::time::sleep(Duration::from_secs(3)).await;
     let steady_kb = proc_kb(pid, "VmRSS:");
-    figures.add(
-        format!("gateway RSS with {small} long-polling nodes"),
-        format!(
-            "{} ({:.1} KiB per node over idle {})",
-            mib(steady_kb),
-            steady_kb.saturating_sub(idle_kb) as f64 / small as f64,
-            mib(idle_kb)
-        ),
+    rss_figure(
+        &mut figures,
+        small,
+        steady_kb,
+        idle_kb,
         "<= 64 KiB per node, <= 128 MiB",
     );
 
     let mut seq = 1;
-    let (p50, p99, max, missed) =
-        propagation(&http, &base, &changer, &mut seq, &watch, small, 10).await;
-    figures.add(
-        format!("change applied by all {small} (10 adverts)"),
-        format!(
-            "p50 {} p99 {} max {} ({missed} missed)",
-            ms(p50),
-            ms(p99),
-            ms(max)
-        ),
+    let spread = propagation(&http, &base, &changer, &mut seq, &watch, small, 10).await;
+    propagation_figure(
+        &mut figures,
+        small,
+        10,
+        spread,
         "p50 <= 100 ms, p99 <= 500 ms",
     );
     bytes_figures(
@@ -1190,29 +1217,16 @@ async fn bench(lab: &Lab, nofile: u64) -> Figures {
         .collect();
     tokio::time::sleep(Duration::from_secs(8)).await;
     let steady_kb = proc_kb(pid, "VmRSS:");
-    figures.add(
-        format!("gateway RSS with {large} long-polling nodes"),
-        format!(
-            "{} ({:.1} KiB per node over idle {})",
-            mib(steady_kb),
-            steady_kb.saturating_sub(idle_kb) as f64 / large as f64,
-            mib(idle_kb)
-        ),
+    rss_figure(
+        &mut figures,
+        large,
+        steady_kb,
+        idle_kb,
         "none; shows growth",
     );
     let mut seq = 1;
-    let (p50, p99, max, missed) =
-        propagation(&http, &base, &changer, &mut seq, &watch, large, 5).await;
-    figures.add(
-        format!("change applied by all {large} (5 adverts)"),
-        format!(
-            "p50 {} p99 {} max {} ({missed} missed)",
-            ms(p50),
-            ms(p99),
-            ms(max)
-        ),
-        "none; shows growth",
-    );
+    let spread = propagation(&http, &base, &changer, &mut seq, &watch, large, 5).await;
+    propagation_figure(&mut figures, large, 5, spread, "none; shows growth");
     println!(
         "poll errors {}, 503s {}",
         watch.errors.load(Ordering::SeqCst),
