@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
-use base64::Engine as _;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PKCS_ED25519,
 };
+use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::GatewayError;
@@ -46,13 +46,9 @@ pub fn ca_pem(root_pkcs8: &[u8]) -> Result<String, GatewayError> {
 
 /// The first certificate in a PEM text, as DER.
 pub fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
-    let body = pem
-        .split("-----BEGIN CERTIFICATE-----")
-        .nth(1)?
-        .split("-----END CERTIFICATE-----")
-        .next()?;
-    let b64: String = body.chars().filter(|c| !c.is_whitespace()).collect();
-    base64::engine::general_purpose::STANDARD.decode(b64).ok()
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .ok()
+        .map(|der| der.to_vec())
 }
 
 /// How long a leaf is valid. Re-issued at every start that has the root key.
@@ -79,10 +75,8 @@ pub fn issue_leaf(
     leaf.distinguished_name = dn;
     leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    let (y, m, d) = civil_date(now.saturating_sub(86_400));
-    leaf.not_before = rcgen::date_time_ymd(y, m, d);
-    let (y, m, d) = civil_date(now + LEAF_VALIDITY_S);
-    leaf.not_after = rcgen::date_time_ymd(y, m, d);
+    leaf.not_before = utc(now.saturating_sub(86_400))?;
+    leaf.not_after = utc(now + LEAF_VALIDITY_S)?;
     let cert = leaf
         .signed_by(&leaf_key, &issuer)
         .map_err(|e| GatewayError::operator(format!("cannot issue the TLS certificate: {e}")))?;
@@ -115,83 +109,16 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// The UTC calendar date of a Unix time (the days-from-civil algorithm, inverted).
-fn civil_date(unix: u64) -> (i32, u8, u8) {
-    let days = (unix / 86_400) as i64 + 719_468;
-    let era = days.div_euclid(146_097);
-    let doe = days.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
-    let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
-    (year, month, day)
+fn utc(unix: u64) -> Result<time::OffsetDateTime, GatewayError> {
+    i64::try_from(unix)
+        .ok()
+        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+        .ok_or_else(|| GatewayError::operator(format!("time {unix} is out of range")))
 }
 
-/// Days since 1970-01-01 of a calendar date.
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let yoe = year.rem_euclid(400);
-    let mp = i64::from((month + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// One DER element at the start of `der`: `(tag, contents, rest)`.
-fn der_element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = der.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, &b| acc << 8 | usize::from(b));
-        (len, &rest[n..])
-    };
-    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-}
-
-/// A certificate's notAfter as a Unix time (read from the DER, so a kept `tls.crt` can be
-/// checked without the root key).
+/// A certificate's notAfter as a Unix time, so a kept `tls.crt` can be checked without the
+/// root key.
 pub fn not_after(cert_der: &[u8]) -> Option<u64> {
-    let (_, cert, _) = der_element(cert_der)?;
-    let (_, tbs, _) = der_element(cert)?;
-    let mut rest = tbs;
-    // [0] version (optional), serial, signature algorithm, issuer, then validity.
-    let (tag, _, after) = der_element(rest)?;
-    if tag == 0xa0 {
-        rest = after;
-    }
-    for _ in 0..3 {
-        rest = der_element(rest)?.2;
-    }
-    let (_, validity, _) = der_element(rest)?;
-    let (_, _, validity) = der_element(validity)?;
-    let (tag, time, _) = der_element(validity)?;
-    let text = std::str::from_utf8(time).ok()?;
-    let (year, rest) = match tag {
-        // UTCTime: YYMMDDHHMMSSZ, 1950-2049.
-        0x17 => {
-            let yy: i64 = text.get(..2)?.parse().ok()?;
-            (if yy < 50 { 2000 + yy } else { 1900 + yy }, text.get(2..)?)
-        }
-        // GeneralizedTime: YYYYMMDDHHMMSSZ.
-        0x18 => (text.get(..4)?.parse().ok()?, text.get(4..)?),
-        _ => return None,
-    };
-    let field = |at: usize| -> Option<u32> { rest.get(at..at + 2)?.parse().ok() };
-    let days = days_from_civil(year, field(0)?, field(2)?);
-    let secs = days * 86_400
-        + i64::from(field(4)?) * 3600
-        + i64::from(field(6)?) * 60
-        + i64::from(field(8)?);
-    u64::try_from(secs).ok()
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    u64::try_from(cert.validity().not_after.timestamp()).ok()
 }
