@@ -146,9 +146,19 @@ pub fn busy_response() -> Response<Full<Bytes>> {
 }
 
 fn error_response(status: u16, error: &str, retry: bool) -> Response<Full<Bytes>> {
+    error_body_response(status, error, retry, None)
+}
+
+fn error_body_response(
+    status: u16,
+    error: &str,
+    retry: bool,
+    last_seq: Option<u64>,
+) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec(&ErrorBody {
         error: error.to_owned(),
         retry,
+        last_seq,
     })
     .unwrap_or_default();
     json_response(status, Bytes::from(body))
@@ -240,7 +250,9 @@ async fn handle<S: Store>(
                     *response.status_mut() = StatusCode::NO_CONTENT;
                     response
                 }
-                Err(e @ AdvertError::Stale { .. }) => error_response(409, &e.to_string(), false),
+                Err(e @ AdvertError::Stale { last, .. }) => {
+                    error_body_response(409, &e.to_string(), false, Some(last))
+                }
                 Err(e @ AdvertError::UnknownNode) => error_response(403, &e.to_string(), false),
                 Err(AdvertError::Store(e)) => {
                     tracing::warn!(component = "gateway", error = %e, "advert not stored");

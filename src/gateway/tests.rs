@@ -959,8 +959,10 @@ async fn an_advert_with_a_stale_seq_is_refused_and_services_are_answered_from_th
     };
     let (status, _, body) = h.call("PUT", "/v1/self", Some(&bearer), advert(5)).await;
     assert_eq!(status, 204, "{}", String::from_utf8_lossy(&body));
-    let (status, _, _) = h.call("PUT", "/v1/self", Some(&bearer), advert(5)).await;
+    let (status, _, body) = h.call("PUT", "/v1/self", Some(&bearer), advert(5)).await;
     assert_eq!(status, 409);
+    // The refusal says which seq the gateway holds, for a node whose clock stepped back.
+    assert_eq!(error_of(&body).last_seq, Some(5));
     // The view catches up within the merge window.
     let mut found = Vec::new();
     for _ in 0..50 {

@@ -113,4 +113,8 @@ pub struct ServiceInstance {
 pub struct ErrorBody {
     pub error: String,
     pub retry: bool,
+    /// On a 409 to `PUT /v1/self`: the advert seq the gateway holds, so a node whose clock
+    /// stepped back continues above it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seq: Option<u64>,
 }

@@ -54,6 +54,8 @@ pub struct CallError {
     pub status: Option<u16>,
     /// The gateway's `Retry-After`, when it was overloaded.
     pub retry_after: Option<Duration>,
+    /// The advert seq the gateway holds, when it refused an advert as stale.
+    pub last_seq: Option<u64>,
 }
 
 impl CallError {
@@ -63,6 +65,7 @@ impl CallError {
             message: message.into(),
             status: None,
             retry_after: None,
+            last_seq: None,
         }
     }
 }
@@ -237,6 +240,7 @@ impl GatewayClient {
                     message: "no gateway session (the node has not joined)".into(),
                     status: None,
                     retry_after: None,
+                    last_seq: None,
                 });
             };
             request = request.header(
@@ -256,6 +260,7 @@ impl GatewayClient {
                 message: format!("bad gateway URL {url}: {e}"),
                 status: None,
                 retry_after: None,
+                last_seq: None,
             })?;
         let exchange = async {
             let response = self.http.request(request).await.map_err(|e| {
@@ -299,8 +304,8 @@ impl GatewayClient {
 /// A gateway's non-2xx answer: its `{error, retry}` body says whether retrying helps.
 fn refusal(url: &str, status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> CallError {
     let parsed: Option<ErrorBody> = serde_json::from_slice(body).ok();
-    let (message, retry) = match parsed {
-        Some(e) => (e.error, e.retry),
+    let (message, retry, last_seq) = match parsed {
+        Some(e) => (e.error, e.retry, e.last_seq),
         None => (
             status.canonical_reason().unwrap_or("error").to_string(),
             // Not the gateway's own answer (a proxy's, say): only a timeout or overload
@@ -308,6 +313,7 @@ fn refusal(url: &str, status: StatusCode, retry_after: Option<Duration>, body: &
             status.is_server_error()
                 || status == StatusCode::TOO_MANY_REQUESTS
                 || status == StatusCode::REQUEST_TIMEOUT,
+            None,
         ),
     };
     CallError {
@@ -319,6 +325,7 @@ fn refusal(url: &str, status: StatusCode, retry_after: Option<Duration>, body: &
         message: format!("gateway {url} refused ({}): {message}", status.as_u16()),
         status: Some(status.as_u16()),
         retry_after,
+        last_seq,
     }
 }
 

@@ -29,9 +29,7 @@ use crate::core::{Failure, Retry};
 use crate::mesh::Recheck;
 use crate::mesh::live::GatewayDoc;
 
-use crate::core::coord::client::{
-    AdvertContent, Adverts, GwPeer, Rotation, retry_delay, stale_advert_last,
-};
+use crate::core::coord::client::{AdvertContent, Adverts, GwPeer, Rotation, retry_delay};
 pub use client::{Answer, CallError, GatewayClient, Raw};
 
 /// How long a node without a cache waits for its first peer set before it reports ready.
@@ -539,6 +537,7 @@ pub async fn discover(
         message: "the gateway session names no gateway".into(),
         status: None,
         retry_after: None,
+        last_seq: None,
     }))
 }
 
@@ -796,7 +795,7 @@ async fn send_advert(
         match client.put_self(url, &advert).await {
             Ok(()) => return adverts.sent(content, seq),
             Err(e) => {
-                if let Some(last) = stale_advert_last(&e.message).filter(|_| e.status == Some(409))
+                if let Some(last) = e.last_seq.filter(|_| e.status == Some(409))
                     && last >= seq
                 {
                     tracing::info!(component = "gateway-client", gateway = %url, seq, last, "the gateway holds a newer advert of this node (clock stepped back?); continuing above it");

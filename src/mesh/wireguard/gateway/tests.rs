@@ -182,6 +182,7 @@ async fn gateway(cluster: &Cluster, update: Update) -> Gateway {
                                         serde_json::to_vec(&coord::ErrorBody {
                                             error: error.to_string(),
                                             retry: false,
+                                            last_seq: None,
                                         })
                                         .unwrap(),
                                     ),
@@ -214,6 +215,7 @@ async fn gateway(cluster: &Cluster, update: Update) -> Gateway {
                                     let body = coord::ErrorBody {
                                         error: stale.to_string(),
                                         retry: false,
+                                        last_seq: Some(seen.advert_last),
                                     };
                                     (StatusCode::CONFLICT, serde_json::to_vec(&body).unwrap())
                                 } else {
