@@ -132,6 +132,9 @@ enabled = false
 [services.molt-provider]
 port = 8443
 mode = "tcp"
+# Nothing listens behind it: node-info lists only healthy services.
+[services.molt-provider.check]
+type = "none"
 "#,
         iface = lab.iface(0),
         ip = mesh_ip(0),

@@ -1,4 +1,6 @@
-//! Measurements the README reports: exec → READY=1 with the fake provider, idle RSS, idle CPU.
+//! Measurements the README reports: exec → READY=1 with the fake provider, idle RSS, idle CPU,
+//! and the same idle figures for a daemon whose two services are health-checked against one
+//! whose checks are off.
 //! Figures only, no thresholds (these machines are noisy). Run:
 //! `cargo test --release --features test-fakes --test footprint -- --ignored --nocapture`
 
@@ -50,45 +52,109 @@ fn footprint_exec_to_ready_idle_rss_and_idle_cpu() {
         ready_median.as_secs_f64() / ref_median.as_secs_f64()
     );
 
-    let node = Node::start(|d| fake_config(d, "", ""), &[]);
-    node.recv_until("READY=1", Duration::from_secs(10));
+    // Idle: the daemon as above, and the same two services checked (tcp, every 5 s, both
+    // healthy) and unchecked (type = "none"), side by side over the same window.
+    let ports = [serve_forever(), serve_forever()];
+    let base = Node::start(|d| fake_config(d, "", ""), &[]);
+    let checked = Node::start(
+        |d| two_services(d, ports, "type = \"tcp\"\ninterval = \"5s\""),
+        &[],
+    );
+    let unchecked = Node::start(|d| two_services(d, ports, "type = \"none\""), &[]);
+    for node in [&base, &checked, &unchecked] {
+        node.recv_until("READY=1", Duration::from_secs(10));
+    }
     std::thread::sleep(Duration::from_secs(2));
-    let pid = node.pid().as_raw();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        status
+    let field = |pid: i32, name: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
             .lines()
             .find_map(|l| l.strip_prefix(name))
             .map(|v| v.trim().to_string())
             .unwrap_or_default()
     };
+    let pids = [
+        base.pid().as_raw(),
+        checked.pid().as_raw(),
+        unchecked.pid().as_raw(),
+    ];
+    let pid = pids[0];
     println!(
         "idle RSS: VmRSS {}, VmHWM {}, threads {}",
-        field("VmRSS:"),
-        field("VmHWM:"),
-        field("Threads:")
+        field(pid, "VmRSS:"),
+        field(pid, "VmHWM:"),
+        field(pid, "Threads:")
     );
+    let rss = pids.map(support::rss_kb);
 
     let window = Duration::from_secs(60);
-    let before = cpu_ticks(pid);
-    let before_ns = cpu_ns(pid);
+    let before = pids.map(cpu_ticks);
+    let before_ns = pids.map(cpu_ns);
     std::thread::sleep(window);
-    let after = cpu_ticks(pid);
-    let after_ns = cpu_ns(pid);
+    let after = pids.map(cpu_ticks);
+    let after_ns = pids.map(cpu_ns);
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .unwrap()
         .unwrap_or(100) as f64;
-    let cpu = (after - before) as f64 / hz;
+    let cpu = |i: usize| (after[i] - before[i]) as f64 / hz;
+    let cpu_fine = |i: usize| cpu_ns_delta(&before_ns[i], &after_ns[i]) as f64 / 1e9;
     println!(
-        "idle CPU over {} s: {cpu:.3} CPU-seconds from utime+stime (clock tick {:.0} ms), {:.6} CPU-seconds from schedstat",
+        "idle CPU over {} s: {:.3} CPU-seconds from utime+stime (clock tick {:.0} ms), {:.6} CPU-seconds from schedstat",
         window.as_secs(),
+        cpu(0),
         1000.0 / hz,
-        cpu_ns_delta(&before_ns, &after_ns) as f64 / 1e9
+        cpu_fine(0)
     );
-    assert!(
-        std::fs::metadata(format!("/proc/{pid}")).is_ok(),
-        "daemon still running"
+    println!(
+        "health checks at idle (2 services, same window): with tcp checks every 5 s: VmRSS {} kB, CPU {:.6} s (schedstat), {} checks; with type = \"none\": VmRSS {} kB, CPU {:.6} s; ratio RSS {:.3}, CPU {:.2} (target: nothing measurable, within the noise of two identical daemons)",
+        rss[1],
+        cpu_fine(1),
+        checks_run(&checked),
+        rss[2],
+        cpu_fine(2),
+        rss[1] as f64 / rss[2] as f64,
+        cpu_fine(1) / cpu_fine(2).max(1e-9)
     );
+    for pid in pids {
+        assert!(
+            std::fs::metadata(format!("/proc/{pid}")).is_ok(),
+            "daemon still running"
+        );
+    }
+}
+
+/// A loopback port that accepts (and closes) every connection for the rest of the test.
+fn serve_forever() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+    port
+}
+
+/// The fake mesh with two services on `ports`, both checked with `check` (keys of the
+/// `[services.<name>.check]` table).
+fn two_services(d: &std::path::Path, ports: [u16; 2], check: &str) -> String {
+    let base = fake_config(d, "", "");
+    // fake_config's own molt-provider (unchecked, on 8443) is replaced by the two below.
+    let head = &base[..base.find("[services.molt-provider]").unwrap()];
+    format!(
+        "{head}[services.gateway]\nport = {}\nmode = \"tcp\"\n[services.gateway.check]\n{check}\n\n[services.molt-provider]\nport = {}\nmode = \"tcp\"\nrequires_gpus = false\n[services.molt-provider.check]\n{check}\n",
+        ports[0], ports[1]
+    )
+}
+
+/// How many checks the daemon ran, summed over its services (`status --json`).
+fn checks_run(node: &Node) -> u64 {
+    let out = node.cli(&["status", "--json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    doc["services"]["checks"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c["checks"].as_u64()).sum())
+        .unwrap_or(0)
 }
 
 fn cpu_ticks(pid: i32) -> u64 {

@@ -86,7 +86,7 @@ fn good_reload_sends_reloading_with_monotonic_usec_then_ready_and_applies_the_ch
     node.rewrite_config(&fake_config(
         node.dir.path(),
         "",
-        "[services.gateway]\nport = 443\nmode = \"tcp\"\n",
+        "[services.gateway]\nport = 443\nmode = \"tcp\"\n[services.gateway.check]\ntype = \"none\"\n",
     ));
     let before = support::monotonic_usec();
     node.signal(Signal::SIGHUP);

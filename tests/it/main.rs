@@ -18,6 +18,7 @@ mod doctor;
 mod gateway_mesh;
 mod gpu;
 mod journald;
+mod service_health;
 mod tailscale_localapi;
 mod tailscale_mesh;
 mod unit_file;

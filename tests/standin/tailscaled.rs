@@ -1,6 +1,8 @@
 //! The stand-in tailscaled (tests/support/tailscaled.rs) as a program, for the VM test: it
 //! serves the LocalAPI on <socket> and keeps <record> current with every call and every auth
-//! key it was given, so the guest can check what the sandboxed unit sent. Build:
+//! key it was given, and what is advertised now (`advertised <AdvertiseServices JSON>`,
+//! `served <serve-config Services names JSON>`), so the guest can check what the sandboxed
+//! unit sent. Build:
 //! `cargo build --features test-fakes --example tailscaled-standin`
 //! Usage: tailscaled-standin <socket> <record> [operator]
 //! (operator: the `OperatorUser` pref, the one non-root user whose writes it takes; default
@@ -32,7 +34,17 @@ fn main() {
             let calls = s.calls.iter().map(|c| format!("call {c}\n"));
             let keys = s.auth_keys.iter().map(|k| format!("authkey {k}\n"));
             let state = format!("state {}\n", s.backend_state);
-            calls.chain(keys).chain([state]).collect::<String>()
+            // What is advertised now, for the guest's health-check assertions.
+            let advertised = format!("advertised {}\n", s.prefs["AdvertiseServices"]);
+            let served: Vec<&String> = s.serve["Services"]
+                .as_object()
+                .map(|m| m.keys().collect())
+                .unwrap_or_default();
+            let served = format!("served {}\n", serde_json::json!(served));
+            calls
+                .chain(keys)
+                .chain([state, advertised, served])
+                .collect::<String>()
         });
         if written.as_ref() != Some(&text) {
             let partial = Path::new(&record).with_extension("partial");

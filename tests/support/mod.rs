@@ -20,6 +20,9 @@ pub mod tailscaled;
 pub const BIN: &str = env!("CARGO_BIN_EXE_clawnode");
 
 /// A config for the fake mesh with `extra` appended (TOML tables that do not clash).
+/// Nothing listens on molt-provider's port and no GPU is usable here, so its health check is
+/// off and it needs no GPU: tests of something else see it advertised as before. Tests of
+/// health checks write their own `[services]` (see tests/it/service_health.rs).
 pub fn fake_config(dir: &Path, network_fake: &str, extra: &str) -> String {
     let d = dir.display();
     format!(
@@ -46,6 +49,9 @@ nvml_library = "{d}/no-such-dir/libnvidia-ml.so.1"
 [services.molt-provider]
 port = 8443
 mode = "tcp"
+requires_gpus = false
+[services.molt-provider.check]
+type = "none"
 {extra}
 "#
     )
@@ -314,8 +320,6 @@ impl Drop for Node {
     }
 }
 
-/// True if any line of any datagram starts with `prefix`.
-/// Poll `done` until it holds; fails after `timeout` with `what` and the node's log.
 /// A TCP port on loopback that nothing listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -325,6 +329,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Poll `done` until it holds; fails after `timeout` with `what` and the node's log.
 pub fn wait_until(timeout: Duration, what: &str, node: &Node, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
@@ -346,6 +351,7 @@ pub fn succeeded(out: &Output) {
     );
 }
 
+/// True if any line of any datagram starts with `prefix`.
 pub fn has(datagrams: &[Vec<String>], prefix: &str) -> bool {
     datagrams.iter().flatten().any(|l| l.starts_with(prefix))
 }

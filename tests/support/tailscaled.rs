@@ -53,6 +53,10 @@ pub struct State {
     pub login_ends_in: String,
     /// Every call, as "METHOD /path".
     pub calls: Vec<String>,
+    /// What each accepted write left advertised, in order: `prefs [AdvertiseServices...]`
+    /// after a PATCH of prefs, `serve [Services names...]` after a serve-config POST. A test
+    /// reads from it whether a service was ever advertised, however briefly.
+    pub advertised_history: Vec<String>,
     pub auth_keys: Vec<String>,
     /// Called between a serve-config GET and the next POST, to play another writer.
     pub before_next_serve_post: Option<ServeEdit>,
@@ -91,6 +95,7 @@ impl State {
             approved: Vec::new(),
             login_ends_in: "Running".into(),
             calls: Vec::new(),
+            advertised_history: Vec::new(),
             auth_keys: Vec::new(),
             before_next_serve_post: None,
             peers: Vec::new(),
@@ -543,6 +548,8 @@ async fn route(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Response<Bo
                     s.prefs[key] = value.clone();
                 }
             }
+            let now = format!("prefs {}", s.prefs["AdvertiseServices"]);
+            s.advertised_history.push(now);
             json_response(StatusCode::OK, &s.prefs)
         }
         (Method::POST, "/localapi/v0/start") => {
@@ -551,6 +558,8 @@ async fn route(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Response<Bo
             };
             if let Some(prefs) = options.get("UpdatePrefs").filter(|p| p.is_object()) {
                 s.prefs = prefs.clone();
+                let now = format!("prefs {}", s.prefs["AdvertiseServices"]);
+                s.advertised_history.push(now);
                 // Control accepts the requested tags (the auth key allows them, in this play).
                 s.tags = prefs["AdvertiseTags"]
                     .as_array()
@@ -599,6 +608,12 @@ async fn route(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Response<Bo
             match serde_json::from_slice::<Value>(&body) {
                 Ok(config) => {
                     s.serve = config;
+                    let names: Vec<&String> = s.serve["Services"]
+                        .as_object()
+                        .map(|m| m.keys().collect())
+                        .unwrap_or_default();
+                    let now = format!("serve {}", json!(names));
+                    s.advertised_history.push(now);
                     empty(StatusCode::OK)
                 }
                 Err(e) => json_response(

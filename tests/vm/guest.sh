@@ -312,6 +312,18 @@ CONF
     && pass tailscale_ready_as_the_operator_user || fail tailscale_ready_as_the_operator_user "$st"
   echo "daemon runs as: $(user_of "$(main_pid)")"
   check credential_key_reached_tailscaled grep -qx "authkey $key" /root/ts-record
+  # Health gating: nothing listens on 8443 yet, so molt-provider's default check (a TCP connect
+  # to 127.0.0.1:8443) fails and it is not advertised, while the node stays ready and STATUS
+  # names it. perl-base (Essential, in every Debian) stands in for the service.
+  check unhealthy_named_in_status wait_for 15 '[[ $(status_text) == "ready: "*"molt-provider unhealthy (connect refused)"* ]]'
+  echo "StatusText: $(status_text)"
+  check unhealthy_not_advertised bash -c "! grep -q 'svc:molt-provider' /root/ts-record"
+  perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => "127.0.0.1:8443", Listen => 16, ReuseAddr => 1) or die "listen: $!"; while (my $c = $s->accept) { close $c }' &
+  listener=$!
+  # interval 5s x rise 2 + 1 s, plus slack for TCG and the record's 100 ms refresh.
+  check healthy_advertised wait_for 20 "grep -qx 'advertised \\[\"svc:molt-provider\"\\]' /root/ts-record && grep -qx 'served \\[\"svc:molt-provider\"\\]' /root/ts-record"
+  echo "StatusText: $(status_text)"
+  check healthy_named_in_status bash -c '[[ $(systemctl show -p StatusText --value clawnode) == *"advertising molt-provider"* ]]'
   check advertised_through_serve_config grep -qx 'call POST /localapi/v0/serve-config' /root/ts-record
   check credential_key_not_logged bash -c "! journalctl -b --no-pager -o cat | grep -qF '${key#tskey-auth-}'"
   posts=$(grep -c 'call POST /localapi/v0/serve-config' /root/ts-record)
@@ -331,6 +343,7 @@ CONF
   [[ $(systemctl is-active clawnode) == active && $st == "ready: tailscale 100."* && $(user_of "$(main_pid)") == root ]] \
     && pass tailscale_ready_as_root_with_the_drop_in || fail tailscale_ready_as_root_with_the_drop_in "$st"
   systemctl stop clawnode
+  kill "$listener"
   rm -rf /etc/systemd/system/clawnode.service.d /etc/clawbernetes/ts-authkey
   cp /root/wg.toml /etc/clawbernetes/clawbernetes.toml
   systemctl daemon-reload
