@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, ComponentDoc, ErrorDoc, GpuDoc, MeshDoc, ServicesDoc, StatusDoc};
 use crate::config::{self, Config, ProviderKind};
+use crate::core::health::Health;
 use crate::core::{Backoff, Command, Component, ComponentView, ReloadPlan, Retry, Supervisor};
 use crate::gpu::{GpuInventory, GpuProbe, Monitor, Report};
 use crate::logging::LogHandle;
@@ -91,6 +92,7 @@ impl Daemon {
         );
         let clock = Clock::now();
         let gpu_required = config.gpu.required;
+        let health = Health::new(&config.services, &config.gpu, clock.instant);
         Self {
             config_path,
             config: Arc::new(config),
@@ -98,6 +100,7 @@ impl Daemon {
                 Backoff::DEFAULT,
                 components.watchdog_interval,
                 gpu_required,
+                health,
                 clock.instant,
             ),
             mesh: Arc::new(tokio::sync::Mutex::new(components.mesh)),
@@ -144,6 +147,8 @@ impl Daemon {
                         let error = self.withdraw().await;
                         self.core.handle_withdrawn(error, Instant::now());
                     }
+                    // The probe runner is not wired here yet (issue 14, shell part).
+                    Command::Check(_) => {}
                     Command::Exit(code) => {
                         self.publish_status();
                         tracing::info!(code, "clawnode stopped");

@@ -111,6 +111,25 @@ pub(super) struct RawService {
     pub mode: Option<String>,
     pub tls: Option<bool>,
     pub tls_cert: Option<bool>,
+    pub requires_gpus: Option<bool>,
+    pub check: Option<RawCheck>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawCheck {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub target: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub rise: Option<i64>,
+    pub fall: Option<i64>,
+    pub path: Option<String>,
+    pub expect: Option<String>,
+    pub scheme: Option<String>,
+    pub tls_skip_verify: Option<bool>,
+    pub server_name: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -120,6 +139,8 @@ pub(super) struct RawGpu {
     pub required: Option<bool>,
     pub nvml_library: Option<String>,
     pub poll_interval: Option<String>,
+    pub unhealthy_xids: Option<Vec<i64>>,
+    pub xid_hold: Option<String>,
 }
 
 #[derive(Default, Deserialize)]

@@ -1,6 +1,7 @@
 //! The validated configuration: every default filled in, every value checked.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -129,21 +130,114 @@ pub enum IdTokenSource {
     Audience(String),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuConfig {
     pub enabled: bool,
     /// The node is not ready while no GPU can be probed.
     pub required: bool,
     pub nvml_library: Option<PathBuf>,
     pub poll_interval: Duration,
+    /// XID codes after which a GPU counts as unusable until `xid_hold` has passed since the
+    /// last one (or a reload).
+    pub unhealthy_xids: BTreeSet<u64>,
+    pub xid_hold: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The defaults of an empty `[gpu]` table.
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            enabled: true,
+            required: false,
+            nvml_library: None,
+            poll_interval: Duration::from_secs(10),
+            unhealthy_xids: DEFAULT_UNHEALTHY_XIDS.into_iter().collect(),
+            xid_hold: Duration::from_secs(60 * 60),
+        }
+    }
+}
+
+/// The XIDs NVIDIA's catalog (docs.nvidia.com/deploy/xid-errors) says need a GPU reset or a
+/// reboot: 48 double-bit ECC, 63/64 row remapping pending or failed, 74 NVLink, 79 fell off
+/// the bus, 94/95 contained/uncontained ECC, 119/120 GSP.
+pub const DEFAULT_UNHEALTHY_XIDS: [u64; 9] = [48, 63, 64, 74, 79, 94, 95, 119, 120];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub port: u16,
     pub mode: ServiceMode,
     /// Fetch a TLS certificate for the service's MagicDNS name (tailscale provider only).
     pub tls_cert: bool,
+    /// Unhealthy while no GPU is usable, whatever its check says.
+    pub requires_gpus: bool,
+    pub check: CheckSpec,
+}
+
+/// `[services.<name>.check]`: how the service's health is probed and how results count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckSpec {
+    pub kind: CheckKind,
+    pub interval: Duration,
+    /// A probe never runs longer; at most `interval`.
+    pub timeout: Duration,
+    /// Consecutive successes that turn an unhealthy service healthy.
+    pub rise: u32,
+    /// Consecutive failures that turn a healthy service unhealthy.
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// Not checked: always healthy (still subject to the GPU gate).
+    None,
+    Tcp {
+        target: SocketAddr,
+    },
+    Http(HttpCheck),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpCheck {
+    pub target: SocketAddr,
+    pub path: String,
+    /// Inclusive range of statuses that count as healthy.
+    pub expect: (u16, u16),
+    /// `None`: plain http.
+    pub tls: Option<HttpsCheck>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpsCheck {
+    pub skip_verify: bool,
+    /// SNI and the name verified against the system roots.
+    pub server_name: String,
+}
+
+/// "tcp 127.0.0.1:8443", "http GET http://127.0.0.1:8080/healthz expect 200-399", "none".
+impl fmt::Display for CheckKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CheckKind::None => f.write_str("none"),
+            CheckKind::Tcp { target } => write!(f, "tcp {target}"),
+            CheckKind::Http(http) => {
+                let scheme = if http.tls.is_some() { "https" } else { "http" };
+                write!(f, "http GET {scheme}://{}{}", http.target, http.path)?;
+                let (lo, hi) = http.expect;
+                if lo == hi {
+                    write!(f, " expect {lo}")?;
+                } else {
+                    write!(f, " expect {lo}-{hi}")?;
+                }
+                match &http.tls {
+                    Some(tls) if tls.skip_verify => f.write_str(" (certificate not verified)"),
+                    Some(tls) if tls.server_name != "localhost" => {
+                        write!(f, " (verified as {})", tls.server_name)
+                    }
+                    Some(_) | None => Ok(()),
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,7 +351,26 @@ impl Config {
                     ServiceMode::Http { tls: true } => "http+tls",
                     ServiceMode::Http { tls: false } => "http",
                 };
-                writeln!(out, "  {name} {}/{mode}", spec.port)?;
+                write!(
+                    out,
+                    "  {name} {}/{mode}, check {}",
+                    spec.port, spec.check.kind
+                )?;
+                if spec.check.kind != CheckKind::None {
+                    let check = &spec.check;
+                    write!(
+                        out,
+                        " every {} (timeout {}, rise {}, fall {})",
+                        humantime::format_duration(check.interval),
+                        humantime::format_duration(check.timeout),
+                        check.rise,
+                        check.fall
+                    )?;
+                }
+                if spec.requires_gpus {
+                    write!(out, ", requires GPUs")?;
+                }
+                writeln!(out)?;
             }
         }
 
@@ -272,6 +385,17 @@ impl Config {
                     .as_ref()
                     .map(|lib| format!(", nvml {}", lib.display()))
                     .unwrap_or_default()
+            )?;
+            let xids: Vec<String> = gpu.unhealthy_xids.iter().map(u64::to_string).collect();
+            writeln!(
+                out,
+                "  unusable for {} after XID {}",
+                humantime::format_duration(gpu.xid_hold),
+                if xids.is_empty() {
+                    "(none)".to_owned()
+                } else {
+                    xids.join(", ")
+                }
             )?;
         } else {
             writeln!(out, "gpu: disabled")?;

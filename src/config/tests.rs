@@ -148,6 +148,8 @@ fn missing_tables_take_every_default() {
             required: false,
             nvml_library: None,
             poll_interval: Duration::from_secs(10),
+            unhealthy_xids: [48, 63, 64, 74, 79, 94, 95, 119, 120].into_iter().collect(),
+            xid_hold: Duration::from_secs(3600),
         }
     );
     assert_eq!(config.log.level, LogLevel::Info);

@@ -488,7 +488,7 @@ fn split_endpoint(text: &str) -> Option<(&str, u16)> {
 
 /// RFC 1123 host name; an all-numeric last label is refused so that a mistyped IPv4 address
 /// such as 1.2.3.999 is not taken for a name.
-fn is_hostname(host: &str) -> bool {
+pub(super) fn is_hostname(host: &str) -> bool {
     let host = host.strip_suffix('.').unwrap_or(host);
     if host.is_empty() || host.len() > 253 {
         return false;

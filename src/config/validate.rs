@@ -2,7 +2,7 @@
 //! first. Each check that fails records an error and yields a placeholder, so later checks
 //! still run; the placeholders never escape because any error fails the whole load.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Display;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::{Range, RangeInclusive};
@@ -14,13 +14,14 @@ use ipnet::IpNet;
 use super::error::ConfigError;
 use super::locate::{KeyPath, Locator};
 use super::raw::{
-    RawApi, RawConfig, RawGateway, RawGpu, RawNetwork, RawNode, RawPeer, RawService, RawTailscale,
-    RawWireguard, RawWorkloadIdentity,
+    RawApi, RawCheck, RawConfig, RawGateway, RawGpu, RawNetwork, RawNode, RawPeer, RawService,
+    RawTailscale, RawWireguard, RawWorkloadIdentity,
 };
 use super::schema::{
-    ApiConfig, Config, GatewayConfig, GatewayStore, GpuConfig, IdTokenSource, JoinTokenSource,
-    LogConfig, NetworkConfig, NodeConfig, PeerConfig, ServiceMode, ServiceSpec, TailscaleAuth,
-    TailscaleConfig, WireguardConfig,
+    ApiConfig, CheckKind, CheckSpec, Config, DEFAULT_UNHEALTHY_XIDS, GatewayConfig, GatewayStore,
+    GpuConfig, HttpCheck, HttpsCheck, IdTokenSource, JoinTokenSource, LogConfig, NetworkConfig,
+    NodeConfig, PeerConfig, ServiceMode, ServiceSpec, TailscaleAuth, TailscaleConfig,
+    WireguardConfig,
 };
 use super::types::{
     DnsLabel, InterfaceName, LogLevel, NodeName, ProviderKind, PublicKey, Secret, ServiceName, Tag,
@@ -57,7 +58,7 @@ impl<'a> Checker<'a> {
         let api = self.api(&root.key("api"), raw.api, &node);
         let network = self.network(&root.key("network"), raw.network, &node);
         let gpu = self.gpu(&root.key("gpu"), raw.gpu);
-        let services = self.services(raw.services, ts_services, network.provider);
+        let services = self.services(raw.services, ts_services, network.provider, &gpu);
         let level = self.keyword::<LogLevel>(&root.key("log").key("level"), raw.log.level);
         let gateway = self.gateway(&root.key("gateway"), raw.gateway, &network, &services);
         let mut services = services;
@@ -65,10 +66,24 @@ impl<'a> Checker<'a> {
             && let Ok(name) = ServiceName::try_from("gateway".to_owned())
         {
             // A gateway advertises the `gateway` service, declared or not.
+            // Checked where it listens; an unspecified address is reachable on loopback.
+            let mut target = gateway.listen;
+            if target.ip().is_unspecified() {
+                target.set_ip(if target.is_ipv4() {
+                    IpAddr::from([127, 0, 0, 1])
+                } else {
+                    IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
+                });
+            }
             services.entry(name).or_insert(ServiceSpec {
                 port: gateway.listen.port(),
                 mode: ServiceMode::Tcp,
                 tls_cert: false,
+                requires_gpus: false,
+                check: CheckSpec {
+                    kind: CheckKind::Tcp { target },
+                    ..default_check(CheckKind::None)
+                },
             });
         }
         let config = Config {
@@ -754,11 +769,41 @@ impl<'a> Checker<'a> {
             Duration::from_secs(10),
             Duration::from_secs(1)..=MAX_INTERVAL,
         );
+        let unhealthy_xids = match raw.unhealthy_xids {
+            None => DEFAULT_UNHEALTHY_XIDS.into_iter().collect(),
+            Some(codes) => {
+                let list_path = path.key("unhealthy_xids");
+                codes
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(index, code)| {
+                        let valid = u64::try_from(code)
+                            .ok()
+                            .filter(|c| (1..=MAX_XID).contains(c));
+                        if valid.is_none() {
+                            self.error(
+                                &list_path.index(index),
+                                format!("expected an XID code 1-{MAX_XID}, got {code}"),
+                            );
+                        }
+                        valid
+                    })
+                    .collect::<BTreeSet<u64>>()
+            }
+        };
+        let xid_hold = self.duration(
+            &path.key("xid_hold"),
+            raw.xid_hold,
+            Duration::from_secs(60 * 60),
+            Duration::from_secs(1)..=Duration::from_secs(30 * 24 * 60 * 60),
+        );
         GpuConfig {
             enabled,
             required,
             nvml_library,
             poll_interval,
+            unhealthy_xids,
+            xid_hold,
         }
     }
 
@@ -858,6 +903,7 @@ impl<'a> Checker<'a> {
         plain: BTreeMap<String, RawService>,
         tailscale: BTreeMap<String, RawService>,
         provider: ProviderKind,
+        gpu: &GpuConfig,
     ) -> BTreeMap<ServiceName, ServiceSpec> {
         let plain_path = KeyPath::root().key("services");
         let ts_path = KeyPath::root()
@@ -873,7 +919,9 @@ impl<'a> Checker<'a> {
                     .into_iter()
                     .map(|(name, raw)| (ts_path.key(&name), name, raw)),
             );
-        for (path, name, raw) in all {
+        for (path, raw_name, raw) in all {
+            let spec = self.service(&path, &raw_name, raw, provider, gpu);
+            let name = raw_name;
             let name = self.check(&path, ServiceName::try_from(name.clone()).ok(), || {
                 ValueError::new(
                     format_args!(
@@ -883,7 +931,6 @@ impl<'a> Checker<'a> {
                     &name,
                 )
             });
-            let spec = self.service(&path, raw, provider);
             let (Some(name), Some(spec)) = (name, spec) else {
                 continue;
             };
@@ -905,7 +952,7 @@ impl<'a> Checker<'a> {
             self.error(
                 &second,
                 format!(
-                    "expected the same port/mode/tls/tls_cert as {first} (line {line}) or a different service name: {name} is declared twice with different settings"
+                    "expected the same settings (port, mode, tls, tls_cert, requires_gpus, check) as {first} (line {line}) or a different service name: {name} is declared twice with different settings"
                 ),
             );
         }
@@ -918,8 +965,10 @@ impl<'a> Checker<'a> {
     fn service(
         &mut self,
         path: &KeyPath,
+        name: &str,
         raw: RawService,
         provider: ProviderKind,
+        gpu: &GpuConfig,
     ) -> Option<ServiceSpec> {
         if raw.tls_cert == Some(true) && provider != ProviderKind::Tailscale {
             self.error(
@@ -966,11 +1015,227 @@ impl<'a> Checker<'a> {
                 None
             }
         };
+        if raw.requires_gpus == Some(true) && !gpu.enabled {
+            self.error(
+                &path.key("requires_gpus"),
+                "expected requires_gpus = false when [gpu] enabled = false (no GPU would ever be usable, so the service would never be advertised)",
+            );
+        }
+        // molt-provider sells GPU time: without a usable GPU it has nothing to sell.
+        let requires_gpus = raw
+            .requires_gpus
+            .unwrap_or(name == "molt-provider" && gpu.enabled);
+        let port = port?;
+        let mode = mode?;
+        let check = self.check_spec(
+            &path.key("check"),
+            raw.check.unwrap_or_default(),
+            port,
+            mode,
+        )?;
         Some(ServiceSpec {
-            port: port?,
-            mode: mode?,
+            port,
+            mode,
             tls_cert: raw.tls_cert.unwrap_or(false),
+            requires_gpus,
+            check,
         })
+    }
+
+    /// `[services.<name>.check]`; `None` after an error.
+    fn check_spec(
+        &mut self,
+        path: &KeyPath,
+        raw: RawCheck,
+        port: u16,
+        mode: ServiceMode,
+    ) -> Option<CheckSpec> {
+        let errors = self.errors.len() + self.hidden;
+        let kind = raw.kind.as_deref().unwrap_or("tcp");
+        let is_http = kind == "http";
+        let is_none = kind == "none";
+        if !matches!(kind, "tcp" | "http" | "none") {
+            self.error(
+                &path.key("type"),
+                ValueError::new("a check type \"tcp\", \"http\" or \"none\"", kind),
+            );
+        }
+        let refuse = |checker: &mut Self, key: &str, present: bool, why: &str| {
+            if present {
+                checker.error(&path.key(key), format!("expected no {key} {why}"));
+            }
+        };
+        let unchecked = "with type = \"none\" (nothing is checked)";
+        for (key, present) in [
+            ("target", raw.target.is_some()),
+            ("interval", raw.interval.is_some()),
+            ("timeout", raw.timeout.is_some()),
+            ("rise", raw.rise.is_some()),
+            ("fall", raw.fall.is_some()),
+        ] {
+            refuse(self, key, is_none && present, unchecked);
+        }
+        let http_only = "unless type = \"http\" (it applies only to HTTP checks)";
+        for (key, present) in [
+            ("path", raw.path.is_some()),
+            ("expect", raw.expect.is_some()),
+            ("scheme", raw.scheme.is_some()),
+            ("tls_skip_verify", raw.tls_skip_verify.is_some()),
+            ("server_name", raw.server_name.is_some()),
+        ] {
+            refuse(self, key, !is_http && present, http_only);
+        }
+        let http = is_http.then(|| self.http_check(path, &raw_http(&raw), port, mode));
+        let target = match raw.target {
+            None => SocketAddr::from(([127, 0, 0, 1], port)),
+            Some(text) => {
+                let parsed = text.parse::<SocketAddr>().ok().filter(|a| a.port() != 0);
+                self.check(&path.key("target"), parsed, || {
+                    ValueError::new(
+                        "an address and port such as \"127.0.0.1:8443\" or \"[::1]:8443\" (port 1-65535)",
+                        &text,
+                    )
+                })
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], port)))
+            }
+        };
+        let defaults = default_check(CheckKind::None);
+        let interval = self.duration(
+            &path.key("interval"),
+            raw.interval,
+            defaults.interval,
+            Duration::from_secs(1)..=Duration::from_secs(60 * 60),
+        );
+        let timeout = self.duration(
+            &path.key("timeout"),
+            raw.timeout,
+            defaults.timeout,
+            Duration::from_millis(100)..=Duration::from_secs(60),
+        );
+        if timeout > interval {
+            self.error(
+                &path.key("timeout"),
+                format!(
+                    "expected a timeout no longer than the interval ({}), got {}",
+                    humantime::format_duration(interval),
+                    humantime::format_duration(timeout)
+                ),
+            );
+        }
+        let rise = self.int_in::<u32>(
+            &path.key("rise"),
+            raw.rise,
+            defaults.rise,
+            1..=100,
+            "a count of consecutive successes 1-100",
+        );
+        let fall = self.int_in::<u32>(
+            &path.key("fall"),
+            raw.fall,
+            defaults.fall,
+            1..=100,
+            "a count of consecutive failures 1-100",
+        );
+        let kind = match (kind, http) {
+            ("none", _) => CheckKind::None,
+            (_, Some(http)) => CheckKind::Http(HttpCheck { target, ..http }),
+            (_, None) => CheckKind::Tcp { target },
+        };
+        if self.errors.len() + self.hidden != errors {
+            return None;
+        }
+        Some(CheckSpec {
+            kind,
+            interval,
+            timeout,
+            rise,
+            fall,
+        })
+    }
+
+    fn http_check(
+        &mut self,
+        path: &KeyPath,
+        raw: &RawHttp<'_>,
+        port: u16,
+        mode: ServiceMode,
+    ) -> HttpCheck {
+        let url_path = match raw.path {
+            None => "/".to_owned(),
+            Some(text) => {
+                let valid = text.starts_with('/')
+                    && text.len() <= 1024
+                    && !text.chars().any(|c| c.is_whitespace() || c.is_control());
+                self.check(&path.key("path"), valid.then(|| text.to_owned()), || {
+                    ValueError::new(
+                        "a path starting with '/' without spaces or control characters, at most 1024 bytes, such as \"/healthz\"",
+                        text,
+                    )
+                })
+                .unwrap_or_else(|| "/".to_owned())
+            }
+        };
+        let expect = match raw.expect {
+            None => (200, 399),
+            Some(text) => {
+                let parsed = parse_status_range(text);
+                self.check(&path.key("expect"), parsed, || {
+                    ValueError::new(
+                        "an HTTP status 100-599 or a range such as \"200-399\"",
+                        text,
+                    )
+                })
+                .unwrap_or((200, 399))
+            }
+        };
+        let https = match raw.scheme {
+            None => matches!(mode, ServiceMode::Http { tls: true }),
+            Some("https") => true,
+            Some("http") => false,
+            Some(other) => {
+                self.error(
+                    &path.key("scheme"),
+                    ValueError::new("a scheme \"http\" or \"https\"", other),
+                );
+                false
+            }
+        };
+        if !https {
+            for (key, present) in [
+                ("tls_skip_verify", raw.tls_skip_verify.is_some()),
+                ("server_name", raw.server_name.is_some()),
+            ] {
+                if present {
+                    self.error(
+                        &path.key(key),
+                        format!(
+                            "expected no {key} unless scheme = \"https\" (it applies only to TLS)"
+                        ),
+                    );
+                }
+            }
+        }
+        let server_name = match raw.server_name {
+            None => "localhost".to_owned(),
+            Some(text) => {
+                let valid = super::types::is_hostname(text) || text.parse::<IpAddr>().is_ok();
+                self.check(
+                    &path.key("server_name"),
+                    valid.then(|| text.to_owned()),
+                    || ValueError::new("a host name or IP address such as \"localhost\"", text),
+                )
+                .unwrap_or_else(|| "localhost".to_owned())
+            }
+        };
+        HttpCheck {
+            target: SocketAddr::from(([127, 0, 0, 1], port)),
+            path: url_path,
+            expect,
+            tls: https.then(|| HttpsCheck {
+                skip_verify: raw.tls_skip_verify.unwrap_or(false),
+                server_name,
+            }),
+        }
     }
 
     #[cfg(feature = "test-fakes")]
@@ -1155,6 +1420,52 @@ impl<'a> Checker<'a> {
         })
     }
 }
+
+/// The HTTP-only keys of a check, borrowed.
+struct RawHttp<'a> {
+    path: Option<&'a str>,
+    expect: Option<&'a str>,
+    scheme: Option<&'a str>,
+    tls_skip_verify: Option<bool>,
+    server_name: Option<&'a str>,
+}
+
+fn raw_http(raw: &RawCheck) -> RawHttp<'_> {
+    RawHttp {
+        path: raw.path.as_deref(),
+        expect: raw.expect.as_deref(),
+        scheme: raw.scheme.as_deref(),
+        tls_skip_verify: raw.tls_skip_verify,
+        server_name: raw.server_name.as_deref(),
+    }
+}
+
+/// The defaults of `[services.<name>.check]` around `kind`.
+fn default_check(kind: CheckKind) -> CheckSpec {
+    CheckSpec {
+        kind,
+        interval: Duration::from_secs(5),
+        timeout: Duration::from_secs(2),
+        rise: 2,
+        fall: 3,
+    }
+}
+
+/// "200" or "200-399", statuses 100-599, low <= high.
+fn parse_status_range(text: &str) -> Option<(u16, u16)> {
+    let status = |t: &str| {
+        t.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
+        t.parse::<u16>().ok().filter(|s| (100..=599).contains(s))
+    };
+    let (lo, hi) = match text.split_once('-') {
+        Some((lo, hi)) => (status(lo)?, status(hi)?),
+        None => (status(text)?, status(text)?),
+    };
+    (lo <= hi).then_some((lo, hi))
+}
+
+/// Highest XID code accepted in `unhealthy_xids`; NVIDIA's catalog is in the low hundreds.
+const MAX_XID: u64 = 65535;
 
 /// Longest accepted poll/reconcile interval; keeps timer arithmetic far from overflow.
 const MAX_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);

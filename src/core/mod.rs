@@ -12,6 +12,7 @@ pub mod coord;
 pub mod doctor;
 pub mod drift;
 pub mod gpu;
+pub mod health;
 pub mod link_owner;
 pub mod model;
 pub mod peer_diff;

@@ -4,13 +4,14 @@
 //! drains `poll_command()` and sleeps until `poll_timeout()`. Nothing here reads a clock,
 //! touches a socket or draws a random number.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
 use super::backoff::Backoff;
-use super::model::{GpuInventory, MeshStatus, ServiceAd};
-use crate::config::Config;
+use super::health::{CheckRequest, CheckResult, Health, ServiceHealthView};
+use super::model::{GpuInventory, MeshStatus, ServiceAd, XidEvent};
+use crate::config::{Config, GpuConfig, ServiceName, ServiceSpec};
 
 /// The parts of the node whose health decides readiness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -168,6 +169,8 @@ pub enum Command {
     },
     /// Withdraw everything the node advertised, then report with `handle_withdrawn`.
     Withdraw,
+    /// Probe a service's health and report with `handle_check_result`.
+    Check(CheckRequest),
     /// Exit the process with this status.
     Exit(u8),
 }
@@ -180,7 +183,7 @@ pub struct ErrorRecord {
 }
 
 /// A read-only picture of the core for the status API.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CoreView {
     pub phase: Phase,
     pub ready: bool,
@@ -194,6 +197,8 @@ pub struct CoreView {
     pub inventory: Option<GpuInventory>,
     /// True while the mesh provider holds the advertisement.
     pub advertised: bool,
+    /// Every configured service's health, in config order.
+    pub health: Vec<ServiceHealthView>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,6 +228,10 @@ pub struct ReloadPlan {
     pub needs_restart: bool,
     /// `[gpu] required` in the new configuration.
     pub gpu_required: bool,
+    /// The new services (their checks are reconfigured).
+    pub services: BTreeMap<ServiceName, ServiceSpec>,
+    /// The new `[gpu]` table (the XID list and hold).
+    pub gpu: GpuConfig,
 }
 
 impl ReloadPlan {
@@ -245,6 +254,8 @@ impl ReloadPlan {
                 || new.node.state_dir != old.node.state_dir
                 || new.node.runtime_dir != old.node.runtime_dir,
             gpu_required: new.gpu.required,
+            services: new.services.clone(),
+            gpu: new.gpu.clone(),
         }
     }
 }
@@ -268,6 +279,7 @@ pub struct Supervisor {
     mesh: Option<MeshStatus>,
     inventory: Option<GpuInventory>,
     advertised: bool,
+    health: Health,
 }
 
 /// How many errors the status API keeps; older ones are dropped so memory stays flat.
@@ -277,10 +289,12 @@ const MAX_ERROR_CHARS: usize = 200;
 
 impl Supervisor {
     /// `gpu_required` is `[gpu] required`: without a usable GPU the node is not ready.
+    /// `health` holds the configured services' checks.
     pub fn new(
         backoff: Backoff,
         watchdog_interval: Option<Duration>,
         gpu_required: bool,
+        health: Health,
         now: Instant,
     ) -> Self {
         Self {
@@ -303,6 +317,7 @@ impl Supervisor {
             mesh: None,
             inventory: None,
             advertised: false,
+            health,
         }
     }
 
@@ -322,6 +337,8 @@ impl Supervisor {
         self.phase = Phase::Joining;
         self.start(Component::Mesh);
         self.start(Component::Gpu);
+        // Checks run before the mesh is up, so the first publish already knows what is healthy.
+        self.issue_checks(now);
         self.update(now);
     }
 
@@ -357,10 +374,50 @@ impl Supervisor {
             return;
         }
         if self.slots[Component::Gpu.index()].awaiting_result() {
+            // The gate follows the GPUs at once; readiness waits for the probe.
+            if self.health.handle_inventory(&inventory, now) {
+                self.republish();
+            }
             self.inventory = Some(inventory);
+            self.update(now);
             return;
         }
         self.judge_gpus(inventory, now, jitter);
+    }
+
+    /// A probe of a service's health finished. A result for a check since reconfigured is
+    /// ignored. When the set of healthy services changes, it is published again.
+    pub fn handle_check_result(
+        &mut self,
+        service: &ServiceName,
+        generation: u64,
+        result: CheckResult,
+        now: Instant,
+    ) {
+        if self.phase == Phase::Stopping {
+            return;
+        }
+        if self.health.handle_result(service, generation, result, now) {
+            self.republish();
+        }
+        self.update(now);
+    }
+
+    /// NVML reported an XID; one that needs a reset holds its GPU unusable for a while.
+    pub fn handle_xid(&mut self, event: XidEvent, now: Instant) {
+        if self.phase == Phase::Stopping {
+            return;
+        }
+        if self.health.handle_xid(event, now) {
+            self.republish();
+        }
+        self.update(now);
+    }
+
+    /// What the next publish carries: the configured services that are healthy (and have a
+    /// usable GPU where they need one), in config order.
+    pub fn advertisement(&self) -> Vec<ServiceName> {
+        self.health.advertised()
     }
 
     /// The provider now advertises exactly `services`.
@@ -445,6 +502,14 @@ impl Supervisor {
                 self.start(component);
             }
         }
+        if self.phase == Phase::Starting {
+            return;
+        }
+        if self.health.handle_timeout(now) {
+            self.republish();
+            self.update(now);
+        }
+        self.issue_checks(now);
     }
 
     /// The earliest instant at which `handle_timeout` has something to do.
@@ -456,10 +521,11 @@ impl Supervisor {
             retries.min()
         };
         let watchdog = self.watchdog.as_ref().map(|w| w.next);
-        match (retries, watchdog) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let health = match self.phase {
+            Phase::Starting | Phase::Stopping => None,
+            Phase::Joining | Phase::Ready | Phase::Degraded => self.health.next_deadline(),
+        };
+        [retries, watchdog, health].into_iter().flatten().min()
     }
 
     /// SIGHUP arrived. `monotonic_usec` is CLOCK_MONOTONIC now, as systemd wants it.
@@ -502,6 +568,9 @@ impl Supervisor {
         }
         self.reload_note = None;
         self.gpu_required = plan.gpu_required;
+        let advertised_before = self.health.advertised();
+        self.health.reconfigure(&plan.services, &plan.gpu, now);
+        let republish = self.health.advertised() != advertised_before;
         if plan.replace_provider {
             self.mesh = None;
             self.advertised = false;
@@ -530,10 +599,15 @@ impl Supervisor {
                 Component::Mesh | Component::Gpu | Component::Services => self.start(component),
             }
         }
+        if republish && !restart.contains(&Component::Services) {
+            // Cleared XID holds (or a new XID list) changed what is healthy.
+            self.republish();
+        }
         self.reload = Reload::Settling {
             notified,
             components: restart,
         };
+        self.issue_checks(now);
         self.update(now);
     }
 
@@ -589,6 +663,7 @@ impl Supervisor {
             mesh: self.mesh.clone(),
             inventory: self.inventory.clone(),
             advertised: self.advertised,
+            health: self.health.views(),
         }
     }
 
@@ -611,7 +686,7 @@ impl Supervisor {
             Slot::Failed { .. } => failed_part("GPUs", gpu),
         };
         let services_part = match services {
-            Slot::Up { summary, .. } => summary.clone(),
+            Slot::Up { summary, .. } => self.services_summary(summary),
             Slot::Failed { .. } => failed_part("services", services),
             Slot::Pending { .. } if mesh.is_up() => "publishing services".into(),
             Slot::Pending { .. } => "services wait for the mesh".into(),
@@ -622,6 +697,55 @@ impl Supervisor {
             text.push_str(note);
         }
         text
+    }
+
+    /// The services part of STATUS= once published: what is advertised, then what is not
+    /// and why ("advertising gateway; molt-provider unhealthy (connect refused)").
+    fn services_summary(&self, published: &str) -> String {
+        let unhealthy = self.health.status_part();
+        if unhealthy.is_empty() {
+            return published.to_owned();
+        }
+        let advertised = self.health.advertised();
+        let mut text = if advertised.is_empty() {
+            "advertising nothing".to_owned()
+        } else {
+            let names: Vec<&str> = advertised.iter().map(ServiceName::as_str).collect();
+            format!("advertising {}", names.join(", "))
+        };
+        text.push_str("; ");
+        text.push_str(&unhealthy);
+        text
+    }
+
+    /// Publish again because the set of healthy services changed: a recheck while published,
+    /// a new attempt if publishing failed, nothing while the mesh is down (the publish after
+    /// it comes up carries the healthy set then).
+    fn republish(&mut self) {
+        if self.phase == Phase::Stopping || !self.slots[Component::Mesh.index()].is_up() {
+            return;
+        }
+        let index = Component::Services.index();
+        let slot = &self.slots[index];
+        if slot.awaiting_result() {
+            // The attempt running may carry the old set; one more follows it.
+            self.recheck_pending[index] = true;
+            return;
+        }
+        match slot {
+            Slot::Up { .. } => self.recheck(Component::Services),
+            Slot::Failed { .. } | Slot::Pending { .. } => self.start(Component::Services),
+        }
+    }
+
+    /// Sends the health checks that are due.
+    fn issue_checks(&mut self, now: Instant) {
+        if matches!(self.phase, Phase::Starting | Phase::Stopping) {
+            return;
+        }
+        for request in self.health.poll_checks(now) {
+            self.commands.push_back(Command::Check(request));
+        }
     }
 
     /// Is this result for the attempt now running, and does anyone still want it?
@@ -636,6 +760,9 @@ impl Supervisor {
             .unavailable
             .as_ref()
             .map(|u| format!("{}: {}", u.reason, u.detail));
+        if self.health.handle_inventory(&inventory, now) {
+            self.republish();
+        }
         self.inventory = Some(inventory);
         if !usable && self.gpu_required {
             let why = why.unwrap_or_else(|| "no GPUs".into());
@@ -989,6 +1116,7 @@ mod tests {
         notified: Vec<NotifyMsg>,
         withdraws: usize,
         exit: Option<u8>,
+        checks: Vec<CheckRequest>,
     }
 
     /// "wireguard claw0 10.100.0.5/16" back into the mesh status it summarises.
@@ -1046,12 +1174,19 @@ mod tests {
             #[allow(clippy::disallowed_methods)]
             let now = Instant::now();
             Self {
-                sup: Supervisor::new(Backoff::DEFAULT, watchdog, required, now),
+                sup: Supervisor::new(
+                    Backoff::DEFAULT,
+                    watchdog,
+                    required,
+                    Health::new(&BTreeMap::new(), &GpuConfig::default(), now),
+                    now,
+                ),
                 now,
                 generations: [0; 3],
                 notified: Vec::new(),
                 withdraws: 0,
                 exit: None,
+                checks: Vec::new(),
             }
         }
 
@@ -1064,6 +1199,7 @@ mod tests {
                         generation,
                     } => self.generations[component.index()] = generation,
                     Command::Withdraw => self.withdraws += 1,
+                    Command::Check(request) => self.checks.push(request),
                     Command::Exit(code) => self.exit = Some(code),
                 }
             }

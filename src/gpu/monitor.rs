@@ -235,6 +235,7 @@ mod tests {
             required: false,
             nvml_library: None,
             poll_interval: Duration::from_millis(50),
+            ..GpuConfig::default()
         }
     }
 
