@@ -4,10 +4,12 @@
 //! A fresh registry per scrape: the families are rebuilt from the latest snapshot, so a GPU
 //! that disappears also disappears from the output instead of keeping a stale value.
 
-use prometheus::core::Collector;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use super::StatusDoc;
+use super::{ServiceCheckDoc, StatusDoc};
+use crate::core::health::DURATION_BUCKETS;
 use crate::gateway::view::RoleDoc;
 use crate::gpu::{GpuInfo, Snapshot};
 use crate::mesh::TunnelPeer;
@@ -46,6 +48,7 @@ pub fn render(
     let mut families = Families::new(&registry);
     gpu_series(&mut families, gpus, hostname)?;
     agent_series(&mut families, status, peers, gpus, now_unix_ms)?;
+    service_series(&mut families, &status.services.checks)?;
     if let Some(gateway) = gateway {
         gateway_series(&mut families, gateway)?;
     }
@@ -424,6 +427,105 @@ fn agent_series(
     Ok(())
 }
 
+/// Each service's health check: healthy or not, how often it ran and failed, how often it
+/// flipped, and how long checks took.
+fn service_series(f: &mut Families, checks: &[ServiceCheckDoc]) -> Result<(), prometheus::Error> {
+    for check in checks {
+        let service = [check.name.as_str()];
+        f.int_gauge(
+            "clawnode_service_healthy",
+            "1 while the service is healthy and advertised (its GPU gate included), else 0.",
+            &["service"],
+            &service,
+            i64::from(check.advertised),
+        )?;
+        for (result, count) in [
+            ("ok", check.checks.saturating_sub(check.failures)),
+            ("fail", check.failures),
+        ] {
+            f.counter(
+                "clawnode_service_checks_total",
+                "Health checks run, by result.",
+                &["service", "result"],
+                &[check.name.as_str(), result],
+                count,
+            )?;
+        }
+        f.counter(
+            "clawnode_service_transitions_total",
+            "Changes between healthy and unhealthy.",
+            &["service"],
+            &service,
+            check.transitions,
+        )?;
+    }
+    if !checks.is_empty() {
+        f.register(CheckDurations::new(checks)?)?;
+    }
+    Ok(())
+}
+
+/// `clawnode_service_check_duration_seconds`: the core keeps the buckets; this only exposes
+/// them as a histogram family (prometheus's own `Histogram` can only be observed into).
+struct CheckDurations {
+    desc: Desc,
+    family: MetricFamily,
+}
+
+impl CheckDurations {
+    const NAME: &str = "clawnode_service_check_duration_seconds";
+    const HELP: &str = "How long health checks took.";
+
+    fn new(checks: &[ServiceCheckDoc]) -> Result<Self, prometheus::Error> {
+        let desc = Desc::new(
+            Self::NAME.into(),
+            Self::HELP.into(),
+            vec!["service".into()],
+            Default::default(),
+        )?;
+        let mut family = MetricFamily::default();
+        family.set_name(Self::NAME.into());
+        family.set_help(Self::HELP.into());
+        family.set_field_type(MetricType::HISTOGRAM);
+        for check in checks {
+            let mut label = LabelPair::default();
+            label.set_name("service".into());
+            label.set_value(check.name.clone());
+            let buckets = DURATION_BUCKETS
+                .iter()
+                .enumerate()
+                .map(|(i, &upper)| {
+                    let mut bucket = proto::Bucket::default();
+                    bucket.set_upper_bound(upper);
+                    bucket.set_cumulative_count(
+                        check.durations.buckets.get(i).copied().unwrap_or(0),
+                    );
+                    bucket
+                })
+                .collect();
+            let mut histogram = proto::Histogram::default();
+            histogram.set_bucket(buckets);
+            histogram.set_sample_count(check.checks);
+            histogram.set_sample_sum(check.durations.sum_us as f64 / 1e6);
+            let mut metric = proto::Metric::default();
+            metric.set_label(vec![label]);
+            metric.set_histogram(histogram);
+            family.mut_metric().push(metric);
+        }
+        Ok(Self { desc, family })
+    }
+}
+
+impl Collector for CheckDurations {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        vec![self.family.clone()]
+    }
+}
+
 /// A node's gateway connection: whether a gateway answers, how old the cursor is, and how
 /// many answers of each kind were applied.
 fn gateway_series(f: &mut Families, gateway: &GatewayDoc) -> Result<(), prometheus::Error> {
@@ -657,6 +759,87 @@ mod tests {
         )
         .unwrap();
         assert!(!text.contains("clawnode_gateway_"), "{text}");
+    }
+
+    fn check(name: &str, advertised: bool, checks: u64, failures: u64) -> ServiceCheckDoc {
+        ServiceCheckDoc {
+            name: name.into(),
+            state: if advertised { "healthy" } else { "unhealthy" }.into(),
+            advertised,
+            check: "tcp 127.0.0.1:8443".into(),
+            checks,
+            failures,
+            transitions: 2,
+            durations: super::super::DurationHistogram {
+                // Cumulative: 1 check under 1 ms, 3 under 2.5 ms, all under 10 ms.
+                buckets: std::iter::once(1)
+                    .chain(std::iter::once(3))
+                    .chain(std::iter::repeat_n(checks, DURATION_BUCKETS.len() - 2))
+                    .collect(),
+                sum_us: 12_500,
+            },
+            ..ServiceCheckDoc::default()
+        }
+    }
+
+    #[test]
+    fn each_service_exports_its_health_check_counts_and_a_duration_histogram() {
+        let mut status = StatusDoc::default();
+        status.services.checks = vec![
+            check("gateway", true, 10, 1),
+            check("molt-provider", false, 4, 4),
+        ];
+        let text = render(&status, &[], None, &Snapshot::default(), "n", 0).unwrap();
+        for line in [
+            "clawnode_service_healthy{service=\"gateway\"} 1",
+            "clawnode_service_healthy{service=\"molt-provider\"} 0",
+            "clawnode_service_checks_total{result=\"ok\",service=\"gateway\"} 9",
+            "clawnode_service_checks_total{result=\"fail\",service=\"gateway\"} 1",
+            "clawnode_service_checks_total{result=\"ok\",service=\"molt-provider\"} 0",
+            "clawnode_service_checks_total{result=\"fail\",service=\"molt-provider\"} 4",
+            "clawnode_service_transitions_total{service=\"gateway\"} 2",
+            "# TYPE clawnode_service_check_duration_seconds histogram",
+            "clawnode_service_check_duration_seconds_bucket{service=\"gateway\",le=\"0.001\"} 1",
+            "clawnode_service_check_duration_seconds_bucket{service=\"gateway\",le=\"+Inf\"} 10",
+            "clawnode_service_check_duration_seconds_sum{service=\"gateway\"} 0.0125",
+            "clawnode_service_check_duration_seconds_count{service=\"molt-provider\"} 4",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        // A config without services has none of these series.
+        let plain = render(&StatusDoc::default(), &[], None, &Snapshot::default(), "n", 0)
+            .unwrap();
+        assert!(!plain.contains("clawnode_service_"), "{plain}");
+        promtool_accepts(&text);
+    }
+
+    /// `promtool check metrics` where it is installed (tests/run-all.sh installs it).
+    fn promtool_accepts(text: &str) {
+        use std::io::Write as _;
+        use std::process::{Command, Stdio};
+        let Ok(mut child) = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        else {
+            eprintln!("promtool not installed: exposition not linted");
+            return;
+        };
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool: {}{}\n{text}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     #[test]

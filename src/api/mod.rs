@@ -10,7 +10,8 @@ mod status;
 
 pub use server::{ApiError, Sources, bind, connection, serve, serve_metrics};
 pub use status::{
-    ComponentDoc, ConfigDoc, ErrorDoc, GpuDoc, MeshDoc, ServicesDoc, StatusDoc, status_config,
+    CheckResultDoc, ComponentDoc, ConfigDoc, DurationHistogram, ErrorDoc, GpuDoc, MeshDoc,
+    ServiceCheckDoc, ServicesDoc, StatusDoc, status_config,
 };
 
 /// Where the daemon listens unless `[api] socket` says otherwise.

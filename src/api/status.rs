@@ -98,6 +98,52 @@ pub struct ServicesDoc {
     pub configured: Vec<ServiceAd>,
     /// True while the mesh provider holds the advertisement.
     pub advertised: bool,
+    /// Each configured service's health check, in config order.
+    #[serde(default)]
+    pub checks: Vec<ServiceCheckDoc>,
+}
+
+/// One service's health: what its check says and whether it is advertised.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceCheckDoc {
+    pub name: String,
+    /// unknown | healthy | unhealthy
+    pub state: String,
+    /// Healthy and, if it requires GPUs, a GPU is usable: the service is offered.
+    pub advertised: bool,
+    /// Why it is not healthy: the check's detail or the GPU gate.
+    pub reason: Option<String>,
+    /// The check in words, e.g. "tcp 127.0.0.1:8443".
+    pub check: String,
+    pub requires_gpus: bool,
+    pub last_result: Option<CheckResultDoc>,
+    /// When `state` was entered (Unix time in milliseconds).
+    pub since_unix_ms: u64,
+    pub checks: u64,
+    pub failures: u64,
+    /// Changes between healthy and unhealthy.
+    pub transitions: u64,
+    /// For `/metrics` only.
+    #[serde(skip)]
+    pub durations: DurationHistogram,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckResultDoc {
+    pub ok: bool,
+    /// "connected", "connect refused", "HTTP 500 (expected 200-399)", "timed out after 2s", ...
+    pub detail: String,
+    pub duration_ms: u64,
+    pub at_unix_ms: u64,
+}
+
+/// Check durations as a Prometheus histogram: cumulative counts per bucket of
+/// `core::health::DURATION_BUCKETS`; the `+Inf` bucket is the check count.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DurationHistogram {
+    pub buckets: Vec<u64>,
+    /// In microseconds, so the document stays `Eq`.
+    pub sum_us: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -64,7 +64,7 @@ pub fn run(config_path: &Path, args: &StatusArgs) -> Result<ExitCode, CliError> 
             return Ok(ExitCode::SUCCESS);
         }
         let doc: StatusDoc = serde_json::from_slice(&reply.body).map_err(CliError::runtime)?;
-        print!("{}", human(&doc));
+        print!("{}", human(&doc, unix_ms_now()));
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -87,7 +87,13 @@ async fn check(socket: &Path, check: Check) -> ExitCode {
     }
 }
 
-fn human(doc: &StatusDoc) -> String {
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn human(doc: &StatusDoc, now_unix_ms: u64) -> String {
     let mut out = format!(
         "clawnode {} on {} (pid {})\n",
         doc.version, doc.node, doc.pid
@@ -163,6 +169,7 @@ fn human(doc: &StatusDoc) -> String {
         "services:",
         &format!("{} ({})", services, health(&doc.services.health)),
     );
+    out.push_str(&service_lines(&doc.services.checks, now_unix_ms));
     if let Some(note) = &doc.config.reload_note {
         row(&mut out, "config:", note);
     }
@@ -172,6 +179,28 @@ fn human(doc: &StatusDoc) -> String {
             "error:",
             &format!("[{}] {}", error.source, error.message),
         );
+    }
+    out
+}
+
+/// One line per service: `  molt-provider  unhealthy  connect refused (since 12s)`.
+fn service_lines(checks: &[api::ServiceCheckDoc], now_unix_ms: u64) -> String {
+    let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for check in checks {
+        let why = match (&check.reason, &check.last_result) {
+            (Some(reason), _) if !check.advertised => reason.clone(),
+            (_, Some(last)) => last.detail.clone(),
+            (_, None) if check.state == "unknown" => "not checked yet".into(),
+            (_, None) => check.check.clone(),
+        };
+        let age = Duration::from_secs(now_unix_ms.saturating_sub(check.since_unix_ms) / 1000);
+        out.push_str(&format!(
+            "  {:<width$}  {:<9}  {why} (since {})\n",
+            check.name,
+            check.state,
+            humantime::format_duration(age),
+        ));
     }
     out
 }
@@ -232,5 +261,58 @@ fn tailscale_rows(out: &mut String, ts: &TsStatus, row: impl Fn(&mut String, &st
             line.push_str(&format!("; cert {} {}", cert.domain, cert.state));
         }
         row(out, "service:", &line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{CheckResultDoc, ServiceCheckDoc};
+
+    #[test]
+    fn status_shows_one_line_per_service_with_its_state_reason_and_age() {
+        let now = 1_800_000_000_000;
+        let mut doc = StatusDoc::default();
+        doc.services.checks = vec![
+            ServiceCheckDoc {
+                name: "molt-provider".into(),
+                state: "unhealthy".into(),
+                reason: Some("connect refused".into()),
+                since_unix_ms: now - 12_400,
+                last_result: Some(CheckResultDoc {
+                    ok: false,
+                    detail: "connect refused".into(),
+                    duration_ms: 0,
+                    at_unix_ms: now - 1000,
+                }),
+                ..ServiceCheckDoc::default()
+            },
+            ServiceCheckDoc {
+                name: "gateway".into(),
+                state: "healthy".into(),
+                advertised: true,
+                since_unix_ms: now - 185_000,
+                last_result: Some(CheckResultDoc {
+                    ok: true,
+                    detail: "HTTP 200".into(),
+                    duration_ms: 2,
+                    at_unix_ms: now - 2000,
+                }),
+                ..ServiceCheckDoc::default()
+            },
+            ServiceCheckDoc {
+                name: "ssh".into(),
+                state: "unknown".into(),
+                since_unix_ms: now,
+                ..ServiceCheckDoc::default()
+            },
+        ];
+        let text = human(&doc, now);
+        assert!(
+            text.contains(
+                "\n  molt-provider  unhealthy  connect refused (since 12s)\n  gateway        healthy    HTTP 200 (since 3m 5s)\n  ssh            unknown    not checked yet (since 0s)\n"
+            ),
+            "{text}"
+        );
     }
 }

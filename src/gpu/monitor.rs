@@ -9,7 +9,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::{GpuInventory, GpuMetrics, GpuProbe};
+use super::{GpuInventory, GpuMetrics, GpuProbe, XidEvent};
 use crate::config::GpuConfig;
 use crate::core::gpu::{XidLedger, layout_hash};
 
@@ -36,6 +36,8 @@ pub enum Report {
     },
     /// The set of GPUs or the MIG layout changed since the last report.
     Changed { inventory: GpuInventory },
+    /// NVML reported a critical XID (every one: the supervisor decides which matter).
+    Xid { event: XidEvent },
 }
 
 pub struct Monitor {
@@ -163,6 +165,7 @@ fn run(
                 .unwrap_or_else(|p| p.into_inner())
                 .xids
                 .handle_xid(event, unix_ms());
+            report(Report::Xid { event });
         }
     }
 }
@@ -184,7 +187,7 @@ fn unix_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::{GpuInfo, XidEvent};
+    use crate::gpu::GpuInfo;
     use std::sync::Mutex;
 
     /// Two GPUs; one XID for GPU 1 on the first wait; counts its samples.
@@ -264,9 +267,13 @@ mod tests {
         assert_eq!(snap.metrics[0].temperature_celsius, Some(40));
         assert_eq!(snap.xids.counts[&(1, 79)].count, 1);
         assert!(*samples.lock().unwrap() >= 3, "sampled every 50 ms");
+        let Ok(Report::Xid { event }) = rx.try_recv() else {
+            panic!("the XID is reported");
+        };
+        assert_eq!(event, XidEvent { index: 1, code: 79 });
         assert!(
             rx.try_recv().is_err(),
-            "an unchanged layout is not reported"
+            "an unchanged layout is not reported, and the XID once"
         );
     }
 

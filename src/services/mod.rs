@@ -2,4 +2,5 @@
 //! on its mesh address, and the client that fans out to every peer's endpoint.
 
 pub mod discover;
+pub mod health;
 pub mod node_info;
