@@ -1993,6 +1993,7 @@ mod tests {
         h.advance(Duration::from_secs(5));
         h.checked("molt-provider", false, "connect refused");
         assert_eq!(h.service_starts(), starts + 1, "withdrawn by a republish");
+        assert!(h.sup.is_ready(), "stays ready while it republishes");
         assert_eq!(h.sup.advertisement(), [svc("gateway")]);
         h.publish_advertisement();
         assert!(h.sup.is_ready());
