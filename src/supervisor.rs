@@ -1,6 +1,7 @@
 //! The supervisor's async shell: runs the components behind their traits, feeds what happens
 //! into `core::Supervisor`, and carries out the commands that come back.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -9,11 +10,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::api::{self, ComponentDoc, ErrorDoc, GpuDoc, MeshDoc, ServicesDoc, StatusDoc};
-use crate::config::{self, Config, ProviderKind};
-use crate::core::health::Health;
+use crate::api::{
+    self, CheckResultDoc, ComponentDoc, DurationHistogram, ErrorDoc, GpuDoc, MeshDoc,
+    ServiceCheckDoc, ServicesDoc, StatusDoc,
+};
+use crate::config::{self, Config, ProviderKind, ServiceName};
+use crate::core::health::{CheckRequest, CheckResult, Health};
 use crate::core::{Backoff, Command, Component, ComponentView, ReloadPlan, Retry, Supervisor};
-use crate::gpu::{GpuInventory, GpuProbe, Monitor, Report};
+use crate::gpu::{GpuInventory, GpuProbe, Monitor, Report, XidEvent};
 use crate::logging::LogHandle;
 use crate::mesh::{self, Hooks, Joined, MeshError, MeshProvider, ServiceAd};
 use crate::services::node_info::NodeInfoEndpoint;
@@ -52,6 +56,8 @@ pub struct Daemon {
     notifier: Box<dyn Notifier>,
     log: Option<LogHandle>,
     tasks: [Option<JoinHandle<()>>; 3],
+    /// The health check running or last run per service: at most one handle each.
+    checks: BTreeMap<ServiceName, JoinHandle<()>>,
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
     hooks: Hooks,
@@ -86,6 +92,7 @@ impl Daemon {
                         inventory,
                     },
                     Report::Changed { inventory } => Event::GpuChanged { inventory },
+                    Report::Xid { event } => Event::Xid { event },
                 };
                 let _ = reports.blocking_send(event);
             }),
@@ -108,6 +115,7 @@ impl Daemon {
             notifier: components.notifier,
             log,
             tasks: Default::default(),
+            checks: BTreeMap::new(),
             events_tx,
             events_rx,
             hooks,
@@ -144,12 +152,13 @@ impl Daemon {
                     } => self.start(component, generation),
                     Command::Withdraw => {
                         self.abort(&Component::ALL);
+                        self.abort_checks();
                         let error = self.withdraw().await;
                         self.core.handle_withdrawn(error, Instant::now());
                     }
-                    // The probe runner is not wired here yet (issue 14, shell part).
-                    Command::Check(_) => {}
+                    Command::Check(request) => self.check(request),
                     Command::Exit(code) => {
+                        self.abort_checks();
                         self.publish_status();
                         tracing::info!(code, "clawnode stopped");
                         return Ok(code);
@@ -215,8 +224,11 @@ impl Daemon {
             }
             Component::Services => {
                 let mesh = Arc::clone(&self.mesh);
+                // Only the healthy services, as the core sees them now.
+                let healthy = self.core.advertisement();
+                let mut ads = ServiceAd::from_config(&config);
+                ads.retain(|ad| healthy.iter().any(|name| name.as_str() == ad.name));
                 tokio::spawn(async move {
-                    let ads = ServiceAd::from_config(&config);
                     let result = mesh.lock().await.publish(&ads).await;
                     let event = match result {
                         Ok(()) => Event::Published { generation, ads },
@@ -231,6 +243,40 @@ impl Daemon {
             }
         };
         self.tasks[component as usize] = Some(task);
+    }
+
+    /// Run one health check in its own task; it ends within the check's timeout and reports
+    /// with `Event::Checked`. A check still running for the same service (its config changed
+    /// in a reload, so its result would be ignored) is aborted.
+    fn check(&mut self, request: CheckRequest) {
+        let tx = self.events_tx.clone();
+        let CheckRequest {
+            service,
+            kind,
+            timeout,
+            generation,
+        } = request;
+        let name = service.clone();
+        let task = tokio::spawn(async move {
+            let result = crate::services::health::run_check(&kind, timeout).await;
+            tracing::debug!(component = "services", service = %name, ok = result.ok, detail = %result.detail, "health check");
+            let _ = tx
+                .send(Event::Checked {
+                    service: name,
+                    generation,
+                    result,
+                })
+                .await;
+        });
+        if let Some(previous) = self.checks.insert(service, task) {
+            previous.abort();
+        }
+    }
+
+    fn abort_checks(&mut self) {
+        for (_, task) in std::mem::take(&mut self.checks) {
+            task.abort();
+        }
     }
 
     fn handle_event(&mut self, event: Event, now: Instant) {
@@ -280,6 +326,14 @@ impl Daemon {
                     .handle_gpu_probed(generation, inventory, now, fastrand::u32(..));
                 self.log_gpu_verdict();
             }
+            Event::Checked {
+                service,
+                generation,
+                result,
+            } => self
+                .core
+                .handle_check_result(&service, generation, result, now),
+            Event::Xid { event } => self.core.handle_xid(event, now),
             Event::Published { generation, ads } => {
                 self.node_info.set_services(&ads);
                 let names: Vec<&str> = ads.iter().map(|ad| ad.name.as_str()).collect();
@@ -457,6 +511,32 @@ impl Daemon {
                 health: component(Component::Services),
                 configured: ServiceAd::from_config(config),
                 advertised: view.advertised,
+                checks: view
+                    .health
+                    .iter()
+                    .map(|h| ServiceCheckDoc {
+                        name: h.name.clone(),
+                        state: h.state.as_str().into(),
+                        advertised: h.advertised,
+                        reason: h.reason.clone(),
+                        check: h.check.clone(),
+                        requires_gpus: h.requires_gpus,
+                        last_result: h.last_result.as_ref().map(|(result, at)| CheckResultDoc {
+                            ok: result.ok,
+                            detail: result.detail.clone(),
+                            duration_ms: result.duration.as_millis() as u64,
+                            at_unix_ms: self.clock.unix_ms(*at),
+                        }),
+                        since_unix_ms: self.clock.unix_ms(h.since),
+                        checks: h.checks,
+                        failures: h.failures,
+                        transitions: h.transitions,
+                        durations: DurationHistogram {
+                            buckets: h.duration_buckets.clone(),
+                            sum_us: (h.duration_sum * 1e6).round() as u64,
+                        },
+                    })
+                    .collect(),
             },
             last_errors: view
                 .last_errors
@@ -488,6 +568,14 @@ enum Event {
         generation: u64,
         ads: Vec<ServiceAd>,
     },
+    /// A health check finished.
+    Checked {
+        service: ServiceName,
+        generation: u64,
+        result: CheckResult,
+    },
+    /// NVML reported an XID.
+    Xid { event: XidEvent },
     Failed {
         component: Component,
         generation: u64,
@@ -562,10 +650,12 @@ mod tests {
     use crate::mesh::{BoxFuture, MeshError, MeshStatus};
     use crate::systemd::RecordingNotifier;
 
-    /// Fails its first `fail_first` joins, then joins; counts publishes.
+    /// Fails its first `fail_first` joins, then joins; records what each publish carried.
+    #[derive(Default)]
     struct FlakyMesh {
         fail_first: u32,
         joins: u32,
+        published: Arc<std::sync::Mutex<Vec<Vec<String>>>>,
     }
 
     impl MeshProvider for FlakyMesh {
@@ -594,8 +684,10 @@ mod tests {
 
         fn publish<'a>(
             &'a mut self,
-            _services: &'a [ServiceAd],
+            services: &'a [ServiceAd],
         ) -> BoxFuture<'a, Result<(), MeshError>> {
+            let names = services.iter().map(|ad| ad.name.clone()).collect();
+            self.published.lock().unwrap().push(names);
             Box::pin(async { Ok(()) })
         }
 
@@ -631,13 +723,18 @@ mod tests {
     async fn a_flaky_mesh_is_retried_until_the_node_is_ready_with_its_gpus_counted() {
         let notifier = RecordingNotifier::default();
         let sent = Arc::clone(&notifier.sent);
+        // Time is paused here, so the service is not probed (see the test below for checks).
+        let mut config = config::example();
+        for spec in config.services.values_mut() {
+            spec.check.kind = config::CheckKind::None;
+        }
         let daemon = Daemon::new(
             "test.toml".into(),
-            config::example(),
+            config,
             Components {
                 mesh: Box::new(FlakyMesh {
                     fail_first: 3,
-                    joins: 0,
+                    ..FlakyMesh::default()
                 }),
                 gpu: Box::new(TwoGpus),
                 hooks: Hooks::new(),
@@ -673,5 +770,146 @@ mod tests {
         assert_eq!(doc.gpu.count, 2);
         assert_eq!(doc.gpu.driver_version.as_deref(), Some("580.95.05"));
         assert_eq!(doc.last_errors.len(), 3);
+    }
+
+    /// Two GPUs; both report XID 79 once `xid` is set.
+    struct XidOnDemand {
+        xid: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl GpuProbe for XidOnDemand {
+        fn probe(&mut self) -> GpuInventory {
+            TwoGpus.probe()
+        }
+
+        fn wait_xid(&mut self, timeout: Duration) -> Vec<XidEvent> {
+            std::thread::sleep(timeout.min(Duration::from_millis(20)));
+            if !self.xid.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Vec::new();
+            }
+            (0..2).map(|index| XidEvent { index, code: 79 }).collect()
+        }
+    }
+
+    /// Waits (real time) until the last publish carried exactly `names`.
+    async fn published_until(published: &std::sync::Mutex<Vec<Vec<String>>>, names: &[&str]) {
+        for _ in 0..100 {
+            if published
+                .lock()
+                .unwrap()
+                .last()
+                .is_some_and(|last| *last == names)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("never published {names:?}: {:?}", published.lock().unwrap());
+    }
+
+    #[tokio::test]
+    async fn only_healthy_services_are_published_and_an_xid_withdraws_the_gpu_service_for_its_hold()
+    {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let text = format!(
+            r#"
+            [node]
+            name = "gpu-01"
+            [network.wireguard]
+            address = "10.100.0.9/16"
+            [gpu]
+            xid_hold = "1s"
+            [services.molt-provider]
+            port = 8443
+            mode = "tcp"
+            [services.molt-provider.check]
+            type = "none"
+            [services.web]
+            port = {port}
+            mode = "tcp"
+            [services.web.check]
+            interval = "1s"
+            timeout = "500ms"
+            rise = 1
+            fall = 1
+            "#
+        );
+        let config = config::parse(std::path::Path::new("test.toml"), &text).unwrap();
+        let mesh = FlakyMesh::default();
+        let published = Arc::clone(&mesh.published);
+        let xid = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let daemon = Daemon::new(
+            "test.toml".into(),
+            config,
+            Components {
+                mesh: Box::new(mesh),
+                gpu: Box::new(XidOnDemand {
+                    xid: Arc::clone(&xid),
+                }),
+                hooks: Hooks::new(),
+                notifier: Box::new(RecordingNotifier::default()),
+                watchdog_interval: None,
+            },
+            None,
+        );
+        let status = daemon.status();
+        let task = tokio::spawn(daemon.run());
+
+        // Nothing listens on the web port: only the unchecked GPU service is offered.
+        published_until(&published, &["molt-provider"]).await;
+        let doc = status.borrow().clone();
+        let web = &doc.services.checks[1];
+        assert_eq!(
+            (web.name.as_str(), web.state.as_str(), web.advertised),
+            ("web", "unhealthy", false)
+        );
+        assert_eq!(web.reason.as_deref(), Some("connect refused"));
+        assert_eq!(web.check, format!("tcp 127.0.0.1:{port}"));
+        assert!(web.last_result.as_ref().is_some_and(|r| !r.ok));
+        assert!(
+            doc.status.contains("web unhealthy (connect refused)"),
+            "{}",
+            doc.status
+        );
+
+        // It starts listening: published at its next check.
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        published_until(&published, &["molt-provider", "web"]).await;
+
+        // An XID that needs a reset on every GPU takes the GPU service off until the hold ends.
+        xid.store(true, std::sync::atomic::Ordering::SeqCst);
+        published_until(&published, &["web"]).await;
+        let doc = status.borrow().clone();
+        let molt = &doc.services.checks[0];
+        assert_eq!(molt.state, "unhealthy");
+        assert!(
+            molt.reason.as_deref().is_some_and(|r| r.contains("XID 79")),
+            "{molt:?}"
+        );
+        published_until(&published, &["molt-provider", "web"]).await;
+        task.abort();
+        drop(listener);
+        let mut history = published.lock().unwrap().clone();
+        // The mesh may come up before the first check and GPU probe: nothing is known to be
+        // healthy then, so the first publish can be empty.
+        if history[0].is_empty() {
+            history.remove(0);
+        }
+        assert_eq!(
+            history,
+            [
+                vec!["molt-provider"],
+                vec!["molt-provider", "web"],
+                vec!["web"],
+                vec!["molt-provider", "web"]
+            ],
+            "one publish per change"
+        );
     }
 }

@@ -378,7 +378,13 @@ fn agent_series(
         &[],
         &[],
         if status.services.advertised {
-            status.services.configured.len() as i64
+            // Only healthy services are advertised (issue 14's checks).
+            status
+                .services
+                .checks
+                .iter()
+                .filter(|c| c.advertised)
+                .count() as i64
         } else {
             0
         },
@@ -497,9 +503,8 @@ impl CheckDurations {
                 .map(|(i, &upper)| {
                     let mut bucket = proto::Bucket::default();
                     bucket.set_upper_bound(upper);
-                    bucket.set_cumulative_count(
-                        check.durations.buckets.get(i).copied().unwrap_or(0),
-                    );
+                    bucket
+                        .set_cumulative_count(check.durations.buckets.get(i).copied().unwrap_or(0));
                     bucket
                 })
                 .collect();
@@ -771,7 +776,7 @@ mod tests {
             failures,
             transitions: 2,
             durations: super::super::DurationHistogram {
-                // Cumulative: 1 check under 1 ms, 3 under 2.5 ms, all under 10 ms.
+                // Cumulative: 1 check within 1 ms, 3 within 2.5 ms, all within 5 ms.
                 buckets: std::iter::once(1)
                     .chain(std::iter::once(3))
                     .chain(std::iter::repeat_n(checks, DURATION_BUCKETS.len() - 2))
@@ -807,8 +812,15 @@ mod tests {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
         // A config without services has none of these series.
-        let plain = render(&StatusDoc::default(), &[], None, &Snapshot::default(), "n", 0)
-            .unwrap();
+        let plain = render(
+            &StatusDoc::default(),
+            &[],
+            None,
+            &Snapshot::default(),
+            "n",
+            0,
+        )
+        .unwrap();
         assert!(!plain.contains("clawnode_service_"), "{plain}");
         promtool_accepts(&text);
     }

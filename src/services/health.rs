@@ -20,7 +20,8 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use self::provisional::{CheckKind, CheckResult, HttpCheck, HttpsCheck};
+use crate::config::{CheckKind, HttpCheck, HttpsCheck};
+use crate::core::health::CheckResult;
 
 /// hyper's smallest read buffer; the response head must fit in it.
 const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -55,12 +56,13 @@ async fn probe(kind: &CheckKind) -> Result<String, String> {
 }
 
 async fn connect(target: SocketAddr) -> Result<TcpStream, String> {
-    TcpStream::connect(target)
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::ConnectionRefused => "connect refused".into(),
-            _ => format!("connect: {}", io_detail(&e)),
-        })
+    TcpStream::connect(target).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::ConnectionRefused {
+            "connect refused".into()
+        } else {
+            format!("connect: {}", io_detail(&e))
+        }
+    })
 }
 
 async fn http(check: &HttpCheck) -> Result<String, String> {
@@ -233,35 +235,6 @@ impl ServerCertVerifier for NoVerify {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-mod provisional {
-    use std::net::SocketAddr;
-    use std::time::Duration;
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub enum CheckKind {
-        None,
-        Tcp { target: SocketAddr },
-        Http(HttpCheck),
-    }
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub struct HttpCheck {
-        pub target: SocketAddr,
-        pub path: String,
-        pub expect: (u16, u16),
-        pub tls: Option<HttpsCheck>,
-    }
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub struct HttpsCheck {
-        pub skip_verify: bool,
-        pub server_name: String,
-    }
-    #[derive(Debug, Clone)]
-    pub struct CheckResult {
-        pub ok: bool,
-        pub detail: String,
-        pub duration: Duration,
     }
 }
 
