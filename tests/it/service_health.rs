@@ -260,11 +260,17 @@ fn api_get(node: &Node, path: &str) -> String {
     reply.split_once("\r\n\r\n").unwrap().1.to_string()
 }
 
-/// The value of the sample whose line starts with `prefix` (name and labels).
-fn sample(metrics: &str, prefix: &str) -> Option<f64> {
+/// The value of the sample of `name` carrying every label in `labels` (in any order).
+fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     metrics
         .lines()
-        .find(|l| l.starts_with(prefix))
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| {
+            let set = &l[name.len() + 1..l.rfind('}').unwrap_or(l.len())];
+            labels
+                .iter()
+                .all(|(k, v)| set.split(',').any(|kv| kv == format!("{k}=\"{v}\"")))
+        })
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
@@ -747,30 +753,37 @@ timeout = "500ms"
 
     let text = api_get(&node, "/metrics");
     assert_eq!(
-        sample(&text, "clawnode_service_healthy{service=\"gateway\"}"),
+        sample(&text, "clawnode_service_healthy", &[("service", "gateway")]),
         Some(1.0),
         "{text}"
     );
     assert_eq!(
-        sample(&text, "clawnode_service_healthy{service=\"molt-provider\"}"),
+        sample(
+            &text,
+            "clawnode_service_healthy",
+            &[("service", "molt-provider")]
+        ),
         Some(0.0),
         "{text}"
     );
     assert!(text.contains("# TYPE clawnode_service_check_duration_seconds histogram"));
     let count = sample(
         &text,
-        "clawnode_service_check_duration_seconds_count{service=\"gateway\"}",
+        "clawnode_service_check_duration_seconds_count",
+        &[("service", "gateway")],
     )
     .unwrap_or_else(|| panic!("{text}"));
     let inf = sample(
         &text,
-        "clawnode_service_check_duration_seconds_bucket{service=\"gateway\",le=\"+Inf\"}",
+        "clawnode_service_check_duration_seconds_bucket",
+        &[("service", "gateway"), ("le", "+Inf")],
     );
     assert_eq!(inf, Some(count), "{text}");
     assert!(
         sample(
             &text,
-            "clawnode_service_checks_total{service=\"molt-provider\",result=\"fail\"}"
+            "clawnode_service_checks_total",
+            &[("service", "molt-provider"), ("result", "fail")]
         )
         .is_some_and(|n| n >= 1.0),
         "{text}"
@@ -778,7 +791,8 @@ timeout = "500ms"
     assert!(
         sample(
             &text,
-            "clawnode_service_checks_total{service=\"gateway\",result=\"ok\"}"
+            "clawnode_service_checks_total",
+            &[("service", "gateway"), ("result", "ok")]
         )
         .is_some_and(|n| n >= 1.0),
         "{text}"
@@ -786,7 +800,8 @@ timeout = "500ms"
     assert!(
         sample(
             &text,
-            "clawnode_service_transitions_total{service=\"gateway\"}"
+            "clawnode_service_transitions_total",
+            &[("service", "gateway")]
         )
         .is_some(),
         "{text}"
