@@ -90,6 +90,7 @@ fn footprint_exec_to_ready_idle_rss_and_idle_cpu() {
     let window = Duration::from_secs(60);
     let before = pids.map(cpu_ticks);
     let before_ns = pids.map(cpu_ns);
+    let checks_before = checks_run(&checked);
     std::thread::sleep(window);
     let after = pids.map(cpu_ticks);
     let after_ns = pids.map(cpu_ns);
@@ -105,15 +106,18 @@ fn footprint_exec_to_ready_idle_rss_and_idle_cpu() {
         1000.0 / hz,
         cpu_fine(0)
     );
+    let checks = checks_run(&checked) - checks_before;
     println!(
-        "health checks at idle (2 services, same window): with tcp checks every 5 s: VmRSS {} kB, CPU {:.6} s (schedstat), {} checks; with type = \"none\": VmRSS {} kB, CPU {:.6} s; ratio RSS {:.3}, CPU {:.2} (target: nothing measurable, within the noise of two identical daemons)",
+        "health checks at idle, 2 services, same {} s window: with tcp checks every 5 s (both healthy): VmRSS {} kB, CPU {:.6} CPU-s (schedstat), {checks} checks in the window ({:.0} us each); with type = \"none\": VmRSS {} kB, CPU {:.6} CPU-s; difference {:+} kB RSS (ratio {:.3}), {:+.6} CPU-s (target: nothing measurable; idle CPU < 0.05 CPU-s)",
+        window.as_secs(),
         rss[1],
         cpu_fine(1),
-        checks_run(&checked),
+        cpu_fine(1) * 1e6 / checks.max(1) as f64,
         rss[2],
         cpu_fine(2),
+        rss[1] - rss[2],
         rss[1] as f64 / rss[2] as f64,
-        cpu_fine(1) / cpu_fine(2).max(1e-9)
+        cpu_fine(1) - cpu_fine(2)
     );
     for pid in pids {
         assert!(
