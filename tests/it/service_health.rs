@@ -939,3 +939,103 @@ fn node_info_over_wireguard_lists_a_service_only_while_it_is_healthy() {
     );
     assert_eq!(nodes[1].status_json()["ready"], true);
 }
+
+#[test]
+fn the_gateway_advert_carries_a_service_only_while_it_is_healthy() {
+    use crate::support::gateway::{create_token, make_key, member_config, start_gateway};
+    use crate::support::lab::{self, Lab};
+    if let Err(why) = lab::available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    // Host 0 is the gateway; host 1 offers molt-provider (tcp check on its own loopback);
+    // host 2 discovers it through the gateway.
+    let lab = Lab::new(3);
+    let gateway = start_gateway(&lab, 0);
+    gateway.node.recv_until("READY=1", Duration::from_secs(30));
+    let port = free_port();
+    let members: Vec<Node> = (1..=2)
+        .map(|i| {
+            let token = create_token(&gateway.node, &[]);
+            let mut node = Node::prepare(|d| {
+                let mut text = member_config(&lab, i, d);
+                if i == 1 {
+                    text.push_str(&format!(
+                        "\n[services.molt-provider]\nport = {port}\nmode = \"tcp\"\n[services.molt-provider.check]\ninterval = \"1s\"\ntimeout = \"500ms\"\n"
+                    ));
+                }
+                text
+            });
+            std::fs::write(node.path("join-token"), format!("{token}\n")).unwrap();
+            make_key(node.dir.path());
+            node.launch_in(Some(lab.ns(i)), &[]);
+            node
+        })
+        .collect();
+    for node in &members {
+        node.recv_until("READY=1", Duration::from_secs(30));
+    }
+    let discover = || -> (Vec<String>, String) {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                lab.ns(2),
+                support::BIN,
+                "services",
+                "discover",
+                "molt-provider",
+                "--json",
+                "--config",
+            ])
+            .arg(&members[1].config)
+            .output()
+            .unwrap();
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let nodes = doc["providers"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p["node"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        (nodes, String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    time_until(WAIT, "host 1 checked", &members[0], || {
+        check_of(&members[0], "molt-provider")["state"] == "unhealthy"
+    });
+    // A few more failing checks; the gateway (asked, not bypassed) never lists it.
+    std::thread::sleep(2 * INTERVAL);
+    let (nodes, stderr) = discover();
+    assert!(nodes.is_empty(), "{nodes:?}");
+    assert!(!stderr.contains("asking every peer"), "{stderr}");
+
+    let file = lab.netns_file(lab.ns(1));
+    let bound = lab::in_netns(file, move || {
+        TcpListener::bind(("127.0.0.1", port)).unwrap()
+    })
+    .join()
+    .unwrap();
+    let listener = Listener::serve(bound);
+    let up = time_until(WAIT, "host 1 in the gateway's answer", &members[0], || {
+        discover().0 == ["node-1"]
+    });
+    println!(
+        "gateway: listener up -> in the gateway's discovery answer: {:.0} ms (checks every 1 s, rise 2)",
+        up.as_secs_f64() * 1000.0
+    );
+    drop(listener);
+    let down = time_until(
+        WAIT,
+        "host 1 gone from the gateway's answer",
+        &members[0],
+        || discover().0.is_empty(),
+    );
+    println!(
+        "gateway: listener gone -> gone from the gateway's answer: {:.0} ms (checks every 1 s, fall 3)",
+        down.as_secs_f64() * 1000.0
+    );
+    let (_, stderr) = discover();
+    assert!(!stderr.contains("asking every peer"), "{stderr}");
+}
