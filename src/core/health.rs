@@ -343,11 +343,6 @@ impl Health {
             .collect()
     }
 
-    /// Whether any service is configured at all.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     pub fn views(&self) -> Vec<ServiceHealthView> {
         let gate = self.gate();
         self.entries
