@@ -268,6 +268,8 @@ impl Daemon {
                 })
                 .await;
         });
+        // Services removed by a reload leave finished handles behind; drop them here.
+        self.checks.retain(|_, task| !task.is_finished());
         if let Some(previous) = self.checks.insert(service, task) {
             previous.abort();
         }
