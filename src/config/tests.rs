@@ -825,3 +825,345 @@ fn join_token_file_and_join_token_env_together_are_refused() {
     );
     assert!(err.message.contains("absolute path"), "{err}");
 }
+
+// ---- service health checks (issue 14) ----
+
+/// WG_BASE plus one service `svc` on 8443 with `extra` lines after `mode`; the service table
+/// starts on line 7.
+fn with_service(name: &str, extra: &str) -> String {
+    format!("{WG_BASE}[services.{name}]\nport = 8443\nmode = \"tcp\"\n{extra}")
+}
+
+fn spec(config: &Config, name: &str) -> ServiceSpec {
+    config.services[&name.parse::<ServiceName>().unwrap()].clone()
+}
+
+#[test]
+fn every_service_gets_a_tcp_check_on_loopback_with_default_timing() {
+    let config = ok(&with_service("web", ""));
+    let web = spec(&config, "web");
+    assert_eq!(
+        web.check,
+        CheckSpec {
+            kind: CheckKind::Tcp {
+                target: "127.0.0.1:8443".parse().unwrap()
+            },
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            rise: 2,
+            fall: 3,
+        }
+    );
+    assert!(!web.requires_gpus);
+    assert_eq!(web.check.kind.to_string(), "tcp 127.0.0.1:8443");
+}
+
+#[test]
+fn molt_provider_requires_gpus_by_default_only_while_gpus_are_probed() {
+    let config = ok(&with_service("molt-provider", ""));
+    assert!(spec(&config, "molt-provider").requires_gpus);
+    let text = with_service("molt-provider", "[gpu]\nenabled = false\n");
+    assert!(!spec(&ok(&text), "molt-provider").requires_gpus);
+    let text = with_service("molt-provider", "requires_gpus = false\n");
+    assert!(!spec(&ok(&text), "molt-provider").requires_gpus);
+    let text = with_service("web", "requires_gpus = true\n");
+    assert!(spec(&ok(&text), "web").requires_gpus);
+}
+
+#[test]
+fn requiring_gpus_with_gpu_probing_disabled_is_refused() {
+    let text = with_service("web", "requires_gpus = true\n[gpu]\nenabled = false\n");
+    let err = error_at(&text, "services.web.requires_gpus", 10);
+    assert!(
+        err.message.contains("[gpu] enabled = false"),
+        "{}",
+        err.message
+    );
+}
+
+#[test]
+fn check_keys_are_read_with_their_ranges() {
+    let text = with_service(
+        "web",
+        "[services.web.check]\ntype = \"tcp\"\ntarget = \"[::1]:9000\"\ninterval = \"1s\"\ntimeout = \"100ms\"\nrise = 1\nfall = 100\n",
+    );
+    let check = spec(&ok(&text), "web").check;
+    assert_eq!(
+        check,
+        CheckSpec {
+            kind: CheckKind::Tcp {
+                target: "[::1]:9000".parse().unwrap()
+            },
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(100),
+            rise: 1,
+            fall: 100,
+        }
+    );
+}
+
+#[test]
+fn http_check_defaults_follow_the_service_mode() {
+    let text = format!(
+        "{WG_BASE}[services.web]\nport = 8080\nmode = \"http\"\ntls = false\n[services.web.check]\ntype = \"http\"\npath = \"/healthz\"\n"
+    );
+    let check = spec(&ok(&text), "web").check;
+    assert_eq!(
+        check.kind,
+        CheckKind::Http(HttpCheck {
+            target: "127.0.0.1:8080".parse().unwrap(),
+            path: "/healthz".into(),
+            expect: (200, 399),
+            tls: None,
+        })
+    );
+    assert_eq!(
+        check.kind.to_string(),
+        "http GET http://127.0.0.1:8080/healthz expect 200-399"
+    );
+    // mode = "http" defaults to tls = true, so the check speaks https.
+    let text = format!(
+        "{WG_BASE}[services.web]\nport = 8443\nmode = \"http\"\n[services.web.check]\ntype = \"http\"\nexpect = \"204\"\ntls_skip_verify = true\n"
+    );
+    let check = spec(&ok(&text), "web").check;
+    assert_eq!(
+        check.kind,
+        CheckKind::Http(HttpCheck {
+            target: "127.0.0.1:8443".parse().unwrap(),
+            path: "/".into(),
+            expect: (204, 204),
+            tls: Some(HttpsCheck {
+                skip_verify: true,
+                server_name: "localhost".into(),
+            }),
+        })
+    );
+    assert_eq!(
+        check.kind.to_string(),
+        "http GET https://127.0.0.1:8443/ expect 204 (certificate not verified)"
+    );
+}
+
+#[test]
+fn an_explicit_scheme_and_server_name_override_the_defaults() {
+    let text = with_service(
+        "web",
+        "[services.web.check]\ntype = \"http\"\nscheme = \"https\"\nserver_name = \"gpu-01.example.com\"\n",
+    );
+    let CheckKind::Http(http) = spec(&ok(&text), "web").check.kind else {
+        panic!("an http check");
+    };
+    assert_eq!(
+        http.tls,
+        Some(HttpsCheck {
+            skip_verify: false,
+            server_name: "gpu-01.example.com".into()
+        })
+    );
+}
+
+#[test]
+fn type_none_opts_out_and_refuses_timing_keys() {
+    let text = with_service("web", "[services.web.check]\ntype = \"none\"\n");
+    assert_eq!(spec(&ok(&text), "web").check.kind, CheckKind::None);
+    let text = with_service(
+        "web",
+        "[services.web.check]\ntype = \"none\"\ninterval = \"5s\"\n",
+    );
+    let err = error_at(&text, "services.web.check.interval", 12);
+    assert!(err.message.contains("type = \"none\""), "{}", err.message);
+}
+
+#[test]
+fn http_only_keys_with_a_tcp_check_are_refused() {
+    for key in [
+        "path = \"/\"",
+        "expect = \"200\"",
+        "scheme = \"http\"",
+        "tls_skip_verify = true",
+        "server_name = \"localhost\"",
+    ] {
+        let text = with_service("web", &format!("[services.web.check]\n{key}\n"));
+        let name = key.split(' ').next().unwrap();
+        let err = error_at(&text, &format!("services.web.check.{name}"), 11);
+        assert!(
+            err.message.contains("unless type = \"http\""),
+            "{key}: {}",
+            err.message
+        );
+    }
+}
+
+#[test]
+fn tls_keys_with_plain_http_are_refused() {
+    for key in ["tls_skip_verify = false", "server_name = \"localhost\""] {
+        let text = with_service(
+            "web",
+            &format!("[services.web.check]\ntype = \"http\"\nscheme = \"http\"\n{key}\n"),
+        );
+        let name = key.split(' ').next().unwrap();
+        let err = error_at(&text, &format!("services.web.check.{name}"), 13);
+        assert!(
+            err.message.contains("unless scheme = \"https\""),
+            "{key}: {}",
+            err.message
+        );
+    }
+}
+
+#[test]
+fn a_timeout_longer_than_the_interval_is_refused() {
+    let text = with_service(
+        "web",
+        "[services.web.check]\ninterval = \"2s\"\ntimeout = \"3s\"\n",
+    );
+    let err = error_at(&text, "services.web.check.timeout", 12);
+    assert_eq!(
+        err.message,
+        "expected a timeout no longer than the interval (2s), got 3s"
+    );
+}
+
+#[test]
+fn out_of_range_check_values_are_refused_with_their_position() {
+    let cases = [
+        ("type = \"udp\"", "type", "\"tcp\", \"http\" or \"none\""),
+        ("target = \"localhost:80\"", "target", "127.0.0.1:8443"),
+        ("target = \"127.0.0.1:0\"", "target", "port 1-65535"),
+        ("interval = \"500ms\"", "interval", "between 1s and 1h"),
+        ("interval = \"2h\"", "interval", "between 1s and 1h"),
+        ("timeout = \"10ms\"", "timeout", "between 100ms and 1m"),
+        ("rise = 0", "rise", "1-100"),
+        ("fall = 101", "fall", "1-100"),
+    ];
+    for (line, key, expected) in cases {
+        let text = with_service("web", &format!("[services.web.check]\n{line}\n"));
+        let err = error_at(&text, &format!("services.web.check.{key}"), 11);
+        assert!(err.message.contains(expected), "{line}: {}", err.message);
+    }
+    let http = [
+        ("path = \"healthz\"", "path"),
+        ("path = \"/a b\"", "path"),
+        ("expect = \"600\"", "expect"),
+        ("expect = \"399-200\"", "expect"),
+        ("expect = \"2xx\"", "expect"),
+        ("server_name = \"not a name\"", "server_name"),
+    ];
+    for (line, key) in http {
+        let text = with_service(
+            "web",
+            &format!("[services.web.check]\ntype = \"http\"\nscheme = \"https\"\n{line}\n"),
+        );
+        let err = error_at(&text, &format!("services.web.check.{key}"), 13);
+        assert!(
+            err.message.starts_with("expected "),
+            "{line}: {}",
+            err.message
+        );
+    }
+    let text = with_service(
+        "web",
+        "[services.web.check]\ntype = \"http\"\nscheme = \"ftp\"\n",
+    );
+    let err = error_at(&text, "services.web.check.scheme", 12);
+    assert!(
+        err.message.contains("\"http\" or \"https\""),
+        "{}",
+        err.message
+    );
+    let long = format!("path = \"/{}\"", "a".repeat(1024));
+    let text = with_service(
+        "web",
+        &format!("[services.web.check]\ntype = \"http\"\n{long}\n"),
+    );
+    error_at(&text, "services.web.check.path", 12);
+}
+
+#[test]
+fn xid_list_and_hold_are_read_and_checked() {
+    let config = ok(&format!(
+        "{WG_BASE}[gpu]\nunhealthy_xids = [79, 48, 79]\nxid_hold = \"3s\"\n"
+    ));
+    assert_eq!(
+        config
+            .gpu
+            .unhealthy_xids
+            .iter()
+            .copied()
+            .collect::<Vec<_>>(),
+        [48, 79]
+    );
+    assert_eq!(config.gpu.xid_hold, Duration::from_secs(3));
+    let none = ok(&format!("{WG_BASE}[gpu]\nunhealthy_xids = []\n"));
+    assert!(none.gpu.unhealthy_xids.is_empty());
+    let err = error_at(
+        &format!("{WG_BASE}[gpu]\nunhealthy_xids = [79, -1]\n"),
+        "gpu.unhealthy_xids[1]",
+        8,
+    );
+    assert_eq!(err.message, "expected an XID code 1-65535, got -1");
+    let err = error_at(
+        &format!("{WG_BASE}[gpu]\nxid_hold = \"31d\"\n"),
+        "gpu.xid_hold",
+        8,
+    );
+    assert!(
+        err.message.contains("between 1s and 30days"),
+        "{}",
+        err.message
+    );
+}
+
+#[test]
+fn tailscale_services_take_the_same_check_keys() {
+    let text = "[node]\nname = \"gpu-01\"\n[network]\nprovider = \"tailscale\"\n[network.tailscale.services.web]\nport = 8080\nmode = \"tcp\"\n[network.tailscale.services.web.check]\ntype = \"none\"\n";
+    assert_eq!(spec(&ok(text), "web").check.kind, CheckKind::None);
+}
+
+#[test]
+fn the_same_service_in_both_tables_must_agree_on_its_check() {
+    let text = "[node]\nname = \"gpu-01\"\n[network]\nprovider = \"tailscale\"\n[services.web]\nport = 8080\nmode = \"tcp\"\n[network.tailscale.services.web]\nport = 8080\nmode = \"tcp\"\ncheck = { type = \"none\" }\n";
+    let all = errors(text);
+    assert_eq!(all.len(), 1, "{all:#?}");
+    assert!(
+        all[0]
+            .message
+            .contains("declared twice with different settings"),
+        "{}",
+        all[0]
+    );
+}
+
+#[test]
+fn a_gateway_checks_its_own_listener() {
+    let config = ok(&format!(
+        "{WG_BASE}[gateway]\nenabled = true\nlisten = \"0.0.0.0:8444\"\n"
+    ));
+    let gateway = spec(&config, "gateway");
+    assert_eq!(
+        gateway.check.kind,
+        CheckKind::Tcp {
+            target: "127.0.0.1:8444".parse().unwrap()
+        }
+    );
+    assert!(!gateway.requires_gpus);
+}
+
+#[test]
+fn summary_shows_each_services_check_and_the_xid_rule() {
+    let config = ok(&with_service(
+        "molt-provider",
+        "[services.molt-provider.check]\ninterval = \"1s\"\ntimeout = \"1s\"\n",
+    ));
+    let summary = config.summary();
+    assert!(
+        summary.contains(
+            "  molt-provider 8443/tcp, check tcp 127.0.0.1:8443 every 1s (timeout 1s, rise 2, fall 3), requires GPUs\n"
+        ),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("  unusable for 1h after XID 48, 63, 64, 74, 79, 94, 95, 119, 120\n"),
+        "{summary}"
+    );
+}

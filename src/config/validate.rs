@@ -1215,7 +1215,7 @@ impl<'a> Checker<'a> {
                 }
             }
         }
-        let server_name = match raw.server_name {
+        let server_name = match raw.server_name.filter(|_| https) {
             None => "localhost".to_owned(),
             Some(text) => {
                 let valid = super::types::is_hostname(text) || text.parse::<IpAddr>().is_ok();

@@ -454,3 +454,428 @@ impl Health {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CheckSpec, ServiceMode};
+    use crate::core::model::{GpuInfo, Unavailable};
+    use proptest::prelude::*;
+
+    fn name(text: &str) -> ServiceName {
+        text.parse().unwrap()
+    }
+
+    fn spec(port: u16, rise: u32, fall: u32, requires_gpus: bool) -> ServiceSpec {
+        ServiceSpec {
+            port,
+            mode: ServiceMode::Tcp,
+            tls_cert: false,
+            requires_gpus,
+            check: CheckSpec {
+                kind: CheckKind::Tcp {
+                    target: ([127, 0, 0, 1], port).into(),
+                },
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(2),
+                rise,
+                fall,
+            },
+        }
+    }
+
+    fn services(list: &[(&str, ServiceSpec)]) -> BTreeMap<ServiceName, ServiceSpec> {
+        list.iter().map(|(n, s)| (name(n), s.clone())).collect()
+    }
+
+    fn gpu_config(hold: Duration) -> GpuConfig {
+        GpuConfig {
+            xid_hold: hold,
+            ..GpuConfig::default()
+        }
+    }
+
+    fn ok(detail: &str) -> CheckResult {
+        CheckResult {
+            ok: true,
+            detail: detail.into(),
+            duration: Duration::from_millis(3),
+        }
+    }
+
+    fn fail(detail: &str) -> CheckResult {
+        CheckResult {
+            ok: false,
+            detail: detail.into(),
+            duration: Duration::from_millis(700),
+        }
+    }
+
+    /// `usable` working GPUs and `lost` ones; none at all says NVML is missing.
+    fn gpus(usable: u32, lost: u32) -> GpuInventory {
+        let gpu = |index, lost| GpuInfo {
+            index,
+            lost,
+            ..GpuInfo::default()
+        };
+        GpuInventory {
+            gpus: (0..usable)
+                .map(|i| gpu(i, false))
+                .chain((usable..usable + lost).map(|i| gpu(i, true)))
+                .collect(),
+            unavailable: (usable + lost == 0).then(|| Unavailable {
+                reason: "nvml_unavailable".into(),
+                detail: "libnvidia-ml.so.1 missing".into(),
+            }),
+            ..GpuInventory::default()
+        }
+    }
+
+    /// Runs every due check with `result`; returns whether the advertised set changed.
+    fn answer_all(health: &mut Health, result: &CheckResult, now: Instant) -> bool {
+        let mut changed = false;
+        for req in health.poll_checks(now) {
+            changed |= health.handle_result(&req.service, req.generation, result.clone(), now);
+        }
+        changed
+    }
+
+    fn start() -> Instant {
+        // Any instant will do; the engine itself never reads the clock.
+        #[allow(clippy::disallowed_methods)]
+        Instant::now()
+    }
+
+    fn view(health: &Health, service: &str) -> ServiceHealthView {
+        health
+            .views()
+            .into_iter()
+            .find(|v| v.name == service)
+            .unwrap()
+    }
+
+    #[test]
+    fn every_check_is_due_at_start_and_runs_once_at_a_time() {
+        let t0 = start();
+        let mut h = Health::new(
+            &services(&[("a", spec(1, 2, 3, false)), ("b", spec(2, 2, 3, false))]),
+            &GpuConfig::default(),
+            t0,
+        );
+        assert_eq!(h.next_deadline(), Some(t0));
+        let reqs = h.poll_checks(t0);
+        let names: Vec<&str> = reqs.iter().map(|r| r.service.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(reqs[0].timeout, Duration::from_secs(2));
+        assert_eq!(
+            reqs[0].kind,
+            CheckKind::Tcp {
+                target: ([127, 0, 0, 1], 1).into()
+            }
+        );
+        // Running: not issued again, and no deadline for it.
+        assert!(h.poll_checks(t0 + Duration::from_secs(60)).is_empty());
+        assert_eq!(h.next_deadline(), None);
+        let t1 = t0 + Duration::from_millis(300);
+        h.handle_result(&reqs[0].service, reqs[0].generation, ok("connected"), t1);
+        assert_eq!(h.next_deadline(), Some(t1 + Duration::from_secs(5)));
+        assert!(h.poll_checks(t1 + Duration::from_secs(4)).is_empty());
+        assert_eq!(h.poll_checks(t1 + Duration::from_secs(5)).len(), 1);
+    }
+
+    #[test]
+    fn the_first_result_decides_at_once() {
+        let t0 = start();
+        let cfg = services(&[("up", spec(1, 5, 5, false)), ("down", spec(2, 5, 5, false))]);
+        let mut h = Health::new(&cfg, &GpuConfig::default(), t0);
+        assert!(h.advertised().is_empty());
+        assert_eq!(view(&h, "up").state, HealthState::Unknown);
+        assert_eq!(h.status_part(), "down not checked yet, up not checked yet");
+        let reqs = h.poll_checks(t0);
+        assert!(!h.handle_result(
+            &name("down"),
+            reqs[0].generation,
+            fail("connect refused"),
+            t0
+        ));
+        assert!(h.handle_result(&name("up"), reqs[1].generation, ok("connected"), t0));
+        assert_eq!(h.advertised(), [name("up")]);
+        assert_eq!(view(&h, "down").state, HealthState::Unhealthy);
+        assert_eq!(h.status_part(), "down unhealthy (connect refused)");
+        let up = view(&h, "up");
+        assert_eq!(
+            (up.state, up.transitions, up.checks),
+            (HealthState::Healthy, 0, 1)
+        );
+    }
+
+    #[test]
+    fn a_healthy_service_turns_unhealthy_only_after_fall_failures_in_a_row() {
+        let t0 = start();
+        let mut h = Health::new(
+            &services(&[("a", spec(1, 2, 3, false))]),
+            &GpuConfig::default(),
+            t0,
+        );
+        let mut t = t0;
+        answer_all(&mut h, &ok("connected"), t);
+        for result in [fail("x"), fail("x"), ok("connected"), fail("x"), fail("x")] {
+            t += Duration::from_secs(5);
+            assert!(!answer_all(&mut h, &result, t), "no flip yet");
+        }
+        assert_eq!(view(&h, "a").streak, 2);
+        assert_eq!(view(&h, "a").reason, None);
+        t += Duration::from_secs(5);
+        assert!(answer_all(&mut h, &fail("connect refused"), t));
+        let a = view(&h, "a");
+        assert_eq!(a.state, HealthState::Unhealthy);
+        assert_eq!(a.reason.as_deref(), Some("connect refused"));
+        assert_eq!((a.since, a.transitions, a.streak), (t, 1, 0));
+        assert_eq!((a.checks, a.failures), (7, 5));
+    }
+
+    #[test]
+    fn an_unhealthy_service_turns_healthy_only_after_rise_successes_in_a_row() {
+        let t0 = start();
+        let mut h = Health::new(
+            &services(&[("a", spec(1, 2, 3, false))]),
+            &GpuConfig::default(),
+            t0,
+        );
+        let mut t = t0;
+        answer_all(&mut h, &fail("HTTP 500"), t);
+        for result in [ok("HTTP 200"), fail("HTTP 503"), ok("HTTP 200")] {
+            t += Duration::from_secs(5);
+            assert!(!answer_all(&mut h, &result, t));
+        }
+        // The latest failure is the reason shown.
+        assert_eq!(view(&h, "a").reason.as_deref(), Some("HTTP 503"));
+        t += Duration::from_secs(5);
+        assert!(answer_all(&mut h, &ok("HTTP 200"), t));
+        assert_eq!(h.advertised(), [name("a")]);
+        assert_eq!(h.status_part(), "");
+    }
+
+    #[test]
+    fn type_none_is_healthy_at_once_and_never_checked() {
+        let t0 = start();
+        let mut unchecked = spec(1, 2, 3, false);
+        unchecked.check.kind = CheckKind::None;
+        let mut h = Health::new(&services(&[("a", unchecked)]), &GpuConfig::default(), t0);
+        assert_eq!(h.advertised(), [name("a")]);
+        assert!(h.poll_checks(t0).is_empty());
+        assert_eq!(h.next_deadline(), None);
+        assert_eq!(view(&h, "a").check, "none");
+    }
+
+    #[test]
+    fn check_durations_fill_cumulative_buckets() {
+        let t0 = start();
+        let mut h = Health::new(
+            &services(&[("a", spec(1, 2, 3, false))]),
+            &GpuConfig::default(),
+            t0,
+        );
+        answer_all(&mut h, &ok("connected"), t0); // 3 ms
+        answer_all(
+            &mut h,
+            &fail("timed out after 2s"),
+            t0 + Duration::from_secs(5),
+        ); // 700 ms
+        let a = view(&h, "a");
+        let le = |bound: f64| {
+            let i = DURATION_BUCKETS.iter().position(|b| *b == bound).unwrap();
+            a.duration_buckets[i]
+        };
+        assert_eq!(
+            (le(0.0025), le(0.005), le(0.5), le(1.0), le(10.0)),
+            (0, 1, 1, 2, 2)
+        );
+        assert!((a.duration_sum - 0.703).abs() < 1e-9);
+        let (last, at) = a.last_result.unwrap();
+        assert_eq!(
+            (last.detail.as_str(), at),
+            ("timed out after 2s", t0 + Duration::from_secs(5))
+        );
+    }
+
+    #[test]
+    fn a_reload_keeps_unchanged_services_and_restarts_changed_ones_ignoring_old_results() {
+        let t0 = start();
+        let cfg = services(&[("a", spec(1, 2, 3, false)), ("b", spec(2, 2, 3, false))]);
+        let mut h = Health::new(&cfg, &GpuConfig::default(), t0);
+        answer_all(&mut h, &ok("connected"), t0);
+        let t1 = t0 + Duration::from_secs(5);
+        let stale = h.poll_checks(t1);
+        let new = services(&[("a", spec(1, 2, 3, false)), ("b", spec(2, 1, 1, false))]);
+        h.reconfigure(&new, &GpuConfig::default(), t1);
+        assert_eq!(h.advertised(), [name("a")]);
+        assert_eq!(view(&h, "b").state, HealthState::Unknown);
+        assert_eq!(view(&h, "b").since, t1);
+        // The result of b's old check does not count.
+        let old_b = stale.iter().find(|r| r.service.as_str() == "b").unwrap();
+        assert!(!h.handle_result(&old_b.service, old_b.generation, ok("connected"), t1));
+        assert_eq!(view(&h, "b").checks, 0);
+        // b's new check is due now, a's keeps running.
+        let reqs = h.poll_checks(t1);
+        assert_eq!(reqs.len(), 1);
+        assert!(h.handle_result(&reqs[0].service, reqs[0].generation, ok("connected"), t1));
+        let old_a = stale.iter().find(|r| r.service.as_str() == "a").unwrap();
+        assert!(!h.handle_result(&old_a.service, old_a.generation, fail("x"), t1));
+        assert_eq!(view(&h, "a").streak, 1, "a's result still counts");
+        // A removed service's late result is ignored too.
+        h.reconfigure(
+            &services(&[("a", spec(1, 2, 3, false))]),
+            &GpuConfig::default(),
+            t1,
+        );
+        assert!(!h.handle_result(&name("b"), reqs[0].generation, fail("x"), t1));
+        assert_eq!(h.advertised(), [name("a")]);
+    }
+
+    #[test]
+    fn a_service_that_requires_gpus_waits_for_the_first_probe_and_needs_a_usable_gpu() {
+        let t0 = start();
+        let cfg = services(&[
+            ("molt-provider", spec(1, 2, 3, true)),
+            ("web", spec(2, 2, 3, false)),
+        ]);
+        let mut h = Health::new(&cfg, &GpuConfig::default(), t0);
+        answer_all(&mut h, &ok("connected"), t0);
+        assert_eq!(h.advertised(), [name("web")]);
+        assert_eq!(view(&h, "molt-provider").state, HealthState::Unknown);
+        assert_eq!(h.status_part(), "molt-provider not checked yet");
+
+        assert!(!h.handle_inventory(&gpus(0, 0), t0));
+        let mp = view(&h, "molt-provider");
+        assert_eq!(mp.state, HealthState::Unhealthy);
+        assert_eq!(
+            mp.reason.as_deref(),
+            Some("no usable GPU: nvml_unavailable: libnvidia-ml.so.1 missing")
+        );
+        assert!(h.handle_inventory(&gpus(1, 1), t0));
+        assert_eq!(h.advertised(), [name("molt-provider"), name("web")]);
+        assert!(h.handle_inventory(&gpus(0, 2), t0));
+        assert_eq!(h.advertised(), [name("web")]);
+        assert_eq!(
+            h.status_part(),
+            "molt-provider unhealthy (no usable GPU: GPU 0 lost, GPU 1 lost)"
+        );
+        assert_eq!(view(&h, "molt-provider").transitions, 2);
+        // Gate changes apply at once, with no rise.
+        assert!(h.handle_inventory(&gpus(2, 0), t0));
+        assert!(view(&h, "molt-provider").advertised);
+    }
+
+    #[test]
+    fn an_xid_that_needs_a_reset_holds_its_gpu_until_the_hold_expires() {
+        let t0 = start();
+        let hold = Duration::from_secs(3);
+        let cfg = services(&[("molt-provider", spec(1, 2, 3, true))]);
+        let mut h = Health::new(&cfg, &gpu_config(hold), t0);
+        answer_all(&mut h, &ok("connected"), t0);
+        h.handle_inventory(&gpus(1, 0), t0);
+        assert_eq!(h.advertised(), [name("molt-provider")]);
+
+        // XID 13 (a graphics engine exception in an application) is not in the list.
+        assert!(!h.handle_xid(XidEvent { index: 0, code: 13 }, t0));
+        assert!(h.handle_xid(XidEvent { index: 0, code: 79 }, t0));
+        assert_eq!(
+            h.status_part(),
+            "molt-provider unhealthy (no usable GPU: GPU 0 held after XID 79)"
+        );
+        let t1 = t0 + Duration::from_secs(2);
+        assert!(
+            !h.handle_xid(XidEvent { index: 0, code: 79 }, t1),
+            "renews the hold"
+        );
+        assert!(h.next_deadline().unwrap() <= t1 + hold);
+        assert!(!h.handle_timeout(t0 + hold));
+        assert!(h.advertised().is_empty());
+        assert!(h.handle_timeout(t1 + hold));
+        assert_eq!(h.advertised(), [name("molt-provider")]);
+    }
+
+    #[test]
+    fn a_held_gpu_leaves_the_others_usable_and_a_reload_clears_every_hold() {
+        let t0 = start();
+        let cfg = services(&[("molt-provider", spec(1, 2, 3, true))]);
+        let gpu = gpu_config(Duration::from_secs(3600));
+        let mut h = Health::new(&cfg, &gpu, t0);
+        answer_all(&mut h, &ok("connected"), t0);
+        h.handle_inventory(&gpus(2, 0), t0);
+        assert!(!h.handle_xid(XidEvent { index: 0, code: 48 }, t0));
+        assert_eq!(h.advertised(), [name("molt-provider")]);
+        assert!(h.handle_xid(
+            XidEvent {
+                index: 1,
+                code: 119
+            },
+            t0
+        ));
+        assert!(h.advertised().is_empty());
+        h.reconfigure(&cfg, &gpu, t0);
+        assert_eq!(h.advertised(), [name("molt-provider")]);
+        assert_eq!(h.next_deadline(), Some(t0 + Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_service_without_requires_gpus_ignores_the_gpus() {
+        let t0 = start();
+        let mut h = Health::new(
+            &services(&[("web", spec(2, 2, 3, false))]),
+            &GpuConfig {
+                enabled: false,
+                ..GpuConfig::default()
+            },
+            t0,
+        );
+        answer_all(&mut h, &ok("connected"), t0);
+        assert!(!h.handle_inventory(&gpus(0, 4), t0));
+        assert!(!h.handle_xid(XidEvent { index: 0, code: 79 }, t0));
+        assert_eq!(h.advertised(), [name("web")]);
+    }
+
+    proptest! {
+        /// Whatever the results, the first decides at once, and every later change of what
+        /// is advertised follows `rise` oks or `fall` failures in a row.
+        #[test]
+        fn the_advertised_state_never_flips_faster_than_rise_and_fall_allow(
+            rise in 1u32..5,
+            fall in 1u32..5,
+            results in proptest::collection::vec(any::<bool>(), 1..60),
+        ) {
+            let t0 = start();
+            let cfg = services(&[("a", spec(1, rise, fall, false))]);
+            let mut h = Health::new(&cfg, &GpuConfig::default(), t0);
+            let mut t = t0;
+            let mut advertised = false;
+            let mut flips = 0;
+            for (i, &result_ok) in results.iter().enumerate() {
+                let result = if result_ok { ok("connected") } else { fail("connect refused") };
+                let reqs = h.poll_checks(t);
+                prop_assert_eq!(reqs.len(), 1);
+                let changed = h.handle_result(&reqs[0].service, reqs[0].generation, result, t);
+                let now_advertised = !h.advertised().is_empty();
+                prop_assert_eq!(changed, now_advertised != advertised);
+                if i == 0 {
+                    prop_assert_eq!(now_advertised, result_ok, "the first result decides");
+                    prop_assert_ne!(view(&h, "a").state, HealthState::Unknown);
+                } else if now_advertised != advertised {
+                    flips += 1;
+                    let needed = if now_advertised { rise } else { fall } as usize;
+                    prop_assert!(i + 1 >= needed);
+                    let window = &results[i + 1 - needed..=i];
+                    prop_assert!(
+                        window.iter().all(|&r| r == now_advertised),
+                        "flip at {} without {} results in a row: {:?}", i, needed, window
+                    );
+                }
+                advertised = now_advertised;
+                t = h.next_deadline().unwrap();
+            }
+            prop_assert_eq!(view(&h, "a").transitions, flips);
+            prop_assert_eq!(view(&h, "a").checks, results.len() as u64);
+        }
+    }
+}

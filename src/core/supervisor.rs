@@ -1105,6 +1105,7 @@ fn one_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::health::HealthState;
     use crate::core::model::{GpuInfo, Unavailable};
     use proptest::prelude::*;
 
@@ -1117,6 +1118,8 @@ mod tests {
         withdraws: usize,
         exit: Option<u8>,
         checks: Vec<CheckRequest>,
+        started: Vec<Component>,
+        config: Option<Config>,
     }
 
     /// "wireguard claw0 10.100.0.5/16" back into the mesh status it summarises.
@@ -1187,6 +1190,8 @@ mod tests {
                 withdraws: 0,
                 exit: None,
                 checks: Vec::new(),
+                started: Vec::new(),
+                config: None,
             }
         }
 
@@ -1197,7 +1202,10 @@ mod tests {
                     Command::Start {
                         component,
                         generation,
-                    } => self.generations[component.index()] = generation,
+                    } => {
+                        self.generations[component.index()] = generation;
+                        self.started.push(component);
+                    }
                     Command::Withdraw => self.withdraws += 1,
                     Command::Check(request) => self.checks.push(request),
                     Command::Exit(code) => self.exit = Some(code),
@@ -1831,6 +1839,322 @@ mod tests {
         let plan = ReloadPlan::new(&old, &renamed);
         assert_eq!(plan.changed, vec![Component::Mesh]);
         assert!(!plan.replace_provider && !plan.needs_restart && plan.log_level.is_none());
+    }
+
+    // ---- service health (issue 14) ----
+
+    /// A node with `molt-provider` (needs GPUs, rise 2, fall 2) and `gateway` (rise 1, fall 1).
+    fn with_services() -> Harness {
+        let mut h = Harness::new(None);
+        let text = r#"
+            [node]
+            name = "gpu-01"
+            [network.wireguard]
+            address = "10.100.0.9/16"
+            [gpu]
+            xid_hold = "1h"
+            [services.molt-provider]
+            port = 8443
+            mode = "tcp"
+            check = { rise = 2, fall = 2 }
+            [services.gateway]
+            port = 443
+            mode = "tcp"
+            check = { rise = 1, fall = 1 }
+        "#;
+        let config = crate::config::parse(std::path::Path::new("t.toml"), text).unwrap();
+        h.sup = Supervisor::new(
+            Backoff::DEFAULT,
+            None,
+            false,
+            Health::new(&config.services, &config.gpu, h.now),
+            h.now,
+        );
+        h.config = Some(config);
+        h
+    }
+
+    fn svc(name: &str) -> ServiceName {
+        name.parse().unwrap()
+    }
+
+    impl Harness {
+        /// Answers the last check issued for `service`.
+        fn checked(&mut self, service: &str, ok: bool, detail: &str) {
+            let request = self
+                .checks
+                .iter()
+                .rev()
+                .find(|r| r.service.as_str() == service)
+                .expect("a check was issued")
+                .clone();
+            let result = CheckResult {
+                ok,
+                detail: detail.into(),
+                duration: Duration::from_millis(1),
+            };
+            self.sup
+                .handle_check_result(&request.service, request.generation, result, self.now);
+            self.drain();
+        }
+
+        /// Publishes what the core says to advertise.
+        fn publish_advertisement(&mut self) {
+            let names: Vec<String> = self
+                .sup
+                .advertisement()
+                .iter()
+                .map(|n| n.to_string())
+                .collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            self.published(&names);
+        }
+
+        fn service_starts(&self) -> usize {
+            self.started
+                .iter()
+                .filter(|c| **c == Component::Services)
+                .count()
+        }
+    }
+
+    #[test]
+    fn checks_start_with_the_node_before_the_mesh_is_up() {
+        let mut h = with_services();
+        h.drain();
+        assert!(h.checks.is_empty(), "nothing before the start");
+        assert!(h.sup.poll_timeout().is_none());
+        h.start();
+        let names: Vec<&str> = h.checks.iter().map(|c| c.service.as_str()).collect();
+        assert_eq!(names, ["gateway", "molt-provider"]);
+        assert_eq!(h.sup.poll_timeout(), None, "both are running");
+        h.checked("gateway", true, "connected");
+        assert_eq!(h.sup.poll_timeout(), Some(h.now + Duration::from_secs(5)));
+        h.advance(Duration::from_secs(5));
+        assert_eq!(h.checks.len(), 3);
+        assert_eq!(h.checks[2].service.as_str(), "gateway");
+    }
+
+    #[test]
+    fn the_node_stays_ready_while_a_service_is_unhealthy_and_status_says_why() {
+        let mut h = with_services();
+        h.start();
+        h.checked("gateway", true, "connected");
+        h.checked("molt-provider", false, "connect refused");
+        h.mesh_up("wireguard claw0 10.100.0.9/16");
+        h.gpus_probed(inventory(2, 0));
+        assert_eq!(h.sup.advertisement(), [svc("gateway")]);
+        h.publish_advertisement();
+        assert!(h.sup.is_ready());
+        assert_eq!(
+            h.sup.status_text(),
+            "ready: wireguard claw0 10.100.0.9/16, 2 GPUs, advertising gateway; molt-provider unhealthy (connect refused)"
+        );
+        let view = h.sup.view(h.now);
+        let states: Vec<(&str, HealthState)> = view
+            .health
+            .iter()
+            .map(|v| (v.name.as_str(), v.state))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("gateway", HealthState::Healthy),
+                ("molt-provider", HealthState::Unhealthy)
+            ]
+        );
+        // Both down: still ready, advertising nothing.
+        h.advance(Duration::from_secs(5));
+        h.checked("gateway", false, "timed out after 2s");
+        h.publish_advertisement();
+        assert!(h.sup.is_ready());
+        assert_eq!(
+            h.sup.status_text(),
+            "ready: wireguard claw0 10.100.0.9/16, 2 GPUs, advertising nothing; gateway unhealthy (timed out after 2s), molt-provider unhealthy (connect refused)"
+        );
+        assert_eq!(h.readies(), 1);
+    }
+
+    #[test]
+    fn a_health_change_republishes_without_a_second_ready() {
+        let mut h = with_services();
+        h.start();
+        h.checked("gateway", true, "connected");
+        h.checked("molt-provider", true, "connected");
+        h.all_up();
+        h.publish_advertisement();
+        assert_eq!(h.readies(), 1);
+        let starts = h.service_starts();
+        h.take();
+        // One failure is not enough with fall = 2: nothing is republished.
+        h.advance(Duration::from_secs(5));
+        h.checked("molt-provider", false, "connect refused");
+        assert_eq!(h.service_starts(), starts);
+        h.advance(Duration::from_secs(5));
+        h.checked("molt-provider", false, "connect refused");
+        assert_eq!(h.service_starts(), starts + 1, "withdrawn by a republish");
+        assert!(h.sup.is_ready(), "stays ready while it republishes");
+        assert_eq!(h.sup.advertisement(), [svc("gateway")]);
+        h.publish_advertisement();
+        assert!(h.sup.is_ready());
+        assert_eq!(h.readies(), 0);
+        assert!(
+            h.notified.contains(&status(
+                "ready: wireguard claw0 10.100.0.5/16, 2 GPUs, advertising gateway; molt-provider unhealthy (connect refused)"
+            )),
+            "{:?}",
+            h.notified
+        );
+    }
+
+    #[test]
+    fn a_health_change_during_a_publish_is_published_after_it() {
+        let mut h = with_services();
+        h.start();
+        h.checked("gateway", true, "connected");
+        h.gpus_probed(inventory(1, 0));
+        h.mesh_up("wireguard claw0 10.100.0.5/16");
+        let starts = h.service_starts();
+        assert_eq!(h.sup.advertisement(), [svc("gateway")]);
+        // The publish of [gateway] is in flight when molt-provider turns healthy.
+        h.checked("molt-provider", true, "connected");
+        assert_eq!(h.service_starts(), starts);
+        h.published(&["gateway"]);
+        assert_eq!(h.service_starts(), starts + 1, "one more publish");
+        assert_eq!(
+            h.sup.advertisement(),
+            [svc("gateway"), svc("molt-provider")]
+        );
+    }
+
+    #[test]
+    fn nothing_is_published_while_the_mesh_is_down() {
+        let mut h = with_services();
+        h.start();
+        h.gpus_probed(inventory(1, 0));
+        h.checked("gateway", true, "connected");
+        h.checked("molt-provider", true, "connected");
+        assert_eq!(h.service_starts(), 0);
+        h.mesh_up("wireguard claw0 10.100.0.5/16");
+        assert_eq!(h.service_starts(), 1);
+        h.publish_advertisement();
+        h.fail(Component::Mesh, "interface vanished");
+        let starts = h.service_starts();
+        h.advance(Duration::from_millis(1));
+        h.checked("gateway", false, "connect refused");
+        assert_eq!(h.service_starts(), starts, "no publish while off the mesh");
+        // The publish after the rejoin carries the healthy set then.
+        h.advance(Duration::from_secs(60));
+        h.mesh_up("wireguard claw0 10.100.0.5/16");
+        assert_eq!(h.service_starts(), starts + 1);
+        assert_eq!(h.sup.advertisement(), [svc("molt-provider")]);
+    }
+
+    #[test]
+    fn a_failed_publish_is_retried_at_once_when_health_changes() {
+        let mut h = with_services();
+        h.start();
+        h.checked("gateway", true, "connected");
+        h.all_up();
+        h.fail(Component::Services, "tailscaled restarting");
+        let starts = h.service_starts();
+        h.gpus_probed(inventory(1, 0));
+        h.checked("molt-provider", true, "connected");
+        assert_eq!(h.service_starts(), starts + 1);
+    }
+
+    #[test]
+    fn stale_check_results_are_ignored_after_a_reload_changes_the_check() {
+        let mut h = with_services();
+        h.start();
+        let old = h.checks.clone();
+        let mut config = h.config.clone().unwrap();
+        config
+            .services
+            .get_mut(&svc("gateway"))
+            .unwrap()
+            .check
+            .interval = Duration::from_secs(10);
+        let plan = ReloadPlan::new(h.config.as_ref().unwrap(), &config);
+        assert_eq!(plan.changed, vec![Component::Services]);
+        h.reload(&plan);
+        assert_eq!(h.checks.len(), 3, "the changed check runs again at once");
+        assert_eq!(h.checks[2].service.as_str(), "gateway");
+        let old_gateway = &old[0];
+        let result = CheckResult {
+            ok: true,
+            detail: "connected".into(),
+            duration: Duration::ZERO,
+        };
+        h.sup
+            .handle_check_result(&old_gateway.service, old_gateway.generation, result, h.now);
+        h.drain();
+        assert!(h.sup.advertisement().is_empty());
+        h.checked("gateway", true, "connected");
+        assert_eq!(h.sup.advertisement(), [svc("gateway")]);
+    }
+
+    #[test]
+    fn an_xid_withdraws_services_that_need_gpus_and_a_reload_clears_the_hold() {
+        let mut h = with_services();
+        h.start();
+        h.checked("gateway", true, "connected");
+        h.checked("molt-provider", true, "connected");
+        h.all_up();
+        h.publish_advertisement();
+        let starts = h.service_starts();
+        // inventory(2, 0) from all_up: both GPUs must be held.
+        h.sup.handle_xid(XidEvent { index: 0, code: 79 }, h.now);
+        h.drain();
+        assert_eq!(h.service_starts(), starts);
+        h.sup.handle_xid(XidEvent { index: 1, code: 79 }, h.now);
+        h.drain();
+        assert_eq!(h.service_starts(), starts + 1);
+        assert_eq!(h.sup.advertisement(), [svc("gateway")]);
+        h.publish_advertisement();
+        assert!(h.sup.status_text().ends_with(
+            "advertising gateway; molt-provider unhealthy (no usable GPU: GPU 0 held after XID 79, GPU 1 held after XID 79)"
+        ), "{}", h.sup.status_text());
+        // The operator reset the GPU and reloads with an unchanged file.
+        let config = h.config.clone().unwrap();
+        h.reload(&ReloadPlan::new(&config, &config));
+        assert_eq!(h.service_starts(), starts + 2);
+        assert_eq!(
+            h.sup.advertisement(),
+            [svc("gateway"), svc("molt-provider")]
+        );
+        h.publish_advertisement();
+        assert!(h.sup.is_ready());
+    }
+
+    #[test]
+    fn an_xid_hold_ends_on_its_own_after_xid_hold() {
+        let mut h = with_services();
+        h.start();
+        h.checked("molt-provider", true, "connected");
+        h.gpus_probed(inventory(1, 0));
+        h.sup.handle_xid(XidEvent { index: 0, code: 48 }, h.now);
+        h.drain();
+        assert!(h.sup.advertisement().is_empty());
+        h.advance(Duration::from_secs(3599));
+        assert!(h.sup.advertisement().is_empty());
+        h.advance(Duration::from_secs(1));
+        assert_eq!(h.sup.advertisement(), [svc("molt-provider")]);
+    }
+
+    #[test]
+    fn a_stopping_node_issues_no_checks_and_ignores_results() {
+        let mut h = with_services();
+        h.start();
+        h.checked("gateway", true, "connected");
+        h.sup.handle_stop_requested(h.now);
+        h.drain();
+        let issued = h.checks.len();
+        assert_eq!(h.sup.poll_timeout(), None);
+        h.advance(Duration::from_secs(60));
+        h.checked("molt-provider", true, "connected");
+        assert_eq!(h.checks.len(), issued);
+        assert_eq!(h.sup.advertisement(), [svc("gateway")]);
     }
 
     #[derive(Debug, Clone)]
