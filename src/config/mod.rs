@@ -219,6 +219,7 @@ fn friendly_serde_message(message: &str) -> String {
 mod tests;
 
 /// A small valid WireGuard config with one service, for unit tests elsewhere in the crate.
+/// Its service is not probed (`type = "none"`): nothing listens on 8443 in a unit test.
 #[cfg(test)]
 pub(crate) fn example() -> Config {
     let text = r#"
@@ -229,6 +230,7 @@ pub(crate) fn example() -> Config {
         [services.molt-provider]
         port = 8443
         mode = "tcp"
+        check = { type = "none" }
     "#;
     parse(Path::new("test.toml"), text).expect("valid")
 }

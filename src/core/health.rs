@@ -343,11 +343,6 @@ impl Health {
             .collect()
     }
 
-    /// Whether any service is configured at all.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     pub fn views(&self) -> Vec<ServiceHealthView> {
         let gate = self.gate();
         self.entries
@@ -385,7 +380,7 @@ impl Health {
                 (HealthState::Healthy, _) => None,
                 (HealthState::Unknown, _) => Some(format!("{name} not checked yet")),
                 (HealthState::Unhealthy, Some(reason)) => {
-                    Some(format!("{name} unhealthy ({reason})"))
+                    Some(format!("{name} unhealthy ({})", short(&reason)))
                 }
                 (HealthState::Unhealthy, None) => Some(format!("{name} unhealthy")),
             })
@@ -453,6 +448,24 @@ impl Health {
             }
         }
     }
+}
+
+/// Longest reason carried into STATUS= per service: a probe's detail can be a long TLS error.
+const MAX_REASON_CHARS: usize = 120;
+
+/// One line, at most `MAX_REASON_CHARS`.
+fn short(text: &str) -> String {
+    let folded: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let trimmed = folded.trim();
+    if trimmed.chars().count() <= MAX_REASON_CHARS {
+        return trimmed.to_owned();
+    }
+    let mut cut: String = trimmed.chars().take(MAX_REASON_CHARS).collect();
+    cut.push('…');
+    cut
 }
 
 #[cfg(test)]
@@ -654,6 +667,30 @@ mod tests {
         assert!(answer_all(&mut h, &ok("HTTP 200"), t));
         assert_eq!(h.advertised(), [name("a")]);
         assert_eq!(h.status_part(), "");
+    }
+
+    #[test]
+    fn a_long_or_multi_line_reason_is_folded_and_cut_in_status() {
+        let t0 = start();
+        let mut h = Health::new(
+            &services(&[("a", spec(1, 2, 3, false))]),
+            &GpuConfig::default(),
+            t0,
+        );
+        let detail = format!("TLS: invalid peer certificate:\n{}", "x".repeat(200));
+        answer_all(&mut h, &fail(&detail), t0);
+        let part = h.status_part();
+        assert!(
+            part.starts_with("a unhealthy (TLS: invalid peer certificate: xxx"),
+            "{part}"
+        );
+        assert!(part.ends_with("x…)"), "{part}");
+        assert_eq!(
+            part.chars().count(),
+            "a unhealthy ()".len() + MAX_REASON_CHARS + 1
+        );
+        // The status API keeps the whole detail.
+        assert_eq!(view(&h, "a").reason, Some(detail));
     }
 
     #[test]

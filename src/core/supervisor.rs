@@ -2310,6 +2310,8 @@ mod tests {
             prop_assert_eq!(plan.changed.contains(&Component::Services), services_change);
 
             let mut h = Harness::new(None);
+            // The core checks the services of the configuration it runs.
+            h.sup = Supervisor::new(Backoff::DEFAULT, None, false, Health::new(&old.services, &old.gpu, h.now), h.now);
             h.start();
             h.all_up();
             if operator_blocked {

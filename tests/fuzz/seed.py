@@ -138,6 +138,37 @@ tls = "yes"
 ''')
 write("config", "syntax-error", '[node\nname = "gpu-01\n[[x]]\n= 3\n\xc3\xa9\xe2\x82 = 1\n'.encode("latin-1"))
 write("config", "bad-utf8", b'[node]\nname = "gpu-\xff01"\n')
+write("config", "service-checks", '''[node]
+name = "gpu-01"
+[network.wireguard]
+address = "10.100.0.5/16"
+[gpu]
+unhealthy_xids = [48, 63, 64, 74, 79, 94, 95, 119, 120]
+xid_hold = "1h"
+[services.molt-provider]
+port = 8443
+mode = "tcp"
+requires_gpus = true
+[services.molt-provider.check]
+type = "tcp"
+target = "127.0.0.1:8443"
+interval = "5s"
+timeout = "2s"
+rise = 2
+fall = 3
+[services.web]
+port = 8080
+mode = "http"
+check = { type = "http", path = "/healthz", expect = "200-299", scheme = "https", tls_skip_verify = true, server_name = "localhost" }
+[services.quiet]
+port = 9000
+mode = "tcp"
+check = { type = "none" }
+[services.bad]
+port = 9001
+mode = "tcp"
+check = { type = "udp", timeout = "9s", interval = "1s", rise = 0, path = "x", expect = "999" }
+''')
 
 # --- peers_file ----------------------------------------------------------------------------
 write("peers_file", "two-peers", f'''[[peers]]
