@@ -49,6 +49,8 @@ hostname_prefix = "clawnode"
 tailnet = "example.com"
 tags = ["tag:clawbernetes", "tag:gpu-provider"]
 
+# Nothing listens on 8443: the default tcp check fails every 5 s for the whole soak, so the
+# RSS and descriptor figures cover the health-check loop too (the node stays ready).
 [network.tailscale.services]
 molt-provider = {{ port = 8443, mode = "tcp" }}
 
