@@ -313,8 +313,13 @@ fn a_service_nothing_listens_on_is_not_advertised_until_it_listens_and_is_withdr
     assert_eq!(entry["advertised"], false, "{entry}");
     assert_eq!(entry["reason"], "connect refused", "{entry}");
     assert_eq!(entry["check"], format!("tcp 127.0.0.1:{port}"), "{entry}");
-    // A few more failing checks; still never advertised, however briefly.
-    std::thread::sleep(3 * INTERVAL);
+    // Three more failing checks; still never advertised, however briefly.
+    let failures = entry["failures"].as_u64().unwrap();
+    time_until(WAIT, "three more failures", &node, || {
+        check_of(&node, "molt-provider")["failures"]
+            .as_u64()
+            .is_some_and(|n| n >= failures + 3)
+    });
     let history = ts.with(|s| s.advertised_history.clone());
     assert!(
         !history.iter().any(|h| h.contains(svc)),
@@ -1005,8 +1010,15 @@ fn the_gateway_advert_carries_a_service_only_while_it_is_healthy() {
     time_until(WAIT, "host 1 checked", &members[0], || {
         check_of(&members[0], "molt-provider")["state"] == "unhealthy"
     });
-    // A few more failing checks; the gateway (asked, not bypassed) never lists it.
-    std::thread::sleep(2 * INTERVAL);
+    // Two more failing checks; the gateway (asked, not bypassed) never lists it.
+    let failures = check_of(&members[0], "molt-provider")["failures"]
+        .as_u64()
+        .unwrap();
+    time_until(WAIT, "two more failures", &members[0], || {
+        check_of(&members[0], "molt-provider")["failures"]
+            .as_u64()
+            .is_some_and(|n| n >= failures + 2)
+    });
     let (nodes, stderr) = discover();
     assert!(nodes.is_empty(), "{nodes:?}");
     assert!(!stderr.contains("asking every peer"), "{stderr}");
