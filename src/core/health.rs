@@ -334,6 +334,20 @@ impl Health {
         checks.chain(holds).min()
     }
 
+    /// True while some service has no verdict yet: no check result, or it needs GPUs and the
+    /// first GPU probe has not answered.
+    pub fn undecided(&self) -> bool {
+        let gate = self.gate();
+        self.entries
+            .values()
+            .any(|e| e.effective(&gate).0 == HealthState::Unknown)
+    }
+
+    /// How many services are configured.
+    pub fn configured(&self) -> usize {
+        self.entries.len()
+    }
+
     /// The services to advertise: healthy with the gate open, in config order.
     pub fn advertised(&self) -> Vec<ServiceName> {
         self.entries

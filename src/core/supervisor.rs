@@ -280,7 +280,15 @@ pub struct Supervisor {
     inventory: Option<GpuInventory>,
     advertised: bool,
     health: Health,
+    /// The first publish waits for every service's first verdict until then, so a restart
+    /// does not advertise nothing and then the real list a moment later.
+    first_decision_by: Instant,
+    /// The mesh is up and the first publish waits for verdicts.
+    publish_held: bool,
 }
+
+/// How long the first publish may wait for the first check results and GPU probe.
+pub const FIRST_DECISION_WAIT: Duration = Duration::from_secs(10);
 
 /// How many errors the status API keeps; older ones are dropped so memory stays flat.
 pub const MAX_ERRORS: usize = 16;
@@ -318,6 +326,8 @@ impl Supervisor {
             inventory: None,
             advertised: false,
             health,
+            first_decision_by: now + FIRST_DECISION_WAIT,
+            publish_held: false,
         }
     }
 
@@ -425,8 +435,10 @@ impl Supervisor {
         if !self.accepts(Component::Services, generation) {
             return;
         }
-        let summary = if services.is_empty() {
+        let summary = if services.is_empty() && self.health.configured() == 0 {
             "no services to advertise".to_string()
+        } else if services.is_empty() {
+            "advertising nothing".to_string()
         } else {
             let names: Vec<&str> = services.iter().map(|ad| ad.name.as_str()).collect();
             format!("advertising {}", names.join(", "))
@@ -509,6 +521,9 @@ impl Supervisor {
             self.republish();
             self.update(now);
         }
+        if self.publish_held && now >= self.first_decision_by {
+            self.update(now);
+        }
         self.issue_checks(now);
     }
 
@@ -525,7 +540,11 @@ impl Supervisor {
             Phase::Starting | Phase::Stopping => None,
             Phase::Joining | Phase::Ready | Phase::Degraded => self.health.next_deadline(),
         };
-        [retries, watchdog, health].into_iter().flatten().min()
+        let held = self.publish_held.then_some(self.first_decision_by);
+        [retries, watchdog, health, held]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// SIGHUP arrived. `monotonic_usec` is CLOCK_MONOTONIC now, as systemd wants it.
@@ -688,6 +707,9 @@ impl Supervisor {
         let services_part = match services {
             Slot::Up { summary, .. } => self.services_summary(summary),
             Slot::Failed { .. } => failed_part("services", services),
+            Slot::Pending { .. } if self.publish_held => {
+                "services wait for their first health checks".into()
+            }
             Slot::Pending { .. } if mesh.is_up() => "publishing services".into(),
             Slot::Pending { .. } => "services wait for the mesh".into(),
         };
@@ -722,7 +744,11 @@ impl Supervisor {
     /// a new attempt if publishing failed, nothing while the mesh is down (the publish after
     /// it comes up carries the healthy set then).
     fn republish(&mut self) {
-        if self.phase == Phase::Stopping || !self.slots[Component::Mesh.index()].is_up() {
+        if self.phase == Phase::Stopping
+            || !self.slots[Component::Mesh.index()].is_up()
+            || self.publish_held
+        {
+            // Off the mesh, or the first publish is held: it carries the healthy set when it runs.
             return;
         }
         let index = Component::Services.index();
@@ -786,7 +812,12 @@ impl Supervisor {
         }
         let services_up = self.slots[Component::Services.index()].is_up();
         if component == Component::Mesh && !(was_up && services_up) {
-            self.start(Component::Services);
+            if self.health.undecided() && now < self.first_decision_by {
+                self.publish_held = true;
+                self.reset(Component::Services);
+            } else {
+                self.start(Component::Services);
+            }
         }
         self.update(now);
     }
@@ -928,6 +959,17 @@ impl Supervisor {
 
     /// Recompute the phase and tell systemd what changed.
     fn update(&mut self, now: Instant) {
+        if self.publish_held && (!self.health.undecided() || now >= self.first_decision_by) {
+            self.publish_held = false;
+            let mesh_up = self.slots[Component::Mesh.index()].is_up();
+            let services = &self.slots[Component::Services.index()];
+            if self.phase != Phase::Stopping
+                && mesh_up
+                && matches!(services, Slot::Pending { started: false })
+            {
+                self.start(Component::Services);
+            }
+        }
         if let Reload::Settling { components, .. } = &self.reload
             && self.reload_settled(components)
         {
@@ -2012,11 +2054,13 @@ mod tests {
         let mut h = with_services();
         h.start();
         h.checked("gateway", true, "connected");
+        h.checked("molt-provider", false, "connect refused");
         h.gpus_probed(inventory(1, 0));
         h.mesh_up("wireguard claw0 10.100.0.5/16");
         let starts = h.service_starts();
         assert_eq!(h.sup.advertisement(), [svc("gateway")]);
-        // The publish of [gateway] is in flight when molt-provider turns healthy.
+        // The publish of [gateway] is in flight when molt-provider turns healthy (rise 2).
+        h.checked("molt-provider", true, "connected");
         h.checked("molt-provider", true, "connected");
         assert_eq!(h.service_starts(), starts);
         h.published(&["gateway"]);
@@ -2024,6 +2068,51 @@ mod tests {
         assert_eq!(
             h.sup.advertisement(),
             [svc("gateway"), svc("molt-provider")]
+        );
+    }
+
+    #[test]
+    fn the_first_publish_waits_for_every_services_first_verdict() {
+        let mut h = with_services();
+        h.start();
+        h.mesh_up("wireguard claw0 10.100.0.5/16");
+        h.checked("gateway", true, "connected");
+        assert_eq!(h.service_starts(), 0, "molt-provider has no verdict yet");
+        assert!(
+            h.sup
+                .status_text()
+                .contains("services wait for their first health checks"),
+            "{}",
+            h.sup.status_text()
+        );
+        h.checked("molt-provider", true, "connected");
+        assert_eq!(h.service_starts(), 0, "and needs the first GPU probe");
+        h.gpus_probed(inventory(1, 0));
+        assert_eq!(h.service_starts(), 1);
+        assert_eq!(
+            h.sup.advertisement(),
+            [svc("gateway"), svc("molt-provider")],
+            "the first publish carries both, so nothing is withdrawn and re-added"
+        );
+    }
+
+    #[test]
+    fn the_first_publish_waits_no_longer_than_the_first_decision_wait() {
+        let mut h = with_services();
+        h.start();
+        h.mesh_up("wireguard claw0 10.100.0.5/16");
+        h.checked("gateway", true, "connected");
+        h.advance(FIRST_DECISION_WAIT - Duration::from_millis(1));
+        assert_eq!(h.service_starts(), 0);
+        assert!(h.sup.poll_timeout() <= Some(h.sup.first_decision_by));
+        h.advance(Duration::from_millis(1));
+        assert_eq!(h.service_starts(), 1);
+        assert_eq!(h.sup.advertisement(), [svc("gateway")]);
+        h.publish_advertisement();
+        let text = h.sup.status_text();
+        assert!(
+            text.contains("advertising gateway; molt-provider not checked yet"),
+            "{text}"
         );
     }
 
