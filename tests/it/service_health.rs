@@ -1051,3 +1051,63 @@ fn the_gateway_advert_carries_a_service_only_while_it_is_healthy() {
     let (_, stderr) = discover();
     assert!(!stderr.contains("asking every peer"), "{stderr}");
 }
+
+/// Answers every HTTP request with 200 after `delay`: a service whose check takes a while,
+/// so the mesh is up before the first verdict.
+fn slow_http(port: u16, delay: Duration) -> Listener {
+    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let thread = std::thread::spawn(move || {
+        while !flag.load(Ordering::Relaxed) {
+            let Ok((mut conn, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            });
+        }
+    });
+    Listener {
+        stop,
+        thread: Some(thread),
+    }
+}
+
+#[test]
+fn a_node_restarted_after_a_crash_never_withdraws_its_healthy_service_while_it_starts() {
+    let port = free_port();
+    let svc = "svc:molt-provider";
+    let _server = slow_http(port, Duration::from_millis(400));
+    let (ts, mut node) = start_tailscale(
+        |_| {},
+        &format!(
+            "molt-provider = {{ port = {port}, mode = \"http\", tls = false, check = {{ type = \"http\", interval = \"1s\", timeout = \"900ms\" }} }}"
+        ),
+    );
+    node.recv_until("READY=1", WAIT);
+    time_until(WAIT, "the advertisement", &node, || {
+        on_tailscale(&ts, svc) == (true, true)
+    });
+    // A crash leaves the advertisement in tailscaled; the restarted node finds it there.
+    node.kill9();
+    let mark = ts.with(|s| s.advertised_history.len());
+    node.restart();
+    node.recv_until("READY=1", WAIT);
+    assert!(
+        status_text(&node).contains("advertising molt-provider"),
+        "READY=1 comes with the service advertised: {}",
+        status_text(&node)
+    );
+    let history = ts.with(|s| s.advertised_history[mark..].to_vec());
+    assert!(
+        history.iter().all(|h| h.contains(svc)),
+        "the restart withdrew {svc} for a moment: {history:?}"
+    );
+    assert_eq!(on_tailscale(&ts, svc), (true, true));
+}
