@@ -157,6 +157,19 @@ impl Daemon {
                         self.core.handle_withdrawn(error, Instant::now());
                     }
                     Command::Check(request) => self.check(request),
+                    Command::HealthChanged {
+                        service,
+                        healthy: true,
+                        ..
+                    } => {
+                        tracing::info!(component = "services", service = %service, "service healthy")
+                    }
+                    Command::HealthChanged {
+                        service, reason, ..
+                    } => {
+                        let reason = reason.unwrap_or_default();
+                        tracing::warn!(component = "services", service = %service, reason, "service unhealthy")
+                    }
                     Command::Exit(code) => {
                         self.abort_checks();
                         self.publish_status();

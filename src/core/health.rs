@@ -67,7 +67,8 @@ pub struct ServiceHealthView {
     pub name: String,
     /// Including the GPU gate: a healthy check with no usable GPU shows `unhealthy`.
     pub state: HealthState,
-    /// Healthy and the GPU gate (if any) open.
+    /// The provider accepted it in the last successful publish (false while the mesh is down,
+    /// publishing failed or is held, or after a withdrawal), not merely eligible.
     pub advertised: bool,
     /// Why it is not healthy: the check's detail or the GPU gate's reason.
     pub reason: Option<String>,
@@ -173,6 +174,16 @@ pub struct Health {
     /// GPU index → (XID code, held until).
     holds: BTreeMap<u32, (u64, Instant)>,
     next_generation: u64,
+    /// Effective state changes not yet taken by `take_changes`.
+    changes: Vec<HealthChange>,
+}
+
+/// A service turned healthy or unhealthy (check and GPU gate together).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthChange {
+    pub service: ServiceName,
+    pub healthy: bool,
+    pub reason: Option<String>,
 }
 
 impl Health {
@@ -190,6 +201,7 @@ impl Health {
             inventory: None,
             holds: BTreeMap::new(),
             next_generation: 1,
+            changes: Vec::new(),
         };
         for (name, spec) in services {
             let entry = Entry::new(spec, health.generation(), now);
@@ -357,7 +369,8 @@ impl Health {
             .collect()
     }
 
-    pub fn views(&self) -> Vec<ServiceHealthView> {
+    /// `published`: the names the provider accepted in the last successful publish.
+    pub fn views(&self, published: &BTreeSet<String>) -> Vec<ServiceHealthView> {
         let gate = self.gate();
         self.entries
             .iter()
@@ -366,7 +379,7 @@ impl Health {
                 ServiceHealthView {
                     name: name.to_string(),
                     state,
-                    advertised: state == HealthState::Healthy,
+                    advertised: published.contains(name.as_str()),
                     reason,
                     check: e.spec.check.kind.to_string(),
                     requires_gpus: e.spec.requires_gpus,
@@ -437,7 +450,7 @@ impl Health {
         Gate::Closed(format!("no usable GPU: {}", why.join(", ")))
     }
 
-    /// Recomputes what each service shows, logging every change.
+    /// Recomputes what each service shows, recording every change.
     fn refresh(&mut self, now: Instant) {
         let gate = self.gate();
         for (name, entry) in &mut self.entries {
@@ -450,17 +463,20 @@ impl Health {
             }
             entry.shown = state;
             entry.since = now;
-            match state {
-                HealthState::Healthy => {
-                    tracing::info!(component = "services", service = %name, "service healthy; advertising");
-                }
-                HealthState::Unhealthy => {
-                    let reason = reason.unwrap_or_default();
-                    tracing::warn!(component = "services", service = %name, reason, "service unhealthy; withdrawing");
-                }
-                HealthState::Unknown => {}
+            if state != HealthState::Unknown {
+                self.changes.push(HealthChange {
+                    service: name.clone(),
+                    healthy: state == HealthState::Healthy,
+                    reason,
+                });
             }
         }
+    }
+
+    /// The changes of effective state (check and gate) since the last call, in order; the
+    /// shell logs them.
+    pub fn take_changes(&mut self) -> Vec<HealthChange> {
+        std::mem::take(&mut self.changes)
     }
 }
 
@@ -575,7 +591,7 @@ mod tests {
 
     fn view(health: &Health, service: &str) -> ServiceHealthView {
         health
-            .views()
+            .views(&BTreeSet::new())
             .into_iter()
             .find(|v| v.name == service)
             .unwrap()
@@ -815,7 +831,7 @@ mod tests {
         assert_eq!(view(&h, "molt-provider").transitions, 2);
         // Gate changes apply at once, with no rise.
         assert!(h.handle_inventory(&gpus(2, 0), t0));
-        assert!(view(&h, "molt-provider").advertised);
+        assert_eq!(view(&h, "molt-provider").state, HealthState::Healthy);
     }
 
     #[test]

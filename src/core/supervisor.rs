@@ -4,7 +4,7 @@
 //! drains `poll_command()` and sleeps until `poll_timeout()`. Nothing here reads a clock,
 //! touches a socket or draws a random number.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -171,6 +171,14 @@ pub enum Command {
     Withdraw,
     /// Probe a service's health and report with `handle_check_result`.
     Check(CheckRequest),
+    /// A service's effective health (check and GPU gate) changed, the first verdict included.
+    /// Only for the log: publishing follows on its own.
+    HealthChanged {
+        service: ServiceName,
+        healthy: bool,
+        /// Why it is unhealthy, when known.
+        reason: Option<String>,
+    },
     /// Exit the process with this status.
     Exit(u8),
 }
@@ -279,6 +287,9 @@ pub struct Supervisor {
     mesh: Option<MeshStatus>,
     inventory: Option<GpuInventory>,
     advertised: bool,
+    /// The services the provider accepted in the last successful publish; empty whenever
+    /// `advertised` is false.
+    published: BTreeSet<String>,
     health: Health,
     /// The first publish waits for every service's first verdict until then, so a restart
     /// does not advertise nothing and then the real list a moment later.
@@ -325,6 +336,7 @@ impl Supervisor {
             mesh: None,
             inventory: None,
             advertised: false,
+            published: BTreeSet::new(),
             health,
             first_decision_by: now + FIRST_DECISION_WAIT,
             publish_held: false,
@@ -444,6 +456,7 @@ impl Supervisor {
             format!("advertising {}", names.join(", "))
         };
         self.advertised = true;
+        self.published = services.iter().map(|ad| ad.name.clone()).collect();
         self.component_up(Component::Services, summary, now);
     }
 
@@ -592,7 +605,7 @@ impl Supervisor {
         let republish = self.health.advertised() != advertised_before;
         if plan.replace_provider {
             self.mesh = None;
-            self.advertised = false;
+            self.unadvertise();
         }
         let notified = matches!(self.reload, Reload::Loading { notified: true });
         let mut restart = plan.changed.clone();
@@ -649,7 +662,7 @@ impl Supervisor {
     /// Withdrawal finished (or gave up); the process exits 0 either way, because a stop
     /// requested by the operator is not a failure.
     pub fn handle_withdrawn(&mut self, error: Option<String>, now: Instant) {
-        self.advertised = false;
+        self.unadvertise();
         if let Some(error) = error {
             self.record_error("withdraw", one_line(&error), now);
         }
@@ -682,7 +695,7 @@ impl Supervisor {
             mesh: self.mesh.clone(),
             inventory: self.inventory.clone(),
             advertised: self.advertised,
-            health: self.health.views(),
+            health: self.health.views(&self.published),
         }
     }
 
@@ -853,13 +866,19 @@ impl Supervisor {
             Component::Mesh => {
                 // Nothing is published while the node is off the mesh; republish once it is back.
                 self.mesh = None;
-                self.advertised = false;
+                self.unadvertise();
                 self.reset(Component::Services);
             }
-            Component::Services => self.advertised = false,
+            Component::Services => self.unadvertise(),
             Component::Gpu => {}
         }
         self.update(now);
+    }
+
+    /// The provider no longer holds (or may no longer hold) what was published.
+    fn unadvertise(&mut self) {
+        self.advertised = false;
+        self.published.clear();
     }
 
     /// Run the bring-up again while the component stays up.
@@ -959,6 +978,13 @@ impl Supervisor {
 
     /// Recompute the phase and tell systemd what changed.
     fn update(&mut self, now: Instant) {
+        for change in self.health.take_changes() {
+            self.commands.push_back(Command::HealthChanged {
+                service: change.service,
+                healthy: change.healthy,
+                reason: change.reason,
+            });
+        }
         if self.publish_held && (!self.health.undecided() || now >= self.first_decision_by) {
             self.publish_held = false;
             let mesh_up = self.slots[Component::Mesh.index()].is_up();
@@ -1160,6 +1186,8 @@ mod tests {
         withdraws: usize,
         exit: Option<u8>,
         checks: Vec<CheckRequest>,
+        /// `Command::HealthChanged` as (service, healthy, reason).
+        health_changes: Vec<(String, bool, Option<String>)>,
         started: Vec<Component>,
         config: Option<Config>,
     }
@@ -1232,6 +1260,7 @@ mod tests {
                 withdraws: 0,
                 exit: None,
                 checks: Vec::new(),
+                health_changes: Vec::new(),
                 started: Vec::new(),
                 config: None,
             }
@@ -1250,6 +1279,13 @@ mod tests {
                     }
                     Command::Withdraw => self.withdraws += 1,
                     Command::Check(request) => self.checks.push(request),
+                    Command::HealthChanged {
+                        service,
+                        healthy,
+                        reason,
+                    } => self
+                        .health_changes
+                        .push((service.to_string(), healthy, reason)),
                     Command::Exit(code) => self.exit = Some(code),
                 }
             }
@@ -2244,6 +2280,89 @@ mod tests {
         h.checked("molt-provider", true, "connected");
         assert_eq!(h.checks.len(), issued);
         assert_eq!(h.sup.advertisement(), [svc("gateway")]);
+    }
+
+    fn advertised_in_view(h: &Harness) -> Vec<(String, bool)> {
+        h.sup
+            .view(h.now)
+            .health
+            .iter()
+            .map(|v| (v.name.clone(), v.advertised))
+            .collect()
+    }
+
+    fn pairs(list: &[(&str, bool)]) -> Vec<(String, bool)> {
+        list.iter().map(|(n, a)| (n.to_string(), *a)).collect()
+    }
+
+    #[test]
+    fn each_change_of_a_services_health_is_reported_once_for_the_log() {
+        let mut h = with_services();
+        h.start();
+        h.checked("gateway", true, "connected");
+        h.checked("molt-provider", true, "connected");
+        // molt-provider waits for the first GPU probe: no verdict yet.
+        assert_eq!(h.health_changes, [("gateway".to_string(), true, None)]);
+        h.gpus_probed(inventory(1, 0));
+        h.advance(Duration::from_secs(5));
+        h.checked("molt-provider", false, "connect refused");
+        h.advance(Duration::from_secs(5));
+        h.checked("molt-provider", false, "connect refused");
+        h.advance(Duration::from_secs(5));
+        h.checked("molt-provider", false, "connect refused");
+        assert_eq!(
+            h.health_changes,
+            [
+                ("gateway".to_string(), true, None),
+                ("molt-provider".to_string(), true, None),
+                (
+                    "molt-provider".to_string(),
+                    false,
+                    Some("connect refused".to_string())
+                ),
+            ],
+            "the first verdict, then one line per flip (fall = 2), not per failed check"
+        );
+        h.gpus_probed(inventory(0, 1));
+        assert_eq!(h.health_changes.len(), 3, "already unhealthy");
+    }
+
+    #[test]
+    fn the_health_view_says_advertised_only_for_what_the_provider_accepted() {
+        let mut h = with_services();
+        h.start();
+        h.checked("gateway", true, "connected");
+        h.checked("molt-provider", true, "connected");
+        h.gpus_probed(inventory(1, 0));
+        let none = pairs(&[("gateway", false), ("molt-provider", false)]);
+        assert_eq!(advertised_in_view(&h), none, "healthy but the mesh is down");
+        h.mesh_up("wireguard claw0 10.100.0.5/16");
+        assert_eq!(advertised_in_view(&h), none, "publish in flight");
+        h.published(&["gateway"]);
+        assert_eq!(
+            advertised_in_view(&h),
+            pairs(&[("gateway", true), ("molt-provider", false)])
+        );
+        h.publish_advertisement();
+        let both = pairs(&[("gateway", true), ("molt-provider", true)]);
+        assert_eq!(advertised_in_view(&h), both);
+        h.sup.handle_recheck(Component::Services, h.now);
+        h.drain();
+        h.fail(Component::Services, "tailscaled restarting");
+        assert_eq!(advertised_in_view(&h), none, "publish failed");
+        h.advance(Duration::from_secs(60));
+        h.publish_advertisement();
+        assert_eq!(advertised_in_view(&h), both);
+        h.fail(Component::Mesh, "interface vanished");
+        assert_eq!(advertised_in_view(&h), none, "off the mesh");
+        h.advance(Duration::from_secs(60));
+        h.mesh_up("wireguard claw0 10.100.0.5/16");
+        h.publish_advertisement();
+        assert_eq!(advertised_in_view(&h), both);
+        h.sup.handle_stop_requested(h.now);
+        h.sup.handle_withdrawn(None, h.now);
+        h.drain();
+        assert_eq!(advertised_in_view(&h), none, "withdrawn");
     }
 
     #[derive(Debug, Clone)]
