@@ -110,6 +110,12 @@ struct Entry {
     last_result: Option<(CheckResult, Instant)>,
     /// Next probe; `None` while one runs (or never, for `type = "none"`).
     due: Option<Instant>,
+    /// When the last probe was issued: the next is due `interval` after it (start to start),
+    /// so a probe that times out does not stretch the cycle by its timeout.
+    issued_at: Option<Instant>,
+    /// The check changed on a reload: its next result decides at once, like a first result,
+    /// while the verdict of the old check stands until then.
+    decide_next: bool,
     /// What is shown, gate included, and since when.
     shown: HealthState,
     since: Instant,
@@ -136,6 +142,8 @@ impl Entry {
             last_failure: None,
             last_result: None,
             due: (!unchecked).then_some(now),
+            issued_at: None,
+            decide_next: false,
             shown: HealthState::Unknown,
             since: now,
             checks: 0,
@@ -178,6 +186,15 @@ pub struct Health {
     changes: Vec<HealthChange>,
 }
 
+/// What `Health::handle_timeout` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expiry {
+    /// Some XID hold ended: the reasons shown (STATUS=) may have changed even when the
+    /// advertised set did not.
+    pub expired: bool,
+    pub advertised_changed: bool,
+}
+
 /// A service turned healthy or unhealthy (check and GPU gate together).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthChange {
@@ -211,9 +228,12 @@ impl Health {
         health
     }
 
-    /// A reload: services whose spec is unchanged keep their state; new or changed ones start
-    /// over as unknown with a check due now (results for their old check are ignored). XID
-    /// holds are cleared: a reload is how the operator says the GPU was reset.
+    /// A reload. A service whose check (type, target, path, expect, TLS) and `requires_gpus`
+    /// are unchanged keeps its state, streak and counters; only the timing (interval, timeout,
+    /// rise, fall) is updated. One whose check changed keeps its verdict until the first result
+    /// of the new check, which decides at once; that check is due now and results of the old
+    /// one are ignored. A new service starts unknown. XID holds are cleared: a reload is how
+    /// the operator says the GPU was reset.
     pub fn reconfigure(
         &mut self,
         services: &BTreeMap<ServiceName, ServiceSpec>,
@@ -227,8 +247,33 @@ impl Health {
         let mut old = std::mem::take(&mut self.entries);
         for (name, spec) in services {
             let entry = match old.remove(name) {
-                Some(entry) if entry.spec == *spec => entry,
-                _ => Entry::new(spec, self.generation(), now),
+                Some(mut entry)
+                    if entry.spec.check.kind == spec.check.kind
+                        && entry.spec.requires_gpus == spec.requires_gpus =>
+                {
+                    if let (Some(_), Some(issued)) = (entry.due, entry.issued_at) {
+                        entry.due = Some(issued + spec.check.interval);
+                    }
+                    entry.spec = spec.clone();
+                    entry
+                }
+                Some(mut entry) => {
+                    entry.generation = self.generation();
+                    entry.streak = 0;
+                    entry.issued_at = None;
+                    if spec.check.kind == CheckKind::None {
+                        // Opting out of checks means trusting the service.
+                        entry.check_state = HealthState::Healthy;
+                        entry.due = None;
+                        entry.decide_next = false;
+                    } else {
+                        entry.due = Some(now);
+                        entry.decide_next = true;
+                    }
+                    entry.spec = spec.clone();
+                    entry
+                }
+                None => Entry::new(spec, self.generation(), now),
             };
             self.entries.insert(name.clone(), entry);
         }
@@ -242,6 +287,7 @@ impl Health {
         for (name, entry) in &mut self.entries {
             if entry.due.is_some_and(|at| at <= now) {
                 entry.due = None;
+                entry.issued_at = Some(now);
                 due.push(CheckRequest {
                     service: name.clone(),
                     kind: entry.spec.check.kind.clone(),
@@ -270,7 +316,8 @@ impl Health {
             return false;
         }
         let check = &entry.spec.check;
-        entry.due = Some(now + check.interval);
+        let issued = entry.issued_at.unwrap_or(now);
+        entry.due = Some((issued + check.interval).max(now));
         entry.checks += 1;
         let seconds = result.duration.as_secs_f64();
         entry.duration_sum += seconds;
@@ -289,9 +336,14 @@ impl Health {
             (HealthState::Healthy, ok) => (!ok, check.fall, HealthState::Unhealthy),
             (HealthState::Unhealthy, ok) => (ok, check.rise, HealthState::Healthy),
         };
-        if entry.check_state == HealthState::Unknown {
-            entry.check_state = flipped;
+        if entry.check_state == HealthState::Unknown || entry.decide_next {
+            entry.check_state = if result.ok {
+                HealthState::Healthy
+            } else {
+                HealthState::Unhealthy
+            };
             entry.streak = 0;
+            entry.decide_next = false;
         } else if opposite {
             entry.streak += 1;
             if entry.streak >= needed {
@@ -327,16 +379,19 @@ impl Health {
         self.advertised() != before
     }
 
-    /// Expires XID holds whose time has come. Returns true when the advertised set changed.
-    pub fn handle_timeout(&mut self, now: Instant) -> bool {
+    /// Expires XID holds whose time has come.
+    pub fn handle_timeout(&mut self, now: Instant) -> Expiry {
         let before = self.advertised();
-        let expired = self.holds.len();
+        let held = self.holds.len();
         self.holds.retain(|_, (_, until)| *until > now);
-        if self.holds.len() == expired {
-            return false;
+        if self.holds.len() == held {
+            return Expiry::default();
         }
         self.refresh(now);
-        self.advertised() != before
+        Expiry {
+            expired: true,
+            advertised_changed: self.advertised() != before,
+        }
     }
 
     /// The earliest check due (not running) or hold expiry.
@@ -621,9 +676,9 @@ mod tests {
         assert_eq!(h.next_deadline(), None);
         let t1 = t0 + Duration::from_millis(300);
         h.handle_result(&reqs[0].service, reqs[0].generation, ok("connected"), t1);
-        assert_eq!(h.next_deadline(), Some(t1 + Duration::from_secs(5)));
-        assert!(h.poll_checks(t1 + Duration::from_secs(4)).is_empty());
-        assert_eq!(h.poll_checks(t1 + Duration::from_secs(5)).len(), 1);
+        assert_eq!(h.next_deadline(), Some(t0 + Duration::from_secs(5)));
+        assert!(h.poll_checks(t0 + Duration::from_millis(4999)).is_empty());
+        assert_eq!(h.poll_checks(t0 + Duration::from_secs(5)).len(), 1);
     }
 
     #[test]
@@ -767,37 +822,79 @@ mod tests {
     }
 
     #[test]
-    fn a_reload_keeps_unchanged_services_and_restarts_changed_ones_ignoring_old_results() {
+    fn a_check_is_due_an_interval_after_it_started_so_a_timeout_does_not_stretch_the_cycle() {
+        let t0 = start();
+        let mut h = Health::new(
+            &services(&[("a", spec(1, 2, 3, false))]),
+            &GpuConfig::default(),
+            t0,
+        );
+        let req = h.poll_checks(t0).remove(0);
+        // Timed out after 2s: due again 5s after it started, not 5s after it ended.
+        let t1 = t0 + Duration::from_secs(2);
+        h.handle_result(&req.service, req.generation, fail("timed out after 2s"), t1);
+        assert_eq!(h.next_deadline(), Some(t0 + Duration::from_secs(5)));
+        // A result later than the interval makes the next check due at once.
+        let t5 = t0 + Duration::from_secs(5);
+        let req = h.poll_checks(t5).remove(0);
+        let late = t5 + Duration::from_secs(7);
+        h.handle_result(
+            &req.service,
+            req.generation,
+            fail("timed out after 2s"),
+            late,
+        );
+        assert_eq!(h.next_deadline(), Some(late));
+    }
+
+    #[test]
+    fn a_reload_that_changes_only_timing_keeps_the_state_and_a_changed_check_keeps_its_verdict_until_its_first_result()
+     {
         let t0 = start();
         let cfg = services(&[("a", spec(1, 2, 3, false)), ("b", spec(2, 2, 3, false))]);
         let mut h = Health::new(&cfg, &GpuConfig::default(), t0);
         answer_all(&mut h, &ok("connected"), t0);
         let t1 = t0 + Duration::from_secs(5);
         let stale = h.poll_checks(t1);
-        let new = services(&[("a", spec(1, 2, 3, false)), ("b", spec(2, 1, 1, false))]);
+        let (stale_a, stale_b) = (&stale[0], &stale[1]);
+        // a: only the timing changes. b: the check itself (its target) changes.
+        let mut a = spec(1, 1, 1, false);
+        a.check.interval = Duration::from_secs(10);
+        let mut b = spec(2, 2, 3, false);
+        b.check.kind = CheckKind::Tcp {
+            target: ([127, 0, 0, 1], 9).into(),
+        };
+        let new = services(&[("a", a.clone()), ("b", b.clone())]);
         h.reconfigure(&new, &GpuConfig::default(), t1);
-        assert_eq!(h.advertised(), [name("a")]);
-        assert_eq!(view(&h, "b").state, HealthState::Unknown);
-        assert_eq!(view(&h, "b").since, t1);
-        // The result of b's old check does not count.
-        let old_b = stale.iter().find(|r| r.service.as_str() == "b").unwrap();
-        assert!(!h.handle_result(&old_b.service, old_b.generation, ok("connected"), t1));
-        assert_eq!(view(&h, "b").checks, 0);
-        // b's new check is due now, a's keeps running.
+        assert_eq!(h.advertised(), [name("a"), name("b")], "nothing withdrawn");
+        assert!(h.take_changes().len() == 2, "only the first verdicts");
+        let view_a = view(&h, "a");
+        assert_eq!((view_a.since, view_a.checks), (t0, 1));
+        // a's running check still counts, under the new fall = 1.
+        assert!(h.handle_result(&stale_a.service, stale_a.generation, fail("x"), t1));
+        assert_eq!(h.advertised(), [name("b")]);
+        // b's new check is due now; a's next is 10s after its last start.
         let reqs = h.poll_checks(t1);
         assert_eq!(reqs.len(), 1);
-        assert!(h.handle_result(&reqs[0].service, reqs[0].generation, ok("connected"), t1));
-        let old_a = stale.iter().find(|r| r.service.as_str() == "a").unwrap();
-        assert!(!h.handle_result(&old_a.service, old_a.generation, fail("x"), t1));
-        assert_eq!(view(&h, "a").streak, 1, "a's result still counts");
-        // A removed service's late result is ignored too.
-        h.reconfigure(
-            &services(&[("a", spec(1, 2, 3, false))]),
-            &GpuConfig::default(),
-            t1,
-        );
-        assert!(!h.handle_result(&name("b"), reqs[0].generation, fail("x"), t1));
-        assert_eq!(h.advertised(), [name("a")]);
+        assert_eq!(reqs[0].service.as_str(), "b");
+        assert_eq!(reqs[0].kind, b.check.kind);
+        assert_eq!(h.next_deadline(), Some(t1 + Duration::from_secs(10)));
+        // The result of b's old check does not count.
+        assert!(!h.handle_result(&stale_b.service, stale_b.generation, fail("x"), t1));
+        assert_eq!(view(&h, "b").checks, 1);
+        // The first result of the new check decides at once, not after fall = 3.
+        assert!(h.handle_result(&reqs[0].service, reqs[0].generation, fail("refused"), t1));
+        assert!(h.advertised().is_empty());
+        assert_eq!(view(&h, "b").transitions, 1);
+        // Then fall and rise apply again.
+        let t2 = t1 + Duration::from_secs(5);
+        let req = h.poll_checks(t2).remove(0);
+        assert!(!h.handle_result(&req.service, req.generation, ok("connected"), t2));
+        // A new service starts unknown; a removed service's late result is ignored.
+        let new = services(&[("a", a), ("c", spec(3, 2, 3, false))]);
+        h.reconfigure(&new, &GpuConfig::default(), t2);
+        assert_eq!(view(&h, "c").state, HealthState::Unknown);
+        assert!(!h.handle_result(&name("b"), req.generation, ok("connected"), t2));
     }
 
     #[test]
@@ -857,9 +954,15 @@ mod tests {
             "renews the hold"
         );
         assert!(h.next_deadline().unwrap() <= t1 + hold);
-        assert!(!h.handle_timeout(t0 + hold));
+        assert_eq!(h.handle_timeout(t0 + hold), Expiry::default());
         assert!(h.advertised().is_empty());
-        assert!(h.handle_timeout(t1 + hold));
+        assert_eq!(
+            h.handle_timeout(t1 + hold),
+            Expiry {
+                expired: true,
+                advertised_changed: true
+            }
+        );
         assert_eq!(h.advertised(), [name("molt-provider")]);
     }
 

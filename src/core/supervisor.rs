@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::backoff::Backoff;
 use super::health::{CheckRequest, CheckResult, Health, ServiceHealthView};
 use super::model::{GpuInventory, MeshStatus, ServiceAd, XidEvent};
-use crate::config::{Config, GpuConfig, ServiceName, ServiceSpec};
+use crate::config::{Config, GpuConfig, ServiceMode, ServiceName, ServiceSpec};
 
 /// The parts of the node whose health decides readiness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -251,7 +251,8 @@ impl ReloadPlan {
         if old.gpu != new.gpu {
             changed.push(Component::Gpu);
         }
-        if old.services != new.services {
+        // Only what the provider publishes; checks and `requires_gpus` act through health.
+        if published_part(&old.services) != published_part(&new.services) {
             changed.push(Component::Services);
         }
         ReloadPlan {
@@ -266,6 +267,16 @@ impl ReloadPlan {
             gpu: new.gpu.clone(),
         }
     }
+}
+
+/// What publishing depends on: the names, ports, modes and certificates, not the checks.
+fn published_part(
+    services: &BTreeMap<ServiceName, ServiceSpec>,
+) -> Vec<(&ServiceName, u16, ServiceMode, bool)> {
+    services
+        .iter()
+        .map(|(name, spec)| (name, spec.port, spec.mode, spec.tls_cert))
+        .collect()
 }
 
 pub struct Supervisor {
@@ -530,8 +541,12 @@ impl Supervisor {
         if self.phase == Phase::Starting {
             return;
         }
-        if self.health.handle_timeout(now) {
+        let expiry = self.health.handle_timeout(now);
+        if expiry.advertised_changed {
             self.republish();
+        }
+        if expiry.expired {
+            // Even with the same advertised set, the reasons in STATUS= changed.
             self.update(now);
         }
         if self.publish_held && now >= self.first_decision_by {
@@ -623,6 +638,10 @@ impl Supervisor {
                 Component::Mesh if plan.replace_provider => self.start(component),
                 Component::Services if !self.slots[Component::Mesh.index()].is_up() => {
                     // Publishing waits for the mesh and happens when it comes up.
+                }
+                Component::Services if self.publish_held => {
+                    // The first publish is held for verdicts; its release publishes the new
+                    // configuration.
                 }
                 // Re-applied while it stays up, so the node stays ready unless that fails.
                 Component::Mesh | Component::Gpu | Component::Services if up => {
@@ -962,12 +981,15 @@ impl Supervisor {
         };
         self.reload = Reload::Idle;
         self.phase = self.compute_phase();
-        if self.phase == Phase::Ready && !self.ever_ready {
+        let first_ready = self.phase == Phase::Ready && !self.ever_ready;
+        if first_ready {
             self.ever_ready = true;
         }
         let status = self.status_text();
         self.last_status = Some(status.clone());
-        let msgs = if notified {
+        // A reload before the first READY=1 may settle with everything up: that READY=1 is
+        // the first one, and systemd is still waiting for it.
+        let msgs = if notified || first_ready {
             vec![NotifyMsg::Ready, NotifyMsg::Status(status)]
         } else {
             vec![NotifyMsg::Status(status)]
@@ -1173,6 +1195,7 @@ fn one_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::CheckKind;
     use crate::core::health::HealthState;
     use crate::core::model::{GpuInfo, Unavailable};
     use proptest::prelude::*;
@@ -1562,6 +1585,21 @@ mod tests {
         assert!(text.contains("reload rejected, previous config kept"));
         assert!(text.contains("network.wireguard.mtu"));
         assert_eq!(h.sup.view(h.now).last_errors[0].source, "config");
+    }
+
+    #[test]
+    fn a_reload_before_the_first_ready_that_settles_with_everything_up_sends_ready() {
+        let mut h = Harness::new(None);
+        h.start();
+        h.mesh_up("wireguard claw0 10.100.0.5/16");
+        h.gpus_probed(inventory(2, 0));
+        h.reload(&ReloadPlan {
+            changed: vec![Component::Services],
+            ..ReloadPlan::default()
+        });
+        h.published(&["molt-provider"]);
+        assert!(h.sup.is_ready());
+        assert_eq!(h.readies(), 1);
     }
 
     #[test]
@@ -2194,14 +2232,11 @@ mod tests {
         h.start();
         let old = h.checks.clone();
         let mut config = h.config.clone().unwrap();
-        config
-            .services
-            .get_mut(&svc("gateway"))
-            .unwrap()
-            .check
-            .interval = Duration::from_secs(10);
+        config.services.get_mut(&svc("gateway")).unwrap().check.kind = CheckKind::Tcp {
+            target: ([127, 0, 0, 1], 444).into(),
+        };
         let plan = ReloadPlan::new(h.config.as_ref().unwrap(), &config);
-        assert_eq!(plan.changed, vec![Component::Services]);
+        assert_eq!(plan.changed, vec![], "a check is not published");
         h.reload(&plan);
         assert_eq!(h.checks.len(), 3, "the changed check runs again at once");
         assert_eq!(h.checks[2].service.as_str(), "gateway");
@@ -2363,6 +2398,143 @@ mod tests {
         h.sup.handle_withdrawn(None, h.now);
         h.drain();
         assert_eq!(advertised_in_view(&h), none, "withdrawn");
+    }
+
+    fn reload_with(h: &mut Harness, change: impl FnOnce(&mut Config)) {
+        let old = h.config.clone().unwrap();
+        let mut new = old.clone();
+        change(&mut new);
+        h.reload(&ReloadPlan::new(&old, &new));
+        h.config = Some(new);
+    }
+
+    #[test]
+    fn a_reload_that_changes_a_check_does_not_withdraw_a_healthy_service() {
+        let mut h = with_services();
+        h.start();
+        h.checked("gateway", true, "connected");
+        h.checked("molt-provider", true, "connected");
+        h.all_up();
+        h.publish_advertisement();
+        let starts = h.service_starts();
+        let both = [svc("gateway"), svc("molt-provider")];
+        // Only the timing changes: nothing is republished and the state is kept.
+        reload_with(&mut h, |c| {
+            let check = &mut c.services.get_mut(&svc("molt-provider")).unwrap().check;
+            check.interval = Duration::from_secs(10);
+            check.timeout = Duration::from_secs(1);
+        });
+        assert_eq!(h.service_starts(), starts);
+        assert_eq!(h.sup.advertisement(), both);
+        let mp = h.sup.view(h.now).health[1].clone();
+        assert_eq!(
+            (mp.state, mp.checks, mp.advertised),
+            (HealthState::Healthy, 1, true)
+        );
+        assert_eq!(h.readies(), 2, "the reload answers READY=1");
+        // The check itself changes: still advertised until the new check's first result,
+        // which decides at once (fall = 2 otherwise).
+        let issued = h.checks.len();
+        reload_with(&mut h, |c| {
+            c.services
+                .get_mut(&svc("molt-provider"))
+                .unwrap()
+                .check
+                .kind = CheckKind::Tcp {
+                target: ([127, 0, 0, 1], 9443).into(),
+            };
+        });
+        assert_eq!(h.service_starts(), starts);
+        assert_eq!(h.sup.advertisement(), both);
+        assert_eq!(h.checks.len(), issued + 1, "the new check runs at once");
+        h.checked("molt-provider", false, "connect refused");
+        assert_eq!(h.service_starts(), starts + 1);
+        assert_eq!(h.sup.advertisement(), [svc("gateway")]);
+    }
+
+    #[test]
+    fn a_reload_while_the_first_publish_is_held_leaves_publishing_to_the_release() {
+        let mut h = with_services();
+        h.start();
+        h.mesh_up("wireguard claw0 10.100.0.5/16");
+        h.checked("gateway", true, "connected");
+        reload_with(&mut h, |c| {
+            c.services.get_mut(&svc("gateway")).unwrap().port = 4443;
+        });
+        assert_eq!(
+            h.service_starts(),
+            0,
+            "still held for molt-provider's verdict"
+        );
+        h.checked("molt-provider", true, "connected");
+        h.gpus_probed(inventory(1, 0));
+        assert_eq!(h.service_starts(), 1, "the release publishes");
+        assert_eq!(
+            h.sup.advertisement(),
+            [svc("gateway"), svc("molt-provider")]
+        );
+        h.publish_advertisement();
+        assert!(h.sup.is_ready());
+        assert_eq!(h.readies(), 1);
+    }
+
+    #[test]
+    fn a_gpu_change_while_published_republishes() {
+        let mut h = with_services();
+        h.start();
+        h.checked("gateway", true, "connected");
+        h.checked("molt-provider", true, "connected");
+        h.all_up();
+        h.publish_advertisement();
+        let starts = h.service_starts();
+        h.sup.handle_gpus_changed(inventory(0, 2), h.now, 7);
+        h.drain();
+        assert_eq!(h.service_starts(), starts + 1);
+        assert_eq!(h.sup.advertisement(), [svc("gateway")]);
+        h.publish_advertisement();
+        // Also while a GPU probe runs (the gate follows at once).
+        h.sup.handle_recheck(Component::Gpu, h.now);
+        h.sup.handle_gpus_changed(inventory(1, 1), h.now, 7);
+        h.drain();
+        assert_eq!(h.service_starts(), starts + 2);
+        assert_eq!(
+            h.sup.advertisement(),
+            [svc("gateway"), svc("molt-provider")]
+        );
+    }
+
+    #[test]
+    fn status_follows_an_xid_hold_ending_even_when_nothing_is_republished() {
+        let mut h = with_services();
+        h.start();
+        h.checked("gateway", true, "connected");
+        h.checked("molt-provider", true, "connected");
+        h.mesh_up("wireguard claw0 10.100.0.5/16");
+        h.gpus_probed(inventory(1, 0));
+        h.publish_advertisement();
+        h.sup.handle_xid(XidEvent { index: 0, code: 79 }, h.now);
+        h.drain();
+        h.publish_advertisement();
+        // The service also fails its own check meanwhile (fall = 2).
+        for _ in 0..2 {
+            h.advance(Duration::from_secs(5));
+            h.checked("molt-provider", false, "connect refused");
+        }
+        assert!(
+            h.sup
+                .status_text()
+                .ends_with("(no usable GPU: GPU 0 held after XID 79)"),
+            "{}",
+            h.sup.status_text()
+        );
+        let starts = h.service_starts();
+        h.take();
+        h.now += Duration::from_secs(3600);
+        h.sup.handle_timeout(h.now);
+        h.drain();
+        assert_eq!(h.service_starts(), starts, "still not advertised");
+        let expected = "ready: wireguard claw0 10.100.0.5/16, 1 GPU, advertising gateway; molt-provider unhealthy (connect refused)";
+        assert!(h.notified.contains(&status(expected)), "{:?}", h.notified);
     }
 
     #[derive(Debug, Clone)]
