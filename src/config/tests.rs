@@ -1080,6 +1080,93 @@ fn out_of_range_check_values_are_refused_with_their_position() {
 }
 
 #[test]
+fn an_http_check_of_a_tls_service_speaks_http_behind_tailscale_and_https_otherwise() {
+    let service = "port = 8443\nmode = \"http\"\n[services.web.check]\ntype = \"http\"\n";
+    let check = |text: &str| {
+        let CheckKind::Http(http) = spec(&ok(text), "web").check.kind else {
+            panic!("an http check");
+        };
+        http.tls
+    };
+    // tailscaled terminates TLS and proxies to the port in plain HTTP.
+    let tailscale = format!(
+        "[node]\nname = \"gpu-01\"\n[network]\nprovider = \"tailscale\"\n[services.web]\n{service}"
+    );
+    assert_eq!(check(&tailscale), None);
+    let wireguard = format!("{WG_BASE}[services.web]\n{service}");
+    assert_eq!(
+        check(&wireguard),
+        Some(HttpsCheck {
+            skip_verify: false,
+            server_name: "localhost".into()
+        })
+    );
+    // An explicit scheme still wins, and TLS keys without it say why they are refused.
+    assert!(check(&format!("{tailscale}scheme = \"https\"\n")).is_some());
+    let err = error_at(
+        &format!("{tailscale}tls_skip_verify = true\n"),
+        "services.web.check.tls_skip_verify",
+        10,
+    );
+    assert!(
+        err.message.contains("tailscaled terminates TLS"),
+        "{}",
+        err.message
+    );
+}
+
+#[test]
+fn a_short_interval_alone_shortens_the_default_timeout() {
+    let text = with_service("web", "[services.web.check]\ninterval = \"1s\"\n");
+    let check = spec(&ok(&text), "web").check;
+    assert_eq!(
+        (check.interval, check.timeout),
+        (Duration::from_secs(1), Duration::from_secs(1))
+    );
+    let text = with_service("web", "check = { interval = \"1m\" }\n");
+    assert_eq!(
+        spec(&ok(&text), "web").check.timeout,
+        Duration::from_secs(2)
+    );
+}
+
+#[test]
+fn a_check_path_takes_only_url_path_and_query_characters() {
+    for good in ["/healthz", "/a/b?x=1&y=%20z", "/~u/!$'()*+,;=:@-._"] {
+        let text = with_service(
+            "web",
+            &format!("[services.web.check]\ntype = \"http\"\npath = \"{good}\"\n"),
+        );
+        let CheckKind::Http(http) = spec(&ok(&text), "web").check.kind else {
+            panic!("an http check");
+        };
+        assert_eq!(http.path, good);
+    }
+    for bad in [
+        "/a#frag",
+        "/<x>",
+        "/a`b",
+        "/a b",
+        "/caf\u{e9}",
+        "/a\\\"b",
+        "/a\\\\b",
+        "/{x}",
+        "/a|b",
+    ] {
+        let text = with_service(
+            "web",
+            &format!("[services.web.check]\ntype = \"http\"\npath = \"{bad}\"\n"),
+        );
+        let err = error_at(&text, "services.web.check.path", 12);
+        assert!(
+            err.message.contains("percent-encode"),
+            "{bad}: {}",
+            err.message
+        );
+    }
+}
+
+#[test]
 fn xid_list_and_hold_are_read_and_checked() {
     let config = ok(&format!(
         "{WG_BASE}[gpu]\nunhealthy_xids = [79, 48, 79]\nxid_hold = \"3s\"\n"

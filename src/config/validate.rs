@@ -1032,6 +1032,7 @@ impl<'a> Checker<'a> {
             raw.check.unwrap_or_default(),
             port,
             mode,
+            provider,
         )?;
         Some(ServiceSpec {
             port,
@@ -1049,6 +1050,7 @@ impl<'a> Checker<'a> {
         raw: RawCheck,
         port: u16,
         mode: ServiceMode,
+        provider: ProviderKind,
     ) -> Option<CheckSpec> {
         let errors = self.errors.len() + self.hidden;
         let kind = raw.kind.as_deref().unwrap_or("tcp");
@@ -1085,7 +1087,7 @@ impl<'a> Checker<'a> {
         ] {
             refuse(self, key, !is_http && present, http_only);
         }
-        let http = is_http.then(|| self.http_check(path, &raw_http(&raw), port, mode));
+        let http = is_http.then(|| self.http_check(path, &raw_http(&raw), port, mode, provider));
         let target = match raw.target {
             None => SocketAddr::from(([127, 0, 0, 1], port)),
             Some(text) => {
@@ -1106,10 +1108,11 @@ impl<'a> Checker<'a> {
             defaults.interval,
             Duration::from_secs(1)..=Duration::from_secs(60 * 60),
         );
+        // A short interval alone shortens the default timeout with it.
         let timeout = self.duration(
             &path.key("timeout"),
             raw.timeout,
-            defaults.timeout,
+            defaults.timeout.min(interval),
             Duration::from_millis(100)..=Duration::from_secs(60),
         );
         if timeout > interval {
@@ -1159,16 +1162,17 @@ impl<'a> Checker<'a> {
         raw: &RawHttp<'_>,
         port: u16,
         mode: ServiceMode,
+        provider: ProviderKind,
     ) -> HttpCheck {
         let url_path = match raw.path {
             None => "/".to_owned(),
             Some(text) => {
                 let valid = text.starts_with('/')
                     && text.len() <= 1024
-                    && !text.chars().any(|c| c.is_whitespace() || c.is_control());
+                    && text.bytes().all(is_url_path_byte);
                 self.check(&path.key("path"), valid.then(|| text.to_owned()), || {
                     ValueError::new(
-                        "a path starting with '/' without spaces or control characters, at most 1024 bytes, such as \"/healthz\"",
+                        "a path starting with '/', at most 1024 bytes, of letters, digits and - . _ ~ ! $ & ' ( ) * + , ; = : @ / ? % only (percent-encode others), such as \"/healthz\"",
                         text,
                     )
                 })
@@ -1189,7 +1193,11 @@ impl<'a> Checker<'a> {
             }
         };
         let https = match raw.scheme {
-            None => matches!(mode, ServiceMode::Http { tls: true }),
+            // tailscaled terminates TLS and proxies to the port in plain HTTP.
+            None => {
+                matches!(mode, ServiceMode::Http { tls: true })
+                    && provider != ProviderKind::Tailscale
+            }
             Some("https") => true,
             Some("http") => false,
             Some(other) => {
@@ -1206,10 +1214,15 @@ impl<'a> Checker<'a> {
                 ("server_name", raw.server_name.is_some()),
             ] {
                 if present {
+                    let hint = if raw.scheme.is_none() && provider == ProviderKind::Tailscale {
+                        "; with provider = \"tailscale\" checks default to plain http, since tailscaled terminates TLS"
+                    } else {
+                        ""
+                    };
                     self.error(
                         &path.key(key),
                         format!(
-                            "expected no {key} unless scheme = \"https\" (it applies only to TLS)"
+                            "expected no {key} unless scheme = \"https\" (it applies only to TLS){hint}"
                         ),
                     );
                 }
@@ -1449,6 +1462,12 @@ fn default_check(kind: CheckKind) -> CheckSpec {
         rise: 2,
         fall: 3,
     }
+}
+
+/// RFC 3986 path and query characters (pchar, '/', '?') and '%' of percent-encoding: no
+/// fragment, space, quote, angle bracket or anything else a request line must not carry.
+fn is_url_path_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
 }
 
 /// "200" or "200-399", statuses 100-599, low <= high.
