@@ -76,7 +76,7 @@ pub struct ServiceHealthView {
     pub check: String,
     pub requires_gpus: bool,
     pub last_result: Option<(CheckResult, Instant)>,
-    /// When `state` was entered (the start, or the reload that changed the check, for unknown).
+    /// When `state` was entered (the start, for unknown).
     pub since: Instant,
     pub checks: u64,
     pub failures: u64,
