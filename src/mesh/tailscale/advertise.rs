@@ -47,13 +47,19 @@ impl TailscaleMesh {
         if Some(&claimed) != self.owned.as_ref() {
             self.save_owned(claimed)?;
         }
-        edit_advertised(&api, |current| {
-            serve_config::advertise(current, &owned, &wanted)
-        })
-        .await?;
+        // Withdrawals drain before their serve entries go; additions get their serve entry
+        // before they are advertised, so control never routes to a name with no handler.
+        // Each step writes only when it changes something.
+        let wanted_names: BTreeSet<String> = wanted.iter().map(WantedService::name).collect();
+        let unwanted: BTreeSet<String> = owned.difference(&wanted_names).cloned().collect();
+        edit_advertised(&api, |current| serve_config::drain(current, &unwanted)).await?;
         let suffix = self.suffix.clone();
         let new_owned = edit_serve(&api, |current| {
             serve_config::reconcile(current, &owned, &wanted, &suffix)
+        })
+        .await?;
+        edit_advertised(&api, |current| {
+            serve_config::advertise(current, &owned, &wanted)
         })
         .await?;
         if Some(&new_owned) != self.owned.as_ref() {
