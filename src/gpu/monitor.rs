@@ -36,7 +36,7 @@ pub enum Report {
     },
     /// The set of GPUs or the MIG layout changed since the last report.
     Changed { inventory: GpuInventory },
-    /// NVML reported a critical XID (every one: the supervisor decides which matter).
+    /// NVML reported an XID listed in `[gpu] unhealthy_xids` (all are counted in the ledger).
     Xid { event: XidEvent },
 }
 
@@ -165,7 +165,14 @@ fn run(
                 .unwrap_or_else(|p| p.into_inner())
                 .xids
                 .handle_xid(event, unix_ms());
-            report(Report::Xid { event });
+            // Only XIDs that hold a GPU reach the supervisor: a flood of others is counted
+            // above and must not keep waking it.
+            if config
+                .as_ref()
+                .is_some_and(|c| c.unhealthy_xids.contains(&event.code))
+            {
+                report(Report::Xid { event });
+            }
         }
     }
 }
@@ -190,7 +197,7 @@ mod tests {
     use crate::gpu::GpuInfo;
     use std::sync::Mutex;
 
-    /// Two GPUs; one XID for GPU 1 on the first wait; counts its samples.
+    /// Two GPUs; XID 13 on GPU 0 and XID 79 on GPU 1 on the first wait; counts its samples.
     struct Scripted {
         xid_sent: bool,
         samples: Arc<Mutex<u32>>,
@@ -222,7 +229,10 @@ mod tests {
         fn wait_xid(&mut self, timeout: Duration) -> Vec<XidEvent> {
             if !self.xid_sent {
                 self.xid_sent = true;
-                return vec![XidEvent { index: 1, code: 79 }];
+                return vec![
+                    XidEvent { index: 0, code: 13 },
+                    XidEvent { index: 1, code: 79 },
+                ];
             }
             std::thread::sleep(timeout);
             Vec::new()
@@ -240,7 +250,8 @@ mod tests {
     }
 
     #[test]
-    fn the_monitor_answers_probes_samples_on_its_interval_and_counts_xids_once() {
+    fn the_monitor_answers_probes_samples_on_its_interval_counts_every_xid_and_reports_only_those_that_hold_a_gpu()
+     {
         let samples = Arc::new(Mutex::new(0));
         let (tx, rx) = mpsc::channel();
         let monitor = Monitor::spawn(
@@ -265,8 +276,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(400));
         let snap = monitor.shared().read().unwrap().clone();
         assert_eq!(snap.metrics[0].temperature_celsius, Some(40));
+        assert_eq!(snap.xids.counts[&(0, 13)].count, 1);
         assert_eq!(snap.xids.counts[&(1, 79)].count, 1);
         assert!(*samples.lock().unwrap() >= 3, "sampled every 50 ms");
+        // XID 13 is not in [gpu] unhealthy_xids: counted, not reported.
         let Ok(Report::Xid { event }) = rx.try_recv() else {
             panic!("the XID is reported");
         };
