@@ -75,7 +75,7 @@ async fn http(check: &HttpCheck) -> Result<String, String> {
         Some(tls) => {
             let name = ServerName::try_from(tls.server_name.clone())
                 .map_err(|e| format!("TLS: server_name {:?}: {e}", tls.server_name))?;
-            let connector = tokio_rustls::TlsConnector::from(client_config(tls)?);
+            let connector = tokio_rustls::TlsConnector::from(client_config(tls).await?);
             let stream = connector
                 .connect(name, tcp)
                 .await
@@ -150,10 +150,9 @@ fn io_detail(error: &std::io::Error) -> String {
     }
 }
 
-/// Built once per process: loading the system's roots reads and parses every file in the
-/// trust store, too much to repeat every few seconds per service.
-fn client_config(tls: &HttpsCheck) -> Result<Arc<rustls::ClientConfig>, String> {
-    static VERIFIED: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+/// The client config for `tls`. The verifying one is built once, from the system's roots.
+async fn client_config(tls: &HttpsCheck) -> Result<Arc<rustls::ClientConfig>, String> {
+    static VERIFIED: Verified = Verified::new();
     static UNVERIFIED: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
     if tls.skip_verify {
         return Ok(Arc::clone(UNVERIFIED.get_or_init(|| {
@@ -166,15 +165,40 @@ fn client_config(tls: &HttpsCheck) -> Result<Arc<rustls::ClientConfig>, String> 
             )
         })));
     }
-    VERIFIED
-        .get_or_init(|| {
-            use hyper_rustls::ConfigBuilderExt as _;
-            builder()
-                .with_native_roots()
-                .map(|b| Arc::new(b.with_no_client_auth()))
-                .map_err(|e| format!("TLS: no system roots: {e}"))
-        })
-        .clone()
+    VERIFIED.get(verified_config).await
+}
+
+fn verified_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    use hyper_rustls::ConfigBuilderExt as _;
+    builder()
+        .with_native_roots()
+        .map(|b| Arc::new(b.with_no_client_auth()))
+        .map_err(|e| format!("TLS: no system roots: {e}"))
+}
+
+/// Loading the system's roots reads and parses every file in the trust store: blocking, so
+/// it runs off the runtime, and too much to repeat every few seconds, so a success is kept.
+/// A failure is not: the trust store may be fixed, and the next check tries again.
+struct Verified(tokio::sync::OnceCell<Arc<rustls::ClientConfig>>);
+
+impl Verified {
+    const fn new() -> Self {
+        Self(tokio::sync::OnceCell::const_new())
+    }
+
+    async fn get<F>(&self, load: F) -> Result<Arc<rustls::ClientConfig>, String>
+    where
+        F: FnOnce() -> Result<Arc<rustls::ClientConfig>, String> + Send + 'static,
+    {
+        self.0
+            .get_or_try_init(|| async {
+                tokio::task::spawn_blocking(load)
+                    .await
+                    .map_err(|e| format!("TLS: loading the system roots: {e}"))?
+            })
+            .await
+            .cloned()
+    }
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -467,5 +491,36 @@ mod tests {
         // Plain HTTP to a TLS port gets no HTTP answer.
         let result = run_check(&http(addr, None), Duration::from_millis(500)).await;
         assert!(!result.ok, "{result:?}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn system_roots_load_off_the_runtime_and_a_failed_load_is_tried_again() {
+        let verified = Verified::new();
+        let loads = Arc::new(AtomicUsize::new(0));
+        let threads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let load = |fail: bool| {
+            let (loads, threads) = (Arc::clone(&loads), Arc::clone(&threads));
+            move || {
+                loads.fetch_add(1, Ordering::SeqCst);
+                threads.lock().unwrap().push(std::thread::current().id());
+                if fail {
+                    return Err("TLS: no system roots: empty trust store".to_string());
+                }
+                Ok(Arc::new(
+                    builder()
+                        .with_root_certificates(rustls::RootCertStore::empty())
+                        .with_no_client_auth(),
+                ))
+            }
+        };
+        assert!(verified.get(load(true)).await.is_err());
+        assert!(verified.get(load(false)).await.is_ok(), "retried");
+        assert!(verified.get(load(true)).await.is_ok(), "kept once loaded");
+        assert_eq!(loads.load(Ordering::SeqCst), 2);
+        let runtime = std::thread::current().id();
+        assert!(
+            threads.lock().unwrap().iter().all(|t| *t != runtime),
+            "loaded on the runtime's thread"
+        );
     }
 }
