@@ -440,7 +440,15 @@ fn service_series(f: &mut Families, checks: &[ServiceCheckDoc]) -> Result<(), pr
         let service = [check.name.as_str()];
         f.int_gauge(
             "clawnode_service_healthy",
-            "1 while the service is healthy and advertised (its GPU gate included), else 0.",
+            "1 while the service passes its check and, where it requires GPUs, a GPU is usable.",
+            &["service"],
+            &service,
+            i64::from(check.state == "healthy"),
+        )?;
+        // Healthy is not enough to be offered: the mesh must be up and have taken the publish.
+        f.int_gauge(
+            "clawnode_service_advertised",
+            "1 while the mesh provider holds the service's advertisement (the last publish succeeded and carried it).",
             &["service"],
             &service,
             i64::from(check.advertised),
@@ -766,11 +774,11 @@ mod tests {
         assert!(!text.contains("clawnode_gateway_"), "{text}");
     }
 
-    fn check(name: &str, advertised: bool, checks: u64, failures: u64) -> ServiceCheckDoc {
+    fn check(name: &str, healthy: bool, checks: u64, failures: u64) -> ServiceCheckDoc {
         ServiceCheckDoc {
             name: name.into(),
-            state: if advertised { "healthy" } else { "unhealthy" }.into(),
-            advertised,
+            state: if healthy { "healthy" } else { "unhealthy" }.into(),
+            advertised: healthy,
             check: "tcp 127.0.0.1:8443".into(),
             checks,
             failures,
@@ -793,11 +801,20 @@ mod tests {
         status.services.checks = vec![
             check("gateway", true, 10, 1),
             check("molt-provider", false, 4, 4),
+            // Healthy while the mesh is down: passes its check, not advertised.
+            ServiceCheckDoc {
+                advertised: false,
+                ..check("web", true, 3, 0)
+            },
         ];
         let text = render(&status, &[], None, &Snapshot::default(), "n", 0).unwrap();
         for line in [
             "clawnode_service_healthy{service=\"gateway\"} 1",
             "clawnode_service_healthy{service=\"molt-provider\"} 0",
+            "clawnode_service_healthy{service=\"web\"} 1",
+            "clawnode_service_advertised{service=\"gateway\"} 1",
+            "clawnode_service_advertised{service=\"molt-provider\"} 0",
+            "clawnode_service_advertised{service=\"web\"} 0",
             "clawnode_service_checks_total{result=\"ok\",service=\"gateway\"} 9",
             "clawnode_service_checks_total{result=\"fail\",service=\"gateway\"} 1",
             "clawnode_service_checks_total{result=\"ok\",service=\"molt-provider\"} 0",

@@ -109,7 +109,9 @@ pub struct ServiceCheckDoc {
     pub name: String,
     /// unknown | healthy | unhealthy
     pub state: String,
-    /// Healthy and, if it requires GPUs, a GPU is usable: the service is offered.
+    /// The mesh provider holds its advertisement: the last successful publish carried it and
+    /// nothing (mesh failure, stop, provider change) withdrew it since. A healthy service is
+    /// not advertised while the mesh is down or its publish failed.
     pub advertised: bool,
     /// Why it is not healthy: the check's detail or the GPU gate.
     pub reason: Option<String>,

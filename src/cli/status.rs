@@ -188,12 +188,16 @@ fn service_lines(checks: &[api::ServiceCheckDoc], now_unix_ms: u64) -> String {
     let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
     let mut out = String::new();
     for check in checks {
-        let why = match (&check.reason, &check.last_result) {
-            (Some(reason), _) if !check.advertised => reason.clone(),
+        let mut why = match (&check.reason, &check.last_result) {
+            (Some(reason), _) if check.state != "healthy" => reason.clone(),
             (_, Some(last)) => last.detail.clone(),
             (_, None) if check.state == "unknown" => "not checked yet".into(),
             (_, None) => check.check.clone(),
         };
+        // Healthy but not offered: the mesh is down or the publish failed (see services:).
+        if check.state == "healthy" && !check.advertised {
+            why.push_str(", not advertised");
+        }
         let age = Duration::from_secs(now_unix_ms.saturating_sub(check.since_unix_ms) / 1000);
         out.push_str(&format!(
             "  {:<width$}  {:<9}  {why} (since {})\n",
@@ -306,11 +310,24 @@ mod tests {
                 since_unix_ms: now,
                 ..ServiceCheckDoc::default()
             },
+            ServiceCheckDoc {
+                name: "web".into(),
+                state: "healthy".into(),
+                advertised: false,
+                since_unix_ms: now - 5000,
+                last_result: Some(CheckResultDoc {
+                    ok: true,
+                    detail: "connected".into(),
+                    duration_ms: 0,
+                    at_unix_ms: now - 1000,
+                }),
+                ..ServiceCheckDoc::default()
+            },
         ];
         let text = human(&doc, now);
         assert!(
             text.contains(
-                "\n  molt-provider  unhealthy  connect refused (since 12s)\n  gateway        healthy    HTTP 200 (since 3m 5s)\n  ssh            unknown    not checked yet (since 0s)\n"
+                "\n  molt-provider  unhealthy  connect refused (since 12s)\n  gateway        healthy    HTTP 200 (since 3m 5s)\n  ssh            unknown    not checked yet (since 0s)\n  web            healthy    connected, not advertised (since 5s)\n"
             ),
             "{text}"
         );
