@@ -803,20 +803,28 @@ mod tests {
         }
     }
 
-    /// Waits (real time) until the last publish carried exactly `names`.
-    async fn published_until(published: &std::sync::Mutex<Vec<Vec<String>>>, names: &[&str]) {
-        for _ in 0..100 {
-            if published
-                .lock()
-                .unwrap()
-                .last()
-                .is_some_and(|last| *last == names)
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("never published {names:?}: {:?}", published.lock().unwrap());
+    /// Waits (real time, 5 s at most) for a status document that satisfies `done`, and
+    /// returns that document: the one the assertions read is the one that matched.
+    async fn status_until(
+        status: &mut watch::Receiver<StatusDoc>,
+        what: &str,
+        done: impl FnMut(&StatusDoc) -> bool,
+    ) -> StatusDoc {
+        let found = tokio::time::timeout(Duration::from_secs(5), status.wait_for(done))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|doc| doc.clone());
+        found.unwrap_or_else(|| panic!("never {what}: {:?}", status.borrow().services))
+    }
+
+    /// The services the status document says are advertised, in config order.
+    fn advertised(doc: &StatusDoc) -> Vec<&str> {
+        let checks = doc.services.checks.iter();
+        checks
+            .filter(|c| c.advertised)
+            .map(|c| c.name.as_str())
+            .collect()
     }
 
     #[tokio::test]
@@ -868,12 +876,14 @@ mod tests {
             },
             None,
         );
-        let status = daemon.status();
+        let mut status = daemon.status();
         let task = tokio::spawn(daemon.run());
 
         // Nothing listens on the web port: only the unchecked GPU service is offered.
-        published_until(&published, &["molt-provider"]).await;
-        let doc = status.borrow().clone();
+        let doc = status_until(&mut status, "molt-provider alone, web checked", |doc| {
+            advertised(doc) == ["molt-provider"] && doc.services.checks[1].last_result.is_some()
+        })
+        .await;
         let web = &doc.services.checks[1];
         assert_eq!(
             (web.name.as_str(), web.state.as_str(), web.advertised),
@@ -892,19 +902,24 @@ mod tests {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .unwrap();
-        published_until(&published, &["molt-provider", "web"]).await;
+        status_until(&mut status, "both advertised", |doc| {
+            advertised(doc) == ["molt-provider", "web"]
+        })
+        .await;
 
         // An XID that needs a reset on every GPU takes the GPU service off until the hold ends.
         xid.store(true, std::sync::atomic::Ordering::SeqCst);
-        published_until(&published, &["web"]).await;
-        let doc = status.borrow().clone();
+        let doc = status_until(&mut status, "web alone", |doc| advertised(doc) == ["web"]).await;
         let molt = &doc.services.checks[0];
         assert_eq!(molt.state, "unhealthy");
         assert!(
             molt.reason.as_deref().is_some_and(|r| r.contains("XID 79")),
             "{molt:?}"
         );
-        published_until(&published, &["molt-provider", "web"]).await;
+        status_until(&mut status, "both advertised after the hold", |doc| {
+            advertised(doc) == ["molt-provider", "web"]
+        })
+        .await;
         task.abort();
         drop(listener);
         let mut history = published.lock().unwrap().clone();
