@@ -236,6 +236,24 @@ fn time_until(
     start.elapsed()
 }
 
+/// What the fake provider last accepted: its latest "fake mesh published services" line on
+/// stderr (`None` before the first publish).
+fn fake_published(node: &Node) -> Option<Vec<String>> {
+    let log = node.stderr();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("fake mesh published services"))?;
+    let list = line.split_once("services=[")?.1.split_once(']')?.0;
+    let names = list.split(", ").filter(|s| !s.is_empty());
+    Some(names.map(|s| s.trim_matches('"').to_string()).collect())
+}
+
+/// The fake provider's last publish carried exactly `names`.
+fn fake_publishes(node: &Node, names: &[&str]) -> bool {
+    fake_published(node).is_some_and(|p| p == names)
+}
+
 /// svc:<name> in the stand-in's AdvertiseServices and in its serve config.
 fn on_tailscale(ts: &StandIn, svc: &str) -> (bool, bool) {
     ts.with(|s| {
@@ -336,10 +354,12 @@ fn a_service_nothing_listens_on_is_not_advertised_until_it_listens_and_is_withdr
     );
 
     // The service starts listening: advertised within interval × rise + 1 s.
+    let mark = ts.calls().len();
     let listener = Listener::start(port);
     let up = time_until(WAIT, "the advertisement", &node, || {
         on_tailscale(&ts, svc) == (true, true)
     });
+    assert_serve_entry_before_advertised(&ts.calls()[mark..]);
     let bound = INTERVAL * 2 + SECOND;
     println!(
         "listener up -> advertised on tailscaled: {:.0} ms (bound: interval 1 s x rise 2 + 1 s = {:.0} ms)",
@@ -404,6 +424,28 @@ fn a_service_nothing_listens_on_is_not_advertised_until_it_listens_and_is_withdr
         entry["transitions"], 2,
         "unhealthy -> healthy -> unhealthy: {entry}"
     );
+
+    // It comes back: the serve entry is in place again before the name is advertised.
+    let mark = ts.calls().len();
+    let _listener = Listener::start(port);
+    time_until(WAIT, "the re-advertisement", &node, || {
+        on_tailscale(&ts, svc) == (true, true)
+    });
+    assert_serve_entry_before_advertised(&ts.calls()[mark..]);
+}
+
+/// Advertising a service: its serve-config entry is written before the prefs PATCH adds the
+/// name, so control never routes to a name tailscaled has no handler for.
+fn assert_serve_entry_before_advertised(calls: &[String]) {
+    let post = calls
+        .iter()
+        .position(|c| c == "POST /localapi/v0/serve-config")
+        .unwrap_or_else(|| panic!("no serve-config write: {calls:?}"));
+    let patch = calls
+        .iter()
+        .position(|c| c == "PATCH /localapi/v0/prefs")
+        .unwrap_or_else(|| panic!("no prefs PATCH: {calls:?}"));
+    assert!(post < patch, "serve entry before the name: {calls:?}");
 }
 
 #[test]
@@ -438,8 +480,9 @@ fall = 2
     );
     node.recv_until("READY=1", WAIT);
     time_until(WAIT, "the first result (200)", &node, || {
-        advertised(&node, "api")
+        fake_publishes(&node, &["api"])
     });
+    assert!(advertised(&node, "api"));
     let entry = check_of(&node, "api");
     assert_eq!(
         entry["check"],
@@ -459,7 +502,7 @@ fall = 2
 
     server.answer(500);
     let down = time_until(WAIT, "the withdrawal on 500", &node, || {
-        !advertised(&node, "api")
+        fake_publishes(&node, &[])
     });
     println!(
         "HTTP 500 -> withdrawn: {:.0} ms (bound: interval 1 s x fall 2 + 1 s)",
@@ -468,6 +511,7 @@ fall = 2
     assert!(down <= INTERVAL * 2 + SECOND, "{down:?}");
     let entry = check_of(&node, "api");
     assert_eq!(entry["state"], "unhealthy", "{entry}");
+    assert_eq!(entry["advertised"], false, "{entry}");
     let reason = entry["reason"].as_str().unwrap_or_default().to_string();
     assert!(reason.starts_with("HTTP 500"), "{entry}");
     let status = status_text(&node);
@@ -475,24 +519,31 @@ fall = 2
         status.starts_with("ready: ") && status.contains("api unhealthy (HTTP 500"),
         "{status}"
     );
-    assert!(node.stderr().contains("service unhealthy; withdrawing"));
+    let log = node.stderr();
+    assert!(
+        log.lines().any(|l| l
+            .contains("service unhealthy component=\"services\" service=api reason=\"HTTP 500")),
+        "{log}"
+    );
 
     server.answer(200);
     let up = time_until(WAIT, "the advertisement on 200", &node, || {
-        advertised(&node, "api")
+        fake_publishes(&node, &["api"])
     });
     println!(
         "HTTP 200 -> advertised: {:.0} ms (bound: interval 1 s x rise 2 + 1 s)",
         up.as_secs_f64() * 1000.0
     );
     assert!(up <= INTERVAL * 2 + SECOND, "{up:?}");
+    time_until(WAIT, "status to say so", &node, || advertised(&node, "api"));
     let log = node.stderr();
-    let last_publish = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("fake mesh published services"))
-        .unwrap_or_default();
-    assert!(last_publish.contains("api"), "{last_publish}");
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("service healthy component=\"services\" service=api"))
+            .count(),
+        2,
+        "healthy at the first result and again on 200: {log}"
+    );
 }
 
 /// A fake-mesh node with the stand-in NVML (`fake_text`), GPUs sampled every second, and two
@@ -546,10 +597,15 @@ fn losing_every_gpu_withdraws_molt_provider_while_other_services_stay_and_it_ret
     assert_eq!(check_of(&node, "molt-provider")["requires_gpus"], true);
     assert_eq!(check_of(&node, "gateway")["requires_gpus"], false);
 
+    time_until(WAIT, "both published", &node, || {
+        fake_publishes(&node, &["gateway", "molt-provider"])
+    });
+
     fake.write("gpus = 2\nlost = 0,1\n");
     time_until(WAIT, "molt-provider withdrawn", &node, || {
-        !advertised(&node, "molt-provider")
+        fake_publishes(&node, &["gateway"])
     });
+    assert!(!advertised(&node, "molt-provider"));
     let entry = check_of(&node, "molt-provider");
     assert!(
         entry["reason"]
@@ -568,6 +624,9 @@ fn losing_every_gpu_withdraws_molt_provider_while_other_services_stay_and_it_ret
 
     fake.write("gpus = 2\n");
     time_until(WAIT, "molt-provider back with the GPUs", &node, || {
+        fake_publishes(&node, &["gateway", "molt-provider"])
+    });
+    time_until(WAIT, "status to say so", &node, || {
         advertised(&node, "molt-provider")
     });
     assert!(advertised(&node, "gateway"));
@@ -588,11 +647,17 @@ fn an_xid_79_holds_molt_provider_off_the_market_for_xid_hold_and_other_xids_do_n
     });
     assert!(advertised(&node, "molt-provider"), "XID 13 holds nothing");
 
+    assert!(
+        fake_publishes(&node, &["gateway", "molt-provider"]),
+        "XID 13 withdraws nothing: {:?}",
+        fake_published(&node)
+    );
     let sent = Instant::now();
     fake.append("xid = 0:79");
     time_until(WAIT, "molt-provider withdrawn on XID 79", &node, || {
-        !advertised(&node, "molt-provider")
+        fake_publishes(&node, &["gateway"])
     });
+    assert!(!advertised(&node, "molt-provider"));
     assert!(advertised(&node, "gateway"), "gateway needs no GPU");
     let entry = check_of(&node, "molt-provider");
     assert!(
@@ -602,7 +667,7 @@ fn an_xid_79_holds_molt_provider_off_the_market_for_xid_hold_and_other_xids_do_n
         "{entry}"
     );
     time_until(WAIT, "molt-provider back after the hold", &node, || {
-        advertised(&node, "molt-provider")
+        fake_publishes(&node, &["gateway", "molt-provider"])
     });
     // The hold starts when the daemon receives the XID, after it was appended here.
     let held = sent.elapsed();
@@ -623,13 +688,14 @@ fn a_reload_clears_an_xid_hold() {
     });
     fake.append("xid = 0:48");
     time_until(WAIT, "molt-provider withdrawn on XID 48", &node, || {
-        !advertised(&node, "molt-provider")
+        fake_publishes(&node, &["gateway"])
     });
     std::thread::sleep(2 * SECOND);
     assert!(!advertised(&node, "molt-provider"), "still held");
+    assert!(fake_publishes(&node, &["gateway"]), "still held");
     node.signal(Signal::SIGHUP);
     time_until(WAIT, "molt-provider back after the reload", &node, || {
-        advertised(&node, "molt-provider")
+        fake_publishes(&node, &["gateway", "molt-provider"])
     });
 }
 
@@ -724,10 +790,15 @@ timeout = "500ms"
         &[],
     );
     node.recv_until("READY=1", WAIT);
-    time_until(WAIT, "both checked", &node, || {
-        check_of(&node, "gateway")["state"] == "healthy"
+    time_until(WAIT, "both checked, gateway published", &node, || {
+        check_of(&node, "gateway")["advertised"] == true
             && check_of(&node, "molt-provider")["state"] == "unhealthy"
     });
+    assert!(
+        fake_publishes(&node, &["gateway"]),
+        "{:?}",
+        fake_published(&node)
+    );
     let status = status_text(&node);
     assert!(
         status.starts_with("ready: ")
@@ -771,6 +842,17 @@ timeout = "500ms"
         Some(0.0),
         "{text}"
     );
+    for (service, published) in [("gateway", 1.0), ("molt-provider", 0.0)] {
+        assert_eq!(
+            sample(
+                &text,
+                "clawnode_service_advertised",
+                &[("service", service)]
+            ),
+            Some(published),
+            "{text}"
+        );
+    }
     assert!(text.contains("# TYPE clawnode_service_check_duration_seconds histogram"));
     let count = sample(
         &text,
