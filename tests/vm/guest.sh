@@ -323,7 +323,8 @@ CONF
   # interval 5s x rise 2 + 1 s, plus slack for TCG and the record's 100 ms refresh.
   check healthy_advertised wait_for 20 "grep -qx 'advertised \\[\"svc:molt-provider\"\\]' /root/ts-record && grep -qx 'served \\[\"svc:molt-provider\"\\]' /root/ts-record"
   echo "StatusText: $(status_text)"
-  check healthy_named_in_status bash -c '[[ $(systemctl show -p StatusText --value clawnode) == *"advertising molt-provider"* ]]'
+  # STATUS follows the publish (it names what was published), so it may lag the record.
+  check healthy_named_in_status wait_for 5 '[[ $(status_text) == *"advertising molt-provider"* ]]'
   check advertised_through_serve_config grep -qx 'call POST /localapi/v0/serve-config' /root/ts-record
   check credential_key_not_logged bash -c "! journalctl -b --no-pager -o cat | grep -qF '${key#tskey-auth-}'"
   posts=$(grep -c 'call POST /localapi/v0/serve-config' /root/ts-record)
