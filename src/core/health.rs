@@ -540,17 +540,7 @@ const MAX_REASON_CHARS: usize = 120;
 
 /// One line, at most `MAX_REASON_CHARS`.
 fn short(text: &str) -> String {
-    let folded: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    let trimmed = folded.trim();
-    if trimmed.chars().count() <= MAX_REASON_CHARS {
-        return trimmed.to_owned();
-    }
-    let mut cut: String = trimmed.chars().take(MAX_REASON_CHARS).collect();
-    cut.push('…');
-    cut
+    super::supervisor::fold_and_cut(text, MAX_REASON_CHARS)
 }
 
 #[cfg(test)]

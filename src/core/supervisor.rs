@@ -1179,15 +1179,21 @@ fn failed_part(what: &str, slot: &Slot) -> String {
 
 /// STATUS= is line-based, so anything multi-line is folded, and long text is cut.
 fn one_line(text: &str) -> String {
+    fold_and_cut(text, MAX_ERROR_CHARS)
+}
+
+/// `text` on one line (control characters become spaces), trimmed, and cut at `max`
+/// characters with an ellipsis.
+pub(crate) fn fold_and_cut(text: &str, max: usize) -> String {
     let folded: String = text
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
     let trimmed = folded.trim();
-    if trimmed.chars().count() <= MAX_ERROR_CHARS {
+    if trimmed.chars().count() <= max {
         return trimmed.to_string();
     }
-    let mut cut: String = trimmed.chars().take(MAX_ERROR_CHARS).collect();
+    let mut cut: String = trimmed.chars().take(max).collect();
     cut.push('…');
     cut
 }

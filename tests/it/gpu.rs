@@ -176,37 +176,13 @@ fn metrics_use_dcgm_names_omit_unsupported_fields_and_pass_promtool() {
     assert!(text.contains("clawnode_phase{phase=\"ready\"} 1"));
     assert!(text.contains("clawnode_gpus 2"));
 
-    let promtool = Command::new("sh")
-        .args(["-c", "command -v promtool"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !promtool {
-        eprintln!("promtool not installed: exposition not linted (tests/run-all.sh installs it)");
+    let Some((code, report)) = support::promtool_check(&text) else {
         return;
-    }
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    };
     // Exit 1 is a format error: never acceptable. Exit 3 is lint advice; DCGM's own names
     // break two of its rules on purpose (camelCase labels such as modelName, counters without
     // _total), and dashboards depend on exactly those names. Everything else must be clean.
-    match out.status.code() {
+    match code {
         Some(0) => {}
         Some(3) => {
             for problem in report.lines().filter(|l| !l.trim().is_empty()) {

@@ -20,7 +20,13 @@ fn config(d: &Path, tags: &str, tailnet: &str) -> String {
     config_with(d, &auth, tags, tailnet, services)
 }
 
-fn config_with(d: &Path, auth: &str, tags: &str, tailnet: &str, services: &str) -> String {
+pub(crate) fn config_with(
+    d: &Path,
+    auth: &str,
+    tags: &str,
+    tailnet: &str,
+    services: &str,
+) -> String {
     let d = d.display();
     format!(
         r#"

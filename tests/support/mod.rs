@@ -389,3 +389,37 @@ pub fn open_fds(pid: i32) -> usize {
         .expect("/proc fd")
         .count()
 }
+
+/// `promtool check metrics` on `text`: its exit code and what it printed, or `None` (said on
+/// stderr) when promtool is not installed (tests/run-all.sh installs it).
+pub fn promtool_check(text: &str) -> Option<(Option<i32>, String)> {
+    use std::io::Write;
+    let installed = Command::new("sh")
+        .args(["-c", "command -v promtool"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        eprintln!("promtool not installed: exposition not linted (tests/run-all.sh installs it)");
+        return None;
+    }
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .expect("promtool's stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool's output");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some((out.status.code(), report))
+}
