@@ -547,7 +547,6 @@ fn short(text: &str) -> String {
 mod tests {
     use super::*;
     use crate::config::{CheckSpec, ServiceMode};
-    use crate::core::model::{GpuInfo, Unavailable};
     use proptest::prelude::*;
 
     fn name(text: &str) -> ServiceName {
@@ -599,25 +598,7 @@ mod tests {
         }
     }
 
-    /// `usable` working GPUs and `lost` ones; none at all says NVML is missing.
-    fn gpus(usable: u32, lost: u32) -> GpuInventory {
-        let gpu = |index, lost| GpuInfo {
-            index,
-            lost,
-            ..GpuInfo::default()
-        };
-        GpuInventory {
-            gpus: (0..usable)
-                .map(|i| gpu(i, false))
-                .chain((usable..usable + lost).map(|i| gpu(i, true)))
-                .collect(),
-            unavailable: (usable + lost == 0).then(|| Unavailable {
-                reason: "nvml_unavailable".into(),
-                detail: "libnvidia-ml.so.1 missing".into(),
-            }),
-            ..GpuInventory::default()
-        }
-    }
+    use crate::core::model::test_inventory as gpus;
 
     /// Runs every due check with `result`; returns whether the advertised set changed.
     fn answer_all(health: &mut Health, result: &CheckResult, now: Instant) -> bool {

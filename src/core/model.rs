@@ -239,6 +239,28 @@ impl GpuInventory {
     }
 }
 
+/// `usable` working GPUs and `lost` ones, for tests; none at all says NVML is missing.
+#[cfg(test)]
+pub(crate) fn test_inventory(usable: u32, lost: u32) -> GpuInventory {
+    let gpu = |index, lost| GpuInfo {
+        index,
+        uuid: Some(format!("GPU-{index}")),
+        lost,
+        ..GpuInfo::default()
+    };
+    GpuInventory {
+        gpus: (0..usable)
+            .map(|i| gpu(i, false))
+            .chain((usable..usable + lost).map(|i| gpu(i, true)))
+            .collect(),
+        unavailable: (usable + lost == 0).then(|| Unavailable {
+            reason: "nvml_unavailable".into(),
+            detail: "libnvidia-ml.so.1 missing".into(),
+        }),
+        ..GpuInventory::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

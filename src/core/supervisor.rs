@@ -1203,7 +1203,6 @@ mod tests {
     use super::*;
     use crate::config::CheckKind;
     use crate::core::health::HealthState;
-    use crate::core::model::{GpuInfo, Unavailable};
     use proptest::prelude::*;
 
     /// Drives the core like the shell does and remembers what it was told.
@@ -1234,26 +1233,7 @@ mod tests {
         }
     }
 
-    /// `usable` working GPUs and `lost` ones that fell off the bus.
-    fn inventory(usable: u32, lost: u32) -> GpuInventory {
-        let gpu = |index, lost| GpuInfo {
-            index,
-            uuid: Some(format!("GPU-{index}")),
-            lost,
-            ..GpuInfo::default()
-        };
-        GpuInventory {
-            gpus: (0..usable)
-                .map(|i| gpu(i, false))
-                .chain((usable..usable + lost).map(|i| gpu(i, true)))
-                .collect(),
-            unavailable: (usable + lost == 0).then(|| Unavailable {
-                reason: "nvml_unavailable".into(),
-                detail: "libnvidia-ml.so.1 missing".into(),
-            }),
-            ..GpuInventory::default()
-        }
-    }
+    use crate::core::model::test_inventory as inventory;
 
     fn ads(names: &[&str]) -> Vec<ServiceAd> {
         names

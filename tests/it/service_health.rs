@@ -11,14 +11,13 @@ use crate::support;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::nvml::{FakeNvml, library};
-use crate::support::tailscaled::StandIn;
+use crate::support::tailscaled::{PREFS_PATCH, SERVE_POST, StandIn};
 use crate::support::{Node, free_port};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
@@ -366,14 +365,7 @@ fn a_service_nothing_listens_on_is_not_advertised_until_it_listens_and_is_withdr
     );
     assert!(down <= bound, "withdrawn after {down:?}, bound {bound:?}");
     let calls = ts.calls()[mark..].to_vec();
-    let patch = calls
-        .iter()
-        .position(|c| c == "PATCH /localapi/v0/prefs")
-        .expect("drain");
-    let post = calls
-        .iter()
-        .position(|c| c == "POST /localapi/v0/serve-config")
-        .expect("removal");
+    let (patch, post) = StandIn::first_positions(&calls, PREFS_PATCH, SERVE_POST);
     assert!(patch < post, "drained before removed: {calls:?}");
     ts.with(|s| {
         assert_eq!(
@@ -418,14 +410,7 @@ fn a_service_nothing_listens_on_is_not_advertised_until_it_listens_and_is_withdr
 /// Advertising a service: its serve-config entry is written before the prefs PATCH adds the
 /// name, so control never routes to a name tailscaled has no handler for.
 fn assert_serve_entry_before_advertised(calls: &[String]) {
-    let post = calls
-        .iter()
-        .position(|c| c == "POST /localapi/v0/serve-config")
-        .unwrap_or_else(|| panic!("no serve-config write: {calls:?}"));
-    let patch = calls
-        .iter()
-        .position(|c| c == "PATCH /localapi/v0/prefs")
-        .unwrap_or_else(|| panic!("no prefs PATCH: {calls:?}"));
+    let (post, patch) = StandIn::first_positions(calls, SERVE_POST, PREFS_PATCH);
     assert!(post < patch, "serve entry before the name: {calls:?}");
 }
 
@@ -912,21 +897,7 @@ fn node_info_over_wireguard_lists_a_service_only_while_it_is_healthy() {
         node.recv_until("READY=1", WAIT);
     }
     let discover = || -> Value {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                lab.ns(0),
-                support::BIN,
-                "services",
-                "discover",
-                "molt-provider",
-                "--json",
-                "--config",
-            ])
-            .arg(&nodes[0].config)
-            .output()
-            .unwrap();
+        let out = lab.discover(0, &nodes[0].config, "molt-provider");
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
     };
     let providers = |doc: &Value| -> Vec<String> {
@@ -1019,21 +990,7 @@ fn the_gateway_advert_carries_a_service_only_while_it_is_healthy() {
         node.recv_until("READY=1", Duration::from_secs(30));
     }
     let discover = || -> (Vec<String>, String) {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                lab.ns(2),
-                support::BIN,
-                "services",
-                "discover",
-                "molt-provider",
-                "--json",
-                "--config",
-            ])
-            .arg(&members[1].config)
-            .output()
-            .unwrap();
+        let out = lab.discover(2, &members[1].config, "molt-provider");
         let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         let nodes = doc["providers"]
             .as_array()

@@ -5,7 +5,7 @@ use crate::support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::support::tailscaled::StandIn;
+use crate::support::tailscaled::{PREFS_PATCH, SERVE_POST, StandIn};
 use crate::support::{Node, has, last_status};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
@@ -201,14 +201,7 @@ fn stop_drains_then_removes_only_our_entries() {
     node.signal(Signal::SIGTERM);
     assert_eq!(node.wait_exit(Duration::from_secs(6)).0.code(), Some(0));
     let calls = ts.calls()[mark..].to_vec();
-    let patch = calls
-        .iter()
-        .position(|c| c == "PATCH /localapi/v0/prefs")
-        .expect("drain");
-    let post = calls
-        .iter()
-        .position(|c| c == "POST /localapi/v0/serve-config")
-        .expect("clear");
+    let (patch, post) = StandIn::first_positions(&calls, PREFS_PATCH, SERVE_POST);
     assert!(patch < post, "drained before cleared: {calls:?}");
     ts.with(|s| {
         assert_eq!(

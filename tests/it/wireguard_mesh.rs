@@ -234,21 +234,7 @@ fn four_nodes_mesh_ping_discover_repair_and_stop() {
     }
 
     // Discovery from node 0 finds nodes 1 and 2, not node 3 (gateway only).
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            lab.ns(0),
-            support::BIN,
-            "services",
-            "discover",
-            "molt-provider",
-            "--json",
-            "--config",
-        ])
-        .arg(&nodes[0].config)
-        .output()
-        .unwrap();
+    let out = lab.discover(0, &nodes[0].config, "molt-provider");
     support::succeeded(&out);
     let found: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let names: Vec<&str> = found["providers"]

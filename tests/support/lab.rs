@@ -77,6 +77,23 @@ impl Lab {
         Lab { tag, nodes, switch }
     }
 
+    /// `clawnode services discover <service> --json --config <config>` inside namespace `i`.
+    pub fn discover(&self, i: usize, config: &std::path::Path, service: &str) -> Output {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                self.ns(i),
+                super::BIN,
+                "services",
+                "discover",
+            ])
+            .args([service, "--json", "--config"])
+            .arg(config)
+            .output()
+            .expect("run clawnode services discover")
+    }
+
     pub fn ns(&self, i: usize) -> &str {
         &self.nodes[i]
     }

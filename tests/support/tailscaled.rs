@@ -235,6 +235,9 @@ pub fn state_number(state: &str) -> u8 {
     }
 }
 
+pub const PREFS_PATCH: &str = "PATCH /localapi/v0/prefs";
+pub const SERVE_POST: &str = "POST /localapi/v0/serve-config";
+
 pub struct StandIn {
     pub socket: PathBuf,
     pub state: Arc<Mutex<State>>,
@@ -263,6 +266,17 @@ impl StandIn {
 
     pub fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         f(&mut self.state.lock().unwrap())
+    }
+
+    /// Where `first` and `then` first appear in `calls`; panics naming the one missing.
+    pub fn first_positions(calls: &[String], first: &str, then: &str) -> (usize, usize) {
+        let at = |call: &str| {
+            calls
+                .iter()
+                .position(|c| c == call)
+                .unwrap_or_else(|| panic!("no {call}: {calls:?}"))
+        };
+        (at(first), at(then))
     }
 
     pub fn calls(&self) -> Vec<String> {
