@@ -139,6 +139,39 @@ fn the_test_cluster_survives_a_member_and_regains_quorum() {
 }
 
 #[test]
+fn the_test_cluster_runs_inside_a_network_namespace() {
+    if EtcdCluster::missing() {
+        return;
+    }
+    let ns = format!("clawetcd{}", std::process::id());
+    let made = std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("ip netns add {ns} && ip -n {ns} link set lo up"),
+        ])
+        .status()
+        .unwrap();
+    assert!(made.success(), "ip netns add (needs root)");
+    let result = std::panic::catch_unwind(|| {
+        let cluster = EtcdCluster::start_on(3, "127.0.0.1", Some(&ns));
+        assert!(cluster.etcdctl(&["put", "/t/ns", "1"]).status.success());
+        // Not reachable from outside the namespace.
+        let outside = std::net::TcpStream::connect_timeout(
+            &cluster.endpoints()[0]
+                .trim_start_matches("http://")
+                .parse()
+                .unwrap(),
+            Duration::from_millis(300),
+        );
+        assert!(outside.is_err());
+    });
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &ns])
+        .status();
+    result.unwrap();
+}
+
+#[test]
 fn a_prefix_without_init_is_refused_and_init_runs_once() {
     if EtcdCluster::missing() {
         return;
@@ -457,8 +490,24 @@ fn without_quorum_joins_fail_fast_naming_quorum_reads_still_answer_and_writes_re
         let before = s[0].join(txn(Some(&secret), "before", 1)).await.unwrap();
         (s, secret, before)
     });
+    let healthy = rt.block_on(s[0].cluster());
+    assert_eq!(healthy.members.len(), 3, "{healthy:?}");
+    assert!(
+        healthy.writable && healthy.health.iter().all(|h| h.healthy),
+        "{healthy:?}"
+    );
     cluster.kill_quorum();
     rt.block_on(async {
+        let doc = s[1].cluster().await;
+        assert!(!doc.writable, "{doc:?}");
+        assert!(
+            doc.reason.as_deref().is_some_and(|r| r.contains("quorum")),
+            "{doc:?}"
+        );
+        assert!(
+            doc.health.iter().filter(|h| h.error.is_some()).count() >= 2,
+            "{doc:?}"
+        );
         let started = Instant::now();
         let refused = s[0]
             .join(txn(Some(&secret), "during", 2))
