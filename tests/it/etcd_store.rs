@@ -249,6 +249,45 @@ fn two_gateways_see_each_others_changes_through_wait_and_changes_since() {
     });
 }
 
+/// `clawnode gateway token create` writes through its own connection: a join on a gateway
+/// a moment later must not be told "unknown token" because its mirror is a few ms behind.
+#[test]
+fn a_token_just_created_by_another_process_is_accepted_at_once() {
+    if EtcdCluster::missing() {
+        return;
+    }
+    let cluster = EtcdCluster::start(3);
+    let settings = settings(&cluster);
+    runtime().block_on(async {
+        let gateway = stores(&settings, 1).await.remove(0);
+        let mut cli = etcd_client::Client::connect(&settings.endpoints, None)
+            .await
+            .unwrap();
+        for round in 0..10u32 {
+            let secret = Secret32([round as u8 + 1; 32]);
+            let id = format!("00000000000002{round:02x}");
+            let hash: String = coord::token_hash(&secret)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let doc = format!(
+                r#"{{"hash":"{hash}","expires_at":{},"uses_left":1,"created_at":{NOW}}}"#,
+                NOW + 60
+            );
+            cli.put(format!("/clawbernetes/tokens/{id}"), doc, None)
+                .await
+                .unwrap();
+            let n = round + 1;
+            let mut t = txn(Some(&secret), &format!("t{n}"), n);
+            t.token.as_mut().unwrap().id = id;
+            gateway
+                .join(t)
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+    });
+}
+
 #[test]
 fn racing_joins_from_two_gateways_never_share_an_address_or_a_node_id() {
     if EtcdCluster::missing() {
