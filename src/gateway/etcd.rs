@@ -171,7 +171,13 @@ fn etcd_err(error: etcd_client::Error) -> StoreError {
     use etcd_client::Error as E;
     match error {
         E::GRpcStatus(status) => {
-            let message = status.message().to_owned();
+            let mut message = status.message().to_owned();
+            let mut source = std::error::Error::source(&status);
+            while let Some(cause) = source {
+                message = format!("{message}: {cause}");
+                source = cause.source();
+            }
+
             // gRPC codes (tonic::Code): 1 cancelled, 3 invalid argument, 4 deadline
             // exceeded, 7 permission denied, 9 failed precondition, 14 unavailable,
             // 16 unauthenticated.
@@ -1042,7 +1048,16 @@ impl EtcdStore {
         let client = connect(settings).await?;
         let mut reader = client.clone();
         let key = format!("{}meta/store_id", settings.prefix);
-        let response = bounded(reader.get(key, None)).await?;
+        let response = bounded(reader.get(key, None)).await.map_err(|mut error| {
+            if error.transient && settings.ca_file.is_some() {
+                // etcd drops a connection whose client certificate it refuses without a
+                // word the client can tell from a member going away.
+                error.message.push_str(
+                    " (if etcd is up: check etcd_ca_file, etcd_cert_file and etcd_key_file; etcd closes connections whose certificate it refuses)",
+                );
+            }
+            error
+        })?;
         let Some(kv) = response.kvs().first() else {
             return Err(StoreError::new(
                 format!(

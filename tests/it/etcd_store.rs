@@ -172,6 +172,35 @@ fn the_test_cluster_runs_inside_a_network_namespace() {
 }
 
 #[test]
+fn a_cluster_that_requires_tls_and_a_client_certificate_is_used_with_them() {
+    if EtcdCluster::missing() {
+        return;
+    }
+    let cluster = EtcdCluster::start_tls(3);
+    let tls = cluster.tls().unwrap().clone();
+    let with_tls = EtcdSettings {
+        ca_file: Some(tls.ca.clone()),
+        cert_file: Some(tls.cert.clone()),
+        key_file: Some(tls.key.clone()),
+        ..settings(&cluster)
+    };
+    runtime().block_on(async {
+        let s = stores(&with_tls, 1).await;
+        let secret = token(&s[0], 1).await;
+        s[0].join(txn(Some(&secret), "tls", 1)).await.unwrap();
+        // Without the client certificate the cluster refuses us, and says so.
+        let anonymous = EtcdSettings {
+            cert_file: None,
+            key_file: None,
+            ..with_tls.clone()
+        };
+        let refused = EtcdStore::open(&anonymous).await.err().unwrap();
+        println!("without a client certificate: {refused}");
+        assert!(refused.message.contains("etcd_cert_file"), "{refused}");
+    });
+}
+
+#[test]
 fn a_prefix_without_init_is_refused_and_init_runs_once() {
     if EtcdCluster::missing() {
         return;
