@@ -280,6 +280,9 @@ struct Mirror {
     kv: BTreeMap<String, Entry>,
     /// Parsed from the `ip/` keys: every address ever handed out.
     taken: BTreeSet<IpAddr>,
+    /// Parsed from the `nodes/` keys: the session hash of every node not revoked (read on
+    /// every request of a node the view does not know yet, so kept parsed).
+    sessions: BTreeMap<u64, [u8; 32]>,
     /// Every change with a revision above `ring_from`, oldest first.
     ring: VecDeque<(u64, Change)>,
     ring_from: u64,
@@ -324,6 +327,20 @@ impl Mirror {
         let address = rel
             .strip_prefix("ip/")
             .and_then(|a| a.parse::<IpAddr>().ok());
+        if let Some(id) = rel
+            .strip_prefix("nodes/")
+            .and_then(|id| id.parse::<u64>().ok())
+        {
+            let session = put
+                .then(|| serde_json::from_slice::<NodeMeta>(value).ok())
+                .flatten()
+                .filter(|meta| !meta.revoked)
+                .and_then(|meta| meta.session_hash.as_deref().and_then(unhex32));
+            match session {
+                Some(hash) => self.sessions.insert(id, hash),
+                None => self.sessions.remove(&id),
+            };
+        }
         if put {
             self.kv.insert(
                 rel.to_owned(),
@@ -1221,6 +1238,12 @@ impl EtcdStore {
             .collect()
     }
 
+    /// One node's session hash (not revoked), from the mirror: cheaper than `sessions()`
+    /// for a node that joined through another gateway a moment ago.
+    pub fn session(&self, node: NodeId) -> Option<[u8; 32]> {
+        self.shared.mirror().sessions.get(&node.0).copied()
+    }
+
     /// Optimistic transactions that had to be decided again (another gateway wrote first).
     pub fn conflicts(&self) -> u64 {
         self.shared.conflicts.load(Ordering::Relaxed)
@@ -1532,21 +1555,11 @@ impl Store for EtcdStore {
 
     async fn sessions(&self) -> Result<Vec<(NodeId, [u8; 32])>, StoreError> {
         let mirror = self.shared.mirror();
-        let mut out = Vec::new();
-        for (rel, e) in mirror.dir("nodes/") {
-            let Some(id) = rel.strip_prefix("nodes/").and_then(|id| id.parse().ok()) else {
-                continue;
-            };
-            let meta: NodeMeta = serde_json::from_slice(&e.value).map_err(json_err)?;
-            if meta.revoked {
-                continue;
-            }
-            if let Some(hash) = meta.session_hash.as_deref().and_then(unhex32) {
-                out.push((NodeId(id), hash));
-            }
-        }
-        out.sort_by_key(|(id, _)| *id);
-        Ok(out)
+        Ok(mirror
+            .sessions
+            .iter()
+            .map(|(id, hash)| (NodeId(*id), *hash))
+            .collect())
     }
 
     async fn compact(&self, now: u64) -> Result<u64, StoreError> {

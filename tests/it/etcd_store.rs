@@ -134,8 +134,10 @@ fn the_test_cluster_survives_a_member_and_regains_quorum() {
         "a write without quorum succeeded"
     );
     cluster.restore_quorum();
+    // (The refused put may still have been committed once quorum returned: it timed out.)
+    assert!(cluster.etcdctl(&["put", "/t/a", "4"]).status.success());
     let out = cluster.etcdctl(&["get", "/t/a", "--print-value-only"]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "4");
 }
 
 #[test]
@@ -255,6 +257,7 @@ fn two_gateways_see_each_others_changes_through_wait_and_changes_since() {
                 .iter()
                 .any(|(id, _)| *id == joined.record.node_id)
         );
+        assert_eq!(b.session(joined.record.node_id), Some([1; 32]));
         let revocation = coord::sign_revocation(joined.record.node_id, 2, &signer_pkcs8()).unwrap();
         let rev = b.revoke(revocation.clone()).await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), a.wait(joined.rev))
@@ -266,6 +269,7 @@ fn two_gateways_see_each_others_changes_through_wait_and_changes_since() {
             vec![(rev, Change::Revocation(revocation))]
         );
         assert!(a.sessions().await.unwrap().is_empty());
+        assert_eq!(a.session(joined.record.node_id), None);
         let (_, state) = a.snapshot().await.unwrap();
         assert!(state.records.is_empty() && state.revocations.len() == 1);
         // The revoked node's name is free again, its key and address are not.
