@@ -641,10 +641,9 @@ fn rename_in(
     Ok(Joined { record, rev })
 }
 
-/// How long after a token join a retry of it (same token, name and key: its answer was lost)
-/// gets the node back. Bounded, so that holders of a shared multi-use token cannot take over
-/// one another's nodes later with the public name and key.
-pub const JOIN_RETRY_WINDOW_S: u64 = 600;
+/// The retry window: one value for every store (the etcd store decides with
+/// `core::coord::join`).
+pub use crate::core::coord::join::JOIN_RETRY_WINDOW_S;
 
 fn retry_since(now: u64) -> i64 {
     now.saturating_sub(JOIN_RETRY_WINDOW_S) as i64
