@@ -500,7 +500,12 @@ fn after_compaction_an_old_cursor_is_told_to_take_a_snapshot() {
             fresh.changes_since(old.rev - 1).await.unwrap(),
             Err(Compacted)
         );
-        // A current cursor still gets its changes, from the ring.
+        // A current cursor still gets its changes, from the ring (once that gateway's
+        // watch has delivered them).
+        tokio::time::timeout(Duration::from_secs(5), s[1].wait(newer.rev))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(
             s[1].changes_since(newer.rev).await.unwrap().unwrap(),
             vec![(head.rev, Change::Record(head.record))]
@@ -560,6 +565,7 @@ fn without_quorum_joins_fail_fast_naming_quorum_reads_still_answer_and_writes_re
         let s = stores(&settings, 2).await;
         let secret = token(&s[0], 100).await;
         let before = s[0].join(txn(Some(&secret), "before", 1)).await.unwrap();
+        s[1].wait(before.rev - 1).await.unwrap();
         (s, secret, before)
     });
     let healthy = rt.block_on(s[0].cluster());
