@@ -174,7 +174,12 @@ fn etcd_err(error: etcd_client::Error) -> StoreError {
             let mut message = status.message().to_owned();
             let mut source = std::error::Error::source(&status);
             while let Some(cause) = source {
-                message = format!("{message}: {cause}");
+                // Layers repeat one another ("tcp connect error: transport error: tcp
+                // connect error"): keep the innermost words once.
+                let text = cause.to_string();
+                if !message.contains(&text) {
+                    message = format!("{message}: {text}");
+                }
                 source = cause.source();
             }
 
