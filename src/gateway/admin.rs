@@ -395,3 +395,28 @@ impl StoreInfo for super::SqliteStore {
         }
     }
 }
+
+#[cfg(feature = "store-etcd")]
+impl StoreInfo for super::etcd::EtcdStore {
+    async fn extra(&self) -> StoreExtra {
+        let cluster = self.cluster().await;
+        let mut gateways: Vec<GatewayDoc> = self
+            .gateways_alive()
+            .into_iter()
+            .map(|p| GatewayDoc {
+                node_id: p.node_id,
+                name: p.name,
+                url: p.url,
+                started_at: p.started_at,
+                version: p.version,
+            })
+            .collect();
+        gateways.sort_by(|a, b| (a.started_at, &a.url).cmp(&(b.started_at, &b.url)));
+        StoreExtra {
+            writable: cluster.writable,
+            reason: cluster.reason.clone(),
+            cluster: serde_json::to_value(&cluster).ok(),
+            gateways,
+        }
+    }
+}

@@ -13,6 +13,8 @@
 //! which then polls its own gateway like every other node.
 
 pub mod admin;
+#[cfg(feature = "store-etcd")]
+pub mod etcd;
 pub mod request;
 pub mod server;
 pub mod sqlite;
@@ -457,9 +459,10 @@ async fn watch_writable(store: Arc<etcd::EtcdStore>, view: Arc<View>) {
     loop {
         tick.tick().await;
         let cluster = store.cluster().await;
-        match cluster_writable(&cluster) {
-            (true, _) => view.store_wrote(),
-            (false, reason) => view.store_refused(&reason),
+        if cluster.writable {
+            view.store_wrote();
+        } else {
+            view.store_refused(cluster.reason.as_deref().unwrap_or("etcd has no quorum"));
         }
     }
 }
