@@ -1285,12 +1285,12 @@ fn an_etcd_store_takes_its_endpoints_prefix_and_tls_files() {
 #[cfg(feature = "store-etcd")]
 #[test]
 fn an_etcd_store_without_endpoints_a_ca_for_https_or_with_a_bad_prefix_is_refused() {
-    let e = error_at(&format!("{WG_BASE}{ETCD_GW}"), "gateway.etcd_endpoints", 9);
+    let e = error_at(&format!("{WG_BASE}{ETCD_GW}"), "gateway.etcd_endpoints", 7);
     assert!(e.message.contains("needs etcd_endpoints"), "{e}");
     let e = error_at(
         &format!("{WG_BASE}{ETCD_GW}etcd_endpoints = [\"https://10.0.0.1:2379\"]\n"),
         "gateway.etcd_ca_file",
-        9,
+        7,
     );
     assert!(e.message.contains("need etcd_ca_file"), "{e}");
     let e = error_at(

@@ -379,13 +379,31 @@ pub struct StoreExtra {
 /// while it opens and has no presence.
 pub trait StoreInfo {
     fn extra(&self) -> impl Future<Output = StoreExtra> + Send;
+    /// The URLs of the gateways alive, oldest first (none for sqlite).
+    fn alive_urls(&self) -> Vec<String>;
 }
 
 async fn store_extra<S: StoreInfo>(store: &S) -> StoreExtra {
     store.extra().await
 }
 
+/// The token's gateway URLs: this gateway's, then the others alive (etcd), so a node can
+/// join while this one is down. At most 8.
+pub async fn token_urls<S: StoreInfo>(store: &S, own: String) -> Vec<String> {
+    let mut urls = vec![own];
+    for url in store.alive_urls() {
+        if !urls.contains(&url) && urls.len() < 8 {
+            urls.push(url);
+        }
+    }
+    urls
+}
+
 impl StoreInfo for super::SqliteStore {
+    fn alive_urls(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     async fn extra(&self) -> StoreExtra {
         StoreExtra {
             writable: true,
@@ -398,6 +416,12 @@ impl StoreInfo for super::SqliteStore {
 
 #[cfg(feature = "store-etcd")]
 impl StoreInfo for super::etcd::EtcdStore {
+    fn alive_urls(&self) -> Vec<String> {
+        let mut alive = self.gateways_alive();
+        alive.sort_by(|a, b| (a.started_at, &a.url).cmp(&(b.started_at, &b.url)));
+        alive.into_iter().map(|p| p.url).collect()
+    }
+
     async fn extra(&self) -> StoreExtra {
         let cluster = self.cluster().await;
         let mut gateways: Vec<GatewayDoc> = self

@@ -273,24 +273,26 @@ pub fn create_token(
     let root = root_of(&paths)?;
     let mut id = [0u8; 8];
     id.copy_from_slice(&random_32()[..8]);
-    let token = JoinToken {
-        id: TokenId(id),
-        secret: Secret32(random_32()),
-        root,
-        urls: vec![public_url(config)?],
-    };
+    let secret = Secret32(random_32());
     let expires_at = now + ttl.as_secs();
     let new = store::NewToken {
-        id: token.id.to_string(),
-        hash: coord::token_hash(&token.secret),
+        id: TokenId(id).to_string(),
+        hash: coord::token_hash(&secret),
         expires_at,
         uses,
         now,
     };
-    admin::with_store!(config, |store| async move {
+    let own = public_url(config)?;
+    let urls = admin::with_store!(config, |store| async move {
         store.create_token(new).await?;
-        Ok::<_, GatewayError>(())
+        Ok::<_, GatewayError>(admin::token_urls(&store, own).await)
     })?;
+    let token = JoinToken {
+        id: TokenId(id),
+        secret,
+        root,
+        urls,
+    };
     Ok((token, expires_at))
 }
 

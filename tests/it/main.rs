@@ -16,6 +16,7 @@ mod check_config;
 mod daemon;
 mod doctor;
 mod etcd_store;
+mod gateway_etcd;
 mod gateway_mesh;
 mod gpu;
 mod journald;
