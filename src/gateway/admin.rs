@@ -389,7 +389,7 @@ async fn store_extra<S: StoreInfo>(store: &S) -> StoreExtra {
 
 /// The token's gateway URLs: this gateway's, then the others alive (etcd), so a node can
 /// join while this one is down. At most 8.
-pub async fn token_urls<S: StoreInfo>(store: &S, own: String) -> Vec<String> {
+pub fn token_urls<S: StoreInfo>(store: &S, own: String) -> Vec<String> {
     let mut urls = vec![own];
     for url in store.alive_urls() {
         if !urls.contains(&url) && urls.len() < 8 {

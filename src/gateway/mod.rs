@@ -285,7 +285,7 @@ pub fn create_token(
     let own = public_url(config)?;
     let urls = admin::with_store!(config, |store| async move {
         store.create_token(new).await?;
-        Ok::<_, GatewayError>(admin::token_urls(&store, own).await)
+        Ok::<_, GatewayError>(admin::token_urls(&store, own))
     })?;
     let token = JoinToken {
         id: TokenId(id),
