@@ -13,6 +13,7 @@ pub mod b64;
 pub mod client;
 pub mod cursor;
 pub mod ids;
+pub mod join;
 pub mod peerset;
 pub mod record;
 pub mod token;
