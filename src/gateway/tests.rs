@@ -1569,5 +1569,8 @@ fn a_signer_added_then_revoked_has_its_records_re_signed_first_and_its_cert_expi
     assert!(status.writable);
     assert!(status.gateways.is_empty());
     assert!(status.signers.iter().any(|s| s.name == "gw-b" && s.revoked));
-    assert_eq!(status.store_id, format!("{:016x}", super::Store::store_id(&store)));
+    assert_eq!(
+        status.store_id,
+        format!("{:016x}", super::Store::store_id(&store))
+    );
 }
