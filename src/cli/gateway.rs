@@ -280,6 +280,28 @@ fn print_status(doc: &admin::StatusDoc) {
             println!("  {:<16} {:<18} {urls}", text("name"), text("id"));
         }
     }
+    if let Some(health) = doc
+        .cluster
+        .as_ref()
+        .and_then(|c| c.get("health"))
+        .and_then(|h| h.as_array())
+    {
+        println!("endpoints:");
+        for h in health {
+            let endpoint = h.get("endpoint").and_then(|v| v.as_str()).unwrap_or("?");
+            let state = match (
+                h.get("healthy").and_then(serde_json::Value::as_bool),
+                h.get("leader").and_then(|v| v.as_str()),
+                h.get("error").and_then(|v| v.as_str()),
+            ) {
+                (Some(true), Some(leader), _) => format!("healthy, leader {leader}"),
+                (Some(true), None, _) => "healthy".to_owned(),
+                (_, _, Some(error)) => format!("unhealthy: {error}"),
+                _ => "unhealthy".to_owned(),
+            };
+            println!("  {endpoint:<32} {state}");
+        }
+    }
     println!("nodes:    {}", doc.nodes);
     println!(
         "signers:  {}",

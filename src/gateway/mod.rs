@@ -362,6 +362,7 @@ pub struct Running {
     pub view: Arc<View>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Held while running (the etcd presence lease): dropped with it.
+    #[cfg_attr(not(feature = "store-etcd"), allow(dead_code))]
     guards: Vec<Box<dyn std::any::Any + Send>>,
 }
 
