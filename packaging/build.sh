@@ -14,6 +14,11 @@ export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/n
 command -v cargo-deb >/dev/null || cargo install --debug --locked cargo-deb@3.8.0
 command -v cargo-generate-rpm >/dev/null || cargo install --debug --locked cargo-generate-rpm@0.21.1
 
+# The etcd store's gRPC client (default feature `store-etcd`) is generated with protoc.
+if ! command -v protoc >/dev/null; then
+  log "apt-get install protobuf-compiler"
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends protobuf-compiler
+fi
 log "release binary"
 cargo build --locked --release
 log "man page and completions"

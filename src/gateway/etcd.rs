@@ -171,7 +171,13 @@ fn etcd_err(error: etcd_client::Error) -> StoreError {
     use etcd_client::Error as E;
     match error {
         E::GRpcStatus(status) => {
-            let message = status.message().to_owned();
+            let mut message = status.message().to_owned();
+            let mut source = std::error::Error::source(&status);
+            while let Some(cause) = source {
+                message = format!("{message}: {cause}");
+                source = cause.source();
+            }
+
             // gRPC codes (tonic::Code): 1 cancelled, 3 invalid argument, 4 deadline
             // exceeded, 7 permission denied, 9 failed precondition, 14 unavailable,
             // 16 unauthenticated.
@@ -196,7 +202,13 @@ fn etcd_err(error: etcd_client::Error) -> StoreError {
             StoreError::new(format!("etcd settings: {m}"), false)
         }
         E::InvalidUri(e) => StoreError::new(format!("etcd endpoint: {e}"), false),
-        other => StoreError::new(format!("etcd: {other}"), true),
+        other @ (E::WatchError(_)
+        | E::Utf8Error(_)
+        | E::LeaseKeepAliveError(_)
+        | E::ElectError(_)
+        | E::InvalidMetadataValue(_)
+        | E::EndpointsNotManaged
+        | E::Internal(_)) => StoreError::new(format!("etcd: {other}"), true),
     }
 }
 
@@ -1036,7 +1048,16 @@ impl EtcdStore {
         let client = connect(settings).await?;
         let mut reader = client.clone();
         let key = format!("{}meta/store_id", settings.prefix);
-        let response = bounded(reader.get(key, None)).await?;
+        let response = bounded(reader.get(key, None)).await.map_err(|mut error| {
+            if error.transient && settings.ca_file.is_some() {
+                // etcd drops a connection whose client certificate it refuses without a
+                // word the client can tell from a member going away.
+                error.message.push_str(
+                    " (if etcd is up: check etcd_ca_file, etcd_cert_file and etcd_key_file; etcd closes connections whose certificate it refuses)",
+                );
+            }
+            error
+        })?;
         let Some(kv) = response.kvs().first() else {
             return Err(StoreError::new(
                 format!(
@@ -1588,5 +1609,86 @@ impl Store for EtcdStore {
         }
         rows.sort_by_key(|r| r.node_id);
         Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::coord::KeyId;
+
+    fn revocation(id: u64) -> Vec<u8> {
+        serde_json::to_vec(&Revocation {
+            node_id: NodeId(id),
+            serial: 1,
+            signer: KeyId([1; 8]),
+            sig: [0; 64],
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn only_change_keys_feed_the_ring_and_addresses_are_tracked() {
+        let mut mirror = Mirror::default();
+        assert_eq!(
+            mirror.apply("revocations/3", true, &revocation(3), 7),
+            (false, true)
+        );
+        assert_eq!(mirror.apply("tokens/aa", true, b"{}", 8), (false, false));
+        assert_eq!(mirror.apply("gateways/1", true, b"{}", 9), (true, false));
+        assert_eq!(mirror.apply("ip/10.1.0.2", true, b"3", 10), (false, false));
+        assert!(
+            mirror
+                .taken
+                .contains(&"10.1.0.2".parse::<IpAddr>().unwrap())
+        );
+        assert_eq!(mirror.ring.len(), 1);
+        assert_eq!(mirror.ring[0].0, 7);
+        assert_eq!(mirror.dir("revocations/").count(), 1);
+        assert_eq!(mirror.dir("ip/").count(), 1);
+        assert_eq!(mirror.apply("gateways/1", false, b"", 11), (true, false));
+        assert_eq!(mirror.dir("gateways/").count(), 0);
+    }
+
+    #[test]
+    fn a_full_ring_drops_whole_revisions_so_a_cursor_never_splits_one() {
+        let mut mirror = Mirror::default();
+        // Two changes in revision 1 (one transaction), then one per revision.
+        mirror.apply("revocations/1", true, &revocation(1), 1);
+        mirror.apply("revocations/2", true, &revocation(2), 1);
+        for rev in 2..RING as u64 {
+            mirror.apply("revocations/3", true, &revocation(3), rev);
+        }
+        assert_eq!(mirror.ring_from, 0);
+        assert_eq!(mirror.ring.len(), RING);
+        mirror.apply("revocations/3", true, &revocation(3), RING as u64);
+        // Revision 1 went as a whole: the ring starts after it.
+        assert_eq!(mirror.ring_from, 1);
+        assert_eq!(mirror.ring.front().map(|(r, _)| *r), Some(2));
+        assert_eq!(mirror.ring.len(), RING - 1);
+    }
+
+    #[test]
+    fn stored_keys_and_hashes_round_trip() {
+        assert_eq!(
+            wgkey_key("ab+/cd=="),
+            "wgkeys/ab-_cd",
+            "keys in etcd paths carry no '/'"
+        );
+        let hash = [0xa5; 32];
+        assert_eq!(unhex32(&hex(&hash)), Some(hash));
+        assert_eq!(unhex32("zz"), None);
+    }
+
+    #[test]
+    fn a_lost_quorum_is_a_transient_error_that_says_so() {
+        let error = no_quorum("etcdserver: no leader");
+        assert!(error.transient);
+        assert!(
+            error
+                .message
+                .starts_with("etcd has no quorum (etcdserver: no leader)")
+        );
+        assert!(error.message.contains("nodes keep their peers"));
     }
 }

@@ -139,6 +139,68 @@ fn the_test_cluster_survives_a_member_and_regains_quorum() {
 }
 
 #[test]
+fn the_test_cluster_runs_inside_a_network_namespace() {
+    if EtcdCluster::missing() {
+        return;
+    }
+    let ns = format!("clawetcd{}", std::process::id());
+    let made = std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("ip netns add {ns} && ip -n {ns} link set lo up"),
+        ])
+        .status()
+        .unwrap();
+    assert!(made.success(), "ip netns add (needs root)");
+    let result = std::panic::catch_unwind(|| {
+        let cluster = EtcdCluster::start_on(3, "127.0.0.1", Some(&ns));
+        assert!(cluster.etcdctl(&["put", "/t/ns", "1"]).status.success());
+        // Not reachable from outside the namespace.
+        let outside = std::net::TcpStream::connect_timeout(
+            &cluster.endpoints()[0]
+                .trim_start_matches("http://")
+                .parse()
+                .unwrap(),
+            Duration::from_millis(300),
+        );
+        assert!(outside.is_err());
+    });
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &ns])
+        .status();
+    result.unwrap();
+}
+
+#[test]
+fn a_cluster_that_requires_tls_and_a_client_certificate_is_used_with_them() {
+    if EtcdCluster::missing() {
+        return;
+    }
+    let cluster = EtcdCluster::start_tls(3);
+    let tls = cluster.tls().unwrap().clone();
+    let with_tls = EtcdSettings {
+        ca_file: Some(tls.ca.clone()),
+        cert_file: Some(tls.cert.clone()),
+        key_file: Some(tls.key.clone()),
+        ..settings(&cluster)
+    };
+    runtime().block_on(async {
+        let s = stores(&with_tls, 1).await;
+        let secret = token(&s[0], 1).await;
+        s[0].join(txn(Some(&secret), "tls", 1)).await.unwrap();
+        // Without the client certificate the cluster refuses us, and says so.
+        let anonymous = EtcdSettings {
+            cert_file: None,
+            key_file: None,
+            ..with_tls.clone()
+        };
+        let refused = EtcdStore::open(&anonymous).await.err().unwrap();
+        println!("without a client certificate: {refused}");
+        assert!(refused.message.contains("etcd_cert_file"), "{refused}");
+    });
+}
+
+#[test]
 fn a_prefix_without_init_is_refused_and_init_runs_once() {
     if EtcdCluster::missing() {
         return;
@@ -213,6 +275,45 @@ fn two_gateways_see_each_others_changes_through_wait_and_changes_since() {
             a.join(txn(Some(&secret), "n9", 1)).await,
             Err(JoinError::KeyRevoked(n)) if n == joined.record.node_id
         ));
+    });
+}
+
+/// `clawnode gateway token create` writes through its own connection: a join on a gateway
+/// a moment later must not be told "unknown token" because its mirror is a few ms behind.
+#[test]
+fn a_token_just_created_by_another_process_is_accepted_at_once() {
+    if EtcdCluster::missing() {
+        return;
+    }
+    let cluster = EtcdCluster::start(3);
+    let settings = settings(&cluster);
+    runtime().block_on(async {
+        let gateway = stores(&settings, 1).await.remove(0);
+        let mut cli = etcd_client::Client::connect(&settings.endpoints, None)
+            .await
+            .unwrap();
+        for round in 0..10u32 {
+            let secret = Secret32([round as u8 + 1; 32]);
+            let id = format!("00000000000002{round:02x}");
+            let hash: String = coord::token_hash(&secret)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let doc = format!(
+                r#"{{"hash":"{hash}","expires_at":{},"uses_left":1,"created_at":{NOW}}}"#,
+                NOW + 60
+            );
+            cli.put(format!("/clawbernetes/tokens/{id}"), doc, None)
+                .await
+                .unwrap();
+            let n = round + 1;
+            let mut t = txn(Some(&secret), &format!("t{n}"), n);
+            t.token.as_mut().unwrap().id = id;
+            gateway
+                .join(t)
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
     });
 }
 
@@ -457,8 +558,24 @@ fn without_quorum_joins_fail_fast_naming_quorum_reads_still_answer_and_writes_re
         let before = s[0].join(txn(Some(&secret), "before", 1)).await.unwrap();
         (s, secret, before)
     });
+    let healthy = rt.block_on(s[0].cluster());
+    assert_eq!(healthy.members.len(), 3, "{healthy:?}");
+    assert!(
+        healthy.writable && healthy.health.iter().all(|h| h.healthy),
+        "{healthy:?}"
+    );
     cluster.kill_quorum();
     rt.block_on(async {
+        let doc = s[1].cluster().await;
+        assert!(!doc.writable, "{doc:?}");
+        assert!(
+            doc.reason.as_deref().is_some_and(|r| r.contains("quorum")),
+            "{doc:?}"
+        );
+        assert!(
+            doc.health.iter().filter(|h| h.error.is_some()).count() >= 2,
+            "{doc:?}"
+        );
         let started = Instant::now();
         let refused = s[0]
             .join(txn(Some(&secret), "during", 2))

@@ -15,6 +15,7 @@ mod architecture;
 mod check_config;
 mod daemon;
 mod doctor;
+#[cfg(feature = "store-etcd")]
 mod etcd_store;
 mod gateway_etcd;
 mod gateway_mesh;

@@ -16,6 +16,15 @@ use nix::unistd::Pid;
 pub const ETCD: &str = "/usr/bin/etcd";
 pub const ETCDCTL: &str = "/usr/bin/etcdctl";
 
+/// Client TLS material of a cluster started with `start_tls`: its CA and a client
+/// certificate it accepts (the members require one).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 struct Member {
     name: String,
     client_port: u16,
@@ -30,6 +39,7 @@ pub struct EtcdCluster {
     initial_cluster: String,
     token: String,
     members: Vec<Member>,
+    tls: Option<EtcdTls>,
 }
 
 impl EtcdCluster {
@@ -55,6 +65,22 @@ impl EtcdCluster {
     /// An n-member cluster listening on `host_ip`, run inside `netns` when given (the
     /// address must be configured there).
     pub fn start_on(n: usize, host_ip: &str, netns: Option<&str>) -> Self {
+        Self::start_with(n, host_ip, netns, false)
+    }
+
+    /// An n-member cluster on loopback whose clients speak TLS and must present a
+    /// certificate (made here with openssl: a CA, a server certificate for 127.0.0.1, a
+    /// client certificate): see `tls()`.
+    pub fn start_tls(n: usize) -> Self {
+        Self::start_with(n, "127.0.0.1", None, true)
+    }
+
+    /// The client TLS files, for a cluster from `start_tls`.
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
+    }
+
+    fn start_with(n: usize, host_ip: &str, netns: Option<&str>, tls: bool) -> Self {
         assert!(n >= 1);
         let dir = match Path::new("/dev/shm").is_dir() {
             true => tempfile::Builder::new()
@@ -92,7 +118,11 @@ impl EtcdCluster {
             initial_cluster,
             token,
             members,
+            tls: None,
         };
+        if tls {
+            cluster.tls = Some(make_tls(cluster.dir.path(), host_ip));
+        }
         for i in 0..n {
             cluster.spawn(i);
         }
@@ -106,7 +136,11 @@ impl EtcdCluster {
     }
 
     pub fn endpoint(&self, i: usize) -> String {
-        format!("http://{}:{}", self.host_ip, self.members[i].client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!(
+            "{scheme}://{}:{}",
+            self.host_ip, self.members[i].client_port
+        )
     }
 
     pub fn len(&self) -> usize {
@@ -166,8 +200,20 @@ impl EtcdCluster {
         command
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={endpoints}"))
+            .args(self.tls_args())
             .args(args);
         command.output().expect("run etcdctl")
+    }
+
+    fn tls_args(&self) -> Vec<String> {
+        match &self.tls {
+            Some(t) => vec![
+                format!("--cacert={}", t.ca.display()),
+                format!("--cert={}", t.cert.display()),
+                format!("--key={}", t.key.display()),
+            ],
+            None => Vec::new(),
+        }
     }
 
     fn command(&self, program: &str) -> Command {
@@ -197,7 +243,8 @@ impl EtcdCluster {
             .expect("etcd log file");
         let m = &self.members[i];
         let ip = &self.host_ip;
-        let client = format!("http://{ip}:{}", m.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://{ip}:{}", m.client_port);
         let peer = format!("http://{ip}:{}", m.peer_port);
         let mut command = self.command(ETCD);
         command
@@ -210,6 +257,18 @@ impl EtcdCluster {
             .arg(format!("--initial-cluster={}", self.initial_cluster))
             .arg(format!("--initial-cluster-token={}", self.token))
             .arg("--initial-cluster-state=new")
+            .args(match &self.tls {
+                Some(t) => {
+                    let dir = self.dir.path();
+                    vec![
+                        "--client-cert-auth".to_owned(),
+                        format!("--trusted-ca-file={}", t.ca.display()),
+                        format!("--cert-file={}", dir.join("server.pem").display()),
+                        format!("--key-file={}", dir.join("server.key").display()),
+                    ]
+                }
+                None => Vec::new(),
+            })
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);
@@ -234,6 +293,7 @@ impl EtcdCluster {
                 command
                     .env("ETCDCTL_API", "3")
                     .arg(format!("--endpoints={}", endpoints.join(",")))
+                    .args(self.tls_args())
                     .args(["endpoint", "health", "--command-timeout=2s"]);
                 command.output().expect("run etcdctl")
             };
@@ -299,4 +359,35 @@ fn free_ports(host_ip: &str, netns: Option<&str>, count: usize) -> Vec<u16> {
         }
     }
     ports
+}
+
+/// A CA, a server certificate for `ip` and a client certificate, with openssl.
+fn make_tls(dir: &Path, ip: &str) -> EtcdTls {
+    let script = format!(
+        r#"set -e
+cd {dir}
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=test-etcd-ca -keyout ca.key -out ca.pem
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=etcd -keyout server.key -out server.csr
+printf 'subjectAltName=IP:{ip},DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n' > server.ext
+openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile server.ext -out server.pem
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=clawnode -keyout client.key -out client.csr
+printf 'extendedKeyUsage=clientAuth\n' > client.ext
+openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile client.ext -out client.pem
+"#,
+        dir = dir.display()
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    EtcdTls {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("client.pem"),
+        key: dir.join("client.key"),
+    }
 }
