@@ -534,6 +534,55 @@ async fn two_gateways_on_one_etcd_serve_one_mesh_and_a_dead_one_leaves_the_list(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // The admin commands work on etcd: nodes, revoke, and withdrawing B's signing rights.
+    let nodes: Value =
+        serde_json::from_str(&cli_ok(&s.a_config, &["gateway", "nodes", "--json"])).unwrap();
+    let mut listed: Vec<&str> = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    listed.sort_unstable();
+    assert_eq!(listed, ["gw-a", "gw-b", "node-x", "node-y"]);
+    let x_id = x.session.split('.').next().unwrap().to_owned();
+    let mut cursor = cursor_of(&peers(&http, &s.a_url, &y, Some(&c0), 0).await.body);
+    cli_ok(&s.a_config, &["gateway", "revoke", "node-x"]);
+    let revoked = cli_ok(&s.a_config, &["gateway", "signer", "revoke", "gw-b"]);
+    assert!(revoked.contains("1 of its records re-signed"), "{revoked}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (mut x_revoked, mut b_resigned, mut b_cert) = (false, false, false);
+    while !(x_revoked && b_resigned && b_cert) {
+        assert!(
+            Instant::now() < deadline,
+            "revoked {x_revoked}, re-signed {b_resigned}, cert {b_cert}"
+        );
+        let update = peers(&http, &s.a_url, &y, Some(&cursor), 2).await.body;
+        assert_eq!(update["kind"], "delta", "{update}");
+        cursor = cursor_of(&update);
+        let signers = update["signers"].as_array().unwrap();
+        b_cert |= signers
+            .iter()
+            .any(|c| c["name"] == "gw-b" && c["serial"] == 2);
+        x_revoked |= update["revocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["node_id"] == x_id.as_str());
+        // Re-signed by A: a later serial, and no longer by gw-b's key.
+        b_resigned |= update["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "gw-b" && r["serial"] == 2);
+    }
+    let list = cli_ok(&s.a_config, &["gateway", "signer", "list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("gw-b") && l.ends_with("revoked")),
+        "{list}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
