@@ -337,12 +337,31 @@ pub fn status(config: &Config, now: u64) -> Result<StatusDoc, GatewayError> {
             prefix: etcd.prefix.clone(),
         },
     };
-    let (store_id, rev, state, nodes, extra) = with_store!(config, |store| async move {
+    let opened = with_store!(config, |store| async move {
         let (rev, state) = store.snapshot().await?;
         let nodes = store.nodes().await?.iter().filter(|n| !n.revoked).count();
         let extra = store_extra(&store).await;
         Ok::<_, GatewayError>((store.store_id(), rev, state, nodes, extra))
-    })?;
+    });
+    let (store_id, rev, state, nodes, extra) = match opened {
+        Ok(opened) => opened,
+        // etcd without quorum cannot even be opened (its reads are linearizable): that is
+        // the status to show, not an error.
+        Err(error) if error.transient && matches!(store_doc, StoreDoc::Etcd { .. }) => {
+            return Ok(StatusDoc {
+                store: store_doc,
+                store_id: "unknown".to_owned(),
+                rev: 0,
+                writable: false,
+                reason: Some(error.message),
+                nodes: 0,
+                signers: Vec::new(),
+                cluster: None,
+                gateways: Vec::new(),
+            });
+        }
+        Err(error) => return Err(error),
+    };
     let signers = state
         .signers
         .iter()

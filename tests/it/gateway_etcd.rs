@@ -646,6 +646,10 @@ async fn without_etcd_quorum_joins_get_503_with_the_reason_and_polls_keep_answer
             .unwrap()
             .contains("quorum")
     );
+    // `gateway status` says so too (it cannot even open the store for reading).
+    let report = status_json(&s.a_config);
+    assert_eq!(report["writable"], false, "{report}");
+    eprintln!("gateway status without quorum: {}", report["reason"]);
 
     // Quorum back: joins go through again, nothing restarted.
     cluster.restore_quorum();
