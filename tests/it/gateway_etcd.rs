@@ -384,6 +384,9 @@ async fn two_gateways_on_one_etcd_serve_one_mesh_and_a_dead_one_leaves_the_list(
     ))
     .unwrap();
     let token = token["token"].as_str().unwrap().to_owned();
+    // The token names this gateway first, then the others alive, for a join while A is down.
+    let parsed: clawnode::core::coord::JoinToken = token.parse().unwrap();
+    assert_eq!(parsed.urls, vec![s.a_url.clone(), s.b_url.clone()]);
 
     // y joined through A, takes its snapshot from A, then long-polls B with that cursor.
     let y = join_ok(&http, &s.a_url, &token, "node-y", 1).await;
