@@ -593,6 +593,13 @@ fn gateway_role_series(f: &mut Families, role: &RoleDoc) -> Result<(), prometheu
         &[],
         role.rev as i64,
     )?;
+    f.int_gauge(
+        "clawnode_gateway_role_store_writable",
+        "1 while the gateway's store takes joins and changes (0: etcd without quorum).",
+        &["store"],
+        &[role.store.kind.as_str()],
+        i64::from(role.store.writable),
+    )?;
     for (kind, count) in [
         ("snapshot", role.snapshots_sent),
         ("delta", role.deltas_sent),
@@ -685,6 +692,7 @@ mod tests {
                 encodings: 40,
                 joins: 1000,
                 refused_busy: 3,
+                store: Default::default(),
             }),
             ..StatusDoc::default()
         };
@@ -692,6 +700,7 @@ mod tests {
         for line in [
             "clawnode_gateway_role_sessions 1000",
             "clawnode_gateway_role_revision 812",
+            "clawnode_gateway_role_store_writable{store=\"sqlite\"} 1",
             "clawnode_gateway_role_answers_total{kind=\"delta\"} 5200",
             "clawnode_gateway_role_answers_total{kind=\"empty\"} 77",
             "clawnode_gateway_role_sent_bytes_total 123456",

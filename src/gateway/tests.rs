@@ -1359,3 +1359,218 @@ fn a_thousand_peer_snapshot_gzipped_and_a_one_peer_delta_stay_within_the_wire_ta
     let empty = view.empty(2001).json.len();
     assert!(empty <= 1024, "empty {empty} B");
 }
+
+// ---- several gateways on one store ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_ahead_of_the_view_waits_for_it_and_never_gets_a_snapshot() {
+    let view = Arc::new(view_at(3));
+    // Another gateway on the same store is at 5 already: its node asks this one.
+    let ahead = Cursor {
+        store_id: STORE_ID,
+        rev: 5,
+    };
+    assert!(view.answer(Some(ahead)).is_none(), "waits, no snapshot");
+    let empty = decode(
+        &super::server::poll(&view, Some(ahead), Duration::from_millis(100))
+            .await
+            .json,
+    );
+    assert_eq!(empty.kind, UpdateKind::Delta);
+    assert_eq!(empty.cursor, ahead, "its own cursor back");
+    assert!(empty.records.is_empty());
+    // The view catches up past it: only what came after 5.
+    let poll = {
+        let view = Arc::clone(&view);
+        tokio::spawn(async move {
+            super::server::poll(&view, Some(ahead), Duration::from_secs(10)).await
+        })
+    };
+    view.apply(vec![
+        (4, Change::Record(record(4, 4))),
+        (5, Change::Record(record(5, 5))),
+    ]);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!poll.is_finished(), "at 5 it is current: still waiting");
+    view.apply(vec![(6, Change::Record(record(6, 6)))]);
+    let update = decode(&poll.await.unwrap().json);
+    assert_eq!(update.kind, UpdateKind::Delta);
+    assert_eq!(update.cursor.rev, 6);
+    let ids: Vec<_> = update.records.iter().map(|r| r.node_id).collect();
+    assert_eq!(ids, vec![NodeId(6)]);
+    assert_eq!(view.role_doc().snapshots_sent, 0);
+}
+
+#[test]
+fn every_update_carries_the_live_gateways_and_follows_their_changes() {
+    let view = view_at(2);
+    let cursor = Cursor {
+        store_id: STORE_ID,
+        rev: 1,
+    };
+    assert_eq!(
+        decode(&view.snapshot().json).gateways,
+        vec!["https://127.0.0.1:1".to_owned()]
+    );
+    let _ = view.answer(Some(cursor));
+    let both = vec![
+        "https://127.0.0.1:1".to_owned(),
+        "https://127.0.0.2:1".to_owned(),
+    ];
+    view.set_gateways(both.clone());
+    // Cached answers made with the old list are not served again.
+    assert_eq!(decode(&view.snapshot().json).gateways, both);
+    assert_eq!(
+        decode(&view.answer(Some(cursor)).unwrap().json).gateways,
+        both
+    );
+    assert_eq!(decode(&view.empty(2).json).gateways, both);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_joined_through_another_gateway_can_poll_this_one_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(&dir));
+    let view = Arc::new(View::new(STORE_ID, Vec::new()));
+    view::load(&*store, &view).await.unwrap();
+    let mine = txn(None, "here", 1, NOW);
+    store.join_blocking(mine).unwrap();
+    view.add_session(NodeId(1), [9; 32]);
+    let feed = tokio::spawn(view::feed(Arc::clone(&store), Arc::clone(&view)));
+    // Another gateway (another process on the same store) takes a join.
+    let elsewhere = SqliteStore::open(&dir.path().join("store.sqlite")).unwrap();
+    let joined = elsewhere.join_blocking(txn(None, "there", 2, NOW)).unwrap();
+    let node = joined.record.node_id;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !view.session_valid(node, &[2; 32]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the other gateway's node is not known here"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A session this gateway set itself is kept, even where the store's copy differs.
+    assert!(view.session_valid(NodeId(1), &[9; 32]));
+    feed.abort();
+}
+
+#[test]
+fn a_signer_added_then_revoked_has_its_records_re_signed_first_and_its_cert_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = gateway_config(dir.path());
+    super::init(&config, NOW).unwrap();
+    let out = dir.path().join("gw-b");
+    let added = super::admin::signer_add(
+        &config,
+        "gw-b",
+        "https://203.0.113.2:8443",
+        &["10.100.0.2".parse().unwrap()],
+        &out,
+        NOW,
+    )
+    .unwrap();
+    assert_eq!(
+        added.tls_names,
+        vec!["10.100.0.2".to_owned(), "203.0.113.2".to_owned()]
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&out), 0o700);
+    assert_eq!(mode(&out.join("signer.key")), 0o600);
+    assert_eq!(mode(&out.join("tls.key")), 0o600);
+    let paths = super::Paths::new(&config.node.state_dir);
+    assert_eq!(
+        std::fs::read(out.join("ca.pem")).unwrap(),
+        std::fs::read(&paths.ca_pem).unwrap()
+    );
+    // The new gateway's leaf chains to the cluster CA and names its URL's host.
+    let leaf = std::fs::read(out.join("tls.crt")).unwrap();
+    assert!(tls::not_after(&leaf).is_some());
+    let again = super::admin::signer_add(
+        &config,
+        "gw-b",
+        "https://203.0.113.2:8443",
+        &[],
+        &dir.path().join("x"),
+        NOW,
+    );
+    assert!(again.unwrap_err().message.contains("exists already"));
+    let names: Vec<_> = super::admin::signers(&config)
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names.contains(&"gw-b".to_owned()));
+
+    // A node whose record gw-b signed.
+    let b = Signer::load(&out.join("signer.key")).unwrap();
+    let store = SqliteStore::open(&paths.store).unwrap();
+    let mut joined = txn(None, "node-b", 5, NOW);
+    let pkcs8 = b.pkcs8.clone();
+    joined.sign = Box::new(move |node_id, address, serial| {
+        coord::sign_record(
+            RecordFields {
+                node_id,
+                name: "node-b".into(),
+                wg_key: key(5),
+                addresses: vec![address],
+                roles: vec![Role::Node],
+                serial,
+                not_after: NOW + 1000,
+            },
+            &pkcs8,
+        )
+        .map_err(|e| e.to_string())
+    });
+    let record = store.join_blocking(joined).unwrap().record;
+    assert_eq!(record.signer, b.key_id);
+
+    let own = Signer::load(&paths.signer_key).unwrap();
+    let own_name = config.node.name.as_str().to_owned();
+    let refused = super::admin::signer_revoke(&config, &own_name, NOW).unwrap_err();
+    assert!(
+        refused.message.contains("own signer"),
+        "{}",
+        refused.message
+    );
+    let revoked = super::admin::signer_revoke(&config, "gw-b", NOW + 10).unwrap();
+    assert_eq!(revoked.resigned, 1);
+    assert_eq!(revoked.cert.serial, 2);
+    assert!(
+        revoked.cert.not_after < NOW + 10,
+        "an expired cert is the revocation"
+    );
+    let (_, state) = store.snapshot_blocking().unwrap();
+    let now_signed = state
+        .records
+        .iter()
+        .find(|r| r.node_id == record.node_id)
+        .unwrap();
+    assert_eq!(now_signed.signer, own.key_id, "re-signed by this gateway");
+    assert_eq!(now_signed.serial, record.serial + 1);
+    let cert = state.signers.iter().find(|c| c.key_id == b.key_id).unwrap();
+    assert_eq!(cert.serial, 2);
+    // The re-signed record came before the revocation in the change feed.
+    let changes = store.changes_since_blocking(0).unwrap().unwrap();
+    let pos = |f: &dyn Fn(&Change) -> bool| changes.iter().position(|(_, c)| f(c)).unwrap();
+    let resigned_at = pos(
+        &|c| matches!(c, Change::Record(r) if r.node_id == record.node_id && r.signer == own.key_id),
+    );
+    let revoked_at =
+        pos(&|c| matches!(c, Change::Signer(s) if s.key_id == b.key_id && s.serial == 2));
+    assert!(resigned_at < revoked_at);
+
+    let status = super::admin::status(&config, NOW + 10).unwrap();
+    assert!(matches!(
+        status.store,
+        super::admin::StoreDoc::Sqlite { .. }
+    ));
+    assert!(status.writable);
+    assert!(status.gateways.is_empty());
+    assert!(status.signers.iter().any(|s| s.name == "gw-b" && s.revoked));
+    assert_eq!(
+        status.store_id,
+        format!("{:016x}", super::Store::store_id(&store))
+    );
+}

@@ -17,6 +17,7 @@ mod daemon;
 mod doctor;
 #[cfg(feature = "store-etcd")]
 mod etcd_store;
+mod gateway_etcd;
 mod gateway_mesh;
 mod gpu;
 mod journald;
