@@ -766,6 +766,7 @@ mod tests {
                     roles: vec![Role::Node],
                     serial,
                     not_after: 4_000_000_000,
+                    gateway_url: None,
                 },
                 &signer,
             )

@@ -7,6 +7,11 @@
 //! polls `GET /v1/peers` with the cursor, applies each answer through `core::coord::PeerSet`,
 //! writes the cache atomically and asks the mesh to reconcile. With every gateway down the
 //! node keeps its peers, runs on the cache and retries with full-jitter backoff.
+//!
+//! Gateways are learned from each answer's list, the signed peer set (gateway records carry
+//! their URL) and the bootstrap URLs of the session, and kept in the cache with the one that
+//! answered last, so a node restarted while that gateway is down tries the others. Failing
+//! over keeps the cursor: any gateway of the cluster resumes it.
 
 pub mod client;
 pub mod tls;
@@ -29,7 +34,9 @@ use crate::core::{Failure, Retry};
 use crate::mesh::Recheck;
 use crate::mesh::live::GatewayDoc;
 
-use crate::core::coord::client::{AdvertContent, Adverts, GwPeer, Rotation, retry_delay};
+use crate::core::coord::client::{
+    AdvertContent, Adverts, GwPeer, Rotation, known_gateways, retry_delay,
+};
 pub use client::{Answer, CallError, GatewayClient, Raw};
 
 /// How long a node without a cache waits for its first peer set before it reports ready.
@@ -170,6 +177,11 @@ struct Inner {
     problems: Vec<String>,
     services: Vec<(String, u16)>,
     gpus: Option<(u32, String, u64)>,
+    /// The gateways known (the rotation's list) and the one polled now.
+    gateways: Vec<String>,
+    current: Option<String>,
+    /// The session's URLs (config or token): always known.
+    bootstrap: Vec<String>,
 }
 
 impl Shared {
@@ -242,6 +254,8 @@ impl Shared {
                 .count(),
             snapshots: inner.snapshots,
             deltas: inner.deltas,
+            gateways: inner.gateways.clone(),
+            current: inner.current.clone(),
         }
     }
 
@@ -351,6 +365,7 @@ impl Coordinator {
                 .await
                 .unwrap_or_else(|e| Err(format!("loading the peer cache failed: {e}")))
         };
+        let mut cached_gateways = (Vec::new(), None);
         let (set, cursor, mode, since) = match loaded {
             Ok(Some((set, file, rejected))) => {
                 for problem in &rejected {
@@ -365,6 +380,7 @@ impl Coordinator {
                 // answer "nothing changed", so ask for a snapshot instead.
                 let cursor = rejected.is_empty().then_some(file.cursor);
                 problems.extend(rejected);
+                cached_gateways = (file.gateways, file.gateway);
                 (set, cursor, Mode::Cached, file.saved_at)
             }
             Ok(None) => (PeerSet::new(session.root), None, Mode::Joining, now),
@@ -374,6 +390,21 @@ impl Coordinator {
                 (PeerSet::new(session.root), None, Mode::Joining, now)
             }
         };
+        // Offline start: the gateways of the cache (incl. the one that answered last), those
+        // the cached set signs for, then the session's.
+        let signed = set.gateway_urls(
+            now,
+            Grace::Offline {
+                since,
+                grace: grace_s,
+            },
+        );
+        let (cached, last_good) = cached_gateways;
+        let rotation = Rotation::new(
+            known_gateways([&cached[..], &signed, &session.gateways]),
+            last_good,
+            fastrand::u64(..),
+        );
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 set,
@@ -389,6 +420,9 @@ impl Coordinator {
                 problems,
                 services: Vec::new(),
                 gpus: gpus.borrow().clone(),
+                gateways: rotation.urls().to_vec(),
+                current: rotation.current().map(str::to_owned),
+                bootstrap: session.gateways.clone(),
             }),
             advert_changed: tokio::sync::Notify::new(),
         });
@@ -396,7 +430,7 @@ impl Coordinator {
         client.set_session(session.session.bearer().as_str());
         let poller = Poller {
             client,
-            rotation: Rotation::new(session.gateways.clone(), None, fastrand::u64(..)),
+            rotation,
             adverts: Adverts::default(),
             shared: Arc::clone(&shared),
             cache,
@@ -633,6 +667,7 @@ fn left_out(url: &str, rejected: &[(String, Reject)]) -> Vec<String> {
 
 /// What applying one answer changed, for the poll task to act on.
 struct Absorbed {
+    /// Every gateway known now, the one that answered first.
     gateways: Vec<String>,
     touched: bool,
     came_back: bool,
@@ -650,9 +685,14 @@ async fn apply_answer(
     raw: Raw,
     now: u64,
 ) -> Result<Absorbed, CallError> {
-    let (prior, was_live) = {
+    let (prior, was_live, prior_gateways, bootstrap) = {
         let inner = shared.lock();
-        (inner.cursor, inner.mode == Mode::Live)
+        (
+            inner.cursor,
+            inner.mode == Mode::Live,
+            inner.gateways.clone(),
+            inner.bootstrap.clone(),
+        )
     };
     let worker = {
         let shared = Arc::clone(shared);
@@ -663,13 +703,21 @@ async fn apply_answer(
             let mut set = shared.lock().set.clone();
             let applied = set.apply(&update, now);
             let cursor = keep_cursor(&update, &applied.rejected);
+            let answered = [url.clone()];
+            let signed = set.gateway_urls(now, Grace::Live);
+            let gateways = known_gateways([&answered[..], &update.gateways, &signed, &bootstrap]);
+            // Written when the cursor moved, and when the gateways did (presence is no change).
             let cache = cursor
-                .filter(|c| prior != Some(*c) || !was_live)
-                .map(|c| set.to_cache(c, now));
-            Ok::<_, CallError>((update, set, applied, cursor, cache))
+                .filter(|c| prior != Some(*c) || !was_live || gateways != prior_gateways)
+                .map(|c| CacheFile {
+                    gateways: gateways.clone(),
+                    gateway: Some(url.clone()),
+                    ..set.to_cache(c, now)
+                });
+            Ok::<_, CallError>((update, set, applied, cursor, cache, gateways))
         }
     };
-    let (update, set, applied, cursor, cache) = tokio::task::spawn_blocking(worker)
+    let (update, set, applied, cursor, cache, gateways) = tokio::task::spawn_blocking(worker)
         .await
         .map_err(|e| CallError::transient(format!("gateway {url}: applying the answer: {e}")))??;
     for (what, why) in &applied.rejected {
@@ -697,7 +745,7 @@ async fn apply_answer(
     inner.url = Some(url.to_string());
     drop(inner);
     Ok(Absorbed {
-        gateways: update.gateways,
+        gateways,
         touched: applied.touched(),
         came_back,
         cache,
@@ -756,12 +804,17 @@ impl Poller {
                 Ok(()) => {
                     attempt = 0;
                     self.rotation.succeeded(fastrand::u64(..));
+                    self.publish();
                     send_advert(&self.client, &mut self.adverts, &self.source, &url).await;
                 }
                 Err(error) => {
                     attempt = attempt.saturating_add(1);
                     self.failed(&url, &error);
                     self.rotation.failed(fastrand::u64(..));
+                    self.publish();
+                    if let Some(next) = self.rotation.current() {
+                        tracing::info!(component = "gateway-client", failed = %url, next = %next, "trying the next gateway with the same cursor");
+                    }
                     let delay = retry_delay(attempt, fastrand::u32(..), error.retry_after);
                     tokio::time::sleep(delay).await;
                 }
@@ -845,6 +898,15 @@ impl AdvertSource {
 }
 
 impl Poller {
+    /// The rotation's list and current gateway, for status.
+    fn publish(&self) {
+        let mut inner = self.shared.lock();
+        if inner.gateways != self.rotation.urls() {
+            inner.gateways = self.rotation.urls().to_vec();
+        }
+        inner.current = self.rotation.current().map(str::to_owned);
+    }
+
     async fn applied(&mut self, url: &str, answer: Answer<Raw>) -> Result<(), CallError> {
         let done = apply_answer(&self.shared, url, answer.body, unix_now()).await?;
         if !done.gateways.is_empty() {

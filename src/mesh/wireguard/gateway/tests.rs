@@ -61,6 +61,7 @@ impl Cluster {
                 roles: vec![Role::Node],
                 serial,
                 not_after: self.not_after,
+                gateway_url: None,
             },
             &self.signer_pkcs8,
         )
@@ -107,6 +108,8 @@ struct Gateway {
     update: Arc<Mutex<Update>>,
     /// Served instead of `update` to a poll without a cursor, when set.
     full: Arc<Mutex<Option<Update>>>,
+    /// The accept loop: aborted, the port is closed (new connections are refused).
+    accept: tokio::task::JoinHandle<()>,
 }
 
 /// An HTTPS gateway on loopback under `cluster`'s root key. It assigns node 3 the address
@@ -137,7 +140,7 @@ async fn gateway(cluster: &Cluster, update: Update) -> Gateway {
         gateways: vec![format!("https://{addr}")],
     };
     let (seen2, update2, full2) = (Arc::clone(&seen), Arc::clone(&update), Arc::clone(&full));
-    tokio::spawn(async move {
+    let accept = tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
@@ -248,6 +251,7 @@ async fn gateway(cluster: &Cluster, update: Update) -> Gateway {
         seen,
         update,
         full,
+        accept,
     }
 }
 
@@ -536,6 +540,7 @@ async fn status_keeps_answering_while_a_large_snapshot_is_verified() {
                     roles: vec![Role::Node],
                     serial: 1,
                     not_after: cluster.not_after,
+                    gateway_url: None,
                 },
                 &cluster.signer_pkcs8,
             )
@@ -564,6 +569,9 @@ async fn status_keeps_answering_while_a_large_snapshot_is_verified() {
             problems: Vec::new(),
             services: Vec::new(),
             gpus: None,
+            gateways: Vec::new(),
+            current: None,
+            bootstrap: Vec::new(),
         }),
         advert_changed: tokio::sync::Notify::new(),
     });
@@ -710,6 +718,54 @@ async fn a_restarted_node_runs_on_its_cached_peers_while_no_gateway_answers() {
             .ends_with("(gateway unreachable)")
     );
     assert_eq!(gw.seen.lock().unwrap().joins, 1);
+}
+
+#[tokio::test]
+async fn a_node_restarted_while_its_gateway_is_down_fails_over_to_a_gateway_it_learned_with_its_cursor()
+ {
+    let cluster = cluster();
+    // Gateway 2 serves the same store (same cursor); the node learns of it only from the
+    // signed record of gateway 2's own node in gateway 1's snapshot.
+    let gw2 = gateway(&cluster, cluster.snapshot(1, &[1, 3])).await;
+    let gw2_record = coord::sign_record(
+        RecordFields {
+            roles: vec![Role::Node, Role::Gateway],
+            gateway_url: Some(gw2.url.clone()),
+            ..cluster.record(2).fields()
+        },
+        &cluster.signer_pkcs8,
+    )
+    .unwrap();
+    let mut first = cluster.snapshot(1, &[1, 3]);
+    first.records.push(gw2_record.clone());
+    *gw2.update.lock().unwrap() = first.clone();
+    let gw1 = gateway(&cluster, first).await;
+    let (dir, token_file) = joined_then_stopped(&cluster, &gw1.url).await;
+    let cache: CacheFile =
+        serde_json::from_slice(&std::fs::read(cache_path(dir.path())).unwrap()).unwrap();
+    assert_eq!(cache.gateways, [gw1.url.clone(), gw2.url.clone()]);
+    assert_eq!(cache.gateway.as_deref(), Some(gw1.url.as_str()));
+
+    gw1.accept.abort();
+    let (recheck, _rechecks) = Recheck::channel();
+    let again = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck, no_gpus())
+        .await
+        .unwrap()
+        .unwrap();
+    until("the answer of gateway 2", || {
+        again.shared.doc(unix_now()).url.as_deref() == Some(gw2.url.as_str())
+    })
+    .await;
+    let doc = again.shared.doc(unix_now());
+    assert_eq!(doc.state, "live");
+    assert_eq!(doc.gateways, [gw2.url.clone(), gw1.url.clone()]);
+    assert_eq!(doc.current.as_deref(), Some(gw2.url.as_str()));
+    assert_eq!(doc.snapshots, 0, "resumed with the cached cursor: {doc:?}");
+    let seen = gw2.seen.lock().unwrap();
+    assert!(seen.polls >= 1);
+    assert_eq!(seen.fresh_polls, 0);
+    drop(seen);
+    assert_eq!(names(&again.shared), ["node-1", "node-2"]);
 }
 
 #[tokio::test]
