@@ -467,7 +467,8 @@ mod tests {
                 Rotation::new(gw_urls(&[1, 2, 3]), Some(gw_urls(&[1])[0].clone()), seed);
             rotation.failed(seed);
             let answered = rotation.current().unwrap().to_string();
-            rotation.set_urls(gw_urls(&[2, 3]), seed);
+            // Each call draws a fresh seed, as the poll task does.
+            rotation.set_urls(gw_urls(&[2, 3]), seed + 1_000);
             assert_eq!(rotation.current(), Some(answered.as_str()), "seed {seed}");
             rotation.succeeded(seed);
             // A later failure round starts again from the one that answered.

@@ -721,12 +721,14 @@ async fn a_restarted_node_runs_on_its_cached_peers_while_no_gateway_answers() {
 }
 
 #[tokio::test]
-async fn a_node_restarted_while_its_gateway_is_down_fails_over_to_a_gateway_it_learned_with_its_cursor()
- {
+async fn a_node_restarted_while_its_gateways_are_down_fails_over_to_one_it_learned_with_its_cursor()
+{
     let cluster = cluster();
-    // Gateway 2 serves the same store (same cursor); the node learns of it only from the
-    // signed record of gateway 2's own node in gateway 1's snapshot.
+    // Three gateways serve one store (one cursor). The node joins through gateway 1 and learns
+    // gateway 2 from the signed record of gateway 2's own node, gateway 3 from the answer's
+    // list of live gateways.
     let gw2 = gateway(&cluster, cluster.snapshot(1, &[1, 3])).await;
+    let gw3 = gateway(&cluster, cluster.snapshot(1, &[1, 3])).await;
     let gw2_record = coord::sign_record(
         RecordFields {
             roles: vec![Role::Node, Role::Gateway],
@@ -737,31 +739,41 @@ async fn a_node_restarted_while_its_gateway_is_down_fails_over_to_a_gateway_it_l
     )
     .unwrap();
     let mut first = cluster.snapshot(1, &[1, 3]);
-    first.records.push(gw2_record.clone());
+    first.records.push(gw2_record);
+    first.gateways = vec![gw3.url.clone()];
     *gw2.update.lock().unwrap() = first.clone();
+    *gw3.update.lock().unwrap() = first.clone();
     let gw1 = gateway(&cluster, first).await;
     let (dir, token_file) = joined_then_stopped(&cluster, &gw1.url).await;
     let cache: CacheFile =
         serde_json::from_slice(&std::fs::read(cache_path(dir.path())).unwrap()).unwrap();
-    assert_eq!(cache.gateways, [gw1.url.clone(), gw2.url.clone()]);
+    assert_eq!(
+        cache.gateways,
+        [gw1.url.clone(), gw3.url.clone(), gw2.url.clone()]
+    );
     assert_eq!(cache.gateway.as_deref(), Some(gw1.url.as_str()));
 
+    // Gateways 1 and 2 go down; only the cache still names gateway 3.
     gw1.accept.abort();
+    gw2.accept.abort();
     let (recheck, _rechecks) = Recheck::channel();
     let again = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck, no_gpus())
         .await
         .unwrap()
         .unwrap();
-    until("the answer of gateway 2", || {
-        again.shared.doc(unix_now()).url.as_deref() == Some(gw2.url.as_str())
+    until("the answer of gateway 3", || {
+        again.shared.doc(unix_now()).url.as_deref() == Some(gw3.url.as_str())
     })
     .await;
     let doc = again.shared.doc(unix_now());
     assert_eq!(doc.state, "live");
-    assert_eq!(doc.gateways, [gw2.url.clone(), gw1.url.clone()]);
-    assert_eq!(doc.current.as_deref(), Some(gw2.url.as_str()));
+    assert_eq!(
+        doc.gateways,
+        [gw3.url.clone(), gw2.url.clone(), gw1.url.clone()]
+    );
+    assert_eq!(doc.current.as_deref(), Some(gw3.url.as_str()));
     assert_eq!(doc.snapshots, 0, "resumed with the cached cursor: {doc:?}");
-    let seen = gw2.seen.lock().unwrap();
+    let seen = gw3.seen.lock().unwrap();
     assert!(seen.polls >= 1);
     assert_eq!(seen.fresh_polls, 0);
     drop(seen);
