@@ -279,8 +279,7 @@ fn with_the_gateway_down_tunnels_stay_up_and_a_restarted_node_is_ready_from_its_
     let node2 = &mut cluster.hosts[2].node;
     node2.stop(WAIT);
     let cache: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(node2.path("state/peerset.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(node2.path("state/peerset.json")).unwrap()).unwrap();
     assert_eq!(cache["gateways"], serde_json::json!([url]), "{cache}");
     assert_eq!(cache["gateway"], url.as_str());
     node2.restart();

@@ -551,16 +551,36 @@ async fn join(
     ))
 }
 
+/// The gateways a node knows without contacting one: the one that answered last and the
+/// others its cache lists, then the session's. Only that part of the cache is read (no
+/// signature checks: a gateway still has to prove the cluster's CA).
+pub fn known_gateway_urls(state_dir: &Path, session: &SessionFile) -> Vec<String> {
+    #[derive(Deserialize, Default)]
+    struct Known {
+        #[serde(default)]
+        gateways: Vec<String>,
+        #[serde(default)]
+        gateway: Option<String>,
+    }
+    let known: Known = std::fs::read(cache_path(state_dir))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
+    let last: Vec<String> = known.gateway.into_iter().collect();
+    known_gateways([&last[..], &known.gateways, &session.gateways])
+}
+
 /// `services discover` through the gateways: every instance of `service` in one request, from
-/// the first gateway of the session that answers.
+/// the first of `gateways` (see [`known_gateway_urls`]) that answers.
 pub async fn discover(
     session: &SessionFile,
+    gateways: &[String],
     service: &str,
 ) -> Result<Vec<ServiceInstance>, CallError> {
     let mut client = GatewayClient::new(session.root.0);
     client.set_session(session.session.bearer().as_str());
     let mut last = None;
-    for url in &session.gateways {
+    for url in gateways {
         match client.services(url, service).await {
             Ok(answer) => return Ok(answer.body.services),
             Err(error) => last = Some(error),

@@ -207,6 +207,16 @@ async fn gateway(cluster: &Cluster, update: Update) -> Gateway {
                                 } else {
                                     (StatusCode::OK, serde_json::to_vec(&current).unwrap())
                                 }
+                            } else if let Some(name) = path.strip_prefix("/v1/services/") {
+                                let answer = coord::ServiceAnswer {
+                                    services: vec![ServiceInstance {
+                                        name: name.to_string(),
+                                        node: "node-1".into(),
+                                        address: "10.100.0.1".parse().unwrap(),
+                                        port: 8443,
+                                    }],
+                                };
+                                (StatusCode::OK, serde_json::to_vec(&answer).unwrap())
                             } else if path == "/v1/self" {
                                 let advert: Advert = serde_json::from_slice(&body).unwrap();
                                 let mut seen = seen.lock().unwrap();
@@ -778,6 +788,15 @@ async fn a_node_restarted_while_its_gateways_are_down_fails_over_to_one_it_learn
     assert_eq!(seen.fresh_polls, 0);
     drop(seen);
     assert_eq!(names(&again.shared), ["node-1", "node-2"]);
+    drop(again);
+
+    // `services discover` also finds gateway 3 while the session's gateway is down.
+    let session = load_session(dir.path()).unwrap().unwrap();
+    assert_eq!(session.gateways, [gw1.url.clone()]);
+    let known = known_gateway_urls(dir.path(), &session);
+    assert_eq!(known[0], gw3.url, "the last that answered first: {known:?}");
+    let found = discover(&session, &known, "molt-provider").await.unwrap();
+    assert_eq!(found[0].node, "node-1");
 }
 
 #[tokio::test]
@@ -909,7 +928,9 @@ async fn nodes_joining_the_real_gateway_see_each_other_find_services_in_one_requ
     b.shared.set_services(vec![("molt-provider".into(), 8443)]);
     let mut found = Vec::new();
     for _ in 0..100 {
-        found = discover(&a.session, "molt-provider").await.unwrap();
+        found = discover(&a.session, &a.session.gateways, "molt-provider")
+            .await
+            .unwrap();
         if !found.is_empty() {
             break;
         }
