@@ -763,6 +763,9 @@ async fn apply_answer(
     }
     inner.answered_at = Some(now);
     inner.url = Some(url.to_string());
+    // Status sees the answering gateway and its list together (the rotation follows).
+    inner.current = Some(url.to_string());
+    inner.gateways.clone_from(&gateways);
     drop(inner);
     Ok(Absorbed {
         gateways,

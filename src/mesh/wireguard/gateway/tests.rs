@@ -788,6 +788,14 @@ async fn a_node_restarted_while_its_gateways_are_down_fails_over_to_one_it_learn
     assert_eq!(seen.fresh_polls, 0);
     drop(seen);
     assert_eq!(names(&again.shared), ["node-1", "node-2"]);
+    // The cache is written just after the answer is applied.
+    until("the cache to name gateway 3", || {
+        std::fs::read(cache_path(dir.path()))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<CacheFile>(&b).ok())
+            .is_some_and(|c| c.gateway.as_deref() == Some(gw3.url.as_str()))
+    })
+    .await;
     drop(again);
 
     // `services discover` also finds gateway 3 while the session's gateway is down.
