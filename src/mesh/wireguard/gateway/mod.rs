@@ -506,11 +506,10 @@ async fn join(
         match client.join(url, &request).await {
             Ok(answer) => {
                 let joined = answer.body;
-                let gateways = if joined.gateways.is_empty() {
-                    token.urls.clone()
-                } else {
-                    joined.gateways.clone()
-                };
+                // The token's URLs stay known beside the gateways alive now: one of those it
+                // names may be down only for the moment.
+                let answered = [url.clone()];
+                let gateways = known_gateways([&answered[..], &joined.gateways, &token.urls]);
                 let address = joined
                     .record
                     .addresses

@@ -810,6 +810,29 @@ async fn a_node_restarted_while_its_gateways_are_down_fails_over_to_one_it_learn
 }
 
 #[tokio::test]
+async fn a_node_keeps_every_gateway_of_its_token_beside_those_the_join_answer_lists() {
+    let cluster = cluster();
+    let gw = gateway(&cluster, cluster.snapshot(1, &[1, 3])).await;
+    let down = "https://127.0.0.1:9".to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let token = JoinToken {
+        id: TokenId([9; 8]),
+        secret: Secret32([4; 32]),
+        root: cluster.root,
+        urls: vec![down.clone(), gw.url.clone()],
+    };
+    std::fs::write(&token_file, token.to_string()).unwrap();
+    let (recheck, _rechecks) = Recheck::channel();
+    let node = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck, no_gpus())
+        .await
+        .unwrap()
+        .unwrap();
+    // The join answer lists only the gateway that answered; the one down stays known.
+    assert_eq!(node.session.gateways, [gw.url.clone(), down]);
+}
+
+#[tokio::test]
 async fn a_tampered_peer_cache_is_refused_before_its_peers_are_applied() {
     let cluster = cluster();
     let mut set = PeerSet::new(cluster.root);
