@@ -766,6 +766,7 @@ mod tests {
                     roles: vec![Role::Node],
                     serial,
                     not_after: 4_000_000_000,
+                    gateway_url: None,
                 },
                 &signer,
             )
@@ -789,6 +790,16 @@ mod tests {
         let json = |v: &dyn erased::Json| v.json();
         let r3 = record(3, 0x33, "10.100.0.3", 1);
         write("coord_record", "record", &json(&r3));
+        let gateway_record = sign_record(
+            RecordFields {
+                roles: vec![Role::Node, Role::Gateway],
+                gateway_url: Some("https://gw-1.example:8443".into()),
+                ..r3.fields()
+            },
+            &signer,
+        )
+        .unwrap();
+        write("coord_record", "gateway-record", &json(&gateway_record));
         write("coord_record", "cert", &json(&cert));
         write("coord_record", "revocation", &json(&revocation));
         write("coord_record", "advert", &json(&advert));

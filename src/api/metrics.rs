@@ -732,6 +732,7 @@ mod tests {
             peers: 3,
             snapshots: 1,
             deltas: 41,
+            ..GatewayDoc::default()
         };
         let text = render(
             &StatusDoc::default(),

@@ -44,7 +44,8 @@ pub fn run(config_path: &Path, command: &ServicesCommand) -> Result<ExitCode, Cl
         .flatten();
     let mut found = None;
     if let Some(session) = &session {
-        match runtime.block_on(wg_gateway::discover(session, service)) {
+        let gateways = wg_gateway::known_gateway_urls(&config.node.state_dir, session);
+        match runtime.block_on(wg_gateway::discover(session, &gateways, service)) {
             Ok(instances) => found = Some(from_gateway(instances)),
             Err(error) => {
                 eprintln!("gateway: {}; asking every peer instead", error.message);

@@ -132,16 +132,24 @@ fn human(doc: &StatusDoc, now_unix_ms: u64) -> String {
             ),
         );
         if let Some(gw) = &wg.gateway {
+            // While none answers, which one is tried next (failover) says more than the last.
+            let trying = match &gw.current {
+                Some(current) if gw.url.as_ref() != Some(current) => {
+                    format!(", trying {current}")
+                }
+                _ => String::new(),
+            };
             row(
                 &mut out,
                 "gateway:",
                 &format!(
-                    "{} via {}, cursor {} ({}s old), {} peers",
+                    "{} via {}, cursor {} ({}s old), {} peers, {} gateways known{trying}",
                     gw.state,
                     gw.url.as_deref().unwrap_or("-"),
                     gw.cursor.as_deref().unwrap_or("-"),
                     gw.cursor_age_s.map_or("-".into(), |a| a.to_string()),
-                    gw.peers
+                    gw.peers,
+                    gw.gateways.len(),
                 ),
             );
         }
@@ -272,6 +280,47 @@ fn tailscale_rows(out: &mut String, ts: &TsStatus, row: impl Fn(&mut String, &st
 mod tests {
     use super::*;
     use crate::api::{CheckResultDoc, ServiceCheckDoc};
+
+    #[test]
+    fn status_shows_how_many_gateways_are_known_and_which_is_tried_while_none_answers() {
+        let gw = crate::mesh::live::GatewayDoc {
+            url: Some("https://203.0.113.1:443".into()),
+            state: "cached".into(),
+            cursor: Some("0000000000000007.42".into()),
+            cursor_age_s: Some(9),
+            peers: 3,
+            gateways: vec![
+                "https://203.0.113.1:443".into(),
+                "https://203.0.113.2:443".into(),
+            ],
+            current: Some("https://203.0.113.2:443".into()),
+            ..Default::default()
+        };
+        let mut doc = StatusDoc::default();
+        doc.mesh.live = Some(LiveStatus::Wireguard(crate::mesh::live::WgStatus {
+            backend: "userspace".into(),
+            interface: "claw0".into(),
+            public_key: None,
+            listen_port: None,
+            fwmark: None,
+            addresses: Vec::new(),
+            peers: Vec::new(),
+            gateway: Some(gw.clone()),
+        }));
+        let text = human(&doc, 0);
+        assert!(
+            text.contains("cached via https://203.0.113.1:443, cursor 0000000000000007.42 (9s old), 3 peers, 2 gateways known, trying https://203.0.113.2:443\n"),
+            "{text}"
+        );
+        if let Some(LiveStatus::Wireguard(wg)) = &mut doc.mesh.live {
+            wg.gateway = Some(crate::mesh::live::GatewayDoc {
+                state: "live".into(),
+                current: gw.url.clone(),
+                ..gw
+            });
+        }
+        assert!(human(&doc, 0).contains("3 peers, 2 gateways known\n"));
+    }
 
     #[test]
     fn status_shows_one_line_per_service_with_its_state_reason_and_age() {

@@ -625,7 +625,13 @@ async fn register_self<S: Store>(
         session_hash,
         pool: wg.mesh_cidr,
         reserved: Vec::new(),
-        sign: gateway.sign_fn(name, key, vec![Role::Node, Role::Gateway], now),
+        sign: gateway.sign_fn(
+            name,
+            key,
+            vec![Role::Node, Role::Gateway],
+            Some(public_url(config)?),
+            now,
+        ),
     };
     let joined = gateway.store.join(txn).await.map_err(|e| {
         GatewayError::operator(format!("cannot register this gateway's own record: {e}"))

@@ -411,7 +411,7 @@ async fn handle_join<S: Store>(
         session_hash,
         pool: gateway.pool,
         reserved: gateway.reserved.clone(),
-        sign: gateway.sign_fn(join.name.clone(), join.wg_key, vec![Role::Node], now),
+        sign: gateway.sign_fn(join.name.clone(), join.wg_key, vec![Role::Node], None, now),
     };
     let joined = match gateway.store.join(txn).await {
         Ok(joined) => joined,
@@ -480,15 +480,20 @@ async fn handle_join<S: Store>(
 
 impl<S: Store> Gateway<S> {
     /// Signs a new node's record inside the join transaction, once its id and address are known.
+    /// `gateway_url` goes only into records with role gateway (this gateway's own): nodes
+    /// learn the gateways from the signed peer set.
     pub fn sign_fn(
         &self,
         name: String,
         wg_key: crate::core::peer_diff::PeerKey,
         roles: Vec<Role>,
+        gateway_url: Option<String>,
         now: u64,
     ) -> super::store::SignFn {
         let signer = Arc::clone(&self.signer);
         let not_after = now + self.record_lifetime;
+        let gateway_url = gateway_url.filter(|_| roles.contains(&Role::Gateway));
+        // Clones inside, so a store that retries its transaction can sign again.
         Box::new(move |node_id, address, serial| {
             crate::core::coord::sign_record(
                 RecordFields {
@@ -499,6 +504,7 @@ impl<S: Store> Gateway<S> {
                     roles: roles.clone(),
                     serial,
                     not_after,
+                    gateway_url: gateway_url.clone(),
                 },
                 &signer.pkcs8,
             )
@@ -506,8 +512,8 @@ impl<S: Store> Gateway<S> {
         })
     }
 
-    /// Re-sign every record that is due (less than half its lifetime left): same key and
-    /// addresses, next serial, a fresh expiry. Returns how many.
+    /// Re-sign every record that is due (less than half its lifetime left): same key,
+    /// addresses and gateway URL, next serial, a fresh expiry. Returns how many.
     pub async fn resign_due(&self, now: u64) -> usize {
         let mut done = 0;
         for record in self.view.records() {

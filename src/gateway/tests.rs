@@ -57,6 +57,7 @@ fn sign(name: &str, key: PeerKey) -> SignFn {
                 roles: vec![Role::Node],
                 serial,
                 not_after: NOW + 1000,
+                gateway_url: None,
             },
             &signer_pkcs8(),
         )
@@ -498,6 +499,7 @@ fn record(node: u64, n: u32) -> coord::NodeRecord {
             roles: vec![Role::Node],
             serial: 1,
             not_after: NOW + 1000,
+            gateway_url: None,
         },
         &signer_pkcs8(),
     )
@@ -1573,4 +1575,81 @@ fn a_signer_added_then_revoked_has_its_records_re_signed_first_and_its_cert_expi
         status.store_id,
         format!("{:016x}", super::Store::store_id(&store))
     );
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateways_own_record_carries_its_signed_url_through_re_signing_and_a_nodes_does_not() {
+    let h = harness(8).await;
+    let gateway = Gateway {
+        store: Arc::clone(&h.store),
+        view: Arc::clone(&h.view),
+        signer: Arc::new(Signer::load_bytes(signer_pkcs8())),
+        pool: pool(),
+        mesh_cidr: pool(),
+        reserved: Vec::new(),
+        gateways: Vec::new(),
+        record_lifetime: 30 * 86_400,
+        max_sessions: 8,
+    };
+    let now = super::unix_now();
+    let url = "https://gw-2.example:8443".to_string();
+    let mut own = txn(None, "gw-2", 2, now);
+    own.sign = gateway.sign_fn(
+        "gw-2".into(),
+        key(2),
+        vec![Role::Node, Role::Gateway],
+        Some(url.clone()),
+        now,
+    );
+    let own = super::store::Store::join(&*h.store, own)
+        .await
+        .unwrap()
+        .record;
+    assert_eq!(own.gateway_url.as_deref(), Some(url.as_str()));
+    // A node's record never carries one, even if a URL is passed by mistake.
+    let mut node = txn(None, "gpu-1", 1, now);
+    node.sign = gateway.sign_fn(
+        "gpu-1".into(),
+        key(1),
+        vec![Role::Node],
+        Some(url.clone()),
+        now,
+    );
+    let node = super::store::Store::join(&*h.store, node)
+        .await
+        .unwrap()
+        .record;
+    assert_eq!(node.gateway_url, None);
+
+    while h.view.record(own.node_id).is_none() || h.view.record(node.node_id).is_none() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(gateway.resign_due(now + 16 * 86_400).await, 2);
+    while h.view.record(own.node_id).unwrap().serial == own.serial {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let resigned = h.view.record(own.node_id).unwrap();
+    assert_eq!(resigned.gateway_url.as_deref(), Some(url.as_str()));
+    let cert = coord::sign_signer(
+        coord::public_key_of_pkcs8(&signer_pkcs8()).unwrap(),
+        "gw",
+        1,
+        NOW + 1_000_000,
+        &root_pkcs8(),
+    )
+    .unwrap();
+    resigned.verify(&cert).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_gateway_signs_its_public_url_into_its_own_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = gateway_config(dir.path());
+    super::init(&config, NOW).unwrap();
+    let running = super::start(&config, key(77)).await.unwrap();
+    let own = running
+        .view
+        .records()
+        .into_iter()
+        .find(|r| r.has_role(Role::Gateway))
+        .unwrap();
+    assert_eq!(own.gateway_url.as_deref(), Some("https://203.0.113.1:8443"));
 }

@@ -76,6 +76,12 @@ pub struct GatewayDoc {
     /// Answers applied since start, by kind.
     pub snapshots: u64,
     pub deltas: u64,
+    /// Every gateway this node knows (answers, signed gateway records, bootstrap URLs).
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    /// The gateway polled now, or tried next while none answers.
+    #[serde(default)]
+    pub current: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

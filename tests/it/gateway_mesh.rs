@@ -273,9 +273,15 @@ fn with_the_gateway_down_tunnels_stay_up_and_a_restarted_node_is_ready_from_its_
         assert_eq!(cluster.node(i).status_json()["ready"], true);
     }
 
-    // A member restarted while the gateway is down comes up from its cache alone.
+    // A member restarted while the gateway is down comes up from its cache alone, and knows
+    // its gateways from the cache too (with several, it would fail over to the next).
+    let url = cluster.gateway_url();
     let node2 = &mut cluster.hosts[2].node;
     node2.stop(WAIT);
+    let cache: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(node2.path("state/peerset.json")).unwrap()).unwrap();
+    assert_eq!(cache["gateways"], serde_json::json!([url]), "{cache}");
+    assert_eq!(cache["gateway"], url.as_str());
     node2.restart();
     let seen = node2.recv_until("READY=1", WAIT);
     let status = support::last_status(&seen);
@@ -284,6 +290,9 @@ fn with_the_gateway_down_tunnels_stay_up_and_a_restarted_node_is_ready_from_its_
         ms(node2.started.elapsed())
     );
     assert!(status.contains("cached"), "{status}");
+    let doc = gateway::gateway_status(node2);
+    assert_eq!(doc["gateways"], serde_json::json!([url]), "{doc}");
+    assert_eq!(doc["current"], url.as_str(), "{doc}");
     assert_eq!(
         device_peers(&cluster.lab.iface(2)),
         cluster.expected_peers(2),

@@ -41,13 +41,17 @@ impl Rotation {
         rotation
     }
 
-    /// Replace the known gateways (a gateway's update lists them), keeping the one that answered.
+    /// Replace the known gateways (see [`known_gateways`]), keeping the one that answered. The
+    /// current gateway stays current when still listed: it is the one whose answer brought the
+    /// list, and [`Rotation::succeeded`] follows.
     pub fn set_urls(&mut self, mut urls: Vec<String>, seed: u64) {
-        urls.dedup();
+        let mut seen = std::collections::BTreeSet::new();
+        urls.retain(|u| seen.insert(u.clone()));
         urls.truncate(MAX_GATEWAYS);
         if urls.is_empty() || urls == self.urls {
             return;
         }
+        let current = self.current().map(str::to_owned);
         self.urls = urls;
         if self
             .last_good
@@ -57,6 +61,10 @@ impl Rotation {
             self.last_good = None;
         }
         self.refill(seed);
+        if let Some(current) = current.filter(|c| self.urls.contains(c)) {
+            self.queue.retain(|u| *u != current);
+            self.queue.insert(0, current);
+        }
     }
 
     pub fn urls(&self) -> &[String] {
@@ -97,6 +105,24 @@ impl Rotation {
         fastrand::Rng::with_seed(seed).shuffle(&mut others);
         self.queue = self.last_good.iter().cloned().chain(others).collect();
     }
+}
+
+/// The gateways a node knows, from its sources in order: e.g. the gateway that just answered
+/// (evidently alive), the answer's list (the gateways alive now), the signed peer set's
+/// gateway records, then the bootstrap URLs (config or token). Each usable URL once, at most
+/// [`MAX_GATEWAYS`], earlier sources first, so a long list from one source cannot push out
+/// the gateway that answered.
+pub fn known_gateways<'a>(sources: impl IntoIterator<Item = &'a [String]>) -> Vec<String> {
+    let mut known: Vec<String> = Vec::new();
+    for url in sources.into_iter().flatten() {
+        if known.len() == MAX_GATEWAYS {
+            break;
+        }
+        if !known.contains(url) && super::check_gateway_url(url).is_ok() {
+            known.push(url.clone());
+        }
+    }
+    known
 }
 
 /// What a node tells the gateways about itself beside its signed record: sent only when it
@@ -425,6 +451,52 @@ mod tests {
             Duration::from_secs(3)
         );
         assert!(retry_delay(1, u32::MAX, None) < Duration::from_millis(250));
+    }
+
+    fn gw_urls(ns: &[u8]) -> Vec<String> {
+        ns.iter()
+            .map(|n| format!("https://203.0.113.{n}:443"))
+            .collect()
+    }
+
+    #[test]
+    fn the_gateway_that_answered_during_a_failover_is_tried_first_after_its_list_arrives() {
+        // Gateway 1 died; the node moved on to another, whose answer lists the live ones.
+        for seed in 0..32 {
+            let mut rotation =
+                Rotation::new(gw_urls(&[1, 2, 3]), Some(gw_urls(&[1])[0].clone()), seed);
+            rotation.failed(seed);
+            let answered = rotation.current().unwrap().to_string();
+            // Each call draws a fresh seed, as the poll task does.
+            rotation.set_urls(gw_urls(&[2, 3]), seed + 1_000);
+            assert_eq!(rotation.current(), Some(answered.as_str()), "seed {seed}");
+            rotation.succeeded(seed);
+            // A later failure round starts again from the one that answered.
+            rotation.failed(seed);
+            rotation.failed(seed);
+            assert_eq!(rotation.current(), Some(answered.as_str()), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn known_gateways_come_from_every_source_once_valid_and_capped() {
+        let answered = gw_urls(&[2]);
+        let listed = [gw_urls(&[1, 2]), vec!["http://203.0.113.9".into()]].concat();
+        let signed = gw_urls(&[3, 1]);
+        let bootstrap = [gw_urls(&[4]), vec!["https://gw.example/path".into()]].concat();
+        assert_eq!(
+            known_gateways([&answered[..], &listed, &signed, &bootstrap]),
+            gw_urls(&[2, 1, 3, 4])
+        );
+
+        // A flood from one source keeps the ones before it.
+        let flood: Vec<String> = (10..100)
+            .map(|n| format!("https://gw{n}.example"))
+            .collect();
+        let known = known_gateways([&answered[..], &flood, &bootstrap]);
+        assert_eq!(known.len(), MAX_GATEWAYS);
+        assert_eq!(known[0], answered[0]);
+        assert!(known_gateways([&[][..]]).is_empty());
     }
 
     #[test]

@@ -7,7 +7,10 @@
 //!   another node is rejected), and a node's key changes only with a higher serial; pins
 //!   persist across snapshots and in the cache;
 //! - adverts only for known nodes, with `seq` above the last seen;
-//! - a snapshot replaces records and adverts; signers, revocations and pins persist.
+//! - a snapshot replaces records and adverts; signers, revocations and pins persist;
+//! - a signer is revoked by a root-signed cert with a higher serial that has already expired:
+//!   taken even though expired, and when it comes from a gateway the records it signed are
+//!   dropped at once, not kept for the offline grace.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -168,6 +171,13 @@ pub struct CacheFile {
     /// Not signed: they only ever refuse records, never authorise one.
     #[serde(default)]
     pub pins: Vec<Pin>,
+    /// The gateways this node knows, so a restart with its gateway down can try the others.
+    /// Not signed: a gateway must still prove the cluster's CA before the node talks to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
+    /// The gateway that answered last: tried first after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
 
 pub const CACHE_VERSION: u32 = 1;
@@ -220,10 +230,31 @@ impl PeerSet {
         let mut applied = Applied::default();
         let mut before = Before::default();
         for cert in &update.signers {
-            if let Err(reject) = self.admit_signer(cert, Some(now)) {
+            if let Err(reject) = self.admit_signer(cert) {
                 applied
                     .rejected
                     .push((format!("signer {}", cert.key_id), reject));
+            }
+        }
+        // A gateway sending an expired cert means the signer is revoked (or its keys are
+        // gone): what it signed goes now, not after the offline grace.
+        let revoked: Vec<KeyId> = self
+            .signers
+            .values()
+            .filter(|held| now > held.not_after)
+            .filter(|held| update.signers.iter().any(|c| c.key_id == held.key_id))
+            .map(|held| held.key_id)
+            .collect();
+        for key_id in revoked {
+            let signed: Vec<NodeId> = self
+                .records
+                .values()
+                .filter(|r| r.signer == key_id)
+                .map(|r| r.node_id)
+                .collect();
+            for id in signed {
+                before.note(id, &self.records, &self.adverts);
+                self.remove(id);
             }
         }
         for revocation in &update.revocations {
@@ -291,13 +322,12 @@ impl PeerSet {
         applied
     }
 
-    /// A signer cert: signed by the root; unexpired when `now` is given (from a gateway;
-    /// a cache's certs are kept whatever their age, as their records are).
-    fn admit_signer(&mut self, cert: &SignerCert, now: Option<u64>) -> Result<(), Reject> {
+    /// A signer cert: signed by the root; the highest serial per key wins. An expired one is
+    /// taken too: that is how a signer is revoked, and holding it keeps an older, still
+    /// valid cert of the same key (a stale gateway's) from authorising that key again. Records
+    /// are checked against the held cert's expiry.
+    fn admit_signer(&mut self, cert: &SignerCert) -> Result<(), Reject> {
         cert.verify(&self.root)?;
-        if now.is_some_and(|now| now > cert.not_after) {
-            return Err(Reject::SignerExpired(cert.key_id));
-        }
         match self.signers.get(&cert.key_id) {
             Some(held) if held.serial >= cert.serial => {}
             _ => {
@@ -478,6 +508,16 @@ impl PeerSet {
             .collect()
     }
 
+    /// The `gateway_url` of every gateway record applied at `now` (verified, unrevoked, within
+    /// the [`Grace`] rule), in node id order.
+    pub fn gateway_urls(&self, now: u64, grace: Grace) -> Vec<String> {
+        self.records
+            .values()
+            .filter(|r| r.has_role(Role::Gateway) && grace.keeps(r.not_after, now))
+            .filter_map(|r| r.gateway_url.clone())
+            .collect()
+    }
+
     /// Every record held, expired or not, in node id order.
     pub fn records(&self) -> impl Iterator<Item = &NodeRecord> {
         self.records.values()
@@ -510,6 +550,8 @@ impl PeerSet {
             revocations: self.revocations.values().cloned().collect(),
             adverts: self.adverts.values().cloned().collect(),
             pins: self.pins.values().cloned().collect(),
+            gateways: Vec::new(),
+            gateway: None,
         }
     }
 
@@ -532,7 +574,7 @@ impl PeerSet {
         let mut set = PeerSet::new(root);
         let mut rejected = Vec::new();
         for cert in &cache.signers {
-            if let Err(reject) = set.admit_signer(cert, None) {
+            if let Err(reject) = set.admit_signer(cert) {
                 rejected.push(reject);
             }
         }

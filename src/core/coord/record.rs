@@ -5,6 +5,10 @@
 //! a u16 big-endian length then its bytes or items; an IP address is a family byte (4 or 6)
 //! then its 4 or 16 bytes; a role is one byte (node 0, gateway 1); keys, key ids and a
 //! signature's signer are their raw bytes. The signature itself is not covered.
+//!
+//! A record's optional `gateway_url` is appended after the signer (a u16 length then its bytes)
+//! only when present, so a record without it encodes as before and every signature made
+//! before the field existed still verifies.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -14,6 +18,7 @@ use zeroize::Zeroizing;
 
 use super::b64;
 use super::ids::{KeyId, NodeId, Role, RootKey, check_dns_label};
+use super::token::check_gateway_url;
 use crate::core::peer_diff::PeerKey;
 
 pub const SIGNER_TAG: &[u8] = b"clawnode-signer-v1\0";
@@ -89,6 +94,10 @@ pub struct NodeRecord {
     pub signer: KeyId,
     #[serde(with = "b64::sig")]
     pub sig: [u8; 64],
+    /// Where nodes reach this gateway (`https://<host>[:<port>]`); only on records with role
+    /// gateway. Signed, so nodes learn gateways from the peer set itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_url: Option<String>,
 }
 
 /// A [`NodeRecord`]'s content before signing.
@@ -101,6 +110,7 @@ pub struct RecordFields {
     pub roles: Vec<Role>,
     pub serial: u64,
     pub not_after: u64,
+    pub gateway_url: Option<String>,
 }
 
 /// Withdraws a node: every record of `node_id` with a serial `<= serial`. Kept forever.
@@ -212,6 +222,14 @@ fn check_fields(f: &RecordFields) -> Result<(), Invalid> {
             return Err(malformed("a record repeats a role"));
         }
     }
+    if let Some(url) = &f.gateway_url {
+        if !f.roles.contains(&Role::Gateway) {
+            return Err(malformed(
+                "only a record with role gateway carries a gateway URL",
+            ));
+        }
+        check_gateway_url(url).map_err(|e| malformed(format!("record gateway URL: {}", e.0)))?;
+    }
     Ok(())
 }
 
@@ -232,6 +250,9 @@ fn encode_fields(f: &RecordFields, signer: &KeyId) -> Result<Vec<u8>, Invalid> {
     e.u64(f.serial);
     e.u64(f.not_after);
     e.raw(&signer.0);
+    if let Some(url) = &f.gateway_url {
+        e.str(url, "gateway URL")?;
+    }
     Ok(e.0)
 }
 
@@ -314,6 +335,7 @@ pub fn sign_record(fields: RecordFields, signer_pkcs8: &[u8]) -> Result<NodeReco
         roles,
         serial,
         not_after,
+        gateway_url,
     } = fields;
     Ok(NodeRecord {
         node_id,
@@ -325,6 +347,7 @@ pub fn sign_record(fields: RecordFields, signer_pkcs8: &[u8]) -> Result<NodeReco
         not_after,
         signer,
         sig,
+        gateway_url,
     })
 }
 
@@ -401,6 +424,7 @@ impl NodeRecord {
             roles: self.roles.clone(),
             serial: self.serial,
             not_after: self.not_after,
+            gateway_url: self.gateway_url.clone(),
         }
     }
 

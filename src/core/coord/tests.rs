@@ -47,6 +47,7 @@ fn fields(id: u64, key: u8, address: &str, serial: u64) -> RecordFields {
         roles: vec![Role::Node],
         serial,
         not_after: NOW + 30 * DAY,
+        gateway_url: None,
     }
 }
 
@@ -155,6 +156,7 @@ fn a_record_is_signed_over_the_documented_byte_layout() {
             roles: vec![Role::Node, Role::Gateway],
             serial: 3,
             not_after: 0x0000_0001_0000_0000,
+            gateway_url: None,
         },
         &signer_pkcs8(),
     )
@@ -234,6 +236,74 @@ fn a_fixed_key_and_record_give_a_fixed_signature() {
     let r = record(3, 0x33, "10.100.0.3", 1);
     assert_eq!(r.signer.to_string(), KEY_ID_OF_SEED_2);
     assert_eq!(b64::url_encode(&r.sig), SIG_OF_RECORD_3);
+}
+
+fn gateway_fields(url: &str) -> RecordFields {
+    RecordFields {
+        roles: vec![Role::Node, Role::Gateway],
+        gateway_url: Some(url.into()),
+        ..fields(3, 0x33, "10.100.0.3", 1)
+    }
+}
+
+#[test]
+fn a_gateway_url_is_signed_after_the_signer_only_when_present() {
+    let plain = record(3, 0x33, "10.100.0.3", 1);
+    let mut f = fields(3, 0x33, "10.100.0.3", 1);
+    f.roles = vec![Role::Node, Role::Gateway];
+    let no_url = sign_record(f, &signer_pkcs8()).unwrap();
+    let gw = sign_record(gateway_fields("https://gw1.example:8443"), &signer_pkcs8()).unwrap();
+    let without = hex(&no_url.signed_bytes().unwrap());
+    assert_eq!(
+        hex(&gw.signed_bytes().unwrap()),
+        [without, "0018".into(), hex(b"https://gw1.example:8443")].concat()
+    );
+    // A regression vector for a record with the URL (see the one below without it).
+    assert_eq!(b64::url_encode(&gw.sig), SIG_OF_GATEWAY_RECORD_3);
+    gw.verify(&cert()).unwrap();
+    plain.verify(&cert()).unwrap();
+
+    // The URL cannot be changed, added or stripped without the signer.
+    let mut moved = gw.clone();
+    moved.gateway_url = Some("https://evil.example".into());
+    assert_eq!(moved.verify(&cert()), Err(Invalid::BadSignature));
+    let mut stripped = gw.clone();
+    stripped.gateway_url = None;
+    assert_eq!(stripped.verify(&cert()), Err(Invalid::BadSignature));
+    let mut added = no_url.clone();
+    added.gateway_url = Some("https://gw1.example:8443".into());
+    assert_eq!(added.verify(&cert()), Err(Invalid::BadSignature));
+
+    // JSON: absent without a URL (records and caches read as before), a string with one.
+    let json = serde_json::to_value(&plain).unwrap();
+    assert!(json.get("gateway_url").is_none(), "{json}");
+    let json = serde_json::to_value(&gw).unwrap();
+    assert_eq!(json["gateway_url"], "https://gw1.example:8443");
+    assert_eq!(serde_json::from_value::<NodeRecord>(json).unwrap(), gw);
+}
+
+const SIG_OF_GATEWAY_RECORD_3: &str =
+    "WAVFjDCdgPbdY4bBIPkMhzC2Dox81Fe3IT81WshkoxvQHJnAgCBHMbzlxdguaewdLL9T3Jd6gU_BcZWWQHy0BQ";
+
+#[test]
+fn only_a_gateway_record_carries_a_gateway_url_and_only_an_https_one() {
+    let mut on_a_node = gateway_fields("https://gw1.example");
+    on_a_node.roles = vec![Role::Node];
+    for f in [
+        on_a_node,
+        gateway_fields("http://gw1.example"),
+        gateway_fields("https://gw1.example/v1"),
+        gateway_fields(&format!("https://{}.example", "a".repeat(300))),
+    ] {
+        assert!(
+            matches!(
+                sign_record(f.clone(), &signer_pkcs8()),
+                Err(SignError::Malformed(_))
+            ),
+            "{f:?}"
+        );
+    }
+    assert!(sign_record(gateway_fields("https://[2001:db8::1]:443"), &signer_pkcs8()).is_ok());
 }
 
 const KEY_ID_OF_SEED_2: &str = "6a3803d5f059902a";
@@ -415,7 +485,92 @@ fn a_record_from_a_signer_the_root_did_not_authorise_is_not_a_peer() {
 }
 
 #[test]
-fn an_expired_signer_cert_from_a_gateway_is_refused() {
+fn a_peer_set_lists_the_urls_of_its_live_unrevoked_gateway_records() {
+    let mut set = PeerSet::new(root());
+    let mut gw2 = gateway_fields("https://gw2.example");
+    gw2.node_id = NodeId(2);
+    gw2.name = "gw-2".into();
+    gw2.wg_key = PeerKey([0x22; 32]);
+    gw2.addresses = vec![ip("10.100.0.2")];
+    let mut old = gateway_fields("https://gw5.example");
+    old.node_id = NodeId(5);
+    old.wg_key = PeerKey([0x55; 32]);
+    old.addresses = vec![ip("10.100.0.5")];
+    old.not_after = NOW - 1;
+    set.apply(
+        &snapshot(vec![
+            sign_record(gw2, &signer_pkcs8()).unwrap(),
+            sign_record(gateway_fields("https://gw3.example"), &signer_pkcs8()).unwrap(),
+            record(4, 0x44, "10.100.0.4", 1),
+            sign_record(old, &signer_pkcs8()).unwrap(),
+        ]),
+        NOW - 10,
+    );
+    assert_eq!(
+        set.gateway_urls(NOW, Grace::Live),
+        ["https://gw2.example", "https://gw3.example"]
+    );
+    let mut up = update(UpdateKind::Delta, 2);
+    up.revocations = vec![sign_revocation(NodeId(2), 1, &signer_pkcs8()).unwrap()];
+    set.apply(&up, NOW);
+    assert_eq!(set.gateway_urls(NOW, Grace::Live), ["https://gw3.example"]);
+}
+
+#[test]
+fn a_revoked_signers_records_are_dropped_at_once_even_offline_and_never_come_back() {
+    let mut set = PeerSet::new(root());
+    let gw2_key = public_key_of_pkcs8(&seed_key(3)).unwrap();
+    let gw2 = sign_signer(gw2_key, "gw-2", 1, NOW + 3650 * DAY, &root_pkcs8()).unwrap();
+    let by_gw2 = sign_record(fields(4, 0x44, "10.100.0.4", 1), &seed_key(3)).unwrap();
+    let mut up = snapshot(vec![record(3, 0x33, "10.100.0.3", 1), by_gw2.clone()]);
+    up.signers.push(gw2.clone());
+    set.apply(&up, NOW);
+    assert_eq!(live(&set), vec![3, 4]);
+
+    // `gateway signer revoke`: the same key re-issued with serial 2, already expired.
+    let revoked = sign_signer(gw2_key, "gw-2", 2, NOW - 1, &root_pkcs8()).unwrap();
+    let mut up = update(UpdateKind::Delta, 2);
+    up.signers = vec![revoked.clone()];
+    let applied = set.apply(&up, NOW);
+    assert_eq!(applied.removed, vec![NodeId(4)]);
+    assert_eq!(applied.rejected, vec![]);
+    let offline = Grace::Offline {
+        since: NOW,
+        grace: DEFAULT_OFFLINE_GRACE_S,
+    };
+    assert_eq!(ids(&set.peers(NOW + 1, offline)), vec![3]);
+
+    // The old, still valid cert (a stale gateway) does not authorise the key again, nor
+    // does a record it signed, from a gateway or from the cache.
+    let mut stale = delta(vec![by_gw2.clone()]);
+    stale.signers = vec![gw2.clone()];
+    let applied = set.apply(&stale, NOW + 2);
+    assert_eq!(
+        applied.rejected[0].1,
+        Reject::SignerExpired(gw2.key_id),
+        "{applied:?}"
+    );
+    assert_eq!(live(&set), vec![3]);
+    let mut cache = set.to_cache(
+        Cursor {
+            store_id: 0xab,
+            rev: 3,
+        },
+        NOW,
+    );
+    assert_eq!(
+        cache.signers.iter().find(|c| c.key_id == gw2.key_id),
+        Some(&revoked)
+    );
+    cache.records.push(by_gw2);
+    let (loaded, _) = PeerSet::from_cache(root(), &cache).unwrap();
+    let mut again = loaded.clone();
+    again.apply(&up, NOW + 3);
+    assert_eq!(ids(&again.peers(NOW + 3, offline)), vec![3]);
+}
+
+#[test]
+fn records_of_a_signer_whose_cert_expired_are_refused_from_a_gateway() {
     let mut set = PeerSet::new(root());
     let key = public_key_of_pkcs8(&seed_key(3)).unwrap();
     let old = sign_signer(key, "gw-2", 1, NOW - 1, &root_pkcs8()).unwrap();

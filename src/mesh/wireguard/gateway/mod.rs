@@ -7,6 +7,11 @@
 //! polls `GET /v1/peers` with the cursor, applies each answer through `core::coord::PeerSet`,
 //! writes the cache atomically and asks the mesh to reconcile. With every gateway down the
 //! node keeps its peers, runs on the cache and retries with full-jitter backoff.
+//!
+//! Gateways are learned from each answer's list, the signed peer set (gateway records carry
+//! their URL) and the bootstrap URLs of the session, and kept in the cache with the one that
+//! answered last, so a node restarted while that gateway is down tries the others. Failing
+//! over keeps the cursor: any gateway of the cluster resumes it.
 
 pub mod client;
 pub mod tls;
@@ -29,7 +34,9 @@ use crate::core::{Failure, Retry};
 use crate::mesh::Recheck;
 use crate::mesh::live::GatewayDoc;
 
-use crate::core::coord::client::{AdvertContent, Adverts, GwPeer, Rotation, retry_delay};
+use crate::core::coord::client::{
+    AdvertContent, Adverts, GwPeer, Rotation, known_gateways, retry_delay,
+};
 pub use client::{Answer, CallError, GatewayClient, Raw};
 
 /// How long a node without a cache waits for its first peer set before it reports ready.
@@ -170,6 +177,11 @@ struct Inner {
     problems: Vec<String>,
     services: Vec<(String, u16)>,
     gpus: Option<(u32, String, u64)>,
+    /// The gateways known (the rotation's list) and the one polled now.
+    gateways: Vec<String>,
+    current: Option<String>,
+    /// The session's URLs (config or token): always known.
+    bootstrap: Vec<String>,
 }
 
 impl Shared {
@@ -242,6 +254,8 @@ impl Shared {
                 .count(),
             snapshots: inner.snapshots,
             deltas: inner.deltas,
+            gateways: inner.gateways.clone(),
+            current: inner.current.clone(),
         }
     }
 
@@ -351,6 +365,7 @@ impl Coordinator {
                 .await
                 .unwrap_or_else(|e| Err(format!("loading the peer cache failed: {e}")))
         };
+        let mut cached_gateways = (Vec::new(), None);
         let (set, cursor, mode, since) = match loaded {
             Ok(Some((set, file, rejected))) => {
                 for problem in &rejected {
@@ -365,6 +380,7 @@ impl Coordinator {
                 // answer "nothing changed", so ask for a snapshot instead.
                 let cursor = rejected.is_empty().then_some(file.cursor);
                 problems.extend(rejected);
+                cached_gateways = (file.gateways, file.gateway);
                 (set, cursor, Mode::Cached, file.saved_at)
             }
             Ok(None) => (PeerSet::new(session.root), None, Mode::Joining, now),
@@ -374,6 +390,21 @@ impl Coordinator {
                 (PeerSet::new(session.root), None, Mode::Joining, now)
             }
         };
+        // Offline start: the gateways of the cache (incl. the one that answered last), those
+        // the cached set signs for, then the session's.
+        let signed = set.gateway_urls(
+            now,
+            Grace::Offline {
+                since,
+                grace: grace_s,
+            },
+        );
+        let (cached, last_good) = cached_gateways;
+        let rotation = Rotation::new(
+            known_gateways([&cached[..], &signed, &session.gateways]),
+            last_good,
+            fastrand::u64(..),
+        );
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 set,
@@ -389,6 +420,9 @@ impl Coordinator {
                 problems,
                 services: Vec::new(),
                 gpus: gpus.borrow().clone(),
+                gateways: rotation.urls().to_vec(),
+                current: rotation.current().map(str::to_owned),
+                bootstrap: session.gateways.clone(),
             }),
             advert_changed: tokio::sync::Notify::new(),
         });
@@ -396,7 +430,7 @@ impl Coordinator {
         client.set_session(session.session.bearer().as_str());
         let poller = Poller {
             client,
-            rotation: Rotation::new(session.gateways.clone(), None, fastrand::u64(..)),
+            rotation,
             adverts: Adverts::default(),
             shared: Arc::clone(&shared),
             cache,
@@ -472,11 +506,10 @@ async fn join(
         match client.join(url, &request).await {
             Ok(answer) => {
                 let joined = answer.body;
-                let gateways = if joined.gateways.is_empty() {
-                    token.urls.clone()
-                } else {
-                    joined.gateways.clone()
-                };
+                // The token's URLs stay known beside the gateways alive now: one of those it
+                // names may be down only for the moment.
+                let answered = [url.clone()];
+                let gateways = known_gateways([&answered[..], &joined.gateways, &token.urls]);
                 let address = joined
                     .record
                     .addresses
@@ -517,16 +550,36 @@ async fn join(
     ))
 }
 
+/// The gateways a node knows without contacting one: the one that answered last and the
+/// others its cache lists, then the session's. Only that part of the cache is read (no
+/// signature checks: a gateway still has to prove the cluster's CA).
+pub fn known_gateway_urls(state_dir: &Path, session: &SessionFile) -> Vec<String> {
+    #[derive(Deserialize, Default)]
+    struct Known {
+        #[serde(default)]
+        gateways: Vec<String>,
+        #[serde(default)]
+        gateway: Option<String>,
+    }
+    let known: Known = std::fs::read(cache_path(state_dir))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
+    let last: Vec<String> = known.gateway.into_iter().collect();
+    known_gateways([&last[..], &known.gateways, &session.gateways])
+}
+
 /// `services discover` through the gateways: every instance of `service` in one request, from
-/// the first gateway of the session that answers.
+/// the first of `gateways` (see [`known_gateway_urls`]) that answers.
 pub async fn discover(
     session: &SessionFile,
+    gateways: &[String],
     service: &str,
 ) -> Result<Vec<ServiceInstance>, CallError> {
     let mut client = GatewayClient::new(session.root.0);
     client.set_session(session.session.bearer().as_str());
     let mut last = None;
-    for url in &session.gateways {
+    for url in gateways {
         match client.services(url, service).await {
             Ok(answer) => return Ok(answer.body.services),
             Err(error) => last = Some(error),
@@ -633,6 +686,7 @@ fn left_out(url: &str, rejected: &[(String, Reject)]) -> Vec<String> {
 
 /// What applying one answer changed, for the poll task to act on.
 struct Absorbed {
+    /// Every gateway known now, the one that answered first.
     gateways: Vec<String>,
     touched: bool,
     came_back: bool,
@@ -650,9 +704,14 @@ async fn apply_answer(
     raw: Raw,
     now: u64,
 ) -> Result<Absorbed, CallError> {
-    let (prior, was_live) = {
+    let (prior, was_live, prior_gateways, bootstrap) = {
         let inner = shared.lock();
-        (inner.cursor, inner.mode == Mode::Live)
+        (
+            inner.cursor,
+            inner.mode == Mode::Live,
+            inner.gateways.clone(),
+            inner.bootstrap.clone(),
+        )
     };
     let worker = {
         let shared = Arc::clone(shared);
@@ -663,13 +722,21 @@ async fn apply_answer(
             let mut set = shared.lock().set.clone();
             let applied = set.apply(&update, now);
             let cursor = keep_cursor(&update, &applied.rejected);
+            let answered = [url.clone()];
+            let signed = set.gateway_urls(now, Grace::Live);
+            let gateways = known_gateways([&answered[..], &update.gateways, &signed, &bootstrap]);
+            // Written when the cursor moved, and when the gateways did (presence is no change).
             let cache = cursor
-                .filter(|c| prior != Some(*c) || !was_live)
-                .map(|c| set.to_cache(c, now));
-            Ok::<_, CallError>((update, set, applied, cursor, cache))
+                .filter(|c| prior != Some(*c) || !was_live || gateways != prior_gateways)
+                .map(|c| CacheFile {
+                    gateways: gateways.clone(),
+                    gateway: Some(url.clone()),
+                    ..set.to_cache(c, now)
+                });
+            Ok::<_, CallError>((update, set, applied, cursor, cache, gateways))
         }
     };
-    let (update, set, applied, cursor, cache) = tokio::task::spawn_blocking(worker)
+    let (update, set, applied, cursor, cache, gateways) = tokio::task::spawn_blocking(worker)
         .await
         .map_err(|e| CallError::transient(format!("gateway {url}: applying the answer: {e}")))??;
     for (what, why) in &applied.rejected {
@@ -695,9 +762,12 @@ async fn apply_answer(
     }
     inner.answered_at = Some(now);
     inner.url = Some(url.to_string());
+    // Status sees the answering gateway and its list together (the rotation follows).
+    inner.current = Some(url.to_string());
+    inner.gateways.clone_from(&gateways);
     drop(inner);
     Ok(Absorbed {
-        gateways: update.gateways,
+        gateways,
         touched: applied.touched(),
         came_back,
         cache,
@@ -756,12 +826,17 @@ impl Poller {
                 Ok(()) => {
                     attempt = 0;
                     self.rotation.succeeded(fastrand::u64(..));
+                    self.publish();
                     send_advert(&self.client, &mut self.adverts, &self.source, &url).await;
                 }
                 Err(error) => {
                     attempt = attempt.saturating_add(1);
                     self.failed(&url, &error);
                     self.rotation.failed(fastrand::u64(..));
+                    self.publish();
+                    if let Some(next) = self.rotation.current() {
+                        tracing::info!(component = "gateway-client", failed = %url, next = %next, "trying the next gateway with the same cursor");
+                    }
                     let delay = retry_delay(attempt, fastrand::u32(..), error.retry_after);
                     tokio::time::sleep(delay).await;
                 }
@@ -845,6 +920,15 @@ impl AdvertSource {
 }
 
 impl Poller {
+    /// The rotation's list and current gateway, for status.
+    fn publish(&self) {
+        let mut inner = self.shared.lock();
+        if inner.gateways != self.rotation.urls() {
+            inner.gateways = self.rotation.urls().to_vec();
+        }
+        inner.current = self.rotation.current().map(str::to_owned);
+    }
+
     async fn applied(&mut self, url: &str, answer: Answer<Raw>) -> Result<(), CallError> {
         let done = apply_answer(&self.shared, url, answer.body, unix_now()).await?;
         if !done.gateways.is_empty() {

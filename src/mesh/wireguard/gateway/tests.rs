@@ -61,6 +61,7 @@ impl Cluster {
                 roles: vec![Role::Node],
                 serial,
                 not_after: self.not_after,
+                gateway_url: None,
             },
             &self.signer_pkcs8,
         )
@@ -107,6 +108,8 @@ struct Gateway {
     update: Arc<Mutex<Update>>,
     /// Served instead of `update` to a poll without a cursor, when set.
     full: Arc<Mutex<Option<Update>>>,
+    /// The accept loop: aborted, the port is closed (new connections are refused).
+    accept: tokio::task::JoinHandle<()>,
 }
 
 /// An HTTPS gateway on loopback under `cluster`'s root key. It assigns node 3 the address
@@ -137,7 +140,7 @@ async fn gateway(cluster: &Cluster, update: Update) -> Gateway {
         gateways: vec![format!("https://{addr}")],
     };
     let (seen2, update2, full2) = (Arc::clone(&seen), Arc::clone(&update), Arc::clone(&full));
-    tokio::spawn(async move {
+    let accept = tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
@@ -204,6 +207,16 @@ async fn gateway(cluster: &Cluster, update: Update) -> Gateway {
                                 } else {
                                     (StatusCode::OK, serde_json::to_vec(&current).unwrap())
                                 }
+                            } else if let Some(name) = path.strip_prefix("/v1/services/") {
+                                let answer = coord::ServiceAnswer {
+                                    services: vec![ServiceInstance {
+                                        name: name.to_string(),
+                                        node: "node-1".into(),
+                                        address: "10.100.0.1".parse().unwrap(),
+                                        port: 8443,
+                                    }],
+                                };
+                                (StatusCode::OK, serde_json::to_vec(&answer).unwrap())
                             } else if path == "/v1/self" {
                                 let advert: Advert = serde_json::from_slice(&body).unwrap();
                                 let mut seen = seen.lock().unwrap();
@@ -248,6 +261,7 @@ async fn gateway(cluster: &Cluster, update: Update) -> Gateway {
         seen,
         update,
         full,
+        accept,
     }
 }
 
@@ -536,6 +550,7 @@ async fn status_keeps_answering_while_a_large_snapshot_is_verified() {
                     roles: vec![Role::Node],
                     serial: 1,
                     not_after: cluster.not_after,
+                    gateway_url: None,
                 },
                 &cluster.signer_pkcs8,
             )
@@ -564,6 +579,9 @@ async fn status_keeps_answering_while_a_large_snapshot_is_verified() {
             problems: Vec::new(),
             services: Vec::new(),
             gpus: None,
+            gateways: Vec::new(),
+            current: None,
+            bootstrap: Vec::new(),
         }),
         advert_changed: tokio::sync::Notify::new(),
     });
@@ -713,6 +731,108 @@ async fn a_restarted_node_runs_on_its_cached_peers_while_no_gateway_answers() {
 }
 
 #[tokio::test]
+async fn a_node_restarted_while_its_gateways_are_down_fails_over_to_one_it_learned_with_its_cursor()
+{
+    let cluster = cluster();
+    // Three gateways serve one store (one cursor). The node joins through gateway 1 and learns
+    // gateway 2 from the signed record of gateway 2's own node, gateway 3 from the answer's
+    // list of live gateways.
+    let gw2 = gateway(&cluster, cluster.snapshot(1, &[1, 3])).await;
+    let gw3 = gateway(&cluster, cluster.snapshot(1, &[1, 3])).await;
+    let gw2_record = coord::sign_record(
+        RecordFields {
+            roles: vec![Role::Node, Role::Gateway],
+            gateway_url: Some(gw2.url.clone()),
+            ..cluster.record(2).fields()
+        },
+        &cluster.signer_pkcs8,
+    )
+    .unwrap();
+    let mut first = cluster.snapshot(1, &[1, 3]);
+    first.records.push(gw2_record);
+    first.gateways = vec![gw3.url.clone()];
+    *gw2.update.lock().unwrap() = first.clone();
+    *gw3.update.lock().unwrap() = first.clone();
+    let gw1 = gateway(&cluster, first).await;
+    let (dir, token_file) = joined_then_stopped(&cluster, &gw1.url).await;
+    let cache: CacheFile =
+        serde_json::from_slice(&std::fs::read(cache_path(dir.path())).unwrap()).unwrap();
+    assert_eq!(
+        cache.gateways,
+        [gw1.url.clone(), gw3.url.clone(), gw2.url.clone()]
+    );
+    assert_eq!(cache.gateway.as_deref(), Some(gw1.url.as_str()));
+
+    // Gateways 1 and 2 go down; only the cache still names gateway 3.
+    gw1.accept.abort();
+    gw2.accept.abort();
+    let (recheck, _rechecks) = Recheck::channel();
+    let again = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck, no_gpus())
+        .await
+        .unwrap()
+        .unwrap();
+    until("the answer of gateway 3", || {
+        again.shared.doc(unix_now()).url.as_deref() == Some(gw3.url.as_str())
+    })
+    .await;
+    let doc = again.shared.doc(unix_now());
+    assert_eq!(doc.state, "live");
+    assert_eq!(
+        doc.gateways,
+        [gw3.url.clone(), gw2.url.clone(), gw1.url.clone()]
+    );
+    assert_eq!(doc.current.as_deref(), Some(gw3.url.as_str()));
+    assert_eq!(doc.snapshots, 0, "resumed with the cached cursor: {doc:?}");
+    let (polls, fresh_polls) = {
+        let seen = gw3.seen.lock().unwrap();
+        (seen.polls, seen.fresh_polls)
+    };
+    assert!(polls >= 1);
+    assert_eq!(fresh_polls, 0, "gateway 3 never sent a snapshot");
+    assert_eq!(names(&again.shared), ["node-1", "node-2"]);
+    // The cache is written just after the answer is applied.
+    until("the cache to name gateway 3", || {
+        std::fs::read(cache_path(dir.path()))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<CacheFile>(&b).ok())
+            .is_some_and(|c| c.gateway.as_deref() == Some(gw3.url.as_str()))
+    })
+    .await;
+    drop(again);
+
+    // `services discover` also finds gateway 3 while the session's gateway is down.
+    let session = load_session(dir.path()).unwrap().unwrap();
+    assert_eq!(session.gateways, std::slice::from_ref(&gw1.url));
+    let known = known_gateway_urls(dir.path(), &session);
+    assert_eq!(known[0], gw3.url, "the last that answered first: {known:?}");
+    let found = discover(&session, &known, "molt-provider").await.unwrap();
+    assert_eq!(found[0].node, "node-1");
+}
+
+#[tokio::test]
+async fn a_node_keeps_every_gateway_of_its_token_beside_those_the_join_answer_lists() {
+    let cluster = cluster();
+    let gw = gateway(&cluster, cluster.snapshot(1, &[1, 3])).await;
+    let down = "https://127.0.0.1:9".to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let token = JoinToken {
+        id: TokenId([9; 8]),
+        secret: Secret32([4; 32]),
+        root: cluster.root,
+        urls: vec![down.clone(), gw.url.clone()],
+    };
+    std::fs::write(&token_file, token.to_string()).unwrap();
+    let (recheck, _rechecks) = Recheck::channel();
+    let node = Coordinator::start(&config(dir.path(), &token_file), &me(), recheck, no_gpus())
+        .await
+        .unwrap()
+        .unwrap();
+    // The join answer lists only the gateway that answered; the one down stays known.
+    assert_eq!(node.session.gateways, [gw.url.clone(), down]);
+}
+
+#[tokio::test]
 async fn a_tampered_peer_cache_is_refused_before_its_peers_are_applied() {
     let cluster = cluster();
     let mut set = PeerSet::new(cluster.root);
@@ -841,7 +961,9 @@ async fn nodes_joining_the_real_gateway_see_each_other_find_services_in_one_requ
     b.shared.set_services(vec![("molt-provider".into(), 8443)]);
     let mut found = Vec::new();
     for _ in 0..100 {
-        found = discover(&a.session, "molt-provider").await.unwrap();
+        found = discover(&a.session, &a.session.gateways, "molt-provider")
+            .await
+            .unwrap();
         if !found.is_empty() {
             break;
         }
