@@ -1558,6 +1558,10 @@ impl Store for EtcdStore {
         Ok(rev)
     }
 
+    async fn session(&self, node: NodeId) -> Result<Option<[u8; 32]>, StoreError> {
+        Ok(EtcdStore::session(self, node))
+    }
+
     async fn sessions(&self) -> Result<Vec<(NodeId, [u8; 32])>, StoreError> {
         let mirror = self.shared.mirror();
         Ok(mirror

@@ -245,14 +245,14 @@ async fn handle<S: Store>(
             wait,
             gzip,
         } => {
-            if let Err(refusal) = authorised(&gateway.view, &session) {
+            if let Err(refusal) = authorised(gateway, &session).await {
                 return refusal_response(&refusal);
             }
             let encoded = poll(&gateway.view, cursor, wait).await;
             send_update(&gateway.view, &encoded, gzip)
         }
         Request::PutSelf { session, advert } => {
-            if let Err(refusal) = authorised(&gateway.view, &session) {
+            if let Err(refusal) = authorised(gateway, &session).await {
                 return refusal_response(&refusal);
             }
             match gateway.store.put_advert(advert).await {
@@ -277,7 +277,7 @@ async fn handle<S: Store>(
             }
         }
         Request::Services { session, name } => {
-            if let Err(refusal) = authorised(&gateway.view, &session) {
+            if let Err(refusal) = authorised(gateway, &session).await {
                 return refusal_response(&refusal);
             }
             let answer = gateway.view.services(&name);
@@ -287,7 +287,7 @@ async fn handle<S: Store>(
             )
         }
         Request::Status { session } => {
-            if let Err(refusal) = authorised(&gateway.view, &session) {
+            if let Err(refusal) = authorised(gateway, &session).await {
                 return refusal_response(&refusal);
             }
             json_response(200, Bytes::from(status_json(&gateway.view)))
@@ -295,8 +295,17 @@ async fn handle<S: Store>(
     }
 }
 
-fn authorised(view: &View, session: &Session) -> Result<(), Refusal> {
-    if view.session_valid(session.node_id, &session.secret.hash()) {
+async fn authorised<S: Store>(gateway: &Gateway<S>, session: &Session) -> Result<(), Refusal> {
+    let hash = session.secret.hash();
+    if gateway.view.session_valid(session.node_id, &hash) {
+        return Ok(());
+    }
+    // The view learns other gateways' joins from the feed a moment later, and a node that
+    // joined again elsewhere has a new session: the store is the authority.
+    if let Ok(Some(stored)) = gateway.store.session(session.node_id).await
+        && constant_time_eq(&stored, &hash)
+    {
+        gateway.view.add_session(session.node_id, stored);
         return Ok(());
     }
     Err(Refusal {
@@ -304,6 +313,10 @@ fn authorised(view: &View, session: &Session) -> Result<(), Refusal> {
         error: "unknown or revoked session: join again with a new token".to_owned(),
         retry: false,
     })
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// What a session with `cursor` is owed, waiting up to `wait` for a change when it is current.
@@ -323,6 +336,14 @@ pub async fn poll(
             .await
             .is_err()
         {
+            // Still ahead after the whole wait: the store went back (a restored backup), not
+            // another gateway a moment ahead. Only a snapshot brings the node back in step.
+            if let Some(c) = cursor
+                && c.store_id == view.store_id()
+                && c.rev > view.head()
+            {
+                return view.snapshot();
+            }
             // Current all along: an empty delta with the same cursor.
             view.counters.empty_polls.fetch_add(1, Ordering::Relaxed);
             return view.empty(cursor.map_or(0, |c| c.rev));

@@ -472,6 +472,20 @@ impl SqliteStore {
             .collect())
     }
 
+    pub fn session_blocking(&self, node: NodeId) -> Result<Option<[u8; 32]>, StoreError> {
+        let hash: Option<Vec<u8>> = self
+            .with(|conn| {
+                conn.query_row(
+                    "SELECT session_hash FROM nodes WHERE node_id = ?1 AND revoked = 0 AND session_hash IS NOT NULL",
+                    params![node.0 as i64],
+                    |r| r.get(0),
+                )
+                .optional()
+            })
+            .map_err(db_err)?;
+        Ok(hash.and_then(|h| h.try_into().ok()))
+    }
+
     /// Drop changes older than both `keep` changes and `keep_for_s` seconds; returns how many.
     pub fn compact_blocking(
         &self,
@@ -856,6 +870,10 @@ impl Store for SqliteStore {
 
     async fn sessions(&self) -> Result<Vec<(NodeId, [u8; 32])>, StoreError> {
         self.blocking(|s| s.sessions_blocking()).await
+    }
+
+    async fn session(&self, node: NodeId) -> Result<Option<[u8; 32]>, StoreError> {
+        self.blocking(move |s| s.session_blocking(node)).await
     }
 
     async fn create_token(&self, token: NewToken) -> Result<(), StoreError> {

@@ -198,6 +198,11 @@ pub trait Store: Send + Sync + 'static {
     fn put_signer(&self, cert: SignerCert) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// The session hashes of the nodes not revoked, to authenticate their requests.
     fn sessions(&self) -> impl Future<Output = Result<Vec<(NodeId, [u8; 32])>, StoreError>> + Send;
+    /// One node's session hash, `None` when it is revoked or unknown.
+    fn session(
+        &self,
+        node: NodeId,
+    ) -> impl Future<Output = Result<Option<[u8; 32]>, StoreError>> + Send;
     /// Drop changes past what must be kept (`KEEP_CHANGES`, `KEEP_CHANGES_FOR_S`).
     fn compact(&self, now: u64) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// Admin: record a join token by its hash (the token itself is never stored).

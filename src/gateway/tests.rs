@@ -1373,14 +1373,6 @@ async fn a_cursor_ahead_of_the_view_waits_for_it_and_never_gets_a_snapshot() {
         rev: 5,
     };
     assert!(view.answer(Some(ahead)).is_none(), "waits, no snapshot");
-    let empty = decode(
-        &super::server::poll(&view, Some(ahead), Duration::from_millis(100))
-            .await
-            .json,
-    );
-    assert_eq!(empty.kind, UpdateKind::Delta);
-    assert_eq!(empty.cursor, ahead, "its own cursor back");
-    assert!(empty.records.is_empty());
     // The view catches up past it: only what came after 5.
     let poll = {
         let view = Arc::clone(&view);
@@ -1520,6 +1512,7 @@ fn a_signer_added_then_revoked_has_its_records_re_signed_first_and_its_cert_expi
                 roles: vec![Role::Node],
                 serial,
                 not_after: NOW + 1000,
+                gateway_url: None,
             },
             &pkcs8,
         )
@@ -1575,6 +1568,8 @@ fn a_signer_added_then_revoked_has_its_records_re_signed_first_and_its_cert_expi
         status.store_id,
         format!("{:016x}", super::Store::store_id(&store))
     );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateways_own_record_carries_its_signed_url_through_re_signing_and_a_nodes_does_not() {
     let h = harness(8).await;
@@ -1652,4 +1647,63 @@ async fn a_started_gateway_signs_its_public_url_into_its_own_record() {
         .find(|r| r.has_role(Role::Gateway))
         .unwrap();
     assert_eq!(own.gateway_url.as_deref(), Some("https://203.0.113.1:8443"));
+}
+
+#[tokio::test]
+async fn a_cursor_still_ahead_after_the_whole_wait_gets_a_snapshot_as_after_a_restored_backup() {
+    let view = view_at(3);
+    let ahead = Cursor {
+        store_id: STORE_ID,
+        rev: 9,
+    };
+    let answer = decode(
+        &super::server::poll(&view, Some(ahead), Duration::from_millis(100))
+            .await
+            .json,
+    );
+    assert_eq!(answer.kind, UpdateKind::Snapshot);
+    assert_eq!(answer.cursor.rev, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_joined_again_through_another_gateway_polls_this_one_with_its_new_session() {
+    let h = harness(64).await;
+    let secret = token(&h.store, TOKEN_ID, 2, super::unix_now() + 3600);
+    let (status, body) = h.join(TOKEN_ID, &secret, "gpu-1", 1).await;
+    assert_eq!(status, 200);
+    let first: JoinResponse = serde_json::from_slice(&body).unwrap();
+    // Its answer was lost: the same join again through another gateway (another process on
+    // this store) gives the same node a new session, which this gateway's view has not seen.
+    let elsewhere = SqliteStore::open(&h._dir.path().join("store.sqlite")).unwrap();
+    let again = coord::Session {
+        node_id: first.session.node_id,
+        secret: Secret32(super::random_32()),
+    };
+    let mut retry = txn(Some((TOKEN_ID, &secret)), "gpu-1", 1, super::unix_now());
+    retry.session_hash = again.secret.hash();
+    let rejoined = elsewhere.join_blocking(retry).unwrap();
+    assert_eq!(rejoined.record.node_id, first.session.node_id);
+    let (status, _, body) = h
+        .call(
+            "GET",
+            "/v1/peers",
+            Some(&again.bearer().to_string()),
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    // A wrong secret is still refused.
+    let wrong = coord::Session {
+        node_id: first.session.node_id,
+        secret: Secret32([7; 32]),
+    };
+    let (status, _, _) = h
+        .call(
+            "GET",
+            "/v1/peers",
+            Some(&wrong.bearer().to_string()),
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(status, 401);
 }
