@@ -70,6 +70,7 @@ fn sign(name: &str, key: PeerKey) -> SignFn {
                 roles: vec![Role::Node],
                 serial,
                 not_after: NOW + 1000,
+                gateway_url: None,
             },
             &pkcs8,
         )
