@@ -1,0 +1,501 @@
+//! Several gateways on one etcd cluster, for real: a three-member etcd (Debian's etcd-server)
+//! inside the lab's switch namespace at `support::gateway::ETCD_IP`, on the bridge every host is
+//! plugged into; gateways on hosts 0, 1 (and 2) with `[gateway] store = "etcd"`, host 0 set up by
+//! `gateway init`, the others by `gateway signer add` run on host 0; members given nothing but
+//! a join token. Real binary, userspace WireGuard, real packets. Needs root and etcd; skipped
+//! (with a note) otherwise, unless `CLAWNODE_REQUIRE_ETCD` is set (tests/run-all.sh).
+//!
+//! Figures (time to resume on another gateway) are printed; run with `--nocapture`.
+
+use std::time::{Duration, Instant};
+
+use crate::support::Node;
+use crate::support::etcd::EtcdCluster;
+use crate::support::gateway::{
+    self, Host, Pinger, cli_in, cli_ok_in, create_token_in, device_peers, etcd_gateway_config,
+    gateway_mesh_ip, gateway_url, lab_etcd, ms, start_etcd_gateways, start_member, time_until,
+    wait_for_device, with_urls,
+};
+use crate::support::lab::{self, Lab};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Whether to skip (saying why): no root, or no etcd where the run does not require it.
+fn skip() -> bool {
+    if let Err(why) = lab::available() {
+        eprintln!("skipped: {why}");
+        return true;
+    }
+    EtcdCluster::missing()
+}
+
+/// An etcd cluster in a lab, gateways on hosts `0..gateways`, members on the next `members`
+/// hosts (joined through gateway 0), every host with every peer on its device; the hosts after
+/// them are left free for the test.
+struct Mesh {
+    // Dropped in this order: daemons first, then etcd, then the namespaces.
+    hosts: Vec<Host>,
+    etcd: EtcdCluster,
+    lab: Lab,
+    gateways: usize,
+}
+
+impl Mesh {
+    fn start(total: usize, gateways: usize, members: usize) -> Mesh {
+        let lab = Lab::new(total);
+        let etcd = lab_etcd(&lab);
+        let endpoints = etcd.endpoints();
+        let mut hosts = start_etcd_gateways(&lab, gateways, |i, d| {
+            etcd_gateway_config(&lab, i, d, &endpoints)
+        });
+        for i in gateways..gateways + members {
+            let token = create_token_in(lab.ns(0), &hosts[0].node, &[]);
+            hosts.push(start_member(&lab, i, &token));
+        }
+        let mesh = Mesh {
+            hosts,
+            etcd,
+            lab,
+            gateways,
+        };
+        for i in 0..mesh.hosts.len() {
+            mesh.node(i).recv_until("READY=1", WAIT);
+        }
+        for i in 0..mesh.hosts.len() {
+            mesh.wait_for_all_peers(i);
+        }
+        mesh
+    }
+
+    fn node(&self, i: usize) -> &Node {
+        &self.hosts[i].node
+    }
+
+    /// `clawnode <args>` on host `i`'s config, in its namespace (where etcd is reachable).
+    fn cli(&self, i: usize, args: &[&str]) -> String {
+        cli_ok_in(self.lab.ns(i), self.node(i), args)
+    }
+
+    /// A one-use join token made on gateway host `i`.
+    fn token(&self, i: usize) -> String {
+        create_token_in(self.lab.ns(i), self.node(i), &[])
+    }
+
+    /// `gateway status --json` on host `i`.
+    fn gateway_status(&self, i: usize) -> serde_json::Value {
+        let text = self.cli(i, &["gateway", "status", "--json"]);
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("gateway status --json ({e}): {text}"))
+    }
+
+    /// Every other host started so far (a killed gateway's record stays: it is not revoked).
+    fn expected_peers(&self, i: usize, except: &[usize]) -> Vec<String> {
+        let mut keys: Vec<String> = (0..self.hosts.len())
+            .filter(|&j| j != i && !except.contains(&j))
+            .map(|j| self.hosts[j].key.clone())
+            .collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    fn wait_for_all_peers(&self, i: usize) {
+        wait_for_device(
+            &self.lab,
+            i,
+            self.node(i),
+            &self.expected_peers(i, &[]),
+            WAIT,
+        );
+    }
+
+    fn mesh_ip(&self, i: usize) -> String {
+        if i < self.gateways {
+            return gateway_mesh_ip(i);
+        }
+        gateway::mesh_address(self.node(i))
+    }
+
+    /// Every host in `among` pings every other one through the tunnel (three tries a pair:
+    /// a lost first handshake initiation is only retried by WireGuard after 5 s).
+    fn ping_all(&self, among: &[usize]) {
+        let ips: Vec<String> = among.iter().map(|&i| self.mesh_ip(i)).collect();
+        for (a, &i) in among.iter().enumerate() {
+            for (b, &j) in among.iter().enumerate() {
+                if a != b {
+                    assert!(
+                        (0..3).any(|_| self.lab.ping(i, &ips[b], 5)),
+                        "host {i} cannot ping host {j} at {}\n{}",
+                        ips[b],
+                        self.node(i).stderr()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Gateway `g`'s `GET /v1/status`, asked from host `via` with its session.
+    fn counters(&self, g: usize, via: usize) -> serde_json::Value {
+        gateway::v1_status(
+            self.lab.ns(via),
+            &gateway_url(&self.lab, g),
+            &self.node(0).path("state/gateway/ca.pem"),
+            &gateway::session_of(self.node(via)),
+        )
+    }
+
+    fn snapshots_sent(&self, g: usize, via: usize) -> u64 {
+        let doc = self.counters(g, via);
+        doc["snapshots_sent"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no snapshots_sent in gateway {g}'s /v1/status: {doc}"))
+    }
+
+    /// Host `i`'s gateway state (`status --json`): state, url (the gateway it follows), cursor,
+    /// snapshots applied since start.
+    fn state(&self, i: usize) -> serde_json::Value {
+        gateway::gateway_status(self.node(i))
+    }
+
+    /// Start a member on host `i` with `token` and add it to the mesh.
+    fn add_member(&mut self, i: usize, token: &str) {
+        assert_eq!(self.hosts.len(), i, "hosts are added in order");
+        let host = start_member(&self.lab, i, token);
+        self.hosts.push(host);
+    }
+}
+
+fn snapshots(doc: &serde_json::Value) -> u64 {
+    doc["snapshots"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no snapshot count in {doc}"))
+}
+
+/// Stop every pinger and fail on any lost reply.
+fn no_ping_lost(pingers: Vec<Pinger>, what: &str) {
+    for p in pingers {
+        let (from, to) = (p.from, p.to.clone());
+        let (sent, received) = p.finish();
+        println!("{what}: host {from} -> {to}: {received}/{sent} replies");
+        assert!(sent > 0, "host {from} sent no ping to {to}");
+        assert_eq!(
+            received, sent,
+            "host {from} lost pings to {to} during {what}"
+        );
+    }
+}
+
+#[test]
+fn nodes_resume_on_another_gateway_with_their_cursor_when_theirs_is_killed_without_losing_a_ping_and_a_change_on_gateway_2_reaches_them_all()
+ {
+    if skip() {
+        return;
+    }
+    // Gateways on hosts 0, 1, 2; members 3, 4, 5 joined through gateway 0 (call it gateway 1,
+    // as the issue does); host 6 joins during the failover.
+    let mut mesh = Mesh::start(7, 3, 3);
+    let members = [3, 4, 5];
+    mesh.ping_all(&[0, 1, 2, 3, 4, 5]);
+    let gw1 = gateway_url(&mesh.lab, 0);
+    for &i in &members {
+        let state = mesh.state(i);
+        assert_eq!(state["state"], "live", "host {i}: {state}");
+        assert_eq!(
+            state["url"],
+            gw1.as_str(),
+            "host {i} follows gateway 1: {state}"
+        );
+    }
+    let before: Vec<serde_json::Value> = members.iter().map(|&i| mesh.state(i)).collect();
+    // Gateways 2 and 3 served their own node clients (each a snapshot at its start); only what
+    // they send from here on counts.
+    let sent_before = [mesh.snapshots_sent(1, 3), mesh.snapshots_sent(2, 3)];
+    let deltas_before: u64 = (1..3)
+        .map(|g| mesh.counters(g, 3)["deltas_sent"].as_u64().unwrap_or(0))
+        .sum();
+
+    // Pings go on without pause across the failover: member to member and member to the
+    // surviving gateways.
+    let targets = [(3, 4), (4, 5), (5, 3), (3, 1), (4, 2)];
+    let pingers: Vec<Pinger> = targets
+        .iter()
+        .map(|&(from, to)| Pinger::start(&mesh.lab, from, &mesh.mesh_ip(to)))
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+
+    mesh.hosts[0].node.kill9();
+    let killed = Instant::now();
+    // When each member first follows another gateway, live again.
+    let mut resumed: Vec<Option<Duration>> = vec![None; members.len()];
+    while resumed.iter().any(Option::is_none) && killed.elapsed() < WAIT {
+        for (k, &i) in members.iter().enumerate() {
+            let s = mesh.state(i);
+            if resumed[k].is_none()
+                && s["state"] == "live"
+                && s["url"].as_str().is_some_and(|u| u != gw1)
+            {
+                resumed[k] = Some(killed.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (k, &i) in members.iter().enumerate() {
+        let now = mesh.state(i);
+        let at = resumed[k].unwrap_or_else(|| {
+            panic!(
+                "host {i} never resumed on another gateway: {now}\n{}",
+                mesh.node(i).stderr()
+            )
+        });
+        println!(
+            "host {i} live on {} {} after gateway 1 was killed (cursor {} -> {})",
+            now["url"],
+            ms(at),
+            before[k]["cursor"],
+            now["cursor"]
+        );
+        assert_eq!(
+            snapshots(&now),
+            snapshots(&before[k]),
+            "host {i} took a snapshot to resume: {now}"
+        );
+    }
+    println!(
+        "all three members resumed within {} of the SIGKILL (target: nodes resume; the bench times p99)",
+        ms(resumed.iter().flatten().max().copied().unwrap_or_default())
+    );
+    let sent_after = [mesh.snapshots_sent(1, 3), mesh.snapshots_sent(2, 3)];
+    assert_eq!(
+        sent_after, sent_before,
+        "gateways 2 and 3 sent snapshots (before {sent_before:?}, after {sent_after:?}) to nodes that resumed with their cursor"
+    );
+    let deltas_after: u64 = (1..3)
+        .map(|g| mesh.counters(g, 3)["deltas_sent"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        deltas_after > deltas_before,
+        "the resumed nodes were answered by no delta ({deltas_before} -> {deltas_after})"
+    );
+
+    // Gateway 1 is still down: a node given a token that lists gateway 1 first, then 2, joins,
+    // and (a change made through gateway 2) is on every running host's device.
+    let token = mesh.token(1);
+    let token = with_urls(&token, &[gw1.clone(), gateway_url(&mesh.lab, 1)]);
+    let t0 = Instant::now();
+    mesh.add_member(6, &token);
+    mesh.node(6).recv_until("READY=1", WAIT);
+    println!(
+        "a node with gateway 1 (dead) first in its token: READY in {}",
+        ms(t0.elapsed())
+    );
+    for i in 1..=6 {
+        mesh.wait_for_all_peers(i);
+    }
+    println!(
+        "the new node is on every running host's device {} after its start",
+        ms(t0.elapsed())
+    );
+    no_ping_lost(pingers, "the failover");
+    mesh.ping_all(&[1, 2, 3, 4, 5, 6]);
+
+    // A revocation made on gateway 2 (its CLI, its config) reaches every node.
+    let t0 = Instant::now();
+    mesh.cli(1, &["gateway", "revoke", "node-5"]);
+    for i in [1, 2, 3, 4, 6] {
+        wait_for_device(
+            &mesh.lab,
+            i,
+            mesh.node(i),
+            &mesh.expected_peers(i, &[5]),
+            WAIT,
+        );
+    }
+    println!(
+        "a revocation made on gateway 2 left every device within {}",
+        ms(t0.elapsed())
+    );
+    let ip5 = mesh.mesh_ip(5);
+    assert!(
+        !mesh.lab.ping(3, &ip5, 1),
+        "the revoked node is unreachable"
+    );
+    mesh.ping_all(&[1, 2, 3, 4, 6]);
+}
+
+/// Waits until `node`'s log or STATUS says `words`; the line that said it.
+fn said(node: &Node, words: &str, limit: Duration) -> String {
+    let mut status = String::new();
+    let hit = time_until(limit, Duration::from_millis(100), || {
+        for datagram in node.drain(Duration::from_millis(50)) {
+            for line in datagram {
+                if let Some(s) = line.strip_prefix("STATUS=") {
+                    status = s.to_string();
+                }
+            }
+        }
+        status.contains(words) || node.stderr().contains(words)
+    });
+    let log = node.stderr();
+    assert!(
+        hit.is_some(),
+        "no \"{words}\" in STATUS ({status}) or the log within {limit:?}:\n{log}"
+    );
+    if status.contains(words) {
+        return status;
+    }
+    log.lines()
+        .rfind(|l| l.contains(words))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Every node's state stays live and its snapshot count unchanged for `window`.
+fn stays_live(mesh: &Mesh, nodes: &[usize], window: Duration, what: &str) {
+    let before: Vec<u64> = nodes.iter().map(|&i| snapshots(&mesh.state(i))).collect();
+    let start = Instant::now();
+    while start.elapsed() < window {
+        for &i in nodes {
+            let s = mesh.state(i);
+            assert_eq!(s["state"], "live", "host {i} noticed {what}: {s}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    for (k, &i) in nodes.iter().enumerate() {
+        let s = mesh.state(i);
+        assert_eq!(
+            snapshots(&s),
+            before[k],
+            "host {i} took a snapshot during {what}: {s}"
+        );
+    }
+}
+
+#[test]
+fn an_etcd_member_lost_is_invisible_to_nodes_and_with_quorum_lost_joins_are_refused_clearly_tunnels_stay_and_all_resumes_by_itself()
+ {
+    if skip() {
+        return;
+    }
+    // Gateways on hosts 0 and 1, members 2 and 3; hosts 4 and 5 join later.
+    let mut mesh = Mesh::start(6, 2, 2);
+    let members = [2, 3];
+    mesh.ping_all(&[0, 1, 2, 3]);
+
+    // One member lost: nothing changes for nodes, joins go on.
+    mesh.etcd.kill(0);
+    let pingers: Vec<Pinger> = vec![
+        Pinger::start(&mesh.lab, 2, &mesh.mesh_ip(3)),
+        Pinger::start(&mesh.lab, 3, &mesh.mesh_ip(0)),
+    ];
+    stays_live(
+        &mesh,
+        &members,
+        Duration::from_secs(3),
+        "an etcd member's loss",
+    );
+    let token = mesh.token(1);
+    let t0 = Instant::now();
+    mesh.add_member(4, &token);
+    mesh.node(4).recv_until("READY=1", WAIT);
+    for i in 0..5 {
+        mesh.wait_for_all_peers(i);
+    }
+    println!(
+        "with one etcd member down a node joined and was on every device in {}",
+        ms(t0.elapsed())
+    );
+    stays_live(
+        &mesh,
+        &members,
+        Duration::from_secs(1),
+        "an etcd member's loss",
+    );
+    no_ping_lost(pingers, "an etcd member's loss");
+    mesh.etcd.restart(0);
+
+    // Quorum lost. A token made before (making one writes to etcd).
+    let token = mesh.token(0);
+    mesh.etcd.kill_quorum();
+    let lost = Instant::now();
+    let pingers: Vec<Pinger> = vec![
+        Pinger::start(&mesh.lab, 2, &mesh.mesh_ip(3)),
+        Pinger::start(&mesh.lab, 3, &mesh.mesh_ip(4)),
+        Pinger::start(&mesh.lab, 4, &mesh.mesh_ip(0)),
+    ];
+    // The admin CLI is refused with the reason.
+    let refused = time_until(Duration::from_secs(15), Duration::from_millis(200), || {
+        let out = cli_in(
+            mesh.lab.ns(1),
+            mesh.node(1),
+            &["gateway", "token", "create"],
+        );
+        !out.status.success()
+    });
+    assert!(
+        refused.is_some(),
+        "`gateway token create` still succeeds 15 s after quorum was lost"
+    );
+    let out = cli_in(
+        mesh.lab.ns(1),
+        mesh.node(1),
+        &["gateway", "token", "create"],
+    );
+    let message = String::from_utf8_lossy(&out.stderr).to_string();
+    println!("token create without quorum: {}", message.trim());
+    assert!(message.contains("quorum"), "{message}");
+    // A node joining now is refused with the store's message, and keeps trying.
+    mesh.add_member(5, &token);
+    let why = said(mesh.node(5), "no quorum", WAIT);
+    println!(
+        "a join without quorum, {} after the loss: {why}",
+        ms(lost.elapsed())
+    );
+    assert!(
+        !mesh.node(5).path("state/gateway-session.json").exists(),
+        "a node joined without quorum"
+    );
+    // The gateways say so.
+    let status = mesh.gateway_status(0);
+    println!("gateway status without quorum: {status}");
+    assert_eq!(
+        status["writable"], false,
+        "gateway status --json should say writes are impossible: {status}"
+    );
+    let role = mesh.counters(0, 2);
+    assert_eq!(role["writable"], false, "/v1/status: {role}");
+    // Nodes keep their peers and their tunnels, and follow on.
+    stays_live(
+        &mesh,
+        &members,
+        Duration::from_secs(5),
+        "the loss of quorum",
+    );
+    for i in 0..5 {
+        assert_eq!(
+            device_peers(&mesh.lab.iface(i)),
+            mesh.expected_peers(i, &[5]),
+            "host {i}'s peers changed without quorum"
+        );
+    }
+    no_ping_lost(pingers, "the loss of quorum");
+
+    // Quorum returns: the waiting node joins with no restart of anything, and is everywhere.
+    mesh.etcd.restore_quorum();
+    let back = Instant::now();
+    mesh.node(5).recv_until("READY=1", Duration::from_secs(60));
+    println!(
+        "quorum restored: the waiting node joined (READY) {} later",
+        ms(back.elapsed())
+    );
+    for i in 0..6 {
+        mesh.wait_for_all_peers(i);
+    }
+    println!(
+        "... and was on every device {} after quorum returned",
+        ms(back.elapsed())
+    );
+    let status = mesh.gateway_status(0);
+    assert_eq!(status["writable"], true, "{status}");
+    assert_eq!(mesh.counters(1, 2)["writable"], true);
+    mesh.token(1);
+    mesh.ping_all(&[0, 1, 2, 3, 4, 5]);
+}
