@@ -4,7 +4,11 @@
 //! as a real node polls). Prints every figure beside its target; asserts only correctness (no
 //! address given twice), never timing.
 //! Run as root: `cargo test --release --features test-fakes --test bench_gateway -- --ignored --nocapture --test-threads=1`
-//! (`three_gateways_on_etcd_…` runs the same kind of nodes against three gateways on etcd.)
+//! `three_gateways_on_etcd_…` (needs etcd-server too): three gateways (one network namespace
+//! each) on a three-member etcd in the lab's switch namespace, where the simulated nodes run:
+//! 1,000 nodes spread over them, a change's spread, one gateway killed (time for its nodes to
+//! resume elsewhere, snapshots sent), 10,000 racing joins over the three, RSS per node.
+//! `CLAWNODE_BENCH_NODES=small,large` sizes both tests.
 //!
 //! Bytes are measured through a counting TCP relay in front of the gateway: what crossed the
 //! socket, TLS records and handshake included. Memory is the gateway process's RSS (VmRSS, and

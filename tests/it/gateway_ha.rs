@@ -175,8 +175,8 @@ fn no_ping_lost(pingers: Vec<Pinger>, what: &str) {
     for p in pingers {
         let (from, to) = (p.from, p.to.clone());
         let (sent, received) = p.finish();
-        println!("{what}: host {from} -> {to}: {received}/{sent} replies");
-        assert!(sent > 0, "host {from} sent no ping to {to}");
+        println!("{what}: host {from} -> {to}: {received} of {sent} pings answered");
+        assert!(sent > 0, "host {from} got no ping answered by {to}");
         assert_eq!(
             received, sent,
             "host {from} lost pings to {to} during {what}"

@@ -457,22 +457,21 @@ impl Pinger {
         }
     }
 
-    /// Stop it (SIGINT: ping prints its summary) and return (sent, received).
+    /// Stop it and return (pings up to the last one answered, how many of those were
+    /// answered). Pings still in flight when it is stopped are not counted as lost.
     pub fn finish(mut self) -> (u64, u64) {
         let child = self.child.take().expect("running");
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
         let out = child.wait_with_output().expect("ping output");
         let text = String::from_utf8_lossy(&out.stdout);
-        let summary = text
+        let answered: std::collections::BTreeSet<u64> = text
             .lines()
-            .find(|l| l.contains("packets transmitted"))
-            .unwrap_or_else(|| panic!("no ping summary in:\n{text}"));
-        let numbers: Vec<u64> = summary
-            .split(|c: char| !c.is_ascii_digit())
-            .filter_map(|w| w.parse().ok())
+            .filter(|l| l.contains(" bytes from "))
+            .filter_map(|l| l.split("icmp_seq=").nth(1)?.split(' ').next()?.parse().ok())
             .collect();
-        (numbers[0], numbers[1])
+        let last = answered.last().copied().unwrap_or(0);
+        (last, answered.len() as u64)
     }
 }
 
