@@ -12,6 +12,8 @@
 //! store, without a token, and writes `<state_dir>/gateway-session.json` for the node client,
 //! which then polls its own gateway like every other node.
 
+#[cfg(feature = "store-etcd")]
+pub mod etcd;
 pub mod request;
 pub mod server;
 pub mod sqlite;

@@ -471,10 +471,10 @@ impl<S: Store> Gateway<S> {
             crate::core::coord::sign_record(
                 RecordFields {
                     node_id,
-                    name,
+                    name: name.clone(),
                     wg_key,
                     addresses: vec![address],
-                    roles,
+                    roles: roles.clone(),
                     serial,
                     not_after,
                 },

@@ -57,8 +57,9 @@ impl StoreError {
 }
 
 /// Signs the record of a node the join transaction has just placed: its id and address are
-/// known only inside the transaction.
-pub type SignFn = Box<dyn FnOnce(NodeId, IpAddr, u64) -> Result<NodeRecord, String> + Send>;
+/// known only inside the transaction. `Fn`: an optimistic store (etcd) signs again when its
+/// transaction lost a race and is decided anew.
+pub type SignFn = Box<dyn Fn(NodeId, IpAddr, u64) -> Result<NodeRecord, String> + Send + Sync>;
 
 /// One join, checked and applied in a single transaction.
 pub struct JoinTxn {

@@ -51,7 +51,7 @@ fn sign(name: &str, key: PeerKey) -> SignFn {
         coord::sign_record(
             RecordFields {
                 node_id,
-                name,
+                name: name.clone(),
                 wg_key: key,
                 addresses: vec![address],
                 roles: vec![Role::Node],

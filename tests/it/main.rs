@@ -15,6 +15,7 @@ mod architecture;
 mod check_config;
 mod daemon;
 mod doctor;
+mod etcd_store;
 mod gateway_ha;
 mod gateway_mesh;
 mod gpu;

@@ -12,6 +12,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 pub mod control;
+pub mod etcd;
 pub mod gateway;
 pub mod lab;
 pub mod nvml;
