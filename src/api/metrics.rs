@@ -685,6 +685,7 @@ mod tests {
                 encodings: 40,
                 joins: 1000,
                 refused_busy: 3,
+                store: Default::default(),
             }),
             ..StatusDoc::default()
         };

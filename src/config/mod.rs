@@ -23,10 +23,10 @@ pub use error::{ConfigError, ConfigErrors};
 #[cfg(feature = "test-fakes")]
 pub use schema::FakeMeshConfig;
 pub use schema::{
-    ApiConfig, CheckKind, CheckSpec, Config, DEFAULT_UNHEALTHY_XIDS, GatewayConfig, GatewayStore,
-    GpuConfig, HttpCheck, HttpsCheck, IdTokenSource, JoinTokenSource, LogConfig, NetworkConfig,
-    NodeConfig, PeerConfig, ServiceMode, ServiceSpec, TailscaleAuth, TailscaleConfig,
-    WireguardConfig,
+    ApiConfig, CheckKind, CheckSpec, Config, DEFAULT_UNHEALTHY_XIDS, EtcdConfig, GatewayConfig,
+    GatewayStore, GpuConfig, HttpCheck, HttpsCheck, IdTokenSource, JoinTokenSource, LogConfig,
+    NetworkConfig, NodeConfig, PeerConfig, ServiceMode, ServiceSpec, TailscaleAuth,
+    TailscaleConfig, WireguardConfig,
 };
 pub use types::{
     DnsLabel, Endpoint, InterfaceName, LogLevel, NodeName, ProviderKind, PublicKey, Secret,

@@ -262,10 +262,28 @@ pub struct GatewayConfig {
     pub max_sessions: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GatewayStore {
+    /// `<state_dir>/gateway/store.sqlite`: one gateway.
     Sqlite,
+    /// An etcd cluster shared by every gateway of the mesh.
+    Etcd(EtcdConfig),
 }
+
+/// `[gateway] store = "etcd"`: where the cluster is and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// `http://` or `https://` client URLs.
+    pub endpoints: Vec<String>,
+    /// Every key lives under it; starts and ends with `/`.
+    pub prefix: String,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// The key prefix when `etcd_prefix` is not set.
+pub const DEFAULT_ETCD_PREFIX: &str = "/clawbernetes/";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
@@ -411,6 +429,20 @@ impl Config {
                 humantime::format_duration(gw.record_lifetime),
                 gw.max_sessions
             )?;
+            match &gw.store {
+                GatewayStore::Sqlite => writeln!(out, "  store sqlite")?,
+                GatewayStore::Etcd(etcd) => writeln!(
+                    out,
+                    "  store etcd {} under {}{}",
+                    etcd.endpoints.join(","),
+                    etcd.prefix,
+                    if etcd.cert_file.is_some() {
+                        ", client certificate"
+                    } else {
+                        ""
+                    }
+                )?,
+            }
         }
         write!(out, "log: {}", self.log.level)
     }

@@ -73,7 +73,8 @@ fn shipped_example_config_is_valid() {
 #[test]
 fn shipped_example_commented_blocks_are_valid_when_uncommented() {
     // Uncomment the example peer and the optional `key = value` lines, except the extra auth
-    // methods (only one may be set) and the duplicate tailscale service example.
+    // methods (only one may be set), the duplicate tailscale service example and the etcd
+    // store's keys (the example keeps store = "sqlite").
     let is_setting = |body: &str| {
         let key: String = body
             .chars()
@@ -89,6 +90,7 @@ fn shipped_example_commented_blocks_are_valid_when_uncommented() {
         "id_token_file",
         "audience",
         "gateway",
+        "etcd_",
     ];
     let uncommented: String = SHIPPED
         .lines()
@@ -1253,4 +1255,91 @@ fn summary_shows_each_services_check_and_the_xid_rule() {
         summary.contains("  unusable for 1h after XID 48, 63, 64, 74, 79, 94, 95, 119, 120\n"),
         "{summary}"
     );
+}
+
+const ETCD_GW: &str = "[gateway]\nenabled = true\nstore = \"etcd\"\n";
+
+#[cfg(feature = "store-etcd")]
+#[test]
+fn an_etcd_store_takes_its_endpoints_prefix_and_tls_files() {
+    let config = ok(&format!(
+        "{WG_BASE}{ETCD_GW}etcd_endpoints = [\"https://10.0.0.1:2379\", \"https://10.0.0.2:2379\"]\netcd_ca_file = \"/etc/etcd/ca.pem\"\netcd_cert_file = \"/etc/etcd/c.pem\"\netcd_key_file = \"/etc/etcd/c.key\"\n"
+    ));
+    let GatewayStore::Etcd(etcd) = &config.gateway.store else {
+        panic!("etcd expected: {:?}", config.gateway.store);
+    };
+    assert_eq!(etcd.endpoints.len(), 2);
+    assert_eq!(etcd.prefix, "/clawbernetes/");
+    assert_eq!(etcd.ca_file.as_deref(), Some(Path::new("/etc/etcd/ca.pem")));
+    assert!(config.summary().contains("store etcd https://10.0.0.1:2379,https://10.0.0.2:2379 under /clawbernetes/, client certificate"));
+    let plain = ok(&format!(
+        "{WG_BASE}{ETCD_GW}etcd_endpoints = [\"http://127.0.0.1:2379\"]\netcd_prefix = \"/mesh/a/\"\n"
+    ));
+    let GatewayStore::Etcd(etcd) = &plain.gateway.store else {
+        panic!("etcd expected");
+    };
+    assert_eq!(etcd.prefix, "/mesh/a/");
+    assert_eq!(etcd.ca_file, None);
+}
+
+#[cfg(feature = "store-etcd")]
+#[test]
+fn an_etcd_store_without_endpoints_a_ca_for_https_or_with_a_bad_prefix_is_refused() {
+    let e = error_at(&format!("{WG_BASE}{ETCD_GW}"), "gateway.etcd_endpoints", 9);
+    assert!(e.message.contains("needs etcd_endpoints"), "{e}");
+    let e = error_at(
+        &format!("{WG_BASE}{ETCD_GW}etcd_endpoints = [\"https://10.0.0.1:2379\"]\n"),
+        "gateway.etcd_ca_file",
+        9,
+    );
+    assert!(e.message.contains("need etcd_ca_file"), "{e}");
+    let e = error_at(
+        &format!("{WG_BASE}{ETCD_GW}etcd_endpoints = [\"10.0.0.1:2379\"]\n"),
+        "gateway.etcd_endpoints",
+        10,
+    );
+    assert!(e.message.contains("http:// or https://"), "{e}");
+    let e = error_at(
+        &format!(
+            "{WG_BASE}{ETCD_GW}etcd_endpoints = [\"http://a:2379\"]\netcd_prefix = \"clawbernetes\"\n"
+        ),
+        "gateway.etcd_prefix",
+        11,
+    );
+    assert!(e.message.contains("starting and ending with '/'"), "{e}");
+    let e = error_at(
+        &format!(
+            "{WG_BASE}{ETCD_GW}etcd_endpoints = [\"http://a:2379\"]\netcd_cert_file = \"/c.pem\"\n"
+        ),
+        "gateway.etcd_cert_file",
+        11,
+    );
+    assert!(e.message.contains("go together"), "{e}");
+}
+
+#[test]
+fn etcd_keys_with_the_sqlite_store_or_an_unknown_store_are_refused() {
+    let e = error_at(
+        &format!("{WG_BASE}[gateway]\netcd_endpoints = [\"http://a:2379\"]\n"),
+        "gateway.store",
+        7,
+    );
+    assert!(e.message.contains("store is \"sqlite\""), "{e}");
+    let e = error_at(
+        &format!("{WG_BASE}[gateway]\nstore = \"postgres\"\n"),
+        "gateway.store",
+        8,
+    );
+    assert!(e.message.contains("\"sqlite\" or \"etcd\""), "{e}");
+}
+
+#[cfg(not(feature = "store-etcd"))]
+#[test]
+fn a_build_without_etcd_refuses_the_etcd_store_clearly() {
+    let e = error_at(
+        &format!("{WG_BASE}{ETCD_GW}etcd_endpoints = [\"http://a:2379\"]\n"),
+        "gateway.store",
+        9,
+    );
+    assert!(e.message.contains("built without the etcd store"), "{e}");
 }

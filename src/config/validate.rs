@@ -18,10 +18,10 @@ use super::raw::{
     RawTailscale, RawWireguard, RawWorkloadIdentity,
 };
 use super::schema::{
-    ApiConfig, CheckKind, CheckSpec, Config, DEFAULT_UNHEALTHY_XIDS, GatewayConfig, GatewayStore,
-    GpuConfig, HttpCheck, HttpsCheck, IdTokenSource, JoinTokenSource, LogConfig, NetworkConfig,
-    NodeConfig, PeerConfig, ServiceMode, ServiceSpec, TailscaleAuth, TailscaleConfig,
-    WireguardConfig,
+    ApiConfig, CheckKind, CheckSpec, Config, DEFAULT_UNHEALTHY_XIDS, EtcdConfig, GatewayConfig,
+    GatewayStore, GpuConfig, HttpCheck, HttpsCheck, IdTokenSource, JoinTokenSource, LogConfig,
+    NetworkConfig, NodeConfig, PeerConfig, ServiceMode, ServiceSpec, TailscaleAuth,
+    TailscaleConfig, WireguardConfig,
 };
 use super::types::{
     DnsLabel, InterfaceName, LogLevel, NodeName, ProviderKind, PublicKey, Secret, ServiceName, Tag,
@@ -810,10 +810,11 @@ impl<'a> Checker<'a> {
     fn gateway(
         &mut self,
         path: &KeyPath,
-        raw: RawGateway,
+        mut raw: RawGateway,
         network: &NetworkConfig,
         services: &BTreeMap<ServiceName, ServiceSpec>,
     ) -> GatewayConfig {
+        let store = self.gateway_store(path, &mut raw);
         // The port nodes expect: the advertised `gateway` service's, else 443.
         let port = ServiceName::try_from("gateway".to_owned())
             .ok()
@@ -842,16 +843,6 @@ impl<'a> Checker<'a> {
                 )
             })
         });
-        let store = match raw.store.as_deref() {
-            None | Some("sqlite") => GatewayStore::Sqlite,
-            Some(other) => {
-                self.error(
-                    &path.key("store"),
-                    ValueError::new("\"sqlite\" (the only store so far)", other),
-                );
-                GatewayStore::Sqlite
-            }
-        };
         let address_pool = match raw.address_pool {
             None => network.wireguard.mesh_cidr,
             Some(text) => self
@@ -894,6 +885,107 @@ impl<'a> Checker<'a> {
             record_lifetime,
             max_sessions,
         }
+    }
+
+    /// `store` and the `etcd_*` keys, which belong to `store = "etcd"` only.
+    fn gateway_store(&mut self, path: &KeyPath, raw: &mut RawGateway) -> GatewayStore {
+        let store_path = path.key("store");
+        let etcd_given = raw.etcd_endpoints.is_some()
+            || raw.etcd_prefix.is_some()
+            || raw.etcd_ca_file.is_some()
+            || raw.etcd_cert_file.is_some()
+            || raw.etcd_key_file.is_some();
+        match raw.store.as_deref() {
+            None | Some("sqlite") => {
+                if etcd_given {
+                    self.error(
+                        &store_path,
+                        "the etcd_* keys are set but store is \"sqlite\": set store = \"etcd\" or remove them",
+                    );
+                }
+                return GatewayStore::Sqlite;
+            }
+            Some("etcd") => {}
+            Some(other) => {
+                self.error(
+                    &store_path,
+                    ValueError::new("\"sqlite\" or \"etcd\"", other),
+                );
+                return GatewayStore::Sqlite;
+            }
+        }
+        if !cfg!(feature = "store-etcd") {
+            self.error(
+                &store_path,
+                "this clawnode was built without the etcd store (cargo feature store-etcd): use a package build or store = \"sqlite\"",
+            );
+        }
+        let endpoints_path = path.key("etcd_endpoints");
+        let endpoints = raw.etcd_endpoints.take().unwrap_or_default();
+        if endpoints.is_empty() {
+            self.error(
+                &endpoints_path,
+                "store = \"etcd\" needs etcd_endpoints, e.g. [\"https://10.0.0.1:2379\", \"https://10.0.0.2:2379\"]",
+            );
+        }
+        let mut https = false;
+        for url in &endpoints {
+            let rest = url
+                .strip_prefix("https://")
+                .inspect(|_| https = true)
+                .or_else(|| url.strip_prefix("http://"));
+            let valid = rest.is_some_and(|rest| {
+                let rest = rest.strip_suffix('/').unwrap_or(rest);
+                !rest.is_empty() && !rest.contains(['/', ',', ' ', '?', '#', '@'])
+            });
+            if !valid {
+                self.error(
+                    &endpoints_path,
+                    ValueError::new(
+                        "http:// or https:// URLs with a host and port, such as \"https://10.0.0.1:2379\"",
+                        url,
+                    ),
+                );
+            }
+        }
+        let prefix_path = path.key("etcd_prefix");
+        let prefix = match raw.etcd_prefix.take() {
+            None => super::schema::DEFAULT_ETCD_PREFIX.to_owned(),
+            Some(text) => {
+                let valid = text.len() >= 2 && text.starts_with('/') && text.ends_with('/');
+                self.check(&prefix_path, valid.then(|| text.clone()), || {
+                    ValueError::new(
+                        "a key prefix starting and ending with '/', such as \"/clawbernetes/\"",
+                        &text,
+                    )
+                })
+                .unwrap_or_else(|| super::schema::DEFAULT_ETCD_PREFIX.to_owned())
+            }
+        };
+        let ca_path = path.key("etcd_ca_file");
+        let ca_file = self.abs_path(&ca_path, raw.etcd_ca_file.take());
+        let cert_path = path.key("etcd_cert_file");
+        let cert_file = self.abs_path(&cert_path, raw.etcd_cert_file.take());
+        let key_file = self.abs_path(&path.key("etcd_key_file"), raw.etcd_key_file.take());
+        if https && ca_file.is_none() {
+            self.error(
+                &ca_path,
+                "https etcd_endpoints need etcd_ca_file (the CA that signed the etcd servers' certificates)",
+            );
+        }
+        if cert_file.is_some() != key_file.is_some() {
+            self.error(
+                &cert_path,
+                "etcd_cert_file and etcd_key_file go together (the client certificate and its key)",
+            );
+        }
+        GatewayStore::Etcd(EtcdConfig {
+            endpoints,
+            prefix,
+            ca_file,
+            cert_file,
+            key_file,
+        })
     }
 
     /// Merges `[services.*]` and `[network.tailscale.services.*]`; the same name may appear in

@@ -12,6 +12,7 @@
 //! store, without a token, and writes `<state_dir>/gateway-session.json` for the node client,
 //! which then polls its own gateway like every other node.
 
+pub mod admin;
 #[cfg(feature = "store-etcd")]
 pub mod etcd;
 pub mod request;
@@ -32,7 +33,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ring::rand::SecureRandom as _;
 use zeroize::Zeroizing;
 
-use crate::config::Config;
+use crate::config::{Config, GatewayStore};
 use crate::core::coord::{
     self, Cursor, JoinToken, KeyId, Role, RootKey, Secret32, Session, TokenId,
 };
@@ -186,14 +187,20 @@ pub struct Initialised {
     pub store_id: u64,
 }
 
-/// Create the cluster identity and this gateway's signer and store, once.
+/// Create the cluster identity and this gateway's signer and store, once. With etcd the
+/// store is the cluster's: a prefix that already holds one is refused (a further gateway
+/// gets its signer with `gateway signer add` instead).
 pub fn init(config: &Config, now: u64) -> Result<Initialised, GatewayError> {
     let paths = Paths::new(&config.node.state_dir);
+    let store_id = u64::from_be_bytes(random_32()[..8].try_into().unwrap_or([1; 8]));
     if paths.root_key.exists() || paths.store.exists() {
         return Err(GatewayError::operator(format!(
             "a gateway is already initialised in {} (its root key and store are kept; remove the directory only to start a new cluster, which every node must then rejoin)",
             paths.dir.display()
         )));
+    }
+    if let GatewayStore::Etcd(etcd) = &config.gateway.store {
+        admin::create_etcd_cluster(etcd, store_id)?;
     }
     state::ensure_private_dir(&config.node.state_dir).map_err(state_err)?;
     state::ensure_private_dir(&paths.dir).map_err(state_err)?;
@@ -220,9 +227,17 @@ pub fn init(config: &Config, now: u64) -> Result<Initialised, GatewayError> {
         &root_pkcs8,
     )
     .map_err(|e| GatewayError::operator(format!("signer certificate: {e}")))?;
-    let store_id = u64::from_be_bytes(random_32()[..8].try_into().unwrap_or([1; 8]));
-    let store = SqliteStore::create(&paths.store, store_id)?;
-    store.put_signer_blocking(cert)?;
+    match &config.gateway.store {
+        GatewayStore::Sqlite => {
+            SqliteStore::create(&paths.store, store_id)?.put_signer_blocking(cert)?;
+        }
+        GatewayStore::Etcd(_) => {
+            admin::with_store!(config, |store| async move {
+                store.put_signer(cert).await?;
+                Ok::<_, GatewayError>(())
+            })?;
+        }
+    }
     Ok(Initialised {
         dir: paths.dir,
         root,
@@ -255,7 +270,6 @@ pub fn create_token(
     now: u64,
 ) -> Result<(JoinToken, u64), GatewayError> {
     let paths = Paths::new(&config.node.state_dir);
-    let store = SqliteStore::open(&paths.store)?;
     let root = root_of(&paths)?;
     let mut id = [0u8; 8];
     id.copy_from_slice(&random_32()[..8]);
@@ -266,13 +280,17 @@ pub fn create_token(
         urls: vec![public_url(config)?],
     };
     let expires_at = now + ttl.as_secs();
-    store.create_token_blocking(
-        &token.id.to_string(),
-        &coord::token_hash(&token.secret),
+    let new = store::NewToken {
+        id: token.id.to_string(),
+        hash: coord::token_hash(&token.secret),
         expires_at,
         uses,
         now,
-    )?;
+    };
+    admin::with_store!(config, |store| async move {
+        store.create_token(new).await?;
+        Ok::<_, GatewayError>(())
+    })?;
     Ok((token, expires_at))
 }
 
@@ -306,20 +324,22 @@ pub fn root_of(paths: &Paths) -> Result<RootKey, GatewayError> {
 /// Revoke a node (by name or `n<id>`), signed by this gateway's signer.
 pub fn revoke(config: &Config, node: &str) -> Result<store::NodeRow, GatewayError> {
     let paths = Paths::new(&config.node.state_dir);
-    let store = SqliteStore::open(&paths.store)?;
     let signer = Signer::load(&paths.signer_key)?;
-    let row = store
-        .find_node(node)?
-        .ok_or_else(|| GatewayError::operator(format!("no node named {node}")))?;
-    let revocation = coord::sign_revocation(row.node_id, u64::MAX, &signer.pkcs8)
-        .map_err(|e| GatewayError::operator(e.to_string()))?;
-    store.revoke_blocking(revocation)?;
-    Ok(row)
+    admin::with_store!(config, |store| async move {
+        let row = admin::find_node(&store, node)
+            .await?
+            .ok_or_else(|| GatewayError::operator(format!("no node named {node}")))?;
+        let revocation = coord::sign_revocation(row.node_id, u64::MAX, &signer.pkcs8)
+            .map_err(|e| GatewayError::operator(e.to_string()))?;
+        store.revoke(revocation).await?;
+        Ok::<_, GatewayError>(row)
+    })
 }
 
 pub fn nodes(config: &Config) -> Result<Vec<store::NodeRow>, GatewayError> {
-    let paths = Paths::new(&config.node.state_dir);
-    Ok(SqliteStore::open(&paths.store)?.nodes_blocking()?)
+    admin::with_store!(config, |store| async move {
+        Ok::<_, GatewayError>(store.nodes().await?)
+    })
 }
 
 /// The node client's session file on the gateway node: the same shape a join writes.
@@ -339,6 +359,8 @@ pub struct Running {
     pub addr: SocketAddr,
     pub view: Arc<View>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Held while running (the etcd presence lease): dropped with it.
+    guards: Vec<Box<dyn std::any::Any + Send>>,
 }
 
 impl Drop for Running {
@@ -349,11 +371,109 @@ impl Drop for Running {
     }
 }
 
-/// Start the gateway role: load the identity, register this node's own record (with its
-/// WireGuard public key `own_key`), fill the view, and serve HTTPS on `[gateway] listen`.
+/// Start the gateway role over the configured store: load the identity, register this
+/// node's own record (with its WireGuard public key `own_key`), fill the view, and serve
+/// HTTPS on `[gateway] listen`.
 pub async fn start(config: &Config, own_key: PeerKey) -> Result<Running, GatewayError> {
+    match &config.gateway.store {
+        GatewayStore::Sqlite => start_sqlite(config, own_key).await,
+        #[cfg(feature = "store-etcd")]
+        GatewayStore::Etcd(etcd) => start_etcd(config, etcd, own_key).await,
+        #[cfg(not(feature = "store-etcd"))]
+        GatewayStore::Etcd(_) => Err(GatewayError::operator(admin::NO_ETCD)),
+    }
+}
+
+/// The gateway over `<state_dir>/gateway/store.sqlite`.
+pub async fn start_sqlite(config: &Config, own_key: PeerKey) -> Result<Running, GatewayError> {
     let paths = Paths::new(&config.node.state_dir);
     let store = Arc::new(SqliteStore::open(&paths.store)?);
+    Ok(start_with(config, store, own_key, "sqlite").await?.0)
+}
+
+/// The gateway over etcd, one of several: it registers its presence under a lease, and its
+/// view's gateways list follows the live ones.
+#[cfg(feature = "store-etcd")]
+pub async fn start_etcd(
+    config: &Config,
+    etcd: &crate::config::EtcdConfig,
+    own_key: PeerKey,
+) -> Result<Running, GatewayError> {
+    if config.network.wireguard.address.is_none() {
+        return Err(GatewayError::operator(
+            "a gateway on etcd needs its [network.wireguard] address: its own record names it among the gateways",
+        ));
+    }
+    let store = Arc::new(etcd::EtcdStore::open(&admin::etcd_settings(etcd)).await?);
+    let (mut running, own) = start_with(config, Arc::clone(&store), own_key, "etcd").await?;
+    let url = public_url(config)?;
+    let presence = etcd::GatewayPresence {
+        node_id: own.unwrap_or(coord::NodeId(0)),
+        name: config.node.name.as_str().to_owned(),
+        url: url.clone(),
+        started_at: unix_now(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let guard = store.register_presence(presence).await?;
+    running.guards.push(Box::new(guard));
+    running.tasks.push(tokio::spawn(follow_presence(
+        Arc::clone(&store),
+        Arc::clone(&running.view),
+        url,
+    )));
+    running.tasks.push(tokio::spawn(watch_writable(
+        Arc::clone(&store),
+        Arc::clone(&running.view),
+    )));
+    Ok(running)
+}
+
+/// Keep the view's gateways list at the live gateways' URLs, this one first.
+#[cfg(feature = "store-etcd")]
+async fn follow_presence(store: Arc<etcd::EtcdStore>, view: Arc<View>, own: String) {
+    let mut changes = store.presence_changes();
+    loop {
+        let mut alive = store.gateways_alive();
+        alive.sort_by(|a, b| (a.started_at, &a.url).cmp(&(b.started_at, &b.url)));
+        let mut urls = vec![own.clone()];
+        for presence in alive {
+            if !urls.contains(&presence.url) {
+                urls.push(presence.url);
+            }
+        }
+        view.set_gateways(urls);
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// How often the gateway asks etcd whether it takes writes, so `/v1/status` says so even
+/// when no join or advert has failed yet.
+#[cfg(feature = "store-etcd")]
+const WRITABLE_EVERY: Duration = Duration::from_secs(3);
+
+#[cfg(feature = "store-etcd")]
+async fn watch_writable(store: Arc<etcd::EtcdStore>, view: Arc<View>) {
+    let mut tick = tokio::time::interval(WRITABLE_EVERY);
+    loop {
+        tick.tick().await;
+        let cluster = store.cluster().await;
+        if cluster.writable {
+            view.store_wrote();
+        } else {
+            view.store_refused(cluster.reason.as_deref().unwrap_or("etcd has no quorum"));
+        }
+    }
+}
+
+async fn start_with<S: Store>(
+    config: &Config,
+    store: Arc<S>,
+    own_key: PeerKey,
+    kind: &str,
+) -> Result<(Running, Option<coord::NodeId>), GatewayError> {
+    let paths = Paths::new(&config.node.state_dir);
     let signer = Arc::new(Signer::load(&paths.signer_key)?);
     let root = root_of(&paths)?;
     let url = public_url(config)?;
@@ -361,6 +481,11 @@ pub async fn start(config: &Config, own_key: PeerKey) -> Result<Running, Gateway
     let wg = &config.network.wireguard;
     let own_address = wg.address.map(|a| a.addr());
     let view = Arc::new(View::new(store.store_id(), gateways.clone()));
+    view.set_store_health(view::StoreHealth {
+        kind: kind.to_owned(),
+        writable: true,
+        reason: None,
+    });
     let gateway = Arc::new(Gateway {
         store: Arc::clone(&store),
         view: Arc::clone(&view),
@@ -373,8 +498,9 @@ pub async fn start(config: &Config, own_key: PeerKey) -> Result<Running, Gateway
         max_sessions: config.gateway.max_sessions,
     });
     let now = unix_now();
+    let mut own = None;
     if let Some(address) = own_address {
-        register_self(config, &gateway, &paths, root, (address, own_key), now).await?;
+        own = Some(register_self(config, &gateway, &paths, root, (address, own_key), now).await?);
     }
     view::load(&*store, &view).await?;
     let tls = tls_config(config, &paths, &url)?;
@@ -410,8 +536,16 @@ pub async fn start(config: &Config, own_key: PeerKey) -> Result<Running, Gateway
             }
         }
     }));
-    tracing::info!(component = "gateway", listen = %addr, url = %url, rev = view.head(), "gateway serving");
-    Ok(Running { addr, view, tasks })
+    tracing::info!(component = "gateway", listen = %addr, url = %url, store = kind, rev = view.head(), "gateway serving");
+    Ok((
+        Running {
+            addr,
+            view,
+            tasks,
+            guards: Vec::new(),
+        },
+        own,
+    ))
 }
 
 /// The leaf certificate: issued now when the root key is here, else the one kept from the
@@ -474,7 +608,7 @@ async fn register_self<S: Store>(
     root: RootKey,
     (address, key): (IpAddr, PeerKey),
     now: u64,
-) -> Result<(), GatewayError> {
+) -> Result<coord::NodeId, GatewayError> {
     let wg = &config.network.wireguard;
     let secret = Secret32(random_32());
     let session_hash = secret.hash();
@@ -507,7 +641,7 @@ async fn register_self<S: Store>(
     let bytes = Zeroizing::new(serde_json::to_vec_pretty(&file).unwrap_or_default());
     state::write_atomic(&paths.session_file, &bytes, 0o600).map_err(state_err)?;
     tracing::info!(component = "gateway", %node_id, %address, "this gateway's own record registered");
-    Ok(())
+    Ok(node_id)
 }
 
 /// The gateway on its own thread and runtime, so a crowd of long-polls never delays the

@@ -145,6 +145,17 @@ pub fn busy_response() -> Response<Full<Bytes>> {
     response
 }
 
+/// 503 for a write the store refused for now (etcd without quorum): its message, and a
+/// jittered Retry-After of 2-5 s. Reads go on from the view meanwhile.
+pub fn store_unavailable(view: &View, error: &str) -> Response<Full<Bytes>> {
+    view.store_refused(error);
+    let mut response = error_response(503, error, true);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(fastrand::u64(2..=5)));
+    response
+}
+
 fn error_response(status: u16, error: &str, retry: bool) -> Response<Full<Bytes>> {
     error_body_response(status, error, retry, None)
 }
@@ -246,6 +257,7 @@ async fn handle<S: Store>(
             }
             match gateway.store.put_advert(advert).await {
                 Ok(_) => {
+                    gateway.view.store_wrote();
                     let mut response = Response::new(Full::new(Bytes::new()));
                     *response.status_mut() = StatusCode::NO_CONTENT;
                     response
@@ -256,7 +268,11 @@ async fn handle<S: Store>(
                 Err(e @ AdvertError::UnknownNode) => error_response(403, &e.to_string(), false),
                 Err(AdvertError::Store(e)) => {
                     tracing::warn!(component = "gateway", error = %e, "advert not stored");
-                    error_response(503, &e.to_string(), true)
+                    if e.transient {
+                        store_unavailable(&gateway.view, &e.to_string())
+                    } else {
+                        error_response(503, &e.to_string(), true)
+                    }
                 }
             }
         }
@@ -402,6 +418,11 @@ async fn handle_join<S: Store>(
         Err(error) => {
             let retry = error.retry();
             tracing::info!(component = "gateway", name = %join.name, %peer, %error, "join refused");
+            if let super::store::JoinError::Store(e) = &error
+                && e.transient
+            {
+                return store_unavailable(&gateway.view, &e.to_string());
+            }
             let status = if retry {
                 503
             } else {
@@ -424,6 +445,7 @@ async fn handle_join<S: Store>(
         }
     };
     let node_id = joined.record.node_id;
+    gateway.view.store_wrote();
     gateway.view.add_session(node_id, session_hash);
     gateway.view.counters.joins.fetch_add(1, Ordering::Relaxed);
     if !endpoints.is_empty() {
@@ -448,7 +470,7 @@ async fn handle_join<S: Store>(
         },
         record: joined.record,
         mesh_cidr: gateway.mesh_cidr,
-        gateways: gateway.gateways.clone(),
+        gateways: gateway.view.gateways(),
     };
     json_response(
         200,

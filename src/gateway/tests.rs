@@ -1359,3 +1359,97 @@ fn a_thousand_peer_snapshot_gzipped_and_a_one_peer_delta_stay_within_the_wire_ta
     let empty = view.empty(2001).json.len();
     assert!(empty <= 1024, "empty {empty} B");
 }
+
+// ---- several gateways on one store ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_ahead_of_the_view_waits_for_it_and_never_gets_a_snapshot() {
+    let view = Arc::new(view_at(3));
+    // Another gateway on the same store is at 5 already: its node asks this one.
+    let ahead = Cursor {
+        store_id: STORE_ID,
+        rev: 5,
+    };
+    assert!(view.answer(Some(ahead)).is_none(), "waits, no snapshot");
+    let empty = decode(
+        &super::server::poll(&view, Some(ahead), Duration::from_millis(100))
+            .await
+            .json,
+    );
+    assert_eq!(empty.kind, UpdateKind::Delta);
+    assert_eq!(empty.cursor, ahead, "its own cursor back");
+    assert!(empty.records.is_empty());
+    // The view catches up past it: only what came after 5.
+    let poll = {
+        let view = Arc::clone(&view);
+        tokio::spawn(async move {
+            super::server::poll(&view, Some(ahead), Duration::from_secs(10)).await
+        })
+    };
+    view.apply(vec![
+        (4, Change::Record(record(4, 4))),
+        (5, Change::Record(record(5, 5))),
+    ]);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!poll.is_finished(), "at 5 it is current: still waiting");
+    view.apply(vec![(6, Change::Record(record(6, 6)))]);
+    let update = decode(&poll.await.unwrap().json);
+    assert_eq!(update.kind, UpdateKind::Delta);
+    assert_eq!(update.cursor.rev, 6);
+    let ids: Vec<_> = update.records.iter().map(|r| r.node_id).collect();
+    assert_eq!(ids, vec![NodeId(6)]);
+    assert_eq!(view.role_doc().snapshots_sent, 0);
+}
+
+#[test]
+fn every_update_carries_the_live_gateways_and_follows_their_changes() {
+    let view = view_at(2);
+    let cursor = Cursor {
+        store_id: STORE_ID,
+        rev: 1,
+    };
+    assert_eq!(
+        decode(&view.snapshot().json).gateways,
+        vec!["https://127.0.0.1:1".to_owned()]
+    );
+    let _ = view.answer(Some(cursor));
+    let both = vec![
+        "https://127.0.0.1:1".to_owned(),
+        "https://127.0.0.2:1".to_owned(),
+    ];
+    view.set_gateways(both.clone());
+    // Cached answers made with the old list are not served again.
+    assert_eq!(decode(&view.snapshot().json).gateways, both);
+    assert_eq!(
+        decode(&view.answer(Some(cursor)).unwrap().json).gateways,
+        both
+    );
+    assert_eq!(decode(&view.empty(2).json).gateways, both);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_joined_through_another_gateway_can_poll_this_one_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(&dir));
+    let view = Arc::new(View::new(STORE_ID, Vec::new()));
+    view::load(&*store, &view).await.unwrap();
+    let mine = txn(None, "here", 1, NOW);
+    store.join_blocking(mine).unwrap();
+    view.add_session(NodeId(1), [9; 32]);
+    let feed = tokio::spawn(view::feed(Arc::clone(&store), Arc::clone(&view)));
+    // Another gateway (another process on the same store) takes a join.
+    let elsewhere = SqliteStore::open(&dir.path().join("store.sqlite")).unwrap();
+    let joined = elsewhere.join_blocking(txn(None, "there", 2, NOW)).unwrap();
+    let node = joined.record.node_id;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !view.session_valid(node, &[2; 32]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the other gateway's node is not known here"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A session this gateway set itself is kept, even where the store's copy differs.
+    assert!(view.session_valid(NodeId(1), &[9; 32]));
+    feed.abort();
+}

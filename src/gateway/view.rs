@@ -79,6 +79,30 @@ pub struct RoleDoc {
     pub joins: u64,
     /// Requests answered 503 because the gateway was at capacity.
     pub refused_busy: u64,
+    /// Which store, and whether joins and changes can be written now.
+    #[serde(default)]
+    pub store: StoreHealth,
+}
+
+/// The store as `/v1/status` and `gateway status` show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoreHealth {
+    /// "sqlite" or "etcd".
+    pub kind: String,
+    /// False while the store refuses writes (etcd without quorum): joins and changes get 503.
+    pub writable: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Default for StoreHealth {
+    fn default() -> Self {
+        Self {
+            kind: "sqlite".to_owned(),
+            writable: true,
+            reason: None,
+        }
+    }
 }
 
 /// The gateway's own counters, for `GET /v1/status` and the logs.
@@ -168,7 +192,8 @@ impl DeltaCache {
 
 pub struct View {
     store_id: u64,
-    gateways: Vec<String>,
+    /// The live gateways' URLs, this one first: sent in every update.
+    gateways: RwLock<Vec<String>>,
     inner: RwLock<Inner>,
     head: watch::Sender<u64>,
     sessions: RwLock<HashMap<NodeId, [u8; 32]>>,
@@ -177,24 +202,91 @@ pub struct View {
     /// `DELTA_CACHE_MAX` bytes of them.
     deltas: Mutex<DeltaCache>,
     pub counters: Counters,
+    health: RwLock<StoreHealth>,
 }
 
 impl View {
     pub fn new(store_id: u64, gateways: Vec<String>) -> Self {
         Self {
             store_id,
-            gateways,
+            gateways: RwLock::new(gateways),
             inner: RwLock::default(),
             head: watch::Sender::new(0),
             sessions: RwLock::default(),
             snapshot: Mutex::default(),
             deltas: Mutex::default(),
             counters: Counters::default(),
+            health: RwLock::default(),
         }
+    }
+
+    /// Record whether the store takes writes (from a write's outcome or a probe).
+    pub fn set_store_health(&self, health: StoreHealth) {
+        let mut current = self.health.write().unwrap_or_else(|p| p.into_inner());
+        if *current != health {
+            if health.writable {
+                tracing::info!(component = "gateway", store = %health.kind, "the store takes writes again");
+            } else {
+                tracing::warn!(component = "gateway", store = %health.kind, reason = health.reason.as_deref().unwrap_or(""), "the store refuses writes: joins and changes get 503 until it returns");
+            }
+            *current = health;
+        }
+    }
+
+    /// A write just failed for a reason retrying may cure (etcd without quorum).
+    pub fn store_refused(&self, reason: &str) {
+        let mut health = self.store_health();
+        health.writable = false;
+        health.reason = Some(reason.to_owned());
+        self.set_store_health(health);
+    }
+
+    /// A write just succeeded.
+    pub fn store_wrote(&self) {
+        if !self
+            .health
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .writable
+        {
+            let mut health = self.store_health();
+            health.writable = true;
+            health.reason = None;
+            self.set_store_health(health);
+        }
+    }
+
+    pub fn store_health(&self) -> StoreHealth {
+        self.health
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn store_id(&self) -> u64 {
         self.store_id
+    }
+
+    /// Replace the gateways list sent with every update (the live gateways, this one first).
+    /// Answers encoded with the old list are dropped; sessions get the new one with their
+    /// next answer.
+    pub fn set_gateways(&self, gateways: Vec<String>) {
+        {
+            let mut current = self.gateways.write().unwrap_or_else(|p| p.into_inner());
+            if *current == gateways {
+                return;
+            }
+            *current = gateways;
+        }
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.deltas_lock().clear();
+    }
+
+    pub fn gateways(&self) -> Vec<String> {
+        self.gateways
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The counters as `GET /v1/status`, the node's status API and `/metrics` show them.
@@ -213,6 +305,7 @@ impl View {
             encodings: load(&c.encodings),
             joins: load(&c.joins),
             refused_busy: load(&c.refused_busy),
+            store: self.store_health(),
         }
     }
 
@@ -267,11 +360,14 @@ impl View {
         self.head.send_replace(rev);
     }
 
-    /// Apply changes from the feed (oldest first) and publish the new head once.
-    pub fn apply(&self, changes: Vec<(u64, Change)>) {
+    /// Apply changes from the feed (oldest first) and publish the new head once. Returns
+    /// whether a record came for a node whose session the view does not know (it joined
+    /// through another gateway): then reload the sessions so it can poll here at once.
+    pub fn apply(&self, changes: Vec<(u64, Change)>) -> bool {
         let Some(&(last, _)) = changes.last() else {
-            return;
+            return false;
         };
+        let mut unknown_session = false;
         {
             let mut inner = self.write();
             for (rev, change) in changes {
@@ -281,6 +377,7 @@ impl View {
                 match &change {
                     Change::Record(record) => {
                         inner.records.insert(record.node_id, record.clone());
+                        unknown_session |= !self.has_session(record.node_id);
                     }
                     Change::Advert(advert) => {
                         inner.adverts.insert(advert.node_id, advert.clone());
@@ -302,12 +399,20 @@ impl View {
             }
             trim(&mut inner);
             if last < inner.rev {
-                return;
+                return unknown_session;
             }
         }
         // Deltas to an older head will not be asked for again.
         self.deltas_lock().keep_to(last);
         self.head.send_replace(last);
+        unknown_session
+    }
+
+    fn has_session(&self, node: NodeId) -> bool {
+        self.sessions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&node)
     }
 
     fn deltas_lock(&self) -> std::sync::MutexGuard<'_, DeltaCache> {
@@ -324,6 +429,15 @@ impl View {
 
     pub fn add_session(&self, node: NodeId, hash: [u8; 32]) {
         self.sessions_write().insert(node, hash);
+    }
+
+    /// Add the sessions of nodes the view does not know yet (joined through another
+    /// gateway). Known ones are kept: a join here may be newer than the store's copy read.
+    pub fn add_unknown_sessions(&self, sessions: Vec<(NodeId, [u8; 32])>) {
+        let mut known = self.sessions_write();
+        for (node, hash) in sessions {
+            known.entry(node).or_insert(hash);
+        }
     }
 
     /// Whether `hash` is the session hash of a node that is not revoked.
@@ -358,14 +472,16 @@ impl View {
     }
 
     /// What a session with `cursor` is owed now: a snapshot, a delta, or `None` when it is
-    /// current (then wait on `subscribe()` and ask again).
+    /// current or ahead (then wait on `subscribe()` and ask again). A cursor of this store
+    /// ahead of the head comes from another gateway a few ms ahead on the same store: it
+    /// waits for this view to catch up rather than taking a snapshot.
     pub fn answer(&self, cursor: Option<Cursor>) -> Option<Arc<Encoded>> {
         let (head, floor) = {
             let inner = self.read();
             (inner.rev, inner.floor)
         };
         match cursor {
-            Some(c) if c.store_id == self.store_id && c.rev == head => None,
+            Some(c) if c.store_id == self.store_id && c.rev >= head => None,
             Some(c) if c.store_id == self.store_id && c.rev >= floor && c.rev < head => {
                 Some(self.delta(c.rev))
             }
@@ -479,7 +595,7 @@ impl View {
             records: state.records,
             revocations: state.revocations,
             adverts: state.adverts,
-            gateways: self.gateways.clone(),
+            gateways: self.gateways(),
         }
     }
 
@@ -537,7 +653,11 @@ async fn step<S: Store>(store: &S, view: &View) -> Result<(), StoreError> {
     store.wait(rev).await?;
     tokio::time::sleep(MERGE_WINDOW).await;
     match store.changes_since(rev).await? {
-        Ok(changes) => view.apply(changes),
+        Ok(changes) => {
+            if view.apply(changes) {
+                view.add_unknown_sessions(store.sessions().await?);
+            }
+        }
         Err(Compacted) => load(store, view).await?,
     }
     Ok(())
