@@ -170,6 +170,19 @@ fn snapshots(doc: &serde_json::Value) -> u64 {
         .unwrap_or_else(|| panic!("no snapshot count in {doc}"))
 }
 
+/// The URLs of the gateways `gateway status --json` (run on host `i`) lists alive, sorted.
+fn alive_gateways(mesh: &Mesh, i: usize) -> Vec<String> {
+    let doc = mesh.gateway_status(i);
+    let mut urls: Vec<String> = doc["gateways"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no gateways in gateway status: {doc}"))
+        .iter()
+        .filter_map(|g| g["url"].as_str().map(str::to_string))
+        .collect();
+    urls.sort_unstable();
+    urls
+}
+
 /// Stop every pinger and fail on any lost reply.
 fn no_ping_lost(pingers: Vec<Pinger>, what: &str) {
     for p in pingers {
@@ -205,6 +218,23 @@ fn nodes_resume_on_another_gateway_with_their_cursor_when_theirs_is_killed_witho
             "host {i} follows gateway 1: {state}"
         );
     }
+    // Every member learnt all three gateways (from the signed gateway records and the
+    // answers' list), though its token named only gateway 1.
+    let all: Vec<String> = (0..3).map(|g| gateway_url(&mesh.lab, g)).collect();
+    for &i in &members {
+        let knows = time_until(WAIT, Duration::from_millis(100), || {
+            let known = &mesh.state(i)["gateways"];
+            all.iter()
+                .all(|u| known.as_array().is_some_and(|k| k.iter().any(|x| x == u.as_str())))
+        });
+        assert!(
+            knows.is_some(),
+            "host {i} does not know every gateway: {}",
+            mesh.state(i)
+        );
+    }
+    // `gateway status` lists the three alive.
+    assert_eq!(alive_gateways(&mesh, 1), all, "{}", mesh.gateway_status(1));
     let before: Vec<serde_json::Value> = members.iter().map(|&i| mesh.state(i)).collect();
     // Gateways 2 and 3 served their own node clients (each a snapshot at its start); only what
     // they send from here on counts.
@@ -274,6 +304,20 @@ fn nodes_resume_on_another_gateway_with_their_cursor_when_theirs_is_killed_witho
     assert!(
         deltas_after > deltas_before,
         "the resumed nodes were answered by no delta ({deltas_before} -> {deltas_after})"
+    );
+
+    // Its lease runs out: `gateway status` stops listing it (TTL 10 s).
+    let gone = time_until(Duration::from_secs(20), Duration::from_millis(250), || {
+        alive_gateways(&mesh, 1) == all[1..]
+    });
+    assert!(
+        gone.is_some(),
+        "gateway 1 still listed alive 20 s after its SIGKILL: {}",
+        mesh.gateway_status(1)
+    );
+    println!(
+        "gateway status stopped listing the killed gateway {} after the kill",
+        ms(killed.elapsed())
     );
 
     // Gateway 1 is still down: a node given a token that lists gateway 1 first, then 2, joins,
@@ -460,8 +504,25 @@ fn an_etcd_member_lost_is_invisible_to_nodes_and_with_quorum_lost_joins_are_refu
         status["writable"], false,
         "gateway status --json should say writes are impossible: {status}"
     );
-    let role = mesh.counters(0, 2);
-    assert_eq!(role["writable"], false, "/v1/status: {role}");
+    assert!(
+        status["reason"].as_str().is_some_and(|r| r.contains("quorum")),
+        "gateway status --json gives no reason naming quorum: {status}"
+    );
+    // The daemons say so on /v1/status (once a write was refused or their probe ran).
+    for g in 0..2 {
+        let said = time_until(WAIT, Duration::from_millis(200), || {
+            mesh.counters(g, 2)["store"]["writable"] == false
+        });
+        let role = mesh.counters(g, 2);
+        assert!(said.is_some(), "gateway {g}'s /v1/status: {role}");
+        assert_eq!(role["store"]["kind"], "etcd", "{role}");
+        assert!(
+            role["store"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("quorum")),
+            "gateway {g}'s /v1/status gives no reason naming quorum: {role}"
+        );
+    }
     // Nodes keep their peers and their tunnels, and follow on.
     stays_live(
         &mesh,
@@ -495,7 +556,16 @@ fn an_etcd_member_lost_is_invisible_to_nodes_and_with_quorum_lost_joins_are_refu
     );
     let status = mesh.gateway_status(0);
     assert_eq!(status["writable"], true, "{status}");
-    assert_eq!(mesh.counters(1, 2)["writable"], true);
+    for g in 0..2 {
+        let back = time_until(WAIT, Duration::from_millis(200), || {
+            mesh.counters(g, 2)["store"]["writable"] == true
+        });
+        assert!(
+            back.is_some(),
+            "gateway {g} still says it cannot write: {}",
+            mesh.counters(g, 2)
+        );
+    }
     mesh.token(1);
     mesh.ping_all(&[0, 1, 2, 3, 4, 5]);
 }
