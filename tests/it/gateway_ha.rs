@@ -58,7 +58,7 @@ impl Mesh {
             lab,
             gateways,
         };
-        for i in 0..mesh.hosts.len() {
+        for i in gateways..mesh.hosts.len() {
             mesh.node(i).recv_until("READY=1", WAIT);
         }
         for i in 0..mesh.hosts.len() {
