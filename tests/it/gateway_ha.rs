@@ -19,6 +19,10 @@ use crate::support::gateway::{
 use crate::support::lab::{self, Lab};
 
 const WAIT: Duration = Duration::from_secs(30);
+/// A node whose gateway died is live on another one within this (the issue's benchmark
+/// target is 3 s at p99; this leaves room for a loaded test machine, and none for a first
+/// poll that waits out a 25 s long poll before the node counts as live).
+const RESUME: Duration = Duration::from_secs(5);
 
 /// Whether to skip (saying why): no root, or no etcd where the run does not require it.
 fn skip() -> bool {
@@ -203,29 +207,22 @@ fn nodes_resume_on_another_gateway_with_their_cursor_when_theirs_is_killed_witho
     if skip() {
         return;
     }
-    // Gateways on hosts 0, 1, 2; members 3, 4, 5 joined through gateway 0 (call it gateway 1,
-    // as the issue does); host 6 joins during the failover.
+    // Gateways on hosts 0, 1, 2; members 3, 4, 5 joined through the gateway on host 0; host 6
+    // joins during the failover.
     let mut mesh = Mesh::start(7, 3, 3);
     let members = [3, 4, 5];
     mesh.ping_all(&[0, 1, 2, 3, 4, 5]);
-    let gw1 = gateway_url(&mesh.lab, 0);
-    for &i in &members {
-        let state = mesh.state(i);
-        assert_eq!(state["state"], "live", "host {i}: {state}");
-        assert_eq!(
-            state["url"],
-            gw1.as_str(),
-            "host {i} follows gateway 1: {state}"
-        );
-    }
     // Every member learnt all three gateways (from the signed gateway records and the
-    // answers' list), though its token named only gateway 1.
+    // answers' list), though its token named only one.
     let all: Vec<String> = (0..3).map(|g| gateway_url(&mesh.lab, g)).collect();
     for &i in &members {
         let knows = time_until(WAIT, Duration::from_millis(100), || {
             let known = &mesh.state(i)["gateways"];
-            all.iter()
-                .all(|u| known.as_array().is_some_and(|k| k.iter().any(|x| x == u.as_str())))
+            all.iter().all(|u| {
+                known
+                    .as_array()
+                    .is_some_and(|k| k.iter().any(|x| x == u.as_str()))
+            })
         });
         assert!(
             knows.is_some(),
@@ -235,33 +232,66 @@ fn nodes_resume_on_another_gateway_with_their_cursor_when_theirs_is_killed_witho
     }
     // `gateway status` lists the three alive.
     assert_eq!(alive_gateways(&mesh, 1), all, "{}", mesh.gateway_status(1));
+    // A node that joined through one gateway is served by any other at once: none was told
+    // its session is unknown (which says "join again with a new token").
+    for &i in &members {
+        let log = mesh.node(i).stderr();
+        assert!(
+            !log.contains("unknown or revoked session"),
+            "host {i}, just joined, was refused by a gateway that did not know its session yet:\n{log}"
+        );
+    }
+
+    // The gateway killed is the one most members follow ("their gateway"): a freshly joined
+    // node picks one of the gateways its join answer lists, not necessarily the one it joined
+    // through.
     let before: Vec<serde_json::Value> = members.iter().map(|&i| mesh.state(i)).collect();
-    // Gateways 2 and 3 served their own node clients (each a snapshot at its start); only what
-    // they send from here on counts.
-    let sent_before = [mesh.snapshots_sent(1, 3), mesh.snapshots_sent(2, 3)];
-    let deltas_before: u64 = (1..3)
-        .map(|g| mesh.counters(g, 3)["deltas_sent"].as_u64().unwrap_or(0))
+    let follows: Vec<usize> = before
+        .iter()
+        .zip(members)
+        .map(|(s, i)| {
+            assert_eq!(s["state"], "live", "host {i}: {s}");
+            all.iter()
+                .position(|u| s["url"] == u.as_str())
+                .unwrap_or_else(|| panic!("host {i} follows no gateway of the three: {s}"))
+        })
+        .collect();
+    let dead = (0..3)
+        .max_by_key(|g| (follows.iter().filter(|f| *f == g).count(), 3 - g))
+        .unwrap();
+    let live: Vec<usize> = (0..3).filter(|&g| g != dead).collect();
+    let movers: Vec<usize> = (0..3).filter(|&k| follows[k] == dead).collect();
+    println!(
+        "members 3, 4, 5 follow gateways {follows:?}; killing gateway {dead} ({} of its members)",
+        movers.len()
+    );
+    // The live gateways served their own node clients (each a snapshot at its start) and maybe
+    // members; only what they send from here on counts.
+    let sent_before: Vec<u64> = live.iter().map(|&g| mesh.snapshots_sent(g, 3)).collect();
+    let deltas_before: u64 = live
+        .iter()
+        .map(|&g| mesh.counters(g, 3)["deltas_sent"].as_u64().unwrap_or(0))
         .sum();
 
     // Pings go on without pause across the failover: member to member and member to the
     // surviving gateways.
-    let targets = [(3, 4), (4, 5), (5, 3), (3, 1), (4, 2)];
+    let targets = [(3, 4), (4, 5), (5, 3), (3, live[0]), (4, live[1])];
     let pingers: Vec<Pinger> = targets
         .iter()
         .map(|&(from, to)| Pinger::start(&mesh.lab, from, &mesh.mesh_ip(to)))
         .collect();
     std::thread::sleep(Duration::from_secs(1));
 
-    mesh.hosts[0].node.kill9();
+    mesh.hosts[dead].node.kill9();
     let killed = Instant::now();
-    // When each member first follows another gateway, live again.
+    // When each member first follows another gateway, live again (the others stay put).
     let mut resumed: Vec<Option<Duration>> = vec![None; members.len()];
-    while resumed.iter().any(Option::is_none) && killed.elapsed() < WAIT {
-        for (k, &i) in members.iter().enumerate() {
-            let s = mesh.state(i);
+    while movers.iter().any(|&k| resumed[k].is_none()) && killed.elapsed() < WAIT {
+        for &k in &movers {
+            let s = mesh.state(members[k]);
             if resumed[k].is_none()
                 && s["state"] == "live"
-                && s["url"].as_str().is_some_and(|u| u != gw1)
+                && s["url"].as_str().is_some_and(|u| u != all[dead])
             {
                 resumed[k] = Some(killed.elapsed());
             }
@@ -270,36 +300,43 @@ fn nodes_resume_on_another_gateway_with_their_cursor_when_theirs_is_killed_witho
     }
     for (k, &i) in members.iter().enumerate() {
         let now = mesh.state(i);
-        let at = resumed[k].unwrap_or_else(|| {
-            panic!(
-                "host {i} never resumed on another gateway: {now}\n{}",
+        if movers.contains(&k) {
+            let at = resumed[k].unwrap_or_else(|| {
+                panic!(
+                    "host {i} never resumed on another gateway: {now}\n{}",
+                    mesh.node(i).stderr()
+                )
+            });
+            println!(
+                "host {i} live on {} {} after its gateway was killed (cursor {} -> {})",
+                now["url"],
+                ms(at),
+                before[k]["cursor"],
+                now["cursor"]
+            );
+            assert!(
+                at <= RESUME,
+                "host {i} took {} to be live on another gateway (the issue's target: 3 s)\n{}",
+                ms(at),
                 mesh.node(i).stderr()
-            )
-        });
-        println!(
-            "host {i} live on {} {} after gateway 1 was killed (cursor {} -> {})",
-            now["url"],
-            ms(at),
-            before[k]["cursor"],
-            now["cursor"]
-        );
+            );
+        } else {
+            assert_eq!(now["state"], "live", "host {i}: {now}");
+        }
         assert_eq!(
             snapshots(&now),
             snapshots(&before[k]),
-            "host {i} took a snapshot to resume: {now}"
+            "host {i} took a snapshot: {now}"
         );
     }
-    println!(
-        "all three members resumed within {} of the SIGKILL (target: nodes resume; the bench times p99)",
-        ms(resumed.iter().flatten().max().copied().unwrap_or_default())
-    );
-    let sent_after = [mesh.snapshots_sent(1, 3), mesh.snapshots_sent(2, 3)];
+    let sent_after: Vec<u64> = live.iter().map(|&g| mesh.snapshots_sent(g, 3)).collect();
     assert_eq!(
         sent_after, sent_before,
-        "gateways 2 and 3 sent snapshots (before {sent_before:?}, after {sent_after:?}) to nodes that resumed with their cursor"
+        "gateways {live:?} sent snapshots (before {sent_before:?}, after {sent_after:?}) to nodes that resumed with their cursor"
     );
-    let deltas_after: u64 = (1..3)
-        .map(|g| mesh.counters(g, 3)["deltas_sent"].as_u64().unwrap_or(0))
+    let deltas_after: u64 = live
+        .iter()
+        .map(|&g| mesh.counters(g, 3)["deltas_sent"].as_u64().unwrap_or(0))
         .sum();
     assert!(
         deltas_after > deltas_before,
@@ -307,31 +344,34 @@ fn nodes_resume_on_another_gateway_with_their_cursor_when_theirs_is_killed_witho
     );
 
     // Its lease runs out: `gateway status` stops listing it (TTL 10 s).
+    let still: Vec<String> = live.iter().map(|&g| all[g].clone()).collect();
     let gone = time_until(Duration::from_secs(20), Duration::from_millis(250), || {
-        alive_gateways(&mesh, 1) == all[1..]
+        alive_gateways(&mesh, live[0]) == still
     });
     assert!(
         gone.is_some(),
-        "gateway 1 still listed alive 20 s after its SIGKILL: {}",
-        mesh.gateway_status(1)
+        "gateway {dead} still listed alive 20 s after its SIGKILL: {}",
+        mesh.gateway_status(live[0])
     );
     println!(
         "gateway status stopped listing the killed gateway {} after the kill",
         ms(killed.elapsed())
     );
 
-    // Gateway 1 is still down: a node given a token that lists gateway 1 first, then 2, joins,
-    // and (a change made through gateway 2) is on every running host's device.
-    let token = mesh.token(1);
-    let token = with_urls(&token, &[gw1.clone(), gateway_url(&mesh.lab, 1)]);
+    // The killed gateway is still down: a node given a token that lists it first, then
+    // another ("gateway 2"), joins, and (a change made through gateway 2) is on every running
+    // host's device.
+    let token = mesh.token(live[0]);
+    let token = with_urls(&token, &[all[dead].clone(), all[live[0]].clone()]);
     let t0 = Instant::now();
     mesh.add_member(6, &token);
     mesh.node(6).recv_until("READY=1", WAIT);
     println!(
-        "a node with gateway 1 (dead) first in its token: READY in {}",
+        "a node with the dead gateway first in its token: READY in {}",
         ms(t0.elapsed())
     );
-    for i in 1..=6 {
+    let running: Vec<usize> = (0..7).filter(|&i| i != dead).collect();
+    for &i in &running {
         mesh.wait_for_all_peers(i);
     }
     println!(
@@ -339,12 +379,12 @@ fn nodes_resume_on_another_gateway_with_their_cursor_when_theirs_is_killed_witho
         ms(t0.elapsed())
     );
     no_ping_lost(pingers, "the failover");
-    mesh.ping_all(&[1, 2, 3, 4, 5, 6]);
+    mesh.ping_all(&running);
 
     // A revocation made on gateway 2 (its CLI, its config) reaches every node.
     let t0 = Instant::now();
-    mesh.cli(1, &["gateway", "revoke", "node-5"]);
-    for i in [1, 2, 3, 4, 6] {
+    mesh.cli(live[0], &["gateway", "revoke", "node-5"]);
+    for &i in running.iter().filter(|&&i| i != 5) {
         wait_for_device(
             &mesh.lab,
             i,
@@ -362,7 +402,8 @@ fn nodes_resume_on_another_gateway_with_their_cursor_when_theirs_is_killed_witho
         !mesh.lab.ping(3, &ip5, 1),
         "the revoked node is unreachable"
     );
-    mesh.ping_all(&[1, 2, 3, 4, 6]);
+    let rest: Vec<usize> = running.into_iter().filter(|&i| i != 5).collect();
+    mesh.ping_all(&rest);
 }
 
 /// Waits until `node`'s log or STATUS says `words`; the line that said it.
@@ -505,7 +546,9 @@ fn an_etcd_member_lost_is_invisible_to_nodes_and_with_quorum_lost_joins_are_refu
         "gateway status --json should say writes are impossible: {status}"
     );
     assert!(
-        status["reason"].as_str().is_some_and(|r| r.contains("quorum")),
+        status["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("quorum")),
         "gateway status --json gives no reason naming quorum: {status}"
     );
     // The daemons say so on /v1/status (once a write was refused or their probe ran).
