@@ -5,6 +5,9 @@
 //! a join token. Real binary, userspace WireGuard, real packets. Needs root and etcd; skipped
 //! (with a note) otherwise, unless `CLAWNODE_REQUIRE_ETCD` is set (tests/run-all.sh).
 //!
+//! The admin CLI runs inside a gateway host's namespace, as on a gateway machine: etcd is on
+//! the lab's bridge, out of reach of the test's own namespace.
+//!
 //! Figures (time to resume on another gateway) are printed; run with `--nocapture`.
 
 use std::time::{Duration, Instant};
