@@ -1556,6 +1556,18 @@ async fn bench_ha(lab: &Lab, mut gateways: Vec<gateway::Host>) -> Figures {
     );
     assert_eq!(unique, total, "an address was allocated twice");
     assert_eq!(unique_ids, total, "a node id was given twice");
+    // A gateway restarted now loads all of them.
+    let t = Instant::now();
+    gateways[2].node.stop(Duration::from_secs(30));
+    gateways[2].node.restart();
+    gateways[2]
+        .node
+        .recv_until("READY=1", Duration::from_secs(120));
+    figures.add(
+        format!("a gateway restarted with {} nodes in etcd", small + large),
+        format!("READY in {}", ms(t.elapsed())),
+        "starts",
+    );
     let listed = gateway::cli_ok_in(
         lab.ns(0),
         &gateways[0].node,

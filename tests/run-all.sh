@@ -21,6 +21,12 @@ command -v pgrep >/dev/null || apt_needs+=(procps)
 command -v systemd-analyze >/dev/null || apt_needs+=(systemd)
 # promtool checks the /metrics exposition (Debian ships it in the prometheus package).
 command -v promtool >/dev/null || apt_needs+=(prometheus)
+# The etcd store (the default `store-etcd` feature) builds its gRPC client with protoc; its
+# tests run a real three-member cluster of Debian's etcd and must not skip here.
+command -v protoc >/dev/null || apt_needs+=(protobuf-compiler)
+command -v etcd >/dev/null || apt_needs+=(etcd-server)
+command -v etcdctl >/dev/null || apt_needs+=(etcd-client)
+export CLAWNODE_REQUIRE_ETCD=1
 if ((${#apt_needs[@]})); then
   log "apt-get install ${apt_needs[*]}"
   as_root apt-get update -q
