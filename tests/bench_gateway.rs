@@ -3,7 +3,12 @@
 //! in this process, each a long-poll client over loopback TLS (`GET /v1/peers?cursor&wait`,
 //! as a real node polls). Prints every figure beside its target; asserts only correctness (no
 //! address given twice), never timing.
-//! Run as root: `cargo test --release --features test-fakes --test bench_gateway -- --ignored --nocapture`
+//! Run as root: `cargo test --release --features test-fakes --test bench_gateway -- --ignored --nocapture --test-threads=1`
+//! `three_gateways_on_etcd_…` (needs etcd-server too): three gateways (one network namespace
+//! each) on a three-member etcd in the lab's switch namespace, where the simulated nodes run:
+//! 1,000 nodes spread over them, a change's spread, one gateway killed (time for its nodes to
+//! resume elsewhere, snapshots sent), 10,000 racing joins over the three, RSS per node.
+//! `CLAWNODE_BENCH_NODES=small,large` sizes both tests.
 //!
 //! Bytes are measured through a counting TCP relay in front of the gateway: what crossed the
 //! socket, TLS records and handshake included. Memory is the gateway process's RSS (VmRSS, and
@@ -1235,6 +1240,355 @@ async fn bench(lab: &Lab, nofile: u64) -> Figures {
     for f in followers {
         f.abort();
     }
+    println!("whole benchmark took {}", ms(started.elapsed()));
+    figures
+}
+
+// ---- three gateways on one etcd cluster (issue 15) ----
+
+/// Gateway `i` of the three: its own address 198.18.0.<i + 1> in the benchmark mesh, nodes'
+/// addresses from 198.19.0.0/16 (so no join takes a gateway's own address).
+fn etcd_gateway_config(lab: &Lab, i: usize, dir: &Path, endpoints: &[String]) -> String {
+    let own = format!("address = \"198.18.0.{}/15\"", i + 1);
+    gateway::etcd_gateway_config_on(lab, i, dir, endpoints, (MESH, &own, "198.19.0.0/16"))
+}
+
+/// When each simulated node first got an answer from a gateway other than the last that
+/// answered it (its resume after losing that one).
+type Switched = Arc<Mutex<Vec<Option<Instant>>>>;
+
+/// A simulated node following the stream as a real node does across several gateways: the
+/// last one that answered first; after a failure the others in a shuffled order, full-jitter
+/// backoff between tries, `wait=0` on the first poll after a failure, always with its cursor.
+#[allow(clippy::too_many_arguments)]
+async fn follow_gateways(
+    http: Https,
+    bases: Arc<Vec<String>>,
+    home: usize,
+    i: usize,
+    session: String,
+    cursor: String,
+    watch: Arc<Watch>,
+    switched: Switched,
+) {
+    let mut cursor = cursor;
+    let mut failures = 0u32;
+    let mut last_good = home;
+    let mut queue = vec![home];
+    loop {
+        let at = queue[0];
+        let wait = if failures > 0 { 0 } else { WAIT_S };
+        match poll(&http, &bases[at], &session, Some(&cursor), wait).await {
+            Ok((head, _, _)) => {
+                if at != last_good {
+                    switched.lock().unwrap()[i] = Some(Instant::now());
+                    last_good = at;
+                    queue = vec![at];
+                }
+                failures = 0;
+                if head.kind == "snapshot" {
+                    watch.snapshots.fetch_add(1, Ordering::Relaxed);
+                }
+                watch.saw(i, &head);
+                cursor = json_text(&head.cursor);
+            }
+            Err(e) => {
+                failures += 1;
+                queue.remove(0);
+                if queue.is_empty() {
+                    // A round: the others shuffled, then the last good one again (the node
+                    // client's Rotation, which began this round with the last good one).
+                    let mut others: Vec<usize> =
+                        (0..bases.len()).filter(|&g| g != last_good).collect();
+                    fastrand::shuffle(&mut others);
+                    queue = others;
+                    queue.push(last_good);
+                }
+                let pause = match e {
+                    Failed::Busy(after) => {
+                        watch.busy.fetch_add(1, Ordering::Relaxed);
+                        after.mul_f64(0.5 + fastrand::f64())
+                    }
+                    Failed::Other(_) => {
+                        watch.errors.fetch_add(1, Ordering::Relaxed);
+                        backoff(failures)
+                    }
+                };
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "benchmark; run by tests/run-all.sh with --release"]
+fn three_gateways_on_etcd_with_1000_nodes_a_gateway_killed_and_10000_racing_joins() {
+    if let Err(why) = lab::available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    if support::etcd::EtcdCluster::missing() {
+        return;
+    }
+    let nofile = raise_nofile(65_536);
+    println!("descriptor limit {nofile}");
+    // Gateways on hosts 0..3, one namespace each; etcd and the simulated nodes in the lab's
+    // switch namespace, on the bridge every gateway is plugged into.
+    let lab = Lab::new(3);
+    let etcd = gateway::lab_etcd(&lab);
+    let endpoints = etcd.endpoints();
+    let gateways =
+        gateway::start_etcd_gateways(&lab, 3, |i, d| etcd_gateway_config(&lab, i, d, &endpoints));
+    let ns = lab.netns_file(&lab.switch);
+    let lab = Arc::new(lab);
+    let inside = lab.clone();
+    let figures = lab::in_netns(ns, move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(bench_ha(&inside, gateways))
+    })
+    .join()
+    .unwrap();
+    drop(etcd);
+    println!("\nthree gateways on etcd, benchmark figures:");
+    for (what, measured, target) in &figures.0 {
+        println!("  {what:<58} {measured}  [target {target}]");
+    }
+}
+
+async fn bench_ha(lab: &Lab, mut gateways: Vec<gateway::Host>) -> Figures {
+    let (small, large) = sizes();
+    let mut figures = Figures(Vec::new());
+    let started = Instant::now();
+    let bases: Arc<Vec<String>> = Arc::new((0..3).map(|g| gateway::gateway_url(lab, g)).collect());
+    let ca = gateways[0].node.path("state/gateway/ca.pem");
+    let http = https(&ca);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pids: Vec<i32> = gateways.iter().map(|g| g.node.pid().as_raw()).collect();
+    let idle_kb: Vec<u64> = pids.iter().map(|&p| proc_kb(p, "VmRSS:")).collect();
+    println!(
+        "gateways idle: {}",
+        idle_kb
+            .iter()
+            .map(|&k| mib(k))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let token = gateway::create_token_in(
+        lab.ns(0),
+        &gateways[0].node,
+        &["--uses", "100000", "--ttl", "2h"],
+    );
+
+    // ---- 1,000 nodes, a third joined through each gateway, each following that one ----
+    let t = Instant::now();
+    let per = small / 3;
+    let counts = [per, per, small - 2 * per];
+    let joins = (0..3).map(|g| {
+        let (http, base, token) = (&http, &bases[g], &token);
+        async move { join_many(http, base, token, &format!("sim-g{g}-"), counts[g], 32).await }
+    });
+    let joined = futures::future::join_all(joins).await;
+    let mut nodes: Vec<(usize, Joined)> = Vec::new();
+    let mut retries = 0;
+    for (g, (list, _, r)) in joined.into_iter().enumerate() {
+        retries += r;
+        nodes.extend(list.into_iter().map(|j| (g, j)));
+    }
+    println!(
+        "{small} joins over three gateways in {} ({retries} retries)",
+        ms(t.elapsed())
+    );
+    let changer = join(&http, &bases[0], &token, "changer").await.unwrap();
+
+    let watch = Watch::new();
+    let switched: Switched = Arc::new(Mutex::new(vec![None; small]));
+    let firsts: Vec<_> = nodes
+        .iter()
+        .map(|(g, n)| {
+            let (http, base, session) = (http.clone(), bases[*g].clone(), n.session.clone());
+            tokio::spawn(async move { poll(&http, &base, &session, None, 0).await })
+        })
+        .collect();
+    let mut followers = Vec::new();
+    for (i, first) in firsts.into_iter().enumerate() {
+        let (head, _, _) = first.await.unwrap().unwrap();
+        assert_eq!(head.kind, "snapshot");
+        followers.push(tokio::spawn(follow_gateways(
+            http.clone(),
+            bases.clone(),
+            nodes[i].0,
+            i,
+            nodes[i].1.session.clone(),
+            json_text(&head.cursor),
+            watch.clone(),
+            switched.clone(),
+        )));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for g in 0..3 {
+        let steady = proc_kb(pids[g], "VmRSS:");
+        figures.add(
+            format!(
+                "gateway {g}'s RSS with its {} long-polling nodes",
+                counts[g]
+            ),
+            format!(
+                "{} ({:.1} KiB per node over idle {})",
+                mib(steady),
+                steady.saturating_sub(idle_kb[g]) as f64 / counts[g] as f64,
+                mib(idle_kb[g])
+            ),
+            "<= 64 KiB per node (as issue 9)",
+        );
+    }
+
+    // A change made on gateway 1 (an advert), seen by nodes on all three.
+    let mut seq = 1;
+    let spread = propagation(&http, &bases[0], &changer, &mut seq, &watch, small, 10).await;
+    propagation_figure(&mut figures, small, 10, spread, "p99 <= 1 s");
+
+    // ---- gateway 2 killed: its nodes resume on the other two with their cursors ----
+    let snapshots_before = watch.snapshots.load(Ordering::SeqCst);
+    let victims: Vec<usize> = (0..small).filter(|&i| nodes[i].0 == 1).collect();
+    let t0 = Instant::now();
+    gateways[1].node.kill9();
+    let all_back = gateway::time_until(Duration::from_secs(60), Duration::from_millis(10), || {
+        let s = switched.lock().unwrap();
+        victims.iter().all(|&i| s[i].is_some_and(|at| at > t0))
+    });
+    let mut resumes: Vec<Duration> = {
+        let s = switched.lock().unwrap();
+        victims
+            .iter()
+            .filter_map(|&i| s[i].filter(|&at| at > t0).map(|at| at - t0))
+            .collect()
+    };
+    let snapshots = watch.snapshots.load(Ordering::SeqCst) - snapshots_before;
+    figures.add(
+        format!(
+            "{} nodes of a killed gateway resume elsewhere",
+            victims.len()
+        ),
+        format!(
+            "{} of {} resumed, p50 {} p99 {} max {} ({snapshots} snapshots)",
+            resumes.len(),
+            victims.len(),
+            ms(percentile(&mut resumes, 50.0)),
+            ms(percentile(&mut resumes, 99.0)),
+            ms(resumes.last().copied().unwrap_or_default())
+        ),
+        "p99 <= 3 s, zero snapshots",
+    );
+    assert!(
+        all_back.is_some(),
+        "{} of {} nodes of the killed gateway never resumed elsewhere",
+        victims.len() - resumes.len(),
+        victims.len()
+    );
+    assert_eq!(
+        snapshots, 0,
+        "nodes resumed with a snapshot, not their cursor"
+    );
+    let spread = propagation(&http, &bases[0], &changer, &mut seq, &watch, small, 5).await;
+    propagation_figure(
+        &mut figures,
+        small,
+        5,
+        spread,
+        "after the failover, every node still follows",
+    );
+    assert_eq!(spread.3, 0, "nodes missed a change after the failover");
+    println!(
+        "poll errors {}, 503s {}",
+        watch.errors.load(Ordering::SeqCst),
+        watch.busy.load(Ordering::SeqCst)
+    );
+    for f in followers {
+        f.abort();
+    }
+    gateways[1].node.restart();
+    gateways[1]
+        .node
+        .recv_until("READY=1", Duration::from_secs(60));
+    println!("1,000-node part took {}", ms(started.elapsed()));
+
+    // ---- 10,000 racing joins, a third on each gateway, all at once ----
+    let t = Instant::now();
+    let per = large / 3;
+    let counts = [per, per, large - 2 * per];
+    let joins = (0..3).map(|g| {
+        let (http, base, token) = (&http, &bases[g], &token);
+        async move {
+            join_many(
+                http,
+                base,
+                token,
+                &format!("race-g{g}-"),
+                counts[g],
+                counts[g],
+            )
+            .await
+        }
+    });
+    let joined = futures::future::join_all(joins).await;
+    let mut all = Vec::new();
+    let mut took = Vec::new();
+    let mut retries = 0;
+    for (list, d, r) in joined {
+        all.extend(list);
+        took.extend(d);
+        retries += r;
+    }
+    let (total, unique) = sorted_unique(all.iter().map(|n| n.address.clone()));
+    let (_, unique_ids) = sorted_unique(all.iter().map(|n| n.node_id.clone()));
+    figures.add(
+        format!("{large} racing joins over three gateways"),
+        format!(
+            "{total} joined in {}, {unique} distinct addresses, {unique_ids} distinct node ids; latency p50 {} p99 {}; {retries} retries",
+            ms(t.elapsed()),
+            ms(percentile(&mut took, 50.0)),
+            ms(percentile(&mut took, 99.0))
+        ),
+        "no address twice",
+    );
+    assert_eq!(unique, total, "an address was allocated twice");
+    assert_eq!(unique_ids, total, "a node id was given twice");
+    // A gateway restarted now loads all of them.
+    let t = Instant::now();
+    gateways[2].node.stop(Duration::from_secs(30));
+    gateways[2].node.restart();
+    gateways[2]
+        .node
+        .recv_until("READY=1", Duration::from_secs(120));
+    figures.add(
+        format!("a gateway restarted with {} nodes in etcd", small + large),
+        format!("READY in {}", ms(t.elapsed())),
+        "starts",
+    );
+    let listed = gateway::cli_ok_in(
+        lab.ns(0),
+        &gateways[0].node,
+        &["gateway", "nodes", "--json"],
+    );
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let rows = listed["nodes"].as_array().cloned().unwrap_or_default();
+    let mut by_address: HashMap<String, usize> = HashMap::new();
+    for row in &rows {
+        *by_address.entry(json_text(&row["address"])).or_default() += 1;
+    }
+    let twice: Vec<_> = by_address.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "the store lists an address twice: {twice:?}"
+    );
+    assert!(
+        rows.len() > small + large,
+        "gateway nodes lists {} nodes",
+        rows.len()
+    );
     println!("whole benchmark took {}", ms(started.elapsed()));
     figures
 }

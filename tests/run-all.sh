@@ -89,8 +89,8 @@ log "benchmark: /metrics with 8 stand-in GPUs, idle RSS with 8 and 0 GPUs (relea
 cargo test --locked --release --features test-fakes --test bench_gpu -- --ignored --nocapture
 
 if [[ $(id -u) -eq 0 ]]; then
-  log "benchmark: one gateway, 1,000 then 10,000 long-polling simulated nodes over loopback TLS (release, root)"
-  cargo test --locked --release --features test-fakes --test bench_gateway -- --ignored --nocapture
+  log "benchmark: one gateway, 1,000 then 10,000 long-polling simulated nodes over loopback TLS; then three gateways on a 3-member etcd, 1,000 nodes, one gateway killed, 10,000 racing joins (release, root)"
+  cargo test --locked --release --features test-fakes --test bench_gateway -- --ignored --nocapture --test-threads=1
 
   log "flood: 3,000 held connections to node-info and metrics_listen from a peer, one minute (release, root)"
   cargo test --locked --release --features test-fakes --test flood -- --ignored --nocapture

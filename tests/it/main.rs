@@ -17,7 +17,10 @@ mod daemon;
 mod doctor;
 #[cfg(feature = "store-etcd")]
 mod etcd_store;
+#[cfg(feature = "store-etcd")]
 mod gateway_etcd;
+#[cfg(feature = "store-etcd")]
+mod gateway_ha;
 mod gateway_mesh;
 mod gpu;
 mod journald;

@@ -239,3 +239,247 @@ pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
 pub fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
+
+// ---- several gateways on one etcd cluster (issue 15) ----
+
+/// The lab's etcd: its members run inside the lab's switch namespace on this address, given to
+/// the bridge every host is plugged into, so every host's namespace reaches them directly.
+pub const ETCD_IP: &str = "192.0.2.250";
+/// Nodes' addresses come from the upper half of the mesh; the gateways' own fixed addresses
+/// (198.51.100.<host + 1>) sit in the lower half, so no join can take one before a gateway
+/// that starts later registers it.
+pub const HA_POOL: &str = "198.51.100.128/25";
+
+/// A three-member etcd cluster inside `lab`'s switch namespace at [`ETCD_IP`].
+pub fn lab_etcd(lab: &Lab) -> super::etcd::EtcdCluster {
+    super::lab::sh(&format!(
+        "ip -n {} addr add {ETCD_IP}/24 dev br0",
+        lab.switch
+    ));
+    super::etcd::EtcdCluster::start_on(3, ETCD_IP, Some(&lab.switch))
+}
+
+/// Gateway `i`'s public URL: its underlay address, port [`GATEWAY_PORT`].
+pub fn gateway_url(lab: &Lab, i: usize) -> String {
+    format!("https://{}:{GATEWAY_PORT}", lab.underlay(i))
+}
+
+/// Gateway `i`'s mesh address: 198.51.100.<i + 1>.
+pub fn gateway_mesh_ip(i: usize) -> String {
+    format!("198.51.100.{}", i + 1)
+}
+
+/// Host `i` as a gateway on the etcd cluster at `endpoints` (`store = "etcd"`), on the lab's
+/// mesh: its own address 198.51.100.<i + 1>, nodes' addresses from [`HA_POOL`].
+pub fn etcd_gateway_config(lab: &Lab, i: usize, dir: &Path, endpoints: &[String]) -> String {
+    let own = format!("{}/24", gateway_mesh_ip(i));
+    let extra = format!("node_info_port = 51821\nreconcile_interval = \"1s\"\naddress = \"{own}\"");
+    etcd_gateway_config_on(lab, i, dir, endpoints, (MESH_CIDR, &extra, HA_POOL))
+}
+
+/// Host `i` as a gateway on the etcd cluster at `endpoints`, on `mesh` = (mesh CIDR, lines
+/// for `[network.wireguard]` (its `address` among them), address pool for nodes).
+pub fn etcd_gateway_config_on(
+    lab: &Lab,
+    i: usize,
+    dir: &Path,
+    endpoints: &[String],
+    (mesh_cidr, wireguard, pool): (&str, &str, &str),
+) -> String {
+    let mut text = host_config(lab, i, dir, mesh_cidr, wireguard);
+    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    text.push_str(&format!(
+        "\n[gateway]\nenabled = true\nlisten = \"0.0.0.0:{GATEWAY_PORT}\"\npublic_url = \"{}\"\n\
+         address_pool = \"{pool}\"\nstore = \"etcd\"\netcd_endpoints = [{}]\n",
+        gateway_url(lab, i),
+        endpoints.join(", ")
+    ));
+    text
+}
+
+/// `clawnode <args> --config <node's config>` run inside namespace `ns` (where etcd is
+/// reachable: the lab's etcd lives on the lab's bridge).
+pub fn cli_in(ns: &str, node: &Node, args: &[&str]) -> std::process::Output {
+    Command::new("ip")
+        .args(["netns", "exec", ns, super::BIN])
+        .args(args)
+        .arg("--config")
+        .arg(&node.config)
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .expect("run clawnode")
+}
+
+/// [`cli_in`], failing the test unless it exits 0; its stdout.
+pub fn cli_ok_in(ns: &str, node: &Node, args: &[&str]) -> String {
+    let out = cli_in(ns, node, args);
+    assert!(
+        out.status.success(),
+        "clawnode {args:?} in {ns} failed ({:?}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// `clawnode gateway token create --json <args>` inside namespace `ns`: the `cbn1.` token.
+pub fn create_token_in(ns: &str, gateway: &Node, args: &[&str]) -> String {
+    let mut full = vec!["gateway", "token", "create", "--json"];
+    full.extend_from_slice(args);
+    let text = cli_ok_in(ns, gateway, &full);
+    let doc: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("token create --json is not JSON ({e}): {text}"));
+    let token = doc["token"].as_str().unwrap_or_default().to_string();
+    assert!(token.starts_with("cbn1."), "{doc}");
+    token
+}
+
+/// Gateways on hosts `0..count` with the configs `config(i, dir)` (all on one etcd cluster):
+/// host 0 by `gateway init`, every other one by `gateway signer add` run on host 0 (the holder
+/// of root.key), its output copied into the new gateway's `<state_dir>/gateway/` as an operator
+/// would. All started and READY.
+pub fn start_etcd_gateways(
+    lab: &Lab,
+    count: usize,
+    config: impl Fn(usize, &Path) -> String,
+) -> Vec<Host> {
+    let mut first = Node::prepare(|d| config(0, d));
+    let key = make_key(first.dir.path());
+    cli_ok_in(lab.ns(0), &first, &["gateway", "init"]);
+    first.launch_in(Some(lab.ns(0)), &[]);
+    let mut hosts = vec![Host { node: first, key }];
+    for i in 1..count {
+        let mut node = Node::prepare(|d| config(i, d));
+        let key = make_key(node.dir.path());
+        let out = node.path("signer-out");
+        let underlay = lab.underlay(i);
+        cli_ok_in(
+            lab.ns(0),
+            &hosts[0].node,
+            &[
+                "gateway",
+                "signer",
+                "add",
+                &format!("gw-{i}"),
+                "--url",
+                &gateway_url(lab, i),
+                "--address",
+                &underlay,
+                "--out",
+                out.to_str().expect("utf-8 path"),
+            ],
+        );
+        let state = node.path("state/gateway");
+        super::lab::sh(&format!(
+            "umask 077; mkdir -p {s} && cp -a {o}/. {s}/",
+            s = state.display(),
+            o = out.display()
+        ));
+        node.launch_in(Some(lab.ns(i)), &[]);
+        hosts.push(Host { node, key });
+    }
+    for host in &hosts {
+        host.node.recv_until("READY=1", Duration::from_secs(60));
+    }
+    hosts
+}
+
+/// `token` with its gateway URL list replaced by `urls` (the list is not signed: it only says
+/// where to send the join, the pinned root key proves whom the node talks to).
+pub fn with_urls(token: &str, urls: &[String]) -> String {
+    use base64::Engine as _;
+    let mut parts: Vec<String> = token.split('.').map(str::to_string).collect();
+    assert_eq!(parts.len(), 5, "a cbn1 token has five parts");
+    parts[4] = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(urls.join(","));
+    parts.join(".")
+}
+
+/// The gateway URLs listed in `token`.
+pub fn token_urls(token: &str) -> Vec<String> {
+    use base64::Engine as _;
+    let last = token.rsplit('.').next().unwrap_or_default();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(last)
+        .expect("token URL list is base64url");
+    String::from_utf8(bytes)
+        .expect("utf-8")
+        .split(',')
+        .map(str::to_string)
+        .collect()
+}
+
+/// Wait until host `i`'s device holds exactly `want` (sorted); fails with the node's log.
+pub fn wait_for_device(lab: &Lab, i: usize, node: &Node, want: &[String], limit: Duration) {
+    let iface = lab.iface(i);
+    let got = time_until(limit, Duration::from_millis(20), || {
+        device_peers(&iface) == want
+    });
+    assert!(
+        got.is_some(),
+        "host {i} never had exactly the expected peers: want {want:?}, have {:?}\n{}",
+        device_peers(&iface),
+        node.stderr()
+    );
+}
+
+/// A ping running without pause (every 200 ms) from a lab host to a mesh address, until
+/// `finish` stops it and reads its count of replies.
+pub struct Pinger {
+    pub from: usize,
+    pub to: String,
+    child: Option<std::process::Child>,
+}
+
+impl Pinger {
+    pub fn start(lab: &Lab, from: usize, to: &str) -> Pinger {
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                lab.ns(from),
+                "ping",
+                "-n",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                to,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ping");
+        Pinger {
+            from,
+            to: to.to_string(),
+            child: Some(child),
+        }
+    }
+
+    /// Stop it and return (pings up to the last one answered, how many of those were
+    /// answered). Pings still in flight when it is stopped are not counted as lost.
+    pub fn finish(mut self) -> (u64, u64) {
+        let child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let out = child.wait_with_output().expect("ping output");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let answered: std::collections::BTreeSet<u64> = text
+            .lines()
+            .filter(|l| l.contains(" bytes from "))
+            .filter_map(|l| l.split("icmp_seq=").nth(1)?.split(' ').next()?.parse().ok())
+            .collect();
+        let last = answered.last().copied().unwrap_or(0);
+        (last, answered.len() as u64)
+    }
+}
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
