@@ -255,7 +255,7 @@ async fn connect(settings: &EtcdSettings) -> Result<Client, StoreError> {
         .with_connect_timeout(WRITE_TIMEOUT)
         // A member that vanished without closing its connection is noticed in seconds, so
         // the watch moves to another member.
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+        .with_keep_alive(KEEPALIVE_INTERVAL, Duration::from_secs(3))
         .with_keep_alive_while_idle(true);
     if let Some(ca) = &settings.ca_file {
         let read = |path: &PathBuf| {
@@ -483,6 +483,29 @@ fn json_err(error: serde_json::Error) -> StoreError {
     StoreError::new(format!("a stored value does not parse: {error}"), false)
 }
 
+/// gRPC pings: etcd closes a connection pinged more often than its
+/// `--grpc-keepalive-min-time` (5 s by default) as abusive, watch and lease streams included.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(6);
+
+/// Operations per transaction, under etcd's default `--max-txn-ops` (128).
+const TXN_OPS_MAX: usize = 100;
+
+/// Keys read per request when loading the mirror.
+const LOAD_PAGE: i64 = 1_000;
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Only 0xff bytes: to the end of the key space.
+    vec![0]
+}
+
 impl Shared {
     fn key(&self, rel: &str) -> String {
         format!("{}{rel}", self.settings.prefix)
@@ -495,25 +518,43 @@ impl Shared {
     /// Load everything under the prefix into a fresh mirror.
     async fn load(&self) -> Result<(), StoreError> {
         let mut client = self.client.clone();
-        let response = bounded(client.get(
-            self.settings.prefix.as_bytes(),
-            Some(GetOptions::new().with_prefix()),
-        ))
-        .await?;
-        let rev = response.header().map_or(0, |h| h.revision()) as u64;
-        let mut fresh = Mirror {
-            rev,
-            ring_from: rev,
-            ..Mirror::default()
-        };
-        for kv in response.kvs() {
-            let Some(rel) = kv.key().strip_prefix(self.settings.prefix.as_bytes()) else {
-                continue;
+        let prefix = self.settings.prefix.as_bytes();
+        let end = prefix_end(prefix);
+        let mut from = prefix.to_vec();
+        // Pages at one revision: one answer for the whole prefix would pass gRPC's 4 MiB
+        // message limit at a few thousand nodes.
+        let mut rev = 0u64;
+        let mut fresh = Mirror::default();
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LOAD_PAGE);
+            if rev > 0 {
+                options = options.with_revision(rev as i64);
+            }
+            let response = bounded(client.get(from.clone(), Some(options))).await?;
+            if rev == 0 {
+                rev = response.header().map_or(0, |h| h.revision()) as u64;
+            }
+            for kv in response.kvs() {
+                let Some(rel) = kv.key().strip_prefix(prefix) else {
+                    continue;
+                };
+                let rel = String::from_utf8_lossy(rel);
+                // Not a change: what is already there is the state, not news.
+                fresh.apply(&rel, true, kv.value(), kv.mod_revision() as u64);
+            }
+            let Some(last) = response.kvs().last() else {
+                break;
             };
-            let rel = String::from_utf8_lossy(rel);
-            // Not a change: what is already there is the state, not news.
-            fresh.apply(&rel, true, kv.value(), kv.mod_revision() as u64);
+            if !response.more() {
+                break;
+            }
+            from = last.key().to_vec();
+            from.push(0);
         }
+        fresh.rev = rev;
+        fresh.ring_from = rev;
         fresh.ring.clear();
         fresh.ring_from = rev;
         {
@@ -1312,18 +1353,24 @@ impl EtcdStore {
                 .map(|(k, _)| k.to_owned())
                 .collect()
         };
-        if !expired.is_empty() {
-            let ops: Vec<TxnOp> = expired
+        // In chunks under etcd's --max-txn-ops (128 by default); a failed clean-up must not
+        // stop the compaction below, or history grows until etcd's space alarm.
+        for chunk in expired.chunks(TXN_OPS_MAX) {
+            let ops: Vec<TxnOp> = chunk
                 .iter()
                 .map(|k| TxnOp::delete(self.shared.key(k), None))
                 .collect();
             let txn = Txn::new().and_then(ops);
-            write(|| {
+            let deleted = write(|| {
                 let mut client = self.shared.client.clone();
                 let txn = txn.clone();
                 async move { client.txn(txn).await }
             })
-            .await?;
+            .await;
+            if let Err(error) = deleted {
+                tracing::warn!(component = "gateway", %error, "etcd store: expired tokens not deleted; compacting anyway");
+                break;
+            }
         }
         if target <= compacted {
             return Ok(0);
@@ -1559,7 +1606,23 @@ impl Store for EtcdStore {
     }
 
     async fn session(&self, node: NodeId) -> Result<Option<[u8; 32]>, StoreError> {
-        Ok(EtcdStore::session(self, node))
+        // Asked only when the view does not know this session: a node that joined (or joined
+        // again) through another gateway a moment ago, which the mirror may not show yet. A
+        // linearizable read sees it; without quorum the mirror is all there is.
+        let mut client = self.shared.client.clone();
+        let key = self.shared.key(&format!("nodes/{}", node.0));
+        let Ok(response) = bounded(client.get(key, None)).await else {
+            return Ok(EtcdStore::session(self, node));
+        };
+        let Some(kv) = response.kvs().first() else {
+            return Ok(None);
+        };
+        let meta: NodeMeta = serde_json::from_slice(kv.value()).map_err(json_err)?;
+        Ok(meta
+            .session_hash
+            .filter(|_| !meta.revoked)
+            .as_deref()
+            .and_then(unhex32))
     }
 
     async fn sessions(&self) -> Result<Vec<(NodeId, [u8; 32])>, StoreError> {

@@ -776,3 +776,31 @@ fn joins_get_the_same_answers_from_etcd_as_from_sqlite() {
         );
     });
 }
+
+#[test]
+fn compaction_goes_on_with_more_expired_tokens_than_one_etcd_transaction_takes() {
+    if EtcdCluster::missing() {
+        return;
+    }
+    let cluster = EtcdCluster::start(3);
+    let settings = settings(&cluster);
+    runtime().block_on(async {
+        let s = stores(&settings, 1).await;
+        // 150 single-use tokens that ran out: more than etcd's --max-txn-ops (128).
+        for n in 0..150 {
+            s[0].create_token(NewToken {
+                id: format!("{n:016x}"),
+                hash: [2; 32],
+                expires_at: NOW - 10,
+                uses: 1,
+                now: NOW - 3600,
+            })
+            .await
+            .unwrap();
+        }
+        assert!(s[0].compact_with(NOW, 1, 0).await.unwrap() > 0);
+        let left = cluster.etcdctl(&["get", "--prefix", "--keys-only", "/clawbernetes/tokens/"]);
+        let left = String::from_utf8_lossy(&left.stdout);
+        assert!(left.trim().is_empty(), "tokens left: {left}");
+    });
+}
