@@ -293,6 +293,9 @@ struct Mirror {
     ring_from: u64,
     /// etcd's compact revision as far as this store knows.
     compacted: u64,
+    /// The newest change's revision: what a snapshot is at, so every gateway hands out the
+    /// same cursor for the same state (`rev` also moves on tokens, sessions and presence).
+    last_change: u64,
 }
 
 fn parse_change(rel: &str, value: &[u8]) -> Option<Result<Change, serde_json::Error>> {
@@ -365,7 +368,11 @@ impl Mirror {
         }
         let mut changed = false;
         if put {
-            match parse_change(rel, value) {
+            let change = parse_change(rel, value);
+            if change.is_some() {
+                self.last_change = self.last_change.max(mod_rev);
+            }
+            match change {
                 Some(Ok(change)) => {
                     self.ring.push_back((mod_rev, change));
                     changed = true;
@@ -554,15 +561,16 @@ impl Shared {
             from.push(0);
         }
         fresh.rev = rev;
-        fresh.ring_from = rev;
         fresh.ring.clear();
-        fresh.ring_from = rev;
+        // No change lies between the newest one and `rev`: the (empty) ring covers from there.
+        let last_change = fresh.last_change;
+        fresh.ring_from = last_change;
         {
             let mut mirror = self.mirror();
             fresh.compacted = mirror.compacted;
             *mirror = fresh;
         }
-        self.bump(&self.head, rev);
+        self.bump(&self.head, last_change);
         self.bump(&self.seen, rev);
         self.presence.send_modify(|n| *n += 1);
         Ok(())
@@ -1451,7 +1459,7 @@ impl Store for EtcdStore {
                 .signers
                 .push(serde_json::from_slice(&e.value).map_err(json_err)?);
         }
-        Ok((mirror.rev, state))
+        Ok((mirror.last_change, state))
     }
 
     async fn changes_since(

@@ -804,3 +804,22 @@ fn compaction_goes_on_with_more_expired_tokens_than_one_etcd_transaction_takes()
         assert!(left.trim().is_empty(), "tokens left: {left}");
     });
 }
+
+#[test]
+fn gateways_opened_before_and_after_a_write_that_is_no_change_hand_out_the_same_cursor() {
+    if EtcdCluster::missing() {
+        return;
+    }
+    let cluster = EtcdCluster::start(3);
+    let settings = settings(&cluster);
+    runtime().block_on(async {
+        let s = stores(&settings, 1).await;
+        let before = s[0].snapshot().await.unwrap().0;
+        // A token (or a session, or a gateway's presence) moves etcd's revision, not the
+        // mesh: a node's cursor from a gateway opened after it must be current on this one.
+        token_with_id(&s[0], "00000000000000aa").await;
+        let later = EtcdStore::open(&settings).await.unwrap();
+        assert_eq!(later.snapshot().await.unwrap().0, before);
+        assert_eq!(s[0].snapshot().await.unwrap().0, before);
+    });
+}
