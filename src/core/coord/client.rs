@@ -10,6 +10,13 @@ use ipnet::IpNet;
 use crate::core::Backoff;
 use crate::core::peer_diff::{PeerKey, PeerMap, PeerSpec};
 
+/// The long poll's `wait`: the full one while the last poll was answered; none while the node
+/// is not live (just started, or its gateway failed), so the next gateway answers at once with
+/// whatever is new since the cursor and the node is live again without sitting out a wait.
+pub fn poll_wait(live: bool, long: Duration) -> Duration {
+    if live { long } else { Duration::ZERO }
+}
+
 /// How long to wait before polling again after failure `attempt` (1-based): full jitter up to
 /// 30 s. A gateway's `Retry-After` can stretch the wait only up to the same cap, so a gateway
 /// that asks for hours (by mistake or malice) cannot park the node.
@@ -497,6 +504,13 @@ mod tests {
         assert_eq!(known.len(), MAX_GATEWAYS);
         assert_eq!(known[0], answered[0]);
         assert!(known_gateways([&[][..]]).is_empty());
+    }
+
+    #[test]
+    fn a_node_that_lost_its_gateway_asks_the_next_one_without_a_long_wait() {
+        let long = Duration::from_secs(25);
+        assert_eq!(poll_wait(false, long), Duration::ZERO);
+        assert_eq!(poll_wait(true, long), long);
     }
 
     #[test]

@@ -800,9 +800,13 @@ impl Poller {
                 );
                 return;
             };
-            let cursor = self.shared.lock().cursor;
+            let (cursor, live) = {
+                let inner = self.shared.lock();
+                (inner.cursor, inner.mode == Mode::Live)
+            };
             let result = {
-                let poll = self.client.poll(&url, cursor.as_ref(), POLL_WAIT);
+                let wait = crate::core::coord::client::poll_wait(live, POLL_WAIT);
+                let poll = self.client.poll(&url, cursor.as_ref(), wait);
                 tokio::pin!(poll);
                 loop {
                     tokio::select! {
