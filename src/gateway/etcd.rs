@@ -227,7 +227,7 @@ async fn bounded<T>(
     }
 }
 
-/// A write: tried again after transient failures (a leader election, a dead member) until
+/// A write (or a read that must not fail for one dead member): tried again after transient failures (a leader election, a dead member) until
 /// `WRITE_BUDGET` has passed; then the last error, which names the missing quorum. Safe to
 /// repeat: every optimistic write compares what it read, so a try that did commit makes the
 /// next one fail its compares and be decided again.
@@ -524,7 +524,7 @@ impl Shared {
 
     /// Load everything under the prefix into a fresh mirror.
     async fn load(&self) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let prefix = self.settings.prefix.as_bytes();
         let end = prefix_end(prefix);
         let mut from = prefix.to_vec();
@@ -539,7 +539,13 @@ impl Shared {
             if rev > 0 {
                 options = options.with_revision(rev as i64);
             }
-            let response = bounded(client.get(from.clone(), Some(options))).await?;
+            // Retried like a write: a dead member refuses the first try.
+            let response = write(|| {
+                let mut client = client.clone();
+                let (from, options) = (from.clone(), options.clone());
+                async move { client.get(from, Some(options)).await }
+            })
+            .await?;
             if rev == 0 {
                 rev = response.header().map_or(0, |h| h.revision()) as u64;
             }
@@ -1117,9 +1123,15 @@ impl EtcdStore {
     /// the mirror and starts the watch task.
     pub async fn open(settings: &EtcdSettings) -> Result<Self, StoreError> {
         let client = connect(settings).await?;
-        let mut reader = client.clone();
+        let reader = client.clone();
         let key = format!("{}meta/store_id", settings.prefix);
-        let response = bounded(reader.get(key, None)).await.map_err(|mut error| {
+        let response = write(|| {
+            let mut reader = reader.clone();
+            let key = key.clone();
+            async move { reader.get(key, None).await }
+        })
+        .await
+        .map_err(|mut error| {
             if error.transient && settings.ca_file.is_some() {
                 // etcd drops a connection whose client certificate it refuses without a
                 // word the client can tell from a member going away.

@@ -501,6 +501,20 @@ async fn start_with<S: Store>(
         max_sessions: config.gateway.max_sessions,
     });
     let now = unix_now();
+    // A revoked signer must not sign again: its records would replace the ones another
+    // gateway re-signed, and nodes would drop them.
+    let (_, state) = store.snapshot().await?;
+    if let Some(cert) = state
+        .signers
+        .iter()
+        .find(|c| c.key_id == gateway.signer.key_id)
+        && now > cert.not_after
+    {
+        return Err(GatewayError::operator(format!(
+            "this gateway's signer {} ({}) is revoked or expired: ask an operator with root.key for a new one (`clawnode gateway signer add`)",
+            cert.name, cert.key_id
+        )));
+    }
     let mut own = None;
     if let Some(address) = own_address {
         own = Some(register_self(config, &gateway, &paths, root, (address, own_key), now).await?);

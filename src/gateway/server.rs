@@ -304,8 +304,8 @@ async fn authorised<S: Store>(gateway: &Gateway<S>, session: &Session) -> Result
     // joined again elsewhere has a new session: the store is the authority.
     if let Ok(Some(stored)) = gateway.store.session(session.node_id).await
         && constant_time_eq(&stored, &hash)
+        && gateway.view.add_stored_session(session.node_id, stored)
     {
-        gateway.view.add_session(session.node_id, stored);
         return Ok(());
     }
     Err(Refusal {
@@ -412,6 +412,23 @@ async fn handle_join<S: Store>(
     peer: SocketAddr,
     join: JoinRequest,
 ) -> Response<Full<Bytes>> {
+    // Known unwritable (etcd without quorum, probed every few seconds): refuse now rather
+    // than queue every join behind a write that will time out.
+    if !gateway.view.signer_valid(gateway.signer.key_id, unix_now()) {
+        // Another gateway can still admit the node: retrying there helps.
+        return error_response(
+            503,
+            "this gateway's signer is revoked or expired: it cannot admit nodes (try another gateway)",
+            true,
+        );
+    }
+    let health = gateway.view.store_health();
+    if !health.writable {
+        let reason = health
+            .reason
+            .unwrap_or_else(|| "the gateway store refuses writes".to_owned());
+        return store_unavailable(&gateway.view, &reason);
+    }
     let now = unix_now();
     let mut endpoints = join.endpoints.clone();
     fill_source(&mut endpoints, peer.ip());
@@ -536,9 +553,17 @@ impl<S: Store> Gateway<S> {
     /// Re-sign every record that is due (less than half its lifetime left): same key,
     /// addresses and gateway URL, next serial, a fresh expiry. Returns how many.
     pub async fn resign_due(&self, now: u64) -> usize {
+        if !self.view.signer_valid(self.signer.key_id, now) {
+            tracing::warn!(component = "gateway", signer = %self.signer.key_id, "this gateway's signer is revoked or expired: not re-signing");
+            return 0;
+        }
         let mut done = 0;
         for record in self.view.records() {
-            if record.not_after.saturating_sub(now) >= self.record_lifetime / 2 {
+            // Also due: a record whose signer was revoked (another gateway is still running
+            // with it, or joined a node just before the revocation).
+            if record.not_after.saturating_sub(now) >= self.record_lifetime / 2
+                && self.view.signer_valid(record.signer, now)
+            {
                 continue;
             }
             let mut fields = record.fields();

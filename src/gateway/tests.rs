@@ -1707,3 +1707,100 @@ async fn a_node_that_joined_again_through_another_gateway_polls_this_one_with_it
         .await;
     assert_eq!(status, 401);
 }
+
+#[test]
+fn a_session_read_from_the_store_before_a_revocation_is_not_kept_after_it() {
+    let view = view_at(1);
+    let revocation = coord::sign_revocation(NodeId(1), u64::MAX, &signer_pkcs8()).unwrap();
+    view.apply(vec![(2, Change::Revocation(revocation))]);
+    // A copy of the sessions read just before the revocation reached the view.
+    assert!(!view.add_stored_session(NodeId(1), [1; 32]));
+    view.add_unknown_sessions(vec![(NodeId(1), [1; 32])]);
+    assert!(!view.session_valid(NodeId(1), &[1; 32]));
+    assert!(view.add_stored_session(NodeId(2), [2; 32]));
+    assert!(view.session_valid(NodeId(2), &[2; 32]));
+}
+
+/// Gateway B's signer (seed 5), its cert from the root (serial, not_after).
+fn b_signer(serial: u64, not_after: u64) -> (Vec<u8>, coord::SignerCert) {
+    let pkcs8 = coord::ed25519_pkcs8_from_seed(&[5; 32]).to_vec();
+    let public = coord::public_key_of_pkcs8(&pkcs8).unwrap();
+    let cert = coord::sign_signer(public, "gw-b", serial, not_after, &root_pkcs8()).unwrap();
+    (pkcs8, cert)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_a_revoked_gateway_signed_are_re_signed_by_a_live_one_though_not_near_expiry() {
+    let h = harness(8).await;
+    let now = super::unix_now();
+    let (b_pkcs8, b_cert) = b_signer(1, now + 1_000_000);
+    h.store.put_signer_blocking(b_cert).unwrap();
+    // Gateway B admitted a node, then B's signer was revoked (its cert re-issued expired).
+    let mut joined = txn(None, "node-b", 6, now);
+    joined.sign = Box::new(move |node_id, address, serial| {
+        coord::sign_record(
+            RecordFields {
+                node_id,
+                name: "node-b".into(),
+                wg_key: key(6),
+                addresses: vec![address],
+                roles: vec![Role::Node],
+                serial,
+                not_after: now + 30 * 86_400,
+                gateway_url: None,
+            },
+            &b_pkcs8,
+        )
+        .map_err(|e| e.to_string())
+    });
+    let record = h.store.join_blocking(joined).unwrap().record;
+    h.store.put_signer_blocking(b_signer(2, now - 1).1).unwrap();
+    while h.view.head() < h.store.head_now().unwrap() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let gateway = Gateway {
+        store: Arc::clone(&h.store),
+        view: Arc::clone(&h.view),
+        signer: Arc::new(Signer::load_bytes(signer_pkcs8())),
+        pool: pool(),
+        mesh_cidr: pool(),
+        reserved: Vec::new(),
+        gateways: Vec::new(),
+        record_lifetime: 30 * 86_400,
+        max_sessions: 8,
+    };
+    assert_eq!(gateway.resign_due(now).await, 1);
+    while h.view.record(record.node_id).unwrap().serial == record.serial {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let resigned = h.view.record(record.node_id).unwrap();
+    assert_eq!(resigned.signer, gateway.signer.key_id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_signer_was_revoked_admits_no_node_and_re_signs_nothing() {
+    let h = harness(8).await;
+    let now = super::unix_now();
+    let public = coord::public_key_of_pkcs8(&signer_pkcs8()).unwrap();
+    let revoked = coord::sign_signer(public, "gw", 2, now - 1, &root_pkcs8()).unwrap();
+    h.store.put_signer_blocking(revoked).unwrap();
+    while h.view.head() < h.store.head_now().unwrap() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let secret = token(&h.store, TOKEN_ID, 2, now + 3600);
+    let (status, body) = h.join(TOKEN_ID, &secret, "gpu-1", 1).await;
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("signer is revoked"));
+    let gateway = Gateway {
+        store: Arc::clone(&h.store),
+        view: Arc::clone(&h.view),
+        signer: Arc::new(Signer::load_bytes(signer_pkcs8())),
+        pool: pool(),
+        mesh_cidr: pool(),
+        reserved: Vec::new(),
+        gateways: Vec::new(),
+        record_lifetime: 30 * 86_400,
+        max_sessions: 8,
+    };
+    assert_eq!(gateway.resign_due(now + 29 * 86_400).await, 0);
+}

@@ -434,10 +434,26 @@ impl View {
     /// Add the sessions of nodes the view does not know yet (joined through another
     /// gateway). Known ones are kept: a join here may be newer than the store's copy read.
     pub fn add_unknown_sessions(&self, sessions: Vec<(NodeId, [u8; 32])>) {
+        // Under the state's lock (taken before the sessions', as `apply` does): a revocation
+        // applied after the store was read cannot be undone by a stale copy.
+        let inner = self.read();
         let mut known = self.sessions_write();
         for (node, hash) in sessions {
-            known.entry(node).or_insert(hash);
+            if !inner.revocations.contains_key(&node) {
+                known.entry(node).or_insert(hash);
+            }
         }
+    }
+
+    /// A session just read from the store (a node the view did not know); `false`, and not
+    /// kept, when the view has meanwhile applied the node's revocation.
+    pub fn add_stored_session(&self, node: NodeId, hash: [u8; 32]) -> bool {
+        let inner = self.read();
+        if inner.revocations.contains_key(&node) {
+            return false;
+        }
+        self.sessions_write().insert(node, hash);
+        true
     }
 
     /// Whether `hash` is the session hash of a node that is not revoked.
@@ -457,6 +473,15 @@ impl View {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .len()
+    }
+
+    /// Whether `key_id`'s signer cert is known here and not expired (a root-signed expired
+    /// cert is how a signer is revoked).
+    pub fn signer_valid(&self, key_id: KeyId, now: u64) -> bool {
+        self.read()
+            .signers
+            .get(&key_id)
+            .is_some_and(|cert| now <= cert.not_after)
     }
 
     pub fn record(&self, node: NodeId) -> Option<NodeRecord> {
