@@ -1625,6 +1625,13 @@ impl Store for EtcdStore {
         Ok(rev)
     }
 
+    async fn revision_now(&self) -> Result<u64, StoreError> {
+        let mut client = self.shared.client.clone();
+        let key = self.shared.key("meta/store_id");
+        let response = bounded(client.get(key, Some(GetOptions::new().with_keys_only()))).await?;
+        Ok(response.header().map_or(0, |h| h.revision()) as u64)
+    }
+
     async fn session(&self, node: NodeId) -> Result<Option<[u8; 32]>, StoreError> {
         // Asked only when the view does not know this session: a node that joined (or joined
         // again) through another gateway a moment ago, which the mirror may not show yet. A

@@ -248,8 +248,22 @@ async fn handle<S: Store>(
             if let Err(refusal) = authorised(gateway, &session).await {
                 return refusal_response(&refusal);
             }
-            let encoded = poll(&gateway.view, cursor, wait).await;
-            send_update(&gateway.view, &encoded, gzip)
+            if let Some(encoded) = wait_for_answer(&gateway.view, cursor, wait).await {
+                return send_update(&gateway.view, &encoded, gzip);
+            }
+            // The cursor is still ahead of this view after the whole wait. If the store has
+            // that revision, this gateway is behind (its feed stalled): a snapshot would roll
+            // the node back, so send it to another gateway. Otherwise the store went back (a
+            // restored backup): only a snapshot brings the node in step.
+            match gateway.store.revision_now().await {
+                Ok(now) if cursor.is_some_and(|c| c.rev <= now) => error_response(
+                    503,
+                    "this gateway is behind its store: try another gateway",
+                    true,
+                ),
+                Ok(_) => send_update(&gateway.view, &gateway.view.snapshot(), gzip),
+                Err(e) => error_response(503, &e.to_string(), true),
+            }
         }
         Request::PutSelf { session, advert } => {
             if let Err(refusal) = authorised(gateway, &session).await {
@@ -319,34 +333,46 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// What a session with `cursor` is owed, waiting up to `wait` for a change when it is current.
+/// What a session with `cursor` is owed, waiting up to `wait` for a change when it is current;
+/// a cursor still ahead of the view at the end gets a snapshot (see [`wait_for_answer`]).
 pub async fn poll(
     view: &View,
     cursor: Option<crate::core::coord::Cursor>,
     wait: Duration,
 ) -> Arc<Encoded> {
+    match wait_for_answer(view, cursor, wait).await {
+        Some(answer) => answer,
+        None => view.snapshot(),
+    }
+}
+
+/// As [`poll`], but `None` when the cursor is still ahead of the view after the whole wait:
+/// the caller decides between a lagging view and a store that went back.
+pub async fn wait_for_answer(
+    view: &View,
+    cursor: Option<crate::core::coord::Cursor>,
+    wait: Duration,
+) -> Option<Arc<Encoded>> {
     let mut head = view.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         head.borrow_and_update();
         if let Some(answer) = view.answer(cursor) {
-            return answer;
+            return Some(answer);
         }
         if tokio::time::timeout_at(deadline, head.changed())
             .await
             .is_err()
         {
-            // Still ahead after the whole wait: the store went back (a restored backup), not
-            // another gateway a moment ahead. Only a snapshot brings the node back in step.
             if let Some(c) = cursor
                 && c.store_id == view.store_id()
                 && c.rev > view.head()
             {
-                return view.snapshot();
+                return None;
             }
             // Current all along: an empty delta with the same cursor.
             view.counters.empty_polls.fetch_add(1, Ordering::Relaxed);
-            return view.empty(cursor.map_or(0, |c| c.rev));
+            return Some(view.empty(cursor.map_or(0, |c| c.rev)));
         }
     }
 }

@@ -872,6 +872,10 @@ impl Store for SqliteStore {
         self.blocking(|s| s.sessions_blocking()).await
     }
 
+    async fn revision_now(&self) -> Result<u64, StoreError> {
+        self.blocking(|s| s.head_now()).await
+    }
+
     async fn session(&self, node: NodeId) -> Result<Option<[u8; 32]>, StoreError> {
         self.blocking(move |s| s.session_blocking(node)).await
     }

@@ -198,6 +198,9 @@ pub trait Store: Send + Sync + 'static {
     fn put_signer(&self, cert: SignerCert) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// The session hashes of the nodes not revoked, to authenticate their requests.
     fn sessions(&self) -> impl Future<Output = Result<Vec<(NodeId, [u8; 32])>, StoreError>> + Send;
+    /// The store's newest revision now, read from the store itself (not a view of it): a
+    /// cursor at or below it exists, so a view behind it is only lagging.
+    fn revision_now(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// One node's session hash, `None` when it is revoked or unknown.
     fn session(
         &self,

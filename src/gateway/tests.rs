@@ -684,6 +684,11 @@ impl Drop for Harness {
 }
 
 async fn harness(max_sessions: usize) -> Harness {
+    harness_fed(max_sessions, true).await
+}
+
+/// `fed: false`: the view never follows the store (a gateway whose feed stalled).
+async fn harness_fed(max_sessions: usize, fed: bool) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(new_store(&dir));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -711,10 +716,15 @@ async fn harness(max_sessions: usize) -> Harness {
     let (leaf, leaf_key) =
         tls::issue_leaf(&root_pkcs8(), &["127.0.0.1".to_owned()], super::unix_now()).unwrap();
     let config = tls::server_config(leaf, leaf_key, ca_der.clone()).unwrap();
-    let tasks = vec![
-        tokio::spawn(view::feed(Arc::clone(&store), Arc::clone(&view))),
-        tokio::spawn(super::server::serve(gateway, listener, config)),
-    ];
+    let mut tasks = vec![tokio::spawn(super::server::serve(
+        gateway, listener, config,
+    ))];
+    if fed {
+        tasks.push(tokio::spawn(view::feed(
+            Arc::clone(&store),
+            Arc::clone(&view),
+        )));
+    }
     Harness {
         addr,
         ca_der,
@@ -1803,4 +1813,52 @@ async fn a_gateway_whose_signer_was_revoked_admits_no_node_and_re_signs_nothing(
         max_sessions: 8,
     };
     assert_eq!(gateway.resign_due(now + 29 * 86_400).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_behind_its_store_sends_a_node_elsewhere_rather_than_roll_it_back() {
+    let h = harness_fed(8, false).await;
+    let now = super::unix_now();
+    h.store.join_blocking(txn(None, "gw-self", 1, now)).unwrap();
+    view::load(&*h.store, &h.view).await.unwrap();
+    let bearer = coord::Session {
+        node_id: NodeId(1),
+        secret: Secret32([1; 32]),
+    };
+    h.view.add_session(NodeId(1), bearer.secret.hash());
+    // Another gateway wrote after this view stopped following the store.
+    let joined = h
+        .store
+        .join_blocking(txn(None, "elsewhere", 2, now))
+        .unwrap();
+    let cursor = Cursor {
+        store_id: STORE_ID,
+        rev: joined.rev,
+    };
+    let (status, _, body) = h
+        .call(
+            "GET",
+            &format!("/v1/peers?cursor={cursor}&wait=1"),
+            Some(bearer.bearer().as_str()),
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(h.view.role_doc().snapshots_sent, 0);
+    // A cursor the store never reached (a restored backup): a snapshot.
+    let beyond = Cursor {
+        store_id: STORE_ID,
+        rev: joined.rev + 10,
+    };
+    let (status, _, body) = h
+        .call(
+            "GET",
+            &format!("/v1/peers?cursor={beyond}&wait=1"),
+            Some(bearer.bearer().as_str()),
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let update: Update = serde_json::from_slice(&body).unwrap();
+    assert_eq!(update.kind, UpdateKind::Snapshot);
 }

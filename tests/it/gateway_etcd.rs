@@ -460,9 +460,11 @@ async fn two_gateways_on_one_etcd_serve_one_mesh_and_a_dead_one_leaves_the_list(
 
     // A cursor ahead of B waits for B to reach it (the unit test
     // `a_cursor_ahead_of_the_view_waits_for_it_and_never_gets_a_snapshot` shows the delta);
-    // one B never reaches within the poll's wait means the store went back: a snapshot.
+    // one etcd never reached means the store went back: a snapshot (the unit test
+    // `a_gateway_behind_its_store_sends_a_node_elsewhere_rather_than_roll_it_back` shows the
+    // lagging case).
     let head = cursor_of(&peers(&http, &s.b_url, &y, Some(&c0), 0).await.body);
-    let ahead = cursor_ahead(&head, 3);
+    let ahead = cursor_ahead(&head, 1_000_000);
     let waited = peers(&http, &s.b_url, &y, Some(&ahead), 1).await;
     assert_eq!(
         waited.body["kind"], "snapshot",

@@ -132,6 +132,18 @@ pub fn known_gateways<'a>(sources: impl IntoIterator<Item = &'a [String]>) -> Ve
     known
 }
 
+/// What a node knows after an answer: the gateway that answered, then the signed gateway
+/// records, then the answer's (unsigned) list, then the bootstrap URLs; a flooded list from
+/// one gateway cannot push a signed gateway out of the cap.
+pub fn gateways_after_answer(
+    answered: &str,
+    signed: &[String],
+    listed: &[String],
+    bootstrap: &[String],
+) -> Vec<String> {
+    known_gateways([&[answered.to_owned()][..], signed, listed, bootstrap])
+}
+
 /// What a node tells the gateways about itself beside its signed record: sent only when it
 /// changes, never per reading.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -482,6 +494,19 @@ mod tests {
             rotation.failed(seed);
             rotation.failed(seed);
             assert_eq!(rotation.current(), Some(answered.as_str()), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn a_gateway_flooding_its_list_cannot_push_out_the_signed_gateways() {
+        let signed = gw_urls(&[1, 2, 3]);
+        let flood: Vec<String> = (10..100)
+            .map(|n| format!("https://gw{n}.example"))
+            .collect();
+        let known = gateways_after_answer("https://gw10.example", &signed, &flood, &[]);
+        assert_eq!(known.len(), MAX_GATEWAYS);
+        for url in &signed {
+            assert!(known.contains(url), "{url} pushed out");
         }
     }
 

@@ -35,7 +35,7 @@ use crate::mesh::Recheck;
 use crate::mesh::live::GatewayDoc;
 
 use crate::core::coord::client::{
-    AdvertContent, Adverts, GwPeer, Rotation, known_gateways, retry_delay,
+    AdvertContent, Adverts, GwPeer, Rotation, gateways_after_answer, known_gateways, retry_delay,
 };
 pub use client::{Answer, CallError, GatewayClient, Raw};
 
@@ -722,9 +722,8 @@ async fn apply_answer(
             let mut set = shared.lock().set.clone();
             let applied = set.apply(&update, now);
             let cursor = keep_cursor(&update, &applied.rejected);
-            let answered = [url.clone()];
             let signed = set.gateway_urls(now, Grace::Live);
-            let gateways = known_gateways([&answered[..], &update.gateways, &signed, &bootstrap]);
+            let gateways = gateways_after_answer(&url, &signed, &update.gateways, &bootstrap);
             // Written when the cursor moved, and when the gateways did (presence is no change).
             let cache = cursor
                 .filter(|c| prior != Some(*c) || !was_live || gateways != prior_gateways)
