@@ -199,9 +199,6 @@ pub fn init(config: &Config, now: u64) -> Result<Initialised, GatewayError> {
             paths.dir.display()
         )));
     }
-    if let GatewayStore::Etcd(etcd) = &config.gateway.store {
-        admin::create_etcd_cluster(etcd, store_id)?;
-    }
     state::ensure_private_dir(&config.node.state_dir).map_err(state_err)?;
     state::ensure_private_dir(&paths.dir).map_err(state_err)?;
     let root_pkcs8 = new_ed25519_pkcs8();
@@ -227,6 +224,17 @@ pub fn init(config: &Config, now: u64) -> Result<Initialised, GatewayError> {
         &root_pkcs8,
     )
     .map_err(|e| GatewayError::operator(format!("signer certificate: {e}")))?;
+    // The etcd prefix is claimed only once the keys are safely on disk (a claimed prefix
+    // without its root key could only be fixed with etcdctl); a refused claim takes the new
+    // files back, so init can simply be run again.
+    if let GatewayStore::Etcd(etcd) = &config.gateway.store
+        && let Err(error) = admin::create_etcd_cluster(etcd, store_id)
+    {
+        for path in [&paths.root_key, &paths.ca_pem, &paths.signer_key] {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(error);
+    }
     match &config.gateway.store {
         GatewayStore::Sqlite => {
             SqliteStore::create(&paths.store, store_id)?.put_signer_blocking(cert)?;

@@ -335,6 +335,8 @@ fn setup(cluster: &EtcdCluster) -> Setup {
         "{}",
         String::from_utf8_lossy(&again.stderr)
     );
+    // Nothing is left behind that would make `gateway init` say it is initialised already.
+    assert!(!dir.path().join("c/state/gateway/root.key").exists());
     let b_state = dir.path().join("b/state");
     std::fs::create_dir_all(&b_state).unwrap();
     let b_url = format!("https://127.0.0.1:{pb}");
