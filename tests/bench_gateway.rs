@@ -196,19 +196,7 @@ fn https_with(tls: Arc<rustls::ClientConfig>) -> Https {
 }
 
 fn tls_config(ca: &Path) -> Arc<rustls::ClientConfig> {
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Arc::new(tls)
+    Arc::new(gateway::tls_trusting(ca))
 }
 
 #[derive(Debug)]

@@ -1420,6 +1420,29 @@ impl EtcdStore {
     }
 }
 
+/// The documents under `dir` that `keep` lets through, parsed, in node-id order (the
+/// mirror's key order is textual: "10" before "9").
+fn parse_by_id<T: serde::de::DeserializeOwned>(
+    mirror: &Mirror,
+    dir: &str,
+    keep: impl Fn(&str) -> bool,
+) -> Result<Vec<T>, StoreError> {
+    let by_id = |rel: &str| -> u64 {
+        rel.split_once('/')
+            .and_then(|(_, id)| id.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut parsed: Vec<(u64, T)> = Vec::new();
+    for (rel, e) in mirror.dir(dir).filter(|(k, _)| keep(k)) {
+        parsed.push((
+            by_id(rel),
+            serde_json::from_slice(&e.value).map_err(json_err)?,
+        ));
+    }
+    parsed.sort_by_key(|(id, _)| *id);
+    Ok(parsed.into_iter().map(|(_, v)| v).collect())
+}
+
 impl Store for EtcdStore {
     fn store_id(&self) -> u64 {
         self.shared.store_id
@@ -1434,38 +1457,9 @@ impl Store for EtcdStore {
                 .and_then(|id| mirror.node(id))
                 .is_some_and(|n| !n.revoked)
         };
-        let by_id = |rel: &str| -> u64 {
-            rel.split_once('/')
-                .and_then(|(_, id)| id.parse().ok())
-                .unwrap_or(0)
-        };
-        let mut records: Vec<(u64, NodeRecord)> = Vec::new();
-        for (rel, e) in mirror.dir("records/").filter(|(k, _)| live(k)) {
-            records.push((
-                by_id(rel),
-                serde_json::from_slice(&e.value).map_err(json_err)?,
-            ));
-        }
-        records.sort_by_key(|(id, _)| *id);
-        state.records = records.into_iter().map(|(_, r)| r).collect();
-        let mut adverts: Vec<(u64, Advert)> = Vec::new();
-        for (rel, e) in mirror.dir("adverts/").filter(|(k, _)| live(k)) {
-            adverts.push((
-                by_id(rel),
-                serde_json::from_slice(&e.value).map_err(json_err)?,
-            ));
-        }
-        adverts.sort_by_key(|(id, _)| *id);
-        state.adverts = adverts.into_iter().map(|(_, a)| a).collect();
-        let mut revocations: Vec<(u64, Revocation)> = Vec::new();
-        for (rel, e) in mirror.dir("revocations/") {
-            revocations.push((
-                by_id(rel),
-                serde_json::from_slice(&e.value).map_err(json_err)?,
-            ));
-        }
-        revocations.sort_by_key(|(id, _)| *id);
-        state.revocations = revocations.into_iter().map(|(_, r)| r).collect();
+        state.records = parse_by_id(&mirror, "records/", live)?;
+        state.adverts = parse_by_id(&mirror, "adverts/", live)?;
+        state.revocations = parse_by_id(&mirror, "revocations/", |_| true)?;
         for (_, e) in mirror.dir("signers/") {
             state
                 .signers

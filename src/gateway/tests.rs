@@ -738,6 +738,22 @@ async fn harness_fed(max_sessions: usize, fed: bool) -> Harness {
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 impl Harness {
+    /// A gateway over the harness's store and view, to call its methods
+    /// (re-signing, signing) directly rather than over HTTP.
+    fn gateway(&self) -> Gateway<SqliteStore> {
+        Gateway {
+            store: Arc::clone(&self.store),
+            view: Arc::clone(&self.view),
+            signer: Arc::new(Signer::load_bytes(signer_pkcs8())),
+            pool: pool(),
+            mesh_cidr: pool(),
+            reserved: Vec::new(),
+            gateways: Vec::new(),
+            record_lifetime: 30 * 86_400,
+            max_sessions: 8,
+        }
+    }
+
     /// A TLS stream that trusts only the cluster CA.
     async fn tls(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
         let mut roots = rustls::RootCertStore::empty();
@@ -1172,17 +1188,7 @@ async fn records_are_re_signed_with_a_higher_serial_before_they_expire() {
     while h.view.record(joined.node_id).is_none() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let gateway = Gateway {
-        store: Arc::clone(&h.store),
-        view: Arc::clone(&h.view),
-        signer: Arc::new(Signer::load_bytes(signer_pkcs8())),
-        pool: pool(),
-        mesh_cidr: pool(),
-        reserved: Vec::new(),
-        gateways: Vec::new(),
-        record_lifetime: 30 * 86_400,
-        max_sessions: 8,
-    };
+    let gateway = h.gateway();
     let now = super::unix_now();
     assert_eq!(
         gateway.resign_due(now).await,
@@ -1583,17 +1589,7 @@ fn a_signer_added_then_revoked_has_its_records_re_signed_first_and_its_cert_expi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateways_own_record_carries_its_signed_url_through_re_signing_and_a_nodes_does_not() {
     let h = harness(8).await;
-    let gateway = Gateway {
-        store: Arc::clone(&h.store),
-        view: Arc::clone(&h.view),
-        signer: Arc::new(Signer::load_bytes(signer_pkcs8())),
-        pool: pool(),
-        mesh_cidr: pool(),
-        reserved: Vec::new(),
-        gateways: Vec::new(),
-        record_lifetime: 30 * 86_400,
-        max_sessions: 8,
-    };
+    let gateway = h.gateway();
     let now = super::unix_now();
     let url = "https://gw-2.example:8443".to_string();
     let mut own = txn(None, "gw-2", 2, now);
@@ -1768,17 +1764,7 @@ async fn records_a_revoked_gateway_signed_are_re_signed_by_a_live_one_though_not
     while h.view.head() < h.store.head_now().unwrap() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let gateway = Gateway {
-        store: Arc::clone(&h.store),
-        view: Arc::clone(&h.view),
-        signer: Arc::new(Signer::load_bytes(signer_pkcs8())),
-        pool: pool(),
-        mesh_cidr: pool(),
-        reserved: Vec::new(),
-        gateways: Vec::new(),
-        record_lifetime: 30 * 86_400,
-        max_sessions: 8,
-    };
+    let gateway = h.gateway();
     assert_eq!(gateway.resign_due(now).await, 1);
     while h.view.record(record.node_id).unwrap().serial == record.serial {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1801,17 +1787,7 @@ async fn a_gateway_whose_signer_was_revoked_admits_no_node_and_re_signs_nothing(
     let (status, body) = h.join(TOKEN_ID, &secret, "gpu-1", 1).await;
     assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("signer is revoked"));
-    let gateway = Gateway {
-        store: Arc::clone(&h.store),
-        view: Arc::clone(&h.view),
-        signer: Arc::new(Signer::load_bytes(signer_pkcs8())),
-        pool: pool(),
-        mesh_cidr: pool(),
-        reserved: Vec::new(),
-        gateways: Vec::new(),
-        record_lifetime: 30 * 86_400,
-        max_sessions: 8,
-    };
+    let gateway = h.gateway();
     assert_eq!(gateway.resign_due(now + 29 * 86_400).await, 0);
 }
 

@@ -36,6 +36,17 @@ fn settings(cluster: &EtcdCluster) -> EtcdSettings {
     }
 }
 
+/// A three-member cluster and the settings to reach it; `None` (skip the test) where etcd is
+/// not installed.
+fn three_members() -> Option<(EtcdCluster, EtcdSettings)> {
+    if EtcdCluster::missing() {
+        return None;
+    }
+    let cluster = EtcdCluster::start(3);
+    let settings = settings(&cluster);
+    Some((cluster, settings))
+}
+
 /// `gateway init`, then one store per gateway.
 async fn stores(settings: &EtcdSettings, n: usize) -> Vec<EtcdStore> {
     assert!(EtcdStore::create(settings, 42).await.unwrap());
@@ -205,11 +216,9 @@ fn a_cluster_that_requires_tls_and_a_client_certificate_is_used_with_them() {
 
 #[test]
 fn a_prefix_without_init_is_refused_and_init_runs_once() {
-    if EtcdCluster::missing() {
+    let Some((_cluster, settings)) = three_members() else {
         return;
-    }
-    let cluster = EtcdCluster::start(3);
-    let settings = settings(&cluster);
+    };
     runtime().block_on(async {
         let refused = EtcdStore::open(&settings).await.err().unwrap();
         assert!(!refused.transient);
@@ -227,11 +236,9 @@ fn a_prefix_without_init_is_refused_and_init_runs_once() {
 
 #[test]
 fn two_gateways_see_each_others_changes_through_wait_and_changes_since() {
-    if EtcdCluster::missing() {
+    let Some((_cluster, settings)) = three_members() else {
         return;
-    }
-    let cluster = EtcdCluster::start(3);
-    let settings = settings(&cluster);
+    };
     runtime().block_on(async {
         let s = stores(&settings, 2).await;
         let (a, b) = (&s[0], &s[1]);
@@ -287,11 +294,9 @@ fn two_gateways_see_each_others_changes_through_wait_and_changes_since() {
 /// a moment later must not be told "unknown token" because its mirror is a few ms behind.
 #[test]
 fn a_token_just_created_by_another_process_is_accepted_at_once() {
-    if EtcdCluster::missing() {
+    let Some((_cluster, settings)) = three_members() else {
         return;
-    }
-    let cluster = EtcdCluster::start(3);
-    let settings = settings(&cluster);
+    };
     runtime().block_on(async {
         let gateway = stores(&settings, 1).await.remove(0);
         let mut cli = etcd_client::Client::connect(&settings.endpoints, None)
@@ -324,11 +329,9 @@ fn a_token_just_created_by_another_process_is_accepted_at_once() {
 
 #[test]
 fn racing_joins_from_two_gateways_never_share_an_address_or_a_node_id() {
-    if EtcdCluster::missing() {
+    let Some((_cluster, settings)) = three_members() else {
         return;
-    }
-    let cluster = EtcdCluster::start(3);
-    let settings = settings(&cluster);
+    };
     runtime().block_on(async {
         let s = stores(&settings, 2).await;
         let secret = token(&s[0], 1_000).await;
@@ -379,11 +382,9 @@ fn racing_joins_from_two_gateways_never_share_an_address_or_a_node_id() {
 
 #[test]
 fn a_single_use_token_joined_from_two_gateways_at_once_succeeds_once() {
-    if EtcdCluster::missing() {
+    let Some((_cluster, settings)) = three_members() else {
         return;
-    }
-    let cluster = EtcdCluster::start(3);
-    let settings = settings(&cluster);
+    };
     runtime().block_on(async {
         let s = stores(&settings, 2).await;
         for round in 0..5u32 {
@@ -420,11 +421,9 @@ fn a_single_use_token_joined_from_two_gateways_at_once_succeeds_once() {
 
 #[test]
 fn a_gateway_opened_after_changes_resumes_an_older_cursor_without_a_snapshot() {
-    if EtcdCluster::missing() {
+    let Some((_cluster, settings)) = three_members() else {
         return;
-    }
-    let cluster = EtcdCluster::start(3);
-    let settings = settings(&cluster);
+    };
     runtime().block_on(async {
         let s = stores(&settings, 1).await;
         let secret = token(&s[0], 10).await;
@@ -478,11 +477,9 @@ async fn token_with_id(store: &impl Store, id: &str) {
 
 #[test]
 fn after_compaction_an_old_cursor_is_told_to_take_a_snapshot() {
-    if EtcdCluster::missing() {
+    let Some((_cluster, settings)) = three_members() else {
         return;
-    }
-    let cluster = EtcdCluster::start(3);
-    let settings = settings(&cluster);
+    };
     runtime().block_on(async {
         let s = stores(&settings, 2).await;
         let secret = token(&s[0], 10).await;
@@ -516,11 +513,9 @@ fn after_compaction_an_old_cursor_is_told_to_take_a_snapshot() {
 
 #[test]
 fn with_one_member_killed_joins_and_changes_still_succeed() {
-    if EtcdCluster::missing() {
+    let Some((mut cluster, settings)) = three_members() else {
         return;
-    }
-    let mut cluster = EtcdCluster::start(3);
-    let settings = settings(&cluster);
+    };
     let rt = runtime();
     let (s, secret) = rt.block_on(async {
         let s = stores(&settings, 2).await;
@@ -556,11 +551,9 @@ fn with_one_member_killed_joins_and_changes_still_succeed() {
 
 #[test]
 fn without_quorum_joins_fail_fast_naming_quorum_reads_still_answer_and_writes_resume() {
-    if EtcdCluster::missing() {
+    let Some((mut cluster, settings)) = three_members() else {
         return;
-    }
-    let mut cluster = EtcdCluster::start(3);
-    let settings = settings(&cluster);
+    };
     let rt = runtime();
     let (s, secret, before) = rt.block_on(async {
         let s = stores(&settings, 2).await;
@@ -650,11 +643,9 @@ fn without_quorum_joins_fail_fast_naming_quorum_reads_still_answer_and_writes_re
 
 #[test]
 fn presence_appears_and_disappears_when_a_gateway_stops_or_dies() {
-    if EtcdCluster::missing() {
+    let Some((_cluster, settings)) = three_members() else {
         return;
-    }
-    let cluster = EtcdCluster::start(3);
-    let settings = settings(&cluster);
+    };
     runtime().block_on(async {
         let s = stores(&settings, 2).await;
         let mut changes = s[1].presence_changes();
@@ -712,11 +703,9 @@ fn presence_appears_and_disappears_when_a_gateway_stops_or_dies() {
 /// answers, ids and addresses from both.
 #[test]
 fn joins_get_the_same_answers_from_etcd_as_from_sqlite() {
-    if EtcdCluster::missing() {
+    let Some((_cluster, settings)) = three_members() else {
         return;
-    }
-    let cluster = EtcdCluster::start(3);
-    let settings = settings(&cluster);
+    };
     let dir = tempfile::tempdir().unwrap();
     runtime().block_on(async {
         let etcd = stores(&settings, 1).await.remove(0);
@@ -779,11 +768,9 @@ fn joins_get_the_same_answers_from_etcd_as_from_sqlite() {
 
 #[test]
 fn compaction_goes_on_with_more_expired_tokens_than_one_etcd_transaction_takes() {
-    if EtcdCluster::missing() {
+    let Some((cluster, settings)) = three_members() else {
         return;
-    }
-    let cluster = EtcdCluster::start(3);
-    let settings = settings(&cluster);
+    };
     runtime().block_on(async {
         let s = stores(&settings, 1).await;
         // 150 single-use tokens that ran out: more than etcd's --max-txn-ops (128).
@@ -807,11 +794,9 @@ fn compaction_goes_on_with_more_expired_tokens_than_one_etcd_transaction_takes()
 
 #[test]
 fn gateways_opened_before_and_after_a_write_that_is_no_change_hand_out_the_same_cursor() {
-    if EtcdCluster::missing() {
+    let Some((_cluster, settings)) = three_members() else {
         return;
-    }
-    let cluster = EtcdCluster::start(3);
-    let settings = settings(&cluster);
+    };
     runtime().block_on(async {
         let s = stores(&settings, 1).await;
         let before = s[0].snapshot().await.unwrap().0;

@@ -6,7 +6,6 @@
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,20 +16,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-use crate::support::BIN;
 use crate::support::etcd::EtcdCluster;
+use crate::support::{BIN, free_port};
 
 type Https = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 const CHILD_CONFIG: &str = "CLAWNODE_TEST_GATEWAY_CONFIG";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A gateway's config: etcd store, HTTPS on loopback at `port`, mesh address `mesh`.
 fn write_config(dir: &Path, name: &str, port: u16, mesh: &str, endpoints: &[String]) -> PathBuf {
@@ -160,18 +151,7 @@ impl Drop for ChildGateway {
 }
 
 fn https(ca: &Path) -> Https {
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = crate::support::gateway::tls_trusting(ca);
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
@@ -256,19 +236,22 @@ async fn join_ok(http: &Https, base: &str, token: &str, name: &str, n: u8) -> No
     }
 }
 
+/// `GET url` with `node`'s session.
+async fn get(http: &Https, url: &str, node: &Node) -> Answer {
+    send(http, url, Method::GET, Some(&node.session), None).await
+}
+
+/// The gateway's `GET /v1/status`, asked with `node`'s session.
+async fn status(http: &Https, base: &str, node: &Node) -> Answer {
+    get(http, &format!("{base}/v1/status"), node).await
+}
+
 async fn peers(http: &Https, base: &str, node: &Node, cursor: Option<&str>, wait: u64) -> Answer {
     let query = match cursor {
         Some(c) => format!("?cursor={c}&wait={wait}"),
         None => format!("?wait={wait}"),
     };
-    send(
-        http,
-        &format!("{base}/v1/peers{query}"),
-        Method::GET,
-        Some(&node.session),
-        None,
-    )
-    .await
+    get(http, &format!("{base}/v1/peers{query}"), node).await
 }
 
 fn names(update: &Value) -> Vec<String> {
@@ -299,6 +282,26 @@ struct Setup {
     a_url: String,
     b_url: String,
     ca: PathBuf,
+}
+
+impl Setup {
+    /// Gateway A, in this process.
+    async fn start_a(&self) -> clawnode::gateway::Running {
+        let config = clawnode::config::load(&self.a_config).unwrap();
+        clawnode::gateway::start(&config, clawnode::core::peer_diff::PeerKey([1; 32]))
+            .await
+            .unwrap()
+    }
+
+    /// A join token for five nodes, created on A.
+    fn token(&self) -> String {
+        let doc: Value = serde_json::from_str(&cli_ok(
+            &self.a_config,
+            &["gateway", "token", "create", "--uses", "5", "--json"],
+        ))
+        .unwrap();
+        doc["token"].as_str().unwrap().to_owned()
+    }
 }
 
 /// `gateway init` for A, `gateway signer add` on A writing B's gateway directory.
@@ -374,18 +377,10 @@ async fn two_gateways_on_one_etcd_serve_one_mesh_and_a_dead_one_leaves_the_list(
     }
     let cluster = EtcdCluster::start(3);
     let s = setup(&cluster);
-    let a_config = clawnode::config::load(&s.a_config).unwrap();
-    let _a = clawnode::gateway::start(&a_config, clawnode::core::peer_diff::PeerKey([1; 32]))
-        .await
-        .unwrap();
+    let _a = s.start_a().await;
     let mut b = ChildGateway::start(&s.b_config);
     let http = https(&s.ca);
-    let token: Value = serde_json::from_str(&cli_ok(
-        &s.a_config,
-        &["gateway", "token", "create", "--uses", "5", "--json"],
-    ))
-    .unwrap();
-    let token = token["token"].as_str().unwrap().to_owned();
+    let token = s.token();
     // The token names this gateway first, then the others alive, for a join while A is down.
     let parsed: clawnode::core::coord::JoinToken = token.parse().unwrap();
     assert_eq!(parsed.urls, vec![s.a_url.clone(), s.b_url.clone()]);
@@ -448,14 +443,7 @@ async fn two_gateways_on_one_etcd_serve_one_mesh_and_a_dead_one_leaves_the_list(
     let x_on_b = peers(&http, &s.b_url, &x, Some(&c0), 0).await;
     assert_eq!(x_on_b.status, StatusCode::OK, "{}", x_on_b.body);
 
-    let b_status = send(
-        &http,
-        &format!("{}/v1/status", s.b_url),
-        Method::GET,
-        Some(&y.session),
-        None,
-    )
-    .await;
+    let b_status = status(&http, &s.b_url, &y).await;
     assert_eq!(b_status.body["snapshots_sent"], 0, "{}", b_status.body);
     assert_eq!(b_status.body["store"]["kind"], "etcd");
     assert_eq!(b_status.body["store"]["writable"], true);
@@ -602,17 +590,9 @@ async fn without_etcd_quorum_joins_get_503_with_the_reason_and_polls_keep_answer
     }
     let mut cluster = EtcdCluster::start(3);
     let s = setup(&cluster);
-    let a_config = clawnode::config::load(&s.a_config).unwrap();
-    let _a = clawnode::gateway::start(&a_config, clawnode::core::peer_diff::PeerKey([1; 32]))
-        .await
-        .unwrap();
+    let _a = s.start_a().await;
     let http = https(&s.ca);
-    let token: Value = serde_json::from_str(&cli_ok(
-        &s.a_config,
-        &["gateway", "token", "create", "--uses", "5", "--json"],
-    ))
-    .unwrap();
-    let token = token["token"].as_str().unwrap().to_owned();
+    let token = s.token();
     let y = join_ok(&http, &s.a_url, &token, "node-y", 1).await;
     let c0 = cursor_of(&peers(&http, &s.a_url, &y, None, 0).await.body);
 
@@ -641,14 +621,7 @@ async fn without_etcd_quorum_joins_get_503_with_the_reason_and_polls_keep_answer
     // Polls are served from the view meanwhile.
     let poll = peers(&http, &s.a_url, &y, Some(&c0), 1).await;
     assert_eq!(poll.status, StatusCode::OK, "{}", poll.body);
-    let status = send(
-        &http,
-        &format!("{}/v1/status", s.a_url),
-        Method::GET,
-        Some(&y.session),
-        None,
-    )
-    .await;
+    let status = status(&http, &s.a_url, &y).await;
     assert_eq!(status.body["store"]["writable"], false, "{}", status.body);
     assert!(
         status.body["store"]["reason"]

@@ -89,10 +89,14 @@ pub fn make_key(dir: &Path) -> String {
 
 /// Run `clawnode <args> --config <node's config>` and fail the test unless it exits 0.
 pub fn cli_ok(node: &Node, args: &[&str]) -> String {
-    let out = node.cli(args);
+    stdout_if_ok(&node.cli(args), &format!("clawnode {args:?}"))
+}
+
+/// `out`'s stdout; fails the test, naming `what`, unless it exited 0.
+fn stdout_if_ok(out: &std::process::Output, what: &str) -> String {
     assert!(
         out.status.success(),
-        "clawnode {args:?} failed ({:?}): {}{}",
+        "{what} failed ({:?}): {}{}",
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
@@ -102,9 +106,14 @@ pub fn cli_ok(node: &Node, args: &[&str]) -> String {
 
 /// `clawnode gateway token create --json <args>` on the gateway's config: the `cbn1.` token.
 pub fn create_token(gateway: &Node, args: &[&str]) -> String {
+    create_token_with(args, |full| cli_ok(gateway, full))
+}
+
+/// `gateway token create --json <args>` run by `cli_ok`: the `cbn1.` token.
+fn create_token_with(args: &[&str], cli_ok: impl FnOnce(&[&str]) -> String) -> String {
     let mut full = vec!["gateway", "token", "create", "--json"];
     full.extend_from_slice(args);
-    let text = cli_ok(gateway, &full);
+    let text = cli_ok(&full);
     let doc: serde_json::Value = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("token create --json is not JSON ({e}): {text}"));
     let token = doc["token"].as_str().unwrap_or_default().to_string();
@@ -116,6 +125,41 @@ pub fn create_token(gateway: &Node, args: &[&str]) -> String {
 pub struct Host {
     pub node: Node,
     pub key: String,
+}
+
+/// Every host in `among` pings every other one through the tunnel, at `ips` (their mesh
+/// addresses, in `among`'s order). A pair gets three tries: under the whole suite's load a
+/// first handshake initiation can be lost, and WireGuard only retries it after 5 s
+/// (REKEY_TIMEOUT).
+pub fn ping_all(lab: &Lab, hosts: &[Host], among: &[usize], ips: &[String]) {
+    for (a, &i) in among.iter().enumerate() {
+        for (b, &j) in among.iter().enumerate() {
+            if a != b {
+                assert!(
+                    (0..3).any(|_| lab.ping(i, &ips[b], 5)),
+                    "host {i} cannot ping host {j} at {}\n{}",
+                    ips[b],
+                    hosts[i].node.stderr()
+                );
+            }
+        }
+    }
+}
+
+/// A TLS client config that trusts only the CA certificates in PEM file `ca`.
+pub fn tls_trusting(ca: &Path) -> rustls::ClientConfig {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth()
 }
 
 /// Set up host `i` as the gateway (`gateway init`, then start it); not waited for.
@@ -312,27 +356,15 @@ pub fn cli_in(ns: &str, node: &Node, args: &[&str]) -> std::process::Output {
 
 /// [`cli_in`], failing the test unless it exits 0; its stdout.
 pub fn cli_ok_in(ns: &str, node: &Node, args: &[&str]) -> String {
-    let out = cli_in(ns, node, args);
-    assert!(
-        out.status.success(),
-        "clawnode {args:?} in {ns} failed ({:?}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
+    stdout_if_ok(
+        &cli_in(ns, node, args),
+        &format!("clawnode {args:?} in {ns}"),
+    )
 }
 
 /// `clawnode gateway token create --json <args>` inside namespace `ns`: the `cbn1.` token.
 pub fn create_token_in(ns: &str, gateway: &Node, args: &[&str]) -> String {
-    let mut full = vec!["gateway", "token", "create", "--json"];
-    full.extend_from_slice(args);
-    let text = cli_ok_in(ns, gateway, &full);
-    let doc: serde_json::Value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("token create --json is not JSON ({e}): {text}"));
-    let token = doc["token"].as_str().unwrap_or_default().to_string();
-    assert!(token.starts_with("cbn1."), "{doc}");
-    token
+    create_token_with(args, |full| cli_ok_in(ns, gateway, full))
 }
 
 /// Gateways on hosts `0..count` with the configs `config(i, dir)` (all on one etcd cluster):
