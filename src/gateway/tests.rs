@@ -1693,7 +1693,7 @@ async fn a_node_that_joined_again_through_another_gateway_polls_this_one_with_it
         .call(
             "GET",
             "/v1/peers",
-            Some(&again.bearer().to_string()),
+            Some(again.bearer().as_ref()),
             Vec::new(),
         )
         .await;
@@ -1707,7 +1707,7 @@ async fn a_node_that_joined_again_through_another_gateway_polls_this_one_with_it
         .call(
             "GET",
             "/v1/peers",
-            Some(&wrong.bearer().to_string()),
+            Some(wrong.bearer().as_ref()),
             Vec::new(),
         )
         .await;
