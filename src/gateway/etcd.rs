@@ -1286,13 +1286,20 @@ impl EtcdStore {
                 },
             });
         }
-        // A linearizable read needs the leader and a quorum, as a write does.
-        let key = self.shared.key("meta/store_id");
-        match bounded(client.get(key, None)).await {
+        match self.quorum_read().await {
             Ok(_) => doc.writable = true,
             Err(error) => doc.reason = Some(error.message),
         }
         doc
+    }
+
+    /// One linearizable read through the shared client: it needs the leader and a quorum, as
+    /// a write does, so it says whether writes can succeed now; returns etcd's revision.
+    pub async fn quorum_read(&self) -> Result<u64, StoreError> {
+        let mut client = self.shared.client.clone();
+        let key = self.shared.key("meta/store_id");
+        let response = bounded(client.get(key, Some(GetOptions::new().with_keys_only()))).await?;
+        Ok(response.header().map_or(0, |h| h.revision()) as u64)
     }
 
     /// Every signer cert (from the mirror).
@@ -1620,10 +1627,7 @@ impl Store for EtcdStore {
     }
 
     async fn revision_now(&self) -> Result<u64, StoreError> {
-        let mut client = self.shared.client.clone();
-        let key = self.shared.key("meta/store_id");
-        let response = bounded(client.get(key, Some(GetOptions::new().with_keys_only()))).await?;
-        Ok(response.header().map_or(0, |h| h.revision()) as u64)
+        self.quorum_read().await
     }
 
     async fn session(&self, node: NodeId) -> Result<Option<[u8; 32]>, StoreError> {

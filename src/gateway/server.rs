@@ -335,6 +335,7 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 /// What a session with `cursor` is owed, waiting up to `wait` for a change when it is current;
 /// a cursor still ahead of the view at the end gets a snapshot (see [`wait_for_answer`]).
+#[cfg(test)]
 pub async fn poll(
     view: &View,
     cursor: Option<crate::core::coord::Cursor>,
