@@ -93,6 +93,8 @@ pub(super) struct RawTailscale {
     pub tags: Option<Vec<String>>,
     pub control_url: Option<String>,
     pub node_info_port: Option<i64>,
+    pub relay_server_port: Option<i64>,
+    pub relay_clear_on_stop: Option<bool>,
     pub services: BTreeMap<String, RawService>,
 }
 

@@ -110,6 +110,10 @@ pub struct TailscaleConfig {
     pub control_url: Option<String>,
     /// Where `GET /v1/node` listens on the node's Tailscale IPv4.
     pub node_info_port: u16,
+    /// The UDP port tailscaled serves as a peer relay on; `None` leaves the pref alone.
+    pub relay_server_port: Option<u16>,
+    /// Turn relaying off at stop, if clawnode turned it on and nobody changed it since.
+    pub relay_clear_on_stop: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -495,6 +499,14 @@ impl Config {
         )?;
         if let Some(url) = &ts.control_url {
             writeln!(out, "  control server {url}")?;
+        }
+        if let Some(port) = ts.relay_server_port {
+            let stop = if ts.relay_clear_on_stop {
+                "cleared at stop"
+            } else {
+                "kept at stop"
+            };
+            writeln!(out, "  peer relay on UDP {port} ({stop})")?;
         }
         let auth = match &ts.auth {
             None => "none (tailscaled must already be logged in)".to_owned(),

@@ -143,6 +143,8 @@ fn missing_tables_take_every_default() {
     assert_eq!(ts.auth, None);
     assert_eq!(ts.hostname_prefix.as_str(), "clawnode");
     assert!(ts.tags.is_empty());
+    assert_eq!(ts.relay_server_port, None, "the relay pref is left alone");
+    assert!(!ts.relay_clear_on_stop);
     assert_eq!(
         config.gpu,
         GpuConfig {
@@ -344,6 +346,29 @@ fn workload_identity_needs_client_id_one_token_source_and_tags() {
     let empty_tags =
         format!("{base}client_id = \"k1\"\naudience = \"aud\"\n").replace("[\"tag:gpu\"]", "[]");
     error_at(&empty_tags, "network.tailscale.tags", 6);
+}
+
+#[test]
+fn a_relay_port_must_be_a_fixed_udp_port() {
+    let base = "[network]\nprovider = \"tailscale\"\n[network.tailscale]\n";
+    let config = ok(&format!(
+        "{base}relay_server_port = 40000\nrelay_clear_on_stop = true\n"
+    ));
+    assert_eq!(config.network.tailscale.relay_server_port, Some(40000));
+    assert!(config.network.tailscale.relay_clear_on_stop);
+    assert!(
+        config
+            .summary()
+            .contains("peer relay on UDP 40000 (cleared at stop)")
+    );
+    for bad in ["0", "65536", "-1"] {
+        let found = errors(&format!("{base}relay_server_port = {bad}\n"));
+        assert_eq!(found[0].key, "network.tailscale.relay_server_port", "{bad}");
+        assert!(
+            found[0].message.contains("a UDP port 1-65535"),
+            "{bad}: {found:?}"
+        );
+    }
 }
 
 #[test]

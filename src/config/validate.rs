@@ -648,6 +648,17 @@ impl<'a> Checker<'a> {
             })
         });
         let node_info_port = self.port(&path.key("node_info_port"), raw.node_info_port, 51821);
+        // Port 0 would let tailscaled pick one, which no firewall rule can be written for.
+        let relay_server_port = raw.relay_server_port.map(|port| {
+            self.int_in::<u16>(
+                &path.key("relay_server_port"),
+                Some(port),
+                0,
+                1..=65535,
+                "a UDP port 1-65535 (a random port, 0, is not offered: firewalls need a known one)",
+            )
+        });
+        let relay_server_port = relay_server_port.filter(|port| *port != 0);
         TailscaleConfig {
             socket,
             auth,
@@ -656,6 +667,8 @@ impl<'a> Checker<'a> {
             tags,
             control_url,
             node_info_port,
+            relay_server_port,
+            relay_clear_on_stop: raw.relay_clear_on_stop.unwrap_or(false),
         }
     }
 

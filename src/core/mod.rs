@@ -21,6 +21,7 @@ pub mod routes;
 pub mod serve_config;
 pub mod supervisor;
 pub mod tailscale_plan;
+pub mod tailscale_relay;
 
 pub use backoff::Backoff;
 pub use supervisor::{
