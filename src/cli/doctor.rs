@@ -219,23 +219,27 @@ fn own_address() -> Option<IpAddr> {
                 address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
             }
         })
-        .filter(|ip| match ip {
-            IpAddr::V4(v4) => {
-                !v4.is_loopback() && !(v4.octets()[0] == 100 && v4.octets()[1] & 0xc0 == 64)
-            }
-            IpAddr::V6(v6) => {
-                let s = v6.segments();
-                !v6.is_loopback()
-                    && s[0] & 0xffc0 != 0xfe80
-                    && !(s[0] == 0xfd7a && s[1] == 0x115c && s[2] == 0xa1e0)
-            }
-        })
+        .filter(|ip| !skipped(ip))
         .collect();
     addresses
         .iter()
         .find(|ip| ip.is_ipv4())
         .or_else(|| addresses.first())
         .copied()
+}
+
+/// Loopback, IPv6 link-local (needs a scope), and Tailscale's own ranges.
+fn skipped(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback() || (a == 100 && b & 0xc0 == 64)
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            v6.is_loopback() || s[0] & 0xffc0 == 0xfe80 || s[..3] == [0xfd7a, 0x115c, 0xa1e0]
+        }
+    }
 }
 
 /// The policy file, at most [`policy::MAX_POLICY_BYTES`], parsed; errors name the file and,
