@@ -100,19 +100,28 @@ async fn tailscale_facts(config: &Config, tailnet_policy: Option<&Path>) -> Tail
         Err(error) => Err(error.to_string()),
     };
     let relay = match ts.relay_server_port {
-        Some(port) => Some(RelayFacts {
-            version: version.map(|v| (v.major, v.minor)),
-            pref: match &prefs {
+        Some(port) => {
+            let pref = match &prefs {
                 Ok(reply) => reply
                     .json::<Value>("prefs")
                     .map(|prefs| relay_pref(&prefs))
                     .map_err(|e| e.to_string()),
                 Err(error) => Err(error.to_string()),
-            },
-            bound: udp_bound(port),
-            probes: probe_port(port).await,
-            policy: tailnet_policy.map(read_policy),
-        }),
+            };
+            // Nothing is sent before tailscaled relays on the port.
+            let probes = if pref == Ok(Some(port)) {
+                probe_port(port).await
+            } else {
+                Vec::new()
+            };
+            Some(RelayFacts {
+                version: version.map(|v| (v.major, v.minor)),
+                pref,
+                bound: udp_bound(port),
+                probes,
+                policy: tailnet_policy.map(read_policy),
+            })
+        }
         None => None,
     };
     // Checked without minting: doctor changes nothing, and a minted key would be wasted.
