@@ -279,6 +279,14 @@ fn tailscale_policy_prints_a_fragment_an_admin_can_paste() {
     );
 }
 
+/// Like a tailscaled that kept `RelayServerPort` in its state file and restarted: its relay
+/// server starts on the port (from 1.90 at once).
+fn set_relay_pref(ts: &mut StandIn, port: u16) {
+    ts.stop();
+    ts.with(|s| s.prefs["RelayServerPort"] = json!(port));
+    ts.start_again();
+}
+
 /// A UDP port nothing holds right now.
 fn free_udp_port() -> u16 {
     let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -319,11 +327,10 @@ const RELAY_POLICY: &str = r#"// the tailnet policy, as kept in git
 fn doctor_passes_the_relay_checks_when_tailscaled_relays_on_the_configured_port() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_udp_port();
-    let ts = StandIn::start(&dir.path().join("tailscaled.sock"), "1.102.2");
+    let mut ts = StandIn::start(&dir.path().join("tailscaled.sock"), "1.102.2");
     running(&ts, &["tag:clawbernetes", "tag:gpu-provider"]);
-    ts.with(|s| s.prefs["RelayServerPort"] = json!(port));
-    // What tailscaled's relay server holds once the pref is set.
-    let _relay = std::net::UdpSocket::bind(("0.0.0.0", port)).unwrap();
+    set_relay_pref(&mut ts, port);
+    assert_eq!(ts.with(|s| s.relay_bound_port()), Some(port));
     let policy = dir.path().join("policy.hujson");
     std::fs::write(&policy, RELAY_POLICY).unwrap();
     let (out, text) = doctor_with(
@@ -360,7 +367,9 @@ fn doctor_warns_when_nothing_receives_on_the_relay_port() {
     let port = free_udp_port();
     let ts = StandIn::start(&dir.path().join("tailscaled.sock"), "1.102.2");
     running(&ts, &["tag:clawbernetes", "tag:gpu-provider"]);
+    // The pref is set but no relay server runs (as when control disables it for the node).
     ts.with(|s| s.prefs["RelayServerPort"] = json!(port));
+    assert_eq!(ts.with(|s| s.relay_bound_port()), None);
     let (out, text) = doctor(dir.path(), &relay_config(dir.path(), port));
     assert_eq!(
         out.status.code(),
@@ -382,6 +391,33 @@ fn doctor_warns_when_nothing_receives_on_the_relay_port() {
     assert!(
         !text.contains("peer relay: grant"),
         "no policy, no grant check: {text}"
+    );
+}
+
+#[test]
+fn doctor_does_not_call_a_relay_port_unreachable_that_tailscaled_opens_at_first_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_udp_port();
+    let mut ts = StandIn::start(&dir.path().join("tailscaled.sock"), "1.88.1");
+    running(&ts, &["tag:clawbernetes", "tag:gpu-provider"]);
+    set_relay_pref(&mut ts, port);
+    assert_eq!(ts.with(|s| s.relay_bound_port()), None, "1.88 binds lazily");
+    let (out, text) = doctor(dir.path(), &relay_config(dir.path(), port));
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert_lines(
+        &text,
+        &[&format!(
+            "[ ok ] peer relay: reachable: not checked: nothing is bound to UDP {port} yet, and tailscaled 1.88.1 opens it when a peer first asks for a relay endpoint"
+        )],
+    );
+    ts.with(|s| s.peer_asks_for_relay_endpoint());
+    assert_eq!(ts.with(|s| s.relay_bound_port()), Some(port));
+    let (_, text) = doctor(dir.path(), &relay_config(dir.path(), port));
+    assert_lines(
+        &text,
+        &[&format!(
+            "[ ok ] peer relay: reachable: UDP {port} is bound (/proc/net/udp, udp6); a datagram to 127.0.0.1:{port}, "
+        )],
     );
 }
 
