@@ -15,8 +15,8 @@ use serde_json::Value;
 use crate::config::{self, Config, ProviderKind};
 use crate::config::{IdTokenSource, TailscaleAuth};
 use crate::core::doctor::{
-    self, AuthFact, Check, InterfaceFact, Probe, ProbeOutcome, RelayFacts, TailscaleFacts,
-    WireguardFacts,
+    self, AuthFact, Check, InterfaceFact, PortHolder, Probe, ProbeOutcome, RelayFacts,
+    TailscaleFacts, WireguardFacts,
 };
 use crate::core::link_owner::{Found, FoundKind};
 use crate::core::policy;
@@ -54,6 +54,18 @@ pub fn run(
         #[cfg(feature = "test-fakes")]
         ProviderKind::Fake => Vec::new(),
     });
+    let relays = config.network.provider == ProviderKind::Tailscale
+        && config.network.tailscale.relay_server_port.is_some();
+    if let Some(path) = tailnet_policy.filter(|_| !relays) {
+        checks.push(Check::warn(
+            "tailnet policy",
+            format!(
+                "{} not read: doctor reads the tailnet policy only for the peer relay grant, and this node does not relay",
+                path.display()
+            ),
+            "set [network.tailscale] relay_server_port, or leave out --tailnet-policy",
+        ));
+    }
     let inventory = if config.gpu.enabled {
         NvmlProbe::new(config.gpu.nvml_library.clone()).probe()
     } else {
@@ -108,16 +120,30 @@ async fn tailscale_facts(config: &Config, tailnet_policy: Option<&Path>) -> Tail
                     .map_err(|e| e.to_string()),
                 Err(error) => Err(error.to_string()),
             };
+            let own_ips: Vec<IpAddr> = status
+                .as_ref()
+                .map(|s| {
+                    crate::mesh::tailscale::strings(&s["TailscaleIPs"])
+                        .iter()
+                        .filter_map(|ip| ip.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
             // Nothing is sent before tailscaled relays on the port.
             let probes = if pref == Ok(Some(port)) {
-                probe_port(port).await
+                probe_port(port, &own_ips).await
             } else {
                 Vec::new()
             };
+            let inodes = udp_inodes(port);
             Some(RelayFacts {
                 version: version.map(|v| (v.major, v.minor)),
                 pref,
-                bound: udp_bound(port),
+                bound: inodes.as_ref().map(|i| !i.is_empty()),
+                holder: holder(&ts.socket, inodes.as_deref().unwrap_or_default()).await,
+                wireguard_port: status
+                    .as_ref()
+                    .is_ok_and(|s| doctor::status_addrs_use_port(s, port)),
                 probes,
                 policy: tailnet_policy.map(read_policy),
             })
@@ -151,23 +177,63 @@ fn relay_pref(prefs: &Value) -> Option<u16> {
         .and_then(|port| u16::try_from(port).ok())
 }
 
-/// Whether the kernel lists a UDP socket bound to `port`; `None` when neither table is
-/// readable (no procfs).
-fn udp_bound(port: u16) -> Option<bool> {
+/// The inodes of the UDP sockets bound to `port`; `None` when neither table is readable (no
+/// procfs).
+fn udp_inodes(port: u16) -> Option<Vec<u64>> {
     let tables: Vec<String> = ["/proc/net/udp", "/proc/net/udp6"]
         .iter()
         .filter_map(|path| std::fs::read_to_string(path).ok())
         .collect();
-    (!tables.is_empty()).then(|| tables.iter().any(|t| doctor::udp_port_bound(t, port)))
+    (!tables.is_empty()).then(|| {
+        tables
+            .iter()
+            .flat_map(|t| doctor::udp_port_inodes(t, port))
+            .collect()
+    })
+}
+
+/// Whether one of `inodes` is a socket of tailscaled's, whose pid the LocalAPI socket's peer
+/// credentials give: anything else on the port keeps the relay server from binding it.
+async fn holder(socket: &Path, inodes: &[u64]) -> PortHolder {
+    if inodes.is_empty() {
+        return PortHolder::Unknown("not bound".into());
+    }
+    let pid = match tokio::net::UnixStream::connect(socket).await {
+        Ok(stream) => stream.peer_cred().ok().and_then(|cred| cred.pid()),
+        Err(error) => return PortHolder::Unknown(format!("{}: {error}", socket.display())),
+    };
+    let Some(pid) = pid else {
+        return PortHolder::Unknown("tailscaled's pid is unknown".into());
+    };
+    let dir = format!("/proc/{pid}/fd");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(error) => return PortHolder::Unknown(format!("{dir}: {error}")),
+    };
+    let held = entries.filter_map(Result::ok).any(|entry| {
+        std::fs::read_link(entry.path()).is_ok_and(|target| {
+            let target = target.to_string_lossy();
+            target
+                .strip_prefix("socket:[")
+                .and_then(|rest| rest.strip_suffix(']'))
+                .and_then(|inode| inode.parse::<u64>().ok())
+                .is_some_and(|inode| inodes.contains(&inode))
+        })
+    });
+    if held {
+        PortHolder::Tailscaled
+    } else {
+        PortHolder::Other
+    }
 }
 
 /// Send one datagram to `port` at 127.0.0.1 and at one of this node's own addresses from a
-/// connected socket: a local ICMP port unreachable (nothing bound there, or a REJECT rule)
-/// surfaces as ECONNREFUSED on the next receive. Tailscale's own addresses are left out: peers
-/// reach a relay on its underlay addresses.
-async fn probe_port(port: u16) -> Vec<Probe> {
+/// connected socket: a local ICMP port unreachable (nothing bound there) surfaces as
+/// ECONNREFUSED on the next receive. The node's Tailscale addresses are left out: peers reach a
+/// relay on its underlay addresses.
+async fn probe_port(port: u16, tailscale_ips: &[IpAddr]) -> Vec<Probe> {
     let mut targets = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
-    targets.extend(own_address());
+    targets.extend(own_address(tailscale_ips));
     let mut probes = Vec::new();
     for ip in targets {
         let target = SocketAddr::new(ip, port);
@@ -214,10 +280,10 @@ async fn probe(target: SocketAddr) -> ProbeOutcome {
     }
 }
 
-/// The first non-loopback address of this host that is not Tailscale's (100.64.0.0/10,
-/// fd7a:115c:a1e0::/48) nor IPv6 link-local (which needs a scope); IPv4 first, as tailscaled's
-/// relay server needs its IPv4 socket and may lack the IPv6 one.
-fn own_address() -> Option<IpAddr> {
+/// The first non-loopback address of this host that is not one of its Tailscale addresses nor
+/// IPv6 link-local (which needs a scope); IPv4 first, as tailscaled's relay server needs its
+/// IPv4 socket and may lack the IPv6 one.
+fn own_address(tailscale_ips: &[IpAddr]) -> Option<IpAddr> {
     let addresses: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
         .ok()?
         .filter_map(|ifa| {
@@ -228,7 +294,7 @@ fn own_address() -> Option<IpAddr> {
                 address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
             }
         })
-        .filter(|ip| !skipped(ip))
+        .filter(|ip| !skipped(ip) && !tailscale_ips.contains(ip))
         .collect();
     addresses
         .iter()
@@ -237,17 +303,11 @@ fn own_address() -> Option<IpAddr> {
         .copied()
 }
 
-/// Loopback, IPv6 link-local (needs a scope), and Tailscale's own ranges.
+/// Loopback and IPv6 link-local (needs a scope).
 fn skipped(ip: &IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            v4.is_loopback() || (a == 100 && b & 0xc0 == 64)
-        }
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            v6.is_loopback() || s[0] & 0xffc0 == 0xfe80 || s[..3] == [0xfd7a, 0x115c, 0xa1e0]
-        }
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.segments()[0] & 0xffc0 == 0xfe80,
     }
 }
 

@@ -85,11 +85,27 @@ pub struct RelayFacts {
     /// Whether a socket is bound to the configured UDP port (`/proc/net/udp`, `udp6`); `None`
     /// when neither could be read.
     pub bound: Option<bool>,
+    /// Who holds the bound socket, when it is bound.
+    pub holder: PortHolder,
+    /// tailscaled's own WireGuard traffic uses the port (`Self.Addrs` lists it), so its relay
+    /// server cannot bind there.
+    pub wireguard_port: bool,
     /// Datagrams sent to the configured port at this node's own addresses.
     pub probes: Vec<Probe>,
     /// The `--tailnet-policy` file: its name, and the parsed policy or why it is unusable
     /// (`file:line:col: …` where the parser knows the place).
     pub policy: Option<(String, Result<Value, String>)>,
+}
+
+/// Which process holds the sockets bound to the relay port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortHolder {
+    /// One of them is tailscaled's (its pid from the LocalAPI socket's peer credentials).
+    Tailscaled,
+    /// Bound, but none of the sockets is tailscaled's.
+    Other,
+    /// Not bound, or the owner could not be told; the reason.
+    Unknown(String),
 }
 
 /// One datagram from a connected UDP socket, and what the following receive said.
@@ -275,14 +291,29 @@ pub fn tailscale_checks(config: &Config, facts: &TailscaleFacts) -> Vec<Check> {
     checks
 }
 
-/// Whether `/proc/net/udp` (or `udp6`) text lists a socket bound to local `port`.
-pub fn udp_port_bound(proc_net_udp: &str, port: u16) -> bool {
+/// The socket inodes `/proc/net/udp` (or `udp6`) text lists as bound to local `port`.
+pub fn udp_port_inodes(proc_net_udp: &str, port: u16) -> Vec<u64> {
     let wanted = format!("{port:04X}");
-    proc_net_udp.lines().skip(1).any(|line| {
-        line.split_whitespace()
-            .nth(1)
-            .and_then(|local| local.rsplit_once(':'))
-            .is_some_and(|(_, p)| p.eq_ignore_ascii_case(&wanted))
+    proc_net_udp
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (_, p) = fields.get(1)?.rsplit_once(':')?;
+            p.eq_ignore_ascii_case(&wanted)
+                .then(|| fields.get(9)?.parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// Whether tailscaled's own endpoints (`Self.Addrs` in `status`, `ip:port`) use `port`.
+pub fn status_addrs_use_port(status: &Value, port: u16) -> bool {
+    status["Self"]["Addrs"].as_array().is_some_and(|addrs| {
+        addrs.iter().filter_map(Value::as_str).any(|addr| {
+            addr.parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.port() == port)
+        })
     })
 }
 
@@ -335,6 +366,13 @@ fn relay_port_check(port: u16, pref: &Result<Option<u16>, String>) -> Check {
         Ok(Some(now)) if *now == port => {
             Check::pass(NAME, format!("RelayServerPort is {port}, as configured"))
         }
+        Ok(Some(0)) => Check::warn(
+            NAME,
+            format!(
+                "RelayServerPort is 0 (tailscaled picks a random port); clawnode sets it to {port} at start"
+            ),
+            format!("start clawnode (systemctl start clawnode); allow UDP {port} in the firewall"),
+        ),
         Ok(Some(now)) => Check::warn(
             NAME,
             format!(
@@ -352,17 +390,43 @@ fn relay_port_check(port: u16, pref: &Result<Option<u16>, String>) -> Check {
         Err(error) => Check::warn(
             NAME,
             format!("cannot read tailscaled's prefs: {error}"),
-            "run doctor as root or as tailscaled's operator",
+            "check that tailscaled runs and answers on its socket",
         ),
     }
 }
 
 fn relay_reachable_check(port: u16, version: &str, facts: &RelayFacts) -> Check {
     const NAME: &str = "peer relay: reachable";
-    if facts.pref != Ok(Some(port)) {
-        return Check::pass(
+    if facts.wireguard_port {
+        return Check::warn(
             NAME,
-            format!("not checked: tailscaled does not relay on UDP {port} yet"),
+            format!(
+                "UDP {port} is tailscaled's own WireGuard port (status Self.Addrs): its relay server cannot bind there"
+            ),
+            "choose another relay_server_port (tailscaled's own port is 41641 unless --port says otherwise)",
+        );
+    }
+    match &facts.pref {
+        Ok(Some(now)) if *now == port => {}
+        Ok(_) => {
+            return Check::pass(
+                NAME,
+                format!("not checked: tailscaled does not relay on UDP {port} yet"),
+            );
+        }
+        Err(_) => {
+            return Check::pass(NAME, "not checked: tailscaled's prefs could not be read");
+        }
+    }
+    if facts.holder == PortHolder::Other {
+        return Check::warn(
+            NAME,
+            format!(
+                "UDP {port} is held by another program, not by tailscaled: its relay server cannot bind there"
+            ),
+            format!(
+                "find the holder (ss -ulpn 'sport = :{port}') and stop it, or choose another relay_server_port"
+            ),
         );
     }
     let lazy = facts.version.is_some_and(|v| v < RELAY_EAGER_BIND);
@@ -375,10 +439,16 @@ fn relay_reachable_check(port: u16, version: &str, facts: &RelayFacts) -> Check 
             ),
         );
     }
-    let mut tried = vec![match facts.bound {
-        Some(true) => format!("UDP {port} is bound (/proc/net/udp, udp6)"),
-        Some(false) => format!("nothing is bound to UDP {port} (/proc/net/udp, udp6)"),
-        None => "/proc/net/udp and udp6 could not be read".to_string(),
+    let mut tried = vec![match (facts.bound, &facts.holder) {
+        (Some(true), PortHolder::Tailscaled) => {
+            format!("tailscaled holds UDP {port} (/proc/net/udp, udp6)")
+        }
+        (Some(true), PortHolder::Unknown(why)) => {
+            format!("UDP {port} is bound (/proc/net/udp, udp6; holder not verified: {why})")
+        }
+        (Some(true), PortHolder::Other) => format!("UDP {port} is bound (/proc/net/udp, udp6)"),
+        (Some(false), _) => format!("nothing is bound to UDP {port} (/proc/net/udp, udp6)"),
+        (None, _) => "/proc/net/udp and udp6 could not be read".to_string(),
     }];
     let list = |outcome: &ProbeOutcome| {
         facts
@@ -415,13 +485,15 @@ fn relay_reachable_check(port: u16, version: &str, facts: &RelayFacts) -> Check 
             NAME,
             detail,
             format!(
-                "check tailscaled's log for the relay server (journalctl -u tailscaled); a REJECT rule in the host firewall refuses too: allow UDP {port}"
+                "check tailscaled's log for the relay server (journalctl -u tailscaled | grep relayserver), and that nothing else holds UDP {port}"
             ),
         )
     } else {
         Check::pass(
             NAME,
-            format!("{detail} (seen from this node only: a firewall or NAT in front of it is not)"),
+            format!(
+                "{detail} (seen from this node only: the host firewall, which lets the node's own traffic in, and any firewall or NAT in front of it are not checked: allow UDP {port} there)"
+            ),
         )
     }
 }
@@ -460,10 +532,29 @@ fn relay_grant_check(path: &str, parsed: &Result<Value, String>, tags: &[String]
         );
     }
     let wanted = policy::relay_grant(tags, policy::DEFAULT_BUYERS);
+    // Groups, autogroups, hosts and addresses may well include this node; only tags resolve here.
+    let unresolved: Vec<&str> = policy["grants"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|grant| grant["app"].get(policy::RELAY_CAP).is_some())
+        .filter_map(|grant| grant["dst"].as_array())
+        .flatten()
+        .filter_map(Value::as_str)
+        .filter(|dst| !dst.starts_with("tag:"))
+        .collect();
+    let consequence = if unresolved.is_empty() {
+        "no peer may use this node as a relay".to_string()
+    } else {
+        format!(
+            "grants to {} may include it, which doctor cannot resolve",
+            unresolved.join(", ")
+        )
+    };
     Check::warn(
         NAME,
         format!(
-            "{path} has no grant of {} whose dst names {}: no peer may use this node as a relay",
+            "{path} has no grant of {} whose dst names {}: {consequence}",
             policy::RELAY_CAP,
             tags.join(" or ")
         ),
@@ -734,6 +825,12 @@ mod tests {
             version: Some(version),
             pref: Ok(pref),
             bound: Some(pref.is_some()),
+            holder: if pref.is_some() {
+                PortHolder::Tailscaled
+            } else {
+                PortHolder::Unknown("not bound".into())
+            },
+            wireguard_port: false,
             probes: vec![
                 Probe {
                     target: "127.0.0.1:40000".into(),
@@ -773,7 +870,7 @@ mod tests {
         );
         let reachable = check(&checks, "peer relay: reachable");
         assert!(
-            reachable.detail.starts_with("UDP 40000 is bound (/proc/net/udp, udp6); a datagram to 127.0.0.1:40000, 192.0.2.10:40000 drew no ICMP port unreachable within 300 ms"),
+            reachable.detail.starts_with("tailscaled holds UDP 40000 (/proc/net/udp, udp6); a datagram to 127.0.0.1:40000, 192.0.2.10:40000 drew no ICMP port unreachable within 300 ms"),
             "{reachable:?}"
         );
         // Nothing is gathered, and nothing checked, without the key.
@@ -783,6 +880,81 @@ mod tests {
         )
         .unwrap();
         assert!(relay_checks(&plain, "1.102.2", &relay_facts((1, 102), None)).is_empty());
+    }
+
+    #[test]
+    fn a_relay_port_held_by_another_program_or_by_tailscaleds_wireguard_is_not_reachable() {
+        let config = relay_config(TAG);
+        let mut foreign = relay_facts((1, 102), Some(40000));
+        foreign.holder = PortHolder::Other;
+        let checks = relay_checks(&config, "1.102.2", &foreign);
+        let reachable = check(&checks, "peer relay: reachable");
+        assert_eq!(reachable.outcome, Outcome::Warn, "{reachable:?}");
+        assert!(reachable.detail.contains("held by another program"));
+        let mut magicsock = relay_facts((1, 102), Some(40000));
+        magicsock.wireguard_port = true;
+        let checks = relay_checks(&config, "1.102.2", &magicsock);
+        let reachable = check(&checks, "peer relay: reachable");
+        assert_eq!(reachable.outcome, Outcome::Warn);
+        assert!(reachable.detail.contains("tailscaled's own WireGuard port"));
+        assert!(all_passed(&checks));
+        let unverified = RelayFacts {
+            holder: PortHolder::Unknown("/proc/1/fd: permission denied".into()),
+            ..relay_facts((1, 102), Some(40000))
+        };
+        let checks = relay_checks(&config, "1.102.2", &unverified);
+        let reachable = check(&checks, "peer relay: reachable");
+        assert_eq!(reachable.outcome, Outcome::Pass);
+        assert!(
+            reachable.detail.contains("holder not verified"),
+            "{reachable:?}"
+        );
+        assert!(
+            reachable.detail.contains("the host firewall"),
+            "{reachable:?}"
+        );
+    }
+
+    #[test]
+    fn a_relay_grant_to_a_group_is_named_as_unresolved_not_as_missing() {
+        let config = relay_config(TAG);
+        let mut facts = relay_facts((1, 102), Some(40000));
+        let policy = serde_json::json!({ "grants": [
+            { "src": ["*"], "dst": ["group:relays", "tag:other"], "app": { "tailscale.com/cap/relay": [] } }
+        ] });
+        facts.policy = Some(("p.hujson".into(), Ok(policy)));
+        let checks = relay_checks(&config, "1.102.2", &facts);
+        let grant = check(&checks, "peer relay: grant");
+        assert_eq!(grant.outcome, Outcome::Warn);
+        assert!(
+            grant
+                .detail
+                .ends_with("grants to group:relays may include it, which doctor cannot resolve"),
+            "{grant:?}"
+        );
+    }
+
+    #[test]
+    fn a_random_relay_port_is_not_suggested_for_the_config() {
+        let config = relay_config(TAG);
+        let checks = relay_checks(&config, "1.102.2", &relay_facts((1, 102), Some(0)));
+        let port = check(&checks, "peer relay: port");
+        assert!(
+            port.detail
+                .starts_with("RelayServerPort is 0 (tailscaled picks")
+        );
+        assert!(!port.fix.as_deref().unwrap_or("").contains("= 0"));
+    }
+
+    #[test]
+    fn status_addrs_show_tailscaleds_own_wireguard_port() {
+        let status = serde_json::json!({ "Self": { "Addrs": ["203.0.113.5:41641", "[2001:db8::5]:41641", "bad"] } });
+        assert!(status_addrs_use_port(&status, 41641));
+        assert!(!status_addrs_use_port(&status, 40000));
+        assert!(!status_addrs_use_port(
+            &serde_json::json!({ "Self": null }),
+            41641
+        ));
     }
 
     #[test]
@@ -924,15 +1096,15 @@ mod tests {
         let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
   123: 00000000:9C40 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4242 2 0000000000000000 0\n\
   124: 0100007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000   101        0 4243 2 0000000000000000 0\n";
-        assert!(udp_port_bound(v4, 40000));
-        assert!(udp_port_bound(v4, 53));
-        assert!(!udp_port_bound(v4, 41641));
+        assert_eq!(udp_port_inodes(v4, 40000), [4242]);
+        assert_eq!(udp_port_inodes(v4, 53), [4243]);
+        assert!(udp_port_inodes(v4, 41641).is_empty());
         let v6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
   50: 00000000000000000000000000000000:A241 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 99 2 0000000000000000 0\n";
-        assert!(udp_port_bound(v6, 41537));
+        assert_eq!(udp_port_inodes(v6, 41537), [99]);
         // A remote port is no binding, and the header never matches.
         let connected = "sl local rem\n 1: 0100007F:D431 0100007F:9C40 01 0:0 0:0 0 0 0 1 2 0 0\n";
-        assert!(!udp_port_bound(connected, 40000));
-        assert!(!udp_port_bound("", 40000));
+        assert!(udp_port_inodes(connected, 40000).is_empty());
+        assert!(udp_port_inodes("", 40000).is_empty());
     }
 }

@@ -149,6 +149,18 @@ impl PathKind {
     }
 }
 
+/// Whether `tailscale status` lists the peer: not a node shared *to* another user (it may only
+/// connect in), nor a Mullvad exit node on offer, of which a tailnet can see hundreds.
+pub fn listed_in_status(
+    sharee_node: bool,
+    exit_node_option: bool,
+    exit_node: bool,
+    dns_name: &str,
+) -> bool {
+    let mullvad_offer = exit_node_option && !exit_node && dns_name.ends_with(".mullvad.ts.net.");
+    !sharee_node && !mullvad_offer
+}
+
 /// The path a peer's traffic takes, and through what (the endpoint, the relay, or the DERP
 /// region), in `tailscale status`'s order: only an active peer has a path.
 pub fn classify(peer: &PeerFacts) -> (PathKind, Option<String>) {
@@ -366,6 +378,34 @@ mod tests {
             classify(&peer(false, false, "", "", "fra")).0,
             PathKind::Offline
         );
+    }
+
+    #[test]
+    fn shared_in_nodes_and_mullvad_offers_are_not_counted_as_peers() {
+        assert!(listed_in_status(
+            false,
+            false,
+            false,
+            "gpu-02.tail1234.ts.net."
+        ));
+        assert!(!listed_in_status(
+            true,
+            false,
+            false,
+            "guest.tail1234.ts.net."
+        ));
+        let mullvad = "de-fra-wg-001.mullvad.ts.net.";
+        assert!(!listed_in_status(false, true, false, mullvad));
+        assert!(
+            listed_in_status(false, true, true, mullvad),
+            "the exit node in use is listed"
+        );
+        assert!(listed_in_status(
+            false,
+            true,
+            false,
+            "exit.tail1234.ts.net."
+        ));
     }
 
     #[test]

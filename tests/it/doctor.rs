@@ -345,7 +345,7 @@ fn doctor_passes_the_relay_checks_when_tailscaled_relays_on_the_configured_port(
             "[ ok ] peer relay: tailscaled version: 1.102.2 can serve as a peer relay (1.86 or newer)",
             &format!("[ ok ] peer relay: port: RelayServerPort is {port}, as configured"),
             &format!(
-                "[ ok ] peer relay: reachable: UDP {port} is bound (/proc/net/udp, udp6); a datagram to 127.0.0.1:{port}, "
+                "[ ok ] peer relay: reachable: tailscaled holds UDP {port} (/proc/net/udp, udp6); a datagram to 127.0.0.1:{port}"
             ),
             "drew no ICMP port unreachable within 300 ms",
             &format!(
@@ -380,17 +380,56 @@ fn doctor_warns_when_nothing_receives_on_the_relay_port() {
         &text,
         &[
             &format!(
-                "[warn] peer relay: reachable: nothing is bound to UDP {port} (/proc/net/udp, udp6); a datagram to 127.0.0.1:{port}, "
+                "[warn] peer relay: reachable: nothing is bound to UDP {port} (/proc/net/udp, udp6); a datagram to 127.0.0.1:{port}"
             ),
             "was refused (ICMP port unreachable)",
             &format!(
-                "fix: check tailscaled's log for the relay server (journalctl -u tailscaled); a REJECT rule in the host firewall refuses too: allow UDP {port}"
+                "fix: check tailscaled's log for the relay server (journalctl -u tailscaled | grep relayserver), and that nothing else holds UDP {port}"
             ),
         ],
     );
     assert!(
         !text.contains("peer relay: grant"),
         "no policy, no grant check: {text}"
+    );
+}
+
+#[test]
+fn doctor_warns_when_another_program_holds_the_relay_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_udp_port();
+    // Another process on the port (perl-base is Essential on Debian).
+    let mut squatter = Command::new("perl")
+        .args([
+            "-MSocket",
+            "-e",
+            &format!(
+                "socket(S, PF_INET, SOCK_DGRAM, 0) or die; bind(S, sockaddr_in({port}, INADDR_ANY)) or die; print \"bound\\n\"; STDOUT->flush; sleep 60"
+            ),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(squatter.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "bound\n");
+    let mut ts = StandIn::start(&dir.path().join("tailscaled.sock"), "1.102.2");
+    running(&ts, &["tag:clawbernetes", "tag:gpu-provider"]);
+    set_relay_pref(&mut ts, port);
+    assert_eq!(ts.with(|s| s.relay_bound_port()), None, "the port is taken");
+    let (out, text) = doctor(dir.path(), &relay_config(dir.path(), port));
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert_lines(
+        &text,
+        &[&format!(
+            "[warn] peer relay: reachable: UDP {port} is held by another program, not by tailscaled: its relay server cannot bind there"
+        )],
     );
 }
 
@@ -416,7 +455,7 @@ fn doctor_does_not_call_a_relay_port_unreachable_that_tailscaled_opens_at_first_
     assert_lines(
         &text,
         &[&format!(
-            "[ ok ] peer relay: reachable: UDP {port} is bound (/proc/net/udp, udp6); a datagram to 127.0.0.1:{port}, "
+            "[ ok ] peer relay: reachable: tailscaled holds UDP {port} (/proc/net/udp, udp6); a datagram to 127.0.0.1:{port}"
         )],
     );
 }

@@ -282,6 +282,19 @@ async fn a_relay_port_of_the_wrong_type_gets_go_s_decode_error() {
             }
         }
     }
+    // The masks are Go bools too; on a daemon without the field both are skipped.
+    for (version, code) in [("1.102.2", 400), ("1.80.3", 200)] {
+        let (_dir, ts) = standin(version);
+        let body = r#"{"RelayServerPort":40000,"RelayServerPortSet":"true"}"#;
+        let (status, answer) = raw(&ts, Method::PATCH, "/localapi/v0/prefs", body).await;
+        assert_eq!(status, code, "{version}: {answer}");
+        if code == 400 {
+            assert_eq!(
+                answer,
+                "json: cannot unmarshal string into Go struct field MaskedPrefs.RelayServerPortSet of type bool\n"
+            );
+        }
+    }
 }
 
 #[tokio::test]
@@ -362,6 +375,14 @@ async fn a_1_86_daemon_binds_the_relay_port_only_when_a_peer_first_asks() {
     assert_eq!(ts.with(|s| s.relay_bound_port()), None, "lazy before 1.90");
     ts.with(|s| s.peer_asks_for_relay_endpoint());
     assert_eq!(ts.with(|s| s.relay_bound_port()), Some(port));
+    // A new port tears the server down; the next one starts on the next request again.
+    let other = free_udp_port();
+    let set = format!(r#"{{"RelayServerPort":{other},"RelayServerPortSet":true}}"#);
+    let (status, _) = raw(&ts, Method::PATCH, "/localapi/v0/prefs", &set).await;
+    assert_eq!(status, 200);
+    assert_eq!(ts.with(|s| s.relay_bound_port()), None, "lazy again");
+    ts.with(|s| s.peer_asks_for_relay_endpoint());
+    assert_eq!(ts.with(|s| s.relay_bound_port()), Some(other));
 }
 
 #[tokio::test]

@@ -92,6 +92,8 @@ pub struct State {
     pub relay_bind_error: Option<String>,
     /// 1.84 to 1.89 start the relay server only when a peer first asks for an endpoint.
     relay_asked: bool,
+    /// The relay port the last sync saw, to tell a changed port.
+    relay_pref_seen: Option<u16>,
     /// (the port asked for, the socket bound for it)
     relay_socket: Option<(u16, std::net::UdpSocket)>,
     bus: broadcast::Sender<Value>,
@@ -143,6 +145,7 @@ impl State {
             prefs_patches: Vec::new(),
             relay_bind_error: None,
             relay_asked: false,
+            relay_pref_seen: None,
             relay_socket: None,
             bus,
         }
@@ -179,17 +182,25 @@ impl State {
             .as_u64()
             .and_then(|p| u16::try_from(p).ok())
             .filter(|_| up && self.knows_pref("RelayServerPort"));
+        let lazy = !self.at_least(1, 90);
         let Some(port) = wanted else {
             self.relay_socket = None;
             self.relay_bind_error = None;
-            if !up {
+            // Before 1.90 a cleared pref tears the server down until the next peer request.
+            if !up || lazy {
                 self.relay_asked = false;
             }
+            self.relay_pref_seen = None;
             return;
         };
         if self.relay_socket.as_ref().is_some_and(|(p, _)| *p == port) {
             return;
         }
+        // A new port before 1.90: the old server is gone, the new one waits for a request.
+        if lazy && self.relay_pref_seen.is_some_and(|seen| seen != port) {
+            self.relay_asked = false;
+        }
+        self.relay_pref_seen = Some(port);
         self.relay_socket = None;
         if !self.at_least(1, 90) && !self.relay_asked {
             return;
@@ -802,6 +813,25 @@ async fn route(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Response<Bo
 /// `*int` before 1.92 (any integer fits), `*uint16` from 1.92. None when it decodes, or when
 /// the daemon does not know the field (then it is skipped whatever its type).
 fn relay_port_decode_error(s: &State, masked: &serde_json::Map<String, Value>) -> Option<String> {
+    // Every `…Set` mask but the nested AutoUpdateSet is a Go bool.
+    for (key, value) in masked {
+        let Some(field) = key.strip_suffix("Set") else {
+            continue;
+        };
+        let known = !GATED_PREFS.iter().any(|(f, _)| *f == field) || s.knows_pref(field);
+        let what = match value {
+            Value::Bool(_) | Value::Null => continue,
+            Value::Number(n) => format!("number {n}"),
+            Value::String(_) => "string".into(),
+            Value::Array(_) => "array".into(),
+            Value::Object(_) => "object".into(),
+        };
+        if known && key != "AutoUpdateSet" {
+            return Some(format!(
+                "json: cannot unmarshal {what} into Go struct field MaskedPrefs.{key} of type bool"
+            ));
+        }
+    }
     let value = masked.get("RelayServerPort")?;
     if !s.knows_pref("RelayServerPort") {
         return None;
