@@ -274,6 +274,25 @@ fn tailscale_rows(out: &mut String, ts: &TsStatus, row: impl Fn(&mut String, &st
         }
         row(out, "service:", &line);
     }
+    if let Some(relay) = &ts.relay {
+        let mut line = match (relay.state.as_str(), relay.port, relay.wanted) {
+            ("serving", Some(port), _) => format!("serving on UDP {port}"),
+            ("pending", _, Some(wanted)) => format!("UDP {wanted} not set yet"),
+            (state, _, _) => state.to_string(),
+        };
+        if let Some(problem) = &relay.problem {
+            line.push_str(&format!(" ({problem})"));
+        }
+        row(out, "relay:", &line);
+    }
+    if let Some(paths) = &ts.paths {
+        row(out, "paths:", &paths.summary);
+        for peer in &paths.peers {
+            if let Some(hint) = &peer.hint {
+                row(out, "hint:", &format!("{}: {hint}", peer.name));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

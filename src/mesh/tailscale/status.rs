@@ -8,9 +8,14 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::localapi::LocalApi;
+use super::localapi::{LocalApi, Version};
 use super::types::{Prefs, Status};
-pub use crate::mesh::live::{CertDoc, Owner, TsServiceState, TsStatus};
+use crate::core::tailscale_relay::{
+    PathKind, classify, derp_hint, relay_available, summarize, summary_line,
+};
+pub use crate::mesh::live::{
+    CertDoc, Owner, PathsDoc, PeerPathDoc, RelayDoc, TsServiceState, TsStatus,
+};
 use crate::mesh::{BoxFuture, LiveSource, LiveStatus, ServiceAd};
 
 /// The daemon to read and what clawnode asked of it, set by the provider once it has joined.
@@ -25,6 +30,10 @@ pub struct Target {
     pub publish_error: Option<String>,
     /// Certificate state by service label.
     pub certs: BTreeMap<String, CertDoc>,
+    /// `relay_server_port` as of the last join.
+    pub relay_wanted: Option<u16>,
+    /// Why the last join did not apply it.
+    pub relay_problem: Option<String>,
 }
 
 /// Bounded so a hung tailscaled cannot hang `clawnode status`.
@@ -46,6 +55,8 @@ impl LiveTailscale {
                     services: Vec::new(),
                     publish_error: None,
                     certs: BTreeMap::new(),
+                    relay_wanted: None,
+                    relay_problem: None,
                 });
             }
         }
@@ -62,7 +73,9 @@ impl LiveTailscale {
     pub async fn read(&self) -> Option<TsStatus> {
         let target = self.0.read().unwrap_or_else(|p| p.into_inner()).clone()?;
         let read = async {
-            let reply = target.api.get("/localapi/v0/status?peers=false").await?;
+            // With peers, for the path hints: about 1.2 KiB a peer, within `MAX_BODY` for any
+            // tailnet clawnode is meant for.
+            let reply = target.api.get("/localapi/v0/status").await?;
             let version = reply.version.map(|v| v.to_string());
             let status: Status = reply.json("status")?;
             let prefs: Prefs = target.api.get("/localapi/v0/prefs").await?.json("prefs")?;
@@ -153,6 +166,7 @@ pub fn build(
             }
         })
         .collect();
+    let relay = relay_doc(status, prefs, target);
     let owner = whois.map(|w| Owner {
         login_name: w["UserProfile"]["LoginName"].as_str().unwrap_or("").into(),
         display_name: w["UserProfile"]["DisplayName"]
@@ -176,8 +190,71 @@ pub fn build(
         tags: me.tags.clone(),
         owner,
         services,
+        paths: paths_doc(status, relay.as_ref().is_some_and(|r| r.state == "serving")),
+        relay,
         error: None,
     }
+}
+
+/// The relay this node serves, when configured or set.
+fn relay_doc(status: &Status, prefs: &Prefs, target: &Target) -> Option<RelayDoc> {
+    let (wanted, port) = (target.relay_wanted, prefs.relay_server_port);
+    if wanted.is_none() && port.is_none() {
+        return None;
+    }
+    let too_old = status
+        .version
+        .as_deref()
+        .and_then(Version::parse)
+        .is_some_and(|v| v < Version::PEER_RELAY);
+    let state = match (port, wanted) {
+        (_, Some(_)) if too_old => "unsupported",
+        (Some(_), _) if !too_old => "serving",
+        (_, Some(_)) => "pending",
+        _ => "off",
+    };
+    Some(RelayDoc {
+        wanted,
+        port,
+        state: state.to_string(),
+        problem: target.relay_problem.clone(),
+    })
+}
+
+/// Each peer's path as `tailscale status` shows it, and a hint for those on DERP while a relay
+/// is available. `serving`: this node is a peer relay.
+pub fn paths_doc(status: &Status, serving: bool) -> Option<PathsDoc> {
+    status.peers.as_ref().map(|peers| {
+            let mut peers: Vec<PeerPathDoc> = peers
+                .values()
+                .map(|peer| {
+                    let facts = peer.facts();
+                    let (path, via) = classify(&facts);
+                    PeerPathDoc {
+                        name: facts.name,
+                        ip: facts.ip,
+                        path,
+                        via,
+                        hint: None,
+                    }
+                })
+                .collect();
+            peers.sort_by(|a, b| a.name.cmp(&b.name).then(a.ip.cmp(&b.ip)));
+            let kinds: Vec<PathKind> = peers.iter().map(|p| p.path).collect();
+            let available = relay_available(serving, &kinds);
+            if available {
+                for peer in peers.iter_mut().filter(|p| p.path == PathKind::Derp) {
+                    peer.hint = Some(derp_hint(peer.via.as_deref().unwrap_or("")));
+                }
+            }
+            let counts = summarize(peers.iter().map(|p| (p.path, p.via.as_deref())));
+            PathsDoc {
+                summary: summary_line(&counts),
+                counts,
+                relay_available: available,
+                peers,
+            }
+    })
 }
 
 #[cfg(test)]
@@ -199,6 +276,8 @@ mod tests {
                 .collect(),
             publish_error: None,
             certs: BTreeMap::new(),
+            relay_wanted: None,
+            relay_problem: None,
         }
     }
 

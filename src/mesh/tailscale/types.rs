@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use crate::core::tailscale_plan::IpnState;
+use crate::core::tailscale_relay::PeerFacts;
 
 use super::strings;
 
@@ -34,6 +35,58 @@ pub struct Status {
     /// The deprecated top-level copy of `CurrentTailnet.MagicDNSSuffix`.
     #[serde(rename = "MagicDNSSuffix", default, deserialize_with = "lenient")]
     pub magic_dns_suffix: Option<String>,
+    /// Keyed by node key; absent with `?peers=false`, `null` without a netmap: both empty.
+    /// `None` only when the key is missing, so a reply without peers is told from no peers.
+    #[serde(rename = "Peer", default, deserialize_with = "peers")]
+    pub peers: Option<BTreeMap<String, PeerStatus>>,
+}
+
+/// One peer in `status`, in the fields the path hint reads (`ipnstate.PeerStatus`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PeerStatus {
+    #[serde(rename = "HostName", default, deserialize_with = "lenient")]
+    pub host_name: Option<String>,
+    #[serde(rename = "DNSName", default, deserialize_with = "lenient")]
+    pub dns_name: Option<String>,
+    #[serde(rename = "TailscaleIPs", default, deserialize_with = "string_list")]
+    pub tailscale_ips: Vec<String>,
+    /// `ip:port` of the direct path in use, or empty.
+    #[serde(rename = "CurAddr", default, deserialize_with = "lenient")]
+    pub cur_addr: String,
+    /// The peer's home DERP region code, set whatever path traffic takes.
+    #[serde(rename = "Relay", default, deserialize_with = "lenient")]
+    pub relay: String,
+    /// 1.86+: `ip:port:vni:N` of the peer relay in use, or empty.
+    #[serde(rename = "PeerRelay", default, deserialize_with = "lenient")]
+    pub peer_relay: String,
+    #[serde(rename = "Active", default, deserialize_with = "lenient")]
+    pub active: bool,
+    #[serde(rename = "Online", default, deserialize_with = "lenient")]
+    pub online: bool,
+}
+
+impl PeerStatus {
+    /// What the path rule reads; the name is the MagicDNS name's first label, else the host
+    /// name (tailscaled's `dnsOrQuoteHostname`).
+    pub fn facts(&self) -> PeerFacts {
+        let label = self
+            .dns_name
+            .as_deref()
+            .and_then(|n| n.split('.').next())
+            .filter(|l| !l.is_empty());
+        PeerFacts {
+            name: label
+                .or(self.host_name.as_deref())
+                .unwrap_or_default()
+                .to_string(),
+            ip: self.tailscale_ips.first().cloned(),
+            active: self.active,
+            online: self.online,
+            cur_addr: self.cur_addr.clone(),
+            peer_relay: self.peer_relay.clone(),
+            derp_region: self.relay.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -132,6 +185,14 @@ pub struct Prefs {
         skip_serializing_if = "Option::is_none"
     )]
     pub want_running: Option<bool>,
+    /// The peer relay server's UDP port (1.84+); absent when it is off.
+    #[serde(
+        rename = "RelayServerPort",
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub relay_server_port: Option<u16>,
     /// Everything else, untouched.
     #[serde(flatten)]
     pub rest: Map<String, Value>,
@@ -189,6 +250,21 @@ fn lenient<'de, D: Deserializer<'de>, T: DeserializeOwned + Default>(
 ) -> Result<T, D::Error> {
     let value = Value::deserialize(deserializer)?;
     Ok(serde_json::from_value(value).unwrap_or_default())
+}
+
+/// The peer map: `null` reads as empty, a peer of the wrong shape as one with no facts.
+fn peers<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<BTreeMap<String, PeerStatus>>, D::Error> {
+    let value = Value::deserialize(deserializer)?;
+    let Value::Object(map) = value else {
+        return Ok(Some(BTreeMap::new()));
+    };
+    Ok(Some(
+        map.into_iter()
+            .map(|(key, peer)| (key, serde_json::from_value(peer).unwrap_or_default()))
+            .collect(),
+    ))
 }
 
 /// A list of strings, with `null` as empty and other entries skipped.
