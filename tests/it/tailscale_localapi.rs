@@ -167,3 +167,218 @@ async fn a_missing_daemon_is_reported_as_unreachable_not_a_hang() {
     let err = api.get("/localapi/v0/status").await.unwrap_err();
     assert!(matches!(err, LocalApiError::Unreachable { .. }), "{err}");
 }
+
+/// One request as any LocalAPI client sends it: (status, body).
+async fn raw(ts: &StandIn, method: Method, path: &str, body: &str) -> (u16, String) {
+    let client: Client<UnixConnector, Full<Bytes>> = Client::unix();
+    let uri: hyper::Uri = hyperlocal::Uri::new(&ts.socket, path).into();
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("Host", "local-tailscaled.sock")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+const SET_40000: &str = r#"{"RelayServerPort":40000,"RelayServerPortSet":true}"#;
+
+fn json_of(body: &str) -> Value {
+    serde_json::from_str(body).unwrap()
+}
+
+/// A UDP port nothing holds right now.
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn an_old_tailscaled_ignores_the_relay_port_and_answers_prefs_without_it() {
+    let (_dir, ts) = standin("1.80.3");
+    let (status, body) = raw(&ts, Method::PATCH, "/localapi/v0/prefs", SET_40000).await;
+    assert_eq!(status, 200, "{body}");
+    let answered = json_of(&body);
+    assert!(answered.get("RelayServerPort").is_none(), "{answered}");
+    assert_eq!(answered["OperatorUser"], "alex", "the rest of the prefs");
+    let (_, body) = raw(&ts, Method::GET, "/localapi/v0/prefs", "").await;
+    assert!(json_of(&body).get("RelayServerPort").is_none());
+    // Even a value of the wrong type is skipped: the field is unknown to this daemon.
+    let (status, _) = raw(
+        &ts,
+        Method::PATCH,
+        "/localapi/v0/prefs",
+        r#"{"RelayServerPort":"x","RelayServerPortSet":true}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(ts.with(|s| s.prefs_patches.len()), 2);
+    assert_eq!(ts.with(|s| s.prefs_patches[0].clone()), json_of(SET_40000));
+    assert_eq!(ts.with(|s| s.relay_bound_port()), None);
+}
+
+#[tokio::test]
+async fn a_relay_port_of_the_wrong_type_gets_go_s_decode_error() {
+    let cases = [
+        (
+            "1.86.2",
+            r#""40000""#,
+            Some("string into Go struct field MaskedPrefs.RelayServerPort of type int"),
+        ),
+        (
+            "1.86.2",
+            "true",
+            Some("bool into Go struct field MaskedPrefs.RelayServerPort of type int"),
+        ),
+        (
+            "1.86.2",
+            "1.5",
+            Some("number 1.5 into Go struct field MaskedPrefs.RelayServerPort of type int"),
+        ),
+        // Before 1.92 the pref is an *int: any integer decodes.
+        ("1.86.2", "70000", None),
+        (
+            "1.92.0",
+            r#""40000""#,
+            Some("string into Go struct field MaskedPrefs.RelayServerPort of type uint16"),
+        ),
+        (
+            "1.92.0",
+            "{}",
+            Some("object into Go struct field MaskedPrefs.RelayServerPort of type uint16"),
+        ),
+        (
+            "1.92.0",
+            "70000",
+            Some("number 70000 into Go struct field MaskedPrefs.RelayServerPort of type uint16"),
+        ),
+        (
+            "1.92.0",
+            "-1",
+            Some("number -1 into Go struct field MaskedPrefs.RelayServerPort of type uint16"),
+        ),
+        ("1.102.2", "65535", None),
+    ];
+    for (version, value, error) in cases {
+        let (_dir, ts) = standin(version);
+        let body = format!(r#"{{"RelayServerPort":{value},"RelayServerPortSet":true}}"#);
+        let (status, answer) = raw(&ts, Method::PATCH, "/localapi/v0/prefs", &body).await;
+        match error {
+            Some(error) => {
+                assert_eq!(status, 400, "{version} {value}: {answer}");
+                assert_eq!(answer, format!("json: cannot unmarshal {error}\n"));
+                let prefs = ts.with(|s| s.prefs.clone());
+                assert!(prefs.get("RelayServerPort").is_none(), "nothing applied");
+            }
+            None => {
+                assert_eq!(status, 200, "{version} {value}: {answer}");
+                assert_eq!(json_of(&answer)["RelayServerPort"], json_of(value));
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn status_without_peers_has_a_null_peer_map_and_with_them_the_one_a_test_sets() {
+    let (_dir, ts) = standin("1.102.2");
+    // No netmap before login: no peers at all.
+    let (_, body) = raw(&ts, Method::GET, "/localapi/v0/status", "").await;
+    assert_eq!(json_of(&body)["Peer"], Value::Null);
+    ts.with(|s| s.set_state("Running"));
+    let (_, body) = raw(&ts, Method::GET, "/localapi/v0/status?peers=false", "").await;
+    let status = json_of(&body);
+    // tailscaled's StatusWithoutPeers leaves the map nil, and it is not omitempty.
+    assert_eq!(status.get("Peer"), Some(&Value::Null), "{status}");
+    assert_eq!(status["BackendState"], "Running");
+    let (_, body) = raw(&ts, Method::GET, "/localapi/v0/status?peers=true", "").await;
+    assert_eq!(json_of(&body)["Peer"].as_object().map(|m| m.len()), Some(3));
+
+    let mixed: Value =
+        serde_json::from_str(crate::support::tailscaled::MIXED_PATHS_FIXTURE).unwrap();
+    ts.with(|s| s.peer_map = mixed["Peer"].clone());
+    let (_, body) = raw(&ts, Method::GET, "/localapi/v0/status", "").await;
+    let peers = json_of(&body)["Peer"].clone();
+    assert_eq!(peers.as_object().map(|m| m.len()), Some(15));
+    assert_eq!(peers, mixed["Peer"]);
+}
+
+#[tokio::test]
+async fn a_set_relay_port_is_bound_on_all_interfaces_until_cleared_and_survives_a_restart() {
+    let (_dir, mut ts) = standin("1.92.0");
+    let port = free_udp_port();
+    let set = format!(r#"{{"RelayServerPort":{port},"RelayServerPortSet":true}}"#);
+    let (status, body) = raw(&ts, Method::PATCH, "/localapi/v0/prefs", &set).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json_of(&body)["RelayServerPort"], port);
+    assert_eq!(ts.with(|s| s.relay_bound_port()), Some(port));
+    assert!(
+        std::net::UdpSocket::bind(("0.0.0.0", port)).is_err(),
+        "the port is held on all interfaces"
+    );
+
+    // tailscaled keeps its prefs across a restart and binds again.
+    ts.stop();
+    assert_eq!(ts.with(|s| s.relay_bound_port()), None);
+    ts.start_again();
+    assert_eq!(ts.with(|s| s.relay_bound_port()), Some(port));
+
+    // `tailscale set --relay-server-port=` sends null: the pref is gone (omitempty).
+    let clear = r#"{"RelayServerPort":null,"RelayServerPortSet":true}"#;
+    let (status, body) = raw(&ts, Method::PATCH, "/localapi/v0/prefs", clear).await;
+    assert_eq!(status, 200);
+    assert!(json_of(&body).get("RelayServerPort").is_none(), "{body}");
+    assert_eq!(ts.with(|s| s.relay_bound_port()), None);
+
+    // Port 0: the kernel picks one; the pref stays 0.
+    let zero = r#"{"RelayServerPort":0,"RelayServerPortSet":true}"#;
+    let (_, body) = raw(&ts, Method::PATCH, "/localapi/v0/prefs", zero).await;
+    assert_eq!(json_of(&body)["RelayServerPort"], 0);
+    assert!(ts.with(|s| s.relay_bound_port()).is_some_and(|p| p != 0));
+
+    // A lost state file loses the pref, and the relay with it; the login survives.
+    ts.with(|s| s.set_state("Running"));
+    ts.restart_losing_prefs();
+    assert_eq!(ts.with(|s| s.relay_bound_port()), None);
+    let (_, body) = raw(&ts, Method::GET, "/localapi/v0/prefs", "").await;
+    assert!(json_of(&body).get("RelayServerPort").is_none());
+    assert_eq!(ts.with(|s| s.backend_state.clone()), "Running");
+    assert_eq!(ts.with(|s| s.prefs_patches.len()), 3);
+}
+
+#[tokio::test]
+async fn a_1_86_daemon_binds_the_relay_port_only_when_a_peer_first_asks() {
+    let (_dir, ts) = standin("1.86.2");
+    let port = free_udp_port();
+    let set = format!(r#"{{"RelayServerPort":{port},"RelayServerPortSet":true}}"#);
+    let (status, body) = raw(&ts, Method::PATCH, "/localapi/v0/prefs", &set).await;
+    assert_eq!(status, 200);
+    assert_eq!(json_of(&body)["RelayServerPort"], port, "the pref is kept");
+    assert_eq!(ts.with(|s| s.relay_bound_port()), None, "lazy before 1.90");
+    ts.with(|s| s.peer_asks_for_relay_endpoint());
+    assert_eq!(ts.with(|s| s.relay_bound_port()), Some(port));
+}
+
+#[tokio::test]
+async fn a_relay_port_in_use_is_kept_as_a_pref_and_the_bind_error_is_exposed() {
+    let (_dir, ts) = standin("1.102.2");
+    let holder = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let set = format!(r#"{{"RelayServerPort":{port},"RelayServerPortSet":true}}"#);
+    let (status, body) = raw(&ts, Method::PATCH, "/localapi/v0/prefs", &set).await;
+    assert_eq!(status, 200, "tailscaled logs the failure and carries on");
+    assert_eq!(json_of(&body)["RelayServerPort"], port);
+    assert_eq!(ts.with(|s| s.relay_bound_port()), None);
+    assert!(ts.with(|s| s.relay_bind_error.clone()).is_some());
+    // Freed, the next prefs change binds it.
+    drop(holder);
+    let (status, _) = raw(&ts, Method::PATCH, "/localapi/v0/prefs", &set).await;
+    assert_eq!(status, 200);
+    assert_eq!(ts.with(|s| s.relay_bound_port()), Some(port));
+    assert_eq!(ts.with(|s| s.relay_bind_error.clone()), None);
+}

@@ -8,6 +8,11 @@
 //! can play a tailscaled locked by `--config`. Like tailscaled on Linux, its socket is 0666 and
 //! only root and `OperatorUser` may write (any other peer gets 403 for anything but a GET).
 //! Status and prefs start from real captures (tests/fixtures/tailscale).
+//!
+//! Prefs fields are version-gated like tailscaled's `ipn.Prefs` (see `GATED_PREFS`): a daemon
+//! older than a field silently ignores it in a PATCH (Go's decoder skips unknown fields) and its
+//! answer lacks it; a known field of the wrong JSON type gets Go's decode error as a 400. With
+//! `RelayServerPort` set, the stand-in binds the UDP port like tailscaled's relay server.
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -29,6 +34,9 @@ use tokio::sync::broadcast;
 const STATUS_FIXTURE: &str =
     include_str!("../fixtures/tailscale/status-scrubbed-linux-1.102.2.json");
 const PREFS_FIXTURE: &str = include_str!("../fixtures/tailscale/prefs-partial.json");
+/// 15 peers: 9 direct, 2 through a peer relay, 1 through DERP fra, 2 idle, 1 offline
+/// (see its .source.txt for which entries are real and which constructed).
+pub const MIXED_PATHS_FIXTURE: &str = include_str!("../fixtures/tailscale/status-mixed-paths.json");
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -73,14 +81,41 @@ pub struct State {
     /// One-shot: the next PATCH prefs runs this (a test looks at what clawnode has recorded
     /// by then), then fails with 500 and changes nothing.
     pub fail_next_prefs_patch: Option<Box<dyn FnOnce() + Send>>,
+    /// `Peer` of `GET status` while Running (keyed by node key, `PeerStatus` values); the
+    /// 1.102.2 capture's by default. A test swaps in another capture's, e.g. mixed paths.
+    /// (`peers` above is whois's list.)
+    pub peer_map: Value,
+    /// Every PATCH prefs body, parsed (a non-JSON body as a JSON string), in order.
+    pub prefs_patches: Vec<Value>,
+    /// Why binding the relay port failed last time, while it stays failed (tailscaled logs
+    /// "error initializing server" and tries again later).
+    pub relay_bind_error: Option<String>,
+    /// 1.84 to 1.89 start the relay server only when a peer first asks for an endpoint.
+    relay_asked: bool,
+    /// (the port asked for, the socket bound for it)
+    relay_socket: Option<(u16, std::net::UdpSocket)>,
     bus: broadcast::Sender<Value>,
 }
 
+/// Prefs fields tailscaled knows only from some version on (ipn/prefs.go at each tag):
+/// `RelayServerPort` since v1.84.0 (`*int`, `*uint16` from v1.92.0),
+/// `RelayServerStaticEndpoints` since v1.92.0.
+pub const GATED_PREFS: &[(&str, (u32, u32))] = &[
+    ("RelayServerPort", (1, 84)),
+    ("RelayServerStaticEndpoints", (1, 92)),
+];
+
 impl State {
-    fn fresh(version: &str) -> State {
+    fn fresh_prefs() -> Value {
         let mut prefs: Value = serde_json::from_str(PREFS_FIXTURE).expect("prefs fixture");
         prefs["AdvertiseServices"] = Value::Null;
         prefs["AdvertiseTags"] = Value::Null;
+        prefs
+    }
+
+    fn fresh(version: &str) -> State {
+        let prefs = State::fresh_prefs();
+        let status: Value = serde_json::from_str(STATUS_FIXTURE).expect("status fixture");
         let (bus, _) = broadcast::channel(128);
         State {
             version: version.to_string(),
@@ -104,7 +139,68 @@ impl State {
             cert_queries: Vec::new(),
             config_locked: false,
             fail_next_prefs_patch: None,
+            peer_map: status["Peer"].clone(),
+            prefs_patches: Vec::new(),
+            relay_bind_error: None,
+            relay_asked: false,
+            relay_socket: None,
             bus,
+        }
+    }
+
+    /// Whether this daemon version has the prefs field `name` (fields not in `GATED_PREFS`
+    /// are known to every version the stand-in plays).
+    pub fn knows_pref(&self, name: &str) -> bool {
+        GATED_PREFS
+            .iter()
+            .find(|(field, _)| *field == name)
+            .is_none_or(|(_, (major, minor))| self.at_least(*major, *minor))
+    }
+
+    /// The UDP port the relay server holds now, if any.
+    pub fn relay_bound_port(&self) -> Option<u16> {
+        self.relay_socket
+            .as_ref()
+            .and_then(|(_, socket)| socket.local_addr().ok())
+            .map(|addr| addr.port())
+    }
+
+    /// A peer asks this node for a relay endpoint: 1.84 to 1.89 start the relay server (bind
+    /// the port) only then; from 1.90 it is bound as soon as the pref is set.
+    pub fn peer_asks_for_relay_endpoint(&mut self) {
+        self.relay_asked = true;
+        self.sync_relay(true);
+    }
+
+    /// Start or stop the relay server to match the pref, as tailscaled's relayserver
+    /// extension does on every prefs change; `up` is false while the daemon is down.
+    fn sync_relay(&mut self, up: bool) {
+        let wanted = self.prefs["RelayServerPort"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|_| up && self.knows_pref("RelayServerPort"));
+        let Some(port) = wanted else {
+            self.relay_socket = None;
+            self.relay_bind_error = None;
+            if !up {
+                self.relay_asked = false;
+            }
+            return;
+        };
+        if self.relay_socket.as_ref().is_some_and(|(p, _)| *p == port) {
+            return;
+        }
+        self.relay_socket = None;
+        if !self.at_least(1, 90) && !self.relay_asked {
+            return;
+        }
+        // Like udprelay.NewServer: all interfaces, 0 for a port of the kernel's choice.
+        match std::net::UdpSocket::bind(("0.0.0.0", port)) {
+            Ok(socket) => {
+                self.relay_socket = Some((port, socket));
+                self.relay_bind_error = None;
+            }
+            Err(e) => self.relay_bind_error = Some(e.to_string()),
         }
     }
 
@@ -200,6 +296,12 @@ impl State {
         } else {
             Value::Null
         };
+        // Without a netmap tailscaled adds no peers: `Peer` is null (the map is not omitempty).
+        status["Peer"] = if running {
+            self.peer_map.clone()
+        } else {
+            Value::Null
+        };
         status
     }
 
@@ -283,19 +385,33 @@ impl StandIn {
         self.with(|s| s.calls.clone())
     }
 
-    /// Like tailscaled going away: the socket disappears and bus watchers are cut off.
+    /// Like tailscaled going away: the socket disappears, bus watchers are cut off and the
+    /// relay port is released.
     pub fn stop(&mut self) {
         if let Some(server) = self.server.take() {
             server.abort();
         }
         let (bus, _) = broadcast::channel(128);
-        self.with(|s| s.bus = bus);
+        self.with(|s| {
+            s.bus = bus;
+            s.sync_relay(false);
+        });
         let _ = std::fs::remove_file(&self.socket);
     }
 
-    /// Like tailscaled coming back after `stop`, with everything it had.
+    /// Like tailscaled coming back after `stop`, with everything it had (prefs persist in its
+    /// state file, so a set relay port is bound again).
     pub fn start_again(&mut self) {
+        self.with(|s| s.sync_relay(true));
         self.listen();
+    }
+
+    /// Like a tailscaled restart whose state file was lost: prefs are back to the fresh
+    /// capture's (no relay port), the login survives.
+    pub fn restart_losing_prefs(&mut self) {
+        self.stop();
+        self.with(|s| s.prefs = State::fresh_prefs());
+        self.start_again();
     }
 
     /// Like a tailscaled restart that lost its serve state (the login survives).
@@ -305,7 +421,7 @@ impl StandIn {
             s.serve = Value::Null;
             s.prefs["AdvertiseServices"] = Value::Null;
         });
-        self.listen();
+        self.start_again();
     }
 
     fn listen(&mut self) {
@@ -436,8 +552,23 @@ async fn route(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Response<Bo
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let mut s = state.lock().unwrap();
+    if method == Method::PATCH && path == "/localapi/v0/prefs" {
+        let recorded = serde_json::from_slice::<Value>(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+        s.prefs_patches.push(recorded);
+    }
     match (method, path.as_str()) {
-        (Method::GET, "/localapi/v0/status") => json_response(StatusCode::OK, &s.status()),
+        (Method::GET, "/localapi/v0/status") => {
+            let mut status = s.status();
+            // ?peers=false: StatusWithoutPeers, whose Peer stays nil (JSON null).
+            if query.split('&').any(|kv| {
+                kv.strip_prefix("peers=")
+                    .is_some_and(|v| matches!(v, "false" | "0" | "f" | "F" | "FALSE" | "False"))
+            }) {
+                status["Peer"] = Value::Null;
+            }
+            json_response(StatusCode::OK, &status)
+        }
         (Method::GET, "/localapi/v0/prefs") => json_response(StatusCode::OK, &s.prefs),
         (Method::PATCH, "/localapi/v0/prefs") if s.config_locked => {
             json_response(StatusCode::BAD_REQUEST, &json!({ "Error": LOCKED }))
@@ -554,14 +685,33 @@ async fn route(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Response<Bo
                     &json!({ "Error": format!("invalid hostname {h:?}") }),
                 );
             }
+            if let Some(message) = relay_port_decode_error(&s, &masked) {
+                return text(StatusCode::BAD_REQUEST, &message);
+            }
             for (key, value) in &masked {
-                if key.ends_with("Set") {
+                // Go's decoder skips fields the daemon's Prefs does not have.
+                if key.ends_with("Set") || !s.knows_pref(key) {
                     continue;
                 }
                 if masked.get(&format!("{key}Set")) == Some(&json!(true)) {
-                    s.prefs[key] = value.clone();
+                    if value.is_null() && GATED_PREFS.iter().any(|(f, _)| f == key) {
+                        // nil pointer / empty slice, omitempty: gone from the prefs JSON.
+                        s.prefs.as_object_mut().map(|m| m.remove(key));
+                    } else {
+                        s.prefs[key] = value.clone();
+                    }
                 }
             }
+            // A gated field whose …Set is true but that the body leaves out is set to nil.
+            for (field, _) in GATED_PREFS {
+                if !masked.contains_key(*field)
+                    && masked.get(&format!("{field}Set")) == Some(&json!(true))
+                    && s.knows_pref(field)
+                {
+                    s.prefs.as_object_mut().map(|m| m.remove(*field));
+                }
+            }
+            s.sync_relay(true);
             let now = format!("prefs {}", s.prefs["AdvertiseServices"]);
             s.advertised_history.push(now);
             json_response(StatusCode::OK, &s.prefs)
@@ -646,6 +796,37 @@ async fn route(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Response<Bo
         }
         _ => text(StatusCode::NOT_FOUND, "404 page not found"),
     }
+}
+
+/// Go's `json: cannot unmarshal …` for a `RelayServerPort` the daemon's type cannot hold:
+/// `*int` before 1.92 (any integer fits), `*uint16` from 1.92. None when it decodes, or when
+/// the daemon does not know the field (then it is skipped whatever its type).
+fn relay_port_decode_error(s: &State, masked: &serde_json::Map<String, Value>) -> Option<String> {
+    let value = masked.get("RelayServerPort")?;
+    if !s.knows_pref("RelayServerPort") {
+        return None;
+    }
+    let uint16 = s.at_least(1, 92);
+    let fits = match value {
+        Value::Null => return None,
+        Value::Number(n) if uint16 => n.as_u64().is_some_and(|p| p <= u64::from(u16::MAX)),
+        Value::Number(n) => n.as_i64().is_some(),
+        _ => false,
+    };
+    if fits {
+        return None;
+    }
+    let what = match value {
+        Value::Number(n) => format!("number {n}"),
+        Value::String(_) => "string".into(),
+        Value::Bool(_) => "bool".into(),
+        Value::Array(_) => "array".into(),
+        _ => "object".into(),
+    };
+    let ty = if uint16 { "uint16" } else { "int" };
+    Some(format!(
+        "json: cannot unmarshal {what} into Go struct field MaskedPrefs.RelayServerPort of type {ty}"
+    ))
 }
 
 fn watch(query: &str, state: &Arc<Mutex<State>>) -> Response<Body> {
