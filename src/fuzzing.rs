@@ -23,9 +23,9 @@ use crate::core::coord::{
 };
 use crate::core::model::ServiceAd;
 use crate::core::serve_config::{self, Mode, WantedService};
+use crate::core::tailscale_relay::{PathKind, summary_line};
 use crate::http::Limits;
 use crate::mesh::Live;
-use crate::core::tailscale_relay::{PathKind, summary_line};
 use crate::mesh::tailscale::localapi::{self, Version};
 use crate::mesh::tailscale::types::{CheckPrefs, Notify, Prefs, Status};
 use crate::mesh::tailscale::{Ndjson, discover as ts_discover, status as ts_status};

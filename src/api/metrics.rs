@@ -10,10 +10,10 @@ use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, 
 
 use super::{ServiceCheckDoc, StatusDoc};
 use crate::core::health::DURATION_BUCKETS;
+use crate::core::tailscale_relay::PathKind;
 use crate::gateway::view::RoleDoc;
 use crate::gpu::{GpuInfo, Snapshot};
 use crate::mesh::TunnelPeer;
-use crate::core::tailscale_relay::PathKind;
 use crate::mesh::live::{GatewayDoc, PathsDoc};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -760,6 +760,49 @@ mod tests {
     }
 
     #[test]
+    fn tailnet_peers_are_counted_by_path_with_every_path_present() {
+        let status: crate::mesh::tailscale::types::Status = serde_json::from_str(include_str!(
+            "../../tests/fixtures/tailscale/status-mixed-paths.json"
+        ))
+        .unwrap();
+        let paths = crate::mesh::tailscale::status::paths_doc(&status, false).unwrap();
+        let text = render(
+            &StatusDoc::default(),
+            &[],
+            None,
+            Some(&paths),
+            &Snapshot::default(),
+            "n",
+            0,
+        )
+        .unwrap();
+        for line in [
+            "clawnode_tailscale_peers{path=\"direct\"} 9",
+            "clawnode_tailscale_peers{path=\"peer_relay\"} 2",
+            "clawnode_tailscale_peers{path=\"derp\"} 1",
+            "clawnode_tailscale_peers{path=\"unknown\"} 0",
+            "clawnode_tailscale_peers{path=\"idle\"} 2",
+            "clawnode_tailscale_peers{path=\"offline\"} 1",
+            "clawnode_tailscale_derp_peers{region=\"fra\"} 1",
+            "clawnode_tailscale_derp_peers_with_relay_available 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        promtool_accepts(&text);
+        let plain = render(
+            &StatusDoc::default(),
+            &[],
+            None,
+            None,
+            &Snapshot::default(),
+            "n",
+            0,
+        )
+        .unwrap();
+        assert!(!plain.contains("clawnode_tailscale"), "{plain}");
+    }
+
+    #[test]
     fn a_node_on_its_cached_peer_set_shows_the_gateway_disconnected_with_the_cursor_age() {
         let cached = GatewayDoc {
             url: Some("https://203.0.113.1:443".into()),
@@ -925,7 +968,16 @@ mod tests {
 
     #[test]
     fn gpu_series_use_dcgm_names_and_labels_and_skip_what_nvml_did_not_answer() {
-        let text = render(&StatusDoc::default(), &[], None, None, &snapshot(), "gpu-01", 0).unwrap();
+        let text = render(
+            &StatusDoc::default(),
+            &[],
+            None,
+            None,
+            &snapshot(),
+            "gpu-01",
+            0,
+        )
+        .unwrap();
         assert!(text.contains("# TYPE DCGM_FI_DEV_GPU_TEMP gauge"), "{text}");
         assert!(text.contains(
             "DCGM_FI_DEV_GPU_TEMP{Hostname=\"gpu-01\",UUID=\"GPU-0\",device=\"nvidia0\",gpu=\"0\",modelName=\"NVIDIA H100 80GB HBM3\",pci_bus_id=\"00000000:10:00.0\"} 41"

@@ -342,6 +342,55 @@ mod tests {
     }
 
     #[test]
+    fn status_shows_the_path_summary_a_hint_per_peer_on_derp_and_the_relay() {
+        let status: crate::mesh::tailscale::types::Status = serde_json::from_str(include_str!(
+            "../../tests/fixtures/tailscale/status-mixed-paths.json"
+        ))
+        .unwrap();
+        let ts = TsStatus {
+            relay: Some(crate::mesh::live::RelayDoc {
+                wanted: Some(40000),
+                port: Some(40000),
+                state: "serving".into(),
+                problem: None,
+            }),
+            paths: crate::mesh::tailscale::status::paths_doc(&status, true),
+            ..TsStatus::default()
+        };
+        let mut doc = StatusDoc::default();
+        doc.mesh.live = Some(LiveStatus::Tailscale(ts));
+        let text = human(&doc, 0);
+        assert!(
+            text.contains("\nrelay:     serving on UDP 40000\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\npaths:     15 peers: 9 direct, 2 peer-relay, 1 DERP fra, 2 idle, 1 offline\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\nhint:      buyer-cgnat: through DERP fra although a peer relay is available"
+            ),
+            "{text}"
+        );
+        assert_eq!(text.matches("hint:").count(), 1, "{text}");
+        if let Some(LiveStatus::Tailscale(ts)) = &mut doc.mesh.live {
+            ts.relay = Some(crate::mesh::live::RelayDoc {
+                wanted: Some(40000),
+                port: None,
+                state: "unsupported".into(),
+                problem: Some("tailscaled 1.80.3 cannot serve as a peer relay".into()),
+            });
+        }
+        assert!(human(&doc, 0).contains(
+            "\nrelay:     unsupported (tailscaled 1.80.3 cannot serve as a peer relay)\n"
+        ));
+    }
+
+    #[test]
     fn status_shows_one_line_per_service_with_its_state_reason_and_age() {
         let now = 1_800_000_000_000;
         let mut doc = StatusDoc::default();

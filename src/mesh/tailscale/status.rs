@@ -225,35 +225,35 @@ fn relay_doc(status: &Status, prefs: &Prefs, target: &Target) -> Option<RelayDoc
 /// is available. `serving`: this node is a peer relay.
 pub fn paths_doc(status: &Status, serving: bool) -> Option<PathsDoc> {
     status.peers.as_ref().map(|peers| {
-            let mut peers: Vec<PeerPathDoc> = peers
-                .values()
-                .map(|peer| {
-                    let facts = peer.facts();
-                    let (path, via) = classify(&facts);
-                    PeerPathDoc {
-                        name: facts.name,
-                        ip: facts.ip,
-                        path,
-                        via,
-                        hint: None,
-                    }
-                })
-                .collect();
-            peers.sort_by(|a, b| a.name.cmp(&b.name).then(a.ip.cmp(&b.ip)));
-            let kinds: Vec<PathKind> = peers.iter().map(|p| p.path).collect();
-            let available = relay_available(serving, &kinds);
-            if available {
-                for peer in peers.iter_mut().filter(|p| p.path == PathKind::Derp) {
-                    peer.hint = Some(derp_hint(peer.via.as_deref().unwrap_or("")));
+        let mut peers: Vec<PeerPathDoc> = peers
+            .values()
+            .map(|peer| {
+                let facts = peer.facts();
+                let (path, via) = classify(&facts);
+                PeerPathDoc {
+                    name: facts.name,
+                    ip: facts.ip,
+                    path,
+                    via,
+                    hint: None,
                 }
+            })
+            .collect();
+        peers.sort_by(|a, b| a.name.cmp(&b.name).then(a.ip.cmp(&b.ip)));
+        let kinds: Vec<PathKind> = peers.iter().map(|p| p.path).collect();
+        let available = relay_available(serving, &kinds);
+        if available {
+            for peer in peers.iter_mut().filter(|p| p.path == PathKind::Derp) {
+                peer.hint = Some(derp_hint(peer.via.as_deref().unwrap_or("")));
             }
-            let counts = summarize(peers.iter().map(|p| (p.path, p.via.as_deref())));
-            PathsDoc {
-                summary: summary_line(&counts),
-                counts,
-                relay_available: available,
-                peers,
-            }
+        }
+        let counts = summarize(peers.iter().map(|p| (p.path, p.via.as_deref())));
+        PathsDoc {
+            summary: summary_line(&counts),
+            counts,
+            relay_available: available,
+            peers,
+        }
     })
 }
 
@@ -336,6 +336,111 @@ mod tests {
         assert_eq!(
             doc.services[0].reason.as_deref(),
             Some("service hosts must be tagged nodes")
+        );
+    }
+
+    fn mixed() -> Status {
+        serde_json::from_str(include_str!(
+            "../../../tests/fixtures/tailscale/status-mixed-paths.json"
+        ))
+        .expect("mixed paths parse")
+    }
+
+    #[test]
+    fn the_mixed_capture_reads_as_its_paths_with_a_hint_for_the_peer_on_derp() {
+        let t = target(&[]);
+        let doc = build(&mixed(), &prefs(json!({})), &Value::Null, None, &t);
+        let paths = doc.paths.expect("paths");
+        assert_eq!(
+            paths.summary,
+            "15 peers: 9 direct, 2 peer-relay, 1 DERP fra, 2 idle, 1 offline"
+        );
+        assert!(
+            paths.relay_available,
+            "two peers are reached through a relay"
+        );
+        let hinted: Vec<&str> = paths
+            .peers
+            .iter()
+            .filter(|p| p.hint.is_some())
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(hinted, ["buyer-cgnat"]);
+        assert!(
+            paths.peers.windows(2).all(|w| w[0].name <= w[1].name),
+            "sorted by name"
+        );
+        assert!(doc.relay.is_none(), "not configured, not set");
+        let mut direct = mixed();
+        for peer in direct.peers.as_mut().unwrap().values_mut() {
+            peer.peer_relay.clear();
+        }
+        let paths = paths_doc(&direct, false).unwrap();
+        assert!(!paths.relay_available);
+        assert!(
+            paths.peers.iter().all(|p| p.hint.is_none()),
+            "no relay, no hint"
+        );
+        assert!(
+            paths_doc(&direct, true).unwrap().relay_available,
+            "this node serves"
+        );
+        let none = build(
+            &status(&json!({})),
+            &prefs(json!({})),
+            &Value::Null,
+            None,
+            &t,
+        );
+        assert!(none.paths.is_none(), "a status without a peers map");
+    }
+
+    #[test]
+    fn the_relay_reads_serving_pending_unsupported_or_off() {
+        let mut t = target(&[]);
+        let relay = |version: &str, pref: Value, t: &Target| {
+            let s = status(&json!({ "Version": version, "Peer": null }));
+            build(
+                &s,
+                &prefs(json!({ "RelayServerPort": pref })),
+                &Value::Null,
+                None,
+                t,
+            )
+            .relay
+        };
+        assert_eq!(relay("1.102.2", Value::Null, &t), None);
+        let by_hand = relay("1.102.2", json!(41000), &t).unwrap();
+        assert_eq!((by_hand.state.as_str(), by_hand.wanted), ("serving", None));
+        t.relay_wanted = Some(40000);
+        assert_eq!(relay("1.102.2", Value::Null, &t).unwrap().state, "pending");
+        let serving = relay("1.102.2", json!(40000), &t).unwrap();
+        assert_eq!(
+            (serving.state.as_str(), serving.port),
+            ("serving", Some(40000))
+        );
+        t.relay_problem = Some("tailscaled 1.80.3 cannot serve as a peer relay".into());
+        let old = relay("1.80.3", Value::Null, &t).unwrap();
+        assert_eq!(old.state, "unsupported");
+        assert_eq!(old.problem, t.relay_problem);
+        let s = status(&json!({ "Version": "1.102.2", "Peer": { "k": {
+            "Active": true, "Relay": "fra", "DNSName": "buyer.tail1234.ts.net." } } }));
+        t.relay_problem = None;
+        let doc = build(
+            &s,
+            &prefs(json!({ "RelayServerPort": 40000 })),
+            &Value::Null,
+            None,
+            &t,
+        );
+        let paths = doc.paths.unwrap();
+        assert!(paths.relay_available, "this node serves");
+        assert!(
+            paths.peers[0]
+                .hint
+                .as_deref()
+                .unwrap()
+                .starts_with("through DERP fra")
         );
     }
 

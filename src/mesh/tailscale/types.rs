@@ -283,6 +283,7 @@ fn optional_string_list<'de, D: Deserializer<'de>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::tailscale_relay::{PathKind, classify};
     use serde_json::json;
 
     fn status(json: &str) -> Status {
@@ -353,6 +354,113 @@ mod tests {
             }
             assert_eq!(back.get(key), Some(value), "{key}");
         }
+    }
+
+    fn paths(status: &Status) -> Vec<(String, PathKind, Option<String>)> {
+        let mut out: Vec<_> = status
+            .peers
+            .as_ref()
+            .expect("a peers map")
+            .values()
+            .map(|p| {
+                let facts = p.facts();
+                let (kind, via) = classify(&facts);
+                (facts.name, kind, via)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn every_real_capture_yields_each_peers_name_address_and_path() {
+        let direct = status(include_str!(
+            "../../../tests/fixtures/tailscale/status-direct-1.102.4.json"
+        ));
+        assert_eq!(
+            paths(&direct),
+            [
+                ("ipad".into(), PathKind::Idle, None),
+                (
+                    "iphone-13".into(),
+                    PathKind::Direct,
+                    Some("172.16.31.147:41641".into())
+                ),
+            ],
+            "the MagicDNS label, not the HostName \"localhost\""
+        );
+        let peer = direct.peers.as_ref().unwrap().values().next().unwrap();
+        assert_eq!(peer.facts().ip.as_deref(), Some("100.78.141.76"));
+        let scrubbed = status(include_str!(
+            "../../../tests/fixtures/tailscale/status-scrubbed-linux-1.102.2.json"
+        ));
+        let kinds: Vec<PathKind> = paths(&scrubbed).into_iter().map(|p| p.1).collect();
+        assert_eq!(
+            kinds,
+            [PathKind::Offline, PathKind::Offline, PathKind::Idle],
+            "no Relay or CurAddr at all in this capture"
+        );
+        let old = status(include_str!(
+            "../../../tests/fixtures/tailscale/status-trimmed-1.76.6.json"
+        ));
+        assert_eq!(
+            paths(&old),
+            [
+                ("testhostname".into(), PathKind::Derp, Some("tok".into())),
+                ("testhostname2".into(), PathKind::Idle, None),
+            ],
+            "before 1.86 there is no PeerRelay: an active peer without CurAddr is on DERP"
+        );
+        let mixed = status(include_str!(
+            "../../../tests/fixtures/tailscale/status-mixed-paths.json"
+        ));
+        let all = paths(&mixed);
+        let count = |k| all.iter().filter(|p| p.1 == k).count();
+        assert_eq!(
+            PathKind::ALL.map(count),
+            [9, 2, 1, 0, 2, 1],
+            "direct, peer-relay, DERP, unknown, idle, offline"
+        );
+        assert!(all.contains(&(
+            "buyer-nat-1".into(),
+            PathKind::PeerRelay,
+            Some("203.0.113.50:40000:vni:7".into())
+        )));
+        assert!(all.contains(&("buyer-cgnat".into(), PathKind::Derp, Some("fra".into()))));
+    }
+
+    #[test]
+    fn a_peer_map_that_is_null_or_missing_or_odd_still_parses() {
+        assert!(
+            status(r#"{"Peer": null}"#).peers.unwrap().is_empty(),
+            "no netmap"
+        );
+        assert!(status("{}").peers.is_none(), "not asked for");
+        let odd = status(
+            r#"{"Peer": {"a": 3, "b": {"HostName": "h", "Active": "yes", "CurAddr": 7,
+                "TailscaleIPs": null}, "c": {"DNSName": ".", "HostName": "c-host"}}}"#,
+        );
+        let peers = odd.peers.unwrap();
+        assert_eq!(peers["a"].facts(), PeerFacts::default());
+        let b = peers["b"].facts();
+        assert_eq!(
+            (b.name.as_str(), b.active, b.cur_addr.as_str()),
+            ("h", false, "")
+        );
+        assert_eq!(peers["c"].facts().name, "c-host", "an empty label");
+    }
+
+    #[test]
+    fn the_relay_port_round_trips_through_start_and_is_left_out_when_unset() {
+        let prefs: Prefs =
+            serde_json::from_value(json!({ "RelayServerPort": 40000, "Other": 1 })).unwrap();
+        assert_eq!(prefs.relay_server_port, Some(40000));
+        let back = serde_json::to_value(&prefs).unwrap();
+        assert_eq!(back, json!({ "RelayServerPort": 40000, "Other": 1 }));
+        let prefs: Prefs = serde_json::from_value(json!({ "RelayServerPort": null })).unwrap();
+        assert_eq!(serde_json::to_value(&prefs).unwrap(), json!({}));
+        let prefs: Prefs = serde_json::from_value(json!({ "RelayServerPort": 70000 })).unwrap();
+        assert_eq!(prefs.relay_server_port, None, "out of range reads as unset");
     }
 
     #[test]
