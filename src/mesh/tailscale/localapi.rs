@@ -19,9 +19,9 @@ use crate::http::source_chain;
 /// hex-encoded socket path, which tailscaled answers with 403.
 pub const HOST_HEADER: &str = "local-tailscaled.sock";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest answer read. `status` with peers is the big one: about 1.2 KiB a peer in
-/// tailscaled 1.102, so this holds tailnets of some 50 000 nodes while a broken daemon still
-/// cannot make clawnode buffer without bound.
+/// The largest answer read. `status` with peers is the big one: about 1.1 KiB a peer as
+/// tailscaled 1.102 writes it (tab-indented), so this holds tailnets of tens of thousands of
+/// nodes while a broken daemon still cannot make clawnode buffer without bound.
 pub const MAX_BODY: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,8 @@
 //!
 //! `localapi` is the client and `types` the replies it decodes; `provider` joins, using
 //! `login` to bring the node up (as `core::tailscale_plan` decides), `advertise` for services,
-//! `relay` for the peer relay port and `watcher` to follow the IPN bus; `errors` says which failures need an operator.
+//! `relay` for the peer relay port and `watcher` to follow the IPN bus; `errors` says which
+//! failures need an operator.
 //! `authkey` mints keys from OAuth clients and workload identity; `status` reads identity and
 //! approval live for the status API; `certs` keeps `tls_cert` certificates; `discover` finds
 //! services for `clawnode services discover`; `access` checks, before a start as another user

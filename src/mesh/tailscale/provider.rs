@@ -1,7 +1,7 @@
 //! The `tailscale` mesh provider: bring-up through `start` only when needed, Tailscale
 //! Services advertised the way `tailscale serve --service` does it, a drain-then-clear
-//! withdrawal, the peer relay port (`relay`), and a bus watcher that asks for a recheck whenever tailscaled changes state or
-//! comes back after a restart.
+//! withdrawal, the peer relay port (`relay`), and a bus watcher that asks for a recheck
+//! whenever tailscaled changes state or comes back after a restart.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -105,12 +105,14 @@ impl TailscaleMesh {
         };
         let result = async {
             if !self.relay_clear_on_stop {
+                // Kept: no read needed.
                 return Ok(());
             }
             let prefs: Prefs = api.read(PREFS).await?;
-            match plan_relay_stop(true, Some(owned.port), prefs.relay_server_port) {
+            let clear_on_stop = self.relay_clear_on_stop;
+            match plan_relay_stop(clear_on_stop, Some(owned.port), prefs.relay_server_port) {
                 RelayStep::Clear => self.clear_relay(&api).await,
-                _ => Ok(()),
+                RelayStep::Nothing | RelayStep::Set(_) | RelayStep::Forget => Ok(()),
             }
         }
         .await;

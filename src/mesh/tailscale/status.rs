@@ -1,6 +1,7 @@
 //! What `/v1/status` and `clawnode status` show of the Tailscale side: identity, addresses,
-//! tailnet, tags and, per configured service, whether control approved this host for it. Read
-//! live from tailscaled when asked, so approval shows up without clawnode polling.
+//! tailnet, tags, per configured service whether control approved this host for it, the peer
+//! relay, and which path each peer's traffic takes. Read live from tailscaled when asked, so
+//! approval and paths show up without clawnode polling.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -73,8 +74,7 @@ impl LiveTailscale {
     pub async fn read(&self) -> Option<TsStatus> {
         let target = self.0.read().unwrap_or_else(|p| p.into_inner()).clone()?;
         let read = async {
-            // With peers, for the path hints: about 1.2 KiB a peer, within `MAX_BODY` for any
-            // tailnet clawnode is meant for.
+            // With peers, for the path hints: about 1.1 KiB a peer, within `MAX_BODY`.
             let reply = target.api.get("/localapi/v0/status").await?;
             let version = reply.version.map(|v| v.to_string());
             let status: Status = reply.json("status")?;
