@@ -811,7 +811,7 @@ fn relay_port_decode_error(s: &State, masked: &serde_json::Map<String, Value>) -
         Value::Null => return None,
         Value::Number(n) if uint16 => n.as_u64().is_some_and(|p| p <= u64::from(u16::MAX)),
         Value::Number(n) => n.as_i64().is_some(),
-        _ => false,
+        Value::String(_) | Value::Bool(_) | Value::Array(_) | Value::Object(_) => false,
     };
     if fits {
         return None;
@@ -821,7 +821,7 @@ fn relay_port_decode_error(s: &State, masked: &serde_json::Map<String, Value>) -
         Value::String(_) => "string".into(),
         Value::Bool(_) => "bool".into(),
         Value::Array(_) => "array".into(),
-        _ => "object".into(),
+        Value::Object(_) | Value::Null => "object".into(),
     };
     let ty = if uint16 { "uint16" } else { "int" };
     Some(format!(
