@@ -2,17 +2,24 @@
 //! answers, the WireGuard setup on this host, NVML) and prints each verdict with its fix; the
 //! verdicts themselves are `core::doctor`'s.
 
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use hyper::Method;
 use serde_json::Value;
 
 use crate::config::{self, Config, ProviderKind};
 use crate::config::{IdTokenSource, TailscaleAuth};
-use crate::core::doctor::{self, AuthFact, Check, InterfaceFact, TailscaleFacts, WireguardFacts};
+use crate::core::doctor::{
+    self, AuthFact, Check, InterfaceFact, Probe, ProbeOutcome, RelayFacts, TailscaleFacts,
+    WireguardFacts,
+};
 use crate::core::link_owner::{Found, FoundKind};
+use crate::core::policy;
 use crate::gpu::{GpuProbe, NvmlProbe};
 use crate::mesh::tailscale::authkey;
 use crate::mesh::tailscale::localapi::{LocalApi, Version};
@@ -20,7 +27,12 @@ use crate::mesh::wireguard::{link::KernelSupport, link::Link, owner, userspace};
 
 use super::CliError;
 
-pub fn run(config_path: &Path, json: bool) -> Result<ExitCode, CliError> {
+/// `tailnet_policy`: the tailnet policy file (HuJSON), for the peer relay grant check.
+pub fn run(
+    config_path: &Path,
+    json: bool,
+    tailnet_policy: Option<&Path>,
+) -> Result<ExitCode, CliError> {
     let config = config::load(config_path)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -32,7 +44,7 @@ pub fn run(config_path: &Path, json: bool) -> Result<ExitCode, CliError> {
     )];
     checks.extend(match config.network.provider {
         ProviderKind::Tailscale => {
-            let facts = runtime.block_on(tailscale_facts(&config));
+            let facts = runtime.block_on(tailscale_facts(&config, tailnet_policy));
             doctor::tailscale_checks(&config, &facts)
         }
         ProviderKind::Wireguard => {
@@ -61,7 +73,7 @@ pub fn run(config_path: &Path, json: bool) -> Result<ExitCode, CliError> {
     })
 }
 
-async fn tailscale_facts(config: &Config) -> TailscaleFacts {
+async fn tailscale_facts(config: &Config, tailnet_policy: Option<&Path>) -> TailscaleFacts {
     let ts = &config.network.tailscale;
     let api = LocalApi::new(&ts.socket);
     let reply = api.get("/localapi/v0/status?peers=false").await;
@@ -72,8 +84,9 @@ async fn tailscale_facts(config: &Config) -> TailscaleFacts {
         ),
         Err(error) => (Err(error.to_string()), None),
     };
+    let prefs = api.get("/localapi/v0/prefs").await;
     // check-prefs with the current prefs changes nothing but needs write permission.
-    let write = match api.get("/localapi/v0/prefs").await {
+    let write = match &prefs {
         Ok(prefs) => api
             .call(
                 Method::POST,
@@ -85,6 +98,31 @@ async fn tailscale_facts(config: &Config) -> TailscaleFacts {
             .map(|_| ())
             .map_err(|e| e.to_string()),
         Err(error) => Err(error.to_string()),
+    };
+    let relay = match ts.relay_server_port {
+        Some(port) => {
+            let pref = match &prefs {
+                Ok(reply) => reply
+                    .json::<Value>("prefs")
+                    .map(|prefs| relay_pref(&prefs))
+                    .map_err(|e| e.to_string()),
+                Err(error) => Err(error.to_string()),
+            };
+            // Nothing is sent before tailscaled relays on the port.
+            let probes = if pref == Ok(Some(port)) {
+                probe_port(port).await
+            } else {
+                Vec::new()
+            };
+            Some(RelayFacts {
+                version: version.map(|v| (v.major, v.minor)),
+                pref,
+                bound: udp_bound(port),
+                probes,
+                policy: tailnet_policy.map(read_policy),
+            })
+        }
+        None => None,
     };
     // Checked without minting: doctor changes nothing, and a minted key would be wasted.
     let auth = ts.auth.as_ref().map(|auth| {
@@ -102,7 +140,142 @@ async fn tailscale_facts(config: &Config) -> TailscaleFacts {
         services_capable: version.is_some_and(|v| v >= Version::SERVICES),
         write,
         auth,
+        relay,
     }
+}
+
+/// `RelayServerPort` as tailscaled reports it: absent (omitempty) when off.
+fn relay_pref(prefs: &Value) -> Option<u16> {
+    prefs["RelayServerPort"]
+        .as_u64()
+        .and_then(|port| u16::try_from(port).ok())
+}
+
+/// Whether the kernel lists a UDP socket bound to `port`; `None` when neither table is
+/// readable (no procfs).
+fn udp_bound(port: u16) -> Option<bool> {
+    let tables: Vec<String> = ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .collect();
+    (!tables.is_empty()).then(|| tables.iter().any(|t| doctor::udp_port_bound(t, port)))
+}
+
+/// Send one datagram to `port` at 127.0.0.1 and at one of this node's own addresses from a
+/// connected socket: a local ICMP port unreachable (nothing bound there, or a REJECT rule)
+/// surfaces as ECONNREFUSED on the next receive. Tailscale's own addresses are left out: peers
+/// reach a relay on its underlay addresses.
+async fn probe_port(port: u16) -> Vec<Probe> {
+    let mut targets = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
+    targets.extend(own_address());
+    let mut probes = Vec::new();
+    for ip in targets {
+        let target = SocketAddr::new(ip, port);
+        probes.push(Probe {
+            target: target.to_string(),
+            outcome: probe(target).await,
+        });
+    }
+    probes
+}
+
+async fn probe(target: SocketAddr) -> ProbeOutcome {
+    let unspecified: SocketAddr = if target.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sent = async {
+        let socket = tokio::net::UdpSocket::bind(unspecified).await?;
+        socket.connect(target).await?;
+        socket
+            .send(b"clawnode doctor: peer relay port probe")
+            .await?;
+        Ok::<_, std::io::Error>(socket)
+    }
+    .await;
+    let socket = match sent {
+        Ok(socket) => socket,
+        Err(error) => return ProbeOutcome::Failed(error.to_string()),
+    };
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(
+        Duration::from_millis(doctor::PROBE_WAIT_MS),
+        socket.recv(&mut buf),
+    )
+    .await
+    {
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::ConnectionRefused => {
+            ProbeOutcome::Refused
+        }
+        // A reply or silence: something took the datagram.
+        Ok(Ok(_)) | Err(_) => ProbeOutcome::NotRefused,
+        Ok(Err(error)) => ProbeOutcome::Failed(error.to_string()),
+    }
+}
+
+/// The first non-loopback address of this host that is not Tailscale's (100.64.0.0/10,
+/// fd7a:115c:a1e0::/48) nor IPv6 link-local (which needs a scope); IPv4 first, as tailscaled's
+/// relay server needs its IPv4 socket and may lack the IPv6 one.
+fn own_address() -> Option<IpAddr> {
+    let addresses: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter_map(|ifa| {
+            let address = ifa.address?;
+            if let Some(v4) = address.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .filter(|ip| !skipped(ip))
+        .collect();
+    addresses
+        .iter()
+        .find(|ip| ip.is_ipv4())
+        .or_else(|| addresses.first())
+        .copied()
+}
+
+/// Loopback, IPv6 link-local (needs a scope), and Tailscale's own ranges.
+fn skipped(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback() || (a == 100 && b & 0xc0 == 64)
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            v6.is_loopback() || s[0] & 0xffc0 == 0xfe80 || s[..3] == [0xfd7a, 0x115c, 0xa1e0]
+        }
+    }
+}
+
+/// The policy file, at most [`policy::MAX_POLICY_BYTES`], parsed; errors name the file and,
+/// when known, line and column.
+fn read_policy(path: &Path) -> (String, Result<Value, String>) {
+    let name = path.display().to_string();
+    let read = || -> Result<String, String> {
+        let file = std::fs::File::open(path).map_err(|e| format!("{name}: {e}"))?;
+        let mut text = String::new();
+        file.take(policy::MAX_POLICY_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| format!("{name}: {e}"))?;
+        if text.len() as u64 > policy::MAX_POLICY_BYTES {
+            return Err(format!(
+                "{name}: larger than {} KiB; not a tailnet policy file",
+                policy::MAX_POLICY_BYTES / 1024
+            ));
+        }
+        Ok(text)
+    };
+    let parsed = read().and_then(|text| {
+        policy::parse(&text).map_err(|error| match (error.line, error.column) {
+            (Some(line), Some(column)) => format!("{name}:{line}:{column}: {}", error.message),
+            _ => format!("{name}: {}", error.message),
+        })
+    });
+    (name, parsed)
 }
 
 /// A secret file under systemd's credentials directory that is absent here: doctor runs from a

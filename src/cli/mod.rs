@@ -78,6 +78,10 @@ pub enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// The tailnet policy file (HuJSON, as kept in git or downloaded from the admin
+        /// console): checks the peer relay grant when relay_server_port is set.
+        #[arg(long, value_name = "FILE")]
+        tailnet_policy: Option<PathBuf>,
     },
     /// The gateway role: cluster identity, join tokens, nodes.
     Gateway {
@@ -169,7 +173,10 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Pubkey => pubkey::run(&cli.config),
         Command::Peers { json, socket } => peers::run(&cli.config, json, socket.as_deref()),
         Command::Services { command } => services::run(&cli.config, &command),
-        Command::Doctor { json } => doctor::run(&cli.config, json),
+        Command::Doctor {
+            json,
+            tailnet_policy,
+        } => doctor::run(&cli.config, json, tailnet_policy.as_deref()),
         Command::Gpus { json, nvml_library } => {
             gpus::run(&cli.config, json, nvml_library.as_deref())
         }

@@ -12,14 +12,15 @@ use super::CliError;
 
 #[derive(Debug, Subcommand)]
 pub enum TailscaleCommand {
-    /// Print the policy fragment (tagOwners, autoApprovers.services, grants) to paste into the
-    /// tailnet policy file.
+    /// Print the policy fragment (tagOwners, autoApprovers.services, grants; with
+    /// relay_server_port also the peer relay grant) to paste into the tailnet policy file.
     Policy {
         /// Who may apply the node's tags.
         #[arg(long, default_value = "autogroup:admin")]
         owner: String,
-        /// The tag (or group) of the machines that buy capacity and may reach the services.
-        #[arg(long, default_value = "tag:molt-buyer")]
+        /// The tag (or group) of the machines that buy capacity and may reach the services (and
+        /// use this node as a peer relay).
+        #[arg(long, default_value = policy::DEFAULT_BUYERS)]
         buyers: String,
     },
 }
