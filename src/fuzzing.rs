@@ -23,6 +23,7 @@ use crate::core::coord::{
 };
 use crate::core::model::ServiceAd;
 use crate::core::serve_config::{self, Mode, WantedService};
+use crate::core::tailscale_relay::{PathKind, summary_line};
 use crate::http::Limits;
 use crate::mesh::Live;
 use crate::mesh::tailscale::localapi::{self, Version};
@@ -115,6 +116,7 @@ pub fn localapi(data: &[u8]) {
     let status = serde_json::from_slice::<Status>(data).ok();
     if let Some(status) = &status {
         let _ = status.approved_services();
+        check_paths(status);
     }
     let prefs = serde_json::from_slice::<Prefs>(data).ok();
     if let Some(prefs) = &prefs {
@@ -148,7 +150,33 @@ thread_local! {
             .collect(),
         publish_error: None,
         certs: Default::default(),
+        relay_wanted: Some(40000),
+        relay_problem: None,
     };
+}
+
+/// Every peer gets exactly one path: the counts add up to the peers, by path and by summary.
+fn check_paths(status: &Status) {
+    for serving in [false, true] {
+        let Some(paths) = ts_status::paths_doc(status, serving) else {
+            assert!(status.peers.is_none(), "a peers map yields paths");
+            return;
+        };
+        let counts = &paths.counts;
+        let peers = status.peers.as_ref().map_or(0, |p| p.len());
+        assert_eq!(counts.total, peers, "one path per peer");
+        assert_eq!(paths.peers.len(), peers);
+        let by_kind: usize = PathKind::ALL.iter().map(|k| counts.count(*k)).sum();
+        assert_eq!(by_kind, counts.total, "the paths add up: {counts:?}");
+        let hinted = paths.peers.iter().filter(|p| p.hint.is_some()).count();
+        assert!(hinted <= counts.count(PathKind::Derp), "hints only on DERP");
+        assert_eq!(paths.relay_available, serving || counts.peer_relay > 0);
+        let summary = summary_line(counts);
+        assert_eq!(summary, paths.summary);
+        if peers > 0 {
+            assert!(summary.starts_with(&format!("{peers} peer")), "{summary}");
+        }
+    }
 }
 
 /// `start` writes the prefs back whole: what was read must survive a write and a read.

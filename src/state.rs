@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const WIREGUARD_KEY: &str = "wireguard.key";
 /// The Tailscale services clawnode advertised (so it withdraws only its own).
 pub const TAILSCALE_SERVICES: &str = "tailscale-services.json";
+/// The peer relay port clawnode set in tailscaled's prefs (so it clears only its own).
+pub const TAILSCALE_RELAY: &str = "tailscale-relay.json";
 /// Certificates fetched for services: `<domain>.crt` and `<domain>.key`.
 pub const CERTS_DIR: &str = "certs";
 /// The WireGuard interface clawnode created (so it never configures or deletes another's).
@@ -23,6 +25,7 @@ pub const PEERSET_CACHE: &str = "peerset.json";
 pub const STATE_NAMES: &[&str] = &[
     WIREGUARD_KEY,
     TAILSCALE_SERVICES,
+    TAILSCALE_RELAY,
     CERTS_DIR,
     WIREGUARD_INTERFACE,
     GATEWAY_SESSION,

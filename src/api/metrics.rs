@@ -10,10 +10,11 @@ use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, 
 
 use super::{ServiceCheckDoc, StatusDoc};
 use crate::core::health::DURATION_BUCKETS;
+use crate::core::tailscale_relay::PathKind;
 use crate::gateway::view::RoleDoc;
 use crate::gpu::{GpuInfo, Snapshot};
 use crate::mesh::TunnelPeer;
-use crate::mesh::live::GatewayDoc;
+use crate::mesh::live::{GatewayDoc, PathsDoc};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -40,6 +41,7 @@ pub fn render(
     status: &StatusDoc,
     peers: &[TunnelPeer],
     gateway: Option<&GatewayDoc>,
+    paths: Option<&PathsDoc>,
     gpus: &Snapshot,
     hostname: &str,
     now_unix_ms: u64,
@@ -54,6 +56,9 @@ pub fn render(
     }
     if let Some(role) = &status.gateway_role {
         gateway_role_series(&mut families, role)?;
+    }
+    if let Some(paths) = paths {
+        path_series(&mut families, paths)?;
     }
     let mut out = Vec::new();
     TextEncoder::new().encode(&registry.gather(), &mut out)?;
@@ -577,6 +582,38 @@ fn gateway_series(f: &mut Families, gateway: &GatewayDoc) -> Result<(), promethe
     Ok(())
 }
 
+/// How many tailnet peers each path takes: every path is present (0 included) so a rate or
+/// ratio over them never has gaps, DERP also by region.
+fn path_series(f: &mut Families, paths: &PathsDoc) -> Result<(), prometheus::Error> {
+    for kind in PathKind::ALL {
+        f.int_gauge(
+            "clawnode_tailscale_peers",
+            "Tailnet peers by the path their traffic takes now (idle: no traffic lately).",
+            &["path"],
+            &[kind.label()],
+            paths.counts.count(kind) as i64,
+        )?;
+    }
+    for (region, n) in &paths.counts.derp {
+        f.int_gauge(
+            "clawnode_tailscale_derp_peers",
+            "Active tailnet peers reached through DERP, by region.",
+            &["region"],
+            &[region.as_str()],
+            *n as i64,
+        )?;
+    }
+    let hinted = paths.peers.iter().filter(|p| p.hint.is_some()).count();
+    f.int_gauge(
+        "clawnode_tailscale_derp_peers_with_relay_available",
+        "Peers on DERP although a peer relay is available (see `clawnode status`).",
+        &[],
+        &[],
+        hinted as i64,
+    )?;
+    Ok(())
+}
+
 /// The gateway role this node runs (`[gateway] enabled`): what it serves, to how many.
 fn gateway_role_series(f: &mut Families, role: &RoleDoc) -> Result<(), prometheus::Error> {
     f.int_gauge(
@@ -696,7 +733,7 @@ mod tests {
             }),
             ..StatusDoc::default()
         };
-        let text = render(&status, &[], None, &Snapshot::default(), "gw-01", 0).unwrap();
+        let text = render(&status, &[], None, None, &Snapshot::default(), "gw-01", 0).unwrap();
         for line in [
             "clawnode_gateway_role_sessions 1000",
             "clawnode_gateway_role_revision 812",
@@ -713,12 +750,56 @@ mod tests {
             &StatusDoc::default(),
             &[],
             None,
+            None,
             &Snapshot::default(),
             "n",
             0,
         )
         .unwrap();
         assert!(!plain.contains("gateway_role"), "{plain}");
+    }
+
+    #[test]
+    fn tailnet_peers_are_counted_by_path_with_every_path_present() {
+        let status: crate::mesh::tailscale::types::Status = serde_json::from_str(include_str!(
+            "../../tests/fixtures/tailscale/status-mixed-paths.json"
+        ))
+        .unwrap();
+        let paths = crate::mesh::tailscale::status::paths_doc(&status, false).unwrap();
+        let text = render(
+            &StatusDoc::default(),
+            &[],
+            None,
+            Some(&paths),
+            &Snapshot::default(),
+            "n",
+            0,
+        )
+        .unwrap();
+        for line in [
+            "clawnode_tailscale_peers{path=\"direct\"} 9",
+            "clawnode_tailscale_peers{path=\"peer_relay\"} 2",
+            "clawnode_tailscale_peers{path=\"derp\"} 1",
+            "clawnode_tailscale_peers{path=\"unknown\"} 0",
+            "clawnode_tailscale_peers{path=\"idle\"} 2",
+            "clawnode_tailscale_peers{path=\"offline\"} 1",
+            "clawnode_tailscale_derp_peers{region=\"fra\"} 1",
+            "clawnode_tailscale_derp_peers_with_relay_available 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        promtool_accepts(&text);
+        let plain = render(
+            &StatusDoc::default(),
+            &[],
+            None,
+            None,
+            &Snapshot::default(),
+            "n",
+            0,
+        )
+        .unwrap();
+        assert!(!plain.contains("clawnode_tailscale"), "{plain}");
     }
 
     #[test]
@@ -738,6 +819,7 @@ mod tests {
             &StatusDoc::default(),
             &[],
             Some(&cached),
+            None,
             &Snapshot::default(),
             "gpu-01",
             0,
@@ -765,6 +847,7 @@ mod tests {
             &StatusDoc::default(),
             &[],
             Some(&live),
+            None,
             &Snapshot::default(),
             "gpu-01",
             0,
@@ -775,6 +858,7 @@ mod tests {
         let text = render(
             &StatusDoc::default(),
             &[],
+            None,
             None,
             &Snapshot::default(),
             "gpu-01",
@@ -817,7 +901,7 @@ mod tests {
                 ..check("web", true, 3, 0)
             },
         ];
-        let text = render(&status, &[], None, &Snapshot::default(), "n", 0).unwrap();
+        let text = render(&status, &[], None, None, &Snapshot::default(), "n", 0).unwrap();
         for line in [
             "clawnode_service_healthy{service=\"gateway\"} 1",
             "clawnode_service_healthy{service=\"molt-provider\"} 0",
@@ -842,6 +926,7 @@ mod tests {
         let plain = render(
             &StatusDoc::default(),
             &[],
+            None,
             None,
             &Snapshot::default(),
             "n",
@@ -883,7 +968,16 @@ mod tests {
 
     #[test]
     fn gpu_series_use_dcgm_names_and_labels_and_skip_what_nvml_did_not_answer() {
-        let text = render(&StatusDoc::default(), &[], None, &snapshot(), "gpu-01", 0).unwrap();
+        let text = render(
+            &StatusDoc::default(),
+            &[],
+            None,
+            None,
+            &snapshot(),
+            "gpu-01",
+            0,
+        )
+        .unwrap();
         assert!(text.contains("# TYPE DCGM_FI_DEV_GPU_TEMP gauge"), "{text}");
         assert!(text.contains(
             "DCGM_FI_DEV_GPU_TEMP{Hostname=\"gpu-01\",UUID=\"GPU-0\",device=\"nvidia0\",gpu=\"0\",modelName=\"NVIDIA H100 80GB HBM3\",pci_bus_id=\"00000000:10:00.0\"} 41"

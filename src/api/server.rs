@@ -221,7 +221,8 @@ fn metrics(
         .map_or(0, |d| d.as_millis() as u64);
     let peers = live.map(LiveStatus::tunnel_peers).unwrap_or_default();
     let gateway = live.and_then(LiveStatus::gateway);
-    match super::metrics::render(doc, peers, gateway, &snapshot, &doc.node, now) {
+    let paths = live.and_then(LiveStatus::tailscale_paths);
+    match super::metrics::render(doc, peers, gateway, paths, &snapshot, &doc.node, now) {
         Ok(body) => respond(
             StatusCode::OK,
             super::metrics::CONTENT_TYPE,

@@ -274,6 +274,25 @@ fn tailscale_rows(out: &mut String, ts: &TsStatus, row: impl Fn(&mut String, &st
         }
         row(out, "service:", &line);
     }
+    if let Some(relay) = &ts.relay {
+        let mut line = match (relay.state.as_str(), relay.port, relay.wanted) {
+            ("serving", Some(port), _) => format!("serving on UDP {port}"),
+            ("pending", _, Some(wanted)) => format!("UDP {wanted} not set yet"),
+            (state, _, _) => state.to_string(),
+        };
+        if let Some(problem) = &relay.problem {
+            line.push_str(&format!(" ({problem})"));
+        }
+        row(out, "relay:", &line);
+    }
+    if let Some(paths) = &ts.paths {
+        row(out, "paths:", &paths.summary);
+        for peer in &paths.peers {
+            if let Some(hint) = &peer.hint {
+                row(out, "hint:", &format!("{}: {hint}", peer.name));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -320,6 +339,55 @@ mod tests {
             });
         }
         assert!(human(&doc, 0).contains("3 peers, 2 gateways known\n"));
+    }
+
+    #[test]
+    fn status_shows_the_path_summary_a_hint_per_peer_on_derp_and_the_relay() {
+        let status: crate::mesh::tailscale::types::Status = serde_json::from_str(include_str!(
+            "../../tests/fixtures/tailscale/status-mixed-paths.json"
+        ))
+        .unwrap();
+        let ts = TsStatus {
+            relay: Some(crate::mesh::live::RelayDoc {
+                wanted: Some(40000),
+                port: Some(40000),
+                state: "serving".into(),
+                problem: None,
+            }),
+            paths: crate::mesh::tailscale::status::paths_doc(&status, true),
+            ..TsStatus::default()
+        };
+        let mut doc = StatusDoc::default();
+        doc.mesh.live = Some(LiveStatus::Tailscale(ts));
+        let text = human(&doc, 0);
+        assert!(
+            text.contains("\nrelay:     serving on UDP 40000\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\npaths:     15 peers: 9 direct, 2 peer-relay, 1 DERP fra, 2 idle, 1 offline\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\nhint:      buyer-cgnat: through DERP fra although a peer relay is available"
+            ),
+            "{text}"
+        );
+        assert_eq!(text.matches("hint:").count(), 1, "{text}");
+        if let Some(LiveStatus::Tailscale(ts)) = &mut doc.mesh.live {
+            ts.relay = Some(crate::mesh::live::RelayDoc {
+                wanted: Some(40000),
+                port: None,
+                state: "unsupported".into(),
+                problem: Some("tailscaled 1.80.3 cannot serve as a peer relay".into()),
+            });
+        }
+        assert!(human(&doc, 0).contains(
+            "\nrelay:     unsupported (tailscaled 1.80.3 cannot serve as a peer relay)\n"
+        ));
     }
 
     #[test]

@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::core::tailscale_relay::{PathCounts, PathKind};
+
 /// The mesh as it is right now, read at request time from whichever provider runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -20,6 +22,14 @@ impl LiveStatus {
         match self {
             LiveStatus::Wireguard(wg) => &wg.peers,
             LiveStatus::Tailscale(_) => &[],
+        }
+    }
+
+    /// Which path each tailnet peer's traffic takes, when the provider knows.
+    pub fn tailscale_paths(&self) -> Option<&PathsDoc> {
+        match self {
+            LiveStatus::Tailscale(ts) => ts.paths.as_ref(),
+            LiveStatus::Wireguard(_) => None,
         }
     }
 
@@ -100,8 +110,47 @@ pub struct TsStatus {
     /// Who owns this device: its own profile for a tagged node.
     pub owner: Option<Owner>,
     pub services: Vec<TsServiceState>,
+    /// The peer relay this node serves; `None` when `relay_server_port` is not configured and
+    /// the pref is unset.
+    #[serde(default)]
+    pub relay: Option<RelayDoc>,
+    /// Per-peer paths; `None` when the status read had no peers map.
+    #[serde(default)]
+    pub paths: Option<PathsDoc>,
     /// Set when the live read failed; the other fields are then empty.
     pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayDoc {
+    /// `relay_server_port` from the config.
+    pub wanted: Option<u16>,
+    /// `RelayServerPort` in tailscaled's prefs now.
+    pub port: Option<u16>,
+    /// serving | off | unsupported | pending
+    pub state: String,
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathsDoc {
+    /// `12 peers: 9 direct, 2 peer-relay, 1 DERP fra`.
+    pub summary: String,
+    pub counts: PathCounts,
+    /// This node serves as a peer relay, or some peer is reached through one.
+    pub relay_available: bool,
+    pub peers: Vec<PeerPathDoc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerPathDoc {
+    pub name: String,
+    pub ip: Option<String>,
+    pub path: PathKind,
+    /// The direct endpoint, the peer relay (`ip:port:vni:N`) or the DERP region.
+    pub via: Option<String>,
+    /// For a peer on DERP while a relay is available: why it may not use the relay.
+    pub hint: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

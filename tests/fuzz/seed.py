@@ -211,6 +211,18 @@ write("localapi", "combined.json", json.dumps({
                  "svc:other": {"TCP": {"80": {"HTTP": True}}}},
     "UserProfile": {"ID": 7, "LoginName": "clawnode-gpu-01.tail1.ts.net", "DisplayName": "clawnode-gpu-01"},
 }, indent=1))
+# One peer of each path from the mixed-paths fixture, in the fields the path rule reads.
+mixed = json.loads(fixture("tests/fixtures/tailscale/status-mixed-paths.json"))
+kinds, peers = set(), {}
+for key, peer in mixed["Peer"].items():
+    kind = (peer["Active"], bool(peer["CurAddr"]), bool(peer["PeerRelay"]), peer["Online"])
+    if kind not in kinds:
+        kinds.add(kind)
+        peers[key[-12:]] = {f: peer[f] for f in ["HostName", "DNSName", "TailscaleIPs", "CurAddr",
+                                                 "Relay", "PeerRelay", "Active", "Online"]}
+write("localapi", "status-mixed-paths.json", json.dumps({
+    "Version": mixed["Version"], "BackendState": "Running",
+    "Self": {"HostName": "gpu-node-01", "Online": True}, "Peer": peers}, separators=(",", ":")))
 write("localapi", "services-list.json", json.dumps({
     "svc:molt-provider": {"Name": "svc:molt-provider", "Addrs": ["100.100.1.1", "fd7a:115c:a1e0::100"], "Ports": ["tcp:8443"]},
     "svc:gateway": {"Name": "svc:gateway", "Addrs": None, "Ports": ["*"]},

@@ -27,6 +27,7 @@ mod journald;
 mod service_health;
 mod tailscale_localapi;
 mod tailscale_mesh;
+mod tailscale_relay;
 mod unit_file;
 mod wireguard_backend;
 mod wireguard_mesh;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::header::{HOST, HeaderValue};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
@@ -19,6 +19,10 @@ use crate::http::source_chain;
 /// hex-encoded socket path, which tailscaled answers with 403.
 pub const HOST_HEADER: &str = "local-tailscaled.sock";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest answer read. `status` with peers is the big one: about 1.1 KiB a peer as
+/// tailscaled 1.102 writes it (tab-indented), so this holds tailnets of tens of thousands of
+/// nodes while a broken daemon still cannot make clawnode buffer without bound.
+pub const MAX_BODY: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalApiError {
@@ -63,6 +67,8 @@ pub struct Version {
 impl Version {
     pub const SERVICES: Version = Version::new(1, 86, 0);
     pub const SERVICES_LIST: Version = Version::new(1, 98, 0);
+    /// The first release that supports serving as a peer relay (`RelayServerPort`).
+    pub const PEER_RELAY: Version = Version::new(1, 86, 0);
 
     pub const fn new(major: u32, minor: u32, patch: u32) -> Self {
         Self {
@@ -174,11 +180,22 @@ impl LocalApi {
                 .map_err(|e| self.unreachable(source_chain(&e)))?;
             let status = response.status();
             let headers = response.headers().clone();
-            let body = response
-                .into_body()
+            let body = Limited::new(response.into_body(), MAX_BODY)
                 .collect()
                 .await
-                .map_err(|e| self.unreachable(e.to_string()))?
+                .map_err(|e| {
+                    if e.is::<LengthLimitError>() {
+                        LocalApiError::Decode {
+                            call: call.clone(),
+                            reason: format!(
+                                "the answer is larger than {} MiB",
+                                MAX_BODY / (1024 * 1024)
+                            ),
+                        }
+                    } else {
+                        self.unreachable(e.to_string())
+                    }
+                })?
                 .to_bytes();
             Ok::<_, LocalApiError>((status, headers, body))
         };

@@ -1,8 +1,9 @@
 //! The managed mesh: clawnode drives tailscaled over its LocalAPI socket, never the CLI.
 //!
 //! `localapi` is the client and `types` the replies it decodes; `provider` joins, using
-//! `login` to bring the node up (as `core::tailscale_plan` decides), `advertise` for services
-//! and `watcher` to follow the IPN bus; `errors` says which failures need an operator.
+//! `login` to bring the node up (as `core::tailscale_plan` decides), `advertise` for services,
+//! `relay` for the peer relay port and `watcher` to follow the IPN bus; `errors` says which
+//! failures need an operator.
 //! `authkey` mints keys from OAuth clients and workload identity; `status` reads identity and
 //! approval live for the status API; `certs` keeps `tls_cert` certificates; `discover` finds
 //! services for `clawnode services discover`; `access` checks, before a start as another user
@@ -17,6 +18,7 @@ mod errors;
 pub mod localapi;
 mod login;
 mod provider;
+mod relay;
 pub mod status;
 pub mod types;
 mod watcher;

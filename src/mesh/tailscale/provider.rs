@@ -1,7 +1,7 @@
 //! The `tailscale` mesh provider: bring-up through `start` only when needed, Tailscale
 //! Services advertised the way `tailscale serve --service` does it, a drain-then-clear
-//! withdrawal, and a bus watcher that asks for a recheck whenever tailscaled changes state or
-//! comes back after a restart.
+//! withdrawal, the peer relay port (`relay`), and a bus watcher that asks for a recheck
+//! whenever tailscaled changes state or comes back after a restart.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -41,6 +41,8 @@ pub struct TailscaleMesh {
     certs: Option<CertKeeper>,
     /// A key resolved for a login that has not completed yet.
     pending_key: Option<Secret>,
+    /// `relay_clear_on_stop` as of the last join: `leave` has no config at hand.
+    pub(super) relay_clear_on_stop: bool,
 }
 
 impl TailscaleMesh {
@@ -56,6 +58,7 @@ impl TailscaleMesh {
             published: None,
             certs: None,
             pending_key: None,
+            relay_clear_on_stop: false,
         }
     }
 
@@ -136,6 +139,10 @@ impl TailscaleMesh {
         check_joined(status.backend_state, tailnet, ts.tailnet.as_deref())?;
         self.live.attach(api.clone());
         self.hooks.live.set(Some(Arc::new(self.live.clone())));
+        self.relay_clear_on_stop = ts.relay_clear_on_stop;
+        let relay_problem = self
+            .apply_relay(&api, ts.relay_server_port, status.version.as_deref())
+            .await;
         let keeper = self
             .certs
             .get_or_insert_with(|| CertKeeper::start(api.clone(), self.live.clone()));
@@ -156,6 +163,7 @@ impl TailscaleMesh {
             .iter()
             .find_map(|ip| ip.parse::<Ipv4Addr>().ok());
         let mut problems = self.awaiting_approval(&status);
+        problems.extend(relay_problem);
         let node_info = ipv4.and_then(|ip| {
             node_info_spot(config, &status, ip, &api)
                 .map_err(|problem| problems.push(problem))
@@ -193,7 +201,9 @@ impl MeshProvider for TailscaleMesh {
 
     fn leave(&mut self) -> BoxFuture<'_, Result<(), MeshError>> {
         Box::pin(async move {
-            // The node stays logged in; only clawnode's own watcher stops.
+            // The node stays logged in; only clawnode's own watcher stops, and the relay port
+            // clawnode set goes when configured to.
+            self.relay_stop().await;
             if let Some(watcher) = self.watcher.take() {
                 watcher.abort();
             }

@@ -1,6 +1,7 @@
 //! What `/v1/status` and `clawnode status` show of the Tailscale side: identity, addresses,
-//! tailnet, tags and, per configured service, whether control approved this host for it. Read
-//! live from tailscaled when asked, so approval shows up without clawnode polling.
+//! tailnet, tags, per configured service whether control approved this host for it, the peer
+//! relay, and which path each peer's traffic takes. Read live from tailscaled when asked, so
+//! approval and paths show up without clawnode polling.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -8,9 +9,14 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::localapi::LocalApi;
+use super::localapi::{LocalApi, Version};
 use super::types::{Prefs, Status};
-pub use crate::mesh::live::{CertDoc, Owner, TsServiceState, TsStatus};
+use crate::core::tailscale_relay::{
+    PathKind, classify, derp_hint, relay_available, summarize, summary_line,
+};
+pub use crate::mesh::live::{
+    CertDoc, Owner, PathsDoc, PeerPathDoc, RelayDoc, TsServiceState, TsStatus,
+};
 use crate::mesh::{BoxFuture, LiveSource, LiveStatus, ServiceAd};
 
 /// The daemon to read and what clawnode asked of it, set by the provider once it has joined.
@@ -25,6 +31,10 @@ pub struct Target {
     pub publish_error: Option<String>,
     /// Certificate state by service label.
     pub certs: BTreeMap<String, CertDoc>,
+    /// `relay_server_port` as of the last join.
+    pub relay_wanted: Option<u16>,
+    /// Why the last join did not apply it.
+    pub relay_problem: Option<String>,
 }
 
 /// Bounded so a hung tailscaled cannot hang `clawnode status`.
@@ -46,6 +56,8 @@ impl LiveTailscale {
                     services: Vec::new(),
                     publish_error: None,
                     certs: BTreeMap::new(),
+                    relay_wanted: None,
+                    relay_problem: None,
                 });
             }
         }
@@ -62,7 +74,8 @@ impl LiveTailscale {
     pub async fn read(&self) -> Option<TsStatus> {
         let target = self.0.read().unwrap_or_else(|p| p.into_inner()).clone()?;
         let read = async {
-            let reply = target.api.get("/localapi/v0/status?peers=false").await?;
+            // With peers, for the path hints: about 1.1 KiB a peer, within `MAX_BODY`.
+            let reply = target.api.get("/localapi/v0/status").await?;
             let version = reply.version.map(|v| v.to_string());
             let status: Status = reply.json("status")?;
             let prefs: Prefs = target.api.get("/localapi/v0/prefs").await?.json("prefs")?;
@@ -153,6 +166,7 @@ pub fn build(
             }
         })
         .collect();
+    let relay = relay_doc(status, prefs, target);
     let owner = whois.map(|w| Owner {
         login_name: w["UserProfile"]["LoginName"].as_str().unwrap_or("").into(),
         display_name: w["UserProfile"]["DisplayName"]
@@ -176,8 +190,71 @@ pub fn build(
         tags: me.tags.clone(),
         owner,
         services,
+        paths: paths_doc(status, relay.as_ref().is_some_and(|r| r.state == "serving")),
+        relay,
         error: None,
     }
+}
+
+/// The relay this node serves, when configured or set.
+fn relay_doc(status: &Status, prefs: &Prefs, target: &Target) -> Option<RelayDoc> {
+    let (wanted, port) = (target.relay_wanted, prefs.relay_server_port);
+    if wanted.is_none() && port.is_none() {
+        return None;
+    }
+    let too_old = status
+        .version
+        .as_deref()
+        .and_then(Version::parse)
+        .is_some_and(|v| v < Version::PEER_RELAY);
+    let state = match (port, wanted) {
+        (_, Some(_)) if too_old => "unsupported",
+        (Some(_), _) if !too_old => "serving",
+        (_, Some(_)) => "pending",
+        _ => "off",
+    };
+    Some(RelayDoc {
+        wanted,
+        port,
+        state: state.to_string(),
+        problem: target.relay_problem.clone(),
+    })
+}
+
+/// Each peer's path as `tailscale status` shows it, and a hint for those on DERP while a relay
+/// is available. `serving`: this node is a peer relay.
+pub fn paths_doc(status: &Status, serving: bool) -> Option<PathsDoc> {
+    status.peers.as_ref().map(|peers| {
+        let mut peers: Vec<PeerPathDoc> = peers
+            .values()
+            .map(|peer| {
+                let facts = peer.facts();
+                let (path, via) = classify(&facts);
+                PeerPathDoc {
+                    name: facts.name,
+                    ip: facts.ip,
+                    path,
+                    via,
+                    hint: None,
+                }
+            })
+            .collect();
+        peers.sort_by(|a, b| a.name.cmp(&b.name).then(a.ip.cmp(&b.ip)));
+        let kinds: Vec<PathKind> = peers.iter().map(|p| p.path).collect();
+        let available = relay_available(serving, &kinds);
+        if available {
+            for peer in peers.iter_mut().filter(|p| p.path == PathKind::Derp) {
+                peer.hint = Some(derp_hint(peer.via.as_deref().unwrap_or("")));
+            }
+        }
+        let counts = summarize(peers.iter().map(|p| (p.path, p.via.as_deref())));
+        PathsDoc {
+            summary: summary_line(&counts),
+            counts,
+            relay_available: available,
+            peers,
+        }
+    })
 }
 
 #[cfg(test)]
@@ -199,6 +276,8 @@ mod tests {
                 .collect(),
             publish_error: None,
             certs: BTreeMap::new(),
+            relay_wanted: None,
+            relay_problem: None,
         }
     }
 
@@ -257,6 +336,111 @@ mod tests {
         assert_eq!(
             doc.services[0].reason.as_deref(),
             Some("service hosts must be tagged nodes")
+        );
+    }
+
+    fn mixed() -> Status {
+        serde_json::from_str(include_str!(
+            "../../../tests/fixtures/tailscale/status-mixed-paths.json"
+        ))
+        .expect("mixed paths parse")
+    }
+
+    #[test]
+    fn the_mixed_capture_reads_as_its_paths_with_a_hint_for_the_peer_on_derp() {
+        let t = target(&[]);
+        let doc = build(&mixed(), &prefs(json!({})), &Value::Null, None, &t);
+        let paths = doc.paths.expect("paths");
+        assert_eq!(
+            paths.summary,
+            "15 peers: 9 direct, 2 peer-relay, 1 DERP fra, 2 idle, 1 offline"
+        );
+        assert!(
+            paths.relay_available,
+            "two peers are reached through a relay"
+        );
+        let hinted: Vec<&str> = paths
+            .peers
+            .iter()
+            .filter(|p| p.hint.is_some())
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(hinted, ["buyer-cgnat"]);
+        assert!(
+            paths.peers.windows(2).all(|w| w[0].name <= w[1].name),
+            "sorted by name"
+        );
+        assert!(doc.relay.is_none(), "not configured, not set");
+        let mut direct = mixed();
+        for peer in direct.peers.as_mut().unwrap().values_mut() {
+            peer.peer_relay.clear();
+        }
+        let paths = paths_doc(&direct, false).unwrap();
+        assert!(!paths.relay_available);
+        assert!(
+            paths.peers.iter().all(|p| p.hint.is_none()),
+            "no relay, no hint"
+        );
+        assert!(
+            paths_doc(&direct, true).unwrap().relay_available,
+            "this node serves"
+        );
+        let none = build(
+            &status(&json!({})),
+            &prefs(json!({})),
+            &Value::Null,
+            None,
+            &t,
+        );
+        assert!(none.paths.is_none(), "a status without a peers map");
+    }
+
+    #[test]
+    fn the_relay_reads_serving_pending_unsupported_or_off() {
+        let mut t = target(&[]);
+        let relay = |version: &str, pref: Value, t: &Target| {
+            let s = status(&json!({ "Version": version, "Peer": null }));
+            build(
+                &s,
+                &prefs(json!({ "RelayServerPort": pref })),
+                &Value::Null,
+                None,
+                t,
+            )
+            .relay
+        };
+        assert_eq!(relay("1.102.2", Value::Null, &t), None);
+        let by_hand = relay("1.102.2", json!(41000), &t).unwrap();
+        assert_eq!((by_hand.state.as_str(), by_hand.wanted), ("serving", None));
+        t.relay_wanted = Some(40000);
+        assert_eq!(relay("1.102.2", Value::Null, &t).unwrap().state, "pending");
+        let serving = relay("1.102.2", json!(40000), &t).unwrap();
+        assert_eq!(
+            (serving.state.as_str(), serving.port),
+            ("serving", Some(40000))
+        );
+        t.relay_problem = Some("tailscaled 1.80.3 cannot serve as a peer relay".into());
+        let old = relay("1.80.3", Value::Null, &t).unwrap();
+        assert_eq!(old.state, "unsupported");
+        assert_eq!(old.problem, t.relay_problem);
+        let s = status(&json!({ "Version": "1.102.2", "Peer": { "k": {
+            "Active": true, "Relay": "fra", "DNSName": "buyer.tail1234.ts.net." } } }));
+        t.relay_problem = None;
+        let doc = build(
+            &s,
+            &prefs(json!({ "RelayServerPort": 40000 })),
+            &Value::Null,
+            None,
+            &t,
+        );
+        let paths = doc.paths.unwrap();
+        assert!(paths.relay_available, "this node serves");
+        assert!(
+            paths.peers[0]
+                .hint
+                .as_deref()
+                .unwrap()
+                .starts_with("through DERP fra")
         );
     }
 

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use crate::core::tailscale_plan::IpnState;
+use crate::core::tailscale_relay::PeerFacts;
 
 use super::strings;
 
@@ -34,6 +35,58 @@ pub struct Status {
     /// The deprecated top-level copy of `CurrentTailnet.MagicDNSSuffix`.
     #[serde(rename = "MagicDNSSuffix", default, deserialize_with = "lenient")]
     pub magic_dns_suffix: Option<String>,
+    /// Keyed by node key; absent with `?peers=false`, `null` without a netmap: both empty.
+    /// `None` only when the key is missing, so a reply without peers is told from no peers.
+    #[serde(rename = "Peer", default, deserialize_with = "peers")]
+    pub peers: Option<BTreeMap<String, PeerStatus>>,
+}
+
+/// One peer in `status`, in the fields the path hint reads (`ipnstate.PeerStatus`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PeerStatus {
+    #[serde(rename = "HostName", default, deserialize_with = "lenient")]
+    pub host_name: Option<String>,
+    #[serde(rename = "DNSName", default, deserialize_with = "lenient")]
+    pub dns_name: Option<String>,
+    #[serde(rename = "TailscaleIPs", default, deserialize_with = "string_list")]
+    pub tailscale_ips: Vec<String>,
+    /// `ip:port` of the direct path in use, or empty.
+    #[serde(rename = "CurAddr", default, deserialize_with = "lenient")]
+    pub cur_addr: String,
+    /// The peer's home DERP region code, set whatever path traffic takes.
+    #[serde(rename = "Relay", default, deserialize_with = "lenient")]
+    pub relay: String,
+    /// 1.86+: `ip:port:vni:N` of the peer relay in use, or empty.
+    #[serde(rename = "PeerRelay", default, deserialize_with = "lenient")]
+    pub peer_relay: String,
+    #[serde(rename = "Active", default, deserialize_with = "lenient")]
+    pub active: bool,
+    #[serde(rename = "Online", default, deserialize_with = "lenient")]
+    pub online: bool,
+}
+
+impl PeerStatus {
+    /// What the path rule reads; the name is the MagicDNS name's first label, else the host
+    /// name (tailscaled's `dnsOrQuoteHostname`).
+    pub fn facts(&self) -> PeerFacts {
+        let label = self
+            .dns_name
+            .as_deref()
+            .and_then(|n| n.split('.').next())
+            .filter(|l| !l.is_empty());
+        PeerFacts {
+            name: label
+                .or(self.host_name.as_deref())
+                .unwrap_or_default()
+                .to_string(),
+            ip: self.tailscale_ips.first().cloned(),
+            active: self.active,
+            online: self.online,
+            cur_addr: self.cur_addr.clone(),
+            peer_relay: self.peer_relay.clone(),
+            derp_region: self.relay.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -132,6 +185,14 @@ pub struct Prefs {
         skip_serializing_if = "Option::is_none"
     )]
     pub want_running: Option<bool>,
+    /// The peer relay server's UDP port (1.84+); absent when it is off.
+    #[serde(
+        rename = "RelayServerPort",
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub relay_server_port: Option<u16>,
     /// Everything else, untouched.
     #[serde(flatten)]
     pub rest: Map<String, Value>,
@@ -191,6 +252,21 @@ fn lenient<'de, D: Deserializer<'de>, T: DeserializeOwned + Default>(
     Ok(serde_json::from_value(value).unwrap_or_default())
 }
 
+/// The peer map: `null` reads as empty, a peer of the wrong shape as one with no facts.
+fn peers<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<BTreeMap<String, PeerStatus>>, D::Error> {
+    let value = Value::deserialize(deserializer)?;
+    let Value::Object(map) = value else {
+        return Ok(Some(BTreeMap::new()));
+    };
+    Ok(Some(
+        map.into_iter()
+            .map(|(key, peer)| (key, serde_json::from_value(peer).unwrap_or_default()))
+            .collect(),
+    ))
+}
+
 /// A list of strings, with `null` as empty and other entries skipped.
 fn string_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
     Ok(strings(&Value::deserialize(deserializer)?))
@@ -207,6 +283,7 @@ fn optional_string_list<'de, D: Deserializer<'de>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::tailscale_relay::{PathKind, classify};
     use serde_json::json;
 
     fn status(json: &str) -> Status {
@@ -277,6 +354,113 @@ mod tests {
             }
             assert_eq!(back.get(key), Some(value), "{key}");
         }
+    }
+
+    fn paths(status: &Status) -> Vec<(String, PathKind, Option<String>)> {
+        let mut out: Vec<_> = status
+            .peers
+            .as_ref()
+            .expect("a peers map")
+            .values()
+            .map(|p| {
+                let facts = p.facts();
+                let (kind, via) = classify(&facts);
+                (facts.name, kind, via)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn every_real_capture_yields_each_peers_name_address_and_path() {
+        let direct = status(include_str!(
+            "../../../tests/fixtures/tailscale/status-direct-1.102.4.json"
+        ));
+        assert_eq!(
+            paths(&direct),
+            [
+                ("ipad".into(), PathKind::Idle, None),
+                (
+                    "iphone-13".into(),
+                    PathKind::Direct,
+                    Some("172.16.31.147:41641".into())
+                ),
+            ],
+            "the MagicDNS label, not the HostName \"localhost\""
+        );
+        let peer = direct.peers.as_ref().unwrap().values().next().unwrap();
+        assert_eq!(peer.facts().ip.as_deref(), Some("100.78.141.76"));
+        let scrubbed = status(include_str!(
+            "../../../tests/fixtures/tailscale/status-scrubbed-linux-1.102.2.json"
+        ));
+        let kinds: Vec<PathKind> = paths(&scrubbed).into_iter().map(|p| p.1).collect();
+        assert_eq!(
+            kinds,
+            [PathKind::Offline, PathKind::Offline, PathKind::Idle],
+            "no Relay or CurAddr at all in this capture"
+        );
+        let old = status(include_str!(
+            "../../../tests/fixtures/tailscale/status-trimmed-1.76.6.json"
+        ));
+        assert_eq!(
+            paths(&old),
+            [
+                ("testhostname".into(), PathKind::Derp, Some("tok".into())),
+                ("testhostname2".into(), PathKind::Idle, None),
+            ],
+            "before 1.86 there is no PeerRelay: an active peer without CurAddr is on DERP"
+        );
+        let mixed = status(include_str!(
+            "../../../tests/fixtures/tailscale/status-mixed-paths.json"
+        ));
+        let all = paths(&mixed);
+        let count = |k| all.iter().filter(|p| p.1 == k).count();
+        assert_eq!(
+            PathKind::ALL.map(count),
+            [9, 2, 1, 0, 2, 1],
+            "direct, peer-relay, DERP, unknown, idle, offline"
+        );
+        assert!(all.contains(&(
+            "buyer-nat-1".into(),
+            PathKind::PeerRelay,
+            Some("203.0.113.50:40000:vni:7".into())
+        )));
+        assert!(all.contains(&("buyer-cgnat".into(), PathKind::Derp, Some("fra".into()))));
+    }
+
+    #[test]
+    fn a_peer_map_that_is_null_or_missing_or_odd_still_parses() {
+        assert!(
+            status(r#"{"Peer": null}"#).peers.unwrap().is_empty(),
+            "no netmap"
+        );
+        assert!(status("{}").peers.is_none(), "not asked for");
+        let odd = status(
+            r#"{"Peer": {"a": 3, "b": {"HostName": "h", "Active": "yes", "CurAddr": 7,
+                "TailscaleIPs": null}, "c": {"DNSName": ".", "HostName": "c-host"}}}"#,
+        );
+        let peers = odd.peers.unwrap();
+        assert_eq!(peers["a"].facts(), PeerFacts::default());
+        let b = peers["b"].facts();
+        assert_eq!(
+            (b.name.as_str(), b.active, b.cur_addr.as_str()),
+            ("h", false, "")
+        );
+        assert_eq!(peers["c"].facts().name, "c-host", "an empty label");
+    }
+
+    #[test]
+    fn the_relay_port_round_trips_through_start_and_is_left_out_when_unset() {
+        let prefs: Prefs =
+            serde_json::from_value(json!({ "RelayServerPort": 40000, "Other": 1 })).unwrap();
+        assert_eq!(prefs.relay_server_port, Some(40000));
+        let back = serde_json::to_value(&prefs).unwrap();
+        assert_eq!(back, json!({ "RelayServerPort": 40000, "Other": 1 }));
+        let prefs: Prefs = serde_json::from_value(json!({ "RelayServerPort": null })).unwrap();
+        assert_eq!(serde_json::to_value(&prefs).unwrap(), json!({}));
+        let prefs: Prefs = serde_json::from_value(json!({ "RelayServerPort": 70000 })).unwrap();
+        assert_eq!(prefs.relay_server_port, None, "out of range reads as unset");
     }
 
     #[test]
