@@ -163,7 +163,10 @@ fn check_paths(status: &Status) {
             return;
         };
         let counts = &paths.counts;
-        let peers = status.peers.as_ref().map_or(0, |p| p.len());
+        let peers = status
+            .peers
+            .as_ref()
+            .map_or(0, |p| p.values().filter(|peer| peer.listed()).count());
         assert_eq!(counts.total, peers, "one path per peer");
         assert_eq!(paths.peers.len(), peers);
         let by_kind: usize = PathKind::ALL.iter().map(|k| counts.count(*k)).sum();

@@ -227,6 +227,7 @@ pub fn paths_doc(status: &Status, serving: bool) -> Option<PathsDoc> {
     status.peers.as_ref().map(|peers| {
         let mut peers: Vec<PeerPathDoc> = peers
             .values()
+            .filter(|peer| peer.listed())
             .map(|peer| {
                 let facts = peer.facts();
                 let (path, via) = classify(&facts);
@@ -344,6 +345,32 @@ mod tests {
             "../../../tests/fixtures/tailscale/status-mixed-paths.json"
         ))
         .expect("mixed paths parse")
+    }
+
+    #[test]
+    fn peers_tailscale_status_hides_are_not_counted() {
+        let mut captured: Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/tailscale/status-mixed-paths.json"
+        ))
+        .unwrap();
+        let peers = captured["Peer"].as_object_mut().unwrap();
+        let template = peers.values().next().unwrap().clone();
+        let mut sharee = template.clone();
+        sharee["ShareeNode"] = json!(true);
+        peers.insert("nodekey:sharee".into(), sharee);
+        for (i, used) in [(0, false), (1, false), (2, true)] {
+            let mut offer = template.clone();
+            offer["DNSName"] = json!(format!("de-fra-wg-00{i}.mullvad.ts.net."));
+            offer["ExitNodeOption"] = json!(true);
+            offer["ExitNode"] = json!(used);
+            peers.insert(format!("nodekey:mullvad{i}"), offer);
+        }
+        let paths = paths_doc(&status(&captured), false).unwrap();
+        assert_eq!(
+            paths.counts.total, 16,
+            "15 peers and the exit node in use; not the sharee nor the two offers"
+        );
+        assert!(paths.peers.iter().any(|p| p.name == "de-fra-wg-002"));
     }
 
     #[test]

@@ -63,9 +63,26 @@ pub struct PeerStatus {
     pub active: bool,
     #[serde(rename = "Online", default, deserialize_with = "lenient")]
     pub online: bool,
+    /// Shared to another user: it may only connect in, and `tailscale status` hides it.
+    #[serde(rename = "ShareeNode", default, deserialize_with = "lenient")]
+    pub sharee_node: bool,
+    #[serde(rename = "ExitNode", default, deserialize_with = "lenient")]
+    pub exit_node: bool,
+    #[serde(rename = "ExitNodeOption", default, deserialize_with = "lenient")]
+    pub exit_node_option: bool,
 }
 
 impl PeerStatus {
+    /// Whether `tailscale status` lists it (and so clawnode counts it).
+    pub fn listed(&self) -> bool {
+        crate::core::tailscale_relay::listed_in_status(
+            self.sharee_node,
+            self.exit_node_option,
+            self.exit_node,
+            self.dns_name.as_deref().unwrap_or(""),
+        )
+    }
+
     /// What the path rule reads; the name is the MagicDNS name's first label, else the host
     /// name (tailscaled's `dnsOrQuoteHostname`).
     pub fn facts(&self) -> PeerFacts {
