@@ -276,6 +276,7 @@ fn tailscale_rows(out: &mut String, ts: &TsStatus, row: impl Fn(&mut String, &st
     }
     if let Some(relay) = &ts.relay {
         let mut line = match (relay.state.as_str(), relay.port, relay.wanted) {
+            ("serving", Some(0), _) => "serving on a UDP port tailscaled picked".to_string(),
             ("serving", Some(port), _) => format!("serving on UDP {port}"),
             ("pending", _, Some(wanted)) => format!("UDP {wanted} not set yet"),
             (state, _, _) => state.to_string(),
@@ -285,12 +286,27 @@ fn tailscale_rows(out: &mut String, ts: &TsStatus, row: impl Fn(&mut String, &st
         }
         row(out, "relay:", &line);
     }
+    if let Some(error) = &ts.paths_error {
+        row(out, "paths:", &format!("cannot read the peers: {error}"));
+    }
     if let Some(paths) = &ts.paths {
         row(out, "paths:", &paths.summary);
-        for peer in &paths.peers {
-            if let Some(hint) = &peer.hint {
-                row(out, "hint:", &format!("{}: {hint}", peer.name));
-            }
+        // A big tailnet could have hundreds; the rest are in `status --json`.
+        const SHOWN: usize = 10;
+        let hinted: Vec<_> = paths.peers.iter().filter(|p| p.hint.is_some()).collect();
+        for peer in hinted.iter().take(SHOWN) {
+            let hint = peer.hint.as_deref().unwrap_or_default();
+            row(out, "hint:", &format!("{}: {hint}", peer.name));
+        }
+        if hinted.len() > SHOWN {
+            row(
+                out,
+                "hint:",
+                &format!(
+                    "and {} more peers on DERP (clawnode status --json)",
+                    hinted.len() - SHOWN
+                ),
+            );
         }
     }
 }

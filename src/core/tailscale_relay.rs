@@ -10,16 +10,17 @@ use serde::{Deserialize, Serialize};
 pub const RELAY_MIN_VERSION: (u32, u32) = (1, 86);
 
 /// What clawnode recorded in its state directory that it set, so that it only ever undoes its
-/// own change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// own change: the port it set, and one it is setting until tailscaled confirms it (a failed
+/// write leaves both, since the pref may hold either).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct RelayOwned {
-    pub port: u16,
+    pub ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayStep {
     Nothing,
-    /// Record ownership of the port, then PATCH it.
+    /// Add the port to the record, PATCH it, and once tailscaled confirms it keep only it.
     Set(u16),
     /// PATCH the pref away, then forget ownership.
     Clear,
@@ -38,7 +39,7 @@ pub struct RelayDecision {
 pub fn plan_relay(
     wanted: Option<u16>,
     current: Option<u16>,
-    owned: Option<u16>,
+    owned: &[u16],
     capable: Option<bool>,
     version: &str,
 ) -> RelayDecision {
@@ -48,10 +49,10 @@ pub fn plan_relay(
     };
     let Some(port) = wanted else {
         // The key was removed: undo clawnode's own change only.
-        return match owned {
-            Some(mine) if current == Some(mine) => decide(RelayStep::Clear),
-            Some(_) => decide(RelayStep::Forget),
-            None => decide(RelayStep::Nothing),
+        return match current {
+            Some(now) if owned.contains(&now) => decide(RelayStep::Clear),
+            _ if !owned.is_empty() => decide(RelayStep::Forget),
+            _ => decide(RelayStep::Nothing),
         };
     };
     if capable == Some(false) {
@@ -67,9 +68,9 @@ pub fn plan_relay(
 }
 
 /// At stop: clear only when asked to, and only what clawnode set and nobody changed since.
-pub fn plan_relay_stop(clear_on_stop: bool, owned: Option<u16>, current: Option<u16>) -> RelayStep {
-    match owned {
-        Some(mine) if clear_on_stop && current == Some(mine) => RelayStep::Clear,
+pub fn plan_relay_stop(clear_on_stop: bool, owned: &[u16], current: Option<u16>) -> RelayStep {
+    match current {
+        Some(now) if clear_on_stop && owned.contains(&now) => RelayStep::Clear,
         _ => RelayStep::Nothing,
     }
 }
@@ -295,20 +296,20 @@ mod tests {
 
     #[test]
     fn a_relay_port_is_set_only_when_tailscaled_has_another_value() {
-        let set = plan_relay(Some(40000), None, None, Some(true), "1.102.2");
+        let set = plan_relay(Some(40000), None, &[], Some(true), "1.102.2");
         assert_eq!(set.step, RelayStep::Set(40000));
         assert_eq!(set.problem, None);
-        let again = plan_relay(Some(40000), Some(40000), Some(40000), Some(true), "1.102.2");
+        let again = plan_relay(Some(40000), Some(40000), &[40000], Some(true), "1.102.2");
         assert_eq!(again.step, RelayStep::Nothing, "no write when already set");
-        let by_hand = plan_relay(Some(40000), Some(41000), None, Some(true), "1.102.2");
+        let by_hand = plan_relay(Some(40000), Some(41000), &[], Some(true), "1.102.2");
         assert_eq!(by_hand.step, RelayStep::Set(40000), "the config wins");
-        let unknown = plan_relay(Some(40000), None, None, None, "?");
+        let unknown = plan_relay(Some(40000), None, &[], None, "?");
         assert_eq!(unknown.step, RelayStep::Set(40000), "the answer is checked");
     }
 
     #[test]
     fn an_old_tailscaled_gets_a_problem_and_no_write() {
-        let old = plan_relay(Some(40000), None, None, Some(false), "1.80.3");
+        let old = plan_relay(Some(40000), None, &[], Some(false), "1.80.3");
         assert_eq!(old.step, RelayStep::Nothing);
         assert_eq!(
             old.problem.as_deref(),
@@ -320,29 +321,32 @@ mod tests {
 
     #[test]
     fn removing_the_key_undoes_only_clawnodes_own_change() {
-        let mine = plan_relay(None, Some(40000), Some(40000), Some(true), "1.102.2");
+        let mine = plan_relay(None, Some(40000), &[40000], Some(true), "1.102.2");
         assert_eq!(mine.step, RelayStep::Clear);
-        let changed = plan_relay(None, Some(41000), Some(40000), Some(true), "1.102.2");
+        let changed = plan_relay(None, Some(41000), &[40000], Some(true), "1.102.2");
         assert_eq!(changed.step, RelayStep::Forget, "someone changed it since");
-        let theirs = plan_relay(None, Some(41000), None, Some(true), "1.102.2");
+        let theirs = plan_relay(None, Some(41000), &[], Some(true), "1.102.2");
         assert_eq!(theirs.step, RelayStep::Nothing, "set by hand: left alone");
+        // A change of port whose write failed: the pref still holds the older one of ours.
+        let failed = plan_relay(None, Some(40000), &[40000, 40001], Some(true), "1.102.2");
+        assert_eq!(failed.step, RelayStep::Clear);
     }
 
     #[test]
     fn a_stop_clears_only_when_configured_and_still_clawnodes_value() {
         assert_eq!(
-            plan_relay_stop(true, Some(40000), Some(40000)),
+            plan_relay_stop(true, &[40000], Some(40000)),
             RelayStep::Clear
         );
         assert_eq!(
-            plan_relay_stop(false, Some(40000), Some(40000)),
+            plan_relay_stop(false, &[40000], Some(40000)),
             RelayStep::Nothing
         );
         assert_eq!(
-            plan_relay_stop(true, Some(40000), Some(41000)),
+            plan_relay_stop(true, &[40000], Some(41000)),
             RelayStep::Nothing
         );
-        assert_eq!(plan_relay_stop(true, None, Some(40000)), RelayStep::Nothing);
+        assert_eq!(plan_relay_stop(true, &[], Some(40000)), RelayStep::Nothing);
     }
 
     #[test]

@@ -114,9 +114,11 @@ pub struct TsStatus {
     /// the pref is unset.
     #[serde(default)]
     pub relay: Option<RelayDoc>,
-    /// Per-peer paths; `None` when the status read had no peers map.
+    /// Per-peer paths; `None` when the peer list could not be read (`paths_error` says why).
     #[serde(default)]
     pub paths: Option<PathsDoc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths_error: Option<String>,
     /// Set when the live read failed; the other fields are then empty.
     pub error: Option<String>,
 }

@@ -66,12 +66,16 @@ fn count(ts: &StandIn, call: &str) -> usize {
     ts.calls().iter().filter(|c| *c == call).count()
 }
 
-/// Wait for a whole join after `mark` prefs reads: a join with a relay configured reads the
-/// prefs twice, the second time for the relay.
+/// Wait for a whole join after `mark` prefs reads (a join with a relay configured reads the
+/// prefs twice, the second time for the relay), then for the first read of one more join:
+/// joins run one at a time, so whatever the first wrote has reached the stand-in by then.
 fn wait_for_a_join(ts: &StandIn, node: &Node, mark: usize) {
     support::wait_until(WAIT, "another join", node, || count(ts, PREFS) >= mark + 2);
-    // Whatever that join would write comes right after its read.
-    std::thread::sleep(Duration::from_millis(300));
+    let settled = count(ts, PREFS);
+    ts.with(|s| s.set_approved(&[]));
+    support::wait_until(WAIT, "the join after it", node, || {
+        count(ts, PREFS) > settled
+    });
 }
 
 fn relay_file(node: &Node) -> Option<Value> {
@@ -95,7 +99,7 @@ fn the_relay_port_is_set_once_and_not_written_again_while_it_holds() {
         [json!({ "RelayServerPort": port, "RelayServerPortSet": true })]
     );
     assert_eq!(ts.with(|s| s.relay_bound_port()), Some(port));
-    assert_eq!(relay_file(&node), Some(json!({ "port": port })));
+    assert_eq!(relay_file(&node), Some(json!({ "ports": [port] })));
 
     // Control changes the self node three times: three more joins.
     for _ in 0..3 {
@@ -218,7 +222,7 @@ fn relay_clear_on_stop_clears_only_the_value_clawnode_set() {
         ts.with(|s| s.prefs["RelayServerPort"].clone()),
         json!(41641)
     );
-    assert_eq!(relay_file(&node), Some(json!({ "port": port })));
+    assert_eq!(relay_file(&node), Some(json!({ "ports": [port] })));
 
     // Not asked to clear: kept.
     let (ts, node) = start("1.102.2", &format!("relay_server_port = {port}"), |_| {});
@@ -264,7 +268,7 @@ fn the_port_is_recorded_before_it_is_written_and_a_failed_write_is_a_problem_not
         .expect("the PATCH failed once");
     assert_eq!(
         serde_json::from_str::<Value>(&at_failure).ok(),
-        Some(json!({ "port": port })),
+        Some(json!({ "ports": [port] })),
         "recorded before the write: {at_failure:?}"
     );
     // Logged as a problem (a join during login may already have set it since).
@@ -313,6 +317,86 @@ fn removing_the_key_at_a_reload_clears_the_port_clawnode_set() {
         node.status_json()["mesh"]["tailscale"]["relay"],
         Value::Null
     );
+}
+
+#[test]
+fn a_failed_port_change_still_lets_clawnode_undo_the_port_it_set_before() {
+    let (first, second) = (support::free_port(), support::free_port());
+    let (ts, node) = start("1.102.2", &format!("relay_server_port = {first}"), |_| {});
+    node.recv_until("READY=1", WAIT);
+    let dir = node.path("ts-authkey").parent().unwrap().to_path_buf();
+
+    // The change to another port fails: tailscaled keeps the first.
+    ts.with(|s| s.fail_next_prefs_patch = Some(Box::new(|| {})));
+    node.rewrite_config(&relay_config(
+        &dir,
+        &format!("relay_server_port = {second}"),
+    ));
+    node.signal(Signal::SIGHUP);
+    support::wait_until(WAIT, "the failed change reported", &node, || {
+        node.status_json()["mesh"]["tailscale"]["relay"]["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("answered 500"))
+    });
+    assert_eq!(
+        ts.with(|s| s.prefs["RelayServerPort"].clone()),
+        json!(first)
+    );
+    assert_eq!(relay_file(&node), Some(json!({ "ports": [first, second] })));
+
+    // The key removed: the first port, still clawnode's, is cleared.
+    node.rewrite_config(&relay_config(&dir, ""));
+    node.signal(Signal::SIGHUP);
+    support::wait_until(WAIT, "the first port cleared", &node, || {
+        ts.with(|s| s.prefs.get("RelayServerPort").is_none())
+    });
+    support::wait_until(WAIT, "the record forgotten", &node, || {
+        relay_file(&node).is_none()
+    });
+}
+
+#[test]
+fn relay_clear_on_stop_holds_even_when_no_join_succeeded() {
+    let port = support::free_port();
+    let (ts, mut node) = start_seen(
+        "1.102.2",
+        &format!("relay_server_port = {port}\nrelay_clear_on_stop = true"),
+        |ts| {
+            // A port a previous run set, and a device in another tailnet than configured.
+            ts.with(|s| {
+                s.prefs["RelayServerPort"] = json!(port);
+                s.tailnet = "other.example".into();
+            })
+        },
+        |d| {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(d.join("state"))
+                .unwrap();
+            std::fs::write(
+                d.join("state/tailscale-relay.json"),
+                format!("{{\"ports\":[{port}]}}"),
+            )
+            .unwrap();
+        },
+    );
+    support::wait_until(WAIT, "the API socket", &node, || {
+        node.path("run/clawnode.sock").exists()
+    });
+    support::wait_until(WAIT, "the join refused", &node, || {
+        node.status_json()["mesh"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("the config expects"))
+    });
+    node.signal(Signal::SIGTERM);
+    assert_eq!(node.wait_exit(Duration::from_secs(6)).0.code(), Some(0));
+    assert!(
+        ts.with(|s| s.prefs.get("RelayServerPort").is_none()),
+        "cleared at stop: {:?}",
+        relay_patches(&ts)
+    );
+    assert_eq!(relay_file(&node), None);
 }
 
 /// `GET /metrics` on the daemon's socket.

@@ -205,8 +205,20 @@ impl State {
         if !self.at_least(1, 90) && !self.relay_asked {
             return;
         }
-        // Like udprelay.NewServer: all interfaces, 0 for a port of the kernel's choice.
-        match std::net::UdpSocket::bind(("0.0.0.0", port)) {
+        // Like udprelay.NewServer: all interfaces, 0 for a port of the kernel's choice. A
+        // socket just closed can linger for a moment in a child the test process forks (until
+        // its exec), so a busy port is tried again briefly.
+        let mut bound = std::net::UdpSocket::bind(("0.0.0.0", port));
+        for _ in 0..100 {
+            match &bound {
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    bound = std::net::UdpSocket::bind(("0.0.0.0", port));
+                }
+                _ => break,
+            }
+        }
+        match bound {
             Ok(socket) => {
                 self.relay_socket = Some((port, socket));
                 self.relay_bind_error = None;

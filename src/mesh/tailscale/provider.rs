@@ -75,6 +75,8 @@ impl TailscaleMesh {
             self.certs = None;
         }
         self.state_dir = config.node.state_dir.clone();
+        // Taken before anything can fail: a stop before the first good join clears too.
+        self.relay_clear_on_stop = ts.relay_clear_on_stop;
         if self.owned.is_none() {
             self.owned = Some(load_owned(&self.state_dir));
         }
@@ -139,7 +141,6 @@ impl TailscaleMesh {
         check_joined(status.backend_state, tailnet, ts.tailnet.as_deref())?;
         self.live.attach(api.clone());
         self.hooks.live.set(Some(Arc::new(self.live.clone())));
-        self.relay_clear_on_stop = ts.relay_clear_on_stop;
         let relay_problem = self
             .apply_relay(&api, ts.relay_server_port, status.version.as_deref())
             .await;

@@ -56,8 +56,8 @@ impl TailscaleMesh {
         wanted: Option<u16>,
         status_version: Option<&str>,
     ) -> Result<Option<String>, MeshError> {
-        let owned = load_owned(&self.state_dir);
-        if wanted.is_none() && owned.is_none() {
+        let owned = load_owned(&self.state_dir).unwrap_or_default();
+        if wanted.is_none() && owned.ports.is_empty() {
             // Not configured and nothing of clawnode's to undo: no read at all.
             return Ok(None);
         }
@@ -69,19 +69,27 @@ impl TailscaleMesh {
         let decision = plan_relay(
             wanted,
             prefs.relay_server_port,
-            owned.map(|o| o.port),
+            &owned.ports,
             version.map(|v| v >= Version::PEER_RELAY),
             &version.map_or_else(|| "(version unknown)".to_string(), |v| v.to_string()),
         );
         match decision.step {
             RelayStep::Nothing => {}
             RelayStep::Set(port) => {
-                // Recorded first: a crash after the write still leaves it known as ours.
-                save_owned(&self.state_dir, Some(RelayOwned { port }))?;
-                let returned = patch(api, Some(port)).await?;
+                // Recorded first, beside a port of ours the pref may still hold: a crash or a
+                // failed write leaves whichever it holds known as ours.
+                let mut claimed = owned.ports.clone();
+                if !claimed.contains(&port) {
+                    claimed.push(port);
+                }
+                save_owned(&self.state_dir, Some(RelayOwned { ports: claimed }))?;
+                let returned = patch(api, Some(port))
+                    .await
+                    .map_err(|e| locked_problem(e, port))?;
                 if let Err(problem) = check_relay_applied(port, returned) {
                     return Ok(Some(problem));
                 }
+                save_owned(&self.state_dir, Some(RelayOwned { ports: vec![port] }))?;
                 tracing::info!(
                     component = "mesh",
                     relay_server_port = port,
@@ -100,7 +108,7 @@ impl TailscaleMesh {
         let Some(api) = self.api.clone() else {
             return;
         };
-        let Some(owned) = load_owned(&self.state_dir) else {
+        let Some(owned) = load_owned(&self.state_dir).filter(|o| !o.ports.is_empty()) else {
             return;
         };
         let result = async {
@@ -110,7 +118,7 @@ impl TailscaleMesh {
             }
             let prefs: Prefs = api.read(PREFS).await?;
             let clear_on_stop = self.relay_clear_on_stop;
-            match plan_relay_stop(clear_on_stop, Some(owned.port), prefs.relay_server_port) {
+            match plan_relay_stop(clear_on_stop, &owned.ports, prefs.relay_server_port) {
                 RelayStep::Clear => self.clear_relay(&api).await,
                 RelayStep::Nothing | RelayStep::Set(_) | RelayStep::Forget => Ok(()),
             }
@@ -119,7 +127,7 @@ impl TailscaleMesh {
         if let Err(error) = result {
             tracing::warn!(
                 component = "mesh",
-                relay_server_port = owned.port,
+                relay_server_ports = ?owned.ports,
                 %error,
                 "could not clear the peer relay port at stop"
             );
@@ -135,6 +143,17 @@ impl TailscaleMesh {
         );
         Ok(())
     }
+}
+
+/// tailscaled started with `--config` refuses every prefs write, and its config file has no
+/// field for the relay port: say so rather than only relay the refusal.
+fn locked_problem(error: MeshError, port: u16) -> MeshError {
+    if !error.to_string().contains("config file is locked") {
+        return error;
+    }
+    MeshError::needs_operator(format!(
+        "tailscaled runs with --config, which locks its prefs and cannot set a relay port: UDP {port} is not served while it does ({error})"
+    ))
 }
 
 /// PATCH the pref (`None` clears it, as `tailscale set --relay-server-port=` does) and return
@@ -178,8 +197,11 @@ mod tests {
     fn the_recorded_port_survives_a_restart_and_forgetting_removes_it() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(load_owned(dir.path()), None);
-        save_owned(dir.path(), Some(RelayOwned { port: 40000 })).unwrap();
-        assert_eq!(load_owned(dir.path()), Some(RelayOwned { port: 40000 }));
+        let owned = RelayOwned {
+            ports: vec![40000, 40001],
+        };
+        save_owned(dir.path(), Some(owned.clone())).unwrap();
+        assert_eq!(load_owned(dir.path()), Some(owned));
         save_owned(dir.path(), None).unwrap();
         assert_eq!(load_owned(dir.path()), None);
         save_owned(dir.path(), None).expect("forgetting twice is fine");

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -19,9 +19,17 @@ pub use crate::mesh::live::{
 };
 use crate::mesh::{BoxFuture, LiveSource, LiveStatus, ServiceAd};
 
-/// The daemon to read and what clawnode asked of it, set by the provider once it has joined.
+/// The daemon to read and what clawnode asked of it, set by the provider once it has joined,
+/// and the last peer list read.
 #[derive(Clone, Default)]
-pub struct LiveTailscale(Arc<RwLock<Option<Target>>>);
+pub struct LiveTailscale {
+    target: Arc<RwLock<Option<Target>>>,
+    /// One peer-list read at a time, shared by the requests within `PEERS_FRESH` of it.
+    peers: Arc<tokio::sync::Mutex<Option<PeersRead>>>,
+}
+
+/// A full status (with peers) and when it was read.
+type PeersRead = (Instant, Arc<Status>);
 
 #[derive(Clone)]
 pub struct Target {
@@ -39,15 +47,18 @@ pub struct Target {
 
 /// Bounded so a hung tailscaled cannot hang `clawnode status`.
 const READ_TIMEOUT: Duration = Duration::from_secs(3);
+/// The peer list costs about 1.1 KiB a peer to send and parse: a scrape and a `clawnode status`
+/// close together share one read.
+const PEERS_FRESH: Duration = Duration::from_secs(2);
 
 impl LiveTailscale {
     pub fn set(&self, target: Option<Target>) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = target;
+        *self.target.write().unwrap_or_else(|p| p.into_inner()) = target;
     }
 
     /// Point at `api`, keeping what is already known (certificates, the last publish).
     pub fn attach(&self, api: LocalApi) {
-        let mut slot = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.target.write().unwrap_or_else(|p| p.into_inner());
         match slot.as_mut() {
             Some(target) => target.api = api,
             None => {
@@ -65,17 +76,25 @@ impl LiveTailscale {
 
     /// Change the target in place; nothing happens when none is set.
     pub fn update(&self, f: impl FnOnce(&mut Target)) {
-        if let Some(target) = self.0.write().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        if let Some(target) = self
+            .target
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
             f(target);
         }
     }
 
     /// Read tailscaled now. `None` when the provider has not joined.
     pub async fn read(&self) -> Option<TsStatus> {
-        let target = self.0.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let target = self
+            .target
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
         let read = async {
-            // With peers, for the path hints: about 1.1 KiB a peer, within `MAX_BODY`.
-            let reply = target.api.get("/localapi/v0/status").await?;
+            let reply = target.api.get("/localapi/v0/status?peers=false").await?;
             let version = reply.version.map(|v| v.to_string());
             let status: Status = reply.json("status")?;
             let prefs: Prefs = target.api.get("/localapi/v0/prefs").await?.json("prefs")?;
@@ -95,24 +114,62 @@ impl LiveTailscale {
             };
             Ok::<_, super::localapi::LocalApiError>((version, status, prefs, serve, whois))
         };
-        Some(match tokio::time::timeout(READ_TIMEOUT, read).await {
+        let mut doc = match tokio::time::timeout(READ_TIMEOUT, read).await {
             Ok(Ok((version, status, prefs, serve, whois))) => {
                 let mut doc = build(&status, &prefs, &serve, whois.as_ref(), &target);
                 doc.daemon_version = version.or(doc.daemon_version);
                 doc
             }
-            Ok(Err(error)) => TsStatus {
-                error: Some(error.to_string()),
-                ..TsStatus::default()
-            },
-            Err(_) => TsStatus {
-                error: Some(format!(
-                    "tailscaled did not answer within {} s",
+            Ok(Err(error)) => {
+                return Some(TsStatus {
+                    error: Some(error.to_string()),
+                    ..TsStatus::default()
+                });
+            }
+            Err(_) => {
+                return Some(TsStatus {
+                    error: Some(format!(
+                        "tailscaled did not answer within {} s",
+                        READ_TIMEOUT.as_secs()
+                    )),
+                    ..TsStatus::default()
+                });
+            }
+        };
+        // The peers on their own budget: a big tailnet costs its path hints, not the rest.
+        let serving = doc.relay.as_ref().is_some_and(|r| r.state == "serving");
+        match tokio::time::timeout(READ_TIMEOUT, self.peers(&target.api)).await {
+            Ok(Ok(peers)) => doc.paths = paths_doc(&peers, serving),
+            Ok(Err(error)) => doc.paths_error = Some(error),
+            Err(_) => {
+                doc.paths_error = Some(format!(
+                    "tailscaled's peer list did not arrive within {} s",
                     READ_TIMEOUT.as_secs()
-                )),
-                ..TsStatus::default()
-            },
-        })
+                ));
+            }
+        }
+        Some(doc)
+    }
+
+    /// The full status, with peers, parsed off the runtime thread; shared while fresh.
+    async fn peers(&self, api: &LocalApi) -> Result<Arc<Status>, String> {
+        let mut last = self.peers.lock().await;
+        if let Some((at, peers)) = last.as_ref()
+            && at.elapsed() < PEERS_FRESH
+        {
+            return Ok(Arc::clone(peers));
+        }
+        let reply = api
+            .get("/localapi/v0/status")
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = tokio::task::spawn_blocking(move || reply.json::<Status>("status"))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let status = Arc::new(status);
+        *last = Some((Instant::now(), Arc::clone(&status)));
+        Ok(status)
     }
 }
 
@@ -190,7 +247,9 @@ pub fn build(
         tags: me.tags.clone(),
         owner,
         services,
-        paths: paths_doc(status, relay.as_ref().is_some_and(|r| r.state == "serving")),
+        // Read apart (`LiveTailscale::read`): `status?peers=false` has none.
+        paths: None,
+        paths_error: None,
         relay,
         error: None,
     }
@@ -377,7 +436,7 @@ mod tests {
     fn the_mixed_capture_reads_as_its_paths_with_a_hint_for_the_peer_on_derp() {
         let t = target(&[]);
         let doc = build(&mixed(), &prefs(json!({})), &Value::Null, None, &t);
-        let paths = doc.paths.expect("paths");
+        let paths = paths_doc(&mixed(), false).expect("paths");
         assert_eq!(
             paths.summary,
             "15 peers: 9 direct, 2 peer-relay, 1 DERP fra, 2 idle, 1 offline"
@@ -460,7 +519,8 @@ mod tests {
             None,
             &t,
         );
-        let paths = doc.paths.unwrap();
+        let serving = doc.relay.is_some_and(|r| r.state == "serving");
+        let paths = paths_doc(&s, serving).unwrap();
         assert!(paths.relay_available, "this node serves");
         assert!(
             paths.peers[0]

@@ -5,8 +5,9 @@
 //! unexpected shape reads as absent instead of failing the whole reply.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
-use serde::de::{DeserializeOwned, Deserializer, IgnoredAny};
+use serde::de::{self, DeserializeOwned, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -269,19 +270,60 @@ fn lenient<'de, D: Deserializer<'de>, T: DeserializeOwned + Default>(
     Ok(serde_json::from_value(value).unwrap_or_default())
 }
 
-/// The peer map: `null` reads as empty, a peer of the wrong shape as one with no facts.
+/// The peer map: `null` (or any other shape) reads as empty, a peer of the wrong shape as one
+/// with no facts. Read one peer at a time, so a big tailnet never sits in memory as a `Value`.
 fn peers<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<BTreeMap<String, PeerStatus>>, D::Error> {
-    let value = Value::deserialize(deserializer)?;
-    let Value::Object(map) = value else {
-        return Ok(Some(BTreeMap::new()));
-    };
-    Ok(Some(
-        map.into_iter()
-            .map(|(key, peer)| (key, serde_json::from_value(peer).unwrap_or_default()))
-            .collect(),
-    ))
+    struct Peers;
+
+    impl<'de> Visitor<'de> for Peers {
+        type Value = BTreeMap<String, PeerStatus>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("the Peer map")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(key) = map.next_key::<String>()? {
+                let peer: Value = map.next_value()?;
+                out.insert(key, serde_json::from_value(peer).unwrap_or_default());
+            }
+            Ok(out)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(BTreeMap::new())
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
+
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
+
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
+
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
+
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
+
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
+    }
+
+    deserializer.deserialize_any(Peers).map(Some)
 }
 
 /// A list of strings, with `null` as empty and other entries skipped.
