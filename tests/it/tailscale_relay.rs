@@ -69,13 +69,37 @@ fn count(ts: &StandIn, call: &str) -> usize {
 /// Wait for a whole join after `mark` prefs reads (a join with a relay configured reads the
 /// prefs twice, the second time for the relay), then for the first read of one more join:
 /// joins run one at a time, so whatever the first wrote has reached the stand-in by then.
-fn wait_for_a_join(ts: &StandIn, node: &Node, mark: usize) {
+fn wait_for_a_join(ts: &mut StandIn, node: &Node, mark: usize) {
     support::wait_until(WAIT, "another join", node, || count(ts, PREFS) >= mark + 2);
     let settled = count(ts, PREFS);
-    ts.with(|s| s.set_approved(&[]));
+    join_again(ts);
     support::wait_until(WAIT, "the join after it", node, || {
         count(ts, PREFS) > settled
     });
+}
+
+/// Make the node join again: a self-node change from 1.98, a tailscaled restart before.
+fn join_again(ts: &mut StandIn) {
+    if at_least(ts, (1, 98)) {
+        ts.with(|s| s.set_approved(&[]));
+    } else {
+        ts.stop();
+        ts.start_again();
+    }
+}
+
+/// What tailscaled 1.86-1.89 binds only once a peer asks for a relay endpoint.
+fn bound_once_used(ts: &StandIn) -> Option<u16> {
+    if !at_least(ts, (1, 90)) {
+        ts.with(|s| s.peer_asks_for_relay_endpoint());
+    }
+    ts.with(|s| s.relay_bound_port())
+}
+
+fn at_least(ts: &StandIn, wanted: (u32, u32)) -> bool {
+    let version = ts.with(|s| s.version.clone());
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= wanted
 }
 
 fn relay_file(node: &Node) -> Option<Value> {
@@ -91,28 +115,40 @@ fn status_text(node: &Node) -> String {
 
 #[test]
 fn the_relay_port_is_set_once_and_not_written_again_while_it_holds() {
+    for version in ["1.86.2", "1.102.2"] {
+        set_once(version);
+    }
+}
+
+fn set_once(version: &str) {
     let port = support::free_port();
-    let (ts, node) = start("1.102.2", &format!("relay_server_port = {port}"), |_| {});
+    let (mut ts, node) = start(version, &format!("relay_server_port = {port}"), |_| {});
     node.recv_until("READY=1", WAIT);
     assert_eq!(
         relay_patches(&ts),
-        [json!({ "RelayServerPort": port, "RelayServerPortSet": true })]
+        [json!({ "RelayServerPort": port, "RelayServerPortSet": true })],
+        "{version}"
     );
-    assert_eq!(ts.with(|s| s.relay_bound_port()), Some(port));
+    assert_eq!(bound_once_used(&ts), Some(port), "{version}");
     assert_eq!(relay_file(&node), Some(json!({ "ports": [port] })));
 
-    // Control changes the self node three times: three more joins.
+    // Three more joins (control changing the self node, or tailscaled restarting).
     for _ in 0..3 {
         let mark = count(&ts, PREFS);
-        ts.with(|s| s.set_approved(&[]));
-        wait_for_a_join(&ts, &node, mark);
+        join_again(&mut ts);
+        wait_for_a_join(&mut ts, &node, mark);
     }
-    assert_eq!(relay_patches(&ts).len(), 1, "no write while it holds");
+    assert_eq!(
+        relay_patches(&ts).len(),
+        1,
+        "{version}: no write while it holds"
+    );
 
     let relay = node.status_json()["mesh"]["tailscale"]["relay"].clone();
     assert_eq!(
         relay,
-        json!({ "wanted": port, "port": port, "state": "serving", "problem": null })
+        json!({ "wanted": port, "port": port, "state": "serving", "problem": null }),
+        "{version}"
     );
     let text = status_text(&node);
     assert!(
@@ -123,8 +159,14 @@ fn the_relay_port_is_set_once_and_not_written_again_while_it_holds() {
 
 #[test]
 fn the_relay_port_survives_a_tailscaled_restart_and_is_set_again_if_tailscaled_lost_it() {
+    for version in ["1.86.2", "1.102.2"] {
+        survives_restart(version);
+    }
+}
+
+fn survives_restart(version: &str) {
     let port = support::free_port();
-    let (mut ts, node) = start("1.102.2", &format!("relay_server_port = {port}"), |_| {});
+    let (mut ts, node) = start(version, &format!("relay_server_port = {port}"), |_| {});
     node.recv_until("READY=1", WAIT);
     assert_eq!(relay_patches(&ts).len(), 1);
 
@@ -132,9 +174,13 @@ fn the_relay_port_survives_a_tailscaled_restart_and_is_set_again_if_tailscaled_l
     let mark = count(&ts, PREFS);
     ts.stop();
     ts.start_again();
-    wait_for_a_join(&ts, &node, mark);
-    assert_eq!(relay_patches(&ts).len(), 1, "still set: not written again");
-    assert_eq!(ts.with(|s| s.relay_bound_port()), Some(port));
+    wait_for_a_join(&mut ts, &node, mark);
+    assert_eq!(
+        relay_patches(&ts).len(),
+        1,
+        "{version}: still set, not written again"
+    );
+    assert_eq!(bound_once_used(&ts), Some(port), "{version}");
 
     // A restart that lost them: set again.
     ts.restart_losing_prefs();
@@ -143,11 +189,11 @@ fn the_relay_port_survives_a_tailscaled_restart_and_is_set_again_if_tailscaled_l
         ts.with(|s| s.prefs["RelayServerPort"] == json!(port))
     });
     println!(
-        "relay port set again {:.0} ms after tailscaled came back without it",
+        "tailscaled {version}: relay port set again {:.0} ms after tailscaled came back without it",
         lost.elapsed().as_secs_f64() * 1000.0
     );
-    assert_eq!(relay_patches(&ts).len(), 2);
-    assert_eq!(ts.with(|s| s.relay_bound_port()), Some(port));
+    assert_eq!(relay_patches(&ts).len(), 2, "{version}");
+    assert_eq!(bound_once_used(&ts), Some(port), "{version}");
     support::wait_until(WAIT, "ready again", &node, || {
         node.status_json()["ready"] == true
     });
