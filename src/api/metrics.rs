@@ -746,16 +746,7 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
-        let plain = render(
-            &StatusDoc::default(),
-            &[],
-            None,
-            None,
-            &Snapshot::default(),
-            "n",
-            0,
-        )
-        .unwrap();
+        let plain = plain();
         assert!(!plain.contains("gateway_role"), "{plain}");
     }
 
@@ -789,16 +780,7 @@ mod tests {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
         promtool_accepts(&text);
-        let plain = render(
-            &StatusDoc::default(),
-            &[],
-            None,
-            None,
-            &Snapshot::default(),
-            "n",
-            0,
-        )
-        .unwrap();
+        let plain = plain();
         assert!(!plain.contains("clawnode_tailscale"), "{plain}");
     }
 
@@ -923,7 +905,14 @@ mod tests {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
         // A config without services has none of these series.
-        let plain = render(
+        let plain = plain();
+        assert!(!plain.contains("clawnode_service_"), "{plain}");
+        promtool_accepts(&text);
+    }
+
+    /// A node with nothing configured: no services, gateway or tailnet.
+    fn plain() -> String {
+        render(
             &StatusDoc::default(),
             &[],
             None,
@@ -932,9 +921,7 @@ mod tests {
             "n",
             0,
         )
-        .unwrap();
-        assert!(!plain.contains("clawnode_service_"), "{plain}");
-        promtool_accepts(&text);
+        .unwrap()
     }
 
     /// `promtool check metrics` where it is installed (tests/run-all.sh installs it).

@@ -635,42 +635,21 @@ fn workload_identity_secrets_never_follow_tailscaleds_control_url_pref() {
 
 #[test]
 fn a_service_is_recorded_as_ours_before_it_is_advertised_so_stop_withdraws_it() {
-    use std::sync::{Arc, Mutex};
-    let node_dir: Arc<Mutex<Option<std::path::PathBuf>>> = Arc::default();
-    let recorded: Arc<Mutex<Option<String>>> = Arc::default();
-    let (dir, seen) = (Arc::clone(&node_dir), Arc::clone(&recorded));
+    let probe = crate::support::tailscaled::FileAtFailedPatch::default();
+    let (arm, dir) = (probe.clone(), std::sync::Arc::clone(&probe.dir));
     let (ts, mut node) = start_with(
         "1.102.2",
-        move |ts| {
-            ts.with(|s| {
-                s.fail_next_prefs_patch = Some(Box::new(move || {
-                    let file = dir
-                        .lock()
-                        .unwrap()
-                        .as_ref()
-                        .map(|d| d.join("state/tailscale-services.json"));
-                    *seen.lock().unwrap() = Some(
-                        file.and_then(|f| std::fs::read_to_string(f).ok())
-                            .unwrap_or_default(),
-                    );
-                }))
-            })
-        },
+        move |ts| arm.arm(ts, "state/tailscale-services.json"),
         move |d| {
-            *node_dir.lock().unwrap() = Some(d.to_path_buf());
+            *dir.lock().unwrap() = Some(d.to_path_buf());
             config(d, TAGS, "example.com")
         },
     );
     node.recv_until("READY=1", WAIT);
-    let at_failure = recorded
-        .lock()
-        .unwrap()
-        .clone()
-        .expect("the PATCH failed once");
     assert_eq!(
-        serde_json::from_str::<Value>(&at_failure).ok(),
+        probe.json(),
         Some(json!(["svc:molt-provider"])),
-        "recorded before AdvertiseServices was touched: {at_failure:?}"
+        "recorded before AdvertiseServices was touched"
     );
     ts.with(|s| assert_eq!(s.prefs["AdvertiseServices"], json!(["svc:molt-provider"])));
     node.signal(Signal::SIGTERM);

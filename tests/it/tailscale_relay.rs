@@ -4,9 +4,10 @@
 use crate::support;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::tailscaled::{MIXED_PATHS_FIXTURE, StandIn};
+use crate::support::tailscaled::{FileAtFailedPatch, MIXED_PATHS_FIXTURE, StandIn};
 use crate::support::{Node, last_status};
 use crate::tailscale_mesh::config_with;
 use nix::sys::signal::Signal;
@@ -280,42 +281,21 @@ fn relay_clear_on_stop_clears_only_the_value_clawnode_set() {
 
 #[test]
 fn the_port_is_recorded_before_it_is_written_and_a_failed_write_is_a_problem_not_a_failure() {
-    use std::sync::{Arc, Mutex};
     let port = support::free_port();
-    let node_dir: Arc<Mutex<Option<std::path::PathBuf>>> = Arc::default();
-    let recorded: Arc<Mutex<Option<String>>> = Arc::default();
-    let (dir, at_patch) = (Arc::clone(&node_dir), Arc::clone(&recorded));
+    let probe = FileAtFailedPatch::default();
+    let (arm, dir) = (probe.clone(), Arc::clone(&probe.dir));
     let (ts, node) = start_seen(
         "1.102.2",
         &format!("relay_server_port = {port}\nrelay_clear_on_stop = true"),
-        move |ts| {
-            ts.with(|s| {
-                s.fail_next_prefs_patch = Some(Box::new(move || {
-                    let file = dir
-                        .lock()
-                        .unwrap()
-                        .as_ref()
-                        .map(|d| d.join("state/tailscale-relay.json"));
-                    *at_patch.lock().unwrap() = Some(
-                        file.and_then(|f| std::fs::read_to_string(f).ok())
-                            .unwrap_or_default(),
-                    );
-                }))
-            })
-        },
-        move |d| *node_dir.lock().unwrap() = Some(d.to_path_buf()),
+        move |ts| arm.arm(ts, "state/tailscale-relay.json"),
+        move |d| *dir.lock().unwrap() = Some(d.to_path_buf()),
     );
     let seen = node.recv_until("READY=1", WAIT);
     assert!(last_status(&seen).starts_with("ready:"), "{seen:?}");
-    let at_failure = recorded
-        .lock()
-        .unwrap()
-        .clone()
-        .expect("the PATCH failed once");
     assert_eq!(
-        serde_json::from_str::<Value>(&at_failure).ok(),
+        probe.json(),
         Some(json!({ "ports": [port] })),
-        "recorded before the write: {at_failure:?}"
+        "recorded before the write"
     );
     // Logged as a problem (a join during login may already have set it since).
     let log = node.stderr();

@@ -342,6 +342,42 @@ fn service_details(name: &str) -> Value {
     json!({ "Name": name, "Addrs": ["100.100.1.1", "fd7a:115c:a1e0::100"], "Ports": ["tcp:8443"] })
 }
 
+/// What one of the node's state files held when the next PATCH of prefs arrived (that PATCH then
+/// fails): tells whether clawnode recorded a change before making it.
+#[derive(Clone, Default)]
+pub struct FileAtFailedPatch {
+    /// The node's directory, once the test knows it.
+    pub dir: Arc<Mutex<Option<PathBuf>>>,
+    seen: Arc<Mutex<Option<String>>>,
+}
+
+impl FileAtFailedPatch {
+    /// Fail the next PATCH of prefs, reading `file` (relative to the node's directory) first.
+    pub fn arm(&self, ts: &StandIn, file: &'static str) {
+        let (dir, seen) = (Arc::clone(&self.dir), Arc::clone(&self.seen));
+        ts.with(|s| {
+            s.fail_next_prefs_patch = Some(Box::new(move || {
+                let path = dir.lock().unwrap().as_ref().map(|d| d.join(file));
+                *seen.lock().unwrap() = Some(
+                    path.and_then(|f| std::fs::read_to_string(f).ok())
+                        .unwrap_or_default(),
+                );
+            }))
+        });
+    }
+
+    /// The file as it was, parsed; panics when no PATCH came.
+    pub fn json(&self) -> Option<Value> {
+        let text = self
+            .seen
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the PATCH failed once");
+        serde_json::from_str(&text).ok()
+    }
+}
+
 pub fn etag(serve: &Value) -> String {
     let encoded = serde_json::to_vec(serve).expect("encode");
     let digest = Sha256::digest(&encoded);
