@@ -56,12 +56,12 @@ log "cargo test (unit, property and integration tests against the real binary)"
 cargo test --locked --features test-fakes
 
 # Fuzzing (tests/fuzz, cargo-fuzz): `cargo test` above replayed every saved input on stable;
-# here each target also runs for FUZZ_SECONDS (default 20) on nightly, where one is installed.
+# here each target also runs for FUZZ_SECONDS (default 15) on nightly, where one is installed.
 # New inputs go to target/fuzz-corpus, not the committed corpus; a crash fails the run and
 # leaves its input in tests/fuzz/artifacts/<target>/.
 if cargo +nightly --version >/dev/null 2>&1; then
   cargo fuzz --version >/dev/null 2>&1 || { log "installing cargo-fuzz"; cargo install --locked cargo-fuzz; }
-  fuzz_seconds=${FUZZ_SECONDS:-20}
+  fuzz_seconds=${FUZZ_SECONDS:-15}
   log "fuzzing: each target for ${fuzz_seconds} s (cargo-fuzz on nightly)"
   cargo +nightly fuzz build --fuzz-dir tests/fuzz -s none -a
   for target in $(cargo +nightly fuzz list --fuzz-dir tests/fuzz); do
