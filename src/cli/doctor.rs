@@ -198,9 +198,15 @@ async fn holder(socket: &Path, inodes: &[u64]) -> PortHolder {
     if inodes.is_empty() {
         return PortHolder::Unknown("not bound".into());
     }
-    let pid = match tokio::net::UnixStream::connect(socket).await {
-        Ok(stream) => stream.peer_cred().ok().and_then(|cred| cred.pid()),
-        Err(error) => return PortHolder::Unknown(format!("{}: {error}", socket.display())),
+    // Bounded like every LocalAPI call: a wedged tailscaled with a full backlog never accepts.
+    let connect = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::UnixStream::connect(socket),
+    );
+    let pid = match connect.await {
+        Ok(Ok(stream)) => stream.peer_cred().ok().and_then(|cred| cred.pid()),
+        Ok(Err(error)) => return PortHolder::Unknown(format!("{}: {error}", socket.display())),
+        Err(_) => return PortHolder::Unknown(format!("{}: no answer in 2 s", socket.display())),
     };
     let Some(pid) = pid else {
         return PortHolder::Unknown("tailscaled's pid is unknown".into());
